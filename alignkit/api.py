@@ -1,0 +1,87 @@
+"""The Python API: methods by name, configs as in the CLI, runs that return their results."""
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from alignkit.config import RunConfig, resolve, user_layer
+from alignkit.errors import ConfigError
+from alignkit.method import Method
+from alignkit.plugins import PluginManager, build_registry, get_plugin_manager
+
+
+@dataclass
+class RunResult:
+    """What a training run returns: where it wrote, its last logged and eval metrics, its step."""
+
+    output_dir: Path
+    metrics: dict[str, float]
+    global_step: int
+    config: RunConfig
+
+
+def methods(plugins: PluginManager | None = None) -> list[Method]:
+    """Every registered method, sorted by name."""
+    registry = build_registry(plugins or get_plugin_manager())
+    return [registry.methods[name] for name in sorted(registry.methods)]
+
+
+def get_method(name: str, plugins: PluginManager | None = None) -> Method:
+    """The method registered as `name`; PluginError lists the registered ones otherwise."""
+    return build_registry(plugins or get_plugin_manager()).get(name)
+
+
+def load_config(method: str | None = None, config: str | Path | Mapping | None = None,
+                overrides: Mapping[str, Any] | list[str] | None = None,
+                plugins: PluginManager | None = None) -> tuple[RunConfig, Method]:
+    """Validate a config (YAML path or dict) plus overrides for `method` (or the config's method.name)."""
+    user = user_layer(config, overrides)
+    in_config = OmegaConf.select(user, "method.name", default=None)
+    if method and in_config and method != in_config:
+        raise ConfigError(f"--method {method} disagrees with method.name: {in_config} in the config")
+    name = method or in_config
+    registry = build_registry(plugins or get_plugin_manager())
+    if not name:
+        raise ConfigError(f"no method given: pass --method NAME or set method.name; registered: "
+                          f"{', '.join(sorted(registry.methods)) or 'none'}")
+    chosen = registry.get(name)
+    OmegaConf.update(user, "method.name", name, force_add=True)
+    return resolve(chosen, user), chosen
+
+
+def run(method: str | None = None, config: str | Path | Mapping | None = None, *,
+        plugins: PluginManager | None = None, model=None, tokenizer=None, train_dataset=None,
+        eval_dataset=None, **overrides: Any) -> RunResult:
+    """Train `method`. Overrides use the CLI's dotted keys: run("orpo", **{"train.max_steps": 10})."""
+    from alignkit.engine import Engine
+
+    pm = plugins or get_plugin_manager()
+    cfg, chosen = load_config(method, config, overrides, pm)
+    engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                    eval_dataset=eval_dataset)
+    metrics = engine.train()
+    return RunResult(Path(cfg.train.output_dir), metrics, engine.state.step, cfg)
+
+
+def evaluate(method: str | None = None, config: str | Path | Mapping | None = None, *,
+             plugins: PluginManager | None = None, model=None, tokenizer=None, eval_dataset=None,
+             **overrides: Any) -> dict[str, float]:
+    """Evaluate model.name_or_path on data.eval (or data.train), in order; also writes eval_results.json."""
+    from alignkit.engine import Engine
+
+    pm = plugins or get_plugin_manager()
+    cfg, chosen = load_config(method, config, overrides, pm)
+    engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset)
+    metrics = engine.evaluate()
+    if engine.accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".eval_results.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, out / "eval_results.json")
+    return metrics

@@ -1,0 +1,56 @@
+"""Checkpoints under output_dir/checkpoints: written atomically, found for `auto`, rotated."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from alignkit.errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary or half-written folder never counts)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None) -> Path:
+    """Write the accelerate state plus `state` to a temporary folder, then rename it into place."""
+    final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if limit:
+            for old in checkpoints(root)[:-limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find(spec: str, root: Path) -> Path | None:
+    """The checkpoint `train.resume_from_checkpoint` names: a folder, or `auto` (latest; None if none)."""
+    if spec == "auto":
+        found = checkpoints(root)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume_from_checkpoint: {spec} is not a complete alignkit checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load(accelerator: Accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())

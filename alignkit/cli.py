@@ -1,0 +1,132 @@
+"""The command line: a thin shell over alignkit.api. User errors: one line on stderr, exit code 2."""
+
+import json
+import logging
+import sys
+
+import click
+
+from alignkit import api
+from alignkit.config import to_yaml
+from alignkit.errors import AlignkitError
+from alignkit.plugins import build_registry, get_plugin_manager
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AlignkitError as e:
+            click.echo(f"alignkit: error: {e}", err=True)
+            ctx.exit(2)
+
+
+def _setup_logging(verbosity: int) -> None:
+    import datasets
+    import transformers
+
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("accelerate", "datasets", "filelock", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
+    transformers.logging.set_verbosity_error() if verbosity < 1 else transformers.logging.set_verbosity_info()
+    if verbosity < 0:
+        datasets.disable_progress_bars()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(quiet: bool, verbose: bool) -> None:
+    """alignkit: LLM post-training, one engine, methods as plugins.
+
+    \b
+    alignkit methods                              list the installed methods
+    alignkit run --method orpo                    the built-in demo: tiny model, offline, minutes on a CPU
+    alignkit run --method orpo -c configs/orpo-qwen2-0.5b.yaml train.max_steps=100
+    alignkit config --method orpo > my.yaml       every key, with its default and description
+    """
+    _setup_logging(-1 if quiet else 1 if verbose else 0)
+
+
+_method = click.option("-m", "--method", help="Method name (see `alignkit methods`).")
+_config = click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+                       help="YAML config; KEY=VALUE arguments override it.")
+_overrides = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+_passthrough = {"ignore_unknown_options": False}
+
+
+@cli.command(context_settings=_passthrough)
+@_method
+@_config
+@_overrides
+def run(method, config_file, overrides):
+    """Train a method.
+
+    \b
+    alignkit run --method orpo
+    alignkit run --method orpo -c configs/orpo-demo.yaml train.max_steps=50 method.beta=0.2
+    """
+    result = api.run(method, config_file, **_dotlist(overrides))
+    click.echo(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step,
+                           **result.metrics}, indent=2))
+
+
+@cli.command("eval", context_settings=_passthrough)
+@_method
+@_config
+@_overrides
+def eval_(method, config_file, overrides):
+    """Evaluate model.name_or_path on data.eval (or data.train); print and save the metrics.
+
+    \b
+    alignkit eval --method orpo model.name_or_path=outputs/orpo data.eval=pairs.jsonl
+    """
+    click.echo(json.dumps(api.evaluate(method, config_file, **_dotlist(overrides)), indent=2))
+
+
+@cli.command()
+def methods():
+    """List the installed methods with their distribution and version, and plugins that failed to load."""
+    registry = build_registry(get_plugin_manager())
+    for m in sorted(registry.methods.values(), key=lambda m: m.name):
+        click.echo(f"{m.name:<12} {m.source} {m.version}  {m.description}")
+    for b in registry.broken:
+        click.echo(f"(broken)     {b.dist}: {b.error}", err=True)
+    if not registry.methods:
+        click.echo("no methods installed", err=True)
+
+
+@cli.command(context_settings=_passthrough)
+@_method
+@_config
+@_overrides
+def config(method, config_file, overrides):
+    """Print the full resolved config as commented YAML that -c accepts.
+
+    \b
+    alignkit config --method orpo > orpo.yaml
+    """
+    cfg, _ = api.load_config(method, config_file, _dotlist(overrides))
+    click.echo(to_yaml(cfg), nl=False)
+
+
+def _dotlist(overrides: tuple[str, ...]) -> dict:
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise AlignkitError(f"argument {item!r} must be KEY=VALUE, e.g. train.max_steps=10")
+        key, value = item.split("=", 1)
+        out[key] = _parse_value(value)
+    return out
+
+
+def _parse_value(value: str):
+    """YAML-typed value as omegaconf's dotlist reads it ('1e-6' -> float, 'null' -> None, '[a,b]' -> list)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+
+
+def main() -> None:
+    cli(prog_name="alignkit")

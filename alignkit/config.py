@@ -1,0 +1,233 @@
+"""The run config: `model`, `data` and `train` (the core's) plus `method` (validated by the plugin).
+
+Layers, lowest first: field defaults < the method's `defaults` < the built-in demo preset (only when
+both model and data are the built-in ones) < the YAML file < `key=value` overrides. YAML is data only.
+"""
+
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from transformers import SchedulerType
+
+from alignkit.errors import ConfigError, did_you_mean
+from alignkit.method import Method, MethodConfig
+
+BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_DATA = "builtin:sort"
+SCHEDULERS = sorted(s.value for s in SchedulerType)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
+
+#: applied when model and data are both built-in: settings under which the tiny model learns in minutes.
+DEMO_PRESET = {
+    "data": {"eval": BUILTIN_DATA, "eval_split": "test"},
+    "train": {
+        "learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 50, "warmup_ratio": 0.05, "logging_steps": 10, "eval_steps": 50,
+        "save_steps": 100, "save_total_limit": 2, "eval_on_start": True,
+    },
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(BUILTIN_MODEL, description="Hub name or local folder of the model; builtin:tiny is an offline tiny Llama.")
+    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to load; default: the model's.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the loaded weights.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model and tokenizer.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...; default: transformers' choice.")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for from_pretrained (TRL's model_init_kwargs).")
+
+
+class DataConfig(Section):
+    train: str = Field(BUILTIN_DATA, description="Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, a hub name, or builtin:sort / builtin:sort-chat.")
+    train_split: str = Field("train", description="Split of `train` to use (hub datasets, DatasetDict folders and built-ins).")
+    eval: str | None = Field(None, description="Evaluation data, in the same forms as `train`; optional.")
+    eval_split: str = Field("test", description="Split of `eval` to use.")
+    eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of `train` (shuffled with train.seed) as the eval set.")
+    max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N eval examples.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataConfig":
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("set data.eval or data.eval_fraction, not both")
+        return self
+
+
+class TrainConfig(Section):
+    output_dir: str = Field("outputs/run", description="Where the model, config.yaml, metrics.jsonl and checkpoints/ go (default outputs/<method>).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch on each process.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per eval batch on each process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Epochs to train when max_steps is not set.")
+    max_steps: int = Field(-1, description="Optimizer steps to train; overrides num_train_epochs when > 0.")
+    lr_scheduler_type: str = Field("linear", description=f"Schedule from transformers.get_scheduler: {', '.join(SCHEDULERS)}.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of the steps spent warming up.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables clipping.")
+    logging_steps: int = Field(10, gt=0, description="Write a metrics row every N optimizer steps (means over the window).")
+    logging_first_step: bool = Field(False, description="Also log after the first step.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; evaluation also runs at the end when there is eval data.")
+    eval_on_start: bool = Field(False, description="Evaluate once before training.")
+    save_steps: int | None = Field(500, gt=0, description="Write a checkpoint every N steps; null for none.")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints (the newest).")
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or auto for the latest in output_dir/checkpoints.")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    bf16: bool = Field(False, description="bfloat16 mixed precision.")
+    fp16: bool = Field(False, description="float16 mixed precision (GPU only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    report_to: list[str] = Field(default_factory=list, description=f"Trackers through accelerate: {', '.join(TRACKERS)}.")
+    run_name: str | None = Field(None, description="Run name for trackers; default: the output_dir's name.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
+    disable_tqdm: bool = Field(False, description="Hide the progress bar.")
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            raise ValueError(f"unknown schedule {v!r}{did_you_mean(v, SCHEDULERS)}; choose from {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        v = [] if v in (["none"], None) else v
+        for name in v if isinstance(v, list) else []:
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; choose from {', '.join(TRACKERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "TrainConfig":
+        if self.bf16 and self.fp16:
+            raise ValueError("set train.bf16 or train.fp16, not both")
+        return self
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig
+
+
+@functools.cache
+def run_config_class(method_config: type[MethodConfig]) -> type[RunConfig]:
+    """RunConfig whose `method` block is validated by the plugin's config model."""
+    return create_model(f"{method_config.__name__}Run", __base__=RunConfig, method=(method_config, ...))
+
+
+def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any] | list[str] | None) -> DictConfig:
+    """The YAML file (or dict) with overrides applied: `["a.b=1"]` or `{"a.b": 1}` / `{"a": {"b": 1}}`."""
+    if config is None:
+        cfg = OmegaConf.create({})
+    elif isinstance(config, Mapping):
+        cfg = OmegaConf.create(dict(config))
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(f"{path}: must hold a mapping of sections (model, data, train, method)")
+    try:
+        if isinstance(overrides, list):
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override {item!r} must be KEY=VALUE, e.g. train.max_steps=10")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        else:
+            for key, value in (overrides or {}).items():
+                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def _nested(dotted: Mapping[str, Any]) -> DictConfig:
+    cfg = OmegaConf.create({})
+    for key, value in dotted.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def is_demo(cfg: Any) -> bool:
+    return str(OmegaConf.select(cfg, "model.name_or_path")).startswith("builtin:") and str(
+        OmegaConf.select(cfg, "data.train")
+    ).startswith("builtin:")
+
+
+def resolve(method: Method, user: DictConfig) -> RunConfig:
+    """Merge the layers for `method`, resolve `${...}`, validate; ConfigError on any mistake."""
+    cls = run_config_class(method.config)
+    defaults = cls(method={"name": method.name}).model_dump()
+    defaults["train"]["output_dir"] = f"outputs/{method.name}"
+    layers = [OmegaConf.create(defaults), _nested(method.defaults)]
+    try:
+        if is_demo(OmegaConf.merge(*layers, user)):
+            layers.append(OmegaConf.create(DEMO_PRESET))
+        plain = OmegaConf.to_container(OmegaConf.merge(*layers, user), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
+    try:
+        return cls.model_validate(plain)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, cls)) from None
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        annotation = cls.model_fields[part].annotation if part in cls.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    return list(cls.model_fields)
+
+
+def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
+    """One line naming each bad dotted key, the bad value and, for a typo, the closest valid key."""
+    parts = []
+    for err in e.errors():
+        loc = tuple(str(x) for x in err["loc"])
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(cls, loc[:-1])
+            parts.append(f"unknown key '{key}'{did_you_mean(loc[-1], valid)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f"{key}: " if key else ""
+            shown = err["input"] if not isinstance(err["input"], dict) else "{...}"
+            parts.append(f"{where}{msg} (got {shown!r})")
+    return "; ".join(parts)
+
+
+def to_yaml(config: RunConfig, comments: bool = True) -> str:
+    """The config as YAML that `-c` accepts unchanged, each key preceded by its description."""
+    lines = []
+    for section, value in config:
+        lines.append(f"{section}:")
+        dumped = value.model_dump(mode="json")
+        for name, info in type(value).model_fields.items():
+            if comments and info.description:
+                lines.append(f"  # {info.description}")
+            lines.append(f"  {name}: {json.dumps(dumped[name])}")
+    return "\n".join(lines) + "\n"

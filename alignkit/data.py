@@ -1,0 +1,199 @@
+"""The DataFormatter interface, dataset loading from files, disk, the hub or built-ins, and padding."""
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from alignkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_STATUS = "__alignkit_truncated"
+
+
+class DropExample(Exception):
+    """Raised by a formatter for an example that cannot be trained on (counted, not an error)."""
+
+
+@dataclass
+class Formatted:
+    """One formatted example: model-ready features and whether truncation cut anything."""
+
+    features: dict[str, Any]
+    truncated: bool = False
+
+
+@dataclass
+class PrepareReport:
+    kept: int
+    truncated: int
+    dropped: int
+
+
+class DataFormatter(ABC):
+    """Turns raw rows into model-ready features and collates them into batches.
+
+    Built once per run as `formatter(method_config, tokenizer)`. `format` raises DataError for a
+    malformed row (the core adds the file and row number) and DropExample for one to skip.
+    """
+
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    #: processes for preprocessing; a formatter may take it from its config.
+    num_proc: int | None = None
+
+    @abstractmethod
+    def format(self, example: dict[str, Any]) -> Formatted:
+        """Validate and tokenize one raw example."""
+
+    @abstractmethod
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of formatted examples into a batch of tensors."""
+
+
+def load_data(spec: str, split: str) -> datasets.Dataset:
+    """Load `spec`: `builtin:NAME`, a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub name."""
+    if spec.startswith("builtin:"):
+        from alignkit.builtin import data as builtin
+
+        name = spec.removeprefix("builtin:")
+        if name not in builtin.NAMES or split not in builtin.SPLITS:
+            raise DataError(
+                f"unknown built-in dataset {spec!r} split {split!r}; choose from "
+                f"{', '.join('builtin:' + n for n in builtin.NAMES)} with split {' or '.join(builtin.SPLITS)}"
+            )
+        ds = builtin.load(name, split)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            ds = _load_from_disk(path, split)
+        elif path.suffix in FILE_LOADERS:
+            ds = _load_file(path)
+        elif path.exists():
+            raise DataError(f"{spec}: unsupported file type; use one of {', '.join(FILE_LOADERS)}")
+        else:
+            ds = _load_hub(spec, split)
+    if len(ds) == 0:
+        raise DataError(f"{spec}: the dataset is empty")
+    return ds
+
+
+def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a dataset saved with Dataset.save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r}; it has {', '.join(ds)}")
+        ds = ds[split]
+    return ds
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".jsonl":
+        _check_jsonl(path)
+    try:
+        return datasets.load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {type(e).__name__}: {e}") from None
+
+
+def _check_jsonl(path: Path) -> None:
+    """Name the first line that is not a JSON object (datasets' own error names none)."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(value).__name__}")
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    if "/" not in name or name.startswith((".", "/", "~")):
+        raise DataError(f"{name}: no such file or directory (and not a hub dataset name 'owner/name')")
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, missing, gated, bad split ...
+        raise DataError(f"{name}: cannot load from the Hugging Face hub: {type(e).__name__}: {e}") from None
+
+
+def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tuple[datasets.Dataset, PrepareReport]:
+    """Format every row; drop the rows the formatter drops; count truncated and dropped rows."""
+
+    def format_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for i, index in enumerate(indices):
+            row = {k: v[i] for k, v in batch.items()}
+            try:
+                result = formatter.format(row)
+            except DropExample:
+                continue
+            except DataError as e:
+                raise DataError(f"{source}, row {index}: {e}") from None
+            for k, v in {**result.features, _STATUS: result.truncated}.items():
+                out.setdefault(k, []).append(v)
+        return out
+
+    n = len(ds)
+    formatted = ds.map(
+        format_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+        num_proc=formatter.num_proc, desc=f"formatting {source}",
+    )
+    if len(formatted) == 0:
+        raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter (check max_length)")
+    report = PrepareReport(kept=len(formatted), truncated=sum(formatted[_STATUS]), dropped=n - len(formatted))
+    return formatted.remove_columns(_STATUS), report
+
+
+def load_splits(train: str, train_split: str, eval: str | None, eval_split: str, eval_fraction: float | None,
+                seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The raw train set and the eval set (given, held out from train, or none)."""
+    train_ds = load_data(train, train_split)
+    if eval is not None:
+        return train_ds, load_data(eval, eval_split)
+    if eval_fraction is not None:
+        split = train_ds.train_test_split(test_size=eval_fraction, seed=seed)
+        return split["train"], split["test"]
+    return train_ds, None
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """Right-pad lists of ints to a common length (the longest, or `length`) as a LongTensor."""
+    length = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -1,0 +1,332 @@
+"""The one training engine, on accelerate. It knows no method: the method's formatter makes the
+batches and the method's loss turns a batch into loss terms and metrics; everything else is here.
+"""
+
+import contextlib
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from alignkit import checkpoint
+from alignkit.config import RunConfig, to_yaml
+from alignkit.data import EpochSampler, PrepareReport, load_data, load_splits, prepare
+from alignkit.errors import ConfigError
+from alignkit.method import Method
+from alignkit.modeling import load_model, load_tokenizer
+from alignkit.reporting import MetricsFile, ProgressBar, Trackers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """What the lifecycle hooks receive as `run`. Treat it as read-only."""
+
+    config: RunConfig
+    method: Method
+    output_dir: Path
+    is_main_process: bool
+    model: Any = None
+    tokenizer: Any = None
+    max_steps: int = 0
+    step: int = 0
+    epoch_index: int = 0
+    batches_in_epoch: int = 0
+    batches_per_epoch: int = 1
+    data: dict[str, PrepareReport] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> float:
+        return self.epoch_index + self.batches_in_epoch / self.batches_per_epoch
+
+
+class Window:
+    """Sums of the loss and the metrics since the last log: the log is their plain mean."""
+
+    def __init__(self) -> None:
+        self.loss, self.grad_norm, self.steps, self.micro_batches = 0.0, 0.0, 0, 0
+        self.metrics: dict[str, float] = {}
+
+    def add(self, loss: float, grad_norm: float, metric_sums: dict[str, float], micro_batches: int) -> None:
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.micro_batches += micro_batches
+        for k, v in metric_sums.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Window":
+        window = cls()
+        vars(window).update(state)
+        return window
+
+
+class Engine:
+    """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
+
+    def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
+                 train_dataset=None, eval_dataset=None) -> None:
+        self.config, self.method, self.pm = config, method, pm
+        t = config.train
+        self.accelerator = Accelerator(
+            mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
+            log_with=t.report_to or None, project_dir=t.output_dir,
+        )
+        self.output_dir = Path(t.output_dir)
+        set_seed(t.seed)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
+        self.formatter = method.formatter(config.method, self.tokenizer)
+        self.loss = method.loss(config.method)
+        self.raw = {"train": train_dataset, "eval": eval_dataset}
+        self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
+                              self.model, self.tokenizer)
+
+    # ---- data -------------------------------------------------------------------------------------
+
+    def _datasets(self, need_train: bool) -> dict:
+        """Formatted `train` (when training) and `eval` sets; evaluation alone falls back to train."""
+        d = self.config.data
+        if self.raw["train"] is None and (need_train or (self.raw["eval"] is None and d.eval is None)):
+            self.raw["train"], eval_ds = load_splits(d.train, d.train_split, d.eval, d.eval_split,
+                                                     d.eval_fraction, self.config.train.seed)
+            self.raw["eval"] = self.raw["eval"] if self.raw["eval"] is not None else eval_ds
+        elif self.raw["eval"] is None and d.eval is not None:
+            self.raw["eval"] = load_data(d.eval, d.eval_split)
+        wanted = {"eval": (self.raw["eval"], d.max_eval_samples, d.eval or d.train)}
+        if need_train:
+            wanted["train"] = (self.raw["train"], d.max_train_samples, d.train)
+        elif self.raw["eval"] is None:
+            wanted["eval"] = (self.raw["train"], d.max_eval_samples, d.train)
+        out = {}
+        for split, (ds, limit, source) in wanted.items():
+            if ds is None:
+                continue
+            ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+            with self.accelerator.main_process_first():
+                out[split], report = prepare(ds, self.formatter, f"{split} data ({source})")
+            self.state.data[split] = report
+            if report.dropped or report.truncated:
+                log.warning("%s data: %d examples kept, %d truncated, %d dropped (no trainable tokens left "
+                            "after truncation)", split, report.kept, report.truncated, report.dropped)
+        return out
+
+    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = EpochSampler(len(ds), self.config.train.seed) if shuffle else None
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.formatter.collate,
+                          num_workers=self.config.train.dataloader_num_workers)
+
+    # ---- the training loop ------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        acc, t, state = self.accelerator, self.config.train, self.state
+        data = self._datasets(need_train=True)
+        self._write_config()
+
+        self.loss.prepare_model(self.model)
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = self._optimizer()
+        train_dl = self._loader(data["train"], t.per_device_train_batch_size, shuffle=True)
+        model, optimizer, train_dl = acc.prepare(self.model, optimizer, train_dl)
+        eval_dl = acc.prepare(self._loader(data["eval"], t.per_device_eval_batch_size, False)) if "eval" in data else None
+
+        state.batches_per_epoch = len(train_dl)
+        steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
+        state.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * state.max_steps)
+        scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=state.max_steps)
+        acc.register_for_checkpointing(scheduler)
+        window = self._resume()
+
+        observers = [MetricsFile(self.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm)]
+        observers += [Trackers(acc)] if t.report_to else []
+        for obs in observers:
+            self.pm.register(obs)
+        try:
+            self.pm.hook.on_train_start(run=state)
+            eval_metrics = self._evaluate_and_report(model, eval_dl) if t.eval_on_start and eval_dl else {}
+            logs: dict[str, float] = {}
+            model.train()
+            for micro_batches in self._windows(train_dl):
+                loss, metric_sums, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
+                state.step += 1
+                window.add(loss, grad_norm, metric_sums, len(micro_batches))
+                self.pm.hook.on_step_end(run=state, step=state.step, metrics={
+                    "loss": loss, **{k: v / len(micro_batches) for k, v in metric_sums.items()}})
+
+                if state.step % t.logging_steps == 0 or state.step == state.max_steps or (
+                        t.logging_first_step and state.step == 1):
+                    logs = self._reduce_window(window, scheduler)
+                    window = Window()
+                    self.pm.hook.on_log(run=state, step=state.step, logs=logs)
+                if eval_dl is not None and t.eval_steps and state.step % t.eval_steps == 0:
+                    eval_metrics = self._evaluate_and_report(model, eval_dl)
+                if t.save_steps and state.step % t.save_steps == 0 and state.step < state.max_steps:
+                    self._save_checkpoint(window)
+                if state.step >= state.max_steps:
+                    break
+
+            if eval_dl is not None and not (t.eval_steps and state.step % t.eval_steps == 0):
+                eval_metrics = self._evaluate_and_report(model, eval_dl)
+            self._save_final(model)
+            final = {**logs, **eval_metrics}
+            self.pm.hook.on_train_end(run=state, metrics=final)
+        finally:
+            for obs in observers:
+                self.pm.unregister(obs)
+        return final
+
+    def _windows(self, train_dl):
+        """Yield the micro-batches of each optimizer step, epoch after epoch, from the resume point."""
+        state, ga = self.state, self.config.train.gradient_accumulation_steps
+        while True:
+            train_dl.set_epoch(state.epoch_index)
+            skip = state.batches_in_epoch
+            batches = self.accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+            micro_batches = []
+            for batch in batches:
+                micro_batches.append(batch)
+                state.batches_in_epoch += 1
+                if len(micro_batches) == ga:
+                    yield micro_batches
+                    micro_batches = []
+            if micro_batches:
+                yield micro_batches
+            state.epoch_index, state.batches_in_epoch = state.epoch_index + 1, 0
+
+    def _optimizer_step(self, model, optimizer, scheduler, micro_batches) -> tuple[float, dict[str, float], float]:
+        """Accumulate gradients over the micro-batches, each loss term normalised by its global count."""
+        acc, t = self.accelerator, self.config.train
+        totals = self._global_counts(micro_batches)
+        loss_sum = torch.zeros((), device=acc.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                with acc.autocast():
+                    out = self.loss(model, batch)
+                loss = out.normalized(totals)
+                # DDP averages gradients over processes; the totals already span them, so undo that mean.
+                acc.backward(loss * acc.num_processes)
+            loss_sum += loss.detach()
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_loss = acc.reduce(loss_sum, "sum").item()
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return global_loss, {k: v.item() for k, v in metric_sums.items()}, norm
+
+    def _global_counts(self, micro_batches) -> dict[str, float]:
+        counts: Counter = Counter()
+        for batch in micro_batches:
+            counts.update(self.loss.counts(batch))
+        units = sorted(counts)
+        summed = self.accelerator.reduce(torch.tensor([counts[u] for u in units], device=self.accelerator.device), "sum")
+        return {u: float(c) for u, c in zip(units, summed.tolist())}
+
+    def _reduce_window(self, window: Window, scheduler) -> dict[str, float]:
+        """Window means: loss over steps (already global), metrics over micro-batches then processes."""
+        names = sorted(window.metrics)
+        local = torch.tensor([window.metrics[k] / window.micro_batches for k in names], device=self.accelerator.device)
+        means = self.accelerator.reduce(local, "mean").tolist() if names else []
+        return {"loss": window.loss / window.steps, "grad_norm": window.grad_norm / window.steps,
+                "learning_rate": scheduler.get_last_lr()[0], **dict(zip(names, means))}
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the model as loaded on the eval data (or the train data when there is none), in order."""
+        ds = self._datasets(need_train=False)["eval"]
+        dl = self._loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False)
+        model, dl = self.accelerator.prepare(self.model, dl)
+        return self._evaluate(model, dl)
+
+    def _evaluate(self, model, eval_dl) -> dict[str, float]:
+        """Per-batch loss (each batch normalised by its own counts) and metrics, averaged over batches."""
+        was_training = model.training
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for batch in eval_dl:
+                with self.accelerator.autocast():
+                    out = self.loss(model, batch)
+                totals = {u: float(c) for u, c in self.loss.counts(batch).items()}
+                for k, v in {"loss": out.normalized(totals), **out.metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+        model.train(was_training)
+        names = sorted(sums)
+        local = torch.stack([sums[k] / len(eval_dl) for k in names])
+        return {f"eval_{k}": v for k, v in zip(names, self.accelerator.reduce(local, "mean").tolist())}
+
+    def _evaluate_and_report(self, model, eval_dl) -> dict[str, float]:
+        metrics = self._evaluate(model, eval_dl)
+        self.pm.hook.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
+        return metrics
+
+    # ---- saving and resuming ----------------------------------------------------------------------
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; biases and norm weights (1-D parameters) get no weight decay, as in transformers."""
+        t = self.config.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+    def _resume(self) -> Window:
+        spec = self.config.train.resume_from_checkpoint
+        path = checkpoint.find(spec, self.output_dir / "checkpoints") if spec else None
+        if path is None:
+            if spec == "auto":
+                log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
+            return Window()
+        saved = checkpoint.load(self.accelerator, path)
+        if saved["max_steps"] != self.state.max_steps:
+            raise ConfigError(f"train.resume_from_checkpoint: {path} was made for {saved['max_steps']} steps, "
+                              f"this run has {self.state.max_steps}; keep the data and step settings of that run")
+        for key in ("step", "epoch_index", "batches_in_epoch"):
+            setattr(self.state, key, saved[key])
+        log.info("resumed from %s at step %d", path, self.state.step)
+        return Window.from_state(saved["window"])
+
+    def _save_checkpoint(self, window: Window) -> None:
+        s = self.state
+        saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
+                 "max_steps": s.max_steps, "window": window.state()}
+        path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
+                               self.config.train.save_total_limit)
+        self.pm.hook.on_save(run=s, step=s.step, path=path)
+
+    def _save_final(self, model) -> None:
+        """The trained model and tokenizer in output_dir, loadable with from_pretrained."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        acc.unwrap_model(model).save_pretrained(self.output_dir, is_main_process=acc.is_main_process,
+                                                save_function=acc.save, state_dict=acc.get_state_dict(model))
+        if acc.is_main_process:
+            self.tokenizer.save_pretrained(self.output_dir)
+        acc.wait_for_everyone()
+
+    def _write_config(self) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(self.config, comments=False))
+

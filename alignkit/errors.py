@@ -1,0 +1,26 @@
+"""Errors a user can cause and fix. The CLI prints them on one line and exits with code 2."""
+
+import difflib
+from collections.abc import Iterable
+
+
+class AlignkitError(ValueError):
+    """A mistake in the user's config, data, model or choice of plugin."""
+
+
+class ConfigError(AlignkitError):
+    """A config key or value is wrong."""
+
+
+class DataError(AlignkitError):
+    """A dataset is missing, empty or malformed."""
+
+
+class PluginError(AlignkitError):
+    """A method is unknown, registered twice, or its plugin failed to load."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,42 @@
+"""The hooks a plugin may implement. Every hook is documented in docs/hooks.md (a test checks)."""
+
+import pluggy
+
+PROJECT = "alignkit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_methods(register):
+    """Register training methods by calling register(Method(...)) once per method."""
+
+
+@hookspec
+def on_train_start(run):
+    """Called once before the first optimizer step, with model, data and state ready."""
+
+
+@hookspec
+def on_step_end(run, step, metrics):
+    """Called after every optimizer step with that step's loss and method metrics."""
+
+
+@hookspec
+def on_log(run, step, logs):
+    """Called every `train.logging_steps` steps with the metrics averaged over the window."""
+
+
+@hookspec
+def on_evaluate(run, step, metrics):
+    """Called after each evaluation with its `eval_`-prefixed metrics."""
+
+
+@hookspec
+def on_save(run, step, path):
+    """Called after a checkpoint has been written completely to `path`."""
+
+
+@hookspec
+def on_train_end(run, metrics):
+    """Called once after training and the final save, with the last train and eval metrics."""

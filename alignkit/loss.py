@@ -1,0 +1,65 @@
+"""The Loss interface and the log-probability helpers that losses share.
+
+A loss runs the policy on a micro-batch and returns *summed* loss terms, each keyed by the unit
+that normalises it ("tokens", "pairs", ...). The engine divides each sum by the count of that unit
+over the whole accumulation window and all processes (from `counts`), so the gradient does not
+depend on how a global batch is split into micro-batches or ranks.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    """`terms`: unit -> summed loss over the micro-batch. `metrics`: name -> micro-batch mean (logged)."""
+
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def normalized(self, totals: dict[str, float]) -> torch.Tensor:
+        """The loss: each term divided by its unit's total count."""
+        return sum(term / totals[unit] for unit, term in self.terms.items())
+
+
+class Loss(ABC):
+    """A method's objective. Built once per run as `loss(config)`."""
+
+    #: capability flag the engine reads: the loss wants a frozen reference model (none do yet).
+    needs_reference_model: bool = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Adjust the policy once before training (e.g. disable dropout). Default: nothing."""
+
+    @abstractmethod
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """How many of each normalising unit this micro-batch holds, from the batch alone."""
+
+    @abstractmethod
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """Run the model on the batch and return the summed terms and the metrics."""
+
+
+def shifted_token_logps(
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob (float32) of each next-token label and the mask of positions that count, both [B, T-1]."""
+    labels_BT = labels_BT[:, 1:]
+    mask_BT = labels_BT != ignore_index
+    logps_BTV = F.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
+    safe_labels = labels_BT.masked_fill(~mask_BT, 0)
+    logps_BT = logps_BTV.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return logps_BT * mask_BT, mask_BT
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable in float32 over the whole range, finite at x == 0."""
+    x = x.float().clamp(max=-torch.finfo(torch.float32).tiny)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

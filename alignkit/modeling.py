@@ -1,0 +1,74 @@
+"""Load the model and tokenizer named by the `model` config section (or build the built-in tiny one)."""
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+from alignkit.config import ModelConfig
+from alignkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    """The built-in model's architecture: a 2-layer Llama of about 0.4M parameters."""
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaConfig(**{**kwargs, **overrides})
+
+
+def load_tokenizer(cfg: ModelConfig):
+    name = cfg.tokenizer_name_or_path or cfg.name_or_path
+    if name == "builtin:tiny":
+        return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except Exception as e:
+        raise ConfigError(_load_failure("tokenizer", name, e)) from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"model.tokenizer_name_or_path: {name} has neither a pad nor an eos token")
+        log.warning("tokenizer %s has no pad token; using its eos token %r for padding", name, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
+    """The policy, in `cfg.dtype`; the built-in model is randomly initialised from `seed`."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path == "builtin:tiny":
+        torch.manual_seed(seed)
+        config = tiny_llama_config(len(tokenizer))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype, **cfg.init_kwargs)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except Exception as e:
+        raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
+
+
+def _load_failure(what: str, name: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return f"model.name_or_path: {name} needs custom code; set model.trust_remote_code=true only if you trust it"
+    if not Path(name).exists() and "/" not in name:
+        return f"model.name_or_path: {name}: no such local folder and not a hub name 'owner/name'"
+    return f"model.name_or_path: cannot load the {what} {name}: {first}"
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set p=0 on every torch.nn.Dropout module of `model`."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

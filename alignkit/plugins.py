@@ -1,0 +1,113 @@
+"""The plugin manager: hookspecs, entry points (group `alignkit`), and the registry of methods.
+
+`ALIGNKIT_LOAD_PLUGINS=dist1,dist2` loads only those distributions' entry points ('' loads none).
+"""
+
+import importlib.metadata
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+import pluggy
+
+from alignkit import hookspecs
+from alignkit.errors import PluginError, did_you_mean
+from alignkit.method import Method
+
+ENTRY_POINT_GROUP = "alignkit"
+ALLOW_LIST_VAR = "ALIGNKIT_LOAD_PLUGINS"
+
+
+def _canonical(dist_name: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
+@dataclass
+class BrokenPlugin:
+    """An entry point whose import failed: reported, never fatal for other plugins."""
+
+    dist: str
+    entry_point: str
+    error: str
+
+
+@dataclass
+class Registry:
+    """Methods by name, plus the plugins that failed to load."""
+
+    methods: dict[str, Method] = field(default_factory=dict)
+    broken: list[BrokenPlugin] = field(default_factory=list)
+
+    def add(self, method: Method) -> None:
+        if not isinstance(method, Method):
+            raise PluginError(f"plugin {method!r} registered {type(method).__name__}, not alignkit.Method")
+        if method.name in self.methods:
+            first = self.methods[method.name].source
+            raise PluginError(
+                f"method {method.name!r} is registered twice: by {first} and by {method.source}; "
+                f"uninstall one or restrict plugins with {ALLOW_LIST_VAR}"
+            )
+        self.methods[method.name] = method
+
+    def get(self, name: str) -> Method:
+        if name in self.methods:
+            return self.methods[name]
+        for b in self.broken:
+            if b.entry_point == name:
+                raise PluginError(f"method {name!r} comes from plugin {b.dist}, which failed to load: {b.error}")
+        known = ", ".join(sorted(self.methods)) or "none"
+        broken = "".join(f"; plugin {b.dist} failed to load: {b.error}" for b in self.broken)
+        raise PluginError(f"unknown method {name!r}{did_you_mean(name, self.methods)}; registered: {known}{broken}")
+
+
+def _allowed(dist_name: str) -> bool:
+    allow = os.environ.get(ALLOW_LIST_VAR)
+    if allow is None:
+        return True
+    return _canonical(dist_name) in {_canonical(d) for d in allow.split(",") if d.strip()}
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus where each plugin came from and which failed to load."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.sources: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        self.broken: list[BrokenPlugin] = []
+
+    def load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist else ep.value
+            if not _allowed(dist) or self.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as e:  # a broken plugin must not take the others down
+                self.broken.append(BrokenPlugin(dist, ep.name, f"{type(e).__name__}: {e}"))
+                continue
+            self.register(plugin, name=ep.name)
+            self.sources[ep.name] = (dist, ep.dist.version if ep.dist else "")
+
+
+def get_plugin_manager(plugins: list | None = None, load_entrypoints: bool = True) -> PluginManager:
+    """A fresh manager: the hookspecs, installed entry points (unless disabled), then `plugins`."""
+    pm = PluginManager()
+    if load_entrypoints:
+        pm.load_entry_points()
+    for plugin in plugins or []:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {e.plugin!r} implements a hook alignkit does not define: {e}") from None
+    return pm
+
+
+def build_registry(pm: PluginManager) -> Registry:
+    """Ask every plugin to register its methods; record which distribution each came from."""
+    registry = Registry(broken=list(pm.broken))
+    for impl in pm.hook.register_methods.get_hookimpls():
+        dist, version = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))
+        impl.function(register=lambda m, d=dist, v=version: registry.add(replace(m, source=d, version=v)))
+    return registry

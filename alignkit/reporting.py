@@ -1,0 +1,96 @@
+"""Per-run observers of the lifecycle hooks: metrics.jsonl, the progress bar and accelerate trackers.
+
+They are ordinary hook implementations, registered for the duration of one run, so a plugin sees
+exactly what they see.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from alignkit.hookspecs import hookimpl
+
+
+class MetricsFile:
+    """Appends one JSON object per log and per eval to output_dir/metrics.jsonl (main process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_start(self, run):
+        """Drop rows a resumed run will write again, so the file matches an uninterrupted run."""
+        if not run.is_main_process or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r)["step"] <= run.step]
+        self.path.write_text("".join(r + "\n" for r in kept))
+
+    def _append(self, run, row: dict) -> None:
+        if run.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    @hookimpl
+    def on_log(self, run, step, logs):
+        self._append(run, {"step": step, "epoch": round(run.epoch, 4), **logs})
+
+    @hookimpl
+    def on_evaluate(self, run, step, metrics):
+        self._append(run, {"step": step, "epoch": round(run.epoch, 4), **metrics})
+
+
+class ProgressBar:
+    """Step, loss and ETA on the main process."""
+
+    def __init__(self, disable: bool) -> None:
+        self.disable, self.bar = disable, None
+
+    @hookimpl
+    def on_train_start(self, run):
+        self.bar = tqdm(total=run.max_steps, initial=run.step, desc="training", dynamic_ncols=True,
+                        disable=self.disable or not run.is_main_process)
+
+    @hookimpl
+    def on_step_end(self, run, step, metrics):
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies")},
+                             refresh=False)
+
+    @hookimpl
+    def on_evaluate(self, run, step, metrics):
+        if not self.bar.disable:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
+            self.bar.write(f"step {step}: {shown}")
+
+    @hookimpl
+    def on_train_end(self, run, metrics):
+        self.bar.close()
+
+
+class Trackers:
+    """Forwards logs and eval metrics to the trackers in train.report_to through accelerate."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+
+    @hookimpl
+    def on_train_start(self, run):
+        t = run.config.train
+        flat = {f"{section}.{k}": v for section, block in run.config.model_dump(mode="json").items()
+                for k, v in block.items() if isinstance(v, (int, float, str, bool))}
+        self.accelerator.init_trackers(t.run_name or Path(t.output_dir).name, config=flat)
+
+    @hookimpl
+    def on_log(self, run, step, logs):
+        self.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+
+    @hookimpl
+    def on_evaluate(self, run, step, metrics):
+        self.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in metrics.items()}, step=step)
+
+    @hookimpl
+    def on_train_end(self, run, metrics):
+        self.accelerator.end_training()

@@ -1,0 +1,28 @@
+"""Helpers for tests, including plugin authors' tests: a tiny model and tokenizer, a fresh plugin manager."""
+
+from collections.abc import Iterable
+
+import torch
+
+from alignkit.modeling import BUILTIN_DIR, tiny_llama_config
+from alignkit.plugins import PluginManager, get_plugin_manager
+
+
+def tiny_tokenizer():
+    """The built-in byte-level BPE tokenizer (384 tokens, BOS/EOS/PAD, a chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
+
+
+def tiny_model(seed: int = 0, **config_overrides):
+    """A randomly initialised tiny Llama matching `tiny_tokenizer()`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_llama_config(len(tiny_tokenizer()), **config_overrides))
+
+
+def plugin_manager(*plugins: object, entry_points: bool = False, also: Iterable[object] = ()) -> PluginManager:
+    """A fresh manager with exactly `plugins` registered in-process (installed entry points only on request)."""
+    return get_plugin_manager(list(plugins) + list(also), load_entrypoints=entry_points)

@@ -1,0 +1,31 @@
+"""alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
+
+from alignkit import Method, hookimpl
+from alignkit_orpo.config import ORPOConfig
+from alignkit_orpo.formatter import PreferenceFormatter
+from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
+
+CITATION = """@article{hong2024orpo,
+  title={ORPO: Monolithic Preference Optimization without Reference Model},
+  author={Hong, Jiwoo and Lee, Noah and Thorne, James},
+  journal={arXiv preprint arXiv:2403.07691},
+  year={2024}
+}"""
+
+METHOD = Method(
+    name="orpo",
+    config=ORPOConfig,
+    formatter=PreferenceFormatter,
+    loss=ORPOLoss,
+    description="Odds Ratio Preference Optimization: SFT plus an odds-ratio penalty, no reference model.",
+    defaults={"train.learning_rate": 1e-6},
+    citation=CITATION,
+)
+
+
+@hookimpl
+def register_methods(register):
+    register(METHOD)
+
+
+__all__ = ["ORPOConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]

@@ -1,0 +1,74 @@
+"""The ORPO objective (arXiv 2403.07691): NLL on the chosen rows minus beta * log sigma(log odds ratio)."""
+
+import torch
+import torch.nn.functional as F
+
+from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
+from alignkit.modeling import disable_dropout
+
+
+def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float):
+    """Per-pair ORPO quantities from mean token log-probs [B]: (-beta*log sigma, log_odds, log sigma).
+
+    log odds(y|x) = log p - log(1 - p) with p = exp(mean log-prob), computed in float32 stably.
+    """
+    lc, lr = chosen_logps.float(), rejected_logps.float()
+    log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr))
+    log_sigma = F.logsigmoid(log_odds)
+    return -beta * log_sigma, log_odds, log_sigma
+
+
+class ORPOLoss(Loss):
+    """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms."""
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        if self.config.disable_dropout:
+            disable_dropout(model)
+
+    def _nll_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Targets of the NLL on the chosen rows: every real token (sequence) or the answer (completion)."""
+        n = batch["input_ids"].shape[0] // 2
+        if self.config.nll_scope == "completion":
+            return batch["labels"][:n]
+        # Padding is excluded by the attention mask, not by id, so an EOS equal to the pad id still trains.
+        return batch["input_ids"][:n].masked_fill(batch["attention_mask"][:n] == 0, self.config.label_pad_token_id)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        targets = self._nll_targets(batch)[:, 1:]
+        return {"nll_tokens": int((targets != self.config.label_pad_token_id).sum()),
+                "pairs": batch["input_ids"].shape[0] // 2, "batches": 1}
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        beta, ignore = self.config.beta, self.config.label_pad_token_id
+        n = batch["input_ids"].shape[0] // 2
+        route = bool(getattr(model.config, "output_router_logits", False))
+        extra = {"output_router_logits": True} if route else {}
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
+        logits_BTV = outputs.logits
+
+        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore)
+        nll_sum = -nll_logps_BT.sum()
+        token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], ignore)
+        seq_logps_B = token_logps_BT.sum(-1) / mask_BT.sum(-1)
+        chosen_B, rejected_B = seq_logps_B[:n], seq_logps_B[n:]
+        or_loss_B, log_odds_B, log_sigma_B = odds_ratio_terms(chosen_B, rejected_B, beta)
+
+        terms = {"nll_tokens": nll_sum, "pairs": or_loss_B.sum()}
+        if route and outputs.aux_loss is not None:
+            terms["batches"] = model.config.router_aux_loss_coef * outputs.aux_loss
+        with torch.no_grad():
+            chosen_rewards, rejected_rewards = beta * chosen_B, beta * rejected_B
+            metrics = {
+                "rewards/chosen": chosen_rewards.mean(),
+                "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "logps/chosen": chosen_B.mean(),
+                "logps/rejected": rejected_B.mean(),
+                "logits/chosen": logits_BTV[:n, :-1].float().mean(),
+                "logits/rejected": logits_BTV[n:, :-1].float().mean(),
+                "nll_loss": nll_sum / nll_mask_BT.sum(),
+                "log_odds_ratio": log_sigma_B.mean(),
+                "log_odds_chosen": log_odds_B.mean(),
+            }
+        return LossOutput(terms=terms, metrics=metrics)
