@@ -57,7 +57,7 @@ def load_config(method: str | None = None, config: str | Path | Mapping | None =
 def run(method: str | None = None, config: str | Path | Mapping | None = None, *,
         plugins: PluginManager | None = None, model=None, tokenizer=None, train_dataset=None,
         eval_dataset=None, **overrides: Any) -> RunResult:
-    """Train `method`. Overrides use the CLI's dotted keys: run("orpo", **{"train.max_steps": 10})."""
+    """Train `method`. Overrides use the CLI's dotted keys: run("NAME", **{"train.max_steps": 10})."""
     from alignkit.engine import Engine
 
     pm = plugins or get_plugin_manager()

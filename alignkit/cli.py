@@ -42,9 +42,9 @@ def cli(quiet: bool, verbose: bool) -> None:
 
     \b
     alignkit methods                              list the installed methods
-    alignkit run --method orpo                    the built-in demo: tiny model, offline, minutes on a CPU
-    alignkit run --method orpo -c configs/orpo-qwen2-0.5b.yaml train.max_steps=100
-    alignkit config --method orpo > my.yaml       every key, with its default and description
+    alignkit run --method NAME                    the built-in demo: tiny model, offline, seconds on a CPU
+    alignkit run --method NAME -c my.yaml train.max_steps=100
+    alignkit config --method NAME > my.yaml       every key, with its default and description
     """
     _setup_logging(-1 if quiet else 1 if verbose else 0)
 
@@ -64,8 +64,8 @@ def run(method, config_file, overrides):
     """Train a method.
 
     \b
-    alignkit run --method orpo
-    alignkit run --method orpo -c configs/orpo-demo.yaml train.max_steps=50 method.beta=0.2
+    alignkit run --method NAME
+    alignkit run --method NAME -c my.yaml train.max_steps=50 data.train=pairs.jsonl
     """
     result = api.run(method, config_file, **_dotlist(overrides))
     click.echo(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step,
@@ -80,7 +80,7 @@ def eval_(method, config_file, overrides):
     """Evaluate model.name_or_path on data.eval (or data.train); print and save the metrics.
 
     \b
-    alignkit eval --method orpo model.name_or_path=outputs/orpo data.eval=pairs.jsonl
+    alignkit eval --method NAME model.name_or_path=outputs/NAME data.eval=pairs.jsonl
     """
     click.echo(json.dumps(api.evaluate(method, config_file, **_dotlist(overrides)), indent=2))
 
@@ -105,7 +105,7 @@ def config(method, config_file, overrides):
     """Print the full resolved config as commented YAML that -c accepts.
 
     \b
-    alignkit config --method orpo > orpo.yaml
+    alignkit config --method NAME > my.yaml
     """
     cfg, _ = api.load_config(method, config_file, _dotlist(overrides))
     click.echo(to_yaml(cfg), nl=False)

@@ -214,9 +214,10 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
             parts.append(f"unknown key '{key}'{did_you_mean(loc[-1], valid)}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            where = f"{key}: " if key else ""
-            shown = err["input"] if not isinstance(err["input"], dict) else "{...}"
-            parts.append(f"{where}{msg} (got {shown!r})")
+            if isinstance(err["input"], dict):  # a check across keys: its message names them
+                parts.append(msg)
+            else:
+                parts.append(f"{key}: {msg} (got {err['input']!r})")
     return "; ".join(parts)
 
 

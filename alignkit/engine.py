@@ -210,8 +210,20 @@ class Engine:
             state.epoch_index, state.batches_in_epoch = state.epoch_index + 1, 0
 
     def _optimizer_step(self, model, optimizer, scheduler, micro_batches) -> tuple[float, dict[str, float], float]:
-        """Accumulate gradients over the micro-batches, each loss term normalised by its global count."""
-        acc, t = self.accelerator, self.config.train
+        """One optimizer step over the micro-batches: (global loss, metric sums, gradient norm)."""
+        t = self.config.train
+        loss_sum, metric_sums = self._accumulate_gradients(model, micro_batches)
+        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_loss = self.accelerator.reduce(loss_sum, "sum").item()
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return global_loss, {k: v.item() for k, v in metric_sums.items()}, norm
+
+    def _accumulate_gradients(self, model, micro_batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Backward over each micro-batch, every loss term divided by its count over all of them and all ranks."""
+        acc = self.accelerator
         totals = self._global_counts(micro_batches)
         loss_sum = torch.zeros((), device=acc.device)
         metric_sums: dict[str, torch.Tensor] = {}
@@ -226,13 +238,7 @@ class Engine:
             loss_sum += loss.detach()
             for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
-        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_loss = acc.reduce(loss_sum, "sum").item()
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return global_loss, {k: v.item() for k, v in metric_sums.items()}, norm
+        return loss_sum, metric_sums
 
     def _global_counts(self, micro_batches) -> dict[str, float]:
         counts: Counter = Counter()

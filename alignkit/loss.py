@@ -62,4 +62,8 @@ def shifted_token_logps(
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, stable in float32 over the whole range, finite at x == 0."""
     x = x.float().clamp(max=-torch.finfo(torch.float32).tiny)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > -0.6931471805599453
+    # Each branch sees only inputs safe for it: torch.where back-propagates through both branches.
+    expm1_branch = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))
+    log1p_branch = torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x)))
+    return torch.where(near_zero, expm1_branch, log1p_branch)

@@ -38,9 +38,10 @@ class Registry:
     methods: dict[str, Method] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
 
-    def add(self, method: Method) -> None:
+    def add(self, method: Method, source: str = "", version: str = "") -> None:
         if not isinstance(method, Method):
-            raise PluginError(f"plugin {method!r} registered {type(method).__name__}, not alignkit.Method")
+            raise PluginError(f"plugin {source} registered {type(method).__name__} {method!r}, not alignkit.Method")
+        method = replace(method, source=source, version=version)
         if method.name in self.methods:
             first = self.methods[method.name].source
             raise PluginError(
@@ -64,7 +65,7 @@ def _allowed(dist_name: str) -> bool:
     allow = os.environ.get(ALLOW_LIST_VAR)
     if allow is None:
         return True
-    return _canonical(dist_name) in {_canonical(d) for d in allow.split(",") if d.strip()}
+    return _canonical(dist_name) in {_canonical(d.strip()) for d in allow.split(",") if d.strip()}
 
 
 class PluginManager(pluggy.PluginManager):
@@ -109,5 +110,5 @@ def build_registry(pm: PluginManager) -> Registry:
     registry = Registry(broken=list(pm.broken))
     for impl in pm.hook.register_methods.get_hookimpls():
         dist, version = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))
-        impl.function(register=lambda m, d=dist, v=version: registry.add(replace(m, source=d, version=v)))
+        impl.function(register=lambda m, d=dist, v=version: registry.add(m, d, v))
     return registry
