@@ -1,7 +1,8 @@
 """The run config: `model`, `data` and `train` (the core's) plus `method` (validated by the plugin).
 
-Layers, lowest first: field defaults < the method's `defaults` < the built-in demo preset (only when
-both model and data are the built-in ones) < the YAML file < `key=value` overrides. YAML is data only.
+Layers, lowest first: field defaults < the method's `defaults` < the built-in presets < the YAML file
+< `key=value` overrides. Built-in data brings its held-out split as eval set; built-in data with the
+built-in model also brings the demo's training settings. YAML is data only.
 """
 
 import functools
@@ -23,9 +24,10 @@ BUILTIN_DATA = "builtin:sort"
 SCHEDULERS = sorted(s.value for s in SchedulerType)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
 
-#: applied when model and data are both built-in: settings under which the tiny model learns in minutes.
+#: applied when data.train is built-in (and no eval_fraction is set): evaluate on its held-out split.
+BUILTIN_DATA_PRESET = {"data": {"eval": "${data.train}", "eval_split": "test"}}
+#: applied when model and data are both built-in: settings under which the tiny model learns in seconds.
 DEMO_PRESET = {
-    "data": {"eval": BUILTIN_DATA, "eval_split": "test"},
     "train": {
         "learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": 16,
         "per_device_eval_batch_size": 50, "warmup_ratio": 0.05, "logging_steps": 10, "eval_steps": 50,
@@ -170,10 +172,12 @@ def _nested(dotted: Mapping[str, Any]) -> DictConfig:
     return cfg
 
 
-def is_demo(cfg: Any) -> bool:
-    return str(OmegaConf.select(cfg, "model.name_or_path")).startswith("builtin:") and str(
-        OmegaConf.select(cfg, "data.train")
-    ).startswith("builtin:")
+def _presets(cfg: DictConfig) -> list[dict]:
+    """The built-in presets that apply to the config as merged so far."""
+    builtin_data = str(OmegaConf.select(cfg, "data.train")).startswith("builtin:")
+    builtin_model = str(OmegaConf.select(cfg, "model.name_or_path")).startswith("builtin:")
+    presets = [BUILTIN_DATA_PRESET] if builtin_data and OmegaConf.select(cfg, "data.eval_fraction") is None else []
+    return presets + ([DEMO_PRESET] if builtin_data and builtin_model else [])
 
 
 def resolve(method: Method, user: DictConfig) -> RunConfig:
@@ -183,8 +187,7 @@ def resolve(method: Method, user: DictConfig) -> RunConfig:
     defaults["train"]["output_dir"] = f"outputs/{method.name}"
     layers = [OmegaConf.create(defaults), _nested(method.defaults)]
     try:
-        if is_demo(OmegaConf.merge(*layers, user)):
-            layers.append(OmegaConf.create(DEMO_PRESET))
+        layers += [OmegaConf.create(p) for p in _presets(OmegaConf.merge(*layers, user))]
         plain = OmegaConf.to_container(OmegaConf.merge(*layers, user), resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {str(e).splitlines()[0]}") from None

@@ -62,9 +62,9 @@ def _load_failure(what: str, name: str, e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e):
         return f"model.name_or_path: {name} needs custom code; set model.trust_remote_code=true only if you trust it"
-    if not Path(name).exists() and "/" not in name:
-        return f"model.name_or_path: {name}: no such local folder and not a hub name 'owner/name'"
-    return f"model.name_or_path: cannot load the {what} {name}: {first}"
+    if not Path(name).exists():
+        return f"model.name_or_path: {name}: no such local folder, and the Hugging Face hub did not provide it ({first})"
+    return f"model.name_or_path: cannot load the {what} from {name}: {first}"
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

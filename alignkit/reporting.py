@@ -6,6 +6,7 @@ exactly what they see.
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -63,7 +64,7 @@ class ProgressBar:
     def on_evaluate(self, run, step, metrics):
         if not self.bar.disable:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
-            self.bar.write(f"step {step}: {shown}")
+            self.bar.write(f"step {step}: {shown}", file=sys.stderr)
 
     @hookimpl
     def on_train_end(self, run, metrics):

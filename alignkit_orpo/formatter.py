@@ -74,7 +74,7 @@ class PreferenceFormatter(DataFormatter):
         chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
         if isinstance(chosen, str) != isinstance(rejected, str):
             raise DataError("'chosen' and 'rejected' must both be strings or both be conversations")
-        if prompt is None or isinstance(prompt, str) != isinstance(chosen, str):
+        if prompt is None or is_conversation(prompt) != is_conversation(chosen):
             prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if isinstance(chosen, str):
             if not isinstance(prompt, str):

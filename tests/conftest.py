@@ -1,6 +1,11 @@
-import json
+import os
 
-import pytest
+# Nothing in the tests may reach the network (CI has none): fail fast instead of retrying. Set before
+# anything imports huggingface_hub, which reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
 
 import alignkit_orpo
 from alignkit.testing import plugin_manager, tiny_tokenizer
@@ -17,20 +22,3 @@ def pm():
     return plugin_manager(alignkit_orpo)
 
 
-def fast(tmp_path, **train) -> dict:
-    """A config for a few quick steps of the built-in demo in tmp_path."""
-    return {
-        "data": {"max_train_samples": 32, "max_eval_samples": 8},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
-                  "per_device_eval_batch_size": 4, "logging_steps": 1, "save_steps": None, "eval_steps": None,
-                  "eval_on_start": False, "disable_tqdm": True, **train},
-    }
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)

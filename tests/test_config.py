@@ -24,7 +24,14 @@ def test_demo_preset_only_with_builtin_model_and_data(pm):
     assert demo.train.learning_rate == DEMO_PRESET["train"]["learning_rate"]
     assert demo.data.eval == "builtin:sort"
     real, _ = load_config("orpo", {"model": {"name_or_path": "Qwen/Qwen2-0.5B"}}, plugins=pm)
-    assert real.train.learning_rate == 1e-6 and real.data.eval is None
+    assert real.train.learning_rate == 1e-6
+    assert (real.data.eval, real.data.eval_split) == ("builtin:sort", "test")  # built-in data keeps its held-out split
+    chat, _ = load_config("orpo", {"data": {"train": "builtin:sort-chat"}}, plugins=pm)
+    assert chat.data.eval == "builtin:sort-chat"
+    held_out, _ = load_config("orpo", {"data": {"eval_fraction": 0.1}}, plugins=pm)
+    assert held_out.data.eval is None
+    own, _ = load_config("orpo", {"data": {"train": "pairs.jsonl"}}, plugins=pm)
+    assert own.data.eval is None and own.train.learning_rate == 1e-6
 
 
 def test_yaml_file_then_overrides_then_interpolation(pm, tmp_path):

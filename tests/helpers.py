@@ -1,0 +1,22 @@
+"""Helpers shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path)."""
+
+import json
+
+
+def fast(tmp_path, **train) -> dict:
+    """A config for a few quick steps of the built-in demo in tmp_path."""
+    return {
+        "data": {"max_train_samples": 32, "max_eval_samples": 8},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
+                  "per_device_eval_batch_size": 4, "logging_steps": 1, "save_steps": None, "eval_steps": None,
+                  "eval_on_start": False, "disable_tqdm": True, **train},
+    }
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
