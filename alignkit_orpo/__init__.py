@@ -1,7 +1,7 @@
 """alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
-from alignkit_orpo.config import ORPOConfig
+from alignkit_orpo.config import ORPOConfig, PreferenceDataConfig
 from alignkit_orpo.formatter import PreferenceFormatter
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
 
@@ -28,4 +28,4 @@ def register_methods(register):
     register(METHOD)
 
 
-__all__ = ["ORPOConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]
+__all__ = ["ORPOConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]

@@ -1,4 +1,8 @@
-"""ORPO's config: the seed's fields and defaults (TRL v0.15.2 ORPOConfig), plus `nll_scope`."""
+"""ORPO's config: the seed's fields and defaults (TRL v0.15.2 ORPOConfig), plus `nll_scope`.
+
+The data fields sit in PreferenceDataConfig so that other preference methods can subclass it and
+reuse PreferenceFormatter.
+"""
 
 from typing import Literal
 
@@ -7,26 +11,31 @@ from pydantic import Field, model_validator
 from alignkit import MethodConfig
 
 
-class ORPOConfig(MethodConfig):
-    """The `method:` block for ORPO. Model-loading fields live in the core `model:` section."""
+class PreferenceDataConfig(MethodConfig):
+    """How PreferenceFormatter tokenizes, truncates and pads preference pairs."""
 
-    name: str = "orpo"
-    beta: float = Field(0.1, ge=0, description="Weight of the odds-ratio term (the paper's lambda, xfactlab's alpha).")
     max_length: int = Field(1024, gt=0, description="Maximum prompt + completion tokens.")
     max_prompt_length: int = Field(512, gt=0, description="Prompt cap, applied only when prompt + longer answer exceeds max_length.")
     max_completion_length: int | None = Field(None, gt=0, description="Completion cap; used only for encoder-decoder models.")
     truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end", description="Which end of an over-long prompt to keep.")
     label_pad_token_id: int = Field(-100, description="Label value that takes no loss.")
     padding_value: int | None = Field(None, description="Pad id for input ids; null means the tokenizer's pad_token_id.")
-    disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the model.")
-    nll_scope: Literal["sequence", "completion"] = Field(
-        "sequence", description="Tokens the NLL term covers: the whole chosen sequence (TRL, paper) or its completion only.")
     dataset_num_proc: int | None = Field(None, gt=0, description="Processes for dataset preprocessing.")
 
     @model_validator(mode="after")
-    def _prompt_fits(self) -> "ORPOConfig":
+    def _prompt_fits(self) -> "PreferenceDataConfig":
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"method.max_prompt_length ({self.max_prompt_length}) must be smaller than method.max_length "
                 f"({self.max_length}), or no tokens are left for the answers")
         return self
+
+
+class ORPOConfig(PreferenceDataConfig):
+    """The `method:` block for ORPO. Model-loading fields live in the core `model:` section."""
+
+    name: str = "orpo"
+    beta: float = Field(0.1, ge=0, description="Weight of the odds-ratio term (the paper's lambda, xfactlab's alpha).")
+    disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the model.")
+    nll_scope: Literal["sequence", "completion"] = Field(
+        "sequence", description="Tokens the NLL term covers: the whole chosen sequence (TRL, paper) or its completion only.")
