@@ -92,6 +92,7 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
     fp16: bool = Field(False, description="float16 mixed precision (GPU only).")
+    use_cpu: bool = Field(False, description="Train on the CPU even when an accelerator is present.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     report_to: list[str] = Field(default_factory=list, description=f"Trackers through accelerate: {', '.join(TRACKERS)}.")
     run_name: str | None = Field(None, description="Run name for trackers; default: the output_dir's name.")

@@ -82,6 +82,8 @@ class Engine:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         self.accelerator = Accelerator(
+            # Without cpu=True accelerate ignores torchrun's process group on a machine with no accelerator.
+            cpu=t.use_cpu or not torch.accelerator.is_available(),
             mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
@@ -91,6 +93,7 @@ class Engine:
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.loss = method.loss(config.method)
+        self.loss.prepare_model(self.model)
         self.raw = {"train": train_dataset, "eval": eval_dataset}
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
                               self.model, self.tokenizer)
@@ -136,7 +139,6 @@ class Engine:
         data = self._datasets(need_train=True)
         self._write_config()
 
-        self.loss.prepare_model(self.model)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = self._optimizer()

@@ -36,7 +36,8 @@ class Loss(ABC):
         self.config = config
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """Adjust the policy once before training (e.g. disable dropout). Default: nothing."""
+        """Called once with the unwrapped policy before training or evaluation: adjust it (e.g. disable
+        dropout) or read what the loss needs from it. `__call__` may get a distributed wrapper instead."""
 
     @abstractmethod
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -21,9 +21,14 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, b
 class ORPOLoss(Loss):
     """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms."""
 
+    #: router_aux_loss_coef when the model returns a MoE load-balancing loss, else None
+    aux_loss_coef: float | None = None
+
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
+        if getattr(model.config, "output_router_logits", False):
+            self.aux_loss_coef = model.config.router_aux_loss_coef
 
     def _nll_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Targets of the NLL on the chosen rows: every real token (sequence) or the answer (completion)."""
@@ -41,8 +46,7 @@ class ORPOLoss(Loss):
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         beta, ignore = self.config.beta, self.config.label_pad_token_id
         n = batch["input_ids"].shape[0] // 2
-        route = bool(getattr(model.config, "output_router_logits", False))
-        extra = {"output_router_logits": True} if route else {}
+        extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
         logits_BTV = outputs.logits
 
@@ -54,8 +58,8 @@ class ORPOLoss(Loss):
         or_loss_B, log_odds_B, log_sigma_B = odds_ratio_terms(chosen_B, rejected_B, beta)
 
         terms = {"nll_tokens": nll_sum, "pairs": or_loss_B.sum()}
-        if route and outputs.aux_loss is not None:
-            terms["batches"] = model.config.router_aux_loss_coef * outputs.aux_loss
+        if self.aux_loss_coef is not None:
+            terms["batches"] = self.aux_loss_coef * outputs.aux_loss
         with torch.no_grad():
             chosen_rewards, rejected_rewards = beta * chosen_B, beta * rejected_B
             metrics = {

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from test_registry import install_fake_dist
 
 import alignkit
 from alignkit.cli import cli
+from test_registry import install_fake_dist
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import fast, read_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -10,6 +9,7 @@ import alignkit
 from alignkit import hookimpl, load_config
 from alignkit.engine import Engine
 from alignkit.testing import plugin_manager
+from helpers import fast, read_jsonl
 
 
 def weights(out_dir):

@@ -34,7 +34,6 @@ class FixedLogits(torch.nn.Module):
     def __init__(self, logits):
         super().__init__()
         self.logits = torch.nn.Parameter(logits)
-        self.config = SimpleNamespace(output_router_logits=False)
 
     def forward(self, input_ids, attention_mask, use_cache):
         return SimpleNamespace(logits=self.logits)
