@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -74,6 +75,16 @@ class Window:
         return window
 
 
+def _check_trackers(names: list[str]) -> None:
+    """accelerate silently drops a tracker that is not installed: refuse instead."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"train.report_to: {name} is not installed here; pip install {name}, or remove it")
+
+
 class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
@@ -81,6 +92,10 @@ class Engine:
                  train_dataset=None, eval_dataset=None) -> None:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
+        _check_trackers(t.report_to)
+        # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
+        # its own. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             # Without cpu=True accelerate ignores torchrun's process group on a machine with no accelerator.
             cpu=t.use_cpu or not torch.accelerator.is_available(),

@@ -171,3 +171,36 @@ def test_disable_dropout(pm, tmp_path):
     kept.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.5))
     alignkit.run("orpo", fast(tmp_path / "k", max_steps=1), plugins=pm, model=kept, **{"method.disable_dropout": False})
     assert kept.model.layers[0].mlp.drop.p == 0.5
+
+
+def test_uninstalled_tracker_is_an_error_not_silence(pm, tmp_path):
+    from accelerate.tracking import get_available_trackers
+
+    missing = next(t for t in ("swanlab", "aim", "clearml", "dvclive") if t not in
+                   {str(getattr(x, "value", x)) for x in get_available_trackers()})
+    with pytest.raises(alignkit.ConfigError, match=f"train.report_to: {missing} is not installed here; pip install {missing}"):
+        alignkit.run("orpo", fast(tmp_path, report_to=[missing]), plugins=pm)
+
+
+@pytest.mark.parametrize("options", [{"bf16": True}, {"gradient_checkpointing": True},
+                                     {"gradient_checkpointing": True, "bf16": True}])
+def test_precision_and_memory_options_train(pm, tmp_path, options):
+    result = alignkit.run("orpo", fast(tmp_path, max_steps=3, learning_rate=3e-3, **options), plugins=pm)
+    rows = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pm, tmp_path):
+    grads = []
+    for checkpointing in (False, True):
+        cfg, method = load_config("orpo", fast(tmp_path), plugins=pm)
+        engine = Engine(cfg, method, pm)
+        if checkpointing:
+            engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        engine.model.train()
+        data = engine._datasets(need_train=True)["train"]
+        engine._accumulate_gradients(engine.model, [engine.formatter.collate([data[i] for i in range(4)])])
+        grads.append([p.grad for p in engine.model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
