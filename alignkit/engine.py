@@ -21,6 +21,7 @@ from alignkit import checkpoint
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import EpochSampler, PrepareReport, load_data, load_splits, prepare
 from alignkit.errors import ConfigError
+from alignkit.loss import at_least_fp32
 from alignkit.method import Method
 from alignkit.modeling import load_model, load_tokenizer
 from alignkit.reporting import MetricsFile, ProgressBar, Trackers
@@ -254,7 +255,7 @@ class Engine:
                 acc.backward(loss * acc.num_processes)
             loss_sum += loss.detach()
             for k, v in out.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+                metric_sums[k] = metric_sums.get(k, 0) + at_least_fp32(v.detach())
         return loss_sum, metric_sums
 
     def _global_counts(self, micro_batches) -> dict[str, float]:
@@ -293,7 +294,7 @@ class Engine:
                     out = self.loss(model, batch)
                 totals = {u: float(c) for u, c in self.loss.counts(batch).items()}
                 for k, v in {"loss": out.normalized(totals), **out.metrics}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
+                    sums[k] = sums.get(k, 0) + at_least_fp32(v.detach())
         model.train(was_training)
         names = sorted(sums)
         local = torch.stack([sums[k] / len(eval_dl) for k in names])

@@ -48,21 +48,27 @@ class Loss(ABC):
         """Run the model on the batch and return the summed terms and the metrics."""
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors to float32; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def shifted_token_logps(
     logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob (float32) of each next-token label and the mask of positions that count, both [B, T-1]."""
+    """Log-prob (at least float32) of each next-token label and the mask of positions that count, both [B, T-1]."""
     labels_BT = labels_BT[:, 1:]
     mask_BT = labels_BT != ignore_index
-    logps_BTV = F.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
+    logps_BTV = F.log_softmax(at_least_fp32(logits_BTV[:, :-1]), dim=-1)
     safe_labels = labels_BT.masked_fill(~mask_BT, 0)
     logps_BT = logps_BTV.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return logps_BT * mask_BT, mask_BT
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable in float32 over the whole range, finite at x == 0."""
-    x = x.float().clamp(max=-torch.finfo(torch.float32).tiny)
+    """log(1 - exp(x)) for x <= 0, stable (at least float32) over the whole range, finite at x == 0."""
+    x = at_least_fp32(x)
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = x > -0.6931471805599453
     # Each branch sees only inputs safe for it: torch.where back-propagates through both branches.
     expm1_branch = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))

@@ -1,7 +1,7 @@
 """alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
-from alignkit_orpo.config import ORPOConfig, PreferenceDataConfig
+from alignkit_orpo.config import ORPOMethodConfig, PreferenceDataConfig
 from alignkit_orpo.formatter import PreferenceFormatter
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
 
@@ -14,7 +14,7 @@ CITATION = """@article{hong2024orpo,
 
 METHOD = Method(
     name="orpo",
-    config=ORPOConfig,
+    config=ORPOMethodConfig,
     formatter=PreferenceFormatter,
     loss=ORPOLoss,
     description="Odds Ratio Preference Optimization: SFT plus an odds-ratio penalty, no reference model.",
@@ -28,4 +28,4 @@ def register_methods(register):
     register(METHOD)
 
 
-__all__ = ["ORPOConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]
+__all__ = ["ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]

@@ -1,4 +1,4 @@
-"""ORPO's config: the seed's fields and defaults (TRL v0.15.2 ORPOConfig), plus `nll_scope`.
+"""ORPO's config: the seed's fields and defaults (TRL v0.15.2 ORPOMethodConfig), plus `nll_scope`.
 
 The data fields sit in PreferenceDataConfig so that other preference methods can subclass it and
 reuse PreferenceFormatter.
@@ -31,7 +31,7 @@ class PreferenceDataConfig(MethodConfig):
         return self
 
 
-class ORPOConfig(PreferenceDataConfig):
+class ORPOMethodConfig(PreferenceDataConfig):
     """The `method:` block for ORPO. Model-loading fields live in the core `model:` section."""
 
     name: str = "orpo"

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
+from alignkit.loss import at_least_fp32
 from alignkit.modeling import disable_dropout
 
 
@@ -12,7 +13,7 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, b
 
     log odds(y|x) = log p - log(1 - p) with p = exp(mean log-prob), computed in float32 stably.
     """
-    lc, lr = chosen_logps.float(), rejected_logps.float()
+    lc, lr = at_least_fp32(chosen_logps), at_least_fp32(rejected_logps)
     log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr))
     log_sigma = F.logsigmoid(log_odds)
     return -beta * log_sigma, log_odds, log_sigma
@@ -65,12 +66,12 @@ class ORPOLoss(Loss):
             metrics = {
                 "rewards/chosen": chosen_rewards.mean(),
                 "rewards/rejected": rejected_rewards.mean(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                 "logps/chosen": chosen_B.mean(),
                 "logps/rejected": rejected_B.mean(),
-                "logits/chosen": logits_BTV[:n, :-1].float().mean(),
-                "logits/rejected": logits_BTV[n:, :-1].float().mean(),
+                "logits/chosen": at_least_fp32(logits_BTV[:n, :-1]).mean(),
+                "logits/rejected": at_least_fp32(logits_BTV[n:, :-1]).mean(),
                 "nll_loss": nll_sum / nll_mask_BT.sum(),
                 "log_odds_ratio": log_sigma_B.mean(),
                 "log_odds_chosen": log_odds_B.mean(),

@@ -7,7 +7,7 @@ import pytest
 
 from alignkit import DataError
 from alignkit.data import prepare
-from alignkit_orpo import ORPOConfig, PreferenceFormatter
+from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
 from alignkit_orpo.formatter import extract_prompt
 
 BOS, EOS, PAD = 1, 2, 0
@@ -18,7 +18,7 @@ def ids(tok, text):
 
 
 def formatter(tok, **cfg):
-    return PreferenceFormatter(ORPOConfig(**cfg), tok)
+    return PreferenceFormatter(ORPOMethodConfig(**cfg), tok)
 
 
 def test_standard_explicit_prompt(tok):

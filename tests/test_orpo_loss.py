@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignkit import log1mexp
-from alignkit_orpo import ORPOConfig, ORPOLoss, odds_ratio_terms
+from alignkit_orpo import ORPOLoss, ORPOMethodConfig, odds_ratio_terms
 
 
 def test_odds_ratio_by_hand():
@@ -75,7 +75,7 @@ def test_loss_and_every_metric_match_naive_reference(beta):
     torch.manual_seed(0)
     batch = batch_of_two_pairs()
     logits = torch.randn(4, 5, 11) * 3
-    loss_fn = ORPOLoss(ORPOConfig(beta=beta))
+    loss_fn = ORPOLoss(ORPOMethodConfig(beta=beta))
     out = loss_fn(FixedLogits(logits), batch)
     counts = loss_fn.counts(batch)
     assert counts == {"nll_tokens": 7, "pairs": 2, "batches": 1}
@@ -91,13 +91,13 @@ def test_nll_trains_eos_equal_to_pad_id():
     batch = batch_of_two_pairs()
     batch["input_ids"][0, 4] = 0  # chosen row 0 ends in a token equal to the pad id
     batch["labels"][0, 4] = 0
-    assert ORPOLoss(ORPOConfig()).counts(batch)["nll_tokens"] == 7
+    assert ORPOLoss(ORPOMethodConfig()).counts(batch)["nll_tokens"] == 7
 
 
 def test_completion_only_nll_scope():
     torch.manual_seed(1)
     batch, logits = batch_of_two_pairs(), torch.randn(4, 5, 11)
-    loss_fn = ORPOLoss(ORPOConfig(nll_scope="completion"))
+    loss_fn = ORPOLoss(ORPOMethodConfig(nll_scope="completion"))
     out = loss_fn(FixedLogits(logits), batch)
     logp = torch.log_softmax(logits.double(), -1)
     # completion targets of the chosen rows: row 0 positions 2,3,4; row 1 positions 2,3.

@@ -68,7 +68,7 @@ def test_orpo_is_registered_through_its_entry_point(monkeypatch):
     monkeypatch.delenv("ALIGNKIT_LOAD_PLUGINS", raising=False)
     method = build_registry(get_plugin_manager()).get("orpo")
     assert method.source == "alignkit" and method.version == alignkit.__version__
-    assert method.config is alignkit_orpo.ORPOConfig
+    assert method.config is alignkit_orpo.ORPOMethodConfig
 
 
 def test_duplicate_name_names_both_sources():
