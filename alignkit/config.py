@@ -40,6 +40,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scaling is alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt: names, or all-linear.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter.")
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(BUILTIN_MODEL, description="Hub name or local folder of the model; builtin:tiny is an offline tiny Llama.")
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to load; default: the model's.")
@@ -48,6 +57,7 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model and tokenizer.")
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...; default: transformers' choice.")
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for from_pretrained (TRL's model_init_kwargs).")
+    peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. model.peft.r=8.")
 
 
 class DataConfig(Section):
@@ -75,6 +85,7 @@ class TrainConfig(Section):
     num_train_epochs: float = Field(3.0, gt=0, description="Epochs to train when max_steps is not set.")
     max_steps: int = Field(-1, description="Optimizer steps to train; overrides num_train_epochs when > 0.")
     lr_scheduler_type: str = Field("linear", description=f"Schedule from transformers.get_scheduler: {', '.join(SCHEDULERS)}.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments of the schedule, e.g. {num_cycles: 2}.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of the steps spent warming up.")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

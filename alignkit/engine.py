@@ -23,7 +23,8 @@ from alignkit.data import EpochSampler, PrepareReport, load_data, load_splits, p
 from alignkit.errors import ConfigError
 from alignkit.loss import at_least_fp32
 from alignkit.method import Method
-from alignkit.modeling import load_model, load_tokenizer
+from alignkit.modelcard import model_card
+from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.reporting import MetricsFile, ProgressBar, Trackers
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class RunState:
     batches_in_epoch: int = 0
     batches_per_epoch: int = 1
     data: dict[str, PrepareReport] = field(default_factory=dict)
+    #: the formatted eval set (None without eval data), e.g. for sampling completions at eval time
+    eval_dataset: Any = None
+    #: log_table(name, columns, rows): send a table to the trackers that take tables (wandb, comet)
+    log_table: Any = None
 
     @property
     def epoch(self) -> float:
@@ -90,7 +95,8 @@ class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None) -> None:
+                 train_dataset=None, eval_dataset=None, peft_config=None, optimizers=(None, None),
+                 collate_fn=None) -> None:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         _check_trackers(t.report_to)
@@ -107,12 +113,17 @@ class Engine:
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
+        if peft_config is not None or config.model.peft is not None:
+            self.model = apply_peft(self.model, peft_config or config.model.peft)
+        self.optimizer, self.scheduler = optimizers
         self.formatter = method.formatter(config.method, self.tokenizer)
+        self.collate_fn = collate_fn or self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
         self.raw = {"train": train_dataset, "eval": eval_dataset}
+        self._formatted: dict[str, tuple] = {}  # split -> (raw dataset, formatted dataset)
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
-                              self.model, self.tokenizer)
+                              self.model, self.tokenizer, log_table=self._log_table)
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -134,9 +145,14 @@ class Engine:
         for split, (ds, limit, source) in wanted.items():
             if ds is None:
                 continue
+            if self._formatted.get(split, (None,))[0] is ds:  # formatted already (evaluate() may run often)
+                out[split] = self._formatted[split][1]
+                continue
+            raw = ds
             ds = ds.select(range(min(limit, len(ds)))) if limit else ds
             with self.accelerator.main_process_first():
                 out[split], report = prepare(ds, self.formatter, f"{split} data ({source})")
+            self._formatted[split] = (raw, out[split])
             self.state.data[split] = report
             if report.dropped or report.truncated:
                 log.warning("%s data: %d examples kept, %d truncated, %d dropped (no trainable tokens left "
@@ -145,7 +161,7 @@ class Engine:
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSampler(len(ds), self.config.train.seed) if shuffle else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.formatter.collate,
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
                           num_workers=self.config.train.dataloader_num_workers)
 
     # ---- the training loop ------------------------------------------------------------------------
@@ -157,17 +173,21 @@ class Engine:
 
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = self._optimizer()
+            if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
+                self.model.enable_input_require_grads()
+        optimizer = self.optimizer or self._optimizer()
         train_dl = self._loader(data["train"], t.per_device_train_batch_size, shuffle=True)
         model, optimizer, train_dl = acc.prepare(self.model, optimizer, train_dl)
         eval_dl = acc.prepare(self._loader(data["eval"], t.per_device_eval_batch_size, False)) if "eval" in data else None
+        state.eval_dataset = data.get("eval")
 
         state.batches_per_epoch = len(train_dl)
         steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
         state.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
         warmup = t.warmup_steps or math.ceil(t.warmup_ratio * state.max_steps)
-        scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=state.max_steps)
+        scheduler = self.scheduler or get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                                    num_training_steps=state.max_steps,
+                                                    scheduler_specific_kwargs=t.lr_scheduler_kwargs)
         acc.register_for_checkpointing(scheduler)
         window = self._resume()
 
@@ -201,8 +221,8 @@ class Engine:
 
             if eval_dl is not None and not (t.eval_steps and state.step % t.eval_steps == 0):
                 eval_metrics = self._evaluate_and_report(model, eval_dl)
-            self._save_final(model)
             final = {**logs, **eval_metrics}
+            self.save_model(model, final)
             self.pm.hook.on_train_end(run=state, metrics=final)
         finally:
             for obs in observers:
@@ -339,15 +359,23 @@ class Engine:
                                self.config.train.save_total_limit)
         self.pm.hook.on_save(run=s, step=s.step, path=path)
 
-    def _save_final(self, model) -> None:
-        """The trained model and tokenizer in output_dir, loadable with from_pretrained."""
-        acc = self.accelerator
+    def save_model(self, model=None, metrics: dict | None = None, output_dir: Path | None = None,
+                   tags: list[str] = ()) -> None:
+        """Model (or LoRA adapter), tokenizer and model card in output_dir, loadable with from_pretrained."""
+        acc, out = self.accelerator, Path(output_dir or self.output_dir)
+        model = model if model is not None else self.model
         acc.wait_for_everyone()
-        acc.unwrap_model(model).save_pretrained(self.output_dir, is_main_process=acc.is_main_process,
+        acc.unwrap_model(model).save_pretrained(out, is_main_process=acc.is_main_process,
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
         if acc.is_main_process:
-            self.tokenizer.save_pretrained(self.output_dir)
+            self.tokenizer.save_pretrained(out)
+            (out / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags)))
         acc.wait_for_everyone()
+
+    def _log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_table"):
+                tracker.log_table(name, columns=columns, data=rows, step=self.state.step)
 
     def _write_config(self) -> None:
         if self.accelerator.is_main_process:

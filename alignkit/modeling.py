@@ -67,6 +67,21 @@ def _load_failure(what: str, name: str, e: Exception) -> str:
     return f"model.name_or_path: cannot load the {what} from {name}: {first}"
 
 
+def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
+    """Wrap `model` with LoRA adapters from `model.peft` settings or a peft config object."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.peft needs the peft package: pip install peft") from None
+    if isinstance(settings, peft.PeftConfig):
+        config = settings
+    else:
+        config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                 target_modules=settings.target_modules, bias=settings.bias,
+                                 modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set p=0 on every torch.nn.Dropout module of `model`."""
     for module in model.modules():

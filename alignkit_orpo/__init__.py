@@ -1,9 +1,12 @@
 """alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
+from alignkit_orpo import generation
 from alignkit_orpo.config import ORPOMethodConfig, PreferenceDataConfig
 from alignkit_orpo.formatter import PreferenceFormatter
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
+from alignkit_orpo.trainer import ORPOTrainer
+from alignkit_orpo.trl_config import ORPOConfig
 
 CITATION = """@article{hong2024orpo,
   title={ORPO: Monolithic Preference Optimization without Reference Model},
@@ -28,4 +31,7 @@ def register_methods(register):
     register(METHOD)
 
 
-__all__ = ["ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]
+on_evaluate = generation.on_evaluate  # generate_during_eval, for the runs that ask for it
+
+
+__all__ = ["ORPOConfig", "ORPOTrainer", "ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]

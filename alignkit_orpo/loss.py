@@ -1,5 +1,7 @@
 """The ORPO objective (arXiv 2403.07691): NLL on the chosen rows minus beta * log sigma(log odds ratio)."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -44,36 +46,53 @@ class ORPOLoss(Loss):
         return {"nll_tokens": int((targets != self.config.label_pad_token_id).sum()),
                 "pairs": batch["input_ids"].shape[0] // 2, "batches": 1}
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        beta, ignore = self.config.beta, self.config.label_pad_token_id
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
+        """One forward over [chosen; rejected] rows: logits, mean completion log-probs, NLL sum and count."""
         n = batch["input_ids"].shape[0] // 2
         extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
         logits_BTV = outputs.logits
-
-        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore)
-        nll_sum = -nll_logps_BT.sum()
-        token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], ignore)
+        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), self.config.label_pad_token_id)
+        token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], self.config.label_pad_token_id)
         seq_logps_B = token_logps_BT.sum(-1) / mask_BT.sum(-1)
-        chosen_B, rejected_B = seq_logps_B[:n], seq_logps_B[n:]
-        or_loss_B, log_odds_B, log_sigma_B = odds_ratio_terms(chosen_B, rejected_B, beta)
+        return ORPOForward(logits_BTV, seq_logps_B[:n], seq_logps_B[n:], -nll_logps_BT.sum(), nll_mask_BT.sum(),
+                           outputs.aux_loss if extra else None)
 
-        terms = {"nll_tokens": nll_sum, "pairs": or_loss_B.sum()}
-        if self.aux_loss_coef is not None:
-            terms["batches"] = self.aux_loss_coef * outputs.aux_loss
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return self.output(self.forward(model, batch))
+
+    def output(self, f: "ORPOForward") -> LossOutput:
+        """The summed loss terms and the eleven metrics of one forward pass."""
+        beta, n = self.config.beta, f.chosen_logps.shape[0]
+        or_loss_B, log_odds_B, log_sigma_B = odds_ratio_terms(f.chosen_logps, f.rejected_logps, beta)
+        terms = {"nll_tokens": f.nll_sum, "pairs": or_loss_B.sum()}
+        if f.aux_loss is not None:
+            terms["batches"] = self.aux_loss_coef * f.aux_loss
         with torch.no_grad():
-            chosen_rewards, rejected_rewards = beta * chosen_B, beta * rejected_B
+            chosen_rewards, rejected_rewards = beta * f.chosen_logps, beta * f.rejected_logps
             metrics = {
                 "rewards/chosen": chosen_rewards.mean(),
                 "rewards/rejected": rejected_rewards.mean(),
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-                "logps/chosen": chosen_B.mean(),
-                "logps/rejected": rejected_B.mean(),
-                "logits/chosen": at_least_fp32(logits_BTV[:n, :-1]).mean(),
-                "logits/rejected": at_least_fp32(logits_BTV[n:, :-1]).mean(),
-                "nll_loss": nll_sum / nll_mask_BT.sum(),
+                "logps/chosen": f.chosen_logps.mean(),
+                "logps/rejected": f.rejected_logps.mean(),
+                "logits/chosen": at_least_fp32(f.logits[:n, :-1]).mean(),
+                "logits/rejected": at_least_fp32(f.logits[n:, :-1]).mean(),
+                "nll_loss": f.nll_sum / f.nll_count,
                 "log_odds_ratio": log_sigma_B.mean(),
                 "log_odds_chosen": log_odds_B.mean(),
             }
         return LossOutput(terms=terms, metrics=metrics)
+
+
+@dataclass
+class ORPOForward:
+    """What one forward pass gives: logits [2B, T, V], mean log-probs [B] per side, the chosen NLL."""
+
+    logits: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    nll_sum: torch.Tensor
+    nll_count: torch.Tensor
+    aux_loss: torch.Tensor | None

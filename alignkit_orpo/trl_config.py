@@ -1,0 +1,294 @@
+"""TRL-compatible ORPOConfig and ORPOTrainer: `from alignkit_orpo import ORPOConfig, ORPOTrainer` runs a
+TRL v0.15.2 ORPO script on alignkit's engine. This is an adapter: the maths lives in the formatter and loss.
+
+ORPOConfig has every field of TRL v0.15.2's ORPOConfig, with its defaults. Each field set to a
+non-default value is either mapped to an alignkit key, ignored with a warning (only where ignoring it
+cannot change the trained weights), or rejected with a message saying what to do instead.
+"""
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ORPOConfig:
+    """TRL v0.15.2's ORPOConfig fields and defaults (learning_rate 1e-6, beta 0.1, max_length 1024, ...)."""
+
+    output_dir: str | None = None
+    overwrite_output_dir: bool = False
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
+    eval_strategy: str | str = 'no'
+    prediction_loss_only: bool = False
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    per_gpu_train_batch_size: int | None = None
+    per_gpu_eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    eval_accumulation_steps: int | None = None
+    eval_delay: float | None = 0
+    torch_empty_cache_steps: int | None = None
+    learning_rate: float = 1e-06
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-08
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: str | str = 'linear'
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=dict)
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    log_level: str | None = 'passive'
+    log_level_replica: str | None = 'warning'
+    log_on_each_node: bool = True
+    logging_dir: str | None = None
+    logging_strategy: str | str = 'steps'
+    logging_first_step: bool = False
+    logging_steps: float = 500
+    logging_nan_inf_filter: bool = True
+    save_strategy: str | str = 'steps'
+    save_steps: float = 500
+    save_total_limit: int | None = None
+    save_safetensors: bool | None = True
+    save_on_each_node: bool = False
+    save_only_model: bool = False
+    restore_callback_states_from_checkpoint: bool = False
+    no_cuda: bool = False
+    use_cpu: bool = False
+    use_mps_device: bool = False
+    seed: int = 42
+    data_seed: int | None = None
+    jit_mode_eval: bool = False
+    use_ipex: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    fp16_opt_level: str = 'O1'
+    half_precision_backend: str = 'auto'
+    bf16_full_eval: bool = False
+    fp16_full_eval: bool = False
+    tf32: bool | None = None
+    local_rank: int = -1
+    ddp_backend: str | None = None
+    tpu_num_cores: int | None = None
+    tpu_metrics_debug: bool = False
+    debug: str | list[str] = ''
+    dataloader_drop_last: bool = False
+    eval_steps: float | None = None
+    dataloader_num_workers: int = 0
+    dataloader_prefetch_factor: int | None = None
+    past_index: int = -1
+    run_name: str | None = None
+    disable_tqdm: bool | None = None
+    remove_unused_columns: bool | None = True
+    label_names: list[str] | None = None
+    load_best_model_at_end: bool | None = False
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    ignore_data_skip: bool = False
+    fsdp: list[str] | str | None = ''
+    fsdp_min_num_params: int = 0
+    fsdp_config: dict | str | None = None
+    tp_size: int | None = 0
+    fsdp_transformer_layer_cls_to_wrap: str | None = None
+    accelerator_config: dict | str | None = None
+    deepspeed: dict | str | None = None
+    label_smoothing_factor: float = 0.0
+    optim: str | str = 'adamw_torch'
+    optim_args: str | None = None
+    adafactor: bool = False
+    group_by_length: bool = False
+    length_column_name: str | None = 'length'
+    report_to: None | str | list[str] = None
+    ddp_find_unused_parameters: bool | None = None
+    ddp_bucket_cap_mb: int | None = None
+    ddp_broadcast_buffers: bool | None = None
+    dataloader_pin_memory: bool = True
+    dataloader_persistent_workers: bool = False
+    skip_memory_metrics: bool = True
+    use_legacy_prediction_loop: bool = False
+    push_to_hub: bool = False
+    resume_from_checkpoint: str | None = None
+    hub_model_id: str | None = None
+    hub_strategy: str | str = 'every_save'
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_always_push: bool = False
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | str | None = None
+    include_inputs_for_metrics: bool = False
+    include_for_metrics: list[str] = field(default_factory=list)
+    eval_do_concat_batches: bool = True
+    fp16_backend: str = 'auto'
+    evaluation_strategy: str | str = None
+    push_to_hub_model_id: str | None = None
+    push_to_hub_organization: str | None = None
+    push_to_hub_token: str | None = None
+    mp_parameters: str = ''
+    auto_find_batch_size: bool = False
+    full_determinism: bool = False
+    torchdynamo: str | None = None
+    ray_scope: str | None = 'last'
+    ddp_timeout: int | None = 1800
+    torch_compile: bool = False
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
+    dispatch_batches: bool | None = None
+    split_batches: bool | None = None
+    include_tokens_per_second: bool | None = False
+    include_num_input_tokens_seen: bool | None = False
+    neftune_noise_alpha: float | None = None
+    optim_target_modules: None | str | list[str] = None
+    batch_eval_metrics: bool = False
+    eval_on_start: bool = False
+    use_liger_kernel: bool | None = False
+    eval_use_gather_object: bool | None = False
+    average_tokens_across_devices: bool | None = False
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+    beta: float = 0.1
+    disable_dropout: bool = True
+    label_pad_token_id: int = -100
+    padding_value: int | None = None
+    truncation_mode: str = 'keep_end'
+    generate_during_eval: bool = False
+    is_encoder_decoder: bool | None = None
+    model_init_kwargs: dict[str, Any] | None = None
+    dataset_num_proc: int | None = None
+
+    def to_alignkit(self) -> dict[str, Any]:
+        """alignkit dotted overrides for the fields that differ from their defaults; warns or raises for the rest."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), _default(f)
+            if value == default and f.name not in ALWAYS:
+                continue
+            if f.name in MAPPED:
+                out.update(MAPPED[f.name](value) if callable(MAPPED[f.name]) else {MAPPED[f.name]: value})
+            elif f.name in IGNORED:
+                warnings.warn(f"ORPOConfig.{f.name}={value!r} is ignored by alignkit ({IGNORED[f.name]})", stacklevel=3)
+            else:
+                _reject(f.name, value)
+        return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _eval_strategy(value: str) -> dict[str, Any]:
+    if value in ("no", None):
+        return {"train.eval_steps": None}
+    if value != "steps":
+        warnings.warn(f"ORPOConfig.eval_strategy={value!r}: alignkit evaluates every eval_steps steps and at the "
+                      "end; set eval_strategy='steps' and eval_steps", stacklevel=4)
+    return {}
+
+
+def _save_strategy(value: str) -> dict[str, Any]:
+    if value == "no":
+        return {"train.save_steps": None}
+    if value != "steps":
+        warnings.warn(f"ORPOConfig.save_strategy={value!r}: alignkit saves every save_steps steps", stacklevel=4)
+    return {}
+
+
+def _reject(name: str, value: Any):
+    raise ValueError(f"ORPOConfig.{name}={value!r} is not supported by alignkit and would change the result: "
+                     f"{REJECTED[name]}")
+
+
+def _report_to(value) -> dict[str, Any]:
+    names = [value] if isinstance(value, str) else list(value or [])
+    return {"train.report_to": [n for n in names if n not in ("none", "all")]}
+
+
+#: always passed, because alignkit's defaults differ from the seed's
+ALWAYS = {"output_dir", "learning_rate", "logging_steps", "save_steps", "num_train_epochs", "eval_strategy",
+          "per_device_train_batch_size", "per_device_eval_batch_size"}
+
+MAPPED: dict[str, Any] = {
+    "output_dir": lambda v: {"train.output_dir": v or "trainer_output"},
+    "learning_rate": "train.learning_rate", "weight_decay": "train.weight_decay", "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2", "adam_epsilon": "train.adam_epsilon", "max_grad_norm": "train.max_grad_norm",
+    "per_device_train_batch_size": "train.per_device_train_batch_size",
+    "per_device_eval_batch_size": "train.per_device_eval_batch_size",
+    "per_gpu_train_batch_size": "train.per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "train.per_device_eval_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps", "num_train_epochs": "train.num_train_epochs",
+    "max_steps": "train.max_steps", "lr_scheduler_type": "train.lr_scheduler_type",
+    "lr_scheduler_kwargs": lambda v: {"train.lr_scheduler_kwargs": v or {}},
+    "warmup_ratio": "train.warmup_ratio", "warmup_steps": "train.warmup_steps",
+    "logging_steps": lambda v: {"train.logging_steps": max(1, int(v))},
+    "logging_first_step": "train.logging_first_step",
+    "eval_steps": lambda v: {"train.eval_steps": None if v is None else max(1, int(v))},
+    "eval_strategy": _eval_strategy, "evaluation_strategy": _eval_strategy, "save_strategy": _save_strategy,
+    "save_steps": lambda v: {"train.save_steps": max(1, int(v))},
+    "save_total_limit": "train.save_total_limit", "seed": "train.seed", "bf16": "train.bf16", "fp16": "train.fp16",
+    "use_cpu": "train.use_cpu", "no_cuda": "train.use_cpu", "gradient_checkpointing": "train.gradient_checkpointing",
+    "optim": lambda v: {} if v in ("adamw_torch", "adamw_torch_fused", "adamw_hf") else _reject("optim", v),
+    "report_to": _report_to, "run_name": "train.run_name", "resume_from_checkpoint": "train.resume_from_checkpoint",
+    "dataloader_num_workers": "train.dataloader_num_workers", "disable_tqdm": "train.disable_tqdm",
+    "eval_on_start": "train.eval_on_start",
+    "beta": "method.beta", "max_length": "method.max_length", "max_prompt_length": "method.max_prompt_length",
+    "max_completion_length": "method.max_completion_length", "disable_dropout": "method.disable_dropout",
+    "label_pad_token_id": "method.label_pad_token_id", "padding_value": "method.padding_value",
+    "truncation_mode": "method.truncation_mode", "generate_during_eval": "method.generate_during_eval",
+    "dataset_num_proc": "method.dataset_num_proc", "model_init_kwargs": lambda v: {"model.init_kwargs": v or {}},
+}
+
+_NO_EFFECT = "no effect on the trained weights"
+IGNORED = {name: _NO_EFFECT for name in (
+    "overwrite_output_dir", "do_train", "do_eval", "do_predict", "prediction_loss_only", "eval_accumulation_steps",
+    "eval_delay", "torch_empty_cache_steps", "log_level", "log_level_replica", "log_on_each_node", "logging_dir",
+    "logging_strategy", "logging_nan_inf_filter", "save_safetensors", "save_on_each_node", "save_only_model",
+    "restore_callback_states_from_checkpoint", "use_mps_device", "jit_mode_eval", "use_ipex", "tf32", "local_rank",
+    "ddp_backend", "tpu_num_cores", "tpu_metrics_debug", "debug", "dataloader_prefetch_factor", "past_index",
+    "remove_unused_columns", "label_names", "metric_for_best_model", "greater_is_better", "length_column_name",
+    "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "skip_memory_metrics", "use_legacy_prediction_loop", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "gradient_checkpointing_kwargs",
+    "include_inputs_for_metrics", "include_for_metrics", "eval_do_concat_batches", "fp16_backend",
+    "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token", "mp_parameters", "full_determinism",
+    "torchdynamo", "ray_scope", "ddp_timeout", "torch_compile", "torch_compile_backend", "torch_compile_mode",
+    "include_tokens_per_second", "include_num_input_tokens_seen", "batch_eval_metrics", "eval_use_gather_object",
+    "average_tokens_across_devices", "fp16_opt_level", "half_precision_backend", "label_smoothing_factor",
+    "optim_args", "is_encoder_decoder")}
+IGNORED.update({
+    "label_smoothing_factor": "TRL's ORPO loss does not use it either",
+    "average_tokens_across_devices": "alignkit always normalises token losses across devices",
+    "push_to_hub": "upload output_dir afterwards with `huggingface-cli upload`",
+    "is_encoder_decoder": "alignkit reads it from the model's config",
+})
+REJECTED: dict[str, str] = {
+    "optim": "alignkit trains with AdamW (adamw_torch)",
+    "adafactor": "alignkit trains with AdamW",
+    "group_by_length": "not supported yet; leave False",
+    "neftune_noise_alpha": "NEFTune is not supported",
+    "dataloader_drop_last": "alignkit keeps the last partial batch",
+    "data_seed": "alignkit shuffles with seed",
+    "load_best_model_at_end": "pick a checkpoint from output_dir/checkpoints instead",
+    "bf16_full_eval": "eval runs in the training precision",
+    "fp16_full_eval": "eval runs in the training precision",
+    "fsdp": "run under `accelerate launch --config_file` with an FSDP config",
+    "fsdp_config": "run under `accelerate launch --config_file` with an FSDP config",
+    "deepspeed": "run under `accelerate launch --config_file` with a DeepSpeed config",
+    "accelerator_config": "run under `accelerate launch --config_file`",
+    "use_liger_kernel": "not supported",
+    "auto_find_batch_size": "set per_device_train_batch_size",
+    "ignore_data_skip": "alignkit always resumes at the exact data position",
+    "split_batches": "set per_device_train_batch_size for each process",
+    "dispatch_batches": "not supported",
+    "optim_target_modules": "not supported",
+    "fsdp_min_num_params": "run under `accelerate launch --config_file` with an FSDP config",
+    "fsdp_transformer_layer_cls_to_wrap": "run under `accelerate launch --config_file` with an FSDP config",
+    "tp_size": "tensor parallelism is not supported",
+}
