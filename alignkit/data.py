@@ -51,6 +51,10 @@ class DataFormatter(ABC):
     #: processes for preprocessing; a formatter may take it from its config.
     num_proc: int | None = None
 
+    def prepare_model(self, model) -> None:  # noqa: B027 (optional)
+        """Called once with the unwrapped model before any data is formatted: read what the format depends
+        on (e.g. whether the model is an encoder-decoder). Default: nothing."""
+
     @abstractmethod
     def format(self, example: dict[str, Any]) -> Formatted:
         """Validate and tokenize one raw example."""

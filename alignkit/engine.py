@@ -117,6 +117,7 @@ class Engine:
             self.model = apply_peft(self.model, peft_config or config.model.peft)
         self.optimizer, self.scheduler = optimizers
         self.formatter = method.formatter(config.method, self.tokenizer)
+        self.formatter.prepare_model(self.model)
         self.collate_fn = collate_fn or self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)

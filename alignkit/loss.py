@@ -54,12 +54,17 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def shifted_token_logps(
-    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int, shift: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob (at least float32) of each next-token label and the mask of positions that count, both [B, T-1]."""
-    labels_BT = labels_BT[:, 1:]
+    """Log-prob (at least float32) of each label and the mask of positions that count.
+
+    Decoder-only models predict the next token (shift=True: [B, T-1]); an encoder-decoder's decoder
+    logits already line up with their labels (shift=False: [B, T]).
+    """
+    if shift:
+        logits_BTV, labels_BT = logits_BTV[:, :-1], labels_BT[:, 1:]
     mask_BT = labels_BT != ignore_index
-    logps_BTV = F.log_softmax(at_least_fp32(logits_BTV[:, :-1]), dim=-1)
+    logps_BTV = F.log_softmax(at_least_fp32(logits_BTV), dim=-1)
     safe_labels = labels_BT.masked_fill(~mask_BT, 0)
     logps_BT = logps_BTV.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return logps_BT * mask_BT, mask_BT

@@ -4,7 +4,14 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
 from alignkit.config import ModelConfig
 from alignkit.errors import ConfigError
@@ -52,8 +59,9 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
 

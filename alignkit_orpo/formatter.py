@@ -5,6 +5,8 @@ Every rule follows docs/orpo.md (and TRL v0.15.2's ORPOTrainer, whose ids it rep
 
 from typing import Any
 
+import torch
+
 from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,12 +53,26 @@ def common_prefix(*texts: str) -> str:
 class PreferenceFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt)."""
 
+    #: an encoder-decoder gets the prompt in its encoder and each answer as decoder labels
+    is_encoder_decoder: bool = False
+    decoder_start_token_id: int | None = None
+
     def __init__(self, config, tokenizer) -> None:
         super().__init__(config, tokenizer)
         self.num_proc = config.dataset_num_proc
         self.pad_id = config.padding_value if config.padding_value is not None else tokenizer.pad_token_id
         if self.pad_id is None:
             raise DataError("the tokenizer has no pad token; set method.padding_value")
+        self.is_encoder_decoder = bool(config.is_encoder_decoder)
+
+    def prepare_model(self, model) -> None:
+        model_config = getattr(model, "config", None)
+        if self.config.is_encoder_decoder is None:
+            self.is_encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+        if self.is_encoder_decoder:
+            self.decoder_start_token_id = getattr(model_config, "decoder_start_token_id", None)
+            if self.decoder_start_token_id is None:
+                raise DataError("the encoder-decoder model's config has no decoder_start_token_id")
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -114,6 +130,8 @@ class PreferenceFormatter(DataFormatter):
     def format(self, example: dict[str, Any]) -> Formatted:
         c = self.config
         prompt, chosen, rejected = self.texts(example)
+        if self.is_encoder_decoder:
+            return self._format_seq2seq(prompt, chosen, rejected)
         (prompt_c, answer_c), (prompt_r, answer_r) = self.tokenize_answer(prompt, chosen), self.tokenize_answer(prompt, rejected)
         if abs(len(prompt_c) - len(prompt_r)) > 1 or sum(a != b for a, b in zip(prompt_c, prompt_r)) > 1:
             raise DataError("chosen and rejected tokenize the prompt differently by more than one token")
@@ -147,8 +165,34 @@ class PreferenceFormatter(DataFormatter):
             features[f"{side}_labels"] = [c.label_pad_token_id] * len(p) + a
         return Formatted(features, truncated)
 
+    def _format_seq2seq(self, prompt: str, chosen: str, rejected: str) -> Formatted:
+        """Prompt ids for the encoder, answer ids as decoder labels; each tokenized with its special tokens
+        and truncated on its own (max_prompt_length, max_completion_length)."""
+        caps = (self.config.max_prompt_length, self.config.max_completion_length or 128, self.config.max_completion_length or 128)
+        ids, truncated = [], False
+        for text, cap in zip((prompt, chosen, rejected), caps):
+            full = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids.append(self.tokenizer(text, truncation=True, max_length=cap, add_special_tokens=True)["input_ids"])
+            truncated |= len(full) > cap
+        if not ids[1] or not ids[2]:
+            raise DropExample("an empty answer")
+        return Formatted({"prompt_input_ids": ids[0], "chosen_labels": ids[1], "rejected_labels": ids[2]}, truncated)
+
+    def _collate_seq2seq(self, features: list[dict[str, Any]]) -> dict:
+        prompts = [f["prompt_input_ids"] for f in features] * 2
+        labels = pad_right([f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features],
+                           self.config.label_pad_token_id)
+        decoder_input_ids = torch.full_like(labels, self.decoder_start_token_id)
+        decoder_input_ids[:, 1:] = labels[:, :-1]
+        decoder_input_ids[decoder_input_ids == self.config.label_pad_token_id] = self.tokenizer.pad_token_id
+        return {"input_ids": pad_right(prompts, self.pad_id), "attention_mask": pad_right([[1] * len(p) for p in prompts], 0),
+                "labels": labels, "decoder_input_ids": decoder_input_ids}
+
     def collate(self, features: list[dict[str, Any]]) -> dict:
-        """Chosen rows then rejected rows, right-padded to one length: input_ids, attention_mask, labels."""
+        """Chosen rows then rejected rows, right-padded to one length: input_ids, attention_mask, labels
+        (and decoder_input_ids, the labels shifted right, for an encoder-decoder)."""
+        if self.is_encoder_decoder:
+            return self._collate_seq2seq(features)
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         length = max(len(r) for r in rows)

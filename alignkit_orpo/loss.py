@@ -34,29 +34,35 @@ class ORPOLoss(Loss):
             self.aux_loss_coef = model.config.router_aux_loss_coef
 
     def _nll_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Targets of the NLL on the chosen rows: every real token (sequence) or the answer (completion)."""
+        """Targets of the NLL on the chosen rows: every real token (sequence) or the answer (completion).
+        An encoder-decoder's labels hold the answer alone."""
         n = batch["input_ids"].shape[0] // 2
-        if self.config.nll_scope == "completion":
+        if self.config.nll_scope == "completion" or "decoder_input_ids" in batch:
             return batch["labels"][:n]
         # Padding is excluded by the attention mask, not by id, so an EOS equal to the pad id still trains.
         return batch["input_ids"][:n].masked_fill(batch["attention_mask"][:n] == 0, self.config.label_pad_token_id)
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        targets = self._nll_targets(batch)[:, 1:]
+        targets = self._nll_targets(batch)[:, 1 if "decoder_input_ids" not in batch else 0:]
         return {"nll_tokens": int((targets != self.config.label_pad_token_id).sum()),
                 "pairs": batch["input_ids"].shape[0] // 2, "batches": 1}
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
         """One forward over [chosen; rejected] rows: logits, mean completion log-probs, NLL sum and count."""
-        n = batch["input_ids"].shape[0] // 2
+        n, ignore = batch["input_ids"].shape[0] // 2, self.config.label_pad_token_id
+        seq2seq = "decoder_input_ids" in batch
         extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
+        if seq2seq:
+            extra["decoder_input_ids"] = batch["decoder_input_ids"]
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
         logits_BTV = outputs.logits
-        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), self.config.label_pad_token_id)
-        token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], self.config.label_pad_token_id)
+        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore, shift=not seq2seq)
+        token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], ignore, shift=not seq2seq)
         seq_logps_B = token_logps_BT.sum(-1) / mask_BT.sum(-1)
+        # logits/* average the positions that predict something: all but the last of a decoder-only row
+        scored_BTV = logits_BTV if seq2seq else logits_BTV[:, :-1]
         return ORPOForward(logits_BTV, seq_logps_B[:n], seq_logps_B[n:], -nll_logps_BT.sum(), nll_mask_BT.sum(),
-                           outputs.aux_loss if extra else None)
+                           outputs.aux_loss if self.aux_loss_coef is not None else None, scored_BTV)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         return self.output(self.forward(model, batch))
@@ -77,8 +83,8 @@ class ORPOLoss(Loss):
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                 "logps/chosen": f.chosen_logps.mean(),
                 "logps/rejected": f.rejected_logps.mean(),
-                "logits/chosen": at_least_fp32(f.logits[:n, :-1]).mean(),
-                "logits/rejected": at_least_fp32(f.logits[n:, :-1]).mean(),
+                "logits/chosen": at_least_fp32(f.scored_logits[:n]).mean(),
+                "logits/rejected": at_least_fp32(f.scored_logits[n:]).mean(),
                 "nll_loss": f.nll_sum / f.nll_count,
                 "log_odds_ratio": log_sigma_B.mean(),
                 "log_odds_chosen": log_odds_B.mean(),
@@ -96,3 +102,4 @@ class ORPOForward:
     nll_sum: torch.Tensor
     nll_count: torch.Tensor
     aux_loss: torch.Tensor | None
+    scored_logits: torch.Tensor  # the positions the logits/* metrics average: [2B, T-1, V] or [2B, T, V]

@@ -85,8 +85,6 @@ class ORPOTrainer:
             raise ValueError("ORPOTrainer needs `processing_class` (the tokenizer) when `model` is an object")
         if isinstance(eval_dataset, dict):
             raise ValueError("alignkit evaluates one eval_dataset; pass a single datasets.Dataset")
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise ValueError("encoder-decoder models are not supported by alignkit's ORPO yet")
         overrides["train.eval_on_start"] = self.args.eval_on_start
         overrides.setdefault("model.name_or_path", getattr(model.config, "_name_or_path", "") or "(model object)")
         self.config, _ = load_config("orpo", {"data": {"train": "(dataset passed to ORPOTrainer)"}}, overrides,
@@ -100,7 +98,7 @@ class ORPOTrainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
         self.label_pad_token_id, self.padding_value = self.args.label_pad_token_id, self.formatter.pad_id
-        self.is_encoder_decoder, self.beta = False, self.args.beta
+        self.is_encoder_decoder, self.beta = self.formatter.is_encoder_decoder, self.args.beta
         self._stored: list[dict[str, float]] = []
 
     # ---- running ---------------------------------------------------------------------------------------
@@ -159,6 +157,8 @@ class ORPOTrainer:
     def tokenize_row(self, feature: dict, model: PreTrainedModel | None = None) -> dict[str, list[int]]:
         f = self.formatter.format(feature).features
         out = {"prompt_input_ids": f["prompt_input_ids"], "prompt_attention_mask": [1] * len(f["prompt_input_ids"])}
+        if self.is_encoder_decoder:
+            return {**out, "chosen_labels": f["chosen_labels"], "rejected_labels": f["rejected_labels"]}
         for side in ("chosen", "rejected"):
             ids = f[f"{side}_input_ids"]
             out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
@@ -189,7 +189,7 @@ class ORPOTrainer:
         """(chosen_logps, rejected_logps, chosen_logits, rejected_logits, chosen_nll_loss[, aux_loss])."""
         f = self.loss.forward(model, self._alignkit_batch(batch))
         n = f.chosen_logps.shape[0]
-        out = (f.chosen_logps, f.rejected_logps, f.logits[:n], f.logits[n:], f.nll_sum / f.nll_count)
+        out = (f.chosen_logps, f.rejected_logps, f.scored_logits[:n], f.scored_logits[n:], f.nll_sum / f.nll_count)
         return out + (f.aux_loss,) if f.aux_loss is not None else out
 
     @staticmethod
@@ -197,7 +197,7 @@ class ORPOTrainer:
                         label_pad_token_id: int = -100, is_encoder_decoder: bool = False) -> torch.FloatTensor:
         if logits.shape[:-1] != labels.shape:
             raise ValueError("Logits (batch and sequence length dim) and labels must have the same shape.")
-        logps, mask = shifted_token_logps(logits, labels, label_pad_token_id)
+        logps, mask = shifted_token_logps(logits, labels, label_pad_token_id, shift=not is_encoder_decoder)
         return logps.sum(-1) / mask.sum(-1) if average_log_prob else logps.sum(-1)
 
     def odds_ratio_loss(self, policy_chosen_logps: torch.FloatTensor, policy_rejected_logps: torch.FloatTensor):

@@ -242,7 +242,7 @@ MAPPED: dict[str, Any] = {
     "max_completion_length": "method.max_completion_length", "disable_dropout": "method.disable_dropout",
     "label_pad_token_id": "method.label_pad_token_id", "padding_value": "method.padding_value",
     "truncation_mode": "method.truncation_mode", "generate_during_eval": "method.generate_during_eval",
-    "dataset_num_proc": "method.dataset_num_proc", "model_init_kwargs": lambda v: {"model.init_kwargs": v or {}},
+    "dataset_num_proc": "method.dataset_num_proc", "is_encoder_decoder": "method.is_encoder_decoder", "model_init_kwargs": lambda v: {"model.init_kwargs": v or {}},
 }
 
 _NO_EFFECT = "no effect on the trained weights"
@@ -261,12 +261,11 @@ IGNORED = {name: _NO_EFFECT for name in (
     "torchdynamo", "ray_scope", "ddp_timeout", "torch_compile", "torch_compile_backend", "torch_compile_mode",
     "include_tokens_per_second", "include_num_input_tokens_seen", "batch_eval_metrics", "eval_use_gather_object",
     "average_tokens_across_devices", "fp16_opt_level", "half_precision_backend", "label_smoothing_factor",
-    "optim_args", "is_encoder_decoder")}
+    "optim_args")}
 IGNORED.update({
     "label_smoothing_factor": "TRL's ORPO loss does not use it either",
     "average_tokens_across_devices": "alignkit always normalises token losses across devices",
     "push_to_hub": "upload output_dir afterwards with `huggingface-cli upload`",
-    "is_encoder_decoder": "alignkit reads it from the model's config",
 })
 REJECTED: dict[str, str] = {
     "optim": "alignkit trains with AdamW (adamw_torch)",

@@ -16,8 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-CASES = {  # name -> (data file, ORPO settings)
+CASES = {  # name -> (data file, ORPO settings); cases named t5-* use the encoder-decoder model
     "standard-explicit": ("standard.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
+    "t5-encoder-decoder": ("standard.jsonl", {"max_prompt_length": 12, "max_completion_length": 8}),
     "standard-truncated-keep_end": ("standard.jsonl", {"max_length": 14, "max_prompt_length": 8}),
     "standard-truncated-keep_start": ("standard.jsonl", {"max_length": 14, "max_prompt_length": 8, "truncation_mode": "keep_start"}),
     "standard-implicit": ("implicit.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
@@ -28,11 +29,18 @@ BATCH, BETA = 4, 0.1
 
 def make_inputs(work: Path) -> None:
     """Save a tiny random Llama with the built-in tokenizer, and three small datasets."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
     from alignkit.builtin.data import sort_pairs
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     tiny_model(seed=11).save_pretrained(work / "model")
     tiny_tokenizer().save_pretrained(work / "model")
+    torch.manual_seed(11)
+    T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)).save_pretrained(work / "t5")
+    tiny_tokenizer().save_pretrained(work / "t5")
     rows = sort_pairs(24, seed=5)
     rows[0]["prompt"] = "sort: " + " ".join(["7"] * 12) + " ="  # a prompt that overflows max_length 14
     rows[1]["chosen"] = " " + " ".join(["1"] * 12)  # an answer that overflows
@@ -48,7 +56,8 @@ def alignkit_side(work: Path) -> dict:
 
     out = {}
     for case, (data, settings) in CASES.items():
-        overrides = {"model.name_or_path": str(work / "model"), "data.train": str(work / data),
+        model_dir = work / ("t5" if case.startswith("t5") else "model")
+        overrides = {"model.name_or_path": str(model_dir), "data.train": str(work / data),
                      "train.per_device_eval_batch_size": BATCH, "train.output_dir": str(work / "ak" / case),
                      "method.beta": BETA, **{f"method.{k}": v for k, v in settings.items()}}
         out[case] = alignkit.evaluate("orpo", **overrides)
@@ -57,12 +66,13 @@ def alignkit_side(work: Path) -> dict:
 
 def trl_side(work: Path) -> dict:
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
     from trl import ORPOConfig, ORPOTrainer
 
     out = {}
     for case, (data, settings) in CASES.items():
-        model = AutoModelForCausalLM.from_pretrained(work / "model")
+        seq2seq = case.startswith("t5")
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(work / ("t5" if seq2seq else "model"))
         # transformers 5 saves tokenizer_class "TokenizersBackend", unknown to 4.x: same tokenizer.json, same ids.
         tok = PreTrainedTokenizerFast(tokenizer_file=str(work / "model" / "tokenizer.json"), bos_token="<s>",
                                       eos_token="</s>", pad_token="<pad>")
@@ -115,7 +125,8 @@ def main() -> None:
         f"{os.cpu_count()} CPU cores, no GPU; float32.  ",
         f"alignkit side: torch {versions['alignkit'][0]}, transformers {versions['alignkit'][1]}; "
         f"TRL side: torch {versions['trl'][0]}, transformers {versions['trl'][1]}, trl 0.15.2.  ",
-        f"Model: tiny random Llama (alignkit.testing.tiny_model(seed=11)) with the built-in tokenizer; 24 pairs of "
+        f"Models: a tiny random Llama (alignkit.testing.tiny_model(seed=11)) and, for t5-*, a tiny random T5, with the "
+        f"built-in tokenizer; 24 pairs of "
         f"builtin sort data per case; eval batch {BATCH}; beta {BETA}.", "",
         f"**Largest relative difference: {worst:.1e}** (target 1e-5). The largest ones are log_odds_chosen and "
         "rewards/margins, differences of near-equal float32 numbers.", "",

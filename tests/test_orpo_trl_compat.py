@@ -118,7 +118,9 @@ def test_seed_methods(tok, tmp_path, dataset):
     assert cat["concatenated_input_ids"][0, : len(rows[0]["chosen_input_ids"])].tolist() == rows[0]["chosen_input_ids"]
 
     chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll = t.concatenated_forward(t.model, batch)
-    logits = torch.cat([chosen_logits, rejected_logits])
+    width = cat["concatenated_input_ids"].shape[1]
+    assert chosen_logits.shape[:2] == (2, width - 1)  # TRL slices off the last position of decoder-only rows
+    logits = t.model(input_ids=cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"]).logits
     assert torch.allclose(t.get_batch_logps(logits, cat["concatenated_labels"], average_log_prob=True),
                           torch.cat([chosen_logps, rejected_logps]))
     summed = t.get_batch_logps(logits, cat["concatenated_labels"])
