@@ -137,10 +137,9 @@ class Engine:
             self.raw["eval"] = self.raw["eval"] if self.raw["eval"] is not None else eval_ds
         elif self.raw["eval"] is None and d.eval is not None:
             self.raw["eval"] = load_data(d.eval, d.eval_split)
-        wanted = {"eval": (self.raw["eval"], d.max_eval_samples, d.eval or d.train)}
-        if need_train:
-            wanted["train"] = (self.raw["train"], d.max_train_samples, d.train)
-        elif self.raw["eval"] is None:
+        wanted = {"train": (self.raw["train"], d.max_train_samples, d.train)} if need_train else {}
+        wanted["eval"] = (self.raw["eval"], d.max_eval_samples, d.eval or d.train)
+        if not need_train and self.raw["eval"] is None:
             wanted["eval"] = (self.raw["train"], d.max_eval_samples, d.train)
         out = {}
         for split, (ds, limit, source) in wanted.items():
@@ -156,7 +155,7 @@ class Engine:
             self._formatted[split] = (raw, out[split])
             self.state.data[split] = report
             if report.dropped or report.truncated:
-                log.warning("%s data: %d examples kept, %d truncated, %d dropped (no trainable tokens left "
+                log.warning("%s data: %d examples kept, %d truncated, %d dropped (nothing left to train on "
                             "after truncation)", split, report.kept, report.truncated, report.dropped)
         return out
 

@@ -204,3 +204,56 @@ def test_gradient_checkpointing_gives_the_same_gradients(pm, tmp_path):
         grads.append([p.grad for p in engine.model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_logged_metrics_are_the_mean_over_every_micro_batch_of_the_window(tmp_path):
+    import alignkit_orpo
+
+    rec = Recorder()
+    alignkit.run("orpo", fast(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2), plugins=plugin_manager(alignkit_orpo, rec))
+    steps = [c for c in rec.calls if c[0] == "step"]
+    assert len(steps) == 4
+
+    class Values:
+        step, log = [], []
+
+        @hookimpl
+        def on_step_end(self, run, step, metrics):
+            Values.step.append(metrics)
+
+        @hookimpl
+        def on_log(self, run, step, logs):
+            Values.log.append(logs)
+
+    alignkit.run("orpo", fast(tmp_path / "v", max_steps=4, logging_steps=2, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2), plugins=plugin_manager(alignkit_orpo, Values()))
+    for window, logged in zip((Values.step[:2], Values.step[2:]), Values.log):
+        for key in ("nll_loss", "rewards/accuracies", "logits/chosen"):
+            assert logged[key] == pytest.approx(sum(m[key] for m in window) / 2, rel=1e-6)
+        assert logged["loss"] == pytest.approx(sum(m["loss"] for m in window) / 2, rel=1e-6)
+
+
+def test_data_report_is_logged_once(pm, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm, **{"method.max_length": 10, "method.max_prompt_length": 6})
+    reports = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(reports) == 2 and reports[0].startswith("train data: 32 examples kept, ")
+    assert reports[1].startswith("eval data: 8 examples kept, ")
+
+
+def test_tables_go_to_trackers_that_take_them(pm, tmp_path):
+    cfg, method = load_config("orpo", fast(tmp_path), plugins=pm)
+    engine = Engine(cfg, method, pm)
+
+    class TableTracker:
+        tables = []
+
+        def log_table(self, name, columns, data, step):
+            self.tables.append((name, columns, data, step))
+
+    engine.accelerator.trackers = [TableTracker(), object()]
+    engine.state.log_table("completions", ["step", "prompt"], [[0, "p"]])
+    assert TableTracker.tables == [("completions", ["step", "prompt"], [[0, "p"]], 0)]

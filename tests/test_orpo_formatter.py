@@ -200,3 +200,11 @@ def test_every_row_dropped_is_an_error(tok):
     ds = datasets.Dataset.from_list([{"prompt": "", "chosen": " 1 2 3 4 5 6 7", "rejected": " 1"}] * 3)
     with pytest.raises(DataError, match="every one of the 3 examples was dropped"):
         prepare(ds, formatter(no_bos, max_length=6, max_prompt_length=5), "t")
+
+
+def test_dataset_num_proc_gives_the_same_features(tok):
+    rows = [{"prompt": f"sort: {i} {i + 1} =", "chosen": f" {i} {i + 1}", "rejected": f" {i + 1} {i}"} for i in range(40)]
+    ds = datasets.Dataset.from_list(rows)
+    one, _ = prepare(ds, formatter(tok), "t")
+    two, report = prepare(ds, formatter(tok, dataset_num_proc=2), "t")
+    assert one.to_list() == two.to_list() and report.kept == 40
