@@ -8,7 +8,7 @@ from typing import Literal
 import datasets
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_callback import TrainerControl, TrainerState
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, TrainOutput
 
@@ -77,23 +77,24 @@ class ORPOTrainer:
             if model_init is None:
                 raise ValueError("ORPOTrainer needs `model` (a PreTrainedModel or a name) or `model_init`")
             model = model_init()
-        if isinstance(model, str):
-            overrides["model.name_or_path"] = model
-            model = AutoModelForCausalLM.from_pretrained(model, **(self.args.model_init_kwargs or {}))
-            processing_class = processing_class or AutoTokenizer.from_pretrained(overrides["model.name_or_path"])
-        if processing_class is None:
+        if isinstance(model, str):  # loaded by alignkit (causal or seq2seq, with model_init_kwargs)
+            overrides["model.name_or_path"], model = model, None
+        elif processing_class is None:
             raise ValueError("ORPOTrainer needs `processing_class` (the tokenizer) when `model` is an object")
         if isinstance(eval_dataset, dict):
             raise ValueError("alignkit evaluates one eval_dataset; pass a single datasets.Dataset")
         overrides["train.eval_on_start"] = self.args.eval_on_start
-        overrides.setdefault("model.name_or_path", getattr(model.config, "_name_or_path", "") or "(model object)")
+        if model is not None:
+            overrides.setdefault("model.name_or_path", getattr(model.config, "_name_or_path", "") or "(model object)")
         self.config, _ = load_config("orpo", {"data": {"train": "(dataset passed to ORPOTrainer)"}}, overrides,
                                      plugins=get_plugin_manager(load_entrypoints=False, plugins=[_registered()]))
         self.pm = get_plugin_manager(plugins=[_Callbacks(list(callbacks or []), self.args)])
+        collate = (lambda feats: self._alignkit_batch(data_collator([self._trl_features(f) for f in feats]))) \
+            if data_collator is not None else None
         self.engine = Engine(self.config, METHOD, self.pm, model=model, tokenizer=processing_class,
                              train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
-                             optimizers=optimizers, collate_fn=data_collator)
-        self.model, self.processing_class = self.engine.model, processing_class
+                             optimizers=optimizers, collate_fn=collate)
+        self.model, self.processing_class = self.engine.model, self.engine.tokenizer
         self.loss, self.formatter = self.engine.loss, self.engine.formatter
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
@@ -155,7 +156,10 @@ class ORPOTrainer:
                 "input_ids": answer_ids, "attention_mask": [1] * len(answer_ids)}
 
     def tokenize_row(self, feature: dict, model: PreTrainedModel | None = None) -> dict[str, list[int]]:
-        f = self.formatter.format(feature).features
+        return self._trl_features(self.formatter.format(feature).features)
+
+    def _trl_features(self, f: dict) -> dict[str, list[int]]:
+        """Formatted features in TRL's layout, attention masks included (what TRL's collators expect)."""
         out = {"prompt_input_ids": f["prompt_input_ids"], "prompt_attention_mask": [1] * len(f["prompt_input_ids"])}
         if self.is_encoder_decoder:
             return {**out, "chosen_labels": f["chosen_labels"], "rejected_labels": f["rejected_labels"]}
