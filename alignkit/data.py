@@ -50,6 +50,9 @@ class DataFormatter(ABC):
 
     #: processes for preprocessing; a formatter may take it from its config.
     num_proc: int | None = None
+    #: the config fields this formatter reads (a MethodConfig subclass); a method that reuses the
+    #: formatter by name gets them added to its own config.
+    config_class: type | None = None
 
     def prepare_model(self, model) -> None:  # noqa: B027 (optional)
         """Called once with the unwrapped model before any data is formatted: read what the format depends

@@ -3,6 +3,7 @@ batches and the method's loss turns a batch into loss terms and metrics; everyth
 """
 
 import contextlib
+import copy
 import logging
 import math
 from collections import Counter
@@ -121,6 +122,7 @@ class Engine:
         self.collate_fn = collate_fn or self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
+        self.ref_model = self._reference_model()
         self.raw = {"train": train_dataset, "eval": eval_dataset}
         self._formatted: dict[str, tuple] = {}  # split -> (raw dataset, formatted dataset)
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
@@ -159,9 +161,58 @@ class Engine:
                             "after truncation)", split, report.kept, report.truncated, report.dropped)
         return out
 
+    # ---- the reference model (a capability some losses declare) ----------------------------------
+
+    def _reference_model(self):
+        """A frozen reference for losses that declare needs_reference_model; None when the policy is a
+        PEFT model (its adapters are switched off instead) or when the loss needs none."""
+        if not self.loss.needs_reference_model or hasattr(self.model, "disable_adapter"):
+            return None
+        name = self.config.model.ref_name_or_path
+        if name:
+            ref = load_model(self.config.model.model_copy(update={"name_or_path": name, "peft": None}),
+                             self.tokenizer, self.config.train.seed)
+        else:
+            ref = copy.deepcopy(self.model)
+        ref.eval().requires_grad_(False)
+        return self.accelerator.prepare_model(ref, evaluation_mode=True)
+
+    def _reference(self, model, batch: dict) -> dict | None:
+        """The loss's reference outputs for `batch`: precomputed, from the reference model, or from the
+        policy with its adapters disabled."""
+        if not self.loss.needs_reference_model:
+            return None
+        if "__ref" in batch:
+            return batch.pop("__ref")
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.loss.reference(self.ref_model, batch)
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                return self.loss.reference(model, batch)
+
+    def _precompute_reference(self, ds, model):
+        """Add the reference outputs of every example as `__ref_*` columns (computed once, in order)."""
+        size = self.config.train.per_device_eval_batch_size
+        columns: dict[str, list] = {}
+        for start in range(0, len(ds), size):
+            rows = [ds[i] for i in range(start, min(start + size, len(ds)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in self.collate_fn(rows).items()}
+            for key, value in self._reference(model, batch).items():
+                columns.setdefault(f"__ref_{key}", []).extend(value.tolist())
+        for key, values in columns.items():
+            ds = ds.add_column(key, values)
+        return ds
+
+    def _collate(self, features: list[dict]) -> dict:
+        """The formatter's batch, plus precomputed reference outputs under `__ref`."""
+        keys = [k for k in features[0] if k.startswith("__ref_")]
+        refs = {k.removeprefix("__ref_"): torch.tensor([f[k] for f in features]) for k in keys}
+        batch = self.collate_fn([{k: v for k, v in f.items() if k not in keys} for f in features])
+        return {**batch, "__ref": refs} if refs else batch
+
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSampler(len(ds), self.config.train.seed) if shuffle else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_fn,
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self._collate,
                           num_workers=self.config.train.dataloader_num_workers)
 
     # ---- the training loop ------------------------------------------------------------------------
@@ -176,6 +227,8 @@ class Engine:
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
         optimizer = self.optimizer or self._optimizer()
+        if self.loss.needs_reference_model and self.loss.precompute_reference:
+            data = {split: self._precompute_reference(ds, self.model) for split, ds in data.items()}
         train_dl = self._loader(data["train"], t.per_device_train_batch_size, shuffle=True)
         model, optimizer, train_dl = acc.prepare(self.model, optimizer, train_dl)
         eval_dl = acc.prepare(self._loader(data["eval"], t.per_device_eval_batch_size, False)) if "eval" in data else None
@@ -269,7 +322,7 @@ class Engine:
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
-                    out = self.loss(model, batch)
+                    out = self._loss(model, batch)
                 loss = out.normalized(totals)
                 # DDP averages gradients over processes; the totals already span them, so undo that mean.
                 acc.backward(loss * acc.num_processes)
@@ -277,6 +330,10 @@ class Engine:
             for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + at_least_fp32(v.detach())
         return loss_sum, metric_sums
+
+    def _loss(self, model, batch: dict):
+        ref = self._reference(model, batch)
+        return self.loss(model, batch) if ref is None else self.loss(model, batch, ref=ref)
 
     def _global_counts(self, micro_batches) -> dict[str, float]:
         counts: Counter = Counter()
@@ -311,7 +368,7 @@ class Engine:
         with torch.no_grad():
             for batch in eval_dl:
                 with self.accelerator.autocast():
-                    out = self.loss(model, batch)
+                    out = self._loss(model, batch)
                 totals = {u: float(c) for u, c in self.loss.counts(batch).items()}
                 for k, v in {"loss": out.normalized(totals), **out.metrics}.items():
                     sums[k] = sums.get(k, 0) + at_least_fp32(v.detach())

@@ -13,6 +13,16 @@ def register_methods(register):
 
 
 @hookspec
+def register_formatters(register):
+    """Register reusable data formatters by calling register(name, FormatterClass)."""
+
+
+@hookspec
+def register_losses(register):
+    """Register reusable losses by calling register(name, LossClass)."""
+
+
+@hookspec
 def on_train_start(run):
     """Called once before the first optimizer step, with model, data and state ready."""
 

@@ -29,8 +29,11 @@ class LossOutput:
 class Loss(ABC):
     """A method's objective. Built once per run as `loss(config)`."""
 
-    #: capability flag the engine reads: the loss wants a frozen reference model (none do yet).
+    #: capability the engine reads: the loss wants a frozen reference model. The engine then passes
+    #: `ref=` (what `reference` returned for the same batch) to `__call__`.
     needs_reference_model: bool = False
+    #: with a reference model: compute `reference` once over the dataset before training
+    precompute_reference: bool = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -44,8 +47,12 @@ class Loss(ABC):
         """How many of each normalising unit this micro-batch holds, from the batch alone."""
 
     @abstractmethod
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """Run the model on the batch and return the summed terms and the metrics."""
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs) -> LossOutput:
+        """Run the model on the batch and return the summed terms and the metrics (`ref=` with a reference)."""
+
+    def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the loss needs from the reference model, as per-example tensors [B] (called without grad)."""
+        raise NotImplementedError(f"{type(self).__name__} declares needs_reference_model but has no reference()")
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

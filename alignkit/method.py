@@ -23,15 +23,16 @@ class MethodConfig(BaseModel):
 class Method:
     """What a plugin hands to `register(...)` in its `register_methods` hook.
 
-    `formatter(config, tokenizer)` builds the DataFormatter and `loss(config)` the Loss.
+    `formatter(config, tokenizer)` builds the DataFormatter and `loss(config)` the Loss. Either may be
+    given by its registered name (e.g. formatter="preference") to reuse another plugin's part.
     `defaults` sets core keys for this method unless the user sets them, e.g. {"train.learning_rate": 1e-6}.
     `source` and `version` are filled in by the registry from the plugin's distribution.
     """
 
     name: str
     config: type[MethodConfig]
-    formatter: "type[DataFormatter]"
-    loss: "type[Loss]"
+    formatter: "type[DataFormatter] | str"
+    loss: "type[Loss] | str"
     description: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     citation: str = ""

@@ -3,9 +3,11 @@
 `ALIGNKIT_LOAD_PLUGINS=dist1,dist2` loads only those distributions' entry points ('' loads none).
 """
 
+import functools
 import importlib.metadata
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 
 import pluggy
@@ -33,10 +35,34 @@ class BrokenPlugin:
 
 @dataclass
 class Registry:
-    """Methods by name, plus the plugins that failed to load."""
+    """Methods, formatters and losses by name, plus the plugins that failed to load."""
 
     methods: dict[str, Method] = field(default_factory=dict)
     broken: list[BrokenPlugin] = field(default_factory=list)
+    formatters: dict[str, tuple[type, str]] = field(default_factory=dict)  # name -> (class, source)
+    losses: dict[str, tuple[type, str]] = field(default_factory=dict)
+
+    def add_part(self, kind: str, name: str, cls: type, source: str) -> None:
+        table = getattr(self, kind)
+        if name in table:
+            raise PluginError(f"{kind[:-1]} {name!r} is registered twice: by {table[name][1]} and by {source}")
+        table[name] = (cls, source)
+
+    def part(self, kind: str, name: str, wanted_by: str) -> type:
+        table = getattr(self, kind)
+        if name not in table:
+            raise PluginError(f"method {wanted_by!r} uses {kind[:-1]} {name!r}{did_you_mean(name, table)}, which no "
+                              f"plugin registers; registered {kind}: {', '.join(sorted(table)) or 'none'}")
+        return table[name][0]
+
+    def resolve(self, method: Method) -> Method:
+        """The method with formatter and loss given by name replaced by their classes, and its config
+        extended by the fields its formatter reads (the formatter's config_class)."""
+        formatter = self.part("formatters", method.formatter, method.name) if isinstance(method.formatter, str) else method.formatter
+        loss = self.part("losses", method.loss, method.name) if isinstance(method.loss, str) else method.loss
+        needed = getattr(formatter, "config_class", None)
+        config = method.config if needed is None else _with_fields(method.config, needed)
+        return replace(method, formatter=formatter, loss=loss, config=config)
 
     def add(self, method: Method, source: str = "", version: str = "") -> None:
         if not isinstance(method, Method):
@@ -52,13 +78,25 @@ class Registry:
 
     def get(self, name: str) -> Method:
         if name in self.methods:
-            return self.methods[name]
+            return self.resolve(self.methods[name])
         for b in self.broken:
             if b.entry_point == name:
                 raise PluginError(f"method {name!r} comes from plugin {b.dist}, which failed to load: {b.error}")
         known = ", ".join(sorted(self.methods)) or "none"
         broken = "".join(f"; plugin {b.dist} failed to load: {b.error}" for b in self.broken)
         raise PluginError(f"unknown method {name!r}{did_you_mean(name, self.methods)}; registered: {known}{broken}")
+
+
+@functools.cache
+def _with_fields(config: type, needed: type) -> type:
+    """`config` plus the fields of `needed`, as a class importable from config's module (so that
+    datasets can fingerprint formatters holding it, and preprocessing is cached)."""
+    if issubclass(config, needed):
+        return config
+    name = f"{config.__name__}With{needed.__name__}"
+    combined = type(name, (config, needed), {"__module__": config.__module__, "__doc__": config.__doc__})
+    setattr(sys.modules[config.__module__], name, combined)
+    return combined
 
 
 def _allowed(dist_name: str) -> bool:
@@ -108,6 +146,10 @@ def get_plugin_manager(plugins: list | None = None, load_entrypoints: bool = Tru
 def build_registry(pm: PluginManager) -> Registry:
     """Ask every plugin to register its methods; record which distribution each came from."""
     registry = Registry(broken=list(pm.broken))
+    for kind in ("formatters", "losses"):
+        for impl in getattr(pm.hook, f"register_{kind}").get_hookimpls():
+            dist = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))[0]
+            impl.function(register=lambda name, cls, k=kind, d=dist: registry.add_part(k, name, cls, d))
     for impl in pm.hook.register_methods.get_hookimpls():
         dist, version = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))
         impl.function(register=lambda m, d=dist, v=version: registry.add(m, d, v))

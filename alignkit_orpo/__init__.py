@@ -31,6 +31,16 @@ def register_methods(register):
     register(METHOD)
 
 
+@hookimpl
+def register_formatters(register):
+    register("preference", PreferenceFormatter)
+
+
+@hookimpl
+def register_losses(register):
+    register("orpo", ORPOLoss)
+
+
 on_evaluate = generation.on_evaluate  # generate_during_eval, for the runs that ask for it
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
+from alignkit_orpo.config import PreferenceDataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -52,6 +53,8 @@ def common_prefix(*texts: str) -> str:
 
 class PreferenceFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt)."""
+
+    config_class = PreferenceDataConfig
 
     #: an encoder-decoder gets the prompt in its encoder and each answer as decoder labels
     is_encoder_decoder: bool = False

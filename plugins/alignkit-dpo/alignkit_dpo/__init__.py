@@ -1,0 +1,59 @@
+"""DPO (Rafailov et al., arXiv 2305.18290): the sigmoid loss against a frozen reference model."""
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+import alignkit
+
+
+class DPOConfig(alignkit.MethodConfig):
+    name: str = "dpo"
+    beta: float = Field(0.1, gt=0, description="Temperature of the implicit reward (deviation from the reference).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (cDPO).")
+    precompute_ref_log_probs: bool = Field(False, description="Compute the reference log-probs once before training.")
+
+
+def summed_logps(model, batch):
+    """Summed log-probs of each answer: chosen [B], rejected [B]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, _ = alignkit.shifted_token_logps(logits, batch["labels"], -100)
+    n = logps.shape[0] // 2
+    return logps[:n].sum(-1), logps[n:].sum(-1)
+
+
+class DPOLoss(alignkit.Loss):
+    needs_reference_model = True
+
+    @property
+    def precompute_reference(self):
+        return self.config.precompute_ref_log_probs
+
+    def counts(self, batch):
+        return {"pairs": batch["input_ids"].shape[0] // 2}
+
+    def reference(self, ref_model, batch):
+        chosen, rejected = summed_logps(ref_model, batch)
+        return {"chosen": chosen, "rejected": rejected}
+
+    def __call__(self, model, batch, ref):
+        beta, smoothing = self.config.beta, self.config.label_smoothing
+        chosen, rejected = summed_logps(model, batch)
+        logits = (chosen - rejected) - (ref["chosen"] - ref["rejected"])
+        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+        with torch.no_grad():
+            chosen_rewards, rejected_rewards = beta * (chosen - ref["chosen"]), beta * (rejected - ref["rejected"])
+            metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                       "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen.dtype).mean(),
+                       "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                       "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean()}
+        return alignkit.LossOutput(terms={"pairs": losses.sum()}, metrics=metrics)
+
+
+@alignkit.hookimpl
+def register_methods(register):
+    register(alignkit.Method(name="dpo", config=DPOConfig, formatter="preference", loss=DPOLoss,
+                             description="Direct Preference Optimization: sigmoid loss against a frozen reference.",
+                             defaults={"train.learning_rate": 1e-6},
+                             citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language "
+                                      "Model is Secretly a Reward Model}, journal={arXiv:2305.18290}, year={2023}}"))

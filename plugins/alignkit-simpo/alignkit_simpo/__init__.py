@@ -1,0 +1,52 @@
+"""SimPO (Meng et al., arXiv 2405.14734): length-normalised log-probs with a target reward margin."""
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+import alignkit
+
+
+class SimPOConfig(alignkit.MethodConfig):
+    name: str = "simpo"
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward.")
+    simpo_gamma: float = Field(0.5, ge=0, description="Target reward margin gamma.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped.")
+    cpo_alpha: float = Field(0.0, ge=0, description="Weight of an NLL on the chosen completions (0: none, as in the paper).")
+
+
+class SimPOLoss(alignkit.Loss):
+    def counts(self, batch):
+        n = batch["input_ids"].shape[0] // 2
+        return {"pairs": n, "chosen_tokens": int((batch["labels"][:n, 1:] != -100).sum())}
+
+    def __call__(self, model, batch):
+        c, n = self.config, batch["input_ids"].shape[0] // 2
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        token_logps, mask = alignkit.shifted_token_logps(logits, batch["labels"], -100)
+        mean_logps = token_logps.sum(-1) / mask.sum(-1)
+        chosen, rejected = mean_logps[:n], mean_logps[n:]
+        margin = (chosen - rejected) - c.simpo_gamma / c.beta
+        losses = -F.logsigmoid(c.beta * margin) * (1 - c.label_smoothing) - F.logsigmoid(-c.beta * margin) * c.label_smoothing
+        nll_sum = -token_logps[:n].sum()
+        terms = {"pairs": losses.sum()}
+        if c.cpo_alpha:
+            terms["chosen_tokens"] = c.cpo_alpha * nll_sum
+        with torch.no_grad():
+            metrics = {"rewards/chosen": c.beta * chosen.mean(), "rewards/rejected": c.beta * rejected.mean(),
+                       "rewards/accuracies": (chosen > rejected).to(mean_logps.dtype).mean(),
+                       "rewards/margins": c.beta * (chosen - rejected).mean(), "logps/chosen": chosen.mean(),
+                       "logps/rejected": rejected.mean(), "logits/chosen": logits[:n].mean(),
+                       "logits/rejected": logits[n:].mean(),
+                       # as TRL logs it: 0 when the NLL is not part of the loss
+                       "nll_loss": nll_sum / mask[:n].sum() if c.cpo_alpha else nll_sum * 0}
+        return alignkit.LossOutput(terms=terms, metrics=metrics)
+
+
+@alignkit.hookimpl
+def register_methods(register):
+    register(alignkit.Method(name="simpo", config=SimPOConfig, formatter="preference", loss=SimPOLoss,
+                             description="Simple Preference Optimization: length-normalised rewards with a margin, no reference.",
+                             defaults={"train.learning_rate": 1e-6},
+                             citation="@article{meng2024simpo, title={SimPO: Simple Preference Optimization with a "
+                                      "Reference-Free Reward}, journal={arXiv:2405.14734}, year={2024}}"))
