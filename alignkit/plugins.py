@@ -95,7 +95,9 @@ def _with_fields(config: type, needed: type) -> type:
         return config
     name = f"{config.__name__}With{needed.__name__}"
     combined = type(name, (config, needed), {"__module__": config.__module__, "__doc__": config.__doc__})
-    setattr(sys.modules[config.__module__], name, combined)
+    module = sys.modules.get(config.__module__)
+    if module is not None:  # a config defined outside any module (a notebook cell) still works, uncached
+        setattr(module, name, combined)
     return combined
 
 

@@ -47,3 +47,16 @@ def test_readme_plugin_example_trains(tmp_path):
     assert result.global_step == 4 and "eval_rewards/margins" in result.metrics
     toml = code_blocks(README, "toml")[0]
     assert 'sigmoid-pref = "my_plugin_module"' in toml
+
+
+def test_writing_a_method_guide_runs(tmp_path):
+    guide = (ROOT / "docs" / "writing-a-method.md").read_text()
+    plugin_code, test_code = code_blocks(guide, "python")
+    module = types.ModuleType("alignkit_hinge")
+    exec(compile(plugin_code, "writing-a-method.md", "exec"), module.__dict__)
+    assert len(plugin_code.strip().splitlines()) <= 45  # "a few dozen lines"
+    namespace = {"hinge_plugin": module}
+    exec(compile(test_code, "writing-a-method.md", "exec"), namespace)
+    namespace["test_hinge_trains"](tmp_path)
+    toml = code_blocks(guide, "toml")[0]
+    assert 'hinge = "alignkit_hinge"' in toml and 'name = "alignkit-hinge"' in toml

@@ -190,10 +190,12 @@ def test_selection_by_name_in_cli(tmp_path, monkeypatch):
         assert f"alignkit-{name} 0.1.0" in line
     config = CliRunner().invoke(cli, ["config", "--method", "simpo"])
     assert "  simpo_gamma: 0.5" in config.output and "  max_length: 1024" in config.output
-    run = CliRunner().invoke(cli, ["run", "--method", "simpo", f"train.output_dir={tmp_path}", "train.max_steps=2",
-                                   "data.max_train_samples=8", "data.max_eval_samples=4", "train.disable_tqdm=true"])
-    assert run.exit_code == 0, run.output
-    assert json.loads(run.stdout)["global_step"] == 2
+    for name in ("cpo", "dpo", "simpo"):
+        run = CliRunner().invoke(cli, ["run", "--method", name, f"train.output_dir={tmp_path / name}",
+                                       "train.max_steps=2", "data.max_train_samples=8", "data.max_eval_samples=4",
+                                       "train.disable_tqdm=true"])
+        assert run.exit_code == 0, run.output
+        assert json.loads(run.stdout)["global_step"] == 2
 
 
 def test_uninstalled_plugin_is_gone(monkeypatch):
