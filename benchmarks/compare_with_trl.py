@@ -23,7 +23,12 @@ CASES = {  # name -> (data file, ORPO settings); cases named t5-* use the encode
     "standard-truncated-keep_start": ("standard.jsonl", {"max_length": 14, "max_prompt_length": 8, "truncation_mode": "keep_start"}),
     "standard-implicit": ("implicit.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
     "conversational": ("chat.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
+    # alignkit's CPO and SimPO plugins against TRL's CPOTrainer (needs: pip install -e plugins/alignkit-cpo ...)
+    "cpo-sigmoid": ("standard.jsonl", {"max_length": 14, "max_prompt_length": 8, "beta": 0.3, "cpo_alpha": 0.7}),
+    "simpo": ("chat.jsonl", {"max_length": 1024, "max_prompt_length": 512, "beta": 2.0, "simpo_gamma": 0.5,
+                             "cpo_alpha": 0.0}),
 }
+METHODS = {"cpo-sigmoid": ("cpo", "sigmoid"), "simpo": ("simpo", "simpo")}  # case -> (alignkit method, TRL loss_type)
 BATCH, BETA = 4, 0.1
 
 
@@ -58,16 +63,17 @@ def alignkit_side(work: Path) -> dict:
     for case, (data, settings) in CASES.items():
         model_dir = work / ("t5" if case.startswith("t5") else "model")
         overrides = {"model.name_or_path": str(model_dir), "data.train": str(work / data),
-                     "train.per_device_eval_batch_size": BATCH, "train.output_dir": str(work / "ak" / case),
-                     "method.beta": BETA, **{f"method.{k}": v for k, v in settings.items()}}
-        out[case] = alignkit.evaluate("orpo", **overrides)
+                     "train.per_device_eval_batch_size": BATCH, "train.output_dir": str(work / "ak" / case)}
+        settings.setdefault("beta", BETA)
+        overrides.update({f"method.{k}": v for k, v in settings.items()})
+        out[case] = alignkit.evaluate(METHODS.get(case, ("orpo",))[0], **overrides)
     return out
 
 
 def trl_side(work: Path) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
-    from trl import ORPOConfig, ORPOTrainer
+    from trl import CPOConfig, CPOTrainer, ORPOConfig, ORPOTrainer
 
     out = {}
     for case, (data, settings) in CASES.items():
@@ -78,9 +84,13 @@ def trl_side(work: Path) -> dict:
                                       eos_token="</s>", pad_token="<pad>")
         tok.chat_template = (work / "model" / "chat_template.jinja").read_text()
         ds = load_dataset("json", data_files=str(work / data), split="train")
-        args = ORPOConfig(output_dir=str(work / "trl" / case), per_device_eval_batch_size=BATCH, beta=BETA,
-                          report_to=[], use_cpu=True, **settings)
-        trainer = ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=ds, eval_dataset=ds)
+        common = dict(output_dir=str(work / "trl" / case), per_device_eval_batch_size=BATCH, report_to=[], use_cpu=True)
+        if case in METHODS:
+            args = CPOConfig(loss_type=METHODS[case][1], **common, **settings)
+            trainer = CPOTrainer(model=model, args=args, processing_class=tok, train_dataset=ds, eval_dataset=ds)
+        else:
+            args = ORPOConfig(**common, **{"beta": BETA, **settings})
+            trainer = ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=ds, eval_dataset=ds)
         metrics = trainer.evaluate()
         out[case] = {k: v for k, v in metrics.items() if k.startswith("eval_") and k not in
                      ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
@@ -129,7 +139,9 @@ def main() -> None:
         f"built-in tokenizer; 24 pairs of "
         f"builtin sort data per case; eval batch {BATCH}; beta {BETA}.", "",
         f"**Largest relative difference: {worst:.1e}** (target 1e-5). The largest ones are log_odds_chosen and "
-        "rewards/margins, differences of near-equal float32 numbers.", "",
+        "rewards/margins, differences of near-equal float32 numbers. cpo-sigmoid and simpo are the alignkit-cpo and "
+        "alignkit-simpo plugins against TRL's CPOTrainer (loss_type sigmoid / simpo). SimPO's nll_loss is 0 on "
+        "both sides because cpo_alpha is 0.", "",
     ]
     out = Path(__file__).with_name("trl-parity.md")
     out.write_text("\n".join(header + lines) + "\n")

@@ -136,3 +136,33 @@ def test_core_never_imports_or_names_a_method():
     for path in core.rglob("*.py"):
         text = path.read_text()
         assert "orpo" not in text.lower(), path
+
+
+def test_uninstalling_a_plugin_removes_its_method(tmp_path, monkeypatch):
+    """What `pip uninstall` does (remove the module and its dist-info) makes the method disappear."""
+    monkeypatch.delenv("ALIGNKIT_LOAD_PLUGINS", raising=False)
+    install_fake_dist(tmp_path, "alignkit-fake", "fakemethod", "alignkit_fake_mod", GOOD_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert "fakemethod" in build_registry(get_plugin_manager()).methods
+        import shutil
+
+        shutil.rmtree(tmp_path / "alignkit_fake-1.2.3.dist-info")
+        (tmp_path / "alignkit_fake_mod.py").unlink()
+        import importlib
+
+        importlib.invalidate_caches()
+        registry = build_registry(get_plugin_manager())
+        assert "fakemethod" not in registry.methods and registry.broken == []
+    finally:
+        sys.modules.pop("alignkit_fake_mod", None)
+
+
+def test_duplicate_formatter_name_names_both_sources():
+    class Again:
+        @hookimpl
+        def register_formatters(self, register):
+            register("preference", alignkit_orpo.PreferenceFormatter)
+
+    with pytest.raises(PluginError, match="formatter 'preference' is registered twice: by .*alignkit_orpo.* and by"):
+        build_registry(plugin_manager(alignkit_orpo, Again()))
