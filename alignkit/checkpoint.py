@@ -5,11 +5,13 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from alignkit.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -21,8 +23,8 @@ def checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None) -> Path:
-    """Write the accelerate state plus `state` to a temporary folder, then rename it into place."""
+def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None, scheduler) -> Path:
+    """Write the accelerate state, the scheduler and `state` to a temporary folder, then rename it into place."""
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -30,6 +32,7 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)  # plain data: loads with weights_only=True
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -51,6 +54,8 @@ def find(spec: str, root: Path) -> Path | None:
     return path
 
 
-def load(accelerator: Accelerator, path: Path) -> dict:
+def load(accelerator: Accelerator, path: Path, scheduler) -> dict:
+    """Restore model, optimizer, RNG (accelerate, weights_only) and the scheduler; return the saved state."""
     accelerator.load_state(str(path))
+    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
     return json.loads((path / STATE_FILE).read_text())

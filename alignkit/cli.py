@@ -8,7 +8,7 @@ import click
 
 from alignkit import api
 from alignkit.config import to_yaml
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, TrainingInterrupted
 from alignkit.plugins import build_registry, get_plugin_manager
 
 
@@ -19,6 +19,9 @@ class _Cli(click.Group):
         except AlignkitError as e:
             click.echo(f"alignkit: error: {e}", err=True)
             ctx.exit(2)
+        except TrainingInterrupted as e:
+            click.echo(f"alignkit: stopped: {e}", err=True)
+            ctx.exit(128 + e.signum)
 
 
 def _setup_logging(verbosity: int) -> None:

@@ -79,6 +79,8 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field("outputs/run", description="Where the model, config.yaml, metrics.jsonl and checkpoints/ go (default outputs/<method>).")
+    overwrite_output_dir: bool = Field(False, description="Allow writing over a non-empty output_dir that holds another run (its old checkpoints are removed).")
+    skip_nonfinite_steps: bool = Field(False, description="Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch on each process.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per eval batch on each process.")

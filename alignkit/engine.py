@@ -6,6 +6,9 @@ import contextlib
 import copy
 import logging
 import math
+import shutil
+import signal
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from transformers import get_scheduler
 from alignkit import checkpoint
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import EpochSampler, PrepareReport, load_data, load_splits, prepare
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from alignkit.loss import at_least_fp32
 from alignkit.method import Method
 from alignkit.modelcard import model_card
@@ -47,6 +50,10 @@ class RunState:
     batches_in_epoch: int = 0
     batches_per_epoch: int = 1
     data: dict[str, PrepareReport] = field(default_factory=dict)
+    #: the checkpoint this run resumed from (None for a fresh run)
+    resumed_from: Path | None = None
+    #: optimizer steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
+    skipped_steps: int = 0
     #: the formatted eval set (None without eval data), e.g. for sampling completions at eval time
     eval_dataset: Any = None
     #: log_table(name, columns, rows): send a table to the trackers that take tables (wandb, comet)
@@ -220,7 +227,6 @@ class Engine:
     def train(self) -> dict[str, float]:
         acc, t, state = self.accelerator, self.config.train, self.state
         data = self._datasets(need_train=True)
-        self._write_config()
 
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -241,14 +247,17 @@ class Engine:
         scheduler = self.scheduler or get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                                                     num_training_steps=state.max_steps,
                                                     scheduler_specific_kwargs=t.lr_scheduler_kwargs)
-        acc.register_for_checkpointing(scheduler)
+        self._scheduler = scheduler
         window = self._resume()
+        self._prepare_output_dir()
 
         observers = [MetricsFile(self.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm)]
         observers += [Trackers(acc)] if t.report_to else []
         for obs in observers:
             self.pm.register(obs)
+        stack = contextlib.ExitStack()
         try:
+            stack.enter_context(self._stop_on_signals())
             self.pm.hook.on_train_start(run=state)
             eval_metrics = self._evaluate_and_report(model, eval_dl) if t.eval_on_start and eval_dl else {}
             logs: dict[str, float] = {}
@@ -271,6 +280,11 @@ class Engine:
                     self._save_checkpoint(window)
                 if state.step >= state.max_steps:
                     break
+                if signum := self._stop_requested():
+                    path = self._save_checkpoint(window)
+                    raise TrainingInterrupted(
+                        f"{signal.Signals(signum).name} at step {state.step}: checkpoint saved in {path}; resume by "
+                        "running the same command with train.resume_from_checkpoint=auto", signum)
 
             if eval_dl is not None and not (t.eval_steps and state.step % t.eval_steps == 0):
                 eval_metrics = self._evaluate_and_report(model, eval_dl)
@@ -278,9 +292,35 @@ class Engine:
             self.save_model(model, final)
             self.pm.hook.on_train_end(run=state, metrics=final)
         finally:
+            stack.close()
             for obs in observers:
                 self.pm.unregister(obs)
         return final
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM ask training to stop after the current step, with a checkpoint."""
+        self._stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum, frame):
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> int:
+        """The signal that asked to stop (0 if none), agreed on by every process."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal
+        flag = torch.tensor(self._stop_signal, device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, "max"))
 
     def _windows(self, train_dl):
         """Yield the micro-batches of each optimizer step, epoch after epoch, from the resume point."""
@@ -301,16 +341,26 @@ class Engine:
             state.epoch_index, state.batches_in_epoch = state.epoch_index + 1, 0
 
     def _optimizer_step(self, model, optimizer, scheduler, micro_batches) -> tuple[float, dict[str, float], float]:
-        """One optimizer step over the micro-batches: (global loss, metric sums, gradient norm)."""
+        """One optimizer step over the micro-batches: (global loss, metric sums, gradient norm).
+
+        A NaN/inf loss or gradient never reaches the weights: the run stops naming the step, or with
+        train.skip_nonfinite_steps the step is skipped."""
         t = self.config.train
         loss_sum, metric_sums = self._accumulate_gradients(model, micro_batches)
-        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf")))
         global_loss = self.accelerator.reduce(loss_sum, "sum").item()
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return global_loss, {k: v.item() for k, v in metric_sums.items()}, norm
+        if math.isfinite(global_loss) and math.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+        elif t.skip_nonfinite_steps:
+            log.warning("step %d: loss %s, gradient norm %s; step skipped (train.skip_nonfinite_steps)",
+                        self.state.step + 1, global_loss, grad_norm)
+            self.state.skipped_steps += 1
+        else:
+            raise NonFiniteError(f"step {self.state.step + 1}: loss {global_loss}, gradient norm {grad_norm}; no weights "
+                                 "were changed. Lower the learning rate, check the data, or set train.skip_nonfinite_steps=true")
+        optimizer.zero_grad(set_to_none=True)
+        return global_loss, {k: v.item() for k, v in metric_sums.items()}, grad_norm
 
     def _accumulate_gradients(self, model, micro_batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Backward over each micro-batch, every loss term divided by its count over all of them and all ranks."""
@@ -399,7 +449,8 @@ class Engine:
             if spec == "auto":
                 log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
             return Window()
-        saved = checkpoint.load(self.accelerator, path)
+        saved = checkpoint.load(self.accelerator, path, self._scheduler)
+        self.state.resumed_from = path
         if saved["max_steps"] != self.state.max_steps:
             raise ConfigError(f"train.resume_from_checkpoint: {path} was made for {saved['max_steps']} steps, "
                               f"this run has {self.state.max_steps}; keep the data and step settings of that run")
@@ -408,19 +459,46 @@ class Engine:
         log.info("resumed from %s at step %d", path, self.state.step)
         return Window.from_state(saved["window"])
 
-    def _save_checkpoint(self, window: Window) -> None:
+    def _prepare_output_dir(self) -> None:
+        """Refuse an output_dir that holds another run; start a fresh run with no stale checkpoints or rows."""
+        t, out = self.config.train, self.output_dir
+        config_text = to_yaml(self.config, comments=False)
+        if self.state.resumed_from is None and out.is_dir() and any(out.iterdir()):
+            saved = out / "config.yaml"
+            same_run = saved.is_file() and saved.read_text() == config_text
+            if not (same_run or t.overwrite_output_dir):
+                raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
+                                  "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
+                                  "or choose another output_dir")
+            if self.accelerator.is_main_process and (out / "checkpoints").exists():
+                log.warning("%s: starting over; removing the previous run's checkpoints", out)
+                shutil.rmtree(out / "checkpoints")
+        if self.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(config_text)
+        self.accelerator.wait_for_everyone()
+
+    def _check_finite_weights(self, where: str) -> None:
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteError(f"refusing to write {where}: parameter {name} holds NaN/inf values")
+
+    def _save_checkpoint(self, window: Window) -> Path:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
                  "max_steps": s.max_steps, "window": window.state()}
+        self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
-                               self.config.train.save_total_limit)
+                               self.config.train.save_total_limit, self._scheduler)
         self.pm.hook.on_save(run=s, step=s.step, path=path)
+        return path
 
     def save_model(self, model=None, metrics: dict | None = None, output_dir: Path | None = None,
                    tags: list[str] = ()) -> None:
         """Model (or LoRA adapter), tokenizer and model card in output_dir, loadable with from_pretrained."""
         acc, out = self.accelerator, Path(output_dir or self.output_dir)
         model = model if model is not None else self.model
+        self._check_finite_weights("the model")
         acc.wait_for_everyone()
         acc.unwrap_model(model).save_pretrained(out, is_main_process=acc.is_main_process,
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
@@ -434,8 +512,4 @@ class Engine:
             if hasattr(tracker, "log_table"):
                 tracker.log_table(name, columns=columns, data=rows, step=self.state.step)
 
-    def _write_config(self) -> None:
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(self.config, comments=False))
 

@@ -22,11 +22,12 @@ class MetricsFile:
 
     @hookimpl
     def on_train_start(self, run):
-        """Drop rows a resumed run will write again, so the file matches an uninterrupted run."""
-        if not run.is_main_process or not self.path.exists():
+        """A fresh run starts an empty file; a resumed one drops the rows it will write again, so the file
+        matches an uninterrupted run."""
+        if not run.is_main_process:
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= run.step]
+        rows = self.path.read_text().splitlines() if self.path.exists() and run.resumed_from is not None else []
+        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= run.step]
         self.path.write_text("".join(r + "\n" for r in kept))
 
     def _append(self, run, row: dict) -> None:
