@@ -109,6 +109,8 @@ def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
 def _load_file(path: Path) -> datasets.Dataset:
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
+        raise DataError(f"{path}: the dataset is empty")
     if path.suffix == ".jsonl":
         _check_jsonl(path)
     try:

@@ -259,7 +259,8 @@ class Engine:
         try:
             stack.enter_context(self._stop_on_signals())
             self.pm.hook.on_train_start(run=state)
-            eval_metrics = self._evaluate_and_report(model, eval_dl) if t.eval_on_start and eval_dl else {}
+            starting = t.eval_on_start and eval_dl is not None and state.step == 0  # not again on resume
+            eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
             logs: dict[str, float] = {}
             model.train()
             for micro_batches in self._windows(train_dl):

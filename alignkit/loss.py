@@ -79,8 +79,9 @@ def shifted_token_logps(
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, stable (at least float32) over the whole range, finite at x == 0."""
-    x = at_least_fp32(x)
-    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    # Above -1e-7 float32 exp(x) rounds to 1 (the reference implementation gives -inf there) and the
+    # gradient ~1/|x| would overflow: clamp, so value and gradient stay finite for every x <= 0.
+    x = at_least_fp32(x).clamp(max=-1e-7)
     near_zero = x > -0.6931471805599453
     # Each branch sees only inputs safe for it: torch.where back-propagates through both branches.
     expm1_branch = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))

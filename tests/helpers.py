@@ -20,3 +20,12 @@ def read_jsonl(path) -> list[dict]:
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a launcher's rendezvous (parallel or back-to-back launches)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

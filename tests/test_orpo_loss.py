@@ -18,14 +18,20 @@ def test_odds_ratio_by_hand():
     assert loss.item() == pytest.approx(-0.1 * math.log(0.75), rel=1e-6)
 
 
-@pytest.mark.parametrize("x", [-1e-30, -1e-8, -1e-3, -0.5, -0.6931, -0.7, -5.0, -80.0, -1e4])
+@pytest.mark.parametrize("x", [-1e-7, -1e-6, -1e-3, -0.5, -0.6931, -0.7, -5.0, -80.0, -1e4])
 def test_log1mexp_matches_float64(x):
     expected = math.log(-math.expm1(x))
     assert log1mexp(torch.tensor(x)).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_log1mexp_finite_at_zero():
-    assert torch.isfinite(log1mexp(torch.tensor([0.0, -0.0]))).all()
+@pytest.mark.parametrize("x", [0.0, -0.0, -1e-30, -1e-8])
+def test_log1mexp_is_clamped_above_minus_1e7(x):
+    """Where float32 exp(x) rounds to 1 (TRL: -inf) the value is that of -1e-7, with a bounded gradient."""
+    t = torch.tensor(x, requires_grad=True)
+    value = log1mexp(t)
+    value.backward()
+    assert value.item() == pytest.approx(math.log(-math.expm1(-1e-7)), rel=1e-5)
+    assert torch.isfinite(t.grad)
 
 
 class FixedLogits(torch.nn.Module):
