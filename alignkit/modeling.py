@@ -55,7 +55,9 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
         torch.manual_seed(seed)
         config = tiny_llama_config(len(tokenizer))
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
-    kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype, **cfg.init_kwargs)
+    # Weights load from safetensors only (no pickle) unless init_kwargs says use_safetensors: false.
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype,
+                  **{"use_safetensors": True, **cfg.init_kwargs})
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:

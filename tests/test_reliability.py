@@ -243,21 +243,27 @@ def test_bad_data_is_one_line_exit_2_and_writes_nothing(tmp_path, line, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_accelerate_config_file_ddp(tmp_path):
-    """A DDP accelerate config file (multi-GPU type; on CPUs the engine runs it as gloo processes)."""
-    config = tmp_path / "ddp.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
-                      "num_processes: 2\nmixed_precision: 'no'\nuse_cpu: false\ngpu_ids: all\nmain_training_function: main\n")
-    accelerate = Path(sys.executable).parent / "accelerate"
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_accelerate_config_files(tmp_path, name):
+    """The shipped accelerate config files (DDP, FSDP2) on 2 CPU processes give the run of one process."""
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"
     env = {**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(accelerate), "launch", "--config_file", str(config), "--main_process_port",
-                           str(free_port()), "-m", "alignkit", "-q", "run",
-                           "--method", "orpo", "train.max_steps=2", "data.max_train_samples=16",
-                           "train.per_device_train_batch_size=4", "train.disable_tqdm=true", "train.logging_steps=1",
-                           f"train.output_dir={tmp_path / 'out'}", "train.save_steps=1"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-1"
+    args = ["-m", "alignkit", "-q", "run", "--method", "orpo", "train.max_steps=2", "data.max_train_samples=16",
+            "train.disable_tqdm=true", "train.logging_steps=1", "train.save_steps=1"]
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+              "--main_process_port", str(free_port())]
+    two = subprocess.run([*launch, *args, "train.per_device_train_batch_size=4", f"train.output_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "train.per_device_train_batch_size=8", f"train.output_dir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-1"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
-    rows = read_jsonl(tmp_path / "out" / "metrics.jsonl")
-    assert [r["epoch"] for r in rows if "loss" in r][:2] == [0.5, 1.0]  # 16 examples / (2 processes x 4) per step
+    rows_one, rows_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows_two if "loss" in r] == [0.5, 1.0]  # 16 examples / (2 processes x 4)
+    for a, b in zip(rows_one, rows_two):
+        key = "loss" if "loss" in a else "eval_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
