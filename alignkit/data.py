@@ -139,7 +139,8 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, missing, gated, bad split ...
-        raise DataError(f"{name}: cannot load from the Hugging Face hub: {type(e).__name__}: {e}") from None
+        raise DataError(f"{name}: no such local file or folder, and it cannot be loaded from the Hugging Face "
+                        f"hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tuple[datasets.Dataset, PrepareReport]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -237,7 +237,7 @@ class Engine:
             data = {split: self._precompute_reference(ds, self.model) for split, ds in data.items()}
         train_dl = self._loader(data["train"], t.per_device_train_batch_size, shuffle=True)
         model, optimizer, train_dl = acc.prepare(self.model, optimizer, train_dl)
-        eval_dl = acc.prepare(self._loader(data["eval"], t.per_device_eval_batch_size, False)) if "eval" in data else None
+        eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
         state.eval_dataset = data.get("eval")
 
         state.batches_per_epoch = len(train_dl)
@@ -406,13 +406,29 @@ class Engine:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate the model as loaded on the eval data (or the train data when there is none), in order."""
-        ds = self._datasets(need_train=False)["eval"]
-        dl = self._loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False)
-        model, dl = self.accelerator.prepare(self.model, dl)
-        return self._evaluate(model, dl)
+        dl = self._eval_loader(self._datasets(need_train=False)["eval"])
+        return self._evaluate(self.accelerator.prepare(self.model), dl)
+
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                     DistributedType.MEGATRON_LM)
+
+    def _eval_loader(self, ds) -> DataLoader:
+        """Eval batches split over processes without repeating samples to even them out (accelerate's
+        default), so several processes see exactly the batches one process sees. Sharded models need
+        every rank in every forward, so there accelerate's even batches stay."""
+        acc = self.accelerator
+        even, acc.even_batches = acc.even_batches, self._sharded()
+        try:
+            return acc.prepare(self._loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False))
+        finally:
+            acc.even_batches = even
 
     def _evaluate(self, model, eval_dl) -> dict[str, float]:
-        """Per-batch loss (each batch normalised by its own counts) and metrics, averaged over batches."""
+        """Per-batch loss (each batch normalised by its own counts) and metrics, averaged over all batches
+        of all processes: the same numbers as one process."""
+        if not self._sharded():  # uneven batch counts per process: no collective may run in the forward
+            model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
@@ -425,8 +441,10 @@ class Engine:
                     sums[k] = sums.get(k, 0) + at_least_fp32(v.detach())
         model.train(was_training)
         names = sorted(sums)
-        local = torch.stack([sums[k] / len(eval_dl) for k in names])
-        return {f"eval_{k}": v for k, v in zip(names, self.accelerator.reduce(local, "mean").tolist())}
+        local = torch.stack([torch.zeros((), device=self.accelerator.device) + len(eval_dl)]
+                            + [sums[k].to(self.accelerator.device) for k in names])
+        total = self.accelerator.reduce(local, "sum").tolist()
+        return {f"eval_{k}": v / total[0] for k, v in zip(names, total[1:])}
 
     def _evaluate_and_report(self, model, eval_dl) -> dict[str, float]:
         metrics = self._evaluate(model, eval_dl)
