@@ -1,6 +1,9 @@
 """Helpers shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path)."""
 
 import json
+from types import SimpleNamespace
+
+import torch
 
 
 def fast(tmp_path, **train) -> dict:
@@ -29,3 +32,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class FixedLogits(torch.nn.Module):
+    """Stands in for a causal LM: returns the given logits whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, input_ids, attention_mask, use_cache=False, **kwargs):
+        return SimpleNamespace(logits=self.logits)
+
+
+def two_pairs() -> dict:
+    """Rows chosen0, chosen1, rejected0, rejected1; a 2-token prompt; rows 1 and 3 padded (pad id 0)."""
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 8, 2, 0], [1, 5, 9, 9, 2], [1, 5, 3, 2, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

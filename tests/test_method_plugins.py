@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import alignkit_cpo
 import alignkit_dpo
@@ -17,29 +16,12 @@ import alignkit_orpo
 from alignkit.cli import cli
 from alignkit.engine import Engine
 from alignkit.testing import plugin_manager, tiny_model
-from helpers import fast, read_jsonl
+from helpers import FixedLogits, fast, read_jsonl, two_pairs
 
 
 @pytest.fixture
 def pm():
     return plugin_manager(alignkit_orpo, alignkit_dpo, alignkit_cpo, alignkit_simpo)
-
-
-class FixedLogits(torch.nn.Module):
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits)
-
-    def forward(self, input_ids, attention_mask, use_cache):
-        return SimpleNamespace(logits=self.logits)
-
-
-def batch():
-    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 8, 2, 0], [1, 5, 9, 9, 2], [1, 5, 3, 2, 0]])
-    mask = (ids != 0).long()
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :2] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def answer_logps(logits, labels):
@@ -62,7 +44,7 @@ def check(out, counts, expected):
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_cpo_sigmoid(pm, smoothing):
     torch.manual_seed(0)
-    b, logits = batch(), torch.randn(4, 5, 11)
+    b, logits = two_pairs(), torch.randn(4, 5, 11)
     loss = alignkit.get_method("cpo", pm).loss(alignkit_cpo.CPOConfig(beta=0.3, cpo_alpha=0.7, label_smoothing=smoothing))
     rows = answer_logps(logits, b["labels"])
     c, r = [sum(x) for x in rows[:2]], [sum(x) for x in rows[2:]]
@@ -77,7 +59,7 @@ def test_cpo_sigmoid(pm, smoothing):
 
 def test_simpo(pm):
     torch.manual_seed(1)
-    b, logits = batch(), torch.randn(4, 5, 11) * 2
+    b, logits = two_pairs(), torch.randn(4, 5, 11) * 2
     config = alignkit.get_method("simpo", pm).config()
     assert (config.beta, config.simpo_gamma, config.cpo_alpha, config.max_length) == (2.0, 0.5, 0.0, 1024)
     loss = alignkit_simpo.SimPOLoss(config)
@@ -94,7 +76,7 @@ def test_simpo(pm):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_dpo_sigmoid_against_reference(pm, smoothing):
     torch.manual_seed(2)
-    b, policy, reference = batch(), torch.randn(4, 5, 11), torch.randn(4, 5, 11)
+    b, policy, reference = two_pairs(), torch.randn(4, 5, 11), torch.randn(4, 5, 11)
     loss = alignkit_dpo.DPOLoss(alignkit_dpo.DPOConfig(beta=0.5, label_smoothing=smoothing))
     pol, ref = answer_logps(policy, b["labels"]), answer_logps(reference, b["labels"])
     pc, pr = [sum(x) for x in pol[:2]], [sum(x) for x in pol[2:]]

@@ -1,13 +1,13 @@
 """The ORPO loss and metrics against hand-worked values and a naive float64 reference."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from alignkit import log1mexp
 from alignkit_orpo import ORPOLoss, ORPOMethodConfig, odds_ratio_terms
+from helpers import FixedLogits, two_pairs
 
 
 def test_odds_ratio_by_hand():
@@ -34,17 +34,6 @@ def test_log1mexp_is_clamped_above_minus_1e7(x):
     assert torch.isfinite(t.grad)
 
 
-class FixedLogits(torch.nn.Module):
-    """Stands in for a causal LM: returns the given logits whatever the input."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits)
-
-    def forward(self, input_ids, attention_mask, use_cache):
-        return SimpleNamespace(logits=self.logits)
-
-
 def naive_orpo(logits, input_ids, mask, labels, beta):
     """The semantics doc, written out with loops in float64."""
     logits, n = logits.double(), input_ids.shape[0] // 2
@@ -67,19 +56,10 @@ def naive_orpo(logits, input_ids, mask, labels, beta):
     }
 
 
-def batch_of_two_pairs():
-    # rows: chosen0, chosen1, rejected0, rejected1; prompt = first 2 tokens; row 1 and 3 padded (pad id 0).
-    input_ids = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 8, 2, 0], [1, 5, 9, 9, 2], [1, 5, 3, 2, 0]])
-    mask = (torch.arange(5) < torch.tensor([[5], [4], [5], [4]])).long()
-    labels = input_ids.masked_fill(mask == 0, -100).clone()
-    labels[:, :2] = -100
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_loss_and_every_metric_match_naive_reference(beta):
     torch.manual_seed(0)
-    batch = batch_of_two_pairs()
+    batch = two_pairs()
     logits = torch.randn(4, 5, 11) * 3
     loss_fn = ORPOLoss(ORPOMethodConfig(beta=beta))
     out = loss_fn(FixedLogits(logits), batch)
@@ -94,7 +74,7 @@ def test_loss_and_every_metric_match_naive_reference(beta):
 
 def test_nll_trains_eos_equal_to_pad_id():
     """Padding is masked by the attention mask, so a real token with the pad id still counts."""
-    batch = batch_of_two_pairs()
+    batch = two_pairs()
     batch["input_ids"][0, 4] = 0  # chosen row 0 ends in a token equal to the pad id
     batch["labels"][0, 4] = 0
     assert ORPOLoss(ORPOMethodConfig()).counts(batch)["nll_tokens"] == 7
@@ -102,7 +82,7 @@ def test_nll_trains_eos_equal_to_pad_id():
 
 def test_completion_only_nll_scope():
     torch.manual_seed(1)
-    batch, logits = batch_of_two_pairs(), torch.randn(4, 5, 11)
+    batch, logits = two_pairs(), torch.randn(4, 5, 11)
     loss_fn = ORPOLoss(ORPOMethodConfig(nll_scope="completion"))
     out = loss_fn(FixedLogits(logits), batch)
     logp = torch.log_softmax(logits.double(), -1)

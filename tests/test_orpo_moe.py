@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 import alignkit
 from alignkit_orpo import ORPOLoss, ORPOMethodConfig
-from helpers import fast
+from helpers import fast, two_pairs
 
 
 def tiny_mixtral(route: bool):
@@ -18,16 +18,8 @@ def tiny_mixtral(route: bool):
     return AutoModelForCausalLM.from_config(config)
 
 
-def batch():
-    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 8, 2, 0], [1, 5, 9, 9, 2], [1, 5, 3, 2, 0]])
-    mask = (ids != 0).long()
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :2] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def test_router_aux_loss_is_added_scaled_by_its_coefficient():
-    model, b = tiny_mixtral(route=True), batch()
+    model, b = tiny_mixtral(route=True), two_pairs()
     loss = ORPOLoss(ORPOMethodConfig())
     loss.prepare_model(model)
     out = loss(model, b)
@@ -45,7 +37,7 @@ def test_no_aux_term_without_output_router_logits():
     model = tiny_mixtral(route=False)
     loss = ORPOLoss(ORPOMethodConfig())
     loss.prepare_model(model)
-    assert "batches" not in loss(model, batch()).terms
+    assert "batches" not in loss(model, two_pairs()).terms
 
 
 def test_moe_model_trains(pm, tmp_path):
