@@ -5,6 +5,7 @@ exactly what they see.
 """
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -52,8 +53,9 @@ class ProgressBar:
 
     @hookimpl
     def on_train_start(self, run):
+        quiet = not logging.getLogger("alignkit").isEnabledFor(logging.INFO)  # `alignkit -q`
         self.bar = tqdm(total=run.max_steps, initial=run.step, desc="training", dynamic_ncols=True,
-                        disable=self.disable or not run.is_main_process)
+                        disable=self.disable or quiet or not run.is_main_process)
 
     @hookimpl
     def on_step_end(self, run, step, metrics):
