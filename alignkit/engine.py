@@ -3,16 +3,14 @@ batches and the method's loss turns a batch into loss terms and metrics; everyth
 """
 
 import contextlib
-import copy
+import functools
 import logging
 import math
 import shutil
 import signal
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -23,70 +21,17 @@ from transformers import get_scheduler
 
 from alignkit import checkpoint
 from alignkit.config import RunConfig, to_yaml
-from alignkit.data import EpochSampler, PrepareReport, load_data, load_splits, prepare
+from alignkit.data import EpochSampler, load_data, load_splits, prepare
 from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from alignkit.loss import at_least_fp32
 from alignkit.method import Method
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
+from alignkit.reference import Reference, collate_with_reference
 from alignkit.reporting import MetricsFile, ProgressBar, Trackers
+from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunState:
-    """What the lifecycle hooks receive as `run`. Treat it as read-only."""
-
-    config: RunConfig
-    method: Method
-    output_dir: Path
-    is_main_process: bool
-    model: Any = None
-    tokenizer: Any = None
-    max_steps: int = 0
-    step: int = 0
-    epoch_index: int = 0
-    batches_in_epoch: int = 0
-    batches_per_epoch: int = 1
-    data: dict[str, PrepareReport] = field(default_factory=dict)
-    #: the checkpoint this run resumed from (None for a fresh run)
-    resumed_from: Path | None = None
-    #: optimizer steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
-    skipped_steps: int = 0
-    #: the formatted eval set (None without eval data), e.g. for sampling completions at eval time
-    eval_dataset: Any = None
-    #: log_table(name, columns, rows): send a table to the trackers that take tables (wandb, comet)
-    log_table: Any = None
-
-    @property
-    def epoch(self) -> float:
-        return self.epoch_index + self.batches_in_epoch / self.batches_per_epoch
-
-
-class Window:
-    """Sums of the loss and the metrics since the last log: the log is their plain mean."""
-
-    def __init__(self) -> None:
-        self.loss, self.grad_norm, self.steps, self.micro_batches = 0.0, 0.0, 0, 0
-        self.metrics: dict[str, float] = {}
-
-    def add(self, loss: float, grad_norm: float, metric_sums: dict[str, float], micro_batches: int) -> None:
-        self.loss += loss
-        self.grad_norm += grad_norm
-        self.steps += 1
-        self.micro_batches += micro_batches
-        for k, v in metric_sums.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + v
-
-    def state(self) -> dict:
-        return dict(vars(self))
-
-    @classmethod
-    def from_state(cls, state: dict) -> "Window":
-        window = cls()
-        vars(window).update(state)
-        return window
 
 
 def _check_trackers(names: list[str]) -> None:
@@ -129,7 +74,7 @@ class Engine:
         self.collate_fn = collate_fn or self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
-        self.ref_model = self._reference_model()
+        self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
         self.raw = {"train": train_dataset, "eval": eval_dataset}
         self._formatted: dict[str, tuple] = {}  # split -> (raw dataset, formatted dataset)
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
@@ -168,58 +113,10 @@ class Engine:
                             "after truncation)", split, report.kept, report.truncated, report.dropped)
         return out
 
-    # ---- the reference model (a capability some losses declare) ----------------------------------
-
-    def _reference_model(self):
-        """A frozen reference for losses that declare needs_reference_model; None when the policy is a
-        PEFT model (its adapters are switched off instead) or when the loss needs none."""
-        if not self.loss.needs_reference_model or hasattr(self.model, "disable_adapter"):
-            return None
-        name = self.config.model.ref_name_or_path
-        if name:
-            ref = load_model(self.config.model.model_copy(update={"name_or_path": name, "peft": None}),
-                             self.tokenizer, self.config.train.seed)
-        else:
-            ref = copy.deepcopy(self.model)
-        ref.eval().requires_grad_(False)
-        return self.accelerator.prepare_model(ref, evaluation_mode=True)
-
-    def _reference(self, model, batch: dict) -> dict | None:
-        """The loss's reference outputs for `batch`: precomputed, from the reference model, or from the
-        policy with its adapters disabled."""
-        if not self.loss.needs_reference_model:
-            return None
-        if "__ref" in batch:
-            return batch.pop("__ref")
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self.loss.reference(self.ref_model, batch)
-            with self.accelerator.unwrap_model(model).disable_adapter():
-                return self.loss.reference(model, batch)
-
-    def _precompute_reference(self, ds, model):
-        """Add the reference outputs of every example as `__ref_*` columns (computed once, in order)."""
-        size = self.config.train.per_device_eval_batch_size
-        columns: dict[str, list] = {}
-        for start in range(0, len(ds), size):
-            rows = [ds[i] for i in range(start, min(start + size, len(ds)))]
-            batch = {k: v.to(self.accelerator.device) for k, v in self.collate_fn(rows).items()}
-            for key, value in self._reference(model, batch).items():
-                columns.setdefault(f"__ref_{key}", []).extend(value.tolist())
-        for key, values in columns.items():
-            ds = ds.add_column(key, values)
-        return ds
-
-    def _collate(self, features: list[dict]) -> dict:
-        """The formatter's batch, plus precomputed reference outputs under `__ref`."""
-        keys = [k for k in features[0] if k.startswith("__ref_")]
-        refs = {k.removeprefix("__ref_"): torch.tensor([f[k] for f in features]) for k in keys}
-        batch = self.collate_fn([{k: v for k, v in f.items() if k not in keys} for f in features])
-        return {**batch, "__ref": refs} if refs else batch
-
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = EpochSampler(len(ds), self.config.train.seed) if shuffle else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self._collate,
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler,
+                          collate_fn=functools.partial(collate_with_reference, self.collate_fn),
                           num_workers=self.config.train.dataloader_num_workers)
 
     # ---- the training loop ------------------------------------------------------------------------
@@ -234,7 +131,8 @@ class Engine:
                 self.model.enable_input_require_grads()
         optimizer = self.optimizer or self._optimizer()
         if self.loss.needs_reference_model and self.loss.precompute_reference:
-            data = {split: self._precompute_reference(ds, self.model) for split, ds in data.items()}
+            size = t.per_device_eval_batch_size
+            data = {split: self.reference.precompute(ds, self.model, self.collate_fn, size) for split, ds in data.items()}
         train_dl = self._loader(data["train"], t.per_device_train_batch_size, shuffle=True)
         model, optimizer, train_dl = acc.prepare(self.model, optimizer, train_dl)
         eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
@@ -383,7 +281,7 @@ class Engine:
         return loss_sum, metric_sums
 
     def _loss(self, model, batch: dict):
-        ref = self._reference(model, batch)
+        ref = self.reference(model, batch)
         return self.loss(model, batch) if ref is None else self.loss(model, batch, ref=ref)
 
     def _global_counts(self, micro_batches) -> dict[str, float]:

@@ -122,7 +122,7 @@ def test_dpo_reference_is_the_frozen_initial_policy(pm, tmp_path):
     cfg, method = alignkit.load_config("dpo", fast(tmp_path, max_steps=3, learning_rate=3e-3), plugins=pm)
     engine = Engine(cfg, method, pm, model=model)
     engine.train()
-    ref = engine.accelerator.unwrap_model(engine.ref_model)
+    ref = engine.accelerator.unwrap_model(engine.reference.model)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     assert all(torch.equal(ref.state_dict()[k], v) for k, v in initial.items())
     assert not torch.equal(model.state_dict()["model.norm.weight"], initial["model.norm.weight"])
@@ -134,7 +134,7 @@ def test_dpo_reference_from_another_model(pm, tmp_path):
                                        plugins=pm)
     engine = Engine(cfg, method, pm, model=tiny_model(seed=3))
     key = "model.embed_tokens.weight"
-    assert torch.equal(engine.ref_model.state_dict()[key], tiny_model(seed=9).state_dict()[key])
+    assert torch.equal(engine.reference.model.state_dict()[key], tiny_model(seed=9).state_dict()[key])
     assert not torch.equal(engine.model.state_dict()[key], tiny_model(seed=9).state_dict()[key])
 
 
@@ -152,11 +152,11 @@ def test_dpo_with_lora_uses_the_policy_with_adapters_disabled(pm, tmp_path):
     cfg, method = alignkit.load_config("dpo", fast(tmp_path, max_steps=2, learning_rate=1e-2),
                                        {"model.peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}, plugins=pm)
     engine = Engine(cfg, method, pm, model=tiny_model(seed=3))
-    assert engine.ref_model is None  # no second copy
+    assert engine.reference.model is None  # no second copy
     engine.train()
     data = engine._datasets(need_train=True)["train"]
     b = engine.formatter.collate([data[i] for i in range(2)])
-    ref = engine._reference(engine.model, dict(b))
+    ref = engine.reference(engine.model, dict(b))
     base = engine.loss.reference(tiny_model(seed=3), b)
     assert torch.allclose(ref["chosen"], base["chosen"], atol=1e-5)
     with torch.no_grad():

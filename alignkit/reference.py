@@ -1,0 +1,61 @@
+"""The frozen reference model that a loss may declare it needs (Loss.needs_reference_model)."""
+
+import copy
+
+import torch
+
+from alignkit.modeling import load_model
+
+PREFIX = "__ref_"
+
+
+class Reference:
+    """Builds the reference once and computes the loss's reference outputs for a batch.
+
+    The reference is a frozen copy of the policy's initial weights, `model.ref_name_or_path`, or, for a
+    PEFT policy, the policy itself with its adapters disabled (no second copy)."""
+
+    def __init__(self, loss, policy, config, tokenizer, accelerator) -> None:
+        self.loss, self.accelerator, self.model = loss, accelerator, None
+        if not loss.needs_reference_model or hasattr(policy, "disable_adapter"):
+            return
+        name = config.model.ref_name_or_path
+        if name:
+            ref = load_model(config.model.model_copy(update={"name_or_path": name, "peft": None}), tokenizer,
+                             config.train.seed)
+        else:
+            ref = copy.deepcopy(policy)
+        ref.eval().requires_grad_(False)
+        self.model = accelerator.prepare_model(ref, evaluation_mode=True)
+
+    def __call__(self, policy, batch: dict) -> dict | None:
+        """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
+        if not self.loss.needs_reference_model:
+            return None
+        if "__ref" in batch:
+            return batch.pop("__ref")
+        with torch.no_grad():
+            if self.model is not None:
+                return self.loss.reference(self.model, batch)
+            with self.accelerator.unwrap_model(policy).disable_adapter():
+                return self.loss.reference(policy, batch)
+
+    def precompute(self, ds, policy, collate, batch_size: int):
+        """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order)."""
+        columns: dict[str, list] = {}
+        for start in range(0, len(ds), batch_size):
+            rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
+            for key, value in self(policy, batch).items():
+                columns.setdefault(PREFIX + key, []).extend(value.tolist())
+        for key, values in columns.items():
+            ds = ds.add_column(key, values)
+        return ds
+
+
+def collate_with_reference(collate, features: list[dict]) -> dict:
+    """`collate` of the features, plus their precomputed reference outputs under `__ref`."""
+    keys = [k for k in features[0] if k.startswith(PREFIX)]
+    refs = {k.removeprefix(PREFIX): torch.tensor([f[k] for f in features]) for k in keys}
+    batch = collate([{k: v for k, v in f.items() if k not in keys} for f in features])
+    return {**batch, "__ref": refs} if refs else batch

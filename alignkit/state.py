@@ -1,0 +1,64 @@
+"""What the lifecycle hooks see of a run (RunState), and the logging window the engine keeps."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import RunConfig
+from alignkit.data import PrepareReport
+from alignkit.method import Method
+
+
+@dataclass
+class RunState:
+    """What the lifecycle hooks receive as `run`. Treat it as read-only."""
+
+    config: RunConfig
+    method: Method
+    output_dir: Path
+    is_main_process: bool
+    model: Any = None
+    tokenizer: Any = None
+    max_steps: int = 0
+    step: int = 0
+    epoch_index: int = 0
+    batches_in_epoch: int = 0
+    batches_per_epoch: int = 1
+    data: dict[str, PrepareReport] = field(default_factory=dict)
+    #: the checkpoint this run resumed from (None for a fresh run)
+    resumed_from: Path | None = None
+    #: optimizer steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
+    skipped_steps: int = 0
+    #: the formatted eval set (None without eval data), e.g. for sampling completions at eval time
+    eval_dataset: Any = None
+    #: log_table(name, columns, rows): send a table to the trackers that take tables (wandb, comet)
+    log_table: Any = None
+
+    @property
+    def epoch(self) -> float:
+        return self.epoch_index + self.batches_in_epoch / self.batches_per_epoch
+
+
+class Window:
+    """Sums of the loss and the metrics since the last log: the log is their plain mean."""
+
+    def __init__(self) -> None:
+        self.loss, self.grad_norm, self.steps, self.micro_batches = 0.0, 0.0, 0, 0
+        self.metrics: dict[str, float] = {}
+
+    def add(self, loss: float, grad_norm: float, metric_sums: dict[str, float], micro_batches: int) -> None:
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.micro_batches += micro_batches
+        for k, v in metric_sums.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Window":
+        window = cls()
+        vars(window).update(state)
+        return window
