@@ -103,15 +103,40 @@ def methods():
 @cli.command(context_settings=_passthrough)
 @_method
 @_config
+@click.option("--schema", is_flag=True, help="Print the JSON schema of the whole config instead.")
 @_overrides
-def config(method, config_file, overrides):
-    """Print the full resolved config as commented YAML that -c accepts.
+def config(method, config_file, schema, overrides):
+    """Print the full resolved config as commented YAML that -c accepts (or its JSON schema).
 
     \b
     alignkit config --method NAME > my.yaml
+    alignkit config --method NAME --schema
     """
     cfg, _ = api.load_config(method, config_file, _dotlist(overrides))
-    click.echo(to_yaml(cfg), nl=False)
+    if schema:
+        click.echo(json.dumps(type(cfg).model_json_schema(), indent=2))
+    else:
+        click.echo(to_yaml(cfg), nl=False)
+
+
+@cli.command("format", context_settings=_passthrough)
+@_method
+@_config
+@click.option("-n", "--n", "count", default=3, show_default=True, help="How many training examples to show.")
+@_overrides
+def format_(method, config_file, count, overrides):
+    """Show how the method's formatter turns training examples into tokens, and which are labelled targets.
+
+    Labelled tokens (label != -100) are [[bracketed]] (green on a terminal); masked ones are plain.
+
+    \b
+    alignkit format --method NAME -n 2
+    alignkit format --method NAME data.train=pairs.jsonl method.max_length=64
+    """
+    from alignkit.inspect import show_examples
+
+    cfg, chosen = api.load_config(method, config_file, _dotlist(overrides))
+    click.echo(show_examples(cfg, chosen, count, color=sys.stdout.isatty()), nl=False)
 
 
 def _dotlist(overrides: tuple[str, ...]) -> dict:

@@ -1,0 +1,40 @@
+"""`alignkit format`: the formatter's output as a person reads it, for any method."""
+
+from alignkit.config import RunConfig
+from alignkit.data import load_data, prepare
+from alignkit.method import Method
+from alignkit.modeling import load_tokenizer
+
+IGNORE = -100
+
+
+def _render(tokenizer, ids: list[int], labels: list[int] | None, color: bool) -> str:
+    """Tokens in order; those whose label is trained are [[marked]] (or green)."""
+    out = []
+    for i, token in enumerate(ids):
+        text = tokenizer.decode([token])
+        trained = labels is not None and i < len(labels) and labels[i] != IGNORE
+        out.append((f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]") if trained else text)
+    return "".join(out)
+
+
+def show_examples(config: RunConfig, method: Method, count: int, color: bool = False) -> str:
+    """The first `count` training examples: each formatted sequence, what takes loss, lengths, truncation."""
+    tokenizer = load_tokenizer(config.model)
+    formatter = method.formatter(config.method, tokenizer)
+    raw = load_data(config.data.train, config.data.train_split)
+    raw = raw.select(range(min(count, len(raw))))
+    formatted, report = prepare(raw, formatter, config.data.train)
+    lines = [f"{config.data.train}: {report.kept} shown, {report.truncated} truncated, {report.dropped} dropped "
+             f"by the {method.name} formatter; {'green' if color else '[[bracketed]]'} tokens are labelled targets "
+             "(label != -100)", ""]
+    for index, features in enumerate(formatted):
+        lines.append(f"--- example {index}")
+        for key in sorted(k for k in features if k.endswith("input_ids")):
+            side = key.removesuffix("_input_ids")
+            labels = features.get(f"{side}_labels")
+            trained = sum(1 for x in (labels or []) if x != IGNORE)
+            lines.append(f"{side} ({len(features[key])} tokens, {trained} labelled):")
+            lines.append("  " + _render(tokenizer, features[key], labels, color).replace("\n", "\n  "))
+        lines.append("")
+    return "\n".join(lines) + "\n"
