@@ -130,7 +130,7 @@ class Engine:
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
         optimizer = self.optimizer or self._optimizer()
-        if self.loss.needs_reference_model and self.loss.precompute_reference:
+        if self.reference.precomputed:
             size = t.per_device_eval_batch_size
             data = {split: self.reference.precompute(ds, self.model, self.collate_fn, size) for split, ds in data.items()}
         train_dl = self._loader(data["train"], t.per_device_train_batch_size, shuffle=True)
@@ -259,7 +259,8 @@ class Engine:
             raise NonFiniteError(f"step {self.state.step + 1}: loss {global_loss}, gradient norm {grad_norm}; no weights "
                                  "were changed. Lower the learning rate, check the data, or set train.skip_nonfinite_steps=true")
         optimizer.zero_grad(set_to_none=True)
-        return global_loss, {k: v.item() for k, v in metric_sums.items()}, grad_norm
+        values = torch.stack(list(metric_sums.values())).tolist() if metric_sums else []  # one device sync
+        return global_loss, dict(zip(metric_sums, values)), grad_norm
 
     def _accumulate_gradients(self, model, micro_batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Backward over each micro-batch, every loss term divided by its count over all of them and all ranks."""
@@ -302,10 +303,18 @@ class Engine:
 
     # ---- evaluation -------------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        """Evaluate the model as loaded on the eval data (or the train data when there is none), in order."""
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """Evaluate the model as it is on the eval data (or the train data when there is none), in order;
+        `eval_dataset` replaces the eval data."""
+        if eval_dataset is not None:
+            self.raw["eval"] = eval_dataset
         dl = self._eval_loader(self._datasets(need_train=False)["eval"])
         return self._evaluate(self.accelerator.prepare(self.model), dl)
+
+    def eval_batches(self) -> DataLoader:
+        """The eval set formatted and collated in order, as this process sees it (for custom eval loops)."""
+        ds = self._datasets(need_train=False)["eval"]
+        return self._loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False)
 
     def _sharded(self) -> bool:
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
@@ -339,7 +348,7 @@ class Engine:
                     sums[k] = sums.get(k, 0) + at_least_fp32(v.detach())
         model.train(was_training)
         names = sorted(sums)
-        local = torch.stack([torch.zeros((), device=self.accelerator.device) + len(eval_dl)]
+        local = torch.stack([torch.tensor(float(len(eval_dl)), device=self.accelerator.device)]
                             + [sums[k].to(self.accelerator.device) for k in names])
         total = self.accelerator.reduce(local, "sum").tolist()
         return {f"eval_{k}": v / total[0] for k, v in zip(names, total[1:])}
@@ -396,9 +405,11 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     def _check_finite_weights(self, where: str) -> None:
-        for name, p in self.model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise NonFiniteError(f"refusing to write {where}: parameter {name} holds NaN/inf values")
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()  # one device sync
+        if not all(finite):
+            name = named[finite.index(False)][0]
+            raise NonFiniteError(f"refusing to write {where}: parameter {name} holds NaN/inf values")
 
     def _save_checkpoint(self, window: Window) -> Path:
         s = self.state

@@ -28,6 +28,11 @@ class Reference:
         ref.eval().requires_grad_(False)
         self.model = accelerator.prepare_model(ref, evaluation_mode=True)
 
+    @property
+    def precomputed(self) -> bool:
+        """The loss asks for its reference outputs once, before training, instead of every step."""
+        return self.loss.needs_reference_model and self.loss.precompute_reference
+
     def __call__(self, policy, batch: dict) -> dict | None:
         """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
         if not self.loss.needs_reference_model:

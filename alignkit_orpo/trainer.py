@@ -115,13 +115,9 @@ class ORPOTrainer:
 
     def evaluate(self, eval_dataset: datasets.Dataset | None = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        if eval_dataset is not None:
-            self.engine.raw["eval"] = eval_dataset
-        metrics = self.engine.evaluate()
+        metrics = self.engine.evaluate(eval_dataset)
         if self.compute_metrics is not None:
-            ds = self.engine._datasets(need_train=False)["eval"]
-            loop = self.evaluation_loop(self.engine._loader(ds, self.args.per_device_eval_batch_size, False),
-                                        "Evaluation", metric_key_prefix="eval")
+            loop = self.evaluation_loop(self.engine.eval_batches(), "Evaluation", metric_key_prefix="eval")
             metrics.update({k: v for k, v in loop.metrics.items() if k not in metrics})
         metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in metrics.items()}
         self.log(metrics)
