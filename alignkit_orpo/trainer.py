@@ -69,7 +69,7 @@ class ORPOTrainer:
                  callbacks: list[TrainerCallback] | None = None, optimizers: tuple = (None, None),
                  preprocess_logits_for_metrics: Callable | None = None, peft_config: dict | None = None,
                  compute_metrics: Callable[[EvalPrediction], dict] | None = None) -> None:
-        from alignkit_orpo import METHOD
+        import alignkit_orpo  # this plugin's own module (imported here: it imports this one)
 
         self.args = args or ORPOConfig(output_dir="trainer_output")
         overrides = self.args.to_alignkit()
@@ -83,15 +83,14 @@ class ORPOTrainer:
             raise ValueError("ORPOTrainer needs `processing_class` (the tokenizer) when `model` is an object")
         if isinstance(eval_dataset, dict):
             raise ValueError("alignkit evaluates one eval_dataset; pass a single datasets.Dataset")
-        overrides["train.eval_on_start"] = self.args.eval_on_start
         if model is not None:
             overrides.setdefault("model.name_or_path", getattr(model.config, "_name_or_path", "") or "(model object)")
         self.config, _ = load_config("orpo", {"data": {"train": "(dataset passed to ORPOTrainer)"}}, overrides,
-                                     plugins=get_plugin_manager(load_entrypoints=False, plugins=[_registered()]))
+                                     plugins=get_plugin_manager(load_entrypoints=False, plugins=[alignkit_orpo]))
         self.pm = get_plugin_manager(plugins=[_Callbacks(list(callbacks or []), self.args)])
         collate = (lambda feats: self._alignkit_batch(data_collator([self._trl_features(f) for f in feats]))) \
             if data_collator is not None else None
-        self.engine = Engine(self.config, METHOD, self.pm, model=model, tokenizer=processing_class,
+        self.engine = Engine(self.config, alignkit_orpo.METHOD, self.pm, model=model, tokenizer=processing_class,
                              train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
                              optimizers=optimizers, collate_fn=collate)
         self.model, self.processing_class = self.engine.model, self.engine.tokenizer
@@ -129,10 +128,8 @@ class ORPOTrainer:
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
         from alignkit.modelcard import model_card
-        from alignkit_orpo import METHOD
-
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = model_card(self.config, METHOD, self._stored[-1] if self._stored else {}, tags)
+        card = model_card(self.config, self.engine.method, self._stored[-1] if self._stored else {}, tags)
         if model_name:
             card = card.replace(f"# {Path(self.config.train.output_dir).name}\n", f"# {model_name}\n", 1)
         if dataset_name:
@@ -250,10 +247,4 @@ class ORPOTrainer:
             extra = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
             metrics.update({f"{metric_key_prefix}_{k}": v for k, v in extra.items()})
         return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics, num_samples=n_samples)
-
-
-def _registered():
-    import alignkit_orpo
-
-    return alignkit_orpo
 
