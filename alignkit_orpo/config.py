@@ -42,3 +42,10 @@ class ORPOMethodConfig(PreferenceDataConfig):
         False, description="At each eval, sample completions for a few eval prompts into output_dir/completions.jsonl and table-capable trackers.")
     nll_scope: Literal["sequence", "completion"] = Field(
         "sequence", description="Tokens the NLL term covers: the whole chosen sequence (TRL, paper) or its completion only.")
+    loss_implementation: Literal["chunked", "plain"] = Field(
+        "chunked", description="chunked: the LM head runs only at scored positions, in checkpointed chunks, never "
+        "holding all logits (less memory, same numbers); plain: the model's full logits, as TRL (for debugging).")
+    logits_chunk_size: int = Field(1024, gt=0, description="Token positions per LM-head chunk of the chunked path.")
+    padding_free: bool = Field(
+        False, description="Run each batch's real tokens as one packed row with per-sequence position ids (needs the "
+        "chunked path and sdpa/eager/flex/flash attention). logits/* then average real positions only.")

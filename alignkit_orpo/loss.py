@@ -1,13 +1,17 @@
 """The ORPO objective (arXiv 2403.07691): NLL on the chosen rows minus beta * log sigma(log odds ratio)."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
+from alignkit import ConfigError, Loss, LossOutput, log1mexp, shifted_token_logps
+from alignkit.lmhead import PACKING_ATTENTION, LMHead, check_head, final_hidden_states, selected_token_logps
 from alignkit.loss import at_least_fp32
 from alignkit.modeling import disable_dropout
+
+log = logging.getLogger(__name__)
 
 
 def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float):
@@ -22,16 +26,34 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, b
 
 
 class ORPOLoss(Loss):
-    """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms."""
+    """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms.
+
+    The chunked path (default) never materialises the logits: see alignkit.lmhead. The plain path
+    takes the model's full [2B, T, V] logits, as TRL does; both compute the same numbers.
+    """
 
     #: router_aux_loss_coef when the model returns a MoE load-balancing loss, else None
     aux_loss_coef: float | None = None
+    #: the split-off LM head of the chunked path; None runs the plain path
+    head: LMHead | None = None
+    _head_checked: bool = False
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
         if getattr(model.config, "output_router_logits", False):
             self.aux_loss_coef = model.config.router_aux_loss_coef
+        if self.config.loss_implementation == "chunked":
+            self.head, why = LMHead.of(model)
+            if self.head is None:
+                log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
+        if self.config.padding_free:
+            attention = getattr(model.config, "_attn_implementation", None)
+            if self.head is None or attention not in PACKING_ATTENTION:
+                raise ConfigError(
+                    f"method.padding_free needs the chunked loss path and an attention implementation in "
+                    f"{', '.join(PACKING_ATTENTION)} (this model: {attention}, chunked: {self.head is not None}); "
+                    f"set method.padding_free=false")
 
     def _nll_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Targets of the NLL on the chosen rows: every real token (sequence) or the answer (completion).
@@ -48,7 +70,42 @@ class ORPOLoss(Loss):
                 "pairs": batch["input_ids"].shape[0] // 2, "batches": 1}
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
-        """One forward over [chosen; rejected] rows: logits, mean completion log-probs, NLL sum and count."""
+        """One forward over [chosen; rejected] rows: mean completion log-probs, NLL sum and count, logits means."""
+        if self.head is not None and "decoder_input_ids" not in batch:
+            return self.forward_chunked(model, batch)
+        return self.forward_plain(model, batch)
+
+    def forward_chunked(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
+        """The LM head only at the positions a term reads, in checkpointed chunks (alignkit.lmhead)."""
+        n, ignore = batch["input_ids"].shape[0] // 2, self.config.label_pad_token_id
+        extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
+        outputs, hidden_BTH = final_hidden_states(model, batch["input_ids"], batch["attention_mask"],
+                                                  padding_free=self.config.padding_free, **extra)
+        if not self._head_checked:
+            if not check_head(self.head, outputs):
+                raise RuntimeError("the model's output embedding does not reproduce its logits (a logit transform "
+                                   "alignkit does not know?); set method.loss_implementation=plain")
+            self._head_checked = True
+        labels_BT = batch["labels"][:, 1:]
+        label_mask_BT = labels_BT != ignore
+        nll_BT = torch.full_like(labels_BT, ignore)
+        nll_BT[:n] = self._nll_targets(batch)[:, 1:]
+        nll_mask_BT = nll_BT != ignore
+        select_BT = label_mask_BT | nll_mask_BT
+        targets_BT = torch.where(label_mask_BT, labels_BT, nll_BT).clamp(min=0)
+        logps_BT, vocab_sums_BT = selected_token_logps(self.head, hidden_BTH[:, :-1], targets_BT, select_BT,
+                                                       self.config.logits_chunk_size)
+        seq_logps_B = (logps_BT * label_mask_BT).sum(-1) / label_mask_BT.sum(-1)
+        vocab = outputs.logits.shape[-1]
+        # logits/* average every position [:, :-1] over the whole vocabulary; from the vocab sums
+        logits_means = (vocab_sums_BT[:n].sum() / (vocab_sums_BT[:n].numel() * vocab),
+                        vocab_sums_BT[n:].sum() / (vocab_sums_BT[n:].numel() * vocab))
+        return ORPOForward(None, seq_logps_B[:n], seq_logps_B[n:], -(logps_BT[:n] * nll_mask_BT[:n]).sum(),
+                           nll_mask_BT[:n].sum(), outputs.aux_loss if self.aux_loss_coef is not None else None,
+                           None, logits_means)
+
+    def forward_plain(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
+        """The model's full logits [2B, T, V]: log-softmax over all of them (TRL's way; keeps `logits`)."""
         n, ignore = batch["input_ids"].shape[0] // 2, self.config.label_pad_token_id
         seq2seq = "decoder_input_ids" in batch
         extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
@@ -61,15 +118,17 @@ class ORPOLoss(Loss):
         seq_logps_B = token_logps_BT.sum(-1) / mask_BT.sum(-1)
         # logits/* average the positions that predict something: all but the last of a decoder-only row
         scored_BTV = logits_BTV if seq2seq else logits_BTV[:, :-1]
+        with torch.no_grad():
+            logits_means = (at_least_fp32(scored_BTV[:n]).mean(), at_least_fp32(scored_BTV[n:]).mean())
         return ORPOForward(logits_BTV, seq_logps_B[:n], seq_logps_B[n:], -nll_logps_BT.sum(), nll_mask_BT.sum(),
-                           outputs.aux_loss if self.aux_loss_coef is not None else None, scored_BTV)
+                           outputs.aux_loss if self.aux_loss_coef is not None else None, scored_BTV, logits_means)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         return self.output(self.forward(model, batch))
 
     def output(self, f: "ORPOForward") -> LossOutput:
         """The summed loss terms and the eleven metrics of one forward pass."""
-        beta, n = self.config.beta, f.chosen_logps.shape[0]
+        beta = self.config.beta
         or_loss_B, log_odds_B, log_sigma_B = odds_ratio_terms(f.chosen_logps, f.rejected_logps, beta)
         terms = {"nll_tokens": f.nll_sum, "pairs": or_loss_B.sum()}
         if f.aux_loss is not None:
@@ -83,8 +142,8 @@ class ORPOLoss(Loss):
                 "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                 "logps/chosen": f.chosen_logps.mean(),
                 "logps/rejected": f.rejected_logps.mean(),
-                "logits/chosen": at_least_fp32(f.scored_logits[:n]).mean(),
-                "logits/rejected": at_least_fp32(f.scored_logits[n:]).mean(),
+                "logits/chosen": f.logits_means[0],
+                "logits/rejected": f.logits_means[1],
                 "nll_loss": f.nll_sum / f.nll_count,
                 "log_odds_ratio": log_sigma_B.mean(),
                 "log_odds_chosen": log_odds_B.mean(),
@@ -94,12 +153,14 @@ class ORPOLoss(Loss):
 
 @dataclass
 class ORPOForward:
-    """What one forward pass gives: logits [2B, T, V], mean log-probs [B] per side, the chosen NLL."""
+    """What one forward pass gives: mean log-probs [B] per side, the chosen NLL, the logits/* means, and
+    (plain path only) the logits [2B, T, V]."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     nll_sum: torch.Tensor
     nll_count: torch.Tensor
     aux_loss: torch.Tensor | None
-    scored_logits: torch.Tensor  # the positions the logits/* metrics average: [2B, T-1, V] or [2B, T, V]
+    scored_logits: torch.Tensor | None  # plain path: the positions logits/* average, [2B, T-1, V] or [2B, T, V]
+    logits_means: tuple[torch.Tensor, torch.Tensor] = ()  # (logits/chosen, logits/rejected)

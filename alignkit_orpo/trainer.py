@@ -184,7 +184,7 @@ class ORPOTrainer:
 
     def concatenated_forward(self, model: torch.nn.Module, batch: dict) -> tuple:
         """(chosen_logps, rejected_logps, chosen_logits, rejected_logits, chosen_nll_loss[, aux_loss])."""
-        f = self.loss.forward(model, self._alignkit_batch(batch))
+        f = self.loss.forward_plain(model, self._alignkit_batch(batch))
         n = f.chosen_logps.shape[0]
         out = (f.chosen_logps, f.rejected_logps, f.scored_logits[:n], f.scored_logits[n:], f.nll_sum / f.nll_count)
         return out + (f.aux_loss,) if f.aux_loss is not None else out
@@ -229,7 +229,8 @@ class ORPOTrainer:
         with torch.no_grad():
             for batch in dataloader:
                 batch = self._alignkit_batch(batch)
-                f = self.loss.forward(model, batch)
+                f = (self.loss.forward_plain if self.preprocess_logits_for_metrics is not None
+                     else self.loss.forward)(model, batch)
                 out = self.loss.output(f)
                 for k, v in {"loss": out.normalized(self.loss.counts(batch)), **out.metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
