@@ -9,6 +9,7 @@ from typing import Any
 
 import datasets
 import torch
+from datasets.fingerprint import Hasher
 
 from alignkit.errors import DataError
 
@@ -65,6 +66,35 @@ class DataFormatter(ABC):
     @abstractmethod
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of formatted examples into a batch of tensors."""
+
+    def format_batch(self, examples: list[dict[str, Any]]) -> list["Formatted | Exception"]:
+        """`format` over many rows: one result per row, a Formatted or the DropExample/DataError it raised.
+        Override to tokenize a batch in one call; the results must equal `format`'s."""
+        results: list[Formatted | Exception] = []
+        for example in examples:
+            try:
+                results.append(self.format(example))
+            except (DropExample, DataError) as e:
+                results.append(e)
+        return results
+
+    def length(self, features: dict[str, Any]) -> int:
+        """The tokens an example costs in a batch (for train.group_by_length): by default its longest list."""
+        return max((len(v) for v in features.values() if isinstance(v, list)), default=0)
+
+    def fingerprint(self) -> str:
+        """What the formatted data depends on, hashed: the formatter's class and state, its config, the
+        tokenizer. prepare() caches formatted datasets under it (with the raw data's fingerprint)."""
+        from datasets.fingerprint import Hasher
+
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        tokenizer_id = (type(tok).__qualname__, backend.to_str() if backend is not None else Hasher.hash(tok),
+                        getattr(tok, "chat_template", None), str(getattr(tok, "special_tokens_map", None)))
+        state = {k: v for k, v in vars(self).items() if k not in ("tokenizer", "config")}
+        config = self.config.model_dump_json() if hasattr(self.config, "model_dump_json") else repr(self.config)
+        return Hasher.hash((type(self).__module__, type(self).__qualname__, repr(sorted(state.items())), config,
+                            tokenizer_id))
 
 
 def load_data(spec: str, split: str) -> datasets.Dataset:
@@ -144,26 +174,34 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
 
 
 def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tuple[datasets.Dataset, PrepareReport]:
-    """Format every row; drop the rows the formatter drops; count truncated and dropped rows."""
+    """Format every row in batches; drop the rows the formatter drops; count truncated and dropped rows.
+
+    The result is cached by datasets under the raw data's fingerprint and the formatter's: a second run on
+    the same file with the same settings reads it back instead of tokenizing again.
+    """
 
     def format_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
         out: dict[str, list] = {}
-        for i, index in enumerate(indices):
-            row = {k: v[i] for k, v in batch.items()}
-            try:
-                result = formatter.format(row)
-            except DropExample:
+        for index, result in zip(indices, formatter.format_batch(rows)):
+            if isinstance(result, DropExample):
                 continue
-            except DataError as e:
-                raise DataError(f"{source}, row {index}: {e}") from None
+            if isinstance(result, DataError):
+                raise DataError(f"{source}, row {index}: {result}") from None
+            if isinstance(result, Exception):
+                raise result
             for k, v in {**result.features, _STATUS: result.truncated}.items():
                 out.setdefault(k, []).append(v)
         return out
 
+    from alignkit import __version__
+
     n = len(ds)
+    fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
     formatted = ds.map(
         format_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-        num_proc=formatter.num_proc, desc=f"formatting {source}",
+        num_proc=formatter.num_proc if formatter.num_proc and formatter.num_proc > 1 else None,
+        desc=f"formatting {source}", new_fingerprint=fingerprint,
     )
     if len(formatted) == 0:
         raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter (check max_length)")

@@ -42,6 +42,13 @@ def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
+def split_answer(alone: list[int], full: list[int]) -> tuple[list[int], list[int]]:
+    """Split the ids of prompt + answer where the prompt's own ids end; a last prompt token that merged
+    with the answer's first characters goes to the answer."""
+    start = len(alone) - (alone != full[: len(alone)])
+    return full[:start], full[start:]
+
+
 def common_prefix(*texts: str) -> str:
     n = 0
     for chars in zip(*texts):
@@ -127,15 +134,42 @@ class PreferenceFormatter(DataFormatter):
         """(prompt ids, answer ids) of prompt + answer; a prompt token merged with the answer goes to it."""
         full = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
         alone = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        start = len(alone) - (alone != full[: len(alone)])
-        return full[:start], full[start:]
+        return split_answer(alone, full)
 
     def format(self, example: dict[str, Any]) -> Formatted:
-        c = self.config
         prompt, chosen, rejected = self.texts(example)
         if self.is_encoder_decoder:
             return self._format_seq2seq(prompt, chosen, rejected)
-        (prompt_c, answer_c), (prompt_r, answer_r) = self.tokenize_answer(prompt, chosen), self.tokenize_answer(prompt, rejected)
+        return self._assemble(*self.tokenize_answer(prompt, chosen), *self.tokenize_answer(prompt, rejected))
+
+    def format_batch(self, examples: list[dict[str, Any]]) -> list[Formatted | Exception]:
+        """`format` for many rows with one tokenizer call for all their prompts and prompt + answer texts."""
+        if self.is_encoder_decoder:
+            return super().format_batch(examples)
+        results: list[Formatted | Exception | tuple] = []
+        for example in examples:
+            try:
+                results.append(self.texts(example))
+            except DataError as e:
+                results.append(e)
+        texts = [t for t in results if isinstance(t, tuple)]
+        strings = [s for p, c, r in texts for s in (p, p + c, p + r)]
+        ids = iter(self.tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else [])
+        out: list[Formatted | Exception] = []
+        for item in results:
+            if not isinstance(item, tuple):
+                out.append(item)
+                continue
+            alone, full_c, full_r = next(ids), next(ids), next(ids)
+            try:
+                out.append(self._assemble(*split_answer(alone, full_c), *split_answer(alone, full_r)))
+            except (DataError, DropExample) as e:
+                out.append(e)
+        return out
+
+    def _assemble(self, prompt_c: list[int], answer_c: list[int], prompt_r: list[int], answer_r: list[int]) -> Formatted:
+        """BOS/EOS, truncation and labels (docs/orpo.md) for one pair's prompt and answer ids."""
+        c = self.config
         if abs(len(prompt_c) - len(prompt_r)) > 1 or sum(a != b for a, b in zip(prompt_c, prompt_r)) > 1:
             raise DataError("chosen and rejected tokenize the prompt differently by more than one token")
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id

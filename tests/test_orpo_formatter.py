@@ -5,12 +5,50 @@ import copy
 import datasets
 import pytest
 
-from alignkit import DataError
+from alignkit import DataError, DropExample
 from alignkit.data import prepare
 from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
 from alignkit_orpo.formatter import extract_prompt
 
 BOS, EOS, PAD = 1, 2, 0
+
+
+NORMAL = {"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}
+
+
+def same(a, b) -> bool:
+    """Two format results agree: equal features and truncation flag, or the same exception and message."""
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return type(a) is type(b) and str(a) == str(b)
+    return a.features == b.features and a.truncated == b.truncated
+
+
+@pytest.fixture(autouse=True)
+def batched_tokenization_agrees(monkeypatch):
+    """Every row any test here formats is also run through format_batch (one tokenizer call for a batch),
+    alone and between other rows: it must give what the per-row rules give."""
+    per_row = PreferenceFormatter.format
+    busy = []
+
+    def checked(self, example):
+        try:
+            result = per_row(self, example)
+        except (DataError, DropExample) as e:
+            result = e
+        if not busy:
+            busy.append(1)
+            try:
+                alone = self.format_batch([example])
+                among = self.format_batch([NORMAL, example, NORMAL, example])
+            finally:
+                busy.pop()
+            assert same(alone[0], result) and same(among[1], result) and same(among[3], result), example
+            assert same(among[0], per_row(self, NORMAL))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(PreferenceFormatter, "format", checked)
 
 
 def ids(tok, text):
@@ -208,3 +246,35 @@ def test_dataset_num_proc_gives_the_same_features(tok):
     one, _ = prepare(ds, formatter(tok), "t")
     two, report = prepare(ds, formatter(tok, dataset_num_proc=2), "t")
     assert one.to_list() == two.to_list() and report.kept == 40
+
+
+class CountingFormatter(PreferenceFormatter):
+    rows_formatted = 0
+
+    def format_batch(self, examples):
+        CountingFormatter.rows_formatted += len(examples)
+        return super().format_batch(examples)
+
+
+def test_formatted_data_is_cached_between_runs(tok, tmp_path, monkeypatch):
+    """A second prepare() of the same file with the same settings reads datasets' cache; other settings or
+    another tokenizer format again."""
+    from alignkit.data import load_data
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(f'{{"prompt": "sort: {i} 1 =", "chosen": " 1 {i}", "rejected": " {i} 1"}}\n' for i in range(30)))
+
+    def run(tokenizer=tok, **cfg):
+        before = CountingFormatter.rows_formatted
+        ds, _ = prepare(load_data(str(path), "train"), CountingFormatter(ORPOMethodConfig(**cfg), tokenizer), "t")
+        return CountingFormatter.rows_formatted - before, ds.to_list()
+
+    first, features = run()
+    assert first == 30
+    assert run() == (0, features)
+    assert run(max_length=8, max_prompt_length=4)[0] == 30
+    no_bos = copy.deepcopy(tok)
+    no_bos.bos_token = None
+    assert run(no_bos)[0] == 30
+    assert run() == (0, features)
