@@ -104,6 +104,8 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints (the newest).")
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or auto for the latest in output_dir/checkpoints.")
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    group_by_length: bool = Field(
+        False, description="Shuffle in groups of similar length so micro-batches pad little (still set by the seed).")
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
     fp16: bool = Field(False, description="float16 mixed precision (GPU only).")
     use_cpu: bool = Field(False, description="Train on the CPU even when an accelerator is present.")

@@ -222,10 +222,17 @@ def load_splits(train: str, train_split: str, eval: str | None, eval_split: str,
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
 
-    def __init__(self, n: int, seed: int) -> None:
+    With `lengths`, the shuffle is grouped by length (train.group_by_length): the shuffled indices are cut
+    into mega-batches of `group` micro-batches, each sorted longest first, so a micro-batch holds examples of
+    similar length and pads little; the mega-batch with the longest example comes first (memory errors show
+    at once). Still a function of (seed, epoch) alone.
+    """
+
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, group: int = 50) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.mega = lengths, batch_size * group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -235,7 +242,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        megas = [sorted(order[s:s + self.mega], key=lambda i: -self.lengths[i]) for s in range(0, self.n, self.mega)]
+        longest = max(range(len(megas)), key=lambda m: self.lengths[megas[m][0]])
+        megas.insert(0, megas.pop(longest))
+        return iter([i for mega in megas for i in mega])
 
 
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:

@@ -114,7 +114,11 @@ class Engine:
         return out
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = EpochSampler(len(ds), self.config.train.seed) if shuffle else None
+        lengths = None
+        if shuffle and self.config.train.group_by_length:
+            lengths = [self.formatter.length(dict(zip(batch, row))) for batch in ds.iter(batch_size=1000)
+                       for row in zip(*batch.values())]
+        sampler = EpochSampler(len(ds), self.config.train.seed, lengths, batch_size) if shuffle else None
         return DataLoader(ds, batch_size=batch_size, sampler=sampler,
                           collate_fn=functools.partial(collate_with_reference, self.collate_fn),
                           num_workers=self.config.train.dataloader_num_workers)

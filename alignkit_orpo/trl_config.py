@@ -237,7 +237,9 @@ MAPPED: dict[str, Any] = {
     "optim": lambda v: {} if v in ("adamw_torch", "adamw_torch_fused", "adamw_hf") else _reject("optim", v),
     "report_to": _report_to, "run_name": "train.run_name", "resume_from_checkpoint": "train.resume_from_checkpoint",
     "dataloader_num_workers": "train.dataloader_num_workers", "disable_tqdm": "train.disable_tqdm",
-    "eval_on_start": "train.eval_on_start",
+    "eval_on_start": "train.eval_on_start", "group_by_length": "train.group_by_length",
+    # alignkit's default chunked loss path already never materialises the logits
+    "use_liger_kernel": lambda v: {"method.loss_implementation": "chunked"} if v else {},
     "beta": "method.beta", "max_length": "method.max_length", "max_prompt_length": "method.max_prompt_length",
     "max_completion_length": "method.max_completion_length", "disable_dropout": "method.disable_dropout",
     "label_pad_token_id": "method.label_pad_token_id", "padding_value": "method.padding_value",
@@ -270,7 +272,6 @@ IGNORED.update({
 REJECTED: dict[str, str] = {
     "optim": "alignkit trains with AdamW (adamw_torch)",
     "adafactor": "alignkit trains with AdamW",
-    "group_by_length": "not supported yet; leave False",
     "neftune_noise_alpha": "NEFTune is not supported",
     "dataloader_drop_last": "alignkit keeps the last partial batch",
     "data_seed": "alignkit shuffles with seed",
@@ -281,7 +282,6 @@ REJECTED: dict[str, str] = {
     "fsdp_config": "run under `accelerate launch --config_file` with an FSDP config",
     "deepspeed": "run under `accelerate launch --config_file` with a DeepSpeed config",
     "accelerator_config": "run under `accelerate launch --config_file`",
-    "use_liger_kernel": "not supported",
     "auto_find_batch_size": "set per_device_train_batch_size",
     "ignore_data_skip": "alignkit always resumes at the exact data position",
     "split_batches": "set per_device_train_batch_size for each process",

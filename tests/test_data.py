@@ -4,9 +4,10 @@ import json
 
 import datasets
 import pytest
+import torch
 
 from alignkit import DataError
-from alignkit.data import load_data, load_splits
+from alignkit.data import EpochSampler, load_data, load_splits
 
 ROWS = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(10)]
 
@@ -83,3 +84,22 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(DataError, match="someone/some-dataset: no such local file or folder, and it cannot be loaded from the Hugging Face hub"):
         load_data("someone/some-dataset", "train")
+
+
+def test_length_grouped_shuffle_is_seeded_and_pads_less():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 500, (1000,), generator=g).tolist()
+    sampler = EpochSampler(len(lengths), seed=7, lengths=lengths, batch_size=4, group=10)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))  # every example once
+    assert list(EpochSampler(len(lengths), seed=7, lengths=lengths, batch_size=4, group=10)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    assert lengths[order[0]] == max(lengths)  # the longest batch first
+
+    def padding(order):  # padded slots of micro-batches of 4 taken in this order
+        batches = [[lengths[i] for i in order[s:s + 4]] for s in range(0, len(order), 4)]
+        return sum(len(b) * max(b) - sum(b) for b in batches)
+
+    plain = list(EpochSampler(len(lengths), seed=7))
+    assert padding(order) < padding(plain) / 5

@@ -190,3 +190,19 @@ def test_padding_free_needs_a_packing_attention():
     model.config._attn_implementation = "some_kernel"
     with pytest.raises(ConfigError, match="method.padding_free.*some_kernel"):
         ORPOLoss(ORPOMethodConfig(padding_free=True)).prepare_model(model)
+
+
+def test_training_with_length_grouping_and_packing_is_deterministic_and_matches_padded(tmp_path, pm):
+    """train.group_by_length is a function of the seed; packing trains to the padded path's numbers."""
+    import alignkit
+    from helpers import fast, read_jsonl
+
+    def losses(name, **method):
+        cfg = fast(tmp_path / name, max_steps=3, group_by_length=True)
+        cfg["method"] = method
+        result = alignkit.run("orpo", cfg, plugins=pm)
+        return [r["loss"] for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
+
+    padded = losses("a", loss_implementation="plain")
+    assert losses("b", loss_implementation="plain") == padded
+    torch.testing.assert_close(torch.tensor(losses("c", padding_free=True)), torch.tensor(padded), rtol=RTOL, atol=0)

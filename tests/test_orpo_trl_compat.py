@@ -207,6 +207,8 @@ def test_config_fields_mapped_ignored_or_rejected(tok, tmp_path, dataset):
     mapped = ORPOConfig(output_dir="o", beta=0.3, warmup_ratio=0.1, truncation_mode="keep_start").to_alignkit()
     assert mapped["method.beta"] == 0.3 and mapped["train.warmup_ratio"] == 0.1
     assert mapped["method.truncation_mode"] == "keep_start"
+    lean = ORPOConfig(output_dir="o", group_by_length=True, use_liger_kernel=True).to_alignkit()
+    assert lean["train.group_by_length"] is True and lean["method.loss_implementation"] == "chunked"
     with pytest.warns(UserWarning, match="ORPOConfig.push_to_hub=True is ignored"):
         ORPOConfig(output_dir="o", push_to_hub=True).to_alignkit()
     with pytest.raises(ValueError, match="ORPOConfig.neftune_noise_alpha=5 is not supported by alignkit and would change"):
