@@ -20,7 +20,7 @@ def ragged_batch(pairs: int = 3, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     rows, labels = [], []
     prompts = [torch.randint(3, 384, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g) for _ in range(pairs)]
-    for side in range(2):
+    for _side in range(2):
         for p in prompts:
             a = torch.randint(3, 384, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
             ids = torch.cat([torch.tensor([1]), p, a, torch.tensor([2])])
