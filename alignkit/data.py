@@ -78,12 +78,16 @@ class DataFormatter(ABC):
                 results.append(e)
         return results
 
+    def output_features(self) -> "datasets.Features | None":
+        """The types of `format`'s features, if known: prepare() then skips datasets' type inference."""
+        return None
+
     def length(self, features: dict[str, Any]) -> int:
         """The tokens an example costs in a batch (for train.group_by_length): by default its longest list."""
         return max((len(v) for v in features.values() if isinstance(v, list)), default=0)
 
     def fingerprint(self) -> str:
-        """What the formatted data depends on, hashed: the formatter's class and state, its config, the
+        """What the formatted data depends on, hashed: the formatter's class and public state, its config, the
         tokenizer. prepare() caches formatted datasets under it (with the raw data's fingerprint)."""
         from datasets.fingerprint import Hasher
 
@@ -91,7 +95,7 @@ class DataFormatter(ABC):
         backend = getattr(tok, "backend_tokenizer", None)
         tokenizer_id = (type(tok).__qualname__, backend.to_str() if backend is not None else Hasher.hash(tok),
                         getattr(tok, "chat_template", None), str(getattr(tok, "special_tokens_map", None)))
-        state = {k: v for k, v in vars(self).items() if k not in ("tokenizer", "config")}
+        state = {k: v for k, v in vars(self).items() if k not in ("tokenizer", "config") and not k.startswith("_")}
         config = self.config.model_dump_json() if hasattr(self.config, "model_dump_json") else repr(self.config)
         return Hasher.hash((type(self).__module__, type(self).__qualname__, repr(sorted(state.items())), config,
                             tokenizer_id))
@@ -198,8 +202,11 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
 
     n = len(ds)
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
+    features = formatter.output_features()
+    if features is not None:
+        features = datasets.Features({**features, _STATUS: datasets.Value("bool")})
     formatted = ds.map(
-        format_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+        format_batch, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
         num_proc=formatter.num_proc if formatter.num_proc and formatter.num_proc > 1 else None,
         desc=f"formatting {source}", new_fingerprint=fingerprint,
     )

@@ -1,0 +1,339 @@
+"""ORPO training speed and memory, alignkit against TRL's ORPOTrainer, on the same model and data.
+
+    pip install -e ".[bench]"                  # TRL (trl.experimental.orpo)
+    python benchmarks/orpo_speed.py            # the full matrix -> benchmarks/RESULTS.md
+    python benchmarks/orpo_speed.py --vocab 151936 --seq 512 --pairs 4 --no-write
+
+Every (library, case) trains in its own process: a randomly initialised model of Qwen2 architecture
+(same seed, same weights), identical preference rows truncated to exactly `seq` tokens a side, AdamW at
+a constant learning rate. Reported: seconds per optimizer step (median after the warm-up steps), tokens
+per second (prompt + answers of both sides), peak memory (max RSS on CPU, max_memory_allocated on GPU)
+and the first losses, which must agree. A process over --mem-limit-gb of RSS is stopped and reported as
+such. `--prep` also times preprocessing (examples/s) of the same 2000 rows through each library's
+tokenization, and checks that both give the same token ids.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SIZES = {  # model shapes: a small random one for CPUs, Qwen2-0.5B's for a GPU
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2),
+}
+
+
+# ---- shared by both workers -------------------------------------------------------------------------
+
+def build(case: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from alignkit.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = Qwen2Config(vocab_size=case["vocab"], max_position_embeddings=max(4096, case["seq"]), tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **SIZES[case["size"]])
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if case["device"] == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model, tok
+
+
+def rows(n: int, seq: int, distinct: bool) -> list[dict]:
+    """Rows whose prompt is seq/2 tokens with BOS (4 + one per digit with the built-in tokenizer) and whose answers
+    are longer than the rest: both libraries cut the answers to seq/2 tokens, so each side is exactly `seq` tokens.
+    (TRL 1.x dropped max_prompt_length and cuts only answers; a prompt that fits keeps both libraries' rules
+    the same.) Identical rows unless `distinct`: then the order of batches cannot change the losses."""
+    import random
+
+    rng = random.Random(0)
+
+    def digits(k):
+        return " ".join(str(rng.randrange(10)) for _ in range(k))
+
+    def row():
+        return {"prompt": "sort: " + digits(seq // 2 - 4) + " =", "chosen": " " + digits(seq), "rejected": " " + digits(seq)}
+
+    one = row()
+    return [row() if distinct else dict(one) for _ in range(n)]
+
+
+def peak_memory_mb(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary(case: dict, ends: list[float], losses: list[float]) -> dict:
+    steps = [b - a for a, b in zip(ends, ends[1:])][case["warmup"] - 1:]
+    step_s = statistics.median(steps)
+    return {"step_s": step_s, "tokens_per_s": 2 * case["pairs"] * case["seq"] / step_s,
+            "peak_mb": peak_memory_mb(case["device"]), "losses": losses[:3], "status": "ok"}
+
+
+# ---- the workers ----------------------------------------------------------------------------------------
+
+def alignkit_worker(case: dict) -> dict:
+    import datasets
+
+    import alignkit
+    from alignkit import hookimpl
+
+    model, tok = build(case)
+    ends, losses = [], []
+
+    class Timer:
+        @hookimpl
+        def on_train_start(self, run):
+            ends.append(time.perf_counter())
+
+        @hookimpl
+        def on_step_end(self, run, step, metrics):
+            if case["device"] == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+            losses.append(metrics["loss"])
+
+    with tempfile.TemporaryDirectory() as out:
+        config = {
+            "train": {"output_dir": out, "max_steps": case["steps"], "per_device_train_batch_size": case["pairs"],
+                      "learning_rate": 1e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
+                      "logging_steps": 1, "save_steps": None, "eval_steps": None, "eval_on_start": False,
+                      "disable_tqdm": True, "gradient_checkpointing": case["gc"], "bf16": case["device"] == "cuda",
+                      "seed": 0},
+            "method": {"max_length": case["seq"], "max_prompt_length": case["seq"] // 2, "beta": 0.1,
+                       **case.get("alignkit", {})},
+        }
+        ds = datasets.Dataset.from_list(rows(case["steps"] * case["pairs"], case["seq"], distinct=False))
+        pm = alignkit.get_plugin_manager([Timer()])
+        alignkit.run("orpo", config, plugins=pm, model=model, tokenizer=tok, train_dataset=ds)
+    return summary(case, ends, losses)
+
+
+def trl_worker(case: dict) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    model, tok = build(case)
+    ends, losses = [], []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if case["device"] == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as out:
+        args = ORPOConfig(output_dir=out, max_steps=case["steps"], per_device_train_batch_size=case["pairs"],
+                          learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                          optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
+                          disable_tqdm=True, gradient_checkpointing=case["gc"], bf16=case["device"] == "cuda",
+                          use_cpu=case["device"] == "cpu", seed=0, max_length=case["seq"], beta=0.1)
+        ds = datasets.Dataset.from_list(rows(case["steps"] * case["pairs"], case["seq"], distinct=False))
+        ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=ds, callbacks=[Timer()]).train()
+    return summary(case, ends, losses)
+
+
+def prep_worker(case: dict) -> dict:
+    """Examples per second of each library's preprocessing of the same rows (in memory, no cache)."""
+    import datasets
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from alignkit.data import prepare
+    from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
+
+    datasets.disable_caching()
+    model, tok = build(case)
+    data = datasets.Dataset.from_list(rows(case["n"], case["seq"] // 4, distinct=True))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ORPOConfig(output_dir=tmp, report_to="none", use_cpu=True, max_length=case["seq"])
+        trainer = ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=data.select(range(4)))
+        start = time.perf_counter()
+        trl_ds = data.map(maybe_extract_prompt).map(maybe_apply_chat_template, fn_kwargs={"processing_class": tok})
+        trl_ds = trl_ds.map(trainer.tokenize_row)
+        out["trl_examples_per_s"] = case["n"] / (time.perf_counter() - start)
+    formatter = PreferenceFormatter(ORPOMethodConfig(max_length=case["seq"], max_prompt_length=case["seq"] // 2), tok)
+    formatter.prepare_model(model)
+    start = time.perf_counter()
+    ours, _ = prepare(data, formatter, "bench")
+    out["alignkit_examples_per_s"] = case["n"] / (time.perf_counter() - start)
+    out["same_ids"] = all(ours[k] == trl_ds[k] for k in ("chosen_input_ids", "rejected_input_ids", "chosen_labels",
+                                                          "rejected_labels", "prompt_input_ids"))
+    return out
+
+
+WORKERS = {"alignkit": alignkit_worker, "trl": trl_worker, "prep": prep_worker}
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+
+def run_worker(lib: str, case: dict, mem_limit_gb: float, timeout_s: float) -> dict:
+    """Run one worker process, stopping it above the memory limit; its JSON result or a status."""
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", lib, "--case", json.dumps(case)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    start, peak = time.monotonic(), 0.0
+    while proc.poll() is None:
+        try:
+            rss_kb = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmRSS"))
+            peak = max(peak, rss_kb / 2**20)
+        except (OSError, StopIteration):
+            pass
+        if peak > mem_limit_gb or time.monotonic() - start > timeout_s:
+            proc.kill()
+            proc.wait()
+            what = f"over {mem_limit_gb:g} GB" if peak > mem_limit_gb else f"over {timeout_s:g} s"
+            return {"status": what}
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"status": f"failed: {(stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+    return json.loads(lines[-1])
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    return ", ".join(f"{p} {md.version(p)}" for p in ("torch", "transformers", "accelerate", "datasets", "trl", "alignkit"))
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def table(results: list[dict]) -> list[str]:
+    lines = ["| vocab | seq | pairs | grad ckpt | s/step alignkit | s/step TRL | time ratio | tokens/s alignkit | "
+             "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | first losses TRL |",
+             "|" + "---|" * 14]
+    for r in results:
+        c, a, t = r["case"], r["alignkit"], r["trl"]
+        ok = a.get("status") == "ok" and t.get("status") == "ok"
+        time_ratio = fmt(a["step_s"] / t["step_s"], ".2f") if ok else "-"
+        mem_ratio = fmt(a["peak_mb"] / t["peak_mb"], ".2f") if ok else "-"
+
+        def side(x, key, spec):
+            return fmt(x.get(key), spec) if x.get("status") == "ok" else x.get("status", "-")
+
+        def losses(x):
+            return " ".join(f"{v:.4f}" for v in x["losses"]) if x.get("status") == "ok" else "-"
+
+        lines.append(f"| {c['vocab']} | {c['seq']} | {c['pairs']} | {'yes' if c['gc'] else 'no'} | "
+                     f"{side(a, 'step_s', '.3f')} | {side(t, 'step_s', '.3f')} | {time_ratio} | "
+                     f"{side(a, 'tokens_per_s', '.0f')} | {side(t, 'tokens_per_s', '.0f')} | "
+                     f"{side(a, 'peak_mb', '.0f')} | {side(t, 'peak_mb', '.0f')} | {mem_ratio} | {losses(a)} | {losses(t)} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--pairs", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--gc", choices=["no", "yes", "both"], default="both", help="gradient checkpointing")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first --warmup are not timed)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--size", choices=SIZES, default="small", help="model shape")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--mem-limit-gb", type=float, default=20.0)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("--prep", action="store_true", help="also time preprocessing")
+    p.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](json.loads(args.case))), flush=True)
+        return
+
+    results = []
+    gcs = {"no": [False], "yes": [True], "both": [False, True]}[args.gc]
+    for vocab in args.vocab:
+        for seq in args.seq:
+            for pairs in args.pairs:
+                for gc in gcs:
+                    case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=gc, steps=args.steps, warmup=args.warmup,
+                                size=args.size, device=args.device)
+                    row = {"case": case}
+                    for lib in ("alignkit", "trl"):
+                        row[lib] = run_worker(lib, case, args.mem_limit_gb, args.timeout)
+                    results.append(row)
+                    print(table([row])[-1], flush=True)
+    prep = None
+    if args.prep:
+        prep = run_worker("prep", dict(vocab=args.vocab[0], seq=512, n=2000, size="small", device="cpu"),
+                          args.mem_limit_gb, args.timeout)
+        print("preprocessing:", json.dumps(prep), flush=True)
+
+    command = "python benchmarks/orpo_speed.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# ORPO speed and memory: alignkit against TRL", "",
+        f"- command: `{command.strip()}`",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {machine(args.device)}",
+        f"- versions: {versions()}",
+        f"- model: random Qwen2 architecture, shape `{args.size}` {SIZES[args.size]}, tied embeddings, "
+        f"{'bf16' if args.device == 'cuda' else 'float32'}",
+        f"- {args.steps} optimizer steps per run, the first {args.warmup} not timed; AdamW, constant lr 1e-4; "
+        "identical rows truncated to exactly seq tokens a side",
+        "- time and memory ratios are alignkit / TRL (lower is better); peak memory is the process's max RSS "
+        "(CPU) or torch.cuda.max_memory_allocated (GPU)", "",
+        *table(results), "",
+    ]
+    if prep:
+        lines += ["## Preprocessing", "",
+                  f"2000 distinct rows (prompts of 60 digits, answers of 128), max_length 512 (nothing truncated): "
+                  f"alignkit {fmt(prep.get('alignkit_examples_per_s'), '.0f')} examples/s, "
+                  f"TRL {fmt(prep.get('trl_examples_per_s'), '.0f')} examples/s "
+                  f"(ratio {fmt(prep.get('alignkit_examples_per_s', 0) / prep.get('trl_examples_per_s', 1), '.1f')}x); "
+                  f"same token ids: {prep.get('same_ids', prep.get('status'))}.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        Path(args.output).write_text(text)
+        (Path(args.output).with_suffix(".json")).write_text(json.dumps({"results": results, "prep": prep}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
