@@ -48,6 +48,9 @@ def cli(quiet: bool, verbose: bool) -> None:
     alignkit run --method NAME                    the built-in demo: tiny model, offline, seconds on a CPU
     alignkit run --method NAME -c my.yaml train.max_steps=100
     alignkit config --method NAME > my.yaml       every key, with its default and description
+    alignkit format --method NAME                 how the training examples are tokenized
+    alignkit plot outputs/NAME                    charts of a run's metrics
+    alignkit chat --model outputs/NAME            talk to the trained model
     """
     _setup_logging(-1 if quiet else 1 if verbose else 0)
 
@@ -90,7 +93,12 @@ def eval_(method, config_file, overrides):
 
 @cli.command()
 def methods():
-    """List the installed methods with their distribution and version, and plugins that failed to load."""
+    """List the installed methods with their distribution and version, and plugins that failed to load.
+
+    \b
+    alignkit methods
+    ALIGNKIT_LOAD_PLUGINS=alignkit-orpo alignkit methods    only the listed distributions
+    """
     registry = build_registry(get_plugin_manager())
     for m in sorted(registry.methods.values(), key=lambda m: m.name):
         click.echo(f"{m.name:<12} {m.source} {m.version}  {m.description}")
@@ -137,6 +145,93 @@ def format_(method, config_file, count, overrides):
 
     cfg, chosen = api.load_config(method, config_file, _dotlist(overrides))
     click.echo(show_examples(cfg, chosen, count, color=sys.stdout.isatty()), nl=False)
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "dest", type=click.Path(file_okay=False), help="Folder for the PNGs [OUTPUT_DIR/plots].")
+def plot(output_dir, dest):
+    """Draw OUTPUT_DIR/metrics.jsonl as PNG charts: one per metric panel, plus overview.png.
+
+    Losses share a panel, X/chosen shares one with X/rejected, any other metric has its own; train and
+    eval values of a metric share the axes. Training writes the same charts at its end (train.plots).
+
+    \b
+    alignkit plot outputs/orpo
+    alignkit plot outputs/orpo -o /tmp/charts
+    """
+    from alignkit.plots import plot_metrics
+
+    for path in plot_metrics(output_dir, dest):
+        click.echo(str(path))
+
+
+_model = click.option("--model", "model_dir", required=True, help="A run's output_dir, a LoRA adapter folder or a hub name.")
+_sampling = [
+    click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1)),
+    click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0),
+                 help="0 decodes greedily."),
+    click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1)),
+    click.option("--seed", type=int, help="Seed for sampling."),
+    click.option("--system", help="A system message (chat template only)."),
+]
+
+
+def _sampling_options(f):
+    for option in reversed(_sampling):
+        f = option(f)
+    return f
+
+
+def _echo(text: str) -> None:
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
+@cli.command()
+@_model
+@click.argument("prompt")
+@click.option("--raw", is_flag=True, help="Feed the prompt as plain text, without the chat template.")
+@_sampling_options
+def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, system):
+    """Complete PROMPT with a trained model, streaming the answer (through its chat template if it has one).
+
+    \b
+    alignkit generate --model outputs/orpo "sort: 3 1 2 ="
+    alignkit generate --model outputs/orpo --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
+    alignkit generate --model outputs/orpo --raw "Once upon a time"
+    """
+    from alignkit.generate import Sampling, generate, load
+
+    model, tokenizer = load(model_dir)
+    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system)
+    click.echo()
+
+
+@cli.command()
+@_model
+@_sampling_options
+def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
+    """Talk to a trained model: each turn goes through its chat template with the history, answers stream.
+
+    In the chat: /clear starts over, /system TEXT sets the system message, /exit or Ctrl-D quits.
+
+    \b
+    alignkit chat --model outputs/orpo
+    alignkit chat --model outputs/orpo --temperature 0 --system "Answer briefly."
+    """
+    from alignkit.generate import Sampling, chat, load
+
+    model, tokenizer = load(model_dir)
+
+    def turns():
+        while True:
+            try:
+                yield click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+            except (EOFError, click.Abort):
+                return
+
+    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system)
 
 
 def _dotlist(overrides: tuple[str, ...]) -> dict:

@@ -112,6 +112,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     report_to: list[str] = Field(default_factory=list, description=f"Trackers through accelerate: {', '.join(TRACKERS)}.")
     run_name: str | None = Field(None, description="Run name for trackers; default: the output_dir's name.")
+    plots: bool = Field(True, description="At the end, draw metrics.jsonl as PNG charts in output_dir/plots (needs matplotlib).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
 

@@ -28,7 +28,7 @@ from alignkit.method import Method
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.reference import Reference, collate_with_reference
-from alignkit.reporting import MetricsFile, ProgressBar, Trackers
+from alignkit.reporting import MetricsFile, Plots, ProgressBar, Trackers
 from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class Engine:
 
         observers = [MetricsFile(self.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm)]
         observers += [Trackers(acc)] if t.report_to else []
+        observers += [Plots(self.output_dir)] if t.plots else []
         for obs in observers:
             self.pm.register(obs)
         stack = contextlib.ExitStack()
@@ -192,6 +193,8 @@ class Engine:
             if eval_dl is not None and not (t.eval_steps and state.step % t.eval_steps == 0):
                 eval_metrics = self._evaluate_and_report(model, eval_dl)
             final = {**logs, **eval_metrics}
+            if state.skipped_steps:
+                log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
             self.save_model(model, final)
             self.pm.hook.on_train_end(run=state, metrics=final)
         finally:
@@ -256,8 +259,10 @@ class Engine:
             optimizer.step()
             scheduler.step()
         elif t.skip_nonfinite_steps:
-            log.warning("step %d: loss %s, gradient norm %s; step skipped (train.skip_nonfinite_steps)",
-                        self.state.step + 1, global_loss, grad_norm)
+            # Warned once; later ones at debug level, and their number at the end of training.
+            (log.debug if self.state.skipped_steps else log.warning)(
+                "step %d: loss %s, gradient norm %s; step skipped (train.skip_nonfinite_steps; later skips are "
+                "counted and reported at the end)", self.state.step + 1, global_loss, grad_norm)
             self.state.skipped_steps += 1
         else:
             raise NonFiniteError(f"step {self.state.step + 1}: loss {global_loss}, gradient norm {grad_norm}; no weights "

@@ -98,3 +98,25 @@ class Trackers:
     @hookimpl
     def on_train_end(self, run, metrics):
         self.accelerator.end_training()
+
+
+class Plots:
+    """PNG charts of metrics.jsonl in output_dir/plots at the end of training (main process)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+
+    @hookimpl
+    def on_train_end(self, run, metrics):
+        if not run.is_main_process or not (self.output_dir / "metrics.jsonl").exists():
+            return
+        try:
+            from alignkit.plots import plot_metrics
+
+            paths = plot_metrics(self.output_dir)
+        except ImportError:
+            logging.getLogger(__name__).warning("no plots: matplotlib is not installed (pip install matplotlib)")
+        except Exception as e:  # a chart must never fail a finished run
+            logging.getLogger(__name__).warning("no plots: %s: %s", type(e).__name__, e)
+        else:
+            logging.getLogger(__name__).info("charts: %s", paths[-1])

@@ -12,7 +12,7 @@ def fast(tmp_path, **train) -> dict:
         "data": {"max_train_samples": 32, "max_eval_samples": 8},
         "train": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
                   "per_device_eval_batch_size": 4, "logging_steps": 1, "save_steps": None, "eval_steps": None,
-                  "eval_on_start": False, "disable_tqdm": True, **train},
+                  "eval_on_start": False, "disable_tqdm": True, "plots": False, **train},
     }
 
 

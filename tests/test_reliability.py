@@ -2,6 +2,7 @@
 non-finite numbers are refused before they do harm."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -146,10 +147,12 @@ class NaNAtStep2(ORPOLoss):
 
 
 class NaNPlugin:
+    loss = NaNAtStep2
+
     @alignkit.hookimpl
     def register_methods(self, register):
         register(alignkit.Method(name="nan-orpo", config=type("C", (ORPOMethodConfig,), {"__annotations__": {"name": str},
-                                 "name": "nan-orpo"}), formatter="preference", loss=NaNAtStep2, description="test"))
+                                 "name": "nan-orpo"}), formatter="preference", loss=self.loss, description="test"))
 
 
 def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path):
@@ -159,12 +162,33 @@ def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+class NaNFromStep2(NaNAtStep2):
+    def __call__(self, model, batch, **kw):
+        out = ORPOLoss.__call__(self, model, batch)
+        NaNAtStep2.calls += 1
+        if NaNAtStep2.calls >= 2:
+            out.terms["pairs"] = out.terms["pairs"] * float("nan")
+        return out
+
+
 def test_nonfinite_step_can_be_skipped(tmp_path):
     NaNAtStep2.calls = 0
     result = alignkit.run("nan-orpo", fast(tmp_path, max_steps=4, skip_nonfinite_steps=True),
                           plugins=plugin_manager(alignkit_orpo, NaNPlugin()))
     weights = load_file(str(result.output_dir / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values()) and result.global_step == 4
+
+
+def test_skipped_steps_are_warned_once_then_counted(tmp_path, caplog):
+    NaNAtStep2.calls = 0
+    plugin = NaNPlugin()
+    plugin.loss = NaNFromStep2
+    caplog.set_level(logging.WARNING)
+    alignkit.run("nan-orpo", fast(tmp_path, max_steps=5, skip_nonfinite_steps=True),
+                 plugins=plugin_manager(alignkit_orpo, plugin))
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("step skipped" in m for m in messages) == 1
+    assert "4 of 5 steps were skipped for a non-finite loss or gradient" in messages
 
 
 @settings(max_examples=300, deadline=None)
@@ -199,7 +223,6 @@ def test_prompts_tokenized_differently_by_more_than_one_token(tok):
 
 def test_tokenizer_without_pad_token_uses_eos_with_a_warning(pm, tmp_path, tok, caplog):
     import copy
-    import logging
 
     from alignkit.testing import tiny_model
 

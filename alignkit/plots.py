@@ -1,0 +1,115 @@
+"""PNG charts of a run's metrics.jsonl, generic over the metric names a method logs.
+
+Metrics fall into panels by name: every `*loss` together (loss, nll_loss, ...), `X/chosen` with
+`X/rejected`, anything else alone. Train values (solid) and `eval_` values (dashed, dots) of the same
+metric share the panel's axes. Written to OUTPUT_DIR/plots: one PNG per panel and overview.png with all
+of them; each file is written to a temporary name first, so no half-written PNG is left behind.
+"""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from alignkit.errors import DataError
+
+NOT_METRICS = {"step", "epoch"}
+PAIRED = ("/chosen", "/rejected")
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; give the output_dir of an alignkit run")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not any(set(r) - NOT_METRICS for r in rows):
+        raise DataError(f"{path}: no metrics logged yet")
+    return rows
+
+
+def panel_of(name: str) -> str:
+    """The panel a metric (without its eval_ prefix) is drawn on."""
+    for suffix in PAIRED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return "loss" if name.endswith("loss") else name
+
+
+def panels(rows: list[dict]) -> dict[str, list[str]]:
+    """Panel name -> the metric names (without eval_) drawn on it, in first-seen order."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in NOT_METRICS or not isinstance(value, (int, float)):
+                continue
+            name = key.removeprefix("eval_")
+            names = out.setdefault(panel_of(name), [])
+            if name not in names:
+                names.append(name)
+    return out
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _draw(ax, rows: list[dict], title: str, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        steps, values = _series(rows, name)
+        if steps:
+            ax.plot(steps, values, color=color, label=f"train {name}")
+        steps, values = _series(rows, f"eval_{name}")
+        if steps:
+            ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=3, label=f"eval {name}")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _save(fig, path: Path, description: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Description": description})
+    os.replace(tmp, path)
+
+
+def plot_metrics(output_dir: str | Path, dest: str | Path | None = None) -> list[Path]:
+    """Write the charts of output_dir/metrics.jsonl; return the paths, overview.png last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(Path(output_dir))
+    groups = panels(rows)
+    dest = Path(dest) if dest is not None else Path(output_dir) / "plots"
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for title, names in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _draw(ax, rows, title, names)
+        fig.tight_layout()
+        path = dest / (re.sub(r"[^A-Za-z0-9_.-]+", "_", title) + ".png")
+        _save(fig, path, f"panels: {title}")
+        plt.close(fig)
+        written.append(path)
+    columns = min(3, len(groups))
+    lines = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.5 * lines), squeeze=False)
+    for ax, (title, names) in zip(axes.flat, groups.items()):
+        _draw(ax, rows, title, names)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    _save(fig, dest / "overview.png", "panels: " + ", ".join(groups))
+    plt.close(fig)
+    return written + [dest / "overview.png"]
