@@ -83,8 +83,8 @@ class ORPOLoss(Loss):
                                                   padding_free=self.config.padding_free, **extra)
         if not self._head_checked:
             if not check_head(self.head, outputs):
-                raise RuntimeError("the model's output embedding does not reproduce its logits (a logit transform "
-                                   "alignkit does not know?); set method.loss_implementation=plain")
+                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
+                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
             self._head_checked = True
         labels_BT = batch["labels"][:, 1:]
         label_mask_BT = labels_BT != ignore

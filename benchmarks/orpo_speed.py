@@ -282,6 +282,8 @@ def main() -> None:
     p.add_argument("--prep", action="store_true", help="also time preprocessing")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--update", action="store_true",
+                   help="rerun only these cases: replace their rows in the existing RESULTS.json/.md, keep the rest")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.case))), flush=True)
@@ -306,10 +308,21 @@ def main() -> None:
                           args.mem_limit_gb, args.timeout)
         print("preprocessing:", json.dumps(prep), flush=True)
 
-    command = "python benchmarks/orpo_speed.py " + " ".join(sys.argv[1:])
+    commands = ["python benchmarks/orpo_speed.py " + " ".join(sys.argv[1:])]
+    saved = Path(args.output).with_suffix(".json")
+    if args.update and saved.exists():
+        old = json.loads(saved.read_text())
+        fresh = {json.dumps(r["case"], sort_keys=True) for r in results}
+        results = [r for r in old["results"] if json.dumps(r["case"], sort_keys=True) not in fresh] + results
+        order = [(v, q, n, g) for v in (32000, 151936) for q in (512, 2048) for n in (1, 4, 8) for g in (False, True)]
+        results.sort(key=lambda r: order.index(tuple(r["case"][k] for k in ("vocab", "seq", "pairs", "gc")))
+                     if tuple(r["case"][k] for k in ("vocab", "seq", "pairs", "gc")) in order else len(order))
+        prep = prep or old.get("prep")
+        commands = old.get("commands", []) + commands
     lines = [
         "# ORPO speed and memory: alignkit against TRL", "",
-        f"- command: `{command.strip()}`",
+        "- command" + ("s (later ones reran some cases and replaced their rows)" if len(commands) > 1 else "") + ": "
+        + "; ".join(f"`{c.strip()}`" for c in commands),
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {machine(args.device)}",
         f"- versions: {versions()}",
@@ -332,7 +345,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         Path(args.output).write_text(text)
-        (Path(args.output).with_suffix(".json")).write_text(json.dumps({"results": results, "prep": prep}, indent=1))
+        saved.write_text(json.dumps({"results": results, "prep": prep, "commands": commands}, indent=1))
 
 
 if __name__ == "__main__":

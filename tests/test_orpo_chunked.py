@@ -206,3 +206,32 @@ def test_training_with_length_grouping_and_packing_is_deterministic_and_matches_
     padded = losses("a", loss_implementation="plain")
     assert losses("b", loss_implementation="plain") == padded
     torch.testing.assert_close(torch.tensor(losses("c", padding_free=True)), torch.tensor(padded), rtol=RTOL, atol=0)
+
+
+def test_a_head_that_does_not_reproduce_the_logits_is_refused():
+    """A logit transform the split-off head misses (here: a scale it does not know) is caught before training."""
+    model, b = tiny_model(), ragged_batch()
+    loss_fn = ORPOLoss(ORPOMethodConfig())
+    loss_fn.prepare_model(model)
+    loss_fn.head.scale = 2.0
+    with pytest.raises(ConfigError, match="method.loss_implementation=plain"):
+        loss_fn(model, b)
+
+
+@pytest.mark.slow
+def test_chunked_equals_plain_under_fsdp2_on_cpu(tmp_path):
+    """FSDP2 (fully_shard per decoder layer and root) in 2 CPU processes on gloo: the head's weight is used after
+    the root forward, where FSDP2 keeps the root's parameters unsharded. Slow (deselected by default)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port
+
+    worker = Path(__file__).parent / "fsdp_worker.py"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), str(worker)], capture_output=True, text=True, timeout=300)
+    results = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert out.returncode == 0 and len(results) == 2, out.stderr[-2000:]
+    for grad_error, metric_error in results:
+        assert float(grad_error) <= RTOL and float(metric_error) <= RTOL
