@@ -97,7 +97,7 @@ def methods():
 
     \b
     alignkit methods
-    ALIGNKIT_LOAD_PLUGINS=alignkit-orpo alignkit methods    only the listed distributions
+    ALIGNKIT_LOAD_PLUGINS=alignkit,alignkit-dpo alignkit methods    only these distributions
     """
     registry = build_registry(get_plugin_manager())
     for m in sorted(registry.methods.values(), key=lambda m: m.name):
@@ -157,8 +157,8 @@ def plot(output_dir, dest):
     eval values of a metric share the axes. Training writes the same charts at its end (train.plots).
 
     \b
-    alignkit plot outputs/orpo
-    alignkit plot outputs/orpo -o /tmp/charts
+    alignkit plot outputs/run1
+    alignkit plot outputs/run1 -o /tmp/charts
     """
     from alignkit.plots import plot_metrics
 
@@ -197,9 +197,9 @@ def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, s
     """Complete PROMPT with a trained model, streaming the answer (through its chat template if it has one).
 
     \b
-    alignkit generate --model outputs/orpo "sort: 3 1 2 ="
-    alignkit generate --model outputs/orpo --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
-    alignkit generate --model outputs/orpo --raw "Once upon a time"
+    alignkit generate --model outputs/run1 "sort: 3 1 2 ="
+    alignkit generate --model outputs/run1 --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
+    alignkit generate --model outputs/run1 --raw "Once upon a time"
     """
     from alignkit.generate import Sampling, generate, load
 
@@ -217,8 +217,8 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     In the chat: /clear starts over, /system TEXT sets the system message, /exit or Ctrl-D quits.
 
     \b
-    alignkit chat --model outputs/orpo
-    alignkit chat --model outputs/orpo --temperature 0 --system "Answer briefly."
+    alignkit chat --model outputs/run1
+    alignkit chat --model outputs/run1 --temperature 0 --system "Answer briefly."
     """
     from alignkit.generate import Sampling, chat, load
 
