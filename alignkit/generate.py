@@ -39,8 +39,11 @@ def load(model_dir: str, dtype: str = "auto"):
         raise ConfigError(f"--model {model_dir}: no such folder (give a run's output_dir or a hub name owner/name)")
     else:
         cfg = ModelConfig(name_or_path=model_dir, dtype=dtype)
-        tokenizer = load_tokenizer(cfg)
-        model = load_model(cfg, tokenizer, seed=0)
+        try:
+            tokenizer = load_tokenizer(cfg)
+            model = load_model(cfg, tokenizer, seed=0)
+        except ConfigError as e:  # the loaders name the config key; here the user gave --model
+            raise ConfigError(str(e).replace("model.name_or_path:", "--model", 1)) from None
     return model.eval(), tokenizer
 
 

@@ -71,7 +71,7 @@ class ORPOLoss(Loss):
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
         """One forward over [chosen; rejected] rows: mean completion log-probs, NLL sum and count, logits means."""
-        if self.head is not None and "decoder_input_ids" not in batch:
+        if self.head is not None:  # None for encoder-decoder models (LMHead.of)
             return self.forward_chunked(model, batch)
         return self.forward_plain(model, batch)
 

@@ -184,3 +184,9 @@ def test_conversation_renders_the_history_and_system_message():
     assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     conversation.clear()
     assert "first" not in tok.decode(conversation.prompt_ids("again")[0])
+
+
+def test_generate_names_the_folder_that_holds_no_model(tmp_path):
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path), "hi"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"alignkit: error: --model cannot load the tokenizer from {tmp_path}")
