@@ -4,6 +4,7 @@ from alignkit.api import RunResult, evaluate, get_method, load_config, methods, 
 from alignkit.data import DataFormatter, DropExample, Formatted, pad_right
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError
 from alignkit.hookspecs import hookimpl
+from alignkit.logps import RowLogps, SequenceScorer
 from alignkit.loss import Loss, LossOutput, log1mexp, shifted_token_logps
 from alignkit.method import Method, MethodConfig
 from alignkit.plugins import get_plugin_manager
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignkitError", "ConfigError", "DataError", "DataFormatter", "DropExample", "Formatted", "Loss",
-    "LossOutput", "Method", "MethodConfig", "PluginError", "RunResult", "evaluate", "get_method",
+    "LossOutput", "Method", "MethodConfig", "PluginError", "RowLogps", "RunResult", "SequenceScorer", "evaluate", "get_method",
     "get_plugin_manager", "hookimpl", "load_config", "log1mexp", "methods", "pad_right", "run",
     "shifted_token_logps",
 ]

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_data import dialogue_rows, synthetic_rows
+
 HERE = Path(__file__).parent
 SIZES = {  # model shapes: a small random one for CPUs, Qwen2-0.5B's for a GPU
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -52,23 +54,14 @@ def build(case: dict):
     return model, tok
 
 
-def rows(n: int, seq: int, distinct: bool) -> list[dict]:
-    """Rows whose prompt is seq/2 tokens with BOS (4 + one per digit with the built-in tokenizer) and whose answers
-    are longer than the rest: both libraries cut the answers to seq/2 tokens, so each side is exactly `seq` tokens.
-    (TRL 1.x dropped max_prompt_length and cuts only answers; a prompt that fits keeps both libraries' rules
-    the same.) Identical rows unless `distinct`: then the order of batches cannot change the losses."""
-    import random
+def rows(case: dict, n: int, distinct: bool = False) -> list[dict]:
+    """The case's rows: `synthetic` (every side exactly seq tokens) or `dialogue` (multi-turn, prompt over half)."""
+    if case.get("data", "synthetic") == "dialogue":
+        from alignkit.testing import tiny_tokenizer
 
-    rng = random.Random(0)
-
-    def digits(k):
-        return " ".join(str(rng.randrange(10)) for _ in range(k))
-
-    def row():
-        return {"prompt": "sort: " + digits(seq // 2 - 4) + " =", "chosen": " " + digits(seq), "rejected": " " + digits(seq)}
-
-    one = row()
-    return [row() if distinct else dict(one) for _ in range(n)]
+        # one batch of distinct rows, seen once per step (an epoch): every library's step 1 sees the same rows
+        return dialogue_rows(case["pairs"], case["seq"], tiny_tokenizer(), seed=0)
+    return synthetic_rows(n, case["seq"], distinct)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -123,13 +116,37 @@ def alignkit_worker(case: dict) -> dict:
             "method": {"max_length": case["seq"], "max_prompt_length": case["seq"] // 2, "beta": 0.1,
                        **case.get("alignkit", {})},
         }
-        ds = datasets.Dataset.from_list(rows(case["steps"] * case["pairs"], case["seq"], distinct=False))
+        ds = datasets.Dataset.from_list(rows(case, case["steps"] * case["pairs"]))
+        if case.get("method", "orpo") != "orpo":  # another method on the shared log-prob path, same batch
+            config["method"] = {k: v for k, v in config["method"].items() if k != "beta"}
         pm = alignkit.get_plugin_manager([Timer()])
-        alignkit.run("orpo", config, plugins=pm, model=model, tokenizer=tok, train_dataset=ds)
+        alignkit.run(case.get("method", "orpo"), config, plugins=pm, model=model, tokenizer=tok, train_dataset=ds)
     return summary(case, ends, losses)
 
 
-def trl_worker(case: dict) -> dict:
+def liger_trainer(base, compiled: bool):
+    """TRL's ORPOTrainer (same batches, same model forward up to the final norm) with Liger-Kernel's
+    LigerFusedLinearORPOLoss in place of the logits and TRL's loss."""
+    from liger_kernel.chunked_loss import LigerFusedLinearORPOLoss
+
+    class LigerORPOTrainer(base):
+        def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+            cat = self.concatenated_inputs(batch, is_encoder_decoder=False, label_pad_token_id=self.label_pad_token_id,
+                                           padding_value=self.padding_value, device=self.accelerator.device)
+            ids, mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            nll_target = ids.masked_fill(mask == 0, self.label_pad_token_id)  # TRL's NLL targets: every real token
+            if not hasattr(self, "_liger"):
+                self._liger = LigerFusedLinearORPOLoss(beta=self.beta, compiled=compiled)
+            head = model.lm_head
+            out = self._liger(head.weight, hidden[:, :-1], cat["concatenated_labels"][:, 1:], head.bias,
+                              nll_target=nll_target[:, 1:])
+            return out[0], {}
+
+    return LigerORPOTrainer
+
+
+def trl_worker(case: dict, lib: str = "trl") -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -158,8 +175,11 @@ def trl_worker(case: dict) -> dict:
                           optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
                           disable_tqdm=True, gradient_checkpointing=case["gc"], bf16=case["device"] == "cuda",
                           use_cpu=case["device"] == "cpu", seed=0, max_length=case["seq"], beta=0.1)
-        ds = datasets.Dataset.from_list(rows(case["steps"] * case["pairs"], case["seq"], distinct=False))
-        ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=ds, callbacks=[Timer()]).train()
+        ds = datasets.Dataset.from_list(rows(case, case["steps"] * case["pairs"]))
+        trainer_class = ORPOTrainer
+        if lib == "liger":
+            trainer_class = liger_trainer(ORPOTrainer, case["liger_compiled"])
+        trainer_class(model=model, args=args, processing_class=tok, train_dataset=ds, callbacks=[Timer()]).train()
     return summary(case, ends, losses)
 
 
@@ -174,7 +194,7 @@ def prep_worker(case: dict) -> dict:
 
     datasets.disable_caching()
     model, tok = build(case)
-    data = datasets.Dataset.from_list(rows(case["n"], case["seq"] // 4, distinct=True))
+    data = datasets.Dataset.from_list(synthetic_rows(case["n"], case["seq"] // 4, distinct=True))
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         args = ORPOConfig(output_dir=tmp, report_to="none", use_cpu=True, max_length=case["seq"])
@@ -193,7 +213,11 @@ def prep_worker(case: dict) -> dict:
     return out
 
 
-WORKERS = {"alignkit": alignkit_worker, "trl": trl_worker, "prep": prep_worker}
+def liger_worker(case: dict) -> dict:
+    return trl_worker({**case, "liger_compiled": case.get("liger_compiled", True)}, lib="liger")
+
+
+WORKERS = {"alignkit": alignkit_worker, "trl": trl_worker, "liger": liger_worker, "prep": prep_worker}
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
@@ -247,7 +271,7 @@ def table(results: list[dict]) -> list[str]:
              "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | first losses TRL |",
              "|" + "---|" * 14]
     for r in results:
-        c, a, t = r["case"], r["alignkit"], r["trl"]
+        c, a, t = r["case"], r["alignkit"], r.get("trl", {"status": "not run"})
         ok = a.get("status") == "ok" and t.get("status") == "ok"
         time_ratio = fmt(a["step_s"] / t["step_s"], ".2f") if ok else "-"
         mem_ratio = fmt(a["peak_mb"] / t["peak_mb"], ".2f") if ok else "-"
@@ -262,6 +286,22 @@ def table(results: list[dict]) -> list[str]:
                      f"{side(a, 'step_s', '.3f')} | {side(t, 'step_s', '.3f')} | {time_ratio} | "
                      f"{side(a, 'tokens_per_s', '.0f')} | {side(t, 'tokens_per_s', '.0f')} | "
                      f"{side(a, 'peak_mb', '.0f')} | {side(t, 'peak_mb', '.0f')} | {mem_ratio} | {losses(a)} | {losses(t)} |")
+    return lines
+
+
+def methods_table(results: list[dict], methods: list[str]) -> list[str]:
+    """Peak memory and step time of other alignkit methods against alignkit's ORPO on the same case."""
+    lines = ["| vocab | seq | pairs | grad ckpt | method | s/step | peak MB | peak MB ORPO | memory vs ORPO | first losses |",
+             "|" + "---|" * 10]
+    for r in results:
+        c, orpo = r["case"], r["alignkit"]
+        for m in methods:
+            x = r.get(m, {})
+            ok = x.get("status") == "ok" and orpo.get("status") == "ok"
+            lines.append(f"| {c['vocab']} | {c['seq']} | {c['pairs']} | {'yes' if c['gc'] else 'no'} | {m} | "
+                         f"{fmt(x.get('step_s'), '.3f') if ok else x.get('status', '-')} | {fmt(x.get('peak_mb'), '.0f')} | "
+                         f"{fmt(orpo.get('peak_mb'), '.0f')} | {fmt(x['peak_mb'] / orpo['peak_mb'], '.2f') if ok else '-'} | "
+                         f"{' '.join(f'{v:.4f}' for v in x.get('losses', []))} |")
     return lines
 
 
@@ -280,6 +320,9 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--prep", action="store_true", help="also time preprocessing")
+    p.add_argument("--libs", nargs="+", choices=["alignkit", "trl"], default=["alignkit", "trl"])
+    p.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
+                   help="also run these alignkit methods (e.g. dpo cpo simpo) on each case: memory and time against ORPO")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--update", action="store_true",
@@ -298,10 +341,16 @@ def main() -> None:
                     case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=gc, steps=args.steps, warmup=args.warmup,
                                 size=args.size, device=args.device)
                     row = {"case": case}
-                    for lib in ("alignkit", "trl"):
+                    for lib in args.libs:
                         row[lib] = run_worker(lib, case, args.mem_limit_gb, args.timeout)
+                    for method in args.methods:
+                        row[method] = run_worker("alignkit", {**case, "method": method}, args.mem_limit_gb, args.timeout)
                     results.append(row)
                     print(table([row])[-1], flush=True)
+                    if args.methods:
+                        print(methods_table([row], args.methods)[-1], flush=True)
+    extra = ["## Other methods on the shared log-prob path (alignkit.logps), same batches", "",
+             *methods_table(results, args.methods), ""] if args.methods else []
     prep = None
     if args.prep:
         prep = run_worker("prep", dict(vocab=args.vocab[0], seq=512, n=2000, size="small", device="cpu"),
@@ -332,7 +381,7 @@ def main() -> None:
         "identical rows truncated to exactly seq tokens a side",
         "- time and memory ratios are alignkit / TRL (lower is better); peak memory is the process's max RSS "
         "(CPU) or torch.cuda.max_memory_allocated (GPU)", "",
-        *table(results), "",
+        *table(results), "", *extra,
     ]
     if prep:
         lines += ["## Preprocessing", "",
