@@ -55,9 +55,9 @@ def dialogue_rows(n: int, seq: int, tok, seed: int = 0) -> list[dict]:
                 prompt.append({"role": "assistant", "content": text_of(rng, tok, max(4, share - 6))})
         p = chat_tokens(tok, prompt)
         room = seq - 8 - p
-        if p < seq // 2 or room < seq // 10:
+        if p < seq // 2 or room < seq // 10 + 2 or int(seq * 0.45) < seq // 10 + 2:
             continue
-        lengths = rng.sample(range(seq // 10, min(room, int(seq * 0.45)) + 1), 2)
+        lengths = rng.sample(range(max(seq // 10, 8), max(min(room, int(seq * 0.45)), seq // 10 + 2) + 1), 2)
         chosen, rejected = ([{"role": "assistant", "content": text_of(rng, tok, k - 4)}] for k in lengths)
         if max(chat_tokens(tok, prompt + chosen), chat_tokens(tok, prompt + rejected)) > seq - 2:
             continue

@@ -25,12 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_compare import VARIANTS, liger_trainer, liger_version, methods_table, peak_flops, run_rounds, write_section
+from bench_compare import table as compare_table
 from bench_data import dialogue_rows, synthetic_rows
 
 HERE = Path(__file__).parent
 SIZES = {  # model shapes: a small random one for CPUs, Qwen2-0.5B's for a GPU
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),
+    "h256": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),  # issue 15's measurement shape
     "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2),
 }
@@ -74,11 +78,15 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summary(case: dict, ends: list[float], losses: list[float]) -> dict:
+def summary(case: dict, ends: list[float], losses: list[float], model=None) -> dict:
     steps = [b - a for a, b in zip(ends, ends[1:])][case["warmup"] - 1:]
     step_s = statistics.median(steps)
-    return {"step_s": step_s, "tokens_per_s": 2 * case["pairs"] * case["seq"] / step_s,
-            "peak_mb": peak_memory_mb(case["device"]), "losses": losses[:3], "status": "ok"}
+    tokens = case.get("tokens") or 2 * case["pairs"] * case["seq"]
+    out = {"step_s": step_s, "steps": steps, "tokens_per_s": tokens / step_s,
+           "peak_mb": peak_memory_mb(case["device"]), "losses": losses[:3], "status": "ok"}
+    if case["device"] == "cuda" and model is not None:  # model FLOPs utilisation: 6 N per trained token
+        out["mfu"] = 6 * sum(p.numel() for p in model.parameters()) * tokens / step_s / peak_flops()
+    return out
 
 
 # ---- the workers ----------------------------------------------------------------------------------------
@@ -121,29 +129,7 @@ def alignkit_worker(case: dict) -> dict:
             config["method"] = {k: v for k, v in config["method"].items() if k != "beta"}
         pm = alignkit.get_plugin_manager([Timer()])
         alignkit.run(case.get("method", "orpo"), config, plugins=pm, model=model, tokenizer=tok, train_dataset=ds)
-    return summary(case, ends, losses)
-
-
-def liger_trainer(base, compiled: bool):
-    """TRL's ORPOTrainer (same batches, same model forward up to the final norm) with Liger-Kernel's
-    LigerFusedLinearORPOLoss in place of the logits and TRL's loss."""
-    from liger_kernel.chunked_loss import LigerFusedLinearORPOLoss
-
-    class LigerORPOTrainer(base):
-        def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-            cat = self.concatenated_inputs(batch, is_encoder_decoder=False, label_pad_token_id=self.label_pad_token_id,
-                                           padding_value=self.padding_value, device=self.accelerator.device)
-            ids, mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
-            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            nll_target = ids.masked_fill(mask == 0, self.label_pad_token_id)  # TRL's NLL targets: every real token
-            if not hasattr(self, "_liger"):
-                self._liger = LigerFusedLinearORPOLoss(beta=self.beta, compiled=compiled)
-            head = model.lm_head
-            out = self._liger(head.weight, hidden[:, :-1], cat["concatenated_labels"][:, 1:], head.bias,
-                              nll_target=nll_target[:, 1:])
-            return out[0], {}
-
-    return LigerORPOTrainer
+    return summary(case, ends, losses, model)
 
 
 def trl_worker(case: dict, lib: str = "trl") -> dict:
@@ -180,7 +166,7 @@ def trl_worker(case: dict, lib: str = "trl") -> dict:
         if lib == "liger":
             trainer_class = liger_trainer(ORPOTrainer, case["liger_compiled"])
         trainer_class(model=model, args=args, processing_class=tok, train_dataset=ds, callbacks=[Timer()]).train()
-    return summary(case, ends, losses)
+    return summary(case, ends, losses, model)
 
 
 def prep_worker(case: dict) -> dict:
@@ -289,20 +275,27 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
-def methods_table(results: list[dict], methods: list[str]) -> list[str]:
-    """Peak memory and step time of other alignkit methods against alignkit's ORPO on the same case."""
-    lines = ["| vocab | seq | pairs | grad ckpt | method | s/step | peak MB | peak MB ORPO | memory vs ORPO | first losses |",
-             "|" + "---|" * 10]
-    for r in results:
-        c, orpo = r["case"], r["alignkit"]
-        for m in methods:
-            x = r.get(m, {})
-            ok = x.get("status") == "ok" and orpo.get("status") == "ok"
-            lines.append(f"| {c['vocab']} | {c['seq']} | {c['pairs']} | {'yes' if c['gc'] else 'no'} | {m} | "
-                         f"{fmt(x.get('step_s'), '.3f') if ok else x.get('status', '-')} | {fmt(x.get('peak_mb'), '.0f')} | "
-                         f"{fmt(orpo.get('peak_mb'), '.0f')} | {fmt(x['peak_mb'] / orpo['peak_mb'], '.2f') if ok else '-'} | "
-                         f"{' '.join(f'{v:.4f}' for v in x.get('losses', []))} |")
-    return lines
+def compare(args) -> None:
+    """Every variant of --libs on each case, interleaved in --rounds, into one section of --output."""
+    rows = []
+    for vocab in args.vocab:
+        for seq in args.seq:
+            for pairs in args.pairs:
+                case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=args.gc == "yes", steps=args.steps, warmup=args.warmup,
+                            size=args.size, device=args.device, data=args.data)
+                rows.append(run_rounds(case, args.libs, args.rounds, run_worker, args.mem_limit_gb, args.timeout))
+                print("\n".join(compare_table(rows[-1:], args.libs)), flush=True)
+    lines = [f"- command: `python benchmarks/orpo_speed.py {' '.join(sys.argv[1:])}`",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- machine: {machine(args.device)}; {args.note}".rstrip("; "), f"- versions: {versions()}, liger-kernel "
+             f"{liger_version()}", f"- model: random Qwen2, shape `{args.size}` {SIZES[args.size]}, tied embeddings, "
+             f"{'bf16' if args.device == 'cuda' else 'float32'}; gradient checkpointing {args.gc}",
+             f"- {args.steps} steps per run, the first {args.warmup} not timed, {args.rounds} interleaved round(s); "
+             "ratios are the row's variant over TRL / Liger (compiled); peak memory is max RSS (CPU) or "
+             "max_memory_allocated (GPU)", "", *compare_table(rows, args.libs)]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section(Path(args.output), args.section, lines)
 
 
 def main() -> None:
@@ -320,7 +313,13 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--prep", action="store_true", help="also time preprocessing")
-    p.add_argument("--libs", nargs="+", choices=["alignkit", "trl"], default=["alignkit", "trl"])
+    p.add_argument("--libs", nargs="+", choices=list(VARIANTS), default=["alignkit", "trl"],
+                   help="with --section: the variants to compare (bench_compare.py), else alignkit and/or trl")
+    p.add_argument("--data", choices=["synthetic", "dialogue"], default="synthetic",
+                   help="synthetic: every side exactly seq tokens; dialogue: multi-turn rows, prompt over half (bench_data.py)")
+    p.add_argument("--rounds", type=int, default=1, help="with --section: interleaved rounds of all variants")
+    p.add_argument("--section", help="head-to-head mode: write this section of --output (others kept)")
+    p.add_argument("--note", default="", help="with --section: a line about the machine's load etc.")
     p.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
                    help="also run these alignkit methods (e.g. dpo cpo simpo) on each case: memory and time against ORPO")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
@@ -332,6 +331,9 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](json.loads(args.case))), flush=True)
         return
 
+    if args.section:
+        compare(args)
+        return
     results = []
     gcs = {"no": [False], "yes": [True], "both": [False, True]}[args.gc]
     for vocab in args.vocab:
