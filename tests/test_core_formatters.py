@@ -172,7 +172,7 @@ def test_core_plugin_registers_the_formatters_without_naming_a_method():
     (PromptCompletionFormatter, {"text": "t"}, "expected columns 'prompt' and 'completion'; the row has 'text'"),
     (PromptCompletionFormatter, {"prompt": "p"}, "missing column 'completion'"),
     (PromptCompletionFormatter, {"prompt": "p", "completion": 3}, "'completion' must be a string or a list of"),
-    (PromptCompletionFormatter, {"prompt": "p", "completion": [chat("assistant", "c")]}, "'prompt' and 'completion' must all be strings or all be conversations"),
+    (PromptCompletionFormatter, {"prompt": "p", "completion": [chat("assistant", "c")]}, "'prompt' and 'completion' must both be strings or both be conversations"),
     (LanguageModelingFormatter, {"text": ""}, "'text' is an empty string"),
     (LanguageModelingFormatter, {"messages": [chat("wizard", "x")]}, "'messages' message 0 has unknown role 'wizard'"),
     (UnpairedPreferenceFormatter, {"prompt": "p", "completion": "c"}, "missing column 'label'"),
