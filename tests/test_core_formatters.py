@@ -183,6 +183,5 @@ def test_core_plugin_registers_the_formatters_without_naming_a_method():
 ])
 def test_bad_rows_get_one_line_errors(tok, cls, row, message):
     with pytest.raises(DataError) as e:
-        f = make(cls, tok)
-        f.format(row) if cls is not UnpairedPreferenceFormatter else formatted(f, [row])
+        make(cls, tok).format(row)
     assert message in str(e.value) and "\n" not in str(e.value)

@@ -80,7 +80,10 @@ class UnpairedPreferenceFormatter(DataFormatter):
 
     def format(self, example: dict[str, Any]) -> list[Formatted]:
         """The row's examples with the KL pairs of this row alone (use format_batch for a dataset)."""
-        return self.format_batch([example])[0]
+        result = self.format_batch([example])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def format_batch(self, examples: list[dict[str, Any]]) -> list:
         """Every row unpaired and tokenized, in TRL's order (a batch of paired rows gives all chosen examples, then
