@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from alignkit.data import DataFormatter, DropExample, Formatted, pad_right
+from alignkit.data import pad_right
 from alignkit.errors import DataError
+from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.config import UnpairedDataConfig
 from alignkit.formatters.sequence import pad_id, prompt_completion_ids
 from alignkit.text import column, extract_prompt, same_format
