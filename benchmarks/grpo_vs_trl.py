@@ -31,8 +31,9 @@ REWARDS = ["sort-order", "exact-match"]
 
 
 def start_model(folder: Path) -> None:
-    from alignkit.testing import tiny_model, tiny_tokenizer
     from alignkit_grpo.demo import sft_warmup
+
+    from alignkit.testing import tiny_model, tiny_tokenizer
 
     tok, model = tiny_tokenizer(), tiny_model()
     sft_warmup(model, tok, 150)
@@ -41,10 +42,9 @@ def start_model(folder: Path) -> None:
 
 
 def run_trl(model_dir: str, out: str, steps: int) -> None:
-    from trl import GRPOConfig, GRPOTrainer
-
     from alignkit_grpo.demo import load
     from alignkit_grpo.rewards import BUILTIN
+    from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
                       max_completion_length=MAX_NEW, temperature=1.0, learning_rate=LR, lr_scheduler_type="linear",
@@ -110,15 +110,15 @@ def report(out: str, times: list[float]) -> None:
 
 def held_out_reward(model_dir: str) -> float:
     """Mean summed reward of 8 samples for each of 64 test prompts, one fixed seed (the same for both)."""
-    from alignkit.generation import Generator
-    from alignkit.modeling import load_tokenizer
-    from alignkit.rewards import RewardRegistry, score
     from alignkit_grpo.advantages import combine
     from alignkit_grpo.demo import rows
     from alignkit_grpo.rewards import BUILTIN
     from transformers import AutoModelForCausalLM
 
     from alignkit.config import ModelConfig
+    from alignkit.generation import Generator
+    from alignkit.modeling import load_tokenizer
+    from alignkit.rewards import RewardRegistry, score
 
     tok = load_tokenizer(ModelConfig(name_or_path=model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -162,7 +162,7 @@ def main() -> int:
             rows.append({"side": side, "s_per_step": sum(steps) / len(steps), "peak_rss_mib": timing["peak_rss_mib"],
                          "reward_start": start, "reward_end": held_out_reward(f"{out}/final"),
                          "wall_s": time.time() - t0})
-    header = "| | s / step | peak RSS (MiB) | held-out reward at start | after %d steps | process wall (s) |" % args.steps
+    header = f"| | s / step | peak RSS (MiB) | held-out reward at start | after {args.steps} steps | process wall (s) |"
     lines = [header, "|---|---|---|---|---|---|"]
     lines += [f"| {r['side']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['reward_start']:.3f} | "
               f"{r['reward_end']:.3f} | {r['wall_s']:.0f} |" for r in rows]

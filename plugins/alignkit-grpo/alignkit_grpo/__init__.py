@@ -1,7 +1,6 @@
 """GRPO (Shao et al., arXiv 2402.03300) with the DAPO and Dr. GRPO token normalisations, as an alignkit method."""
 
 import alignkit
-
 from alignkit_grpo import demo
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.formatter import GRPOFormatter

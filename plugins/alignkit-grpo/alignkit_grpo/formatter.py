@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from alignkit.formatters import PromptOnlyFormatter
-
 from alignkit_grpo.demo import sft_warmup
 
 log = logging.getLogger(__name__)

@@ -47,8 +47,6 @@ class GRPOLoss(alignkit.Loss):
     (num_iterations > 1), and the rollout's reward statistics for the metrics."""
 
     head: LMHead | None = None
-    #: the rollout reduces reward statistics over processes (ctx.reduce): eval keeps processes in lock-step
-    collective = True
 
     @property
     def needs_reference_model(self) -> bool:  # beta == 0 loads no reference model
