@@ -98,7 +98,7 @@ def run_alignkit(model_dir: str, out: str, steps: int) -> None:
                   "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "max_steps": steps, "logging_steps": 1,
                   "save_steps": None, "eval_steps": None, "eval_on_start": False, "disable_tqdm": True,
                   "plots": False, "seed": 0, "max_grad_norm": 1.0},
-    }, plugins=[clock])
+    }, plugins=alignkit.get_plugin_manager([clock]))
     # the step clock includes the first step's start-up; report as TRL's (mean over steps after the first)
     report(out, times)
 
