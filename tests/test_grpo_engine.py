@@ -98,3 +98,22 @@ def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
     assert rows[1]["reward"] != rows[2]["reward"] or rows[1]["completions/mean_length"] != rows[2]["completions/mean_length"]
     # checkpoints only between rollouts: after steps 2 and 4's rollout pairs, never mid-rollout
     assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_another_generation_backend_samples_and_gets_the_weights_after_every_step(tmp_path, monkeypatch):
+    import alignkit.online
+    from test_grpo_rollout import FakeBackend
+
+    backend = FakeBackend()
+    monkeypatch.setattr(alignkit.online, "backend_for", lambda name, *args: backend if name == "vllm" else None)
+    config = {"method": {"num_generations": 4, "max_completion_length": 8, "generation_backend": "vllm"},
+              "data": {"max_train_samples": 16, "max_eval_samples": 4},
+              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                        "logging_steps": 1, "save_steps": None, "eval_steps": None, "eval_on_start": False,
+                        "disable_tqdm": True, "plots": False}}
+    alignkit.run("grpo", config, plugins=plugin_manager(alignkit_grpo))
+    assert len(backend.synced) == 2  # after each optimizer step
+    train_calls = backend.calls[:2]
+    assert all(n == 4 and max_new == 8 and len(prompts) == 4 for prompts, n, max_new, *_ in train_calls)
+    rows = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert rows[0]["completions/mean_length"] == 2.0  # the backend's completions reached the loss
