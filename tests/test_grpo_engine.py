@@ -101,8 +101,9 @@ def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
 
 
 def test_another_generation_backend_samples_and_gets_the_weights_after_every_step(tmp_path, monkeypatch):
-    import alignkit.online
     from test_grpo_rollout import FakeBackend
+
+    import alignkit.online
 
     backend = FakeBackend()
     monkeypatch.setattr(alignkit.online, "backend_for", lambda name, *args: backend if name == "vllm" else None)
