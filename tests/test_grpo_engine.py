@@ -118,3 +118,19 @@ def test_another_generation_backend_samples_and_gets_the_weights_after_every_ste
     assert all(n == 4 and max_new == 8 and len(prompts) == 4 for prompts, n, max_new, *_ in train_calls)
     rows = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     assert rows[0]["completions/mean_length"] == 2.0  # the backend's completions reached the loss
+
+
+def test_fsdp2_on_two_processes_samples_and_trains_as_one(tmp_path):
+    """Generation under FSDP2 gathers the sharded parameters once (no collective per sampled token)."""
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+              "--main_process_port", str(free_port())]
+    args = ["train.max_steps=2", "train.save_steps=null", "train.eval_steps=2"]
+    cli(tmp_path / "two", *args, "train.per_device_train_batch_size=2", launcher=launch)
+    cli(tmp_path / "one", *args, "train.per_device_train_batch_size=4")
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "reward", "eval_reward", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
