@@ -62,6 +62,8 @@ class Engine:
         self.output_dir = Path(t.output_dir)
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
+        self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
         if peft_config is not None or config.model.peft is not None:
             self.model = apply_peft(self.model, peft_config or config.model.peft)
@@ -77,8 +79,6 @@ class Engine:
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
                               self.model, self.tokenizer, log_table=self._log_table)
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
-        rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods only (alignkit.online)
-        self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.generator = None  # the generation handle of online methods (StepContext.generator)
         self._builtins = None  # built-in datasets registered by the plugins, looked up when data names one
 

@@ -134,3 +134,13 @@ def test_fsdp2_on_two_processes_samples_and_trains_as_one(tmp_path):
         for key in ("loss", "reward", "eval_reward", "eval_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_an_unknown_reward_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "--method", "grpo", "method.reward_funcs=[exact-mach]",
+                           f"train.output_dir={tmp_path / 'out'}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "alignkit: error: method.reward_funcs: no reward function 'exact-mach' (did you mean 'exact-match'?); "
+        "registered: digits-format, exact-match, sort-order, or model:PATH for a reward model"]
+    assert not (tmp_path / "out").exists()
