@@ -66,16 +66,17 @@ def test_ids_and_labels_equal_trl_sft(tok, rows, cfg):
 
 
 def test_assistant_only_loss_equals_trl_with_generation_markers(tok):
-    marked = copy.deepcopy(tok)
-    marked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}"
-                            "{% generation %}{{ m['content'] }}<|end|>\n{% endgeneration %}{% else %}"
-                            "{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
-                            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    ours = formatted(make(SequenceFormatter, marked, assistant_only_loss=True, max_length=64), CONV_LM)
-    assert ours == trl_sft(marked, CONV_LM, assistant_only_loss=True, max_length=64)
-    # Without markers the turns are found by rendering: the same tokens are trained.
-    unmarked = formatted(make(SequenceFormatter, tok, assistant_only_loss=True, max_length=64), CONV_LM)
-    assert unmarked == ours
+    """The built-in template marks assistant turns with {% generation %}: TRL reads them the same way."""
+    assert "{% generation %}" in tok.chat_template
+    ours = formatted(make(SequenceFormatter, tok, assistant_only_loss=True, max_length=64), CONV_LM + CONV_PC)
+    assert ours == trl_sft(tok, CONV_LM, assistant_only_loss=True, max_length=64) + \
+        trl_sft(tok, CONV_PC, assistant_only_loss=True, max_length=64)
+    # A template without markers: the turns are found by rendering, and the same tokens are trained.
+    unmarked = copy.deepcopy(tok)
+    unmarked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    assert formatted(make(SequenceFormatter, unmarked, assistant_only_loss=True, max_length=64), CONV_LM + CONV_PC) == ours
+    assert any(-100 in r["labels"] and set(r["labels"]) != {-100} for r in ours)
 
 
 def test_unpaired_equals_trl_kto_tokenization_and_kl_rotation(tok):
@@ -182,6 +183,29 @@ def test_core_plugin_registers_the_formatters_without_naming_a_method():
 ])
 def test_bad_rows_get_one_line_errors(tok, cls, row, message):
     with pytest.raises(DataError) as e:
-        f = make(cls, tok)
-        f.format(row) if cls is not UnpairedPreferenceFormatter else formatted(f, [row])
+        make(cls, tok).format(row)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_packing_through_prepare_counts_no_row_as_dropped(tok):
+    from alignkit.data import prepare
+
+    rows = [{"text": f"sort: {i} {i + 1}"} for i in range(10)]
+    ds, report = prepare(datasets.Dataset.from_list(rows), make(SequenceFormatter, tok, packing=True, max_length=40), "t")
+    assert report.dropped == 0 and report.kept == len(ds) < 10
+    assert sorted(i for row in ds["input_ids"] for i in row) == \
+        sorted(i for r in formatted(make(SequenceFormatter, tok), rows) for i in r["input_ids"])
+
+
+def test_formatter_fingerprint_covers_the_blocks_it_uses():
+    """Editing alignkit.text or alignkit.tokens changes every formatter's cache key."""
+    import inspect
+
+    import alignkit.text
+    import alignkit.tokens
+    from alignkit.formatter import class_sources
+    from alignkit_orpo import PreferenceFormatter
+
+    for cls in (SequenceFormatter, UnpairedPreferenceFormatter, PromptOnlyFormatter, PreferenceFormatter):
+        sources = class_sources(cls)
+        assert inspect.getsource(alignkit.tokens) in sources and inspect.getsource(alignkit.text) in sources

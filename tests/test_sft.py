@@ -1,12 +1,14 @@
 """The SFT plugin (plugins/alignkit-sft): its loss against a float64 reference, packing without leakage,
-label masking (completion-only, assistant-only), and one-line errors for bad settings and rows."""
+label masking (completion-only, assistant-only) as the SFT method sees it through the core's SequenceFormatter,
+and one-line errors for bad settings and rows."""
 
 import pytest
 import torch
-from alignkit_sft import SFTConfig, SFTFormatter, SFTLoss
-from alignkit_sft.formatter import pack
+from alignkit_sft import SFTConfig, SFTLoss
 
 import alignkit
+from alignkit.formatters import SequenceFormatter
+from alignkit.formatters.packing import pack
 from alignkit.testing import tiny_model, tiny_tokenizer
 
 ROWS = [{"prompt": "sort: 3 1 2 =", "completion": " 1 2 3"}, {"prompt": "sort: 9 7 =", "completion": " 7 9"},
@@ -24,7 +26,7 @@ def model():
 
 
 def formatted(tok, rows, **settings):
-    formatter = SFTFormatter(SFTConfig(**settings), tok)
+    formatter = SequenceFormatter(SFTConfig(**settings), tok)
     return formatter, [formatter.format(r).features for r in rows]
 
 
@@ -79,7 +81,7 @@ def test_chunked_gradient_equals_plain(tok):
 
 def test_packed_example_loss_equals_unpacked(tok, model):
     formatter, features = formatted(tok, ROWS + [{"text": "sort: 4 2 = 2 4"}])
-    packed = pack(features, max_length=64)
+    packed = [row for row, _ in pack(features, 64, -100)]
     assert len(packed) == 1 and packed[0]["position_ids"].count(0) == len(features)
     loss = SFTLoss(SFTConfig(logits_chunk_size=5))
     loss.prepare_model(model)
@@ -94,14 +96,9 @@ def test_packed_example_loss_equals_unpacked(tok, model):
         assert float(a.metrics[name][0]) == pytest.approx(float(b.metrics[name][0]), rel=1e-5)
     # Without restarting positions the same row leaks context across examples: the loss changes.
     leaky = dict(one_row, position_ids=torch.arange(one_row["input_ids"].shape[1])[None])
-    assert float(loss(model, leaky).terms["tokens"]) != pytest.approx(float(b.terms["tokens"]), rel=1e-3)
-
-
-def test_pack_fits_best_and_cuts_overlong():
-    ex = [{"input_ids": [1] * n, "labels": [1] * n} for n in (6, 5, 3, 2, 12)]
-    rows = pack(ex, max_length=8)
-    assert sorted(len(r["input_ids"]) for r in rows) == [8, 8, 8]  # 12->8 | 6+2 | 5+3
-    assert all(len(r["position_ids"]) == len(r["input_ids"]) == len(r["labels"]) for r in rows)
+    with torch.no_grad():
+        leaked = float(loss(model, leaky).terms["tokens"])
+    assert abs(leaked - float(b.terms["tokens"])) > 1e-5 * abs(float(b.terms["tokens"]))
 
 
 def test_completion_only_loss_masks_the_prompt(tok):
@@ -155,15 +152,14 @@ def test_bad_settings_are_one_line_errors(settings, message):
 
 
 @pytest.mark.parametrize("row, settings, message", [
-    ({"question": "x"}, {}, "expected columns 'prompt' and 'completion', 'messages', or 'text'"),
-    ({"text": "abc"}, {"completion_only_loss": True}, "completion_only_loss=true needs prompt-completion rows"),
+    ({"question": "x"}, {}, "expected columns 'text' or 'messages' or 'prompt' and 'completion'"),
     ({"text": "abc"}, {"assistant_only_loss": True}, "assistant_only_loss=true needs conversational rows"),
-    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, {}, "both be strings or both be lists"),
-    ({"messages": [{"role": "user", "content": "a"}]}, {"assistant_only_loss": True}, "{% generation %}"),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, {}, "must both be strings or both be"),
+    ({"prompt": "a", "completion": ""}, {}, "'completion' is an empty string"),
 ])
 def test_bad_rows_are_one_line_errors(tok, row, settings, message):
     with pytest.raises(alignkit.DataError) as e:
-        SFTFormatter(SFTConfig(**settings), tok).format(row)
+        SequenceFormatter(SFTConfig(**settings), tok).format(row)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -173,4 +169,4 @@ def test_truncation_keeps_the_chosen_end_and_drops_untrained_rows(tok):
     full = tok(text=ROWS[0]["prompt"] + ROWS[0]["completion"] + tok.eos_token)["input_ids"]
     assert start["input_ids"] == full[:4] and end["input_ids"] == full[-4:]
     with pytest.raises(alignkit.DropExample):  # keep_start leaves only prompt tokens: nothing to train on
-        SFTFormatter(SFTConfig(max_length=4), tok).format(ROWS[0])
+        SequenceFormatter(SFTConfig(max_length=4), tok).format(ROWS[0])
