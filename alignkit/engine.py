@@ -323,6 +323,8 @@ class Engine:
         acc = self.accelerator
         ctxs = ctxs or [self._context(True, i, len(micro_batches)) for i in range(len(micro_batches))]
         totals = self._global_counts(micro_batches, ctxs)
+        for ctx in ctxs:
+            ctx.totals = totals  # what each summed term will be divided by (a fused LM head weights its terms so)
         loss_sum, metrics = torch.zeros((), device=acc.device), MetricSums(acc.device)
         for i, (batch, ctx) in enumerate(zip(micro_batches, ctxs)):
             with contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model):

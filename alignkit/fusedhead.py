@@ -14,9 +14,11 @@ gradients (one head-sized accumulator) are kept for the backward, which scales t
 gradient. A group with more positions than `chunk_size` runs its head twice (a no-grad pass for the
 per-position weights, then one sub-chunk at a time with gradient), as the checkpointed path does.
 
-The engine multiplies each summed term by its own factor (one over its unit's count), so the forward
-weights the terms with the factors the loss expects (`weights`); a backward whose incoming gradients are
-not proportional to them recomputes with the actual ones (exact, at the checkpointed path's cost).
+The engine multiplies each summed term by its own factor (one over its unit's count for the whole step,
+which it puts in `StepContext.totals` before the loss runs), so the forward weights the terms with those
+factors (`weights`, see alignkit.logps.count_weights); a backward whose incoming gradients are not
+proportional to them (a caller that weights the terms otherwise) recomputes with the actual ones: exact,
+at the checkpointed path's cost.
 """
 
 import torch

@@ -76,8 +76,10 @@ class RowLogps:
         return total / (len(self.logits_sum) * (self.positions + include_last) * self.vocab)
 
 
-def count_weights(counts: dict[str, int]) -> dict[str, float]:
-    """The engine's factor for each summed term, up to a common scale, when this batch is the whole step."""
+def count_weights(counts: dict[str, float], ctx=None) -> dict[str, float]:
+    """The engine's factor for each summed term, up to a common scale: one over its unit's total for the step
+    (`ctx.totals`, set by the engine in training), else over this batch's `counts`."""
+    counts = getattr(ctx, "totals", None) or counts
     return {unit: 1.0 / c for unit, c in counts.items() if c}
 
 

@@ -72,7 +72,7 @@ class ORPOLoss(Loss):
         """The LM head only at the positions a term reads, in chunks (alignkit.logps)."""
         return self._chunked(model, batch, fused=False)[0]
 
-    def _chunked(self, model, batch, fused: bool) -> "tuple[ORPOForward, dict | None]":
+    def _chunked(self, model, batch, fused: bool, ctx=None) -> "tuple[ORPOForward, dict | None]":
         n = batch["input_ids"].shape[0] // 2
         nll_targets = torch.full_like(batch["labels"], self.config.label_pad_token_id)
         nll_targets[:n] = self._nll_targets(batch)
@@ -84,7 +84,7 @@ class ORPOLoss(Loss):
             return {"nll_tokens": s.nll[:m].sum(), "pairs": or_loss.sum()}
 
         s, aux, summed = self.scorer(model, batch, nll_targets, aux_loss=self.aux_loss_coef is not None,
-                                     terms=terms if fused else None, group_size=2, weights=count_weights(self.counts(batch)))
+                                     terms=terms if fused else None, group_size=2, weights=count_weights(self.counts(batch), ctx))
         seq_logps_B = s.logps / s.tokens
         # logits/* average every position [:, :-1] over the whole vocabulary
         logits_means = (s.rows(torch.arange(n)).logits_mean(), s.rows(torch.arange(n, 2 * n)).logits_mean())
@@ -110,10 +110,10 @@ class ORPOLoss(Loss):
         return ORPOForward(logits_BTV, seq_logps_B[:n], seq_logps_B[n:], -nll_logps_BT.sum(), nll_mask_BT.sum(),
                            outputs.aux_loss if self.aux_loss_coef is not None else None, scored_BTV, logits_means)
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx=None) -> LossOutput:
         if self.head is None:
             return self.output(self.forward_plain(model, batch))
-        return self.output(*self._chunked(model, batch, fused=True))
+        return self.output(*self._chunked(model, batch, fused=True, ctx=ctx))
 
     def output(self, f: "ORPOForward", terms: dict | None = None) -> LossOutput:
         """The summed loss terms (unless given: the fused head computed them) and the eleven metrics."""

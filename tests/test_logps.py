@@ -134,3 +134,37 @@ def test_cli_runs_dpo_with_another_label_pad_token_id(tmp_path):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_the_engines_totals_spare_the_recompute_under_gradient_accumulation():
+    """Two micro-batches weight ORPO's terms by the step's totals, not each batch's counts: given ctx.totals
+    the fused head's forward gradients are used as they are (no head call in the backward); without them
+    the backward recomputes. Both give the same gradients."""
+    from types import SimpleNamespace
+
+    from alignkit_orpo import ORPOLoss, ORPOMethodConfig
+
+    batches = [ragged_batch(2, seed=2), ragged_batch(3, seed=3)]
+
+    def step(with_totals):
+        model = tiny_model(tie_word_embeddings=False)
+        loss_fn = ORPOLoss(ORPOMethodConfig(logits_chunk_size=64))
+        loss_fn.prepare_model(model)
+        totals: dict[str, float] = {}
+        for b in batches:
+            for unit, c in loss_fn.counts(b).items():
+                totals[unit] = totals.get(unit, 0) + c
+        calls, in_backward = [], [False]
+        model.lm_head.register_forward_hook(lambda m, i, o: calls.append(in_backward[0]))
+        for b in batches:
+            in_backward[0] = False
+            out = loss_fn(model, b, ctx=SimpleNamespace(totals=totals) if with_totals else None)
+            in_backward[0] = True
+            out.normalized(totals).backward()
+        return sum(calls), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    backward_calls, grads = step(True)
+    recomputed, expected = step(False)
+    assert backward_calls == 0 and recomputed > 0
+    for n in expected:
+        assert (grads[n] - expected[n]).norm() / expected[n].norm() <= RTOL, n

@@ -31,7 +31,7 @@ class CPOLoss(alignkit.Loss):
         n = batch["input_ids"].shape[0] // 2
         return {"pairs": n, "chosen_tokens": int((batch["labels"][:n, 1:] != self.scorer.ignore).sum())}
 
-    def __call__(self, model, batch):
+    def __call__(self, model, batch, ctx=None):
         beta, smoothing, alpha = self.config.beta, self.config.label_smoothing, self.config.cpo_alpha
 
         def terms(s, groups):  # the chosen rows of `groups`, then their rejected rows
@@ -40,7 +40,7 @@ class CPOLoss(alignkit.Loss):
             losses = -F.logsigmoid(beta * margin) * (1 - smoothing) - F.logsigmoid(-beta * margin) * smoothing
             return {"pairs": losses.sum(), "chosen_tokens": alpha * -s.logps[:m].sum()}
 
-        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2, weights=count_weights(self.counts(batch)))
+        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2, weights=count_weights(self.counts(batch), ctx))
         n = len(s.logps) // 2
         with torch.no_grad():
             chosen, rejected = s.logps[:n], s.logps[n:]

@@ -32,7 +32,7 @@ class SimPOLoss(alignkit.Loss):
         n = batch["input_ids"].shape[0] // 2
         return {"pairs": n, "chosen_tokens": int((batch["labels"][:n, 1:] != self.scorer.ignore).sum())}
 
-    def __call__(self, model, batch):
+    def __call__(self, model, batch, ctx=None):
         c = self.config
 
         def terms(s, groups):  # the chosen rows of `groups`, then their rejected rows
@@ -46,7 +46,7 @@ class SimPOLoss(alignkit.Loss):
                 out["chosen_tokens"] = c.cpo_alpha * -s.logps[:m].sum()
             return out
 
-        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2, weights=count_weights(self.counts(batch)))
+        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2, weights=count_weights(self.counts(batch), ctx))
         n = len(s.logps) // 2
         with torch.no_grad():
             mean_logps = s.logps / s.tokens
