@@ -275,6 +275,13 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def kept_sections(path: Path) -> str:
+    """The sections of an existing results file that the matrix run does not write (hand notes, --section runs)."""
+    text = path.read_text() if path.exists() else ""
+    parts = text.split("\n## ")[1:]
+    return "".join("\n## " + part for part in parts if not part.startswith("Preprocessing"))
+
+
 def compare(args) -> None:
     """Every variant of --libs on each case, interleaved in --rounds, into one section of --output."""
     rows = []
@@ -395,7 +402,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text + kept_sections(Path(args.output)))
         saved.write_text(json.dumps({"results": results, "prep": prep, "commands": commands}, indent=1))
 
 
