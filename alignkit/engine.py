@@ -6,10 +6,10 @@ import contextlib
 import functools
 import logging
 import math
-import shutil
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +17,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from alignkit import checkpoint
 from alignkit.config import RunConfig, to_yaml
@@ -27,8 +26,10 @@ from alignkit.loss import at_least_fp32
 from alignkit.method import Method
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
+from alignkit.optim import build_optimizer, build_scheduler
 from alignkit.reference import Reference, collate_with_reference
 from alignkit.reporting import MetricsFile, Plots, ProgressBar, Trackers
+from alignkit.schedule import Actions, Schedule
 from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None, peft_config=None, optimizers=(None, None),
-                 collate_fn=None) -> None:
+                 train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
+                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None) -> None:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         _check_trackers(t.report_to)
@@ -66,12 +67,15 @@ class Engine:
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
-        if peft_config is not None or config.model.peft is not None:
-            self.model = apply_peft(self.model, peft_config or config.model.peft)
-        self.optimizer, self.scheduler = optimizers
+        if config.model.peft is not None:
+            self.model = apply_peft(self.model, config.model.peft)
+        # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type
+        self.schedule = schedule or Schedule(t)
+        self.make_optimizer = optimizer or functools.partial(build_optimizer, train=t)
+        self.make_scheduler = lr_scheduler or functools.partial(build_scheduler, train=t)
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.formatter.prepare_model(self.model)
-        self.collate_fn = collate_fn or self.formatter.collate
+        self.collate_fn = self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
         self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
@@ -133,7 +137,7 @@ class Engine:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
-        optimizer = self.optimizer or self._optimizer()
+        optimizer = self.make_optimizer(self.model)
         if self.reference.precomputed:
             size = t.per_device_eval_batch_size
             data = {split: self.reference.precompute(ds, self.model, self.collate_fn, size) for split, ds in data.items()}
@@ -145,11 +149,7 @@ class Engine:
         state.batches_per_epoch = len(train_dl)
         steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
         state.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * state.max_steps)
-        scheduler = self.scheduler or get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                                    num_training_steps=state.max_steps,
-                                                    scheduler_specific_kwargs=t.lr_scheduler_kwargs)
-        self._scheduler = scheduler
+        scheduler = self._scheduler = self.make_scheduler(optimizer, num_training_steps=state.max_steps)
         window = self._resume()
         self._prepare_output_dir()
 
@@ -162,46 +162,53 @@ class Engine:
         try:
             stack.enter_context(self._stop_on_signals())
             self.pm.hook.on_train_start(run=state)
-            starting = t.eval_on_start and eval_dl is not None and state.step == 0  # not again on resume
-            eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
-            logs: dict[str, float] = {}
+            done = {"logs": {}, "eval": {}, "window": window}
+            self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
             model.train()
             for micro_batches in self._windows(train_dl):
                 loss, metric_sums, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
                 state.step += 1
-                window.add(loss, grad_norm, metric_sums, len(micro_batches))
+                done["window"].add(loss, grad_norm, metric_sums, len(micro_batches))
                 self.pm.hook.on_step_end(run=state, step=state.step, metrics={
                     "loss": loss, **{k: v / len(micro_batches) for k, v in metric_sums.items()}})
 
-                if state.step % t.logging_steps == 0 or state.step == state.max_steps or (
-                        t.logging_first_step and state.step == 1):
-                    logs = self._reduce_window(window, scheduler)
-                    window = Window()
-                    self.pm.hook.on_log(run=state, step=state.step, logs=logs)
-                if eval_dl is not None and t.eval_steps and state.step % t.eval_steps == 0:
-                    eval_metrics = self._evaluate_and_report(model, eval_dl)
-                if t.save_steps and state.step % t.save_steps == 0 and state.step < state.max_steps:
-                    self._save_checkpoint(window)
-                if state.step >= state.max_steps:
+                stop = self._do(self.schedule.after_step(state), done, model, eval_dl, scheduler)
+                if state.batches_in_epoch == state.batches_per_epoch:  # this step ended an epoch
+                    stop |= self._do(self.schedule.after_epoch(state), done, model, eval_dl, scheduler)
+                if stop or state.step >= state.max_steps:
                     break
                 if signum := self._stop_requested():
-                    path = self._save_checkpoint(window)
+                    path = self._save_checkpoint(done["window"])
                     raise TrainingInterrupted(
                         f"{signal.Signals(signum).name} at step {state.step}: checkpoint saved in {path}; resume by "
                         "running the same command with train.resume_from_checkpoint=auto", signum)
 
-            if eval_dl is not None and not (t.eval_steps and state.step % t.eval_steps == 0):
-                eval_metrics = self._evaluate_and_report(model, eval_dl)
-            final = {**logs, **eval_metrics}
+            end = self.schedule.at_end(state)
+            self._do(end, done, model, eval_dl, scheduler)
+            final = {**done["logs"], **done["eval"]}
             if state.skipped_steps:
                 log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
-            self.save_model(model, final)
+            if end.save_model:
+                self.save_model(model, final)
             self.pm.hook.on_train_end(run=state, metrics=final)
         finally:
             stack.close()
             for obs in observers:
                 self.pm.unregister(obs)
         return final
+
+    def _do(self, act: Actions, done: dict, model, eval_dl, scheduler) -> bool:
+        """Carry out what the schedule asked for (True: stop after this step); `done` keeps the last log row,
+        the last eval metrics and the open logging window."""
+        if act.log and done["window"].steps:
+            done["logs"] = self._reduce_window(done["window"], scheduler)
+            done["window"] = Window()
+            self.pm.hook.on_log(run=self.state, step=self.state.step, logs=done["logs"])
+        if act.evaluate and eval_dl is not None:
+            done["eval"] = self._evaluate_and_report(model, eval_dl)
+        if act.checkpoint:
+            self._save_checkpoint(done["window"])
+        return act.stop
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -369,17 +376,14 @@ class Engine:
 
     # ---- saving and resuming ----------------------------------------------------------------------
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; biases and norm weights (1-D parameters) get no weight decay, as in transformers."""
-        t = self.config.train
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    @property
+    def checkpoint_root(self) -> Path:
+        """The folder of the checkpoint-N folders (train.checkpoint_dir, under output_dir)."""
+        return self.output_dir / self.config.train.checkpoint_dir
 
     def _resume(self) -> Window:
         spec = self.config.train.resume_from_checkpoint
-        path = checkpoint.find(spec, self.output_dir / "checkpoints") if spec else None
+        path = checkpoint.find(spec, self.checkpoint_root) if spec else None
         if path is None:
             if spec == "auto":
                 log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
@@ -405,9 +409,9 @@ class Engine:
                 raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
                                   "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
                                   "or choose another output_dir")
-            if self.accelerator.is_main_process and (out / "checkpoints").exists():
+            if self.accelerator.is_main_process and checkpoint.checkpoints(self.checkpoint_root):
                 log.warning("%s: starting over; removing the previous run's checkpoints", out)
-                shutil.rmtree(out / "checkpoints")
+                checkpoint.remove_all(self.checkpoint_root)
         if self.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(config_text)
@@ -425,7 +429,7 @@ class Engine:
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
                  "max_steps": s.max_steps, "window": window.state()}
         self._check_finite_weights("a checkpoint")
-        path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
+        path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler)
         self.pm.hook.on_save(run=s, step=s.step, path=path)
         return path
