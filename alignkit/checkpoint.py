@@ -45,11 +45,14 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
     return final
 
 
-def remove_all(root: Path) -> None:
-    """Remove every checkpoint-N folder (complete or not) under root, and nothing else."""
+def remove_all(root: Path, remove_root: bool) -> None:
+    """Remove every checkpoint-N folder (complete or not) under root, and nothing else; then root itself if
+    asked and empty (not when root is output_dir, train.checkpoint_dir=".")."""
     for path in root.iterdir() if root.is_dir() else []:
         if path.is_dir() and _NAME.match(path.name.removeprefix(".tmp-")):
             shutil.rmtree(path)
+    if remove_root and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def find(spec: str, root: Path) -> Path | None:

@@ -1,9 +1,9 @@
-"""The optimizer and learning-rate schedule of a run: `train.optim` names any optimizer transformers'
-Trainer knows (adamw_torch, sgd, rmsprop, adafactor, adamw_bnb_8bit, ...), built through transformers'
-own optimizer factory, so each name means what it means to a Trainer user.
+"""The optimizer and learning-rate schedule a run builds when none is passed in.
 
-Biases and norm weights (1-D parameters) get no weight decay. An optimizer whose package is missing
-is refused with the package to install.
+`train.optim` names any optimizer transformers' Trainer knows (adamw_torch, sgd, rmsprop, adafactor,
+adamw_bnb_8bit, ...), built through transformers' own optimizer factory, so each name means what it
+means to a Trainer user. Biases and norm weights (1-D parameters) get no weight decay. An optimizer
+whose package is missing is refused with the package to install.
 """
 
 import math
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 from transformers import get_scheduler
 
+from alignkit.config import TrainConfig
 from alignkit.errors import ConfigError, did_you_mean
 
 
@@ -21,7 +22,7 @@ def optimizer_names() -> list[str]:
     return sorted(o.value for o in OptimizerNames)
 
 
-def optimizer_class_and_kwargs(train, model=None) -> tuple[type, dict]:
+def optimizer_class_and_kwargs(train: TrainConfig, model=None) -> tuple[type, dict]:
     """transformers' (optimizer class or factory, keyword arguments) for `train.optim` and `train.optim_args`."""
     from transformers import Trainer
 
@@ -42,7 +43,7 @@ def optimizer_class_and_kwargs(train, model=None) -> tuple[type, dict]:
         raise ConfigError(f"train.optim={train.optim} cannot run here: {first}") from None
 
 
-def build_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer `train.optim` names over the trainable parameters of `model`."""
     from transformers.trainer_optimizer import is_optimizer_factory
 
@@ -58,8 +59,14 @@ def build_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
     return cls(groups, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train, num_training_steps: int):
-    """transformers.get_scheduler for `train.lr_scheduler_type` with the run's warmup."""
-    warmup = train.warmup_steps or math.ceil(train.warmup_ratio * num_training_steps)
-    return get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                         num_training_steps=num_training_steps, scheduler_specific_kwargs=train.lr_scheduler_kwargs)
+def max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
+    """train.max_steps, or the optimizer steps of train.num_train_epochs epochs."""
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    return t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+
+
+def schedule(t: TrainConfig, optimizer: torch.optim.Optimizer, steps: int):
+    """transformers' schedule train.lr_scheduler_type over `steps`, with the configured warmup."""
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * steps)
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=steps,
+                         scheduler_specific_kwargs=t.lr_scheduler_kwargs)

@@ -1,7 +1,7 @@
 """alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
-from alignkit_orpo import generation
+from alignkit_orpo import demo, generation
 from alignkit_orpo.config import ORPOMethodConfig, PreferenceDataConfig
 from alignkit_orpo.formatter import PreferenceFormatter
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
@@ -13,6 +13,13 @@ CITATION = """@article{hong2024orpo,
   year={2024}
 }"""
 
+#: the demo's training settings (tiny built-in model on built-in data): it learns to sort in seconds
+DEMO_DEFAULTS = {
+    "train.learning_rate": 3e-3, "train.num_train_epochs": 2, "train.per_device_train_batch_size": 16,
+    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
+    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
+}
+
 METHOD = Method(
     name="orpo",
     config=ORPOMethodConfig,
@@ -21,6 +28,9 @@ METHOD = Method(
     description="Odds Ratio Preference Optimization: SFT plus an odds-ratio penalty, no reference model.",
     defaults={"train.learning_rate": 1e-6},
     citation=CITATION,
+    demo_data="sort",
+    demo_defaults=DEMO_DEFAULTS,
+    progress_metrics=("rewards/accuracies",),
 )
 
 
@@ -39,7 +49,12 @@ def register_losses(register):
     register("orpo", ORPOLoss)
 
 
-on_evaluate = generation.on_evaluate  # generate_during_eval, for the runs that ask for it
+@hookimpl
+def register_datasets(register):
+    demo.register(register)  # builtin:sort and builtin:sort-chat
+
+
+on_evaluate = generation.on_evaluate  # generate_during_eval, for the ORPO runs that ask for it
 
 
 #: the TRL-compatible names, from alignkit_orpo.trl, imported on first use (not by plugin discovery)
@@ -55,5 +70,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'alignkit_orpo' has no attribute {name!r}")
 
 
-__all__ = ["ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD",
-           *TRL_NAMES]
+__all__ = ["DEMO_DEFAULTS", "ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss",
+           "odds_ratio_terms", "METHOD", *TRL_NAMES]

@@ -113,6 +113,8 @@ class TrainerFlow(Schedule):
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         t = self.trainer
+        if not t.is_in_train:  # trainer.evaluate() writes its own row, with its prefix
+            return
         n = len(run.eval_dataset) if run.eval_dataset is not None else 0
         start = self._eval_start or time.time()
         speed = speed_metrics("eval", start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size))

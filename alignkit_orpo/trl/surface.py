@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import log_metrics, metrics_format, save_metrics, save_state
 
-from alignkit.optim import build_optimizer, build_scheduler
+from alignkit.optim import build_optimizer, schedule
 
 
 class TrainerSurface:
@@ -70,7 +70,7 @@ class TrainerSurface:
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.config.train, num_training_steps)
+            self.lr_scheduler = schedule(self.config.train, optimizer or self.optimizer, num_training_steps)
         self.callback_handler.lr_scheduler = self.lr_scheduler
         return self.lr_scheduler
 
