@@ -26,6 +26,8 @@ class ToyFormatter(alignkit.DataFormatter):
             raise alignkit.DataError("'prompt' must be a string")
         completions = row["completion"]
         many = isinstance(completions, list)
+        if many and not completions:
+            raise alignkit.DropExample  # (an empty list would mean: another row carries this one, as in packing)
         out = []
         for completion in completions if many else [completions]:
             prompt = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
