@@ -144,3 +144,20 @@ def test_an_unknown_reward_is_one_line_exit_2_and_writes_nothing(tmp_path):
         "alignkit: error: method.reward_funcs: no reward function 'exact-mach' (did you mean 'exact-match'?); "
         "registered: digits-format, exact-match, sort-order, or model:PATH for a reward model"]
     assert not (tmp_path / "out").exists()
+
+
+def test_alignkit_eval_samples_and_scores_as_the_end_of_training_evaluation(tmp_path):
+    pm = plugin_manager(alignkit_grpo)
+    method = {"num_generations": 4, "max_completion_length": 8, "sft_warmup_steps": 0, "temperature": 1.0,
+              "reward_funcs": ["sort-order", "exact-match"]}
+    train = {"per_device_eval_batch_size": 4, "disable_tqdm": True, "plots": False}
+    result = alignkit.run("grpo", {"method": method, "data": {"max_train_samples": 16, "max_eval_samples": 8},
+                                   "train": {**train, "output_dir": str(tmp_path / "out"), "max_steps": 2,
+                                             "per_device_train_batch_size": 4, "save_steps": None,
+                                             "eval_steps": None, "eval_on_start": False}}, plugins=pm)
+    final = read_jsonl(result.output_dir / "metrics.jsonl")[-1]
+    again = alignkit.evaluate("grpo", {"model": {"name_or_path": str(result.output_dir)}, "method": method,
+                                       "data": {"train": "builtin:sort-prompts", "eval": "builtin:sort-prompts",
+                                                "eval_split": "test", "max_eval_samples": 8},
+                                       "train": {**train, "output_dir": str(tmp_path / "eval")}}, plugins=pm)
+    assert again["eval_reward"] == final["eval_reward"] and again["eval_loss"] == pytest.approx(final["eval_loss"])
