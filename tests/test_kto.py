@@ -173,7 +173,7 @@ def test_chunked_path_equals_the_plain_path():
         loss.prepare_model(model)
         out, total = run_loss(loss, model, ref, batch)
         total.backward()
-        results.append((float(total), {k: value(v) for k, v in out.metrics.items() if v[1]},
+        results.append((float(total.detach()), {k: value(v) for k, v in out.metrics.items() if v[1]},
                         model.model.embed_tokens.weight.grad.clone()))
     (l1, m1, g1), (l2, m2, g2) = results
     assert l1 == pytest.approx(l2, rel=1e-6) and m1.keys() == m2.keys()
@@ -225,3 +225,24 @@ def test_unpaired_rows_and_bad_rows():
                                     {"prompt": "a", "completion": " c"}, {"prompt": "a", "completion": " c", "label": "yes"}])
     assert out[0][0].features["label"] is True
     assert "missing column 'label'" in str(out[1]) and "'label' must be true or false" in str(out[2])
+
+
+def test_batch_pairing_rotates_the_batch_own_completions():
+    rotated = [(p, c, ROWS[i - 1][1], label) for i, (p, c, _, label) in enumerate(ROWS)]
+    fixed = batch_of(rotated)
+    batch = {k: v for k, v in fixed.items() if not k.startswith("KL_")}
+    policy, ref = Bigram(11, seed=6), Bigram(11, seed=7)
+    out_fixed, total_fixed = run_loss(KTOLoss(KTOConfig()), policy, ref, fixed)
+    out_batch, total_batch = run_loss(KTOLoss(KTOConfig(kl_pairing="batch")), policy, ref, batch)
+    assert float(total_batch.detach()) == pytest.approx(float(total_fixed.detach()), rel=1e-6)
+    assert value(out_batch.metrics["kl"]) == pytest.approx(value(out_fixed.metrics["kl"]), rel=1e-6)
+    with pytest.raises(alignkit.DataError, match="kl_pairing=batch"):  # no pairs from the formatter
+        run_loss(KTOLoss(KTOConfig()), policy, ref, batch)
+
+
+def test_precompute_is_refused_when_the_pairs_depend_on_the_batching():
+    with pytest.raises(alignkit.ConfigError, match="^method.precompute_ref_log_probs=true needs method.kl_pairing=fixed"):
+        alignkit.load_config("kto", {"method": {"precompute_ref_log_probs": True, "kl_pairing": "batch"}}, plugins=pm())
+    cfg, _ = alignkit.load_config("kto", {"method": {"precompute_ref_log_probs": True, "kl_pairing": "batch",
+                                                     "loss_type": "apo_zero_unpaired"}}, plugins=pm())  # no KL term
+    assert cfg.method.precompute_ref_log_probs

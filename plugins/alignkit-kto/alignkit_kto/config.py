@@ -3,7 +3,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignkit import MethodConfig
 
@@ -20,6 +20,10 @@ class KTOConfig(MethodConfig):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable (label false) examples' losses.")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs (completions and KL pairs) once before training.")
+    kl_pairing: Literal["fixed", "batch"] = Field(
+        "fixed", description="KL mismatch pairs: fixed at preprocessing by the formatter (each prompt with another "
+        "example's completion); batch: each row's prompt with the previous row's completion in the same micro-batch "
+        "(the batch's own completions; cannot be precomputed).")
     disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the model.")
     loss_implementation: Literal["chunked", "plain"] = Field(
         "chunked", description="chunked: the LM head runs only at completion positions, in checkpointed chunks, never "
@@ -30,3 +34,11 @@ class KTOConfig(MethodConfig):
     def uses_kl(self) -> bool:
         """Whether the loss reads the KL estimate from the mismatched prompt/completion pairs."""
         return self.loss_type == "kto"
+
+    @model_validator(mode="after")
+    def _precompute_needs_fixed_pairs(self) -> "KTOConfig":
+        if self.precompute_ref_log_probs and self.uses_kl and self.kl_pairing == "batch":
+            raise ValueError(
+                "method.precompute_ref_log_probs=true needs method.kl_pairing=fixed: with kl_pairing=batch the KL pairs "
+                "depend on how examples are batched, so reference log-probs computed before training cannot match them")
+        return self

@@ -20,6 +20,7 @@ from alignkit import ConfigError, Loss, LossOutput
 from alignkit.lmhead import LMHead, check_head
 from alignkit.modeling import disable_dropout
 from alignkit_kto.logps import CompletionStats, chunked_stats, plain_stats
+from alignkit_kto.pairing import kl_pairs
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class KTOLoss(Loss):
         """Reference log-probs of each completion and, for `kto`, of each example's KL pair."""
         out = {"logps": self.stats(ref_model, batch, "").logps}
         if self.config.uses_kl:
-            out["KL_logps"] = self.stats(ref_model, batch, "KL_").logps
+            out["KL_logps"] = self.stats(ref_model, kl_pairs(batch, self.config), "KL_").logps
         return out
 
     # ---- the loss ----------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class KTOLoss(Loss):
         logratios = policy.logps - ref["logps"].to(policy.logps)
         with torch.no_grad():
             if c.uses_kl:
-                kl_logps = self.stats(model, batch, "KL_").logps
+                kl_logps = self.stats(model, kl_pairs(batch, self.config), "KL_").logps
                 local_kl = (kl_logps - ref["KL_logps"].to(kl_logps)).mean()
             else:
                 local_kl = logratios.new_zeros(())
