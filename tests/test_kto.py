@@ -10,6 +10,7 @@ from alignkit_kto import KTOConfig, KTOLoss
 
 import alignkit
 from alignkit.testing import tiny_tokenizer
+from helpers import fast, read_jsonl
 
 IGNORE = -100
 
@@ -246,3 +247,82 @@ def test_precompute_is_refused_when_the_pairs_depend_on_the_batching():
     cfg, _ = alignkit.load_config("kto", {"method": {"precompute_ref_log_probs": True, "kl_pairing": "batch",
                                                      "loss_type": "apo_zero_unpaired"}}, plugins=pm())  # no KL term
     assert cfg.method.precompute_ref_log_probs
+
+
+# ---- through the engine ----------------------------------------------------------------------------
+
+TRL_METRICS = {"loss", "kl", "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected"}  # TRL 1.16's, less num_tokens
+
+
+def test_trains_on_the_demo_data_with_trl_metric_names(tmp_path):
+    result = alignkit.run("kto", fast(tmp_path, max_steps=6, learning_rate=3e-3, eval_on_start=True), plugins=pm())
+    rows = read_jsonl(result.output_dir / "metrics.jsonl")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert {f"eval_{k}" for k in TRL_METRICS} <= set(evals[-1])
+    assert TRL_METRICS <= set(rows[-2] if "eval_loss" in rows[-1] else rows[-1])
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert "arXiv:2402.01306" in (result.output_dir / "README.md").read_text()
+
+
+def test_paired_data_is_unpaired_and_trains(tmp_path):
+    import alignkit_orpo
+    from alignkit.testing import plugin_manager
+
+    config = fast(tmp_path, max_steps=2)
+    config["data"]["train"] = "builtin:sort"  # ORPO's paired demo data
+    result = alignkit.run("kto", config, plugins=plugin_manager(alignkit_orpo, alignkit_kto))
+    assert result.global_step == 2
+    import math
+
+    assert math.isfinite(result.metrics["eval_rewards/chosen"]) and math.isfinite(result.metrics["eval_rewards/rejected"])
+
+
+def test_precomputed_reference_gives_the_same_run(tmp_path):
+    runs = [alignkit.run("kto", fast(tmp_path / name, max_steps=3, learning_rate=3e-3), plugins=pm(),
+                         **{"method.precompute_ref_log_probs": pre}) for name, pre in (("live", False), ("pre", True))]
+    live, pre = (read_jsonl(r.output_dir / "metrics.jsonl") for r in runs)
+    assert len(live) == len(pre)
+    for a, b in zip(live, pre):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
+    from alignkit.engine import Engine
+    from alignkit.testing import tiny_model
+
+    cfg, method = alignkit.load_config("kto", fast(tmp_path, max_steps=2, learning_rate=1e-2),
+                                       {"model.peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}, plugins=pm())
+    engine = Engine(cfg, method, pm(), model=tiny_model(seed=3))
+    assert engine.reference.model is None  # no second copy
+    engine.train()
+    data = engine._datasets(need_train=True)["train"]
+    batch = engine.formatter.collate([data[i] for i in range(4)])
+    ref = engine.reference(engine.model, dict(batch))
+    base = engine.loss.reference(tiny_model(seed=3), batch)
+    assert torch.allclose(ref["logps"], base["logps"], atol=1e-5) and torch.allclose(ref["KL_logps"], base["KL_logps"], atol=1e-5)
+    with torch.no_grad():
+        trained = engine.loss.reference(engine.model, batch)
+    assert not torch.allclose(trained["logps"], base["logps"], atol=1e-5)  # the adapters did learn
+
+
+def test_default_job_learns_offline(tmp_path):
+    """The README's `alignkit run --method kto`, as a user runs it: held-out margins > 0 and rising."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "alignkit"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-kto"}
+    proc = subprocess.run([exe, "run", "--method", "kto"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "outputs" / "kto" / "metrics.jsonl")
+    margins = [r["eval_rewards/margins"] for r in rows if "eval_loss" in r]
+    assert rows[0]["step"] == 0 and len(margins) >= 4
+    assert margins[-1] > 0 and margins[-1] > margins[len(margins) // 2] > margins[0]
+    assert json.loads(proc.stdout)["eval_rewards/margins"] == margins[-1]
