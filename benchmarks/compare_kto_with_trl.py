@@ -110,7 +110,8 @@ def trl_side(work: Path) -> dict:
         tok = AutoTokenizer.from_pretrained(work / "model")
         ds = load_dataset("json", data_files=str(work / data), split="train")
         args = KTOConfig(output_dir=str(work / "trl" / case), per_device_eval_batch_size=n, per_device_train_batch_size=n,
-                         report_to=[], use_cpu=True, **settings)
+                         report_to=[], use_cpu=True, bf16=False, **settings)  # TRL's default bf16=True would
+        # run its reference forwards (not the policy's) under bf16 autocast on the CPU: float32 on both sides
         trainer = KTOTrainer(model=model, ref_model=ref, args=args, processing_class=tok, train_dataset=ds,
                              eval_dataset=ds)
         metrics = trainer.evaluate()
