@@ -135,9 +135,10 @@ class KTOLoss(Loss):
             metrics[f"rewards/{side}"] = (rewards[rows].sum(), rows.sum())
             metrics[f"logps/{side}"] = (policy.logps.detach()[rows].sum(), rows.sum())
             metrics[f"logits/{side}"] = (policy.logits_sum[rows].sum(), tokens[rows].sum())
-        both = bool(summed[2] > 0 and summed[4] > 0)
+        # counted only where the batch has both kinds of example (no device sync: the count is a tensor)
+        counted = ((summed[2] > 0) & (summed[4] > 0)).float() * main
         margin = summed[1] / summed[2].clamp(min=1) - summed[3] / summed[4].clamp(min=1)
-        metrics["rewards/margins"] = (margin, 1) if main and both else (margin * 0, 0)
-        metrics["kl"] = (kl, 1) if main else (kl * 0, 0)
+        metrics["rewards/margins"] = (margin * counted, counted)
+        metrics["kl"] = (kl * main, float(main))
         metrics["entropy"] = (policy.entropy_sum.sum(), tokens.sum())
         return metrics
