@@ -47,7 +47,8 @@ def same_format(*named: tuple[str, Any]) -> bool:
     kinds = {isinstance(v, str) for _, v in named}
     if len(kinds) > 1:
         names = " and ".join(f"'{n}'" for n, _ in named)
-        raise DataError(f"{names} must all be strings or all be conversations")
+        raise DataError(f"{names} must {'both' if len(named) == 2 else 'all'} be strings or "
+                        f"{'both' if len(named) == 2 else 'all'} be conversations")
     return not kinds.pop()
 
 

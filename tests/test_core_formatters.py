@@ -66,16 +66,17 @@ def test_ids_and_labels_equal_trl_sft(tok, rows, cfg):
 
 
 def test_assistant_only_loss_equals_trl_with_generation_markers(tok):
-    marked = copy.deepcopy(tok)
-    marked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}"
-                            "{% generation %}{{ m['content'] }}<|end|>\n{% endgeneration %}{% else %}"
-                            "{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
-                            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    ours = formatted(make(SequenceFormatter, marked, assistant_only_loss=True, max_length=64), CONV_LM)
-    assert ours == trl_sft(marked, CONV_LM, assistant_only_loss=True, max_length=64)
-    # Without markers the turns are found by rendering: the same tokens are trained.
-    unmarked = formatted(make(SequenceFormatter, tok, assistant_only_loss=True, max_length=64), CONV_LM)
-    assert unmarked == ours
+    """The built-in template marks assistant turns with {% generation %}: TRL reads them the same way."""
+    assert "{% generation %}" in tok.chat_template
+    ours = formatted(make(SequenceFormatter, tok, assistant_only_loss=True, max_length=64), CONV_LM + CONV_PC)
+    assert ours == trl_sft(tok, CONV_LM, assistant_only_loss=True, max_length=64) + \
+        trl_sft(tok, CONV_PC, assistant_only_loss=True, max_length=64)
+    # A template without markers: the turns are found by rendering, and the same tokens are trained.
+    unmarked = copy.deepcopy(tok)
+    unmarked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    assert formatted(make(SequenceFormatter, unmarked, assistant_only_loss=True, max_length=64), CONV_LM + CONV_PC) == ours
+    assert any(-100 in r["labels"] and set(r["labels"]) != {-100} for r in ours)
 
 
 def test_unpaired_equals_trl_kto_tokenization_and_kl_rotation(tok):
@@ -172,7 +173,7 @@ def test_core_plugin_registers_the_formatters_without_naming_a_method():
     (PromptCompletionFormatter, {"text": "t"}, "expected columns 'prompt' and 'completion'; the row has 'text'"),
     (PromptCompletionFormatter, {"prompt": "p"}, "missing column 'completion'"),
     (PromptCompletionFormatter, {"prompt": "p", "completion": 3}, "'completion' must be a string or a list of"),
-    (PromptCompletionFormatter, {"prompt": "p", "completion": [chat("assistant", "c")]}, "'prompt' and 'completion' must all be strings or all be conversations"),
+    (PromptCompletionFormatter, {"prompt": "p", "completion": [chat("assistant", "c")]}, "'prompt' and 'completion' must both be strings or both be conversations"),
     (LanguageModelingFormatter, {"text": ""}, "'text' is an empty string"),
     (LanguageModelingFormatter, {"messages": [chat("wizard", "x")]}, "'messages' message 0 has unknown role 'wizard'"),
     (UnpairedPreferenceFormatter, {"prompt": "p", "completion": "c"}, "missing column 'label'"),

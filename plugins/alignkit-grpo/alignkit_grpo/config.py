@@ -11,16 +11,14 @@ class GRPOConfig(alignkit.MethodConfig):
     name: str = "grpo"
     # ---- sampling (the rollout) ----
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (one group).")
-    max_prompt_length: int | None = Field(512, gt=0, description="Prompts are cut to their last this many tokens.")
     max_completion_length: int = Field(256, gt=0, description="Most new tokens per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the loss scores tokens at the same temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens when sampling (0: all).")
     # ---- rewards ----
-    reward_funcs: list[str] = Field(default_factory=lambda: ["sort-exact"], min_length=1,
-                                    description="Registered reward functions, by name (`alignkit rewards` lists them).")
+    reward_funcs: list[str] = Field(default_factory=lambda: ["exact-match"], min_length=1,
+                                    description="Reward functions by name (registered by plugins), or model:PATH for a sequence-classification reward model.")
     reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
-    reward_model: str | None = Field(None, description="Sequence-classification checkpoint for the `reward-model` reward.")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the reward std of the group, of the whole batch, or not at all.")
     # ---- the objective ----
