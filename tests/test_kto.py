@@ -288,8 +288,8 @@ def test_precomputed_reference_gives_the_same_run(tmp_path):
     assert len(live) == len(pre)
     for a, b in zip(live, pre):
         assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+        for k in a:  # NaN: a window whose batches never held both labels has no margin
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
