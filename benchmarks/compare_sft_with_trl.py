@@ -23,6 +23,9 @@ CASES = {  # name -> (data file, SFT settings, the same for TRL's SFTConfig)
     "conversational-prompt-completion-full-loss": ("chat.jsonl", {"completion_only_loss": False}),
     "standard-language-modeling": ("text.jsonl", {}),
     "conversational-language-modeling": ("messages.jsonl", {}),
+    "conversational-language-modeling-assistant-only": ("messages.jsonl", {"assistant_only_loss": True}),
+    "conversational-prompt-completion-assistant-only": ("chat.jsonl", {"assistant_only_loss": True,
+                                                                       "completion_only_loss": False}),
     "standard-truncated": ("standard.jsonl", {"max_length": 12}),
 }
 ROWS = 24
