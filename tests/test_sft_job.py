@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from alignkit_sft.data import sort_sft
 
 import alignkit
 from alignkit.testing import tiny_model, tiny_tokenizer
+from helpers import fast, read_jsonl
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import compare_sft_with_trl  # noqa: E402
@@ -82,3 +84,16 @@ def test_eval_metrics_equal_trl(work):
     theirs = compare_sft_with_trl.trl_side(work, cases, batch=5)
     worst, _ = compare_sft_with_trl.compare(ours, theirs)
     assert worst <= 1e-5
+
+
+def test_num_tokens_is_the_running_total_of_input_tokens(tmp_path):
+    tok = tiny_tokenizer()
+    config = fast(tmp_path, max_steps=8, eval_steps=4)  # 32 examples in micro-batches of 4: one epoch
+    result = alignkit.run("sft", config, **{"model.name_or_path": "builtin:tiny"})
+    rows = read_jsonl(result.output_dir / "metrics.jsonl")
+    train = [r["num_tokens"] for r in rows if "loss" in r]
+    expected = sum(len(tok(text=r["prompt"] + r["completion"] + tok.eos_token)["input_ids"])
+                   for r in sort_sft("train").select(range(32)))
+    assert len(train) == 8 and train == sorted(train) and train[-1] == expected
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["eval_num_tokens"] for r in evals] == [train[3], train[7]]
