@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _STATUS = "__alignkit_truncated"
 _ROW = "__alignkit_row"
+_MERGED = "__alignkit_merged"  # rows of the batch whose examples another row carries (packing): not dropped
 
 
 @dataclass
 class PrepareReport:
     """kept: examples made (a formatter may make several of one row); truncated: examples cut;
-    dropped: raw rows that made no example."""
+    dropped: raw rows that made no example (a row whose examples another row carries, as in packing, is not dropped)."""
 
     kept: int
     truncated: int
@@ -132,7 +133,9 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
     def format_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
         out: dict[str, list] = {}
-        for index, result in zip(indices, formatter.format_batch(rows)):
+        results = formatter.format_batch(rows)
+        merged = sum(isinstance(r, list) and not r for r in results)
+        for index, result in zip(indices, results):
             if isinstance(result, DropExample):
                 continue
             if isinstance(result, DataError):
@@ -140,8 +143,9 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
             if isinstance(result, Exception):
                 raise result
             for example in result if isinstance(result, list) else [result]:  # one row may make several
-                for k, v in {**example.features, _STATUS: example.truncated, _ROW: index}.items():
+                for k, v in {**example.features, _STATUS: example.truncated, _ROW: index, _MERGED: merged}.items():
                     out.setdefault(k, []).append(v)
+                merged = 0
         return out
 
     from alignkit import __version__
@@ -150,7 +154,8 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
     features = formatter.output_features()
     if features is not None:
-        features = datasets.Features({**features, _STATUS: datasets.Value("bool"), _ROW: datasets.Value("int64")})
+        features = datasets.Features({**features, _STATUS: datasets.Value("bool"), _ROW: datasets.Value("int64"),
+                                      _MERGED: datasets.Value("int64")})
     formatted = ds.map(
         format_batch, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
         num_proc=formatter.num_proc if formatter.num_proc and formatter.num_proc > 1 else None,
@@ -158,9 +163,9 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
     )
     if len(formatted) == 0:
         raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter (check max_length)")
-    rows_kept = len(set(formatted[_ROW]))
+    rows_kept = len(set(formatted[_ROW])) + sum(formatted[_MERGED])
     report = PrepareReport(kept=len(formatted), truncated=sum(formatted[_STATUS]), dropped=n - rows_kept)
-    return formatted.remove_columns([_STATUS, _ROW]), report
+    return formatted.remove_columns([_STATUS, _ROW, _MERGED]), report
 
 
 def load_splits(train: str, train_split: str, eval: str | None, eval_split: str, eval_fraction: float | None,

@@ -31,6 +31,7 @@ from alignkit.method import Method
 from alignkit.metrics import MetricSums, means, reduce_totals
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
+from alignkit.online import RolloutStage, build_rollout
 from alignkit.optim import adamw
 from alignkit.plugins import RunHooks, registered_datasets
 from alignkit.reference import Reference, collate_with_reference
@@ -61,6 +62,8 @@ class Engine:
         self.output_dir = Path(t.output_dir)
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
+        self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
         if peft_config is not None or config.model.peft is not None:
             self.model = apply_peft(self.model, peft_config or config.model.peft)
@@ -76,7 +79,6 @@ class Engine:
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
                               self.model, self.tokenizer, log_table=self._log_table)
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
-        self.rollout = method.rollout(config.method, self.tokenizer) if method.rollout is not None else None
         self.generator = None  # the generation handle of online methods (StepContext.generator)
         self._builtins = None  # built-in datasets registered by the plugins, looked up when data names one
 
@@ -158,7 +160,15 @@ class Engine:
     def _setup_training(self, train_ds):
         """The model, optimizer and shuffled train loader, prepared by accelerate."""
         train_dl = self._loader(train_ds, self.config.train.per_device_train_batch_size, shuffle=True)
-        return self.accelerator.prepare(self.model, self._optimizer, train_dl)
+        model, optimizer, train_dl = self.accelerator.prepare(self.model, self._optimizer, train_dl)
+        self._attach_generator(model)
+        return model, optimizer, train_dl
+
+    def _attach_generator(self, model) -> None:
+        """Online methods sample from the prepared policy through the core's generation handle."""
+        if self.rollout is not None:
+            backend = getattr(self.config.method, "generation_backend", "transformers")
+            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed, backend)
 
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
@@ -186,7 +196,8 @@ class Engine:
         eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
         logs: dict[str, float] = {}
         model.train()
-        for micro_batches in self._windows(train_dl):
+        windows = self._windows(train_dl)
+        for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
             state.step += 1
             window.add(loss, grad_norm, totals, len(micro_batches))
@@ -196,7 +207,7 @@ class Engine:
                 hooks.on_log(run=state, step=state.step, logs=logs)
             if eval_dl is not None and self._every(t.eval_steps):
                 eval_metrics = self._evaluate_and_report(model, eval_dl)
-            if self._every(t.save_steps) and state.step < state.max_steps:
+            if self._every(t.save_steps) and state.step < state.max_steps and self._between_rollouts():
                 self._save_checkpoint(window)
             if state.step >= state.max_steps:
                 break
@@ -213,8 +224,12 @@ class Engine:
     def _every(self, steps: int | None) -> bool:
         return bool(steps) and self.state.step % steps == 0
 
+    def _between_rollouts(self) -> bool:
+        """No rollout waits for more optimisation passes (checkpoints are written only here)."""
+        return self.rollout is None or self.rollout.between_rollouts
+
     def _stop_if_asked(self, window: Window) -> None:
-        if signum := self._stop_requested():
+        if self._between_rollouts() and (signum := self._stop_requested()):
             path = self._save_checkpoint(window)
             raise TrainingInterrupted(
                 f"{signal.Signals(signum).name} at step {self.state.step}: checkpoint saved in {path}; resume by "
@@ -284,6 +299,8 @@ class Engine:
         if math.isfinite(global_loss) and math.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
+            if self.rollout is not None:
+                self.rollout.after_step()
         elif t.skip_nonfinite_steps:
             # Warned once; later ones at debug level, and their number at the end of training.
             (log.debug if self.state.skipped_steps else log.warning)(
@@ -298,10 +315,7 @@ class Engine:
 
     def _rollout(self, model, batches: list, ctxs: list[StepContext]) -> list:
         """The method's rollout stage (online methods): each batch of prompt rows -> the batch the loss sees."""
-        if self.rollout is None:
-            return batches
-        with torch.no_grad():
-            return [self.rollout(batch, ctx=ctx) for batch, ctx in zip(batches, ctxs)]
+        return batches if self.rollout is None else self.rollout(batches, ctxs)
 
     def _accumulate_gradients(self, model, micro_batches, ctxs=None) -> tuple[torch.Tensor, MetricSums]:
         """Counts, then reference, loss and backward over each micro-batch, every loss term divided by its
@@ -355,7 +369,9 @@ class Engine:
             self.raw["eval"] = eval_dataset
         ds = self._datasets(need_train=False)["eval"]
         self.state.eval_dataset = ds
-        return self._evaluate_and_report(self.accelerator.prepare(self.model), self._eval_loader(ds))
+        model = self.accelerator.prepare(self.model)
+        self._attach_generator(model)
+        return self._evaluate_and_report(model, self._eval_loader(ds))
 
     def eval_batches(self) -> DataLoader:
         """The eval set formatted and collated in order, as this process sees it (for custom eval loops)."""
@@ -382,7 +398,7 @@ class Engine:
         if not self._lockstep():  # uneven batch counts per process: no collective may run in the forward
             model = self.accelerator.unwrap_model(model)
         context = functools.partial(self._context, False)
-        rollout = (lambda batch, ctx: self._rollout(model, [batch], [ctx])[0]) if self.rollout is not None else None
+        rollout = self.rollout.evaluate if self.rollout is not None else None
         metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout)
         metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)

@@ -1,6 +1,7 @@
 """The DataFormatter interface: a method's raw rows -> model-ready features -> padded batches."""
 
 import inspect
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,15 +110,15 @@ class DataFormatter(ABC):
 
 
 def class_sources(cls: type) -> list[str]:
-    """The source code of every class in `cls`'s MRO and of the modules defining them (so that an edited
-    helper function in a formatter's module counts too); a class's qualified name where no source is
-    available (e.g. a class made at run time)."""
+    """The source code of every class in `cls`'s MRO, of the modules defining them (so that an edited helper
+    function in a formatter's module counts too) and of the alignkit modules those use (the core's text and token
+    blocks, say); a class's qualified name where no source is available (e.g. a class made at run time)."""
     sources, seen = [], set()
     for klass in cls.__mro__:
         if klass in (object, ABC):
             continue
         module = inspect.getmodule(klass)
-        for part in (klass, module):
+        for part in (klass, module, *_alignkit_modules_used(module)):
             if part is None or part in seen:
                 continue
             seen.add(part)
@@ -126,3 +127,15 @@ def class_sources(cls: type) -> list[str]:
             except (OSError, TypeError):
                 sources.append(f"{klass.__module__}.{klass.__qualname__}")
     return sources
+
+
+def _alignkit_modules_used(module) -> list:
+    """The modules of the alignkit* packages whose functions, classes or selves `module` imported."""
+    if module is None:
+        return []
+    used = set()
+    for value in vars(module).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith("alignkit") and name != module.__name__ and name in sys.modules:
+            used.add(name)
+    return [sys.modules[name] for name in sorted(used)]
