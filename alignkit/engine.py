@@ -132,8 +132,7 @@ class Engine:
     def _attach_generator(self, model) -> None:
         """Online methods sample from the prepared policy through the core's generation handle."""
         if self.rollout is not None:
-            backend = getattr(self.config.method, "generation_backend", "transformers")
-            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed, backend)
+            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed)
 
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
