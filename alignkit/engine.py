@@ -9,10 +9,10 @@ import contextlib
 import functools
 import logging
 import math
-import shutil
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,9 +22,8 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from alignkit import checkpoint, optim
-from alignkit.config import RunConfig, to_yaml, train_data
+from alignkit.config import RunConfig, to_yaml
 from alignkit.context import StepContext, call
-from alignkit.data import EpochSampler, load_data, load_splits, prepare
 from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from alignkit.evaluation import evaluate_batches
 from alignkit.method import Method
@@ -32,10 +31,11 @@ from alignkit.metrics import MetricSums, means, reduce_totals
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.online import RolloutStage, build_rollout
-from alignkit.optim import adamw
-from alignkit.plugins import RunHooks, registered_datasets
-from alignkit.reference import Reference, collate_with_reference
+from alignkit.plugins import RunHooks
+from alignkit.reference import Reference
 from alignkit.reporting import check_trackers, observers
+from alignkit.rundata import RunData
+from alignkit.schedule import Actions, Schedule
 from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None, peft_config=None, optimizers=(None, None),
-                 collate_fn=None) -> None:
+                 train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
+                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None) -> None:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         check_trackers(t.report_to)
@@ -65,76 +65,42 @@ class Engine:
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
         self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
-        if peft_config is not None or config.model.peft is not None:
-            self.model = apply_peft(self.model, peft_config or config.model.peft)
-        self.optimizer, self.scheduler = optimizers
+        if config.model.peft is not None:
+            self.model = apply_peft(self.model, config.model.peft)
+        # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type;
+        # a Schedule replaces when the loop logs, evaluates, checkpoints and stops (alignkit.schedule)
+        self.schedule = schedule or Schedule(t)
+        self.make_optimizer = optimizer or functools.partial(optim.build_optimizer, train=t)
+        self.make_scheduler = lr_scheduler or (lambda opt, num_training_steps: optim.schedule(t, opt, num_training_steps))
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.formatter.prepare_model(self.model)
-        self.collate_fn = collate_fn or self.formatter.collate
+        self.collate_fn = self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
         self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
-        self.raw = {"train": train_dataset, "eval": eval_dataset}
-        self._formatted: dict[str, tuple] = {}  # split -> (raw dataset, formatted dataset)
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
                               self.model, self.tokenizer, log_table=self._log_table)
+        self.data = RunData(config, self.formatter, self.collate_fn, self.accelerator, pm, self.state.data,
+                            train_dataset, eval_dataset)
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
         self.generator = None  # the generation handle of online methods (StepContext.generator)
-        self._builtins = None  # built-in datasets registered by the plugins, looked up when data names one
 
     # ---- data -------------------------------------------------------------------------------------
 
     def _datasets(self, need_train: bool) -> dict:
         """Formatted `train` (when training) and `eval` sets; evaluation alone falls back to train."""
-        d = self.config.data
-        if self.raw["train"] is None and (need_train or (self.raw["eval"] is None and d.eval is None)):
-            self.raw["train"], eval_ds = load_splits(train_data(self.config), d.train_split, d.eval, d.eval_split,
-                                                     d.eval_fraction, self.config.train.seed, self._datasets_registered())
-            self.raw["eval"] = self.raw["eval"] if self.raw["eval"] is not None else eval_ds
-        elif self.raw["eval"] is None and d.eval is not None:
-            self.raw["eval"] = load_data(d.eval, d.eval_split, self._datasets_registered())
-        wanted = {"train": (self.raw["train"], d.max_train_samples, d.train)} if need_train else {}
-        wanted["eval"] = (self.raw["eval"], d.max_eval_samples, d.eval or d.train)
-        if not need_train and self.raw["eval"] is None:
-            wanted["eval"] = (self.raw["train"], d.max_eval_samples, d.train)
-        out = {}
-        for split, (ds, limit, source) in wanted.items():
-            if ds is None:
-                continue
-            if self._formatted.get(split, (None,))[0] is ds:  # formatted already (evaluate() may run often)
-                out[split] = self._formatted[split][1]
-                continue
-            raw = ds
-            ds = ds.select(range(min(limit, len(ds)))) if limit else ds
-            with self.accelerator.main_process_first():
-                out[split], report = prepare(ds, self.formatter, f"{split} data ({source})")
-            self._formatted[split] = (raw, out[split])
-            self.state.data[split] = report
-            if report.dropped or report.truncated:
-                log.warning("%s data: %d examples kept, %d truncated, %d dropped (nothing left to train on "
-                            "after truncation)", split, report.kept, report.truncated, report.dropped)
-        return out
-
-    def _datasets_registered(self) -> dict:
-        if self._builtins is None:
-            self._builtins = registered_datasets(self.pm)
-        return self._builtins
+        return self.data.formatted(need_train)
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        lengths = None
-        if shuffle and self.config.train.group_by_length:
-            lengths = [self.formatter.length(dict(zip(batch, row))) for batch in ds.iter(batch_size=1000)
-                       for row in zip(*batch.values())]
-        sampler = EpochSampler(len(ds), self.config.train.seed, lengths, batch_size) if shuffle else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                          collate_fn=functools.partial(collate_with_reference, self.collate_fn),
-                          num_workers=self.config.train.dataloader_num_workers)
+        return self.data.loader(ds, batch_size, shuffle)
 
     # ---- training: setup steps, then the loop -----------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        data = self._setup_data()
-        model, optimizer, train_dl = self._setup_training(data["train"])
+        data = self._datasets(need_train=True)
+        optimizer = self._setup_optimizer()
+        data = self._precompute_reference(data)
+        model, optimizer, train_dl = self._setup_training(data["train"], optimizer)
         eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
         self.state.eval_dataset = data.get("eval")
         scheduler = self._setup_schedule(optimizer, train_dl)
@@ -143,38 +109,40 @@ class Engine:
         with self._observers(), self._stop_on_signals():
             return self._loop(model, optimizer, scheduler, train_dl, eval_dl, window)
 
-    def _setup_data(self) -> dict:
-        """Formatted train and eval sets (with the reference's outputs when the loss precomputes them)."""
-        t, data = self.config.train, self._datasets(need_train=True)
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        """Gradient checkpointing if asked, then the optimizer passed in or train.optim (alignkit.optim)."""
+        t = self.config.train
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
-        self._optimizer = self.optimizer or adamw(self.model, t)  # before precomputing: same RNG use as ever
-        if self.reference.precomputed:
-            size, context = t.per_device_eval_batch_size, functools.partial(self._context, False)
-            data = {split: self.reference.precompute(ds, self.model, self.collate_fn, size, context)
-                    for split, ds in data.items()}
-        return data
+        return self.make_optimizer(self.model)  # before precomputing: same RNG use as ever
 
-    def _setup_training(self, train_ds):
+    def _precompute_reference(self, data: dict) -> dict:
+        """The data with the reference's outputs as columns when the loss precomputes them (else unchanged)."""
+        if not self.reference.precomputed:
+            return data
+        size, context = self.config.train.per_device_eval_batch_size, functools.partial(self._context, False)
+        return {split: self.reference.precompute(ds, self.model, self.collate_fn, size, context)
+                for split, ds in data.items()}
+
+    def _setup_training(self, train_ds, optimizer):
         """The model, optimizer and shuffled train loader, prepared by accelerate."""
         train_dl = self._loader(train_ds, self.config.train.per_device_train_batch_size, shuffle=True)
-        model, optimizer, train_dl = self.accelerator.prepare(self.model, self._optimizer, train_dl)
+        model, optimizer, train_dl = self.accelerator.prepare(self.model, optimizer, train_dl)
         self._attach_generator(model)
         return model, optimizer, train_dl
 
     def _attach_generator(self, model) -> None:
         """Online methods sample from the prepared policy through the core's generation handle."""
         if self.rollout is not None:
-            backend = getattr(self.config.method, "generation_backend", "transformers")
-            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed, backend)
+            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed)
 
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
         self.state.batches_per_epoch = len(train_dl)
         self.state.max_steps = optim.max_steps(self.config.train, len(train_dl))
-        self._scheduler = self.scheduler or optim.schedule(self.config.train, optimizer, self.state.max_steps)
+        self._scheduler = self.make_scheduler(optimizer, num_training_steps=self.state.max_steps)
         return self._scheduler
 
     @contextlib.contextmanager
@@ -190,39 +158,45 @@ class Engine:
                 self.pm.unregister(obs)
 
     def _loop(self, model, optimizer, scheduler, train_dl, eval_dl, window: Window) -> dict[str, float]:
-        state, t, hooks = self.state, self.config.train, self.hooks
+        """Steps until max_steps; the schedule says when to log, evaluate, checkpoint and stop (alignkit.schedule)."""
+        state, hooks = self.state, self.hooks
         hooks.on_train_start(run=state)
-        starting = t.eval_on_start and eval_dl is not None and state.step == 0  # not again on resume
-        eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
-        logs: dict[str, float] = {}
+        done = {"logs": {}, "eval": {}, "window": window}
+        self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
         model.train()
-        windows = self._windows(train_dl)
+        windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
             state.step += 1
-            window.add(loss, grad_norm, totals, len(micro_batches))
+            done["window"].add(loss, grad_norm, totals, len(micro_batches))
             hooks.on_step_end(run=state, step=state.step, metrics={"loss": loss, **means(totals)})
-            if self._every(t.logging_steps) or state.step == state.max_steps or (t.logging_first_step and state.step == 1):
-                logs, window = self._reduce_window(window, scheduler), Window()
-                hooks.on_log(run=state, step=state.step, logs=logs)
-            if eval_dl is not None and self._every(t.eval_steps):
-                eval_metrics = self._evaluate_and_report(model, eval_dl)
-            if self._every(t.save_steps) and state.step < state.max_steps and self._between_rollouts():
-                self._save_checkpoint(window)
-            if state.step >= state.max_steps:
+            stop = self._do(self.schedule.after_step(state), done, model, eval_dl, scheduler)
+            if state.batches_in_epoch == state.batches_per_epoch:  # this step ended an epoch
+                stop |= self._do(self.schedule.after_epoch(state), done, model, eval_dl, scheduler)
+            if stop or state.step >= state.max_steps:
                 break
-            self._stop_if_asked(window)
-        if eval_dl is not None and not self._every(t.eval_steps):
-            eval_metrics = self._evaluate_and_report(model, eval_dl)
-        final = {**logs, **eval_metrics}
+            self._stop_if_asked(done["window"])
+        end = self.schedule.at_end(state)
+        self._do(end, done, model, eval_dl, scheduler)
+        final = {**done["logs"], **done["eval"]}
         if state.skipped_steps:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
-        self.save_model(model, final)
+        if end.save_model:
+            self.save_model(model, final)
         hooks.on_train_end(run=state, metrics=final)
         return final
 
-    def _every(self, steps: int | None) -> bool:
-        return bool(steps) and self.state.step % steps == 0
+    def _do(self, act: Actions, done: dict, model, eval_dl, scheduler) -> bool:
+        """Carry out what the schedule asked for (True: stop after this step); `done` keeps the last log row,
+        the last eval metrics and the open logging window."""
+        if act.log and done["window"].steps:
+            done["logs"], done["window"] = self._reduce_window(done["window"], scheduler), Window()
+            self.hooks.on_log(run=self.state, step=self.state.step, logs=done["logs"])
+        if act.evaluate and eval_dl is not None:
+            done["eval"] = self._evaluate_and_report(model, eval_dl)
+        if act.checkpoint and self._between_rollouts():
+            self._save_checkpoint(done["window"])
+        return act.stop
 
     def _between_rollouts(self) -> bool:
         """No rollout waits for more optimisation passes (checkpoints are written only here)."""
@@ -259,24 +233,6 @@ class Engine:
             return self._stop_signal
         flag = torch.tensor(self._stop_signal, device=self.accelerator.device)
         return int(self.accelerator.reduce(flag, "max"))
-
-    def _windows(self, train_dl):
-        """Yield the micro-batches of each optimizer step, epoch after epoch, from the resume point."""
-        state, ga = self.state, self.config.train.gradient_accumulation_steps
-        while True:
-            train_dl.set_epoch(state.epoch_index)
-            skip = state.batches_in_epoch
-            batches = self.accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            micro_batches = []
-            for batch in batches:
-                micro_batches.append(batch)
-                state.batches_in_epoch += 1
-                if len(micro_batches) == ga:
-                    yield micro_batches
-                    micro_batches = []
-            if micro_batches:
-                yield micro_batches
-            state.epoch_index, state.batches_in_epoch = state.epoch_index + 1, 0
 
     # ---- one optimizer step -----------------------------------------------------------------------
 
@@ -325,6 +281,8 @@ class Engine:
         totals = self._global_counts(micro_batches, ctxs)
         for ctx in ctxs:
             ctx.totals = totals  # what each summed term will be divided by (a fused LM head weights its terms so)
+        for unit, count in totals.items():
+            self.state.seen[unit] = self.state.seen.get(unit, 0.0) + count
         loss_sum, metrics = torch.zeros((), device=acc.device), MetricSums(acc.device)
         for i, (batch, ctx) in enumerate(zip(micro_batches, ctxs)):
             with contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model):
@@ -353,7 +311,12 @@ class Engine:
         """Window means: loss and gradient norm over steps (already global), metrics sum / count over all
         micro-batches of all processes."""
         return {"loss": window.loss / window.steps, "grad_norm": window.grad_norm / window.steps,
-                "learning_rate": scheduler.get_last_lr()[0], **means(reduce_totals(window.metrics, self.accelerator))}
+                "learning_rate": scheduler.get_last_lr()[0], **means(reduce_totals(window.metrics, self.accelerator)),
+                **self._running_totals()}
+
+    def _running_totals(self) -> dict[str, float]:
+        """The loss's running_totals: its units' counts over all training so far."""
+        return {name: self.state.seen.get(unit, 0.0) for name, unit in self.loss.running_totals.items()}
 
     # ---- evaluation -------------------------------------------------------------------------------
 
@@ -361,7 +324,7 @@ class Engine:
         """Evaluate the model as it is on the eval data (or the train data when there is none), in order, as
         the evaluation during training does (on_evaluate hooks included); `eval_dataset` replaces the eval data."""
         if eval_dataset is not None:
-            self.raw["eval"] = eval_dataset
+            self.data.raw["eval"] = eval_dataset
         ds = self._datasets(need_train=False)["eval"]
         self.state.eval_dataset = ds
         model = self.accelerator.prepare(self.model)
@@ -395,14 +358,20 @@ class Engine:
         context = functools.partial(self._context, False)
         rollout = self.rollout.evaluate if self.rollout is not None else None
         metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout)
+        metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
         return metrics
 
     # ---- saving and resuming ----------------------------------------------------------------------
 
+    @property
+    def checkpoint_root(self) -> Path:
+        """The folder of the checkpoint-N folders (train.checkpoint_dir, under output_dir)."""
+        return self.output_dir / self.config.train.checkpoint_dir
+
     def _resume(self) -> Window:
         spec = self.config.train.resume_from_checkpoint
-        path = checkpoint.find(spec, self.output_dir / "checkpoints") if spec else None
+        path = checkpoint.find(spec, self.checkpoint_root) if spec else None
         if path is None:
             if spec == "auto":
                 log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
@@ -414,6 +383,7 @@ class Engine:
                               f"this run has {self.state.max_steps}; keep the data and step settings of that run")
         for key in ("step", "epoch_index", "batches_in_epoch"):
             setattr(self.state, key, saved[key])
+        self.state.seen = dict(saved.get("seen", {}))
         log.info("resumed from %s at step %d", path, self.state.step)
         return Window.from_state(saved["window"])
 
@@ -428,9 +398,9 @@ class Engine:
                 raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
                                   "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
                                   "or choose another output_dir")
-            if self.accelerator.is_main_process and (out / "checkpoints").exists():
+            if self.accelerator.is_main_process and checkpoint.checkpoints(self.checkpoint_root):
                 log.warning("%s: starting over; removing the previous run's checkpoints", out)
-                shutil.rmtree(out / "checkpoints")
+                checkpoint.remove_all(self.checkpoint_root, remove_root=self.checkpoint_root.resolve() != out.resolve())
         if self.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(config_text)
@@ -446,9 +416,9 @@ class Engine:
     def _save_checkpoint(self, window: Window) -> Path:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
-                 "max_steps": s.max_steps, "window": window.state()}
+                 "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen)}
         self._check_finite_weights("a checkpoint")
-        path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
+        path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler)
         self.hooks.on_save(run=s, step=s.step, path=path)
         return path

@@ -34,7 +34,7 @@ def test_demo_learns_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / "grpo"
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_reward" in r]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 150
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 120
     assert evals[-1]["eval_reward"] - evals[0]["eval_reward"] >= 0.15, [e["eval_reward"] for e in evals]
     assert (out / "plots" / "reward.png").is_file()
     assert elapsed < 300 or os.getloadavg()[0] > 3, elapsed  # measured on a quiet machine: see the README
@@ -54,7 +54,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     args = ["train.max_steps=6", "train.save_steps=2", "train.per_device_train_batch_size=4"]
     cli(tmp_path / "full", *args)
     killed = cli(tmp_path / "run", *args, wait=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
     while not ckpt.exists():
         assert killed.poll() is None, killed.stderr.read()[-3000:]
         time.sleep(0.05)
@@ -144,3 +144,20 @@ def test_an_unknown_reward_is_one_line_exit_2_and_writes_nothing(tmp_path):
         "alignkit: error: method.reward_funcs: no reward function 'exact-mach' (did you mean 'exact-match'?); "
         "registered: digits-format, exact-match, sort-order, or model:PATH for a reward model"]
     assert not (tmp_path / "out").exists()
+
+
+def test_alignkit_eval_samples_and_scores_as_the_end_of_training_evaluation(tmp_path):
+    pm = plugin_manager(alignkit_grpo)
+    method = {"num_generations": 4, "max_completion_length": 8, "sft_warmup_steps": 0, "temperature": 1.0,
+              "reward_funcs": ["sort-order", "exact-match"]}
+    train = {"per_device_eval_batch_size": 4, "disable_tqdm": True, "plots": False}
+    result = alignkit.run("grpo", {"method": method, "data": {"max_train_samples": 16, "max_eval_samples": 8},
+                                   "train": {**train, "output_dir": str(tmp_path / "out"), "max_steps": 2,
+                                             "per_device_train_batch_size": 4, "save_steps": None,
+                                             "eval_steps": None, "eval_on_start": False}}, plugins=pm)
+    final = read_jsonl(result.output_dir / "metrics.jsonl")[-1]
+    again = alignkit.evaluate("grpo", {"model": {"name_or_path": str(result.output_dir)}, "method": method,
+                                       "data": {"train": "builtin:sort-prompts", "eval": "builtin:sort-prompts",
+                                                "eval_split": "test", "max_eval_samples": 8},
+                                       "train": {**train, "output_dir": str(tmp_path / "eval")}}, plugins=pm)
+    assert again["eval_reward"] == final["eval_reward"] and again["eval_loss"] == pytest.approx(final["eval_loss"])

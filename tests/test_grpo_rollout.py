@@ -5,6 +5,7 @@ import torch
 from alignkit_grpo import GRPOConfig, GRPORollout
 from alignkit_grpo.rewards import BUILTIN
 
+import alignkit
 from alignkit.errors import ConfigError, PluginError
 from alignkit.generation import Generator, mix_seed
 from alignkit.rewards import RewardRegistry, score
@@ -142,7 +143,7 @@ def test_rollout_samples_groups_scores_them_and_normalises_within_each_group(ite
     assert rollout.iterations == iterations
     rows = [{"prompt": "sort: 3 1 2 =", "answer": " 1 2 3"}, {"prompt": "sort: 5 4 =", "answer": " 4 5"}]
     ctx = Ctx(generator(model), step=3)
-    out = rollout(prompt_batch(tok, rows), ctx=ctx)
+    out = rollout.finish([rollout(prompt_batch(tok, rows), ctx=ctx)], ctx=ctx)[0]
     N = 8
     assert out["prompt_ids"].shape[0] == out["completion_ids"].shape[0] == N
     assert out["prompt_ids"][0].tolist()[-len(tok(rows[0]["prompt"])["input_ids"]):] == tok(rows[0]["prompt"])["input_ids"]
@@ -184,3 +185,33 @@ def test_the_docs_third_party_reward_plugin_is_found_by_name_and_used(tmp_path, 
     out = score(funcs, ["p", "p", "p"], [" 1 2", "x" * 30, " 3"], {"max_chars": [10, 10, None], "answer": [" 1 2"] * 3})
     assert out[:, 0].tolist()[:2] == pytest.approx([0.0, -0.2]) and torch.isnan(out[2, 0])
     assert out[:, 1].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_demo_warmup_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch):
+    from alignkit_grpo import GRPOFormatter
+    from alignkit_grpo import formatter as grpo_formatter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = alignkit.get_method("grpo").config(sft_warmup_steps=3)
+    first, second, untouched = tiny_model(), tiny_model(), tiny_model()
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(first)
+    assert len(list((tmp_path / "alignkit" / "grpo-warmup").glob("*.safetensors"))) == 1
+    calls = []
+    monkeypatch.setattr(grpo_formatter, "sft_warmup", lambda *a, **k: calls.append(a))
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(second)
+    assert calls == []  # loaded, not trained again
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), untouched.state_dict().values()))
+
+
+def test_finish_normalises_by_the_std_of_the_whole_step():
+    cfg = GRPOConfig(num_generations=2, scale_rewards="batch", reward_funcs=["exact-match"])
+    rollout = GRPORollout(cfg, tiny_tokenizer(), rewards=registry())
+    batches = [{"rewards": torch.tensor([1.0, 0.0])}, {"rewards": torch.tensor([1.0, 1.0])}]
+    ctx = Ctx(generator=None)
+    rollout.finish(batches, ctx=ctx)
+    std = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64).std().item()  # over both micro-batches
+    assert batches[0]["reward_std"].tolist() == pytest.approx([std, std])
+    assert batches[0]["advantages"].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)], rel=1e-6)
+    assert batches[1]["advantages"].tolist() == [0.0, 0.0]

@@ -43,17 +43,20 @@ def test_reduce_on_one_process_is_a_detached_copy():
 
 
 def test_the_engine_hands_each_stage_its_context(tmp_path):
-    ToyLoss.seen.clear()
-    alignkit.run("toy", fast(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                             per_device_eval_batch_size=4, eval_steps=2), plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
-    train = [(stage, c) for stage, c in ToyLoss.seen if c.training]
+    ToyLoss.seen = []
+    try:
+        alignkit.run("toy", fast(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                                 per_device_eval_batch_size=4, eval_steps=2), plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
+    finally:
+        seen, ToyLoss.seen = ToyLoss.seen, None
+    train = [(stage, c) for stage, c in seen if c.training]
     # per step: counts for each of the 3 micro-batches first, then the loss on each
     assert [s for s, _ in train] == (["counts"] * 3 + ["loss"] * 3) * 2
     assert [(c.step, c.micro_batch, c.micro_batches) for s, c in train if s == "loss"] == [
         (0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 3), (1, 1, 3), (1, 2, 3)]
-    evals = [c for s, c in ToyLoss.seen if s == "loss" and not c.training]
+    evals = [c for s, c in seen if s == "loss" and not c.training]
     assert [(c.step, c.micro_batch, c.micro_batches) for c in evals] == [(2, 0, 2), (2, 1, 2)]  # 8 rows, batches of 4
-    assert all(c.num_processes == 1 and c.process_index == 0 and c.generator is None for _, c in ToyLoss.seen)
+    assert all(c.num_processes == 1 and c.process_index == 0 and c.generator is None for _, c in seen)
 
 
 def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(tmp_path):
@@ -92,3 +95,33 @@ def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(t
     assert engine._lockstep()
     metrics = engine.train()
     assert seen and True in seen and False in seen and metrics["eval_reduced"] == 1.0
+
+
+def test_two_processes_reduce_through_the_context_and_match_one(tmp_path):
+    """torchrun, 2 CPU processes of 4 rows each vs one process of 8: ctx.reduce sums (and averages) over the
+    processes; exact (sum, count) metrics and the collective (lock-step) evaluation equal one process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port, read_jsonl
+
+    worker = Path(__file__).parent / "toy_distributed.py"
+    env = {"PATH": str(Path(sys.executable).parent), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ALIGNKIT_LOAD_PLUGINS": ""}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), str(worker), str(tmp_path / "two"), "4"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), "8"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows_one, rows_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2, 3, 3]
+    for a, b in zip(rows_one, rows_two):
+        prefix = "eval_" if "eval_loss" in a else ""
+        assert a[prefix + "global_rows"] == b[prefix + "global_rows"] == 8.0  # 4 + 4 on two processes
+        assert b[prefix + "mean_rows"] == 4.0 and a[prefix + "mean_rows"] == 8.0
+        for key in ("loss", "token_nll", "accuracy"):
+            assert b[prefix + key] == pytest.approx(a[prefix + key], rel=1e-5), (a["step"], key)
+    assert rows_two[0]["probe"] == 1.0

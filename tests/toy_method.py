@@ -26,6 +26,8 @@ class ToyFormatter(alignkit.DataFormatter):
             raise alignkit.DataError("'prompt' must be a string")
         completions = row["completion"]
         many = isinstance(completions, list)
+        if many and not completions:
+            raise alignkit.DropExample  # (an empty list would mean: another row carries this one, as in packing)
         out = []
         for completion in completions if many else [completions]:
             prompt = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
@@ -43,18 +45,20 @@ class ToyFormatter(alignkit.DataFormatter):
 class ToyLoss(alignkit.Loss):
     """Summed NLL over the labelled tokens, normalised per token. Records every StepContext it gets."""
 
-    seen: list = []  # (stage, ctx) for every call, across instances (tests reset it)
+    seen: list | None = None  # set to a list to record (stage, ctx) for every call, across instances
 
     @property
     def eval_loss_per_batch(self):
         return self.config.eval_loss_per_batch
 
     def counts(self, batch, ctx):
-        ToyLoss.seen.append(("counts", ctx))
+        if ToyLoss.seen is not None:
+            ToyLoss.seen.append(("counts", ctx))
         return {"tokens": int((batch["labels"][:, 1:] != -100).sum())}
 
     def __call__(self, model, batch, ctx):
-        ToyLoss.seen.append(("loss", ctx))
+        if ToyLoss.seen is not None:
+            ToyLoss.seen.append(("loss", ctx))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
@@ -77,15 +81,15 @@ DEMO_DEFAULTS = {"train.learning_rate": 2e-3, "train.per_device_eval_batch_size"
 class ToyPlugin:
     """The plugin: the `toy` method, its `toy-sort` demo data, and an on_evaluate recorder (scoped to toy)."""
 
-    def __init__(self, all_runs: bool = False, demo_data: str | None = "toy-sort") -> None:
+    def __init__(self, all_runs: bool = False, demo_data: str | None = "toy-sort", loss: type = ToyLoss) -> None:
         self.evaluations: list[tuple[str, dict]] = []
-        self.demo_data = demo_data
+        self.demo_data, self.loss = demo_data, loss
         if all_runs:
             self.alignkit_all_runs = True
 
     @alignkit.hookimpl
     def register_methods(self, register):
-        register(alignkit.Method(name="toy", config=ToyConfig, formatter=ToyFormatter, loss=ToyLoss,
+        register(alignkit.Method(name="toy", config=ToyConfig, formatter=ToyFormatter, loss=self.loss,
                                  description="Per-token NLL on completions (tests).", demo_data=self.demo_data,
                                  demo_defaults=DEMO_DEFAULTS, progress_metrics=("accuracy",)))
 

@@ -14,8 +14,8 @@ DEMO_DEFAULTS = {
     "method.sft_warmup_steps": 150, "method.num_generations": 8, "method.max_completion_length": 14,
     "method.reward_funcs": ["sort-order", "exact-match"], "method.temperature": 1.0,
     "train.learning_rate": 3e-4, "train.per_device_train_batch_size": 16, "train.per_device_eval_batch_size": 64,
-    "train.max_steps": 150, "train.warmup_ratio": 0.0, "train.logging_steps": 5, "train.eval_steps": 50,
-    "train.save_steps": 50, "train.save_total_limit": 2, "train.eval_on_start": True,
+    "train.max_steps": 120, "train.warmup_ratio": 0.0, "train.logging_steps": 5, "train.eval_steps": 40,
+    "train.save_steps": 40, "train.save_total_limit": 2, "train.eval_on_start": True,
     "data.max_eval_samples": 64,
 }
 
