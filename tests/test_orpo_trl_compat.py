@@ -292,3 +292,54 @@ def test_hf_argument_parser_reads_the_example_flags_without_warnings():
     lora = get_peft_config(model)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (16, 16, 0.05, "none")
     assert get_peft_config(ModelConfig()) is None and ModelConfig(lora_target_modules=["q_proj"]).lora_target_modules == "q_proj"
+
+
+def test_epoch_strategies_and_the_best_model_at_the_end(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset, max_steps=-1, num_train_epochs=2, eval_strategy="epoch", save_strategy="epoch",
+                logging_strategy="epoch", load_best_model_at_end=True, learning_rate=5e-2)
+    assert (t.args.metric_for_best_model, t.args.greater_is_better) == ("loss", False)  # Trainer's defaults
+    t.train()
+    rows = [(r["step"], r["epoch"], "loss" in r, "eval_loss" in r) for r in t.state.log_history[:-1]]
+    assert rows == [(3, 1.0, True, False), (3, 1.0, False, True), (6, 2.0, True, False), (6, 2.0, False, True)]
+    evals = {r["step"]: r["eval_loss"] for r in t.state.log_history if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert t.state.best_metric == evals[best]
+    assert t.state.best_model_checkpoint == str(tmp_path / "out" / f"checkpoint-{best}")
+    # the weights at the end are the best checkpoint's: evaluating again gives its eval loss
+    assert t.evaluate()["eval_loss"] == pytest.approx(evals[best], rel=1e-5)
+
+
+def test_eval_on_start_first_step_log_and_resume_true(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, eval_on_start=True,
+                logging_first_step=True, logging_steps=10, save_steps=2)
+    t.train()
+    assert [(r["step"], sorted(r)[1]) for r in t.state.log_history] == [
+        (0, "eval_log_odds_chosen"), (1, "grad_norm"), (3, "eval_log_odds_chosen"), (3, "step")]
+    again = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, logging_first_step=True,
+                    logging_steps=10, save_steps=2, max_steps=4)
+    with pytest.raises(alignkit.ConfigError, match="made for 3 steps"):  # checkpoint-3 is the latest
+        again.train(resume_from_checkpoint=True)
+    longer = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, logging_first_step=True,
+                     logging_steps=10, save_steps=2)
+    out = longer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert out.global_step == 3 and [r["step"] for r in longer.state.log_history] == [0, 1, 3, 3]
+
+
+def test_compute_loss_prediction_step_and_stored_metrics(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset)
+    batch = next(iter(t.get_train_dataloader()))
+    loss, metrics = t.compute_loss(t.model, batch, return_outputs=True)
+    assert loss.ndim == 0 and set(metrics) >= {"nll_loss", "rewards/accuracies", "log_odds_ratio"}
+    eval_loss, logits, labels = t.prediction_step(t.model, batch, prediction_loss_only=False)
+    assert logits.shape == (2,) and labels.tolist() == [0.0, 0.0]
+    assert logits.tolist() == pytest.approx([t._stored_metrics["eval"]["eval_logits/chosen"][-1],
+                                             t._stored_metrics["eval"]["eval_logits/rejected"][-1]])
+    t.store_metrics({"custom": 1.0}, train_eval="train")
+    t.store_metrics({"custom": 3.0}, train_eval="train")
+    t.log({"loss": 0.5})
+    row = t.state.log_history[-1]
+    assert row["custom"] == 2.0 and row["nll_loss"] == pytest.approx(metrics["nll_loss"]) and row["step"] == 0
+    assert "custom" not in t._stored_metrics.get("train", {})  # a log row takes the stored metrics once
+    with pytest.raises(NotImplementedError, match="hyperparameter_search is not supported"):
+        t.hyperparameter_search()
+    assert t.tokenizer is t.processing_class and t.model_wrapped is t.model and t.is_world_process_zero()
