@@ -108,3 +108,13 @@ def test_packed_evaluation_equals_unpacked(work):
                                                    "train.output_dir": str(work / "packed")})
     for key in ("eval_loss", "eval_mean_token_accuracy", "eval_entropy"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+def test_num_tokens_survives_resume(tmp_path):
+    config = fast(tmp_path, max_steps=8, save_steps=4)
+    first = alignkit.run("sft", config, **{"model.name_or_path": "builtin:tiny"})
+    whole = [r["num_tokens"] for r in read_jsonl(first.output_dir / "metrics.jsonl") if "loss" in r]
+    checkpoint = next((first.output_dir / "checkpoints").iterdir())
+    again = alignkit.run("sft", config, **{"model.name_or_path": "builtin:tiny", "train.resume_from_checkpoint": str(checkpoint)})
+    resumed = [r["num_tokens"] for r in read_jsonl(again.output_dir / "metrics.jsonl") if "loss" in r]
+    assert resumed == whole and whole[-1] > whole[3] > 0
