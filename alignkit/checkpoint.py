@@ -1,4 +1,6 @@
-"""Checkpoints under output_dir/checkpoints: written atomically, found for `auto`, rotated."""
+"""Checkpoints (checkpoint-N folders under output_dir/train.checkpoint_dir): written atomically, found for
+`auto`, rotated. The engine's own state is alignkit_state.json: trainer_state.json is left to tools that
+write transformers' TrainerState (the TRL-compatible trainer does)."""
 
 import json
 import re
@@ -10,7 +12,7 @@ from accelerate import Accelerator
 
 from alignkit.errors import ConfigError
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "alignkit_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -41,6 +43,16 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_all(root: Path, remove_root: bool) -> None:
+    """Remove every checkpoint-N folder (complete or not) under root, and nothing else; then root itself if
+    asked and empty (not when root is output_dir, train.checkpoint_dir=".")."""
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.is_dir() and _NAME.match(path.name.removeprefix(".tmp-")):
+            shutil.rmtree(path)
+    if remove_root and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def find(spec: str, root: Path) -> Path | None:

@@ -9,10 +9,10 @@ import contextlib
 import functools
 import logging
 import math
-import shutil
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,11 +31,11 @@ from alignkit.metrics import MetricSums, means, reduce_totals
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.online import RolloutStage, build_rollout
-from alignkit.optim import adamw
 from alignkit.plugins import RunHooks
 from alignkit.reference import Reference
 from alignkit.reporting import check_trackers, observers
 from alignkit.rundata import RunData
+from alignkit.schedule import Actions, Schedule
 from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None, peft_config=None, optimizers=(None, None),
-                 collate_fn=None) -> None:
+                 train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
+                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None) -> None:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         check_trackers(t.report_to)
@@ -65,12 +65,16 @@ class Engine:
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
         self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
-        if peft_config is not None or config.model.peft is not None:
-            self.model = apply_peft(self.model, peft_config or config.model.peft)
-        self.optimizer, self.scheduler = optimizers
+        if config.model.peft is not None:
+            self.model = apply_peft(self.model, config.model.peft)
+        # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type;
+        # a Schedule replaces when the loop logs, evaluates, checkpoints and stops (alignkit.schedule)
+        self.schedule = schedule or Schedule(t)
+        self.make_optimizer = optimizer or functools.partial(optim.build_optimizer, train=t)
+        self.make_scheduler = lr_scheduler or (lambda opt, num_training_steps: optim.schedule(t, opt, num_training_steps))
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.formatter.prepare_model(self.model)
-        self.collate_fn = collate_fn or self.formatter.collate
+        self.collate_fn = self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
         self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
@@ -106,13 +110,13 @@ class Engine:
             return self._loop(model, optimizer, scheduler, train_dl, eval_dl, window)
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
-        """Gradient checkpointing if asked, then the optimizer passed in or AdamW (alignkit.optim)."""
+        """Gradient checkpointing if asked, then the optimizer passed in or train.optim (alignkit.optim)."""
         t = self.config.train
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
-        return self.optimizer or adamw(self.model, t)
+        return self.make_optimizer(self.model)  # before precomputing: same RNG use as ever
 
     def _precompute_reference(self, data: dict) -> dict:
         """The data with the reference's outputs as columns when the loss precomputes them (else unchanged)."""
@@ -138,7 +142,7 @@ class Engine:
         """The run's length in steps and the learning-rate schedule over it."""
         self.state.batches_per_epoch = len(train_dl)
         self.state.max_steps = optim.max_steps(self.config.train, len(train_dl))
-        self._scheduler = self.scheduler or optim.schedule(self.config.train, optimizer, self.state.max_steps)
+        self._scheduler = self.make_scheduler(optimizer, num_training_steps=self.state.max_steps)
         return self._scheduler
 
     @contextlib.contextmanager
@@ -154,39 +158,45 @@ class Engine:
                 self.pm.unregister(obs)
 
     def _loop(self, model, optimizer, scheduler, train_dl, eval_dl, window: Window) -> dict[str, float]:
-        state, t, hooks = self.state, self.config.train, self.hooks
+        """Steps until max_steps; the schedule says when to log, evaluate, checkpoint and stop (alignkit.schedule)."""
+        state, hooks = self.state, self.hooks
         hooks.on_train_start(run=state)
-        starting = t.eval_on_start and eval_dl is not None and state.step == 0  # not again on resume
-        eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
-        logs: dict[str, float] = {}
+        done = {"logs": {}, "eval": {}, "window": window}
+        self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
         model.train()
         windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
             state.step += 1
-            window.add(loss, grad_norm, totals, len(micro_batches))
+            done["window"].add(loss, grad_norm, totals, len(micro_batches))
             hooks.on_step_end(run=state, step=state.step, metrics={"loss": loss, **means(totals)})
-            if self._every(t.logging_steps) or state.step == state.max_steps or (t.logging_first_step and state.step == 1):
-                logs, window = self._reduce_window(window, scheduler), Window()
-                hooks.on_log(run=state, step=state.step, logs=logs)
-            if eval_dl is not None and self._every(t.eval_steps):
-                eval_metrics = self._evaluate_and_report(model, eval_dl)
-            if self._every(t.save_steps) and state.step < state.max_steps and self._between_rollouts():
-                self._save_checkpoint(window)
-            if state.step >= state.max_steps:
+            stop = self._do(self.schedule.after_step(state), done, model, eval_dl, scheduler)
+            if state.batches_in_epoch == state.batches_per_epoch:  # this step ended an epoch
+                stop |= self._do(self.schedule.after_epoch(state), done, model, eval_dl, scheduler)
+            if stop or state.step >= state.max_steps:
                 break
-            self._stop_if_asked(window)
-        if eval_dl is not None and not self._every(t.eval_steps):
-            eval_metrics = self._evaluate_and_report(model, eval_dl)
-        final = {**logs, **eval_metrics}
+            self._stop_if_asked(done["window"])
+        end = self.schedule.at_end(state)
+        self._do(end, done, model, eval_dl, scheduler)
+        final = {**done["logs"], **done["eval"]}
         if state.skipped_steps:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
-        self.save_model(model, final)
+        if end.save_model:
+            self.save_model(model, final)
         hooks.on_train_end(run=state, metrics=final)
         return final
 
-    def _every(self, steps: int | None) -> bool:
-        return bool(steps) and self.state.step % steps == 0
+    def _do(self, act: Actions, done: dict, model, eval_dl, scheduler) -> bool:
+        """Carry out what the schedule asked for (True: stop after this step); `done` keeps the last log row,
+        the last eval metrics and the open logging window."""
+        if act.log and done["window"].steps:
+            done["logs"], done["window"] = self._reduce_window(done["window"], scheduler), Window()
+            self.hooks.on_log(run=self.state, step=self.state.step, logs=done["logs"])
+        if act.evaluate and eval_dl is not None:
+            done["eval"] = self._evaluate_and_report(model, eval_dl)
+        if act.checkpoint and self._between_rollouts():
+            self._save_checkpoint(done["window"])
+        return act.stop
 
     def _between_rollouts(self) -> bool:
         """No rollout waits for more optimisation passes (checkpoints are written only here)."""
@@ -269,6 +279,8 @@ class Engine:
         acc = self.accelerator
         ctxs = ctxs or [self._context(True, i, len(micro_batches)) for i in range(len(micro_batches))]
         totals = self._global_counts(micro_batches, ctxs)
+        for unit, count in totals.items():
+            self.state.seen[unit] = self.state.seen.get(unit, 0.0) + count
         loss_sum, metrics = torch.zeros((), device=acc.device), MetricSums(acc.device)
         for i, (batch, ctx) in enumerate(zip(micro_batches, ctxs)):
             with contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model):
@@ -297,7 +309,12 @@ class Engine:
         """Window means: loss and gradient norm over steps (already global), metrics sum / count over all
         micro-batches of all processes."""
         return {"loss": window.loss / window.steps, "grad_norm": window.grad_norm / window.steps,
-                "learning_rate": scheduler.get_last_lr()[0], **means(reduce_totals(window.metrics, self.accelerator))}
+                "learning_rate": scheduler.get_last_lr()[0], **means(reduce_totals(window.metrics, self.accelerator)),
+                **self._running_totals()}
+
+    def _running_totals(self) -> dict[str, float]:
+        """The loss's running_totals: its units' counts over all training so far."""
+        return {name: self.state.seen.get(unit, 0.0) for name, unit in self.loss.running_totals.items()}
 
     # ---- evaluation -------------------------------------------------------------------------------
 
@@ -339,14 +356,20 @@ class Engine:
         context = functools.partial(self._context, False)
         rollout = self.rollout.evaluate if self.rollout is not None else None
         metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout)
+        metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
         return metrics
 
     # ---- saving and resuming ----------------------------------------------------------------------
 
+    @property
+    def checkpoint_root(self) -> Path:
+        """The folder of the checkpoint-N folders (train.checkpoint_dir, under output_dir)."""
+        return self.output_dir / self.config.train.checkpoint_dir
+
     def _resume(self) -> Window:
         spec = self.config.train.resume_from_checkpoint
-        path = checkpoint.find(spec, self.output_dir / "checkpoints") if spec else None
+        path = checkpoint.find(spec, self.checkpoint_root) if spec else None
         if path is None:
             if spec == "auto":
                 log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
@@ -358,6 +381,7 @@ class Engine:
                               f"this run has {self.state.max_steps}; keep the data and step settings of that run")
         for key in ("step", "epoch_index", "batches_in_epoch"):
             setattr(self.state, key, saved[key])
+        self.state.seen = dict(saved.get("seen", {}))
         log.info("resumed from %s at step %d", path, self.state.step)
         return Window.from_state(saved["window"])
 
@@ -372,9 +396,9 @@ class Engine:
                 raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
                                   "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
                                   "or choose another output_dir")
-            if self.accelerator.is_main_process and (out / "checkpoints").exists():
+            if self.accelerator.is_main_process and checkpoint.checkpoints(self.checkpoint_root):
                 log.warning("%s: starting over; removing the previous run's checkpoints", out)
-                shutil.rmtree(out / "checkpoints")
+                checkpoint.remove_all(self.checkpoint_root, remove_root=self.checkpoint_root.resolve() != out.resolve())
         if self.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(config_text)
@@ -390,9 +414,9 @@ class Engine:
     def _save_checkpoint(self, window: Window) -> Path:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
-                 "max_steps": s.max_steps, "window": window.state()}
+                 "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen)}
         self._check_finite_weights("a checkpoint")
-        path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
+        path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler)
         self.hooks.on_save(run=s, step=s.step, path=path)
         return path

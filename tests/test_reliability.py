@@ -93,7 +93,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(slow, sig):
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"alignkit: stopped: {sig.name} at step ") and "train.resume_from_checkpoint=auto" in line
     step = int(line.split(" at step ")[1].split(":")[0])
-    assert (slow / "run" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert (slow / "run" / "checkpoints" / f"checkpoint-{step}" / "alignkit_state.json").is_file()
     resumed = cli(slow, slow / "run", "train.resume_from_checkpoint=auto")
     assert resumed.returncode == 0, resumed.stderr
     same_run(slow / "full", slow / "run")
@@ -105,7 +105,7 @@ def test_auto_skips_half_written_checkpoints_and_rotation_keeps_the_newest(tmp_p
         (root / f"checkpoint-{step}").mkdir(parents=True)
         (root / f"checkpoint-{step}" / checkpoint.STATE_FILE).write_text("{}")
     (root / ".tmp-checkpoint-9").mkdir()  # killed during the save
-    (root / "checkpoint-12").mkdir()  # no trainer_state.json: not complete
+    (root / "checkpoint-12").mkdir()  # no alignkit_state.json: not complete
     assert checkpoint.find("auto", root) == root / "checkpoint-6"
     assert [p.name for p in checkpoint.checkpoints(root)] == ["checkpoint-3", "checkpoint-6"]
 
