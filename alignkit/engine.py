@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import math
-import shutil
 import signal
 import threading
 from collections import Counter
@@ -19,7 +18,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from alignkit import checkpoint
+from alignkit import checkpoint, resume, rundir
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import EpochSampler, load_data, load_splits, prepare
 from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
@@ -63,6 +62,9 @@ class Engine:
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
         self.output_dir = Path(t.output_dir)
+        rundir.check_writable(self.output_dir)
+        rundir.Lock.probe(self.output_dir)
+        self._lock, self._record_notes = rundir.Lock(self.output_dir), []
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
@@ -150,8 +152,7 @@ class Engine:
                                                     num_training_steps=state.max_steps,
                                                     scheduler_specific_kwargs=t.lr_scheduler_kwargs)
         self._scheduler = scheduler
-        window = self._resume()
-        self._prepare_output_dir()
+        window = self._start_run()
 
         observers = [MetricsFile(self.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm)]
         observers += [Trackers(acc)] if t.report_to else []
@@ -159,6 +160,7 @@ class Engine:
         for obs in observers:
             self.pm.register(obs)
         stack = contextlib.ExitStack()
+        stack.callback(self._lock.release)
         try:
             stack.enter_context(self._stop_on_signals())
             self.pm.hook.on_train_start(run=state)
@@ -377,13 +379,51 @@ class Engine:
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
+    def _start_run(self) -> Window:
+        """Take the output folder (lock, ownership), resume if asked, write config.yaml (alignkit.rundir)."""
+        self._lock = rundir.Lock(self.output_dir)
+        self._resume_notes: list[str] = []
+        self._record_notes: list[str] = []
+        try:
+            self._on_main(self._lock.acquire)
+            window = self._resume()
+            self._on_main(self._prepare_output_dir)
+        except BaseException:
+            self._lock.release(discard_folder=True)
+            raise
+        return window
+
+    def _on_main(self, fn):
+        """Run fn on the main process only; its ConfigError (or its result) reaches every process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return fn()
+        from accelerate.utils import broadcast_object_list
+
+        box = [None, None]
+        if acc.is_main_process:
+            try:
+                box[0] = fn()
+            except ConfigError as e:
+                box[1] = str(e)
+        broadcast_object_list(box)
+        if box[1] is not None:
+            raise ConfigError(box[1])
+        return box[0]
+
     def _resume(self) -> Window:
         spec = self.config.train.resume_from_checkpoint
-        path = checkpoint.find(spec, self.output_dir / "checkpoints") if spec else None
+        path = self._on_main(lambda: checkpoint.find(spec, self.output_dir / "checkpoints")) if spec else None
         if path is None:
             if spec == "auto":
                 log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
             return Window()
+        own = path.resolve().parent == (self.output_dir / "checkpoints").resolve()
+        if not own and rundir.has_results(self.output_dir):
+            raise ConfigError(f"train.resume_from_checkpoint: {path} belongs to another run than train.output_dir "
+                              f"{self.output_dir}, which holds a run of its own; resume into {path.parent.parent} or "
+                              "an empty output_dir")
+        self._resume_notes = resume.check_config(path, self.config)
         saved = checkpoint.load(self.accelerator, path, self._scheduler)
         self.state.resumed_from = path
         if saved["max_steps"] != self.state.max_steps:
@@ -395,23 +435,36 @@ class Engine:
         return Window.from_state(saved["window"])
 
     def _prepare_output_dir(self) -> None:
-        """Refuse an output_dir that holds another run; start a fresh run with no stale checkpoints or rows."""
+        """Refuse an output_dir that holds another run's results; a fresh run starts in an emptied folder."""
         t, out = self.config.train, self.output_dir
         config_text = to_yaml(self.config, comments=False)
-        if self.state.resumed_from is None and out.is_dir() and any(out.iterdir()):
+        notes = []
+        if self.state.resumed_from is None:
             saved = out / "config.yaml"
-            same_run = saved.is_file() and saved.read_text() == config_text
-            if not (same_run or t.overwrite_output_dir):
-                raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
-                                  "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
-                                  "or choose another output_dir")
-            if self.accelerator.is_main_process and (out / "checkpoints").exists():
-                log.warning("%s: starting over; removing the previous run's checkpoints", out)
-                shutil.rmtree(out / "checkpoints")
-        if self.accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(config_text)
-        self.accelerator.wait_for_everyone()
+            if rundir.has_results(out):
+                same_run = saved.is_file() and not saved.is_symlink() and resume.same_run(saved.read_text(), self.config)
+                if not (same_run or t.overwrite_output_dir):
+                    raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
+                                      "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
+                                      "or choose another output_dir")
+                if not (saved.is_file() or (out / "checkpoints").is_dir()):
+                    raise ConfigError(f"train.overwrite_output_dir: {out} holds files alignkit did not write "
+                                      f"({', '.join(p.name for p in rundir.entries(out)[:5])}); it replaces only an "
+                                      "alignkit run's folder: choose another output_dir")
+                log.warning("%s: starting over; removing the previous run's files: %s", out, ", ".join(rundir.clear(out)))
+            elif [p for p in rundir.entries(out) if p.name != rundir.LOCK_FILE]:
+                log.warning("%s: the previous attempt left no checkpoint or model; removing its %s and starting over",
+                            out, ", ".join(rundir.clear(out)))
+        else:
+            rundir.refuse_symlinks(out)
+            resume.repair_metrics(out / "metrics.jsonl")
+            notes = resume.notes(out / "config.yaml")
+            if self._resume_notes:
+                notes.append(f"{resume.NOTE_PREFIX}at step {self.state.step} from {self.state.resumed_from.name} with "
+                             f"changed settings: {'; '.join(self._resume_notes)}")
+                log.warning("resuming with changed settings (recorded in config.yaml): %s", "; ".join(self._resume_notes))
+        self._record_notes = notes
+        rundir.write_text(out / "config.yaml", "".join(n + "\n" for n in notes) + config_text)
 
     def _check_finite_weights(self, where: str) -> None:
         named = list(self.model.named_parameters())
@@ -426,7 +479,8 @@ class Engine:
                  "max_steps": s.max_steps, "window": window.state()}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
-                               self.config.train.save_total_limit, self._scheduler)
+                               self.config.train.save_total_limit, self._scheduler,
+                               files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)})
         self.pm.hook.on_save(run=s, step=s.step, path=path)
         return path
 
@@ -441,7 +495,8 @@ class Engine:
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
         if acc.is_main_process:
             self.tokenizer.save_pretrained(out)
-            (out / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags)))
+            (out / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
+                                                      notes=self._record_notes))
         acc.wait_for_everyone()
 
     def _log_table(self, name: str, columns: list[str], rows: list[list]) -> None:

@@ -99,13 +99,22 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(slow, sig):
     same_run(slow / "full", slow / "run")
 
 
+def fake_checkpoint(root: Path, step: int, manifest: bool = True) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / checkpoint.STATE_FILE).write_text("{}")
+    (path / checkpoint.SCHEDULER_FILE).write_bytes(b"x" * 10)
+    if manifest:
+        checkpoint.write_manifest(path)
+    return path
+
+
 def test_auto_skips_half_written_checkpoints_and_rotation_keeps_the_newest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (3, 6):
-        (root / f"checkpoint-{step}").mkdir(parents=True)
-        (root / f"checkpoint-{step}" / checkpoint.STATE_FILE).write_text("{}")
+        fake_checkpoint(root, step)
     (root / ".tmp-checkpoint-9").mkdir()  # killed during the save
-    (root / "checkpoint-12").mkdir()  # no trainer_state.json: not complete
+    fake_checkpoint(root, 12, manifest=False)  # state file written, manifest not yet: not complete
     assert checkpoint.find("auto", root) == root / "checkpoint-6"
     assert [p.name for p in checkpoint.checkpoints(root)] == ["checkpoint-3", "checkpoint-6"]
 
