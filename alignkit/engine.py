@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from alignkit import checkpoint, resume, rundir
+from alignkit import checkpoint, preflight, resume, rundir
 from alignkit.config import RunConfig, to_yaml
 from alignkit.data import EpochSampler, load_data, load_splits, prepare
 from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
@@ -43,6 +43,10 @@ def _check_trackers(names: list[str]) -> None:
             raise ConfigError(f"train.report_to: {name} is not installed here; pip install {name}, or remove it")
 
 
+class _EvalStopped(Exception):
+    """A stop request ended an evaluation early."""
+
+
 class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
@@ -52,6 +56,7 @@ class Engine:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         _check_trackers(t.report_to)
+        preflight.check_settings(config, method)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -70,6 +75,7 @@ class Engine:
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
         if peft_config is not None or config.model.peft is not None:
             self.model = apply_peft(self.model, peft_config or config.model.peft)
+        preflight.check_model(config, self.model, self.tokenizer)
         self.optimizer, self.scheduler = optimizers
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.formatter.prepare_model(self.model)
@@ -111,8 +117,9 @@ class Engine:
             self._formatted[split] = (raw, out[split])
             self.state.data[split] = report
             if report.dropped or report.truncated:
-                log.warning("%s data: %d examples kept, %d truncated, %d dropped (nothing left to train on "
-                            "after truncation)", split, report.kept, report.truncated, report.dropped)
+                log.warning("%s data: %d examples kept, %d truncated%s", split, report.kept, report.truncated,
+                            f", {report.dropped} dropped (nothing left to train on after truncation)"
+                            if report.dropped else "")
         return out
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
@@ -129,7 +136,10 @@ class Engine:
 
     def train(self) -> dict[str, float]:
         acc, t, state = self.accelerator, self.config.train, self.state
+        if self.optimizer is None:
+            preflight.check_trainable(self.model)
         data = self._datasets(need_train=True)
+        preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
 
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -194,10 +204,12 @@ class Engine:
 
             if eval_dl is not None and not (t.eval_steps and state.step % t.eval_steps == 0):
                 eval_metrics = self._evaluate_and_report(model, eval_dl)
+            self._stop_if_asked(window)
             final = {**logs, **eval_metrics}
             if state.skipped_steps:
                 log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
             self.save_model(model, final)
+            self._stop_if_asked(window, saved_model=True)
             self.pm.hook.on_train_end(run=state, metrics=final)
         finally:
             stack.close()
@@ -207,13 +219,19 @@ class Engine:
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """SIGINT and SIGTERM ask training to stop after the current step, with a checkpoint."""
+        """SIGINT and SIGTERM ask training to stop after the current step (or eval batch), with a checkpoint; a
+        second one stops at once."""
         self._stop_signal = 0
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def ask_to_stop(signum, frame):
+            if self._stop_signal:  # asked twice: stop at once; checkpoints are renamed into place whole
+                found = checkpoint.checkpoints(self.output_dir / "checkpoints")
+                kept = f"the last complete checkpoint, {found[-1]}, is kept" if found else "no checkpoint was written"
+                raise TrainingInterrupted(f"second {signal.Signals(signum).name} during step {self.state.step + 1}: stopped "
+                                          f"at once; {kept}; resume with train.resume_from_checkpoint=auto", signum)
             self._stop_signal = signum
 
         previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -233,7 +251,7 @@ class Engine:
     def _windows(self, train_dl):
         """Yield the micro-batches of each optimizer step, epoch after epoch, from the resume point."""
         state, ga = self.state, self.config.train.gradient_accumulation_steps
-        while True:
+        while state.step < state.max_steps:  # resumed from a checkpoint of the last step: nothing left
             train_dl.set_epoch(state.epoch_index)
             skip = state.batches_in_epoch
             batches = self.accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
@@ -259,6 +277,7 @@ class Engine:
         global_loss = self.accelerator.reduce(loss_sum, "sum").item()
         if math.isfinite(global_loss) and math.isfinite(grad_norm):
             optimizer.step()
+            self._check_update(model, global_loss, grad_norm)
             scheduler.step()
         elif t.skip_nonfinite_steps:
             # Warned once; later ones at debug level, and their number at the end of training.
@@ -272,6 +291,23 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         values = torch.stack(list(metric_sums.values())).tolist() if metric_sums else []  # one device sync
         return global_loss, dict(zip(metric_sums, values)), grad_norm
+
+    def _check_update(self, model, loss: float, grad_norm: float) -> None:
+        """The weights after the step must be finite too (a finite loss and gradient can still give NaN/inf
+        weights: an infinite learning rate, an optimizer in too low a precision). One reduction, one sync."""
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+        if not params:
+            return
+        total = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in params]).sum()
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, "sum")
+        if math.isfinite(total.item()):
+            return
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        bad = next((n for n, p in zip(names, params) if not torch.isfinite(p.detach()).all()), "some parameter")
+        raise NonFiniteError(f"step {self.state.step + 1}: the update made {bad} NaN/inf although the loss ({loss:.6g}) and "
+                             f"gradient norm ({grad_norm:.6g}) were finite; nothing more is saved, the last checkpoint stays "
+                             "valid. Lower train.learning_rate, or train float32 weights")
 
     def _accumulate_gradients(self, model, micro_batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Backward over each micro-batch, every loss term divided by its count over all of them and all ranks."""
@@ -350,8 +386,12 @@ class Engine:
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
+        stopped = False
         with torch.no_grad():
             for batch in eval_dl:
+                if getattr(self, "_stop_signal", 0):  # asked to stop: the partial result is not reported
+                    stopped = True
+                    break
                 with self.accelerator.autocast():
                     out = self._loss(model, batch)
                 totals = {u: float(c) for u, c in self.loss.counts(batch).items()}
@@ -361,13 +401,33 @@ class Engine:
         names = sorted(sums)
         local = torch.stack([torch.tensor(float(len(eval_dl)), device=self.accelerator.device)]
                             + [sums[k].to(self.accelerator.device) for k in names])
-        total = self.accelerator.reduce(local, "sum").tolist()
+        total = self.accelerator.reduce(local, "sum").tolist()  # every process reduces once, stopped or not
+        if stopped:
+            raise _EvalStopped
         return {f"eval_{k}": v / total[0] for k, v in zip(names, total[1:])}
 
     def _evaluate_and_report(self, model, eval_dl) -> dict[str, float]:
-        metrics = self._evaluate(model, eval_dl)
+        try:
+            metrics = self._evaluate(model, eval_dl)
+        except _EvalStopped:
+            log.warning("step %d: evaluation cut short by a stop request; not reported", self.state.step)
+            return {}
         self.pm.hook.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
         return metrics
+
+    def _stop_if_asked(self, window: Window, saved_model: bool = False) -> None:
+        """A stop asked for during the final evaluation or save is never swallowed (non-zero exit)."""
+        signum = self._stop_requested()
+        if not signum:
+            return
+        name = signal.Signals(signum).name
+        if saved_model:
+            raise TrainingInterrupted(f"{name} while saving the model at step {self.state.step}: the model was saved "
+                                      f"completely in {self.output_dir}", signum)
+        path = self._save_checkpoint(window)
+        raise TrainingInterrupted(f"{name} at step {self.state.step} (the last), before the model was saved: checkpoint "
+                                  f"saved in {path}; resume by running the same command with "
+                                  "train.resume_from_checkpoint=auto", signum)
 
     # ---- saving and resuming ----------------------------------------------------------------------
 

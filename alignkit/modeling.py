@@ -19,6 +19,7 @@ from alignkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN = "builtin:tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -54,7 +55,10 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     if cfg.name_or_path == "builtin:tiny":
         torch.manual_seed(seed)
         config = tiny_llama_config(len(tokenizer))
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+        model.name_or_path = BUILTIN  # what a LoRA adapter records as its base (peft reads this attribute)
+        return model
     # Weights load from safetensors only (no pickle) unless init_kwargs says use_safetensors: false.
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype,
                   **{"use_safetensors": True, **cfg.init_kwargs})
