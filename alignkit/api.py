@@ -92,14 +92,12 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
 def _eval_dir(cfg: RunConfig, method: Method, model_given: bool) -> Path:
     """Where eval_results.json goes: train.output_dir if set, else beside the evaluated local model, else
     outputs/NAME-eval. A folder holding another training run is refused."""
-    from alignkit import rundir
-
     out, model_dir = Path(cfg.train.output_dir), Path(cfg.model.name_or_path)
     own = not model_given and model_dir.is_dir()
     if cfg.train.output_dir == f"outputs/{method.name}":  # the default: the default training run's folder
         out = model_dir if own else Path(f"outputs/{method.name}-eval")
     beside_model = own and out.resolve() == model_dir.resolve()
-    if not beside_model and (rundir.has_results(out) or (out / "config.yaml").exists()):
+    if not beside_model and any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
         raise ConfigError(f"train.output_dir: {out} holds a training run; evaluation writes eval_results.json only beside "
                           "the evaluated model or into a folder of its own: set train.output_dir")
     return out
