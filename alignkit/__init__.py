@@ -1,5 +1,6 @@
 """alignkit: LLM post-training with methods as plugins, on one accelerate engine."""
 
+from alignkit import formatters, text, tokens  # public building blocks, as modules
 from alignkit.api import RunResult, evaluate, get_method, load_config, methods, run
 from alignkit.data import DataFormatter, DropExample, Formatted, pad_right
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError
@@ -13,6 +14,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AlignkitError", "ConfigError", "DataError", "DataFormatter", "DropExample", "Formatted", "Loss",
     "LossOutput", "Method", "MethodConfig", "PluginError", "RunResult", "evaluate", "get_method",
-    "get_plugin_manager", "hookimpl", "load_config", "log1mexp", "methods", "pad_right", "run",
-    "shifted_token_logps",
+    "formatters", "get_plugin_manager", "hookimpl", "load_config", "log1mexp", "methods", "pad_right", "run",
+    "shifted_token_logps", "text", "tokens",
 ]

@@ -50,3 +50,9 @@ def on_save(run, step, path):
 @hookspec
 def on_train_end(run, metrics):
     """Called once after training and the final save, with the last train and eval metrics."""
+
+
+@hookspec
+def register_rewards(register):
+    """Register reward functions for online methods by calling register(name, fn);
+    fn(prompts, completions, **row_columns) returns one float (or None) per completion."""

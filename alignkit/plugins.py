@@ -18,6 +18,7 @@ from alignkit.method import Method
 
 ENTRY_POINT_GROUP = "alignkit"
 ALLOW_LIST_VAR = "ALIGNKIT_LOAD_PLUGINS"
+CORE_PLUGIN = "alignkit-core"
 
 
 def _canonical(dist_name: str) -> str:
@@ -134,6 +135,10 @@ class PluginManager(pluggy.PluginManager):
 def get_plugin_manager(plugins: list | None = None, load_entrypoints: bool = True) -> PluginManager:
     """A fresh manager: the hookspecs, installed entry points (unless disabled), then `plugins`."""
     pm = PluginManager()
+    from alignkit import formatters  # the core's own built-in plugin: its formatters, which name no method
+
+    pm.register(formatters, name=CORE_PLUGIN)
+    pm.sources[CORE_PLUGIN] = ("alignkit", "")
     if load_entrypoints:
         pm.load_entry_points()
     for plugin in plugins or []:

@@ -1,6 +1,8 @@
-"""Helpers for tests, including plugin authors' tests: a tiny model and tokenizer, a fresh plugin manager."""
+"""Helpers for tests, including plugin authors' tests: a tiny model and tokenizer, a fixed-logits stand-in model,
+a fresh plugin manager."""
 
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import torch
 
@@ -26,3 +28,16 @@ def tiny_model(seed: int = 0, **config_overrides):
 def plugin_manager(*plugins: object, entry_points: bool = False, also: Iterable[object] = ()) -> PluginManager:
     """A fresh manager with exactly `plugins` registered in-process (installed entry points only on request)."""
     return get_plugin_manager(list(plugins) + list(also), load_entrypoints=entry_points)
+
+
+class FixedLogits(torch.nn.Module):
+    """Stands in for a causal LM in loss tests: returns the given logits `[B, T, V]` whatever the input, so a test
+    can compute the expected loss from the same numbers by hand (e.g. in float64). The logits are a parameter:
+    gradients can be checked too."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=False, **kwargs):
+        return SimpleNamespace(logits=self.logits)

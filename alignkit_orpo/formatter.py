@@ -8,54 +8,14 @@ from typing import Any
 import torch
 
 from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
+from alignkit.text import check_messages, column, extract_prompt, is_conversation, render_split, same_format
+from alignkit.tokens import Encoder, split_merged, truncate_pair, with_bos, with_eos
 from alignkit_orpo.config import PreferenceDataConfig
 
-ROLES = ("system", "user", "assistant", "tool")
+__all__ = ["PreferenceFormatter", "extract_prompt", "split_answer"]
 
-
-def is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
-
-
-def _check_messages(column: str, messages: list[dict]) -> None:
-    for i, m in enumerate(messages):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"'{column}' message {i} needs string 'role' and 'content', got {sorted(m)}")
-        if m["role"] not in ROLES:
-            raise DataError(f"'{column}' message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
-
-
-def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
-    """Split an implicit prompt off: the longest common prefix (characters or messages).
-
-    A space just before the split point goes to the completions; when one is a prefix of the other,
-    the last common element goes to both completions (TRL's behaviour).
-    """
-    n = min(len(chosen), len(rejected))
-    if n == 0:
-        raise DataError("'chosen' and 'rejected' must be non-empty to extract an implicit prompt")
-    idx = n - 1
-    for i in range(n):
-        if chosen[i] != rejected[i]:
-            idx = i - 1 if i > 0 and chosen[i - 1] == " " else i
-            break
-    return chosen[:idx], chosen[idx:], rejected[idx:]
-
-
-def split_answer(alone: list[int], full: list[int]) -> tuple[list[int], list[int]]:
-    """Split the ids of prompt + answer where the prompt's own ids end; a last prompt token that merged
-    with the answer's first characters goes to the answer."""
-    start = len(alone) - (alone != full[: len(alone)])
-    return full[:start], full[start:]
-
-
-def common_prefix(*texts: str) -> str:
-    n = 0
-    for chars in zip(*texts):
-        if len(set(chars)) > 1:
-            break
-        n += 1
-    return texts[0][:n]
+#: the merge rule (kept under its old name for callers of this module)
+split_answer = split_merged
 
 
 class PreferenceFormatter(DataFormatter):
@@ -74,6 +34,8 @@ class PreferenceFormatter(DataFormatter):
         if self.pad_id is None:
             raise DataError("the tokenizer has no pad token; set method.padding_value")
         self.is_encoder_decoder = bool(config.is_encoder_decoder)
+        # a huge text is never encoded whole: only the ids that truncation can keep
+        self._encoder = Encoder(tokenizer, keep=config.max_length + 2)
 
     def prepare_model(self, model) -> None:
         model_config = getattr(model, "config", None)
@@ -88,62 +50,38 @@ class PreferenceFormatter(DataFormatter):
 
     def texts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         """The prompt, chosen and rejected strings, with the chat template applied where needed."""
-        for column in ("chosen", "rejected"):
-            if column not in example:
-                raise DataError(f"missing column '{column}'; ORPO needs 'chosen' and 'rejected' (and optionally 'prompt')")
-            value = example[column]
-            if value is None or not (isinstance(value, str) or is_conversation(value)):
-                raise DataError(f"'{column}' must be a string or a list of {{role, content}} messages, "
-                                f"got {type(value).__name__}")
-            if value == "":
-                raise DataError(f"'{column}' is an empty string")
-        chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
-        if isinstance(chosen, str) != isinstance(rejected, str):
-            raise DataError("'chosen' and 'rejected' must both be strings or both be conversations")
+        needs = "ORPO needs 'chosen' and 'rejected' (and optionally 'prompt')"
+        chosen, rejected = column(example, "chosen", needs), column(example, "rejected", needs)
+        same_format(("chosen", chosen), ("rejected", rejected))
+        prompt = example.get("prompt")
         if prompt is None or is_conversation(prompt) != is_conversation(chosen):
             prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if isinstance(chosen, str):
             if not isinstance(prompt, str):
                 raise DataError(f"'prompt' must be a string, got {type(prompt).__name__}")
             return prompt, chosen, rejected
-        return self._render(prompt, chosen, rejected)
-
-    def _render(self, prompt: list, chosen: list, rejected: list) -> tuple[str, str, str]:
-        for column, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            _check_messages(column, messages)
         if not prompt:
             raise DataError("conversational rows need at least one prompt message")
-        if self.tokenizer.chat_template is None:
-            raise DataError("the data is conversational but the tokenizer has no chat template; "
-                            "set model.tokenizer_name_or_path to one that has")
-        last = prompt[-1]["role"]
-        if last not in ("user", "assistant"):
-            raise DataError(f"the prompt's last message must be from 'user' or 'assistant', not {last!r}")
-        render = self.tokenizer.apply_chat_template
-        prompt_text = render(prompt, tokenize=False, add_generation_prompt=last == "user",
-                             continue_final_message=last == "assistant")
-        full_chosen = render(prompt + chosen, tokenize=False)
-        full_rejected = render(prompt + rejected, tokenize=False)
-        # Templates may render a prompt alone differently from inside the conversation: keep the shared part.
-        prompt_text = common_prefix(prompt_text, full_chosen, full_rejected)
-        return prompt_text, full_chosen[len(prompt_text):], full_rejected[len(prompt_text):]
+        check_messages("prompt", prompt)
+        prompt_text, (chosen_text, rejected_text) = render_split(self.tokenizer, prompt, chosen, rejected)
+        return prompt_text, chosen_text, rejected_text
 
     # ---- ids ---------------------------------------------------------------------------------------
 
     def tokenize_answer(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids) of prompt + answer; a prompt token merged with the answer goes to it."""
-        full = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-        alone = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return split_answer(alone, full)
+        return self._encoder.pairs([(prompt, answer)])[0]
 
     def format(self, example: dict[str, Any]) -> Formatted:
-        prompt, chosen, rejected = self.texts(example)
         if self.is_encoder_decoder:
-            return self._format_seq2seq(prompt, chosen, rejected)
-        return self._assemble(*self.tokenize_answer(prompt, chosen), *self.tokenize_answer(prompt, rejected))
+            return self._format_seq2seq(*self.texts(example))
+        result = self.format_batch([example])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def format_batch(self, examples: list[dict[str, Any]]) -> list[Formatted | Exception]:
-        """`format` for many rows with one tokenizer call for all their prompts and prompt + answer texts."""
+        """Every row's texts, then one tokenizer call for all their prompts and prompt + answer texts."""
         if self.is_encoder_decoder:
             return super().format_batch(examples)
         results: list[Formatted | Exception | tuple] = []
@@ -153,35 +91,17 @@ class PreferenceFormatter(DataFormatter):
             except DataError as e:
                 results.append(e)
         texts = [t for t in results if isinstance(t, tuple)]
-        ids = iter(self._encode([s for p, c, r in texts for s in (p, p + c, p + r)]))
+        ids = iter(self._encoder.pairs([(p, a) for p, c, r in texts for a in (c, r)]))
         out: list[Formatted | Exception] = []
         for item in results:
             if not isinstance(item, tuple):
                 out.append(item)
                 continue
-            alone, full_c, full_r = next(ids), next(ids), next(ids)
             try:
-                out.append(self._assemble(*split_answer(alone, full_c), *split_answer(alone, full_r)))
+                out.append(self._assemble(*next(ids), *next(ids)))
             except (DataError, DropExample) as e:
                 out.append(e)
         return out
-
-    _backend_matches: bool | None = None
-
-    def _encode(self, strings: list[str]) -> list[list[int]]:
-        """Token ids of many strings in one call: the fast tokenizer's Rust batch encoder (parallel, no offsets)
-        once it has been seen to give the tokenizer's own ids, else the tokenizer."""
-        if not strings:
-            return []
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if self._backend_matches is None:
-            sample = strings[:8]
-            self._backend_matches = backend is not None and hasattr(backend, "encode_batch_fast") and \
-                [e.ids for e in backend.encode_batch_fast(sample, add_special_tokens=False)] == \
-                self.tokenizer(sample, add_special_tokens=False)["input_ids"]
-        if self._backend_matches:
-            return [e.ids for e in backend.encode_batch_fast(strings, add_special_tokens=False)]
-        return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
 
     def output_features(self):
         import datasets
@@ -197,25 +117,9 @@ class PreferenceFormatter(DataFormatter):
         if abs(len(prompt_c) - len(prompt_r)) > 1 or sum(a != b for a, b in zip(prompt_c, prompt_r)) > 1:
             raise DataError("chosen and rejected tokenize the prompt differently by more than one token")
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if bos is not None:
-            prompt_c, prompt_r = ([bos] + p if not p or p[0] != bos else p for p in (prompt_c, prompt_r))
-        if eos is not None:
-            answer_c, answer_r = (a + [eos] if not a or a[-1] != eos else a for a in (answer_c, answer_r))
-
-        longer = max(len(answer_c), len(answer_r))
-        truncated = False
-        prompts = []
-        for p in (prompt_c, prompt_r):
-            if len(p) + longer > c.max_length:
-                p = p[: c.max_prompt_length] if c.truncation_mode == "keep_start" else p[-c.max_prompt_length:]
-                truncated = True
-            prompts.append(p)
-        answers = []
-        for p, a in zip(prompts, (answer_c, answer_r)):
-            if len(p) + longer > c.max_length:
-                a = a[: c.max_length - c.max_prompt_length]
-                truncated = True
-            answers.append(a)
+        prompts, answers, truncated = truncate_pair(
+            [with_bos(prompt_c, bos), with_bos(prompt_r, bos)], [with_eos(answer_c, eos), with_eos(answer_r, eos)],
+            c.max_length, c.max_prompt_length, c.truncation_mode)
 
         features = {"prompt_input_ids": prompts[0]}
         for side, p, a in zip(("chosen", "rejected"), prompts, answers):

@@ -1,9 +1,10 @@
 """Helpers shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path)."""
 
 import json
-from types import SimpleNamespace
 
 import torch
+
+from alignkit.testing import FixedLogits  # noqa: F401 (the tests' stand-in model, public for plugin authors)
 
 
 def fast(tmp_path, **train) -> dict:
@@ -32,17 +33,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class FixedLogits(torch.nn.Module):
-    """Stands in for a causal LM: returns the given logits whatever the input."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits)
-
-    def forward(self, input_ids, attention_mask, use_cache=False, **kwargs):
-        return SimpleNamespace(logits=self.logits)
 
 
 def two_pairs() -> dict:

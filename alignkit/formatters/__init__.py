@@ -1,0 +1,41 @@
+"""The core's formatters for every dataset type users bring (TRL's conventions), registered by the core's own
+built-in plugin (this module) under neutral names any method may use:
+
+| name | rows | features |
+|---|---|---|
+| `language-modeling` | `text` or `messages` | `input_ids`, `labels` (+ `position_ids` when packed) |
+| `prompt-completion` | `prompt`, `completion` | `input_ids`, `labels` (+ `position_ids` when packed) |
+| `unpaired-preference` | `prompt`, `completion`, `label`; or paired `chosen`/`rejected` | `prompt_input_ids`, `completion_input_ids`, `completion_labels`, `label`, `KL_completion_*` |
+| `prompt-only` | `prompt` and any other columns | `prompt_input_ids` and the row's columns |
+"""
+
+from alignkit.formatters.config import PromptOnlyDataConfig, SequenceDataConfig, TokenDataConfig, UnpairedDataConfig
+from alignkit.formatters.prompt_only import PromptOnlyFormatter
+from alignkit.formatters.sequence import (
+    LanguageModelingFormatter,
+    PromptCompletionFormatter,
+    SequenceFormatter,
+    prompt_completion_ids,
+)
+from alignkit.formatters.unpaired import UnpairedPreferenceFormatter
+from alignkit.hookspecs import hookimpl
+
+FORMATTERS = {
+    "language-modeling": LanguageModelingFormatter,
+    "prompt-completion": PromptCompletionFormatter,
+    "unpaired-preference": UnpairedPreferenceFormatter,
+    "prompt-only": PromptOnlyFormatter,
+}
+
+
+@hookimpl
+def register_formatters(register):
+    for name, formatter in FORMATTERS.items():
+        register(name, formatter)
+
+
+__all__ = [
+    "FORMATTERS", "LanguageModelingFormatter", "PromptCompletionFormatter", "PromptOnlyDataConfig",
+    "PromptOnlyFormatter", "SequenceDataConfig", "SequenceFormatter", "TokenDataConfig", "UnpairedDataConfig",
+    "UnpairedPreferenceFormatter", "prompt_completion_ids",
+]

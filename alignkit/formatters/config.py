@@ -1,0 +1,55 @@
+"""The config fields each core formatter reads (its `config_class`): a method that uses the formatter by name gets
+them added to its own config. Names and defaults follow TRL 1.x's configs."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.method import MethodConfig
+
+
+class TokenDataConfig(MethodConfig):
+    """Fields every core formatter reads."""
+
+    max_length: int | None = Field(1024, gt=0, description="Maximum tokens per example; null: no truncation.")
+    truncation_mode: Literal["keep_start", "keep_end"] = Field(
+        "keep_start", description="Which end of an over-long example to keep.")
+    label_pad_token_id: int = Field(-100, description="Label value that takes no loss.")
+    padding_value: int | None = Field(None, description="Pad id for input ids; null means the tokenizer's pad_token_id.")
+    dataset_num_proc: int | None = Field(None, gt=0, description="Processes for dataset preprocessing.")
+
+
+class SequenceDataConfig(TokenDataConfig):
+    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x SFT)."""
+
+    dataset_text_field: str = Field("text", description="Column holding the text of standard language-modeling rows.")
+    completion_only_loss: bool | None = Field(
+        None, description="Train on the completion only; null: on for prompt-completion rows (as TRL 1.x).")
+    assistant_only_loss: bool = Field(
+        False, description="Train on the assistant turns of conversations only (marked by the chat template's "
+        "{% generation %} blocks, or found by rendering each turn when the template has none).")
+    packing: bool = Field(
+        False, description="Pack several examples into each row of up to max_length tokens (best fit decreasing); "
+        "position_ids restart per example and batches carry no attention_mask, so attention stays inside each example.")
+
+    @model_validator(mode="after")
+    def _packing_needs_length(self) -> "SequenceDataConfig":
+        if self.packing and self.max_length is None:
+            raise ValueError("method.packing needs method.max_length (the length of a packed row); set one, e.g. 1024")
+        return self
+
+
+class UnpairedDataConfig(TokenDataConfig):
+    """How unpaired preference rows (prompt, completion, label) are tokenized, with the KL mismatch pairs."""
+
+    kl_group_size: int | None = Field(
+        None, gt=0, description="The KL completions rotate by one within consecutive groups of this many examples "
+        "(TRL: per_device_train_batch_size); null: within each preprocessing batch.")
+
+
+class PromptOnlyDataConfig(TokenDataConfig):
+    """How prompt-only rows are tokenized; every other column is kept for reward functions."""
+
+    max_length: int | None = Field(None, gt=0, description="Maximum prompt tokens; null: no truncation.")
+    truncation_mode: Literal["keep_start", "keep_end"] = Field(
+        "keep_end", description="Which end of an over-long prompt to keep.")

@@ -1,0 +1,140 @@
+"""Unpaired preference rows (`prompt`, `completion`, `label`) -> completion sequences with the KL mismatch pairs,
+as TRL 1.x's KTOTrainer prepares them. Paired rows (`prompt`/`chosen`/`rejected`, explicit or implicit prompt)
+are unpaired first: chosen -> label True, rejected -> False.
+
+Features: `prompt_input_ids`, `completion_input_ids` (prompt + completion ids), `completion_labels` (the prompt
+masked), `label` (bool), and `KL_completion_input_ids`/`KL_completion_labels`: the same prompt followed by another
+example's completion. The KL pairing is fixed here, at preprocessing, so a precomputed reference sees exactly the
+pairs training sees: within consecutive groups of `kl_group_size` examples (default: each preprocessing batch),
+example i gets the completion of example i - 1 and the first gets the last's (TRL's rotation).
+"""
+
+from typing import Any
+
+import torch
+
+from alignkit.data import DataFormatter, DropExample, Formatted, pad_right
+from alignkit.errors import DataError
+from alignkit.formatters.config import UnpairedDataConfig
+from alignkit.formatters.sequence import pad_id, prompt_completion_ids
+from alignkit.text import column, extract_prompt, same_format
+from alignkit.tokens import Encoder, masked_labels, truncate
+
+PAIRED = "expected 'prompt', 'completion' and 'label' (or paired 'chosen' and 'rejected', optionally with 'prompt')"
+
+
+class UnpairedPreferenceFormatter(DataFormatter):
+    """`prompt` + `completion` + `label` rows, or paired rows unpaired as TRL's unpair_preference_dataset does."""
+
+    config_class = UnpairedDataConfig
+
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        super().__init__(config, tokenizer)
+        self.num_proc = config.dataset_num_proc
+        self.pad_id = pad_id(config, tokenizer)
+        keep = None if config.max_length is None else config.max_length + 2
+        self._standard = Encoder(tokenizer, keep, add_special_tokens=True)
+        self._rendered = Encoder(tokenizer, keep)
+
+    def unpaired(self, example: dict[str, Any]) -> list[tuple[Any, Any, bool]]:
+        """The (prompt, completion, label) rows of one raw row: one, or two for a paired row."""
+        if "chosen" in example or "rejected" in example:
+            chosen, rejected = column(example, "chosen", PAIRED), column(example, "rejected", PAIRED)
+            same_format(("chosen", chosen), ("rejected", rejected))
+            prompt = example.get("prompt")
+            if prompt is None or isinstance(prompt, str) != isinstance(chosen, str):
+                prompt, chosen, rejected = extract_prompt(chosen, rejected)
+            return [(prompt, chosen, True), (prompt, rejected, False)]
+        prompt, completion = column(example, "prompt", PAIRED), column(example, "completion", PAIRED)
+        label = example.get("label")
+        if not isinstance(label, bool):
+            raise DataError(f"'label' must be true or false, got {label!r}" if "label" in example else
+                            f"missing column 'label'; {PAIRED}")
+        return [(prompt, completion, label)]
+
+    def tokens(self, prompt, completion) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids): strings with the EOS text and the tokenizer's special tokens, conversations
+        rendered; the completion starts where the ids diverge."""
+        if isinstance(prompt, str) != isinstance(completion, str):
+            raise DataError("'prompt' and 'completion' must both be strings or both be conversations")
+        if not isinstance(prompt, str) and not prompt:
+            raise DataError("conversational rows need at least one prompt message")
+        encoder = self._standard if isinstance(prompt, str) else self._rendered
+        return prompt_completion_ids(self.tokenizer, encoder, prompt, completion)
+
+    def _sequence(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int], bool]:
+        c = self.config
+        ids, cut = truncate(prompt_ids + completion_ids, c.max_length, c.truncation_mode)
+        labels, _ = truncate(masked_labels(len(prompt_ids), prompt_ids + completion_ids, c.label_pad_token_id),
+                             c.max_length, c.truncation_mode)
+        return ids, labels, cut
+
+    def _example(self, prompt_ids: list[int], completion_ids: list[int], label: bool) -> Formatted:
+        c = self.config
+        ids, labels, cut = self._sequence(prompt_ids, completion_ids)
+        if all(x == c.label_pad_token_id for x in labels[1:]):
+            raise DropExample("no completion token left to score")
+        prompt, _ = truncate(prompt_ids, c.max_length, c.truncation_mode)
+        return Formatted({"prompt_input_ids": prompt, "completion_input_ids": ids, "completion_labels": labels,
+                          "label": label, "_completion": completion_ids, "_prompt": prompt_ids}, cut)
+
+    def format(self, example: dict[str, Any]) -> list[Formatted]:
+        """The row's examples with the KL pairs of this row alone (use format_batch for a dataset)."""
+        return self.format_batch([example])[0]
+
+    def format_batch(self, examples: list[dict[str, Any]]) -> list:
+        """Every row unpaired and tokenized, in TRL's order (a batch of paired rows gives all chosen examples, then
+        all rejected ones), then the KL completions rotated within groups."""
+        per_row: list = []
+        for example in examples:
+            try:
+                made = []
+                for prompt, completion, label in self.unpaired(example):
+                    try:
+                        made.append(self._example(*self.tokens(prompt, completion), label))
+                    except DropExample:
+                        pass
+                per_row.append(made if made else DropExample("no completion token left to score"))
+            except (DataError, DropExample) as e:
+                per_row.append(e)
+        ok = [i for i, r in enumerate(per_row) if isinstance(r, list)]
+        firsts, rest = [per_row[i][0] for i in ok], [e for i in ok for e in per_row[i][1:]]
+        self._add_kl(firsts + rest)  # TRL's order: every row's first (chosen or only) example, then the rejected
+        out = [[r[0]] if isinstance(r, list) else r for r in per_row]
+        if ok:
+            out[ok[-1]] += rest
+        return out
+
+    def _add_kl(self, examples: list[Formatted]) -> None:
+        size = self.config.kl_group_size or len(examples) or 1
+        for start in range(0, len(examples), size):
+            group = examples[start:start + size]
+            for j, example in enumerate(group):
+                other = group[j - 1].features["_completion"]
+                ids, labels, _ = self._sequence(example.features["_prompt"], other)
+                example.features["KL_completion_input_ids"], example.features["KL_completion_labels"] = ids, labels
+        for example in examples:
+            del example.features["_completion"], example.features["_prompt"]
+
+    def output_features(self):
+        import datasets
+
+        ids = datasets.Sequence(datasets.Value("int64"))
+        return datasets.Features({"prompt_input_ids": ids, "completion_input_ids": ids, "completion_labels": ids,
+                                  "label": datasets.Value("bool"), "KL_completion_input_ids": ids,
+                                  "KL_completion_labels": ids})
+
+    def token_fields(self) -> list[tuple[str, str | None]]:
+        return [("completion_input_ids", "completion_labels"), ("KL_completion_input_ids", "KL_completion_labels")]
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-padded `input_ids`, `attention_mask`, `labels` of the completions, the same with a `KL_` prefix for
+        the mismatched pairs, and `label` (bool tensor)."""
+        batch = {"label": torch.tensor([bool(f["label"]) for f in features])}
+        for prefix in ("", "KL_"):
+            rows = [f[f"{prefix}completion_input_ids"] for f in features]
+            batch[f"{prefix}input_ids"] = pad_right(rows, self.pad_id)
+            batch[f"{prefix}attention_mask"] = pad_right([[1] * len(r) for r in rows], 0)
+            batch[f"{prefix}labels"] = pad_right([f[f"{prefix}completion_labels"] for f in features],
+                                                 self.config.label_pad_token_id)
+        return batch

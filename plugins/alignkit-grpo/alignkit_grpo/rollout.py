@@ -1,0 +1,83 @@
+"""The rollout stage: sample a group of completions per prompt, score them, and turn rewards into advantages.
+
+The engine calls it without gradient on each micro-batch of prompt rows (from the prompt-only formatter:
+`prompt_input_ids` right-padded with `prompt_attention_mask`, `prompt` and the row's other columns as lists)
+and hands the batch it returns to the reference and the loss:
+
+  prompt_ids / prompt_mask          [N, P] left-padded, N = rows x num_generations (each prompt repeated)
+  completion_ids / completion_mask  [N, C] right-padded (mask zero on truncated rows with
+                                    mask_truncated_completions)
+  advantages [N]; old_logps [N, C] (num_iterations > 1: the policy's log-probs at sampling time)
+  rewards [N], rewards_per_func [N, F], reward_names, reward_std [N], zero_std [N],
+  completion_length [N], is_truncated [N]   (for the metrics)
+"""
+
+import torch
+
+from alignkit.generation import mix_seed
+from alignkit.rewards import RewardRegistry, score
+from alignkit_grpo.advantages import advantages, combine, std_from_sums
+from alignkit_grpo.config import GRPOConfig
+from alignkit_grpo.logps import completion_logps
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(map(len, rows)))
+    ids = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r))) for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+class GRPORollout:
+    """Built once per run as `GRPORollout(config, tokenizer, rewards=registry)`."""
+
+    def __init__(self, config: GRPOConfig, tokenizer, rewards: RewardRegistry | None = None) -> None:
+        self.config, self.tokenizer = config, tokenizer
+        self.rewards = (rewards or RewardRegistry()).select(config.reward_funcs)
+        self.weights = config.reward_weights or [1.0] * len(self.rewards)
+
+    @property
+    def iterations(self) -> int:
+        """Optimisation passes over each rollout (GRPO's num_iterations)."""
+        return self.config.num_iterations
+
+    def __call__(self, batch: dict, ctx) -> dict:
+        cfg, tok, G = self.config, self.tokenizer, self.config.num_generations
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        phase = ("train", ctx.step) if ctx.training else ("eval",)  # eval samples the same way at every evaluation
+        groups = ctx.generator.generate(prompts, n=G, max_new_tokens=cfg.max_completion_length,
+                                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed(*phase))
+        completions = [c for group in groups for c in group]
+        stop = {tok.eos_token_id, tok.pad_token_id}
+        truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
+        prompt_ids, prompt_mask = _pad(prompts, tok.pad_token_id, left=True)
+        completion_ids, completion_mask = _pad(completions, tok.pad_token_id, left=False)
+        out = {"prompt_ids": prompt_ids.repeat_interleave(G, 0), "prompt_mask": prompt_mask.repeat_interleave(G, 0),
+               "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1), "is_truncated": truncated}
+        if cfg.mask_truncated_completions:
+            completion_mask = completion_mask * (~truncated)[:, None].long()
+        out["completion_mask"] = completion_mask
+        out.update(self._score(batch, completions, ctx))
+        out = {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        if self.iterations > 1:
+            out["old_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature, cfg.logits_chunk_size)[0]
+        return out
+
+    def _score(self, batch: dict, completions: list[list[int]], ctx) -> dict:
+        """Rewards, the step's reward std (over every process) and the advantages."""
+        cfg, G = self.config, self.config.num_generations
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
+        columns = {k: [v for v in values for _ in range(G)] for k, values in batch.items() if k not in skip}
+        prompts = [p for p in batch["prompt"] for _ in range(G)]
+        per_func = score(self.rewards, prompts, texts, columns)
+        rewards = combine(per_func, self.weights)
+        scored = ~torch.isnan(rewards)
+        r = rewards.nan_to_num(0.0).double()
+        totals = ctx.reduce(torch.stack([r.sum(), (r * r).sum(), scored.sum().double()]).to(ctx.device), "sum")
+        batch_std = std_from_sums(*totals.tolist())
+        adv, std = advantages(rewards, G, cfg.scale_rewards, batch_std)
+        return {"advantages": adv.float(), "rewards": rewards, "rewards_per_func": per_func,
+                "reward_names": [name for name, _ in self.rewards], "reward_std": torch.full_like(rewards, batch_std),
+                "zero_std": torch.isclose(std, torch.zeros_like(std))}

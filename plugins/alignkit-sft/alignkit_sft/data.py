@@ -1,0 +1,29 @@
+"""SFT's demo data: sort a list of digits, as prompt-completion rows ("sort: 3 1 2 =" -> " 1 2 3").
+
+Built from the core's digit-list generator (the same lists as the preference demo), train and
+held-out test splits that never share a prompt.
+"""
+
+import datasets
+
+from alignkit.builtin.data import N_TEST, N_TRAIN, sort_pairs
+
+
+def _rows(split: str) -> list[dict[str, str]]:
+    pairs = sort_pairs(N_TRAIN, seed=0) if split == "train" else sort_pairs(N_TEST, seed=0, offset=N_TRAIN)
+    return [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+
+
+def sort_sft(split: str) -> datasets.Dataset:
+    """`builtin:sort-sft`: standard prompt-completion rows."""
+    return datasets.Dataset.from_list(_rows(split))
+
+
+def sort_sft_chat(split: str) -> datasets.Dataset:
+    """`builtin:sort-sft-chat`: the same rows as conversations (a user turn, an assistant turn)."""
+    return datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"].removesuffix(" =")}],
+         "completion": [{"role": "assistant", "content": r["completion"].strip()}]} for r in _rows(split)])
+
+
+DATASETS = {"sort-sft": sort_sft, "sort-sft-chat": sort_sft_chat}

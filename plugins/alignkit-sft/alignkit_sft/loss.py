@@ -1,0 +1,104 @@
+"""The SFT objective: token-level negative log-likelihood of the labelled tokens, normalised by their
+count over the whole optimizer step (unit "tokens"), with exact per-token metrics.
+
+Accuracy and entropy read the whole next-token distribution, so they are computed where the log-prob
+is, chunk by chunk at the trained positions only: no [rows, T, vocab] logits on the chunked path.
+"""
+
+import logging
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from alignkit import ConfigError, Loss, LossOutput
+from alignkit.lmhead import LMHead, check_head
+from alignkit.loss import at_least_fp32
+
+log = logging.getLogger(__name__)
+
+
+def token_stats(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position: log p(target) (differentiable), the entropy of the distribution and whether the target is
+    its argmax (both without gradient). At least float32."""
+    logits_NV = at_least_fp32(logits_NV)
+    log_z_N = torch.logsumexp(logits_NV, -1)
+    logps_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - log_z_N
+    with torch.no_grad():
+        probs_NV = torch.softmax(logits_NV, -1)
+        entropy_N = log_z_N - (probs_NV * logits_NV).sum(-1)
+        correct_N = logits_NV.argmax(-1) == targets_N
+    return logps_N, entropy_N, correct_N
+
+
+def _head_stats(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor):
+    return token_stats(head.logits(hidden_NH), targets_N)
+
+
+def chunked_token_stats(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int):
+    """`token_stats` of the head's logits, `chunk_size` positions at a time; each chunk is checkpointed, so its
+    logits exist only while it is computed (again in the backward)."""
+    parts = []
+    for h, t in zip(hidden_NH.split(chunk_size), targets_N.split(chunk_size)):
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_head_stats, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_head_stats(head, h, t))
+    if not parts:
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        return empty, empty, torch.zeros(0, dtype=torch.bool, device=hidden_NH.device)
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def trained_positions(batch: dict[str, torch.Tensor], ignore: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets [B, T-1] and the mask of the positions that train. In a packed row (position_ids
+    present) the first token of each example is never predicted from the example before it."""
+    targets_BT = batch["labels"][:, 1:]
+    mask_BT = targets_BT != ignore
+    if "position_ids" in batch:
+        mask_BT &= batch["position_ids"][:, 1:] != 0
+    return targets_BT, mask_BT
+
+
+class SFTLoss(Loss):
+    """Summed NLL over the labelled tokens; mean_token_accuracy and entropy as exact (sum, count) pairs."""
+
+    #: the split-off LM head of the chunked path; None runs the plain path
+    head: LMHead | None = None
+    _head_checked: bool = False
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        if self.config.loss_implementation == "chunked":
+            self.head, why = LMHead.of(model)
+            if self.head is None:
+                log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"tokens": int(trained_positions(batch, self.config.label_pad_token_id)[1].sum())}
+
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Packed rows go in with their position ids and no attention mask: transformers then keeps attention
+        within each example (it starts a new one wherever the position ids restart)."""
+        if "position_ids" in batch:
+            return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def token_stats(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        """log p, entropy and correctness [N] at the N trained positions of the batch."""
+        targets_BT, mask_BT = trained_positions(batch, self.config.label_pad_token_id)
+        if self.head is None:
+            logits_BTV = model(**self._model_inputs(batch), use_cache=False).logits[:, :-1]
+            return token_stats(logits_BTV[mask_BT], targets_BT[mask_BT])
+        outputs = model(**self._model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        if not self._head_checked:
+            if not check_head(self.head, outputs):
+                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
+                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+            self._head_checked = True
+        hidden_BTH = outputs.hidden_states[-1][:, :-1]
+        return chunked_token_stats(self.head, hidden_BTH[mask_BT], targets_BT[mask_BT], self.config.logits_chunk_size)
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        logps_N, entropy_N, correct_N = self.token_stats(model, batch)
+        n = torch.tensor(float(logps_N.numel()), device=logps_N.device)
+        metrics = {"mean_token_accuracy": (correct_N.sum().to(n.dtype), n), "entropy": (entropy_N.sum(), n)}
+        return LossOutput(terms={"tokens": -logps_N.sum()}, metrics=metrics)
