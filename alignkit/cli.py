@@ -35,6 +35,7 @@ def _setup_logging(verbosity: int) -> None:
     transformers.logging.set_verbosity_error() if verbosity < 1 else transformers.logging.set_verbosity_info()
     if verbosity < 0:
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -249,13 +250,15 @@ def _dotlist(overrides: tuple[str, ...]) -> dict:
 
 def _parse_value(value: str):
     """YAML-typed value as omegaconf's dotlist reads it ('1e-6' -> float, 'null' -> None, '[a,b]' -> list)."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
-    except OmegaConfBaseException as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        problem = getattr(e, "problem", None)
+        first = problem or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise AlignkitError(f"value {value!r} cannot be parsed ({first}); quote it, or write a list as [a,b]") from None
 
 
