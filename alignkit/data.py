@@ -151,7 +151,7 @@ def _load_file(path: Path) -> datasets.Dataset:
     if path.suffix == ".jsonl":
         _check_jsonl(path)
     try:
-        with _quiet_hub():
+        with quiet_hub():
             return datasets.load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
         cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's own error
@@ -188,7 +188,7 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
     if "/" not in name or name.startswith((".", "/", "~")):
         raise DataError(f"{name}: no such file or directory (and not a hub dataset name 'owner/name')")
     try:
-        with _quiet_hub():
+        with quiet_hub():
             return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, missing, gated, bad split ...
         raise DataError(f"{name}: no such local file or folder, and it cannot be loaded from the Hugging Face "
@@ -196,7 +196,7 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
 
 
 @contextlib.contextmanager
-def _quiet_hub():
+def quiet_hub():
     """No retry or warning lines from the hub clients: a failure ends as one DataError line."""
     loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "urllib3", "httpx", "filelock")]
     levels = [lg.level for lg in loggers]

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from alignkit.config import ModelConfig
+from alignkit.data import quiet_hub
 from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def load_tokenizer(cfg: ModelConfig):
     if name == "builtin:tiny":
         return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        with quiet_hub():
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except Exception as e:
         raise ConfigError(_load_failure("tokenizer", name, e)) from None
     if tok.pad_token_id is None:
@@ -65,9 +67,11 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        return auto.from_pretrained(cfg.name_or_path, **kwargs)
+        with quiet_hub():
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                                revision=cfg.revision)
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
 

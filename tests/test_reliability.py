@@ -221,9 +221,12 @@ def test_prompts_tokenized_differently_by_more_than_one_token(tok):
 
         bos_token_id, eos_token_id, pad_token_id, chat_template = 1, 2, 0, None
 
-        def __call__(self, text, add_special_tokens=False):
+        def encode(self, text):
             ids = [ord(c) for c in text]
-            return {"input_ids": [7, 7, 7] + ids[3:] if text.endswith("B") else ids}
+            return [7, 7, 7] + ids[3:] if text.endswith("B") else ids
+
+        def __call__(self, text, add_special_tokens=False):  # one text or a batch of them, as tokenizers take
+            return {"input_ids": [self.encode(t) for t in text] if isinstance(text, list) else self.encode(text)}
 
     f = PreferenceFormatter(ORPOMethodConfig(), SplitsPromptByAnswer())
     with pytest.raises(DataError, match="chosen and rejected tokenize the prompt differently by more than one token"):
