@@ -1,8 +1,9 @@
 """The run config: `model`, `data` and `train` (the core's) plus `method` (validated by the plugin).
 
-Layers, lowest first: field defaults < the method's `defaults` < the built-in presets < the YAML file
-< `key=value` overrides. Built-in data brings its held-out split as eval set; built-in data with the
-built-in model also brings the demo's training settings. YAML is data only.
+Layers, lowest first: field defaults < the method's demo data (data.train=builtin:<demo_data>) < the
+method's `defaults` < the built-in presets < the YAML file < `key=value` overrides. Built-in data brings
+its held-out split as eval set; built-in data with the built-in model also brings the method's
+`demo_defaults` (the demo's training settings). YAML is data only.
 """
 
 import functools
@@ -29,20 +30,11 @@ from alignkit.errors import ConfigError, did_you_mean
 from alignkit.method import Method, MethodConfig
 
 BUILTIN_MODEL = "builtin:tiny"
-BUILTIN_DATA = "builtin:sort"
 SCHEDULERS = sorted(s.value for s in SchedulerType)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
 
 #: applied when data.train is built-in (and no eval_fraction is set): evaluate on its held-out split.
 BUILTIN_DATA_PRESET = {"data": {"eval": "${data.train}", "eval_split": "test"}}
-#: applied when model and data are both built-in: settings under which the tiny model learns in seconds.
-DEMO_PRESET = {
-    "train": {
-        "learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": 16,
-        "per_device_eval_batch_size": 50, "warmup_ratio": 0.05, "logging_steps": 10, "eval_steps": 50,
-        "save_steps": 100, "save_total_limit": 2, "eval_on_start": True,
-    },
-}
 
 
 class Section(BaseModel):
@@ -91,7 +83,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(BUILTIN_DATA, description="Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, a hub name, or builtin:sort / builtin:sort-chat.")
+    train: str | None = Field(None, description="Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, a hub name, or builtin:NAME (a plugin's built-in data); default: the method's demo data.")
     train_split: str = Field("train", description="Split of `train` to use (hub datasets, DatasetDict folders and built-ins).")
     eval: str | None = Field(None, description="Evaluation data, in the same forms as `train`; optional.")
     eval_split: str = Field("test", description="Split of `eval` to use.")
@@ -292,12 +284,13 @@ def _nested(dotted: Mapping[str, Any]) -> DictConfig:
     return cfg
 
 
-def _presets(cfg: DictConfig) -> list[dict]:
+def _presets(cfg: DictConfig, method: Method) -> list[DictConfig]:
     """The built-in presets that apply to the config as merged so far."""
     builtin_data = str(OmegaConf.select(cfg, "data.train")).startswith("builtin:")
     builtin_model = str(OmegaConf.select(cfg, "model.name_or_path")).startswith("builtin:")
-    presets = [BUILTIN_DATA_PRESET] if builtin_data and OmegaConf.select(cfg, "data.eval_fraction") is None else []
-    return presets + ([DEMO_PRESET] if builtin_data and builtin_model else [])
+    no_fraction = OmegaConf.select(cfg, "data.eval_fraction") is None
+    presets = [OmegaConf.create(BUILTIN_DATA_PRESET)] if builtin_data and no_fraction else []
+    return presets + ([_nested(method.demo_defaults)] if builtin_data and builtin_model else [])
 
 
 def resolve(method: Method, user: DictConfig) -> RunConfig:
@@ -305,9 +298,10 @@ def resolve(method: Method, user: DictConfig) -> RunConfig:
     cls = run_config_class(method.config)
     defaults = cls(method={"name": method.name}).model_dump()
     defaults["train"]["output_dir"] = f"outputs/{method.name}"
-    layers = [OmegaConf.create(defaults), _nested(method.defaults)]
+    demo = {"data.train": f"builtin:{method.demo_data}"} if method.demo_data else {}
+    layers = [OmegaConf.create(defaults), _nested(demo), _nested(method.defaults)]
     try:
-        layers += [OmegaConf.create(p) for p in _presets(OmegaConf.merge(*layers, user))]
+        layers += _presets(OmegaConf.merge(*layers, user), method)
         merged = OmegaConf.merge(*layers, user)
         plain = OmegaConf.to_container(merged, resolve=True)
         raw = OmegaConf.to_container(merged, resolve=False)
@@ -380,3 +374,12 @@ def to_yaml(config: RunConfig, comments: bool = True) -> str:
                 lines.append(f"  # {info.description}")
             lines.append(f"  {name}: {json.dumps(dumped[name])}")
     return "\n".join(lines) + "\n"
+
+
+def train_data(config: RunConfig) -> str:
+    """data.train, or a one-line ConfigError when neither the user nor the method's demo gives any."""
+    if config.data.train is None:
+        raise ConfigError(f"data.train: method {config.method.name!r} ships no demo data; give your training data "
+                          "with data.train=FILE (.jsonl/.json/.parquet/.csv, a save_to_disk folder or a hub name), "
+                          "on the command line or in the config file")
+    return config.data.train

@@ -1,119 +1,48 @@
-"""The DataFormatter interface, dataset loading from files, disk, the hub or built-ins, and padding."""
+"""Dataset loading (files, save_to_disk folders, the hub, plugins' built-in datasets), formatting with a
+method's DataFormatter, the epoch sampler, and padding. DataFormatter itself lives in alignkit.formatter."""
 
 import contextlib
 import json
 import logging
-from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 import torch
 from datasets.fingerprint import Hasher
 
 from alignkit.errors import DataError
+from alignkit.formatter import DataFormatter, DropExample, Formatted, infer_token_fields  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _STATUS = "__alignkit_truncated"
-
-
-class DropExample(Exception):
-    """Raised by a formatter for an example that cannot be trained on (counted, not an error)."""
-
-
-@dataclass
-class Formatted:
-    """One formatted example: model-ready features and whether truncation cut anything."""
-
-    features: dict[str, Any]
-    truncated: bool = False
+_ROW = "__alignkit_row"
+_MERGED = "__alignkit_merged"  # rows of the batch whose examples another row carries (packing): not dropped
 
 
 @dataclass
 class PrepareReport:
+    """kept: examples made (a formatter may make several of one row); truncated: examples cut;
+    dropped: raw rows that made no example (a row whose examples another row carries, as in packing, is not dropped)."""
+
     kept: int
     truncated: int
     dropped: int
 
 
-class DataFormatter(ABC):
-    """Turns raw rows into model-ready features and collates them into batches.
-
-    Built once per run as `formatter(method_config, tokenizer)`. `format` raises DataError for a
-    malformed row (the core adds the file and row number) and DropExample for one to skip.
-    """
-
-    def __init__(self, config: Any, tokenizer: Any) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
-
-    #: processes for preprocessing; a formatter may take it from its config.
-    num_proc: int | None = None
-    #: the config fields this formatter reads (a MethodConfig subclass); a method that reuses the
-    #: formatter by name gets them added to its own config.
-    config_class: type | None = None
-
-    def prepare_model(self, model) -> None:  # noqa: B027 (optional)
-        """Called once with the unwrapped model before any data is formatted: read what the format depends
-        on (e.g. whether the model is an encoder-decoder). Default: nothing."""
-
-    @abstractmethod
-    def format(self, example: dict[str, Any]) -> Formatted:
-        """Validate and tokenize one raw example."""
-
-    @abstractmethod
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad a list of formatted examples into a batch of tensors."""
-
-    def format_batch(self, examples: list[dict[str, Any]]) -> list["Formatted | Exception"]:
-        """`format` over many rows: one result per row, a Formatted or the DropExample/DataError it raised.
-        Override to tokenize a batch in one call; the results must equal `format`'s."""
-        results: list[Formatted | Exception] = []
-        for example in examples:
-            try:
-                results.append(self.format(example))
-            except (DropExample, DataError) as e:
-                results.append(e)
-        return results
-
-    def output_features(self) -> "datasets.Features | None":
-        """The types of `format`'s features, if known: prepare() then skips datasets' type inference."""
-        return None
-
-    def length(self, features: dict[str, Any]) -> int:
-        """The tokens an example costs in a batch (for train.group_by_length): by default its longest list."""
-        return max((len(v) for v in features.values() if isinstance(v, list)), default=0)
-
-    def fingerprint(self) -> str:
-        """What the formatted data depends on, hashed: the formatter's class and public state, its config, the
-        tokenizer. prepare() caches formatted datasets under it (with the raw data's fingerprint)."""
-        from datasets.fingerprint import Hasher
-
-        tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        tokenizer_id = (type(tok).__qualname__, backend.to_str() if backend is not None else Hasher.hash(tok),
-                        getattr(tok, "chat_template", None), str(getattr(tok, "special_tokens_map", None)))
-        state = {k: v for k, v in vars(self).items() if k not in ("tokenizer", "config") and not k.startswith("_")}
-        config = self.config.model_dump_json() if hasattr(self.config, "model_dump_json") else repr(self.config)
-        return Hasher.hash((type(self).__module__, type(self).__qualname__, repr(sorted(state.items())), config,
-                            tokenizer_id))
+BUILTIN_SPLITS = ("train", "test")
 
 
-def load_data(spec: str, split: str) -> datasets.Dataset:
-    """Load `spec`: `builtin:NAME`, a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub name."""
+def load_data(spec: str, split: str, builtins: Mapping[str, tuple[Callable, str]] | None = None) -> datasets.Dataset:
+    """Load `spec`: `builtin:NAME`, a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub name.
+
+    `builtins` maps the names of built-in datasets to (loader, plugin) as the `register_datasets` hook
+    registers them; by default those of the installed plugins."""
     if spec.startswith("builtin:"):
-        from alignkit.builtin import data as builtin
-
-        name = spec.removeprefix("builtin:")
-        if name not in builtin.NAMES or split not in builtin.SPLITS:
-            raise DataError(
-                f"unknown built-in dataset {spec!r} split {split!r}; choose from "
-                f"{', '.join('builtin:' + n for n in builtin.NAMES)} with split {' or '.join(builtin.SPLITS)}"
-            )
-        ds = builtin.load(name, split)
+        ds = _load_builtin(spec, split, builtins)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -126,6 +55,23 @@ def load_data(spec: str, split: str) -> datasets.Dataset:
             ds = _load_hub(spec, split)
     if len(ds) == 0:
         raise DataError(f"{spec}: the dataset is empty")
+    return ds
+
+
+def _load_builtin(spec: str, split: str, builtins: Mapping[str, tuple[Callable, str]] | None) -> datasets.Dataset:
+    if builtins is None:
+        from alignkit.plugins import get_plugin_manager, registered_datasets
+
+        builtins = registered_datasets(get_plugin_manager())
+    name = spec.removeprefix("builtin:")
+    if name not in builtins or split not in BUILTIN_SPLITS:
+        raise DataError(f"unknown built-in dataset {spec!r} split {split!r}; choose from "
+                        f"{', '.join('builtin:' + n for n in sorted(builtins)) or 'none (no plugin registers one)'} "
+                        f"with split {' or '.join(BUILTIN_SPLITS)}")
+    loader, source = builtins[name]
+    ds = loader(split)
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"{spec}: the loader registered by {source} returned {type(ds).__name__}, not a datasets.Dataset")
     return ds
 
 
@@ -219,15 +165,19 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
     def format_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
         out: dict[str, list] = {}
-        for index, result in zip(indices, formatter.format_batch(rows)):
+        results = formatter.format_batch(rows)
+        merged = sum(isinstance(r, list) and not r for r in results)
+        for index, result in zip(indices, results):
             if isinstance(result, DropExample):
                 continue
             if isinstance(result, DataError):
                 raise DataError(f"{source}, row {index}: {result}") from None
             if isinstance(result, Exception):
                 raise result
-            for k, v in {**result.features, _STATUS: result.truncated}.items():
-                out.setdefault(k, []).append(v)
+            for example in result if isinstance(result, list) else [result]:  # one row may make several
+                for k, v in {**example.features, _STATUS: example.truncated, _ROW: index, _MERGED: merged}.items():
+                    out.setdefault(k, []).append(v)
+                merged = 0
         return out
 
     from alignkit import __version__
@@ -236,7 +186,8 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
     features = formatter.output_features()
     if features is not None:
-        features = datasets.Features({**features, _STATUS: datasets.Value("bool")})
+        features = datasets.Features({**features, _STATUS: datasets.Value("bool"), _ROW: datasets.Value("int64"),
+                                      _MERGED: datasets.Value("int64")})
     formatted = ds.map(
         format_batch, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
         num_proc=formatter.num_proc if formatter.num_proc and formatter.num_proc > 1 else None,
@@ -244,16 +195,18 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
     )
     if len(formatted) == 0:
         raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter (check max_length)")
-    report = PrepareReport(kept=len(formatted), truncated=sum(formatted[_STATUS]), dropped=n - len(formatted))
-    return formatted.remove_columns(_STATUS), report
+    rows_kept = len(set(formatted[_ROW])) + sum(formatted[_MERGED])
+    report = PrepareReport(kept=len(formatted), truncated=sum(formatted[_STATUS]), dropped=n - rows_kept)
+    return formatted.remove_columns([_STATUS, _ROW, _MERGED]), report
 
 
 def load_splits(train: str, train_split: str, eval: str | None, eval_split: str, eval_fraction: float | None,
-                seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+                seed: int, builtins: Mapping[str, tuple[Callable, str]] | None = None
+                ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The raw train set and the eval set (given, held out from train, or none)."""
-    train_ds = load_data(train, train_split)
+    train_ds = load_data(train, train_split, builtins)
     if eval is not None:
-        return train_ds, load_data(eval, eval_split)
+        return train_ds, load_data(eval, eval_split, builtins)
     if eval_fraction is not None:
         split = train_ds.train_test_split(test_size=eval_fraction, seed=seed)
         return split["train"], split["test"]

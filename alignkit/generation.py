@@ -47,12 +47,19 @@ def full_parameters(model: torch.nn.Module):
     if FSDP is not None and isinstance(model, FSDP):
         with FSDP.summon_full_params(model, writeback=False, recurse=True):
             yield
-    elif hasattr(model, "unshard") and hasattr(model, "reshard"):  # FSDP2 (fully_shard)
-        model.unshard()
+    elif hasattr(model, "unshard") and hasattr(model, "set_reshard_after_forward"):  # FSDP2 (fully_shard)
+        # Gather every group once and keep it gathered through all of generate's forwards: the ranks
+        # sample different numbers of tokens, so no forward may run a collective.
+        groups = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+        for m in groups:
+            m.unshard()
+        model.set_reshard_after_forward(False)
         try:
             yield
         finally:
-            model.reshard()
+            model.set_reshard_after_forward(True)
+            for m in groups:
+                m.reshard()
     else:
         yield
 

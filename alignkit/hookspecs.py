@@ -1,4 +1,8 @@
-"""The hooks a plugin may implement. Every hook is documented in docs/hooks.md (a test checks)."""
+"""The hooks a plugin may implement. Every hook is documented in docs/hooks.md (a test checks).
+
+The lifecycle hooks (on_*) of a plugin that registers methods run only for runs of its own methods,
+unless the plugin sets `alignkit_all_runs = True`; a plugin that registers no method sees every run.
+"""
 
 import pluggy
 
@@ -20,6 +24,12 @@ def register_formatters(register):
 @hookspec
 def register_losses(register):
     """Register reusable losses by calling register(name, LossClass)."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register built-in datasets by calling register(name, loader); loader(split) returns a datasets.Dataset
+    for split "train" or "test". Used as data.train=builtin:NAME and as a method's demo_data."""
 
 
 @hookspec

@@ -1,7 +1,8 @@
 """`alignkit format`: the formatter's output as a person reads it, for any method."""
 
-from alignkit.config import RunConfig
+from alignkit.config import RunConfig, train_data
 from alignkit.data import load_data, prepare
+from alignkit.formatter import infer_token_fields
 from alignkit.method import Method
 from alignkit.modeling import load_tokenizer
 
@@ -22,19 +23,21 @@ def show_examples(config: RunConfig, method: Method, count: int, color: bool = F
     """The first `count` training examples: each formatted sequence, what takes loss, lengths, truncation."""
     tokenizer = load_tokenizer(config.model)
     formatter = method.formatter(config.method, tokenizer)
-    raw = load_data(config.data.train, config.data.train_split)
+    source = train_data(config)
+    raw = load_data(source, config.data.train_split)
     raw = raw.select(range(min(count, len(raw))))
-    formatted, report = prepare(raw, formatter, config.data.train)
-    lines = [f"{config.data.train}: {report.kept} shown, {report.truncated} truncated, {report.dropped} dropped "
+    formatted, report = prepare(raw, formatter, source)
+    fields = formatter.token_fields() or infer_token_fields(formatted.column_names)
+    lines = [f"{source}: {report.kept} shown, {report.truncated} truncated, {report.dropped} dropped "
              f"by the {method.name} formatter; {'green' if color else '[[bracketed]]'} tokens are labelled targets "
              "(label != -100)", ""]
     for index, features in enumerate(formatted):
         lines.append(f"--- example {index}")
-        for key in sorted(k for k in features if k.endswith("input_ids")):
-            side = key.removesuffix("_input_ids")
-            labels = features.get(f"{side}_labels")
+        for key, labels_key in fields:
+            labels = features.get(labels_key) if labels_key else None
             trained = sum(1 for x in (labels or []) if x != IGNORE)
-            lines.append(f"{side} ({len(features[key])} tokens, {trained} labelled):")
+            name = key.removesuffix("input_ids").removesuffix("_") or "input"
+            lines.append(f"{name} ({len(features[key])} tokens, {trained} labelled):")
             lines.append("  " + _render(tokenizer, features[key], labels, color).replace("\n", "\n  "))
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,9 @@ A loss runs the policy on a micro-batch and returns *summed* loss terms, each ke
 that normalises it ("tokens", "pairs", ...). The engine divides each sum by the count of that unit
 over the whole accumulation window and all processes (from `counts`), so the gradient does not
 depend on how a global batch is split into micro-batches or ranks.
+
+`__call__`, `reference` and `counts` may declare a keyword parameter `ctx`: the engine then passes an
+`alignkit.StepContext` (training or eval, step, micro-batch, processes, `ctx.reduce` across processes).
 """
 
 from abc import ABC, abstractmethod
@@ -13,13 +16,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+#: a logged metric: a 0-d tensor (the micro-batch's mean) or a pair (sum, count) of tensors or numbers
+Metric = torch.Tensor | tuple[Any, Any]
+
 
 @dataclass
 class LossOutput:
-    """`terms`: unit -> summed loss over the micro-batch. `metrics`: name -> micro-batch mean (logged)."""
+    """`terms`: unit -> summed loss over the micro-batch. `metrics`: name -> what is logged.
+
+    A metric is either a 0-d tensor, the micro-batch's mean (averaged over micro-batches, then processes,
+    as TRL does), or a pair `(sum, count)`: the engine adds sums and counts over micro-batches, processes,
+    logging windows and eval batches and logs sum / count, the exact mean whatever the batching. A pair
+    metric may be left out of a micro-batch that has nothing to count.
+    """
 
     terms: dict[str, torch.Tensor]
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
 
     def normalized(self, totals: dict[str, float]) -> torch.Tensor:
         """The loss: each term divided by its unit's total count."""
@@ -34,6 +46,12 @@ class Loss(ABC):
     needs_reference_model: bool = False
     #: with a reference model: compute `reference` once over the dataset before training
     precompute_reference: bool = False
+    #: eval_loss as the mean of per-batch normalised losses (TRL's way; depends on the eval batch size).
+    #: False: each term summed over the whole eval set / the total count of its unit (exact).
+    eval_loss_per_batch: bool = False
+    #: the loss calls `ctx.reduce` (a collective): evaluation then keeps every process in lock-step
+    #: (each runs the same number of eval batches; the last batches may repeat a few examples to even them out)
+    collective: bool = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -44,14 +62,16 @@ class Loss(ABC):
 
     @abstractmethod
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        """How many of each normalising unit this micro-batch holds, from the batch alone."""
+        """How many of each normalising unit this micro-batch holds, from the batch alone (may take `ctx`)."""
 
     @abstractmethod
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs) -> LossOutput:
-        """Run the model on the batch and return the summed terms and the metrics (`ref=` with a reference)."""
+        """Run the model on the batch and return the summed terms and the metrics (`ref=` with a reference;
+        `ctx=` when declared)."""
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the loss needs from the reference model, as per-example tensors [B] (called without grad)."""
+        """What the loss needs from the reference model, as per-example tensors [B] (called without grad;
+        may take `ctx`)."""
         raise NotImplementedError(f"{type(self).__name__} declares needs_reference_model but has no reference()")
 
 

@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pluggy
@@ -42,11 +43,14 @@ class Registry:
     broken: list[BrokenPlugin] = field(default_factory=list)
     formatters: dict[str, tuple[type, str]] = field(default_factory=dict)  # name -> (class, source)
     losses: dict[str, tuple[type, str]] = field(default_factory=dict)
+    datasets: dict[str, tuple[Callable, str]] = field(default_factory=dict)  # name -> (loader, source)
 
     def add_part(self, kind: str, name: str, cls: type, source: str) -> None:
         table = getattr(self, kind)
         if name in table:
             raise PluginError(f"{kind[:-1]} {name!r} is registered twice: by {table[name][1]} and by {source}")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {source} registered a {kind[:-1]} under the name {name!r}; names are non-empty strings")
         table[name] = (cls, source)
 
     def part(self, kind: str, name: str, wanted_by: str) -> type:
@@ -65,10 +69,10 @@ class Registry:
         config = method.config if needed is None else _with_fields(method.config, needed)
         return replace(method, formatter=formatter, loss=loss, config=config)
 
-    def add(self, method: Method, source: str = "", version: str = "") -> None:
+    def add(self, method: Method, source: str = "", version: str = "", plugin: str = "") -> None:
         if not isinstance(method, Method):
             raise PluginError(f"plugin {source} registered {type(method).__name__} {method!r}, not alignkit.Method")
-        method = replace(method, source=source, version=version)
+        method = replace(method, source=source, version=version, plugin=plugin)
         if method.name in self.methods:
             first = self.methods[method.name].source
             raise PluginError(
@@ -150,14 +154,48 @@ def get_plugin_manager(plugins: list | None = None, load_entrypoints: bool = Tru
     return pm
 
 
+def _register_parts(pm: PluginManager, registry: Registry, kind: str) -> None:
+    for impl in getattr(pm.hook, f"register_{kind}").get_hookimpls():
+        dist = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))[0]
+        impl.function(register=lambda name, part, k=kind, d=dist: registry.add_part(k, name, part, d))
+
+
 def build_registry(pm: PluginManager) -> Registry:
-    """Ask every plugin to register its methods; record which distribution each came from."""
+    """Ask every plugin to register its methods and parts; record which distribution and plugin each came from."""
     registry = Registry(broken=list(pm.broken))
-    for kind in ("formatters", "losses"):
-        for impl in getattr(pm.hook, f"register_{kind}").get_hookimpls():
-            dist = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))[0]
-            impl.function(register=lambda name, cls, k=kind, d=dist: registry.add_part(k, name, cls, d))
+    for kind in ("formatters", "losses", "datasets"):
+        _register_parts(pm, registry, kind)
     for impl in pm.hook.register_methods.get_hookimpls():
         dist, version = pm.sources.get(impl.plugin_name, (impl.plugin_name, ""))
-        impl.function(register=lambda m, d=dist, v=version: registry.add(m, d, v))
+        impl.function(register=lambda m, d=dist, v=version, p=impl.plugin_name: registry.add(m, d, v, p))
     return registry
+
+
+def registered_datasets(pm: PluginManager) -> dict[str, tuple[Callable, str]]:
+    """The built-in datasets the plugins register: name -> (loader, source)."""
+    registry = Registry()
+    _register_parts(pm, registry, "datasets")
+    return registry.datasets
+
+
+LIFECYCLE_HOOKS = ("on_train_start", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
+ALL_RUNS_ATTRIBUTE = "alignkit_all_runs"
+
+
+class RunHooks:
+    """The lifecycle hooks as one run calls them: `hooks.on_log(run=..., step=..., logs=...)`.
+
+    A plugin that registers methods has its lifecycle hooks called for runs of those methods only, unless
+    it sets `alignkit_all_runs = True`; a plugin that registers no method (a tracker, a logger, an object
+    registered for one run) sees every run. Plugins registered later (e.g. a run's observers) are included.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, method: Method) -> None:
+        owners: dict[str, str] = {}  # method name -> plugin name
+        for impl in pm.hook.register_methods.get_hookimpls():
+            impl.function(register=lambda m, p=impl.plugin_name: owners.setdefault(getattr(m, "name", ""), p))
+        own = method.plugin or owners.get(method.name, "")
+        method_plugins = {impl.plugin for impl in pm.hook.register_methods.get_hookimpls() if impl.plugin_name != own}
+        self.excluded = [p for p in method_plugins if not getattr(p, ALL_RUNS_ATTRIBUTE, False)]
+        for name in LIFECYCLE_HOOKS:
+            setattr(self, name, pm.subset_hook_caller(name, self.excluded) if self.excluded else getattr(pm.hook, name))

@@ -61,3 +61,24 @@ def check_ids(collate, ds, model, method_config) -> None:
         keys = [f"method.{k}" for k, v in method_config if isinstance(v, int) and not isinstance(v, bool) and v == bad]
         hint = f"{' or '.join(keys)} is {bad}" if keys else "the tokenizer does not match the model"
         raise ConfigError(f"{hint}: token id {bad} in {key} is outside the model's vocabulary (0..{vocab - 1})")
+
+
+def check_update(model, accelerator, step: int, loss: float, grad_norm: float) -> None:
+    """The weights after a step must be finite too (a finite loss and gradient can still give NaN/inf weights:
+    an infinite learning rate, an optimizer in too low a precision). One reduction, one device sync."""
+    import math
+
+    from alignkit.errors import NonFiniteError
+
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return
+    total = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for _, p in named]).sum()
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    if math.isfinite(total.item()):
+        return
+    bad = next((n for n, p in named if not torch.isfinite(p.detach()).all()), "a parameter on another process")
+    raise NonFiniteError(f"step {step}: the update made {bad} NaN/inf although the loss ({loss:.6g}) and gradient norm "
+                         f"({grad_norm:.6g}) were finite; nothing more is saved, the last checkpoint stays valid. Lower "
+                         "train.learning_rate, or train float32 weights")

@@ -4,6 +4,7 @@ import copy
 
 import torch
 
+from alignkit.context import call
 from alignkit.modeling import load_model
 
 PREFIX = "__ref_"
@@ -33,7 +34,7 @@ class Reference:
         """The loss asks for its reference outputs once, before training, instead of every step."""
         return self.loss.needs_reference_model and self.loss.precompute_reference
 
-    def __call__(self, policy, batch: dict) -> dict | None:
+    def __call__(self, policy, batch: dict, ctx=None) -> dict | None:
         """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
         if not self.loss.needs_reference_model:
             return None
@@ -41,17 +42,20 @@ class Reference:
             return batch.pop("__ref")
         with torch.no_grad():
             if self.model is not None:
-                return self.loss.reference(self.model, batch)
+                return call(self.loss.reference, self.model, batch, ctx=ctx)
             with self.accelerator.unwrap_model(policy).disable_adapter():
-                return self.loss.reference(policy, batch)
+                return call(self.loss.reference, policy, batch, ctx=ctx)
 
-    def precompute(self, ds, policy, collate, batch_size: int):
-        """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order)."""
+    def precompute(self, ds, policy, collate, batch_size: int, context=None):
+        """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order).
+        `context(index, count)` makes the StepContext of each batch (for a `reference` that takes `ctx`)."""
         columns: dict[str, list] = {}
-        for start in range(0, len(ds), batch_size):
+        starts = range(0, len(ds), batch_size)
+        for index, start in enumerate(starts):
             rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
             batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
-            for key, value in self(policy, batch).items():
+            ctx = context(index, len(starts)) if context is not None else None
+            for key, value in self(policy, batch, ctx).items():
                 columns.setdefault(PREFIX + key, []).extend(value.tolist())
         for key, values in columns.items():
             ds = ds.add_column(key, values)

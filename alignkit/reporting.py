@@ -15,8 +15,31 @@ from tqdm.auto import tqdm
 from alignkit.hookspecs import hookimpl
 
 
+def check_trackers(names: list[str]) -> None:
+    """accelerate silently drops a tracker that is not installed: refuse instead."""
+    from accelerate.tracking import get_available_trackers
+
+    from alignkit.errors import ConfigError
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"train.report_to: {name} is not installed here; pip install {name}, or remove it")
+
+
+def observers(run, accelerator) -> list:
+    """The engine's own observers of one run: metrics.jsonl, the progress bar, trackers, plots."""
+    t = run.config.train
+    found = [MetricsFile(run.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm, run.method.progress_metrics)]
+    found += [Trackers(accelerator)] if t.report_to else []
+    found += [Plots(run.output_dir)] if t.plots else []
+    return found
+
+
 class MetricsFile:
     """Appends one JSON object per log and per eval to output_dir/metrics.jsonl (main process)."""
+
+    alignkit_all_runs = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -46,10 +69,12 @@ class MetricsFile:
 
 
 class ProgressBar:
-    """Step, loss and ETA on the main process."""
+    """Step, loss, the method's progress_metrics and ETA on the main process."""
 
-    def __init__(self, disable: bool) -> None:
-        self.disable, self.bar = disable, None
+    alignkit_all_runs = True
+
+    def __init__(self, disable: bool, shown: tuple[str, ...] = ()) -> None:
+        self.disable, self.bar, self.shown = disable, None, ("loss", *shown)
 
     @hookimpl
     def on_train_start(self, run):
@@ -60,8 +85,7 @@ class ProgressBar:
     @hookimpl
     def on_step_end(self, run, step, metrics):
         self.bar.update(1)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies")},
-                             refresh=False)
+        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in self.shown if k in metrics}, refresh=False)
 
     @hookimpl
     def on_evaluate(self, run, step, metrics):
@@ -76,6 +100,8 @@ class ProgressBar:
 
 class Trackers:
     """Forwards logs and eval metrics to the trackers in train.report_to through accelerate."""
+
+    alignkit_all_runs = True
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
@@ -105,6 +131,8 @@ class Trackers:
 
 class Plots:
     """PNG charts of metrics.jsonl in output_dir/plots at the end of training (main process)."""
+
+    alignkit_all_runs = True
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir

@@ -7,6 +7,7 @@ from typing import Any
 from alignkit.config import RunConfig
 from alignkit.data import PrepareReport
 from alignkit.method import Method
+from alignkit.metrics import add_totals
 
 
 @dataclass
@@ -40,19 +41,19 @@ class RunState:
 
 
 class Window:
-    """Sums of the loss and the metrics since the last log: the log is their plain mean."""
+    """Sums since the last log: the loss and gradient norm per step, each metric's (sum, count) (see
+    alignkit.metrics). The log is their mean."""
 
     def __init__(self) -> None:
         self.loss, self.grad_norm, self.steps, self.micro_batches = 0.0, 0.0, 0, 0
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, list[float]] = {}  # name -> [sum, count] on this process
 
-    def add(self, loss: float, grad_norm: float, metric_sums: dict[str, float], micro_batches: int) -> None:
+    def add(self, loss: float, grad_norm: float, metric_totals: dict[str, tuple[float, float]], micro_batches: int) -> None:
         self.loss += loss
         self.grad_norm += grad_norm
         self.steps += 1
         self.micro_batches += micro_batches
-        for k, v in metric_sums.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + v
+        add_totals(self.metrics, metric_totals)
 
     def state(self) -> dict:
         return dict(vars(self))
@@ -61,4 +62,7 @@ class Window:
     def from_state(cls, state: dict) -> "Window":
         window = cls()
         vars(window).update(state)
+        # checkpoints written before metrics were (sum, count): a sum of micro-batch means
+        window.metrics = {k: v if isinstance(v, list) else [v, float(window.micro_batches)]
+                          for k, v in window.metrics.items()}
         return window

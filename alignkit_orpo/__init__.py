@@ -1,7 +1,7 @@
 """alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
-from alignkit_orpo import generation
+from alignkit_orpo import demo, generation
 from alignkit_orpo.config import ORPOMethodConfig, PreferenceDataConfig
 from alignkit_orpo.formatter import PreferenceFormatter
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
@@ -15,6 +15,13 @@ CITATION = """@article{hong2024orpo,
   year={2024}
 }"""
 
+#: the demo's training settings (tiny built-in model on built-in data): it learns to sort in seconds
+DEMO_DEFAULTS = {
+    "train.learning_rate": 3e-3, "train.num_train_epochs": 2, "train.per_device_train_batch_size": 16,
+    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
+    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
+}
+
 METHOD = Method(
     name="orpo",
     config=ORPOMethodConfig,
@@ -23,6 +30,9 @@ METHOD = Method(
     description="Odds Ratio Preference Optimization: SFT plus an odds-ratio penalty, no reference model.",
     defaults={"train.learning_rate": 1e-6},
     citation=CITATION,
+    demo_data="sort",
+    demo_defaults=DEMO_DEFAULTS,
+    progress_metrics=("rewards/accuracies",),
 )
 
 
@@ -41,7 +51,12 @@ def register_losses(register):
     register("orpo", ORPOLoss)
 
 
-on_evaluate = generation.on_evaluate  # generate_during_eval, for the runs that ask for it
+@hookimpl
+def register_datasets(register):
+    demo.register(register)  # builtin:sort and builtin:sort-chat
 
 
-__all__ = ["ORPOConfig", "ORPOTrainer", "ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]
+on_evaluate = generation.on_evaluate  # generate_during_eval, for the ORPO runs that ask for it
+
+
+__all__ = ["DEMO_DEFAULTS", "ORPOConfig", "ORPOTrainer", "ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]

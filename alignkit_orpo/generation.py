@@ -1,11 +1,13 @@
 """generate_during_eval: sample completions for a few eval prompts at each evaluation."""
 
 import json
+import logging
 
 import torch
 
 from alignkit import hookimpl
 
+log = logging.getLogger(__name__)
 N_PROMPTS = 4
 
 
@@ -31,8 +33,14 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], max_length: i
 
 @hookimpl
 def on_evaluate(run, step, metrics):
-    """Write (step, prompt, completion) rows for the first eval prompts when the run asks for them."""
+    """Write (step, prompt, completion) rows for the first eval prompts when the run asks for them.
+
+    A lifecycle hook of this plugin: it runs only for runs of ORPO (the method this plugin registers)."""
     if not getattr(run.config.method, "generate_during_eval", False) or run.eval_dataset is None:
+        return
+    if "prompt_input_ids" not in run.eval_dataset.column_names:
+        log.warning("method.generate_during_eval: the eval data has no prompt_input_ids (not formatted by the "
+                    "preference formatter); no completions sampled")
         return
     if not run.is_main_process:
         return

@@ -32,6 +32,7 @@ class ORPOLoss(Loss):
     takes the model's full [2B, T, V] logits, as TRL does; both compute the same numbers.
     """
 
+    eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
     #: router_aux_loss_coef when the model returns a MoE load-balancing loss, else None
     aux_loss_coef: float | None = None
     #: the split-off LM head of the chunked path; None runs the plain path

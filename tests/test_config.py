@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import alignkit_orpo
 from alignkit import ConfigError, get_plugin_manager, load_config
-from alignkit.config import DEMO_PRESET, to_yaml
+from alignkit.config import to_yaml
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -21,8 +22,8 @@ def test_method_defaults_apply_unless_user_sets_them(pm):
 
 def test_demo_preset_only_with_builtin_model_and_data(pm):
     demo, _ = load_config("orpo", plugins=pm)
-    assert demo.train.learning_rate == DEMO_PRESET["train"]["learning_rate"]
-    assert demo.data.eval == "builtin:sort"
+    assert demo.train.learning_rate == alignkit_orpo.DEMO_DEFAULTS["train.learning_rate"]
+    assert (demo.data.train, demo.data.eval) == ("builtin:sort", "builtin:sort")  # ORPO's demo_data
     real, _ = load_config("orpo", {"model": {"name_or_path": "Qwen/Qwen2-0.5B"}}, plugins=pm)
     assert real.train.learning_rate == 1e-6
     assert (real.data.eval, real.data.eval_split) == ("builtin:sort", "test")  # built-in data keeps its held-out split

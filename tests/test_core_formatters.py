@@ -183,6 +183,29 @@ def test_core_plugin_registers_the_formatters_without_naming_a_method():
 ])
 def test_bad_rows_get_one_line_errors(tok, cls, row, message):
     with pytest.raises(DataError) as e:
-        f = make(cls, tok)
-        f.format(row) if cls is not UnpairedPreferenceFormatter else formatted(f, [row])
+        make(cls, tok).format(row)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_packing_through_prepare_counts_no_row_as_dropped(tok):
+    from alignkit.data import prepare
+
+    rows = [{"text": f"sort: {i} {i + 1}"} for i in range(10)]
+    ds, report = prepare(datasets.Dataset.from_list(rows), make(SequenceFormatter, tok, packing=True, max_length=40), "t")
+    assert report.dropped == 0 and report.kept == len(ds) < 10
+    assert sorted(i for row in ds["input_ids"] for i in row) == \
+        sorted(i for r in formatted(make(SequenceFormatter, tok), rows) for i in r["input_ids"])
+
+
+def test_formatter_fingerprint_covers_the_blocks_it_uses():
+    """Editing alignkit.text or alignkit.tokens changes every formatter's cache key."""
+    import inspect
+
+    import alignkit.text
+    import alignkit.tokens
+    from alignkit.formatter import class_sources
+    from alignkit_orpo import PreferenceFormatter
+
+    for cls in (SequenceFormatter, UnpairedPreferenceFormatter, PromptOnlyFormatter, PreferenceFormatter):
+        sources = class_sources(cls)
+        assert inspect.getsource(alignkit.tokens) in sources and inspect.getsource(alignkit.text) in sources

@@ -5,6 +5,7 @@ import torch
 from alignkit_grpo import GRPOConfig, GRPORollout
 from alignkit_grpo.rewards import BUILTIN
 
+import alignkit
 from alignkit.errors import ConfigError, PluginError
 from alignkit.generation import Generator, mix_seed
 from alignkit.rewards import RewardRegistry, score
@@ -184,3 +185,21 @@ def test_the_docs_third_party_reward_plugin_is_found_by_name_and_used(tmp_path, 
     out = score(funcs, ["p", "p", "p"], [" 1 2", "x" * 30, " 3"], {"max_chars": [10, 10, None], "answer": [" 1 2"] * 3})
     assert out[:, 0].tolist()[:2] == pytest.approx([0.0, -0.2]) and torch.isnan(out[2, 0])
     assert out[:, 1].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_demo_warmup_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch):
+    from alignkit_grpo import GRPOFormatter
+    from alignkit_grpo import formatter as grpo_formatter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = alignkit.get_method("grpo").config(sft_warmup_steps=3)
+    first, second, untouched = tiny_model(), tiny_model(), tiny_model()
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(first)
+    assert len(list((tmp_path / "alignkit" / "grpo-warmup").glob("*.safetensors"))) == 1
+    calls = []
+    monkeypatch.setattr(grpo_formatter, "sft_warmup", lambda *a, **k: calls.append(a))
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(second)
+    assert calls == []  # loaded, not trained again
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), untouched.state_dict().values()))

@@ -11,9 +11,9 @@ import torch
 from transformers import TrainerCallback
 
 import alignkit
-from alignkit.builtin.data import sort_pairs
 from alignkit.testing import tiny_model
 from alignkit_orpo import ORPOConfig, ORPOTrainer, odds_ratio_terms
+from alignkit_orpo.demo import sort_pairs
 
 ROWS = sort_pairs(12, seed=2)
 

@@ -161,7 +161,8 @@ class NaNPlugin:
     @alignkit.hookimpl
     def register_methods(self, register):
         register(alignkit.Method(name="nan-orpo", config=type("C", (ORPOMethodConfig,), {"__annotations__": {"name": str},
-                                 "name": "nan-orpo"}), formatter="preference", loss=self.loss, description="test"))
+                                 "name": "nan-orpo"}), formatter="preference", loss=self.loss, description="test",
+                                 demo_data="sort"))
 
 
 def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path):

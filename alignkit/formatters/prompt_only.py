@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from alignkit.data import DataFormatter, Formatted, pad_right
+from alignkit.data import pad_right
+from alignkit.formatter import DataFormatter, Formatted
 from alignkit.formatters.config import PromptOnlyDataConfig
 from alignkit.formatters.sequence import pad_id
 from alignkit.text import column, render_prompt

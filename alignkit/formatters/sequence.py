@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from alignkit.data import DataFormatter, DropExample, Formatted, pad_right
+from alignkit.data import pad_right
 from alignkit.errors import DataError
+from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from alignkit.data import DataFormatter, DropExample, Formatted, pad_right
+from alignkit.data import pad_right
 from alignkit.errors import DataError
+from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.config import UnpairedDataConfig
 from alignkit.formatters.sequence import pad_id, prompt_completion_ids
 from alignkit.text import column, extract_prompt, same_format
@@ -80,7 +81,10 @@ class UnpairedPreferenceFormatter(DataFormatter):
 
     def format(self, example: dict[str, Any]) -> list[Formatted]:
         """The row's examples with the KL pairs of this row alone (use format_batch for a dataset)."""
-        return self.format_batch([example])[0]
+        result = self.format_batch([example])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def format_batch(self, examples: list[dict[str, Any]]) -> list:
         """Every row unpaired and tokenized, in TRL's order (a batch of paired rows gives all chosen examples, then

@@ -23,6 +23,7 @@ def summed_logps(model, batch):
 
 
 class DPOLoss(alignkit.Loss):
+    eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
     needs_reference_model = True
 
     @property
@@ -50,10 +51,19 @@ class DPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms={"pairs": losses.sum()}, metrics=metrics)
 
 
+#: the demo (tiny built-in model, ORPO's built-in sorting pairs by name): one epoch at a high learning rate
+DEMO_DEFAULTS = {
+    "train.learning_rate": 3e-3, "train.num_train_epochs": 1, "train.per_device_train_batch_size": 16,
+    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
+    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
+}
+
+
 @alignkit.hookimpl
 def register_methods(register):
     register(alignkit.Method(name="dpo", config=DPOConfig, formatter="preference", loss=DPOLoss,
                              description="Direct Preference Optimization: sigmoid loss against a frozen reference.",
                              defaults={"train.learning_rate": 1e-6},
+                             demo_data="sort", demo_defaults=DEMO_DEFAULTS, progress_metrics=("rewards/accuracies",),
                              citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language "
                                       "Model is Secretly a Reward Model}, journal={arXiv:2305.18290}, year={2023}}"))

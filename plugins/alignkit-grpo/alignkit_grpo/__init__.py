@@ -1,10 +1,36 @@
 """GRPO (Shao et al., arXiv 2402.03300) with the DAPO and Dr. GRPO token normalisations, as an alignkit method."""
 
 import alignkit
+from alignkit_grpo import demo
 from alignkit_grpo.config import GRPOConfig
+from alignkit_grpo.formatter import GRPOFormatter
 from alignkit_grpo.loss import GRPOLoss
 from alignkit_grpo.rewards import BUILTIN as BUILTIN_REWARDS
 from alignkit_grpo.rollout import GRPORollout
+
+#: the built-in demo (tiny model, builtin:sort-prompts): a few seconds of supervised warm-up, then RL that
+#: raises the held-out reward within a few minutes on a laptop CPU
+DEMO_DEFAULTS = {
+    "method.sft_warmup_steps": 150, "method.num_generations": 8, "method.max_completion_length": 14,
+    "method.reward_funcs": ["sort-order", "exact-match"], "method.temperature": 1.0,
+    "train.learning_rate": 3e-4, "train.per_device_train_batch_size": 16, "train.per_device_eval_batch_size": 64,
+    "train.max_steps": 120, "train.warmup_ratio": 0.0, "train.logging_steps": 5, "train.eval_steps": 40,
+    "train.save_steps": 40, "train.save_total_limit": 2, "train.eval_on_start": True,
+    "data.max_eval_samples": 64,
+}
+
+METHOD = alignkit.Method(
+    name="grpo", config=GRPOConfig, formatter=GRPOFormatter, loss=GRPOLoss, rollout=GRPORollout,
+    description="Group Relative Policy Optimization: online RL with group-normalised rewards (grpo/dapo/dr_grpo).",
+    demo_data="sort-prompts", demo_defaults=DEMO_DEFAULTS, progress_metrics=("reward",),
+    citation="@article{shao2024deepseekmath, title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in "
+             "Open Language Models}, journal={arXiv:2402.03300}, year={2024}}",
+)
+
+
+@alignkit.hookimpl
+def register_methods(register):
+    register(METHOD)
 
 
 @alignkit.hookimpl
@@ -13,4 +39,9 @@ def register_rewards(register):
         register(name, fn)
 
 
-__all__ = ["GRPOConfig", "GRPOLoss", "GRPORollout"]
+@alignkit.hookimpl
+def register_datasets(register):
+    register("sort-prompts", demo.load)
+
+
+__all__ = ["DEMO_DEFAULTS", "METHOD", "GRPOConfig", "GRPOFormatter", "GRPOLoss", "GRPORollout"]

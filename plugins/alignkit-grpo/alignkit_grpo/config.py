@@ -15,6 +15,8 @@ class GRPOConfig(alignkit.MethodConfig):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the loss scores tokens at the same temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens when sampling (0: all).")
+    generation_backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Sampler: transformers' generate, or vLLM colocated (pip install 'alignkit[vllm]').")
     # ---- rewards ----
     reward_funcs: list[str] = Field(default_factory=lambda: ["exact-match"], min_length=1,
                                     description="Reward functions by name (registered by plugins), or model:PATH for a sequence-classification reward model.")

@@ -2,31 +2,19 @@
 seconds of supervised warm-up on its train split so that RL starts from a model that sometimes gets it right."""
 
 import logging
-import random
 import time
 
 import datasets
 import torch
 
+from alignkit import demo
+
 log = logging.getLogger(__name__)
-N_TRAIN, N_TEST = 2000, 200
-
-
-def _lists(n: int, seed: int = 0) -> list[list[int]]:
-    rng, seen, out = random.Random(seed), set(), []
-    while len(out) < n:
-        digits = tuple(rng.randrange(10) for _ in range(rng.randint(3, 6)))
-        if digits not in seen and len(set(digits)) > 1:
-            seen.add(digits)
-            out.append(list(digits))
-    return out
 
 
 def rows(split: str) -> list[dict[str, str]]:
-    lists = _lists(N_TRAIN + N_TEST)
-    lists = lists[:N_TRAIN] if split == "train" else lists[N_TRAIN:]
-    return [{"prompt": f"sort: {' '.join(map(str, d))} =", "answer": " " + " ".join(map(str, sorted(d)))}
-            for d in lists]
+    """`prompt` ("sort: 3 1 2 =") and `answer` (" 1 2 3") for the lists of `split` (alignkit.demo)."""
+    return [{"prompt": demo.prompt(d), "answer": " " + demo.words(sorted(d))} for d in demo.split_lists(split)]
 
 
 def load(split: str) -> datasets.Dataset:

@@ -60,7 +60,7 @@ class GRPORollout:
         out["completion_mask"] = completion_mask
         out.update(self._score(batch, completions, ctx))
         out = {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-        if self.iterations > 1:
+        if self.iterations > 1 and ctx.training:
             out["old_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature, cfg.logits_chunk_size)[0]
         return out
 
@@ -75,7 +75,9 @@ class GRPORollout:
         rewards = combine(per_func, self.weights)
         scored = ~torch.isnan(rewards)
         r = rewards.nan_to_num(0.0).double()
-        totals = ctx.reduce(torch.stack([r.sum(), (r * r).sum(), scored.sum().double()]).to(ctx.device), "sum")
+        totals = torch.stack([r.sum(), (r * r).sum(), scored.sum().double()]).to(ctx.device)
+        if ctx.training:  # eval batches may be uneven over processes: there each process's own std
+            totals = ctx.reduce(totals, "sum")
         batch_std = std_from_sums(*totals.tolist())
         adv, std = advantages(rewards, G, cfg.scale_rewards, batch_std)
         return {"advantages": adv.float(), "rewards": rewards, "rewards_per_func": per_func,

@@ -6,12 +6,11 @@ held-out test splits that never share a prompt.
 
 import datasets
 
-from alignkit.builtin.data import N_TEST, N_TRAIN, sort_pairs
+from alignkit.demo import prompt, split_lists, words
 
 
 def _rows(split: str) -> list[dict[str, str]]:
-    pairs = sort_pairs(N_TRAIN, seed=0) if split == "train" else sort_pairs(N_TEST, seed=0, offset=N_TRAIN)
-    return [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+    return [{"prompt": prompt(d), "completion": " " + words(sorted(d))} for d in split_lists(split)]
 
 
 def sort_sft(split: str) -> datasets.Dataset:

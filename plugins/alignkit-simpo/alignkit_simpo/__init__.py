@@ -16,6 +16,7 @@ class SimPOConfig(alignkit.MethodConfig):
 
 
 class SimPOLoss(alignkit.Loss):
+    eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
     def counts(self, batch):
         n = batch["input_ids"].shape[0] // 2
         return {"pairs": n, "chosen_tokens": int((batch["labels"][:n, 1:] != -100).sum())}
@@ -43,10 +44,19 @@ class SimPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms=terms, metrics=metrics)
 
 
+#: the demo (tiny built-in model, ORPO's built-in sorting pairs by name): one epoch at a high learning rate
+DEMO_DEFAULTS = {
+    "train.learning_rate": 3e-3, "train.num_train_epochs": 1, "train.per_device_train_batch_size": 16,
+    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
+    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
+}
+
+
 @alignkit.hookimpl
 def register_methods(register):
     register(alignkit.Method(name="simpo", config=SimPOConfig, formatter="preference", loss=SimPOLoss,
                              description="Simple Preference Optimization: length-normalised rewards with a margin, no reference.",
                              defaults={"train.learning_rate": 1e-6},
+                             demo_data="sort", demo_defaults=DEMO_DEFAULTS, progress_metrics=("rewards/accuracies",),
                              citation="@article{meng2024simpo, title={SimPO: Simple Preference Optimization with a "
                                       "Reference-Free Reward}, journal={arXiv:2405.14734}, year={2024}}"))

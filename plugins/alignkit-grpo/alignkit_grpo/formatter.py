@@ -1,0 +1,50 @@
+"""GRPO's data: the core's prompt-only rows; for the built-in demo, a supervised warm-up of the model first."""
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from alignkit.formatters import PromptOnlyFormatter
+from alignkit_grpo.demo import sft_warmup
+
+log = logging.getLogger(__name__)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignkit" / "grpo-warmup"
+
+
+def _fingerprint(model, steps: int) -> str:
+    h = hashlib.sha256(f"{type(model).__name__}:{steps}".encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class GRPOFormatter(PromptOnlyFormatter):
+    """`prompt` rows (standard or conversational) with every other column kept for the rewards."""
+
+    def prepare_model(self, model) -> None:
+        """With method.sft_warmup_steps (the demo sets it): that many supervised steps on the demo task before
+        RL, cached by the starting weights so a second run starts at once."""
+        steps = getattr(self.config, "sft_warmup_steps", 0)
+        if not steps:
+            return
+        from safetensors.torch import load_file, save_file
+
+        path = _cache_dir() / f"{_fingerprint(model, steps)}.safetensors"
+        if path.is_file():
+            model.load_state_dict(load_file(str(path)), strict=False)
+            log.info("demo warm-up: loaded the supervised start from %s", path)
+            return
+        with torch.random.fork_rng():
+            sft_warmup(model, self.tokenizer, steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp))
+        tmp.replace(path)

@@ -1,0 +1,94 @@
+"""The StepContext: passed as ctx= only to callables that declare it; what it holds; ctx.reduce."""
+
+import pytest
+import torch
+
+import alignkit
+import alignkit_orpo
+from alignkit import StepContext, load_config
+from alignkit.context import call, takes_ctx
+from alignkit.engine import Engine
+from alignkit.testing import plugin_manager
+from helpers import fast
+from toy_method import ToyLoss, ToyPlugin
+
+
+def test_ctx_is_passed_only_to_callables_that_declare_it():
+    ctx = StepContext(training=True, step=0, micro_batch=0, micro_batches=1)
+
+    def with_ctx(x, ctx):
+        return x, ctx
+
+    def without(x, **kwargs):  # **kwargs does not count: only a parameter named ctx
+        return x, kwargs
+
+    class Callable:
+        def __call__(self, x, ctx=None):
+            return ctx
+
+    assert call(with_ctx, 1, ctx=ctx) == (1, ctx)
+    assert call(without, 1, ctx=ctx) == (1, {})
+    assert call(Callable(), 1, ctx=ctx) is ctx
+    assert takes_ctx(ToyLoss(None)) and takes_ctx(ToyLoss(None).counts)
+    assert not takes_ctx(alignkit_orpo.ORPOLoss(alignkit_orpo.ORPOMethodConfig()))
+
+
+def test_reduce_on_one_process_is_a_detached_copy():
+    ctx = StepContext(training=True, step=0, micro_batch=0, micro_batches=1)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = ctx.reduce(x * 2, "mean")
+    assert torch.equal(y, torch.tensor([2.0, 4.0])) and not y.requires_grad
+    with pytest.raises(ValueError, match="op must be 'sum' or 'mean'"):
+        ctx.reduce(x, "max")
+
+
+def test_the_engine_hands_each_stage_its_context(tmp_path):
+    ToyLoss.seen.clear()
+    alignkit.run("toy", fast(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                             per_device_eval_batch_size=4, eval_steps=2), plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
+    train = [(stage, c) for stage, c in ToyLoss.seen if c.training]
+    # per step: counts for each of the 3 micro-batches first, then the loss on each
+    assert [s for s, _ in train] == (["counts"] * 3 + ["loss"] * 3) * 2
+    assert [(c.step, c.micro_batch, c.micro_batches) for s, c in train if s == "loss"] == [
+        (0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 3), (1, 1, 3), (1, 2, 3)]
+    evals = [c for s, c in ToyLoss.seen if s == "loss" and not c.training]
+    assert [(c.step, c.micro_batch, c.micro_batches) for c in evals] == [(2, 0, 2), (2, 1, 2)]  # 8 rows, batches of 4
+    assert all(c.num_processes == 1 and c.process_index == 0 and c.generator is None for _, c in ToyLoss.seen)
+
+
+def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(tmp_path):
+    seen = []
+
+    class RefLoss(ToyLoss):
+        needs_reference_model = True
+        collective = True
+
+        def reference(self, ref_model, batch, ctx):
+            seen.append(ctx.training)
+            return {"n": batch["input_ids"].new_zeros(batch["input_ids"].shape[0])}
+
+        def __call__(self, model, batch, ctx, ref):
+            assert ref["n"].shape[0] == batch["input_ids"].shape[0]
+            total = ctx.reduce(torch.tensor(1.0))  # a collective: every process runs every eval batch
+            out = super().__call__(model, batch, ctx)
+            out.metrics["reduced"] = total
+            return out
+
+    class RefPlugin(ToyPlugin):
+        @alignkit.hookimpl
+        def register_methods(self, register):
+            register(alignkit.Method(name="toy-ref", config=alignkit.get_method("toy", plugin_manager(ToyPlugin())).config,
+                                     formatter="toy", loss=RefLoss, description="toy with a reference"))
+
+        @alignkit.hookimpl
+        def register_formatters(self, register):
+            from toy_method import ToyFormatter
+
+            register("toy", ToyFormatter)
+
+    pm = plugin_manager(alignkit_orpo, RefPlugin())
+    cfg, method = load_config("toy-ref", fast(tmp_path, max_steps=1), {"data.train": "builtin:toy-sort"}, plugins=pm)
+    engine = Engine(cfg, method, pm)
+    assert engine._lockstep()
+    metrics = engine.train()
+    assert seen and True in seen and False in seen and metrics["eval_reduced"] == 1.0
