@@ -21,9 +21,8 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from alignkit import checkpoint, optim, preflight, resume, rundir
-from alignkit.config import RunConfig, to_yaml, train_data
+from alignkit.config import RunConfig, to_yaml
 from alignkit.context import StepContext, call
-from alignkit.data import EpochSampler, load_data, load_splits, prepare
 from alignkit.errors import NonFiniteError, TrainingInterrupted
 from alignkit.evaluation import EvalStopped, evaluate_batches
 from alignkit.method import Method
@@ -32,9 +31,10 @@ from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.online import RolloutStage, build_rollout
 from alignkit.optim import adamw
-from alignkit.plugins import RunHooks, registered_datasets
-from alignkit.reference import Reference, collate_with_reference
+from alignkit.plugins import RunHooks
+from alignkit.reference import Reference
 from alignkit.reporting import check_trackers, observers
+from alignkit.rundata import RunData
 from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
@@ -78,68 +78,32 @@ class Engine:
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
         self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
-        self.raw = {"train": train_dataset, "eval": eval_dataset}
-        self._formatted: dict[str, tuple] = {}  # split -> (raw dataset, formatted dataset)
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
                               self.model, self.tokenizer, log_table=self._log_table)
+        self.data = RunData(config, self.formatter, self.collate_fn, self.accelerator, pm, self.state.data,
+                            train_dataset, eval_dataset)
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
         self.generator = None  # the generation handle of online methods (StepContext.generator)
-        self._builtins = None  # built-in datasets registered by the plugins, looked up when data names one
 
     # ---- data -------------------------------------------------------------------------------------
 
     def _datasets(self, need_train: bool) -> dict:
         """Formatted `train` (when training) and `eval` sets; evaluation alone falls back to train."""
-        d = self.config.data
-        if self.raw["train"] is None and (need_train or (self.raw["eval"] is None and d.eval is None)):
-            self.raw["train"], eval_ds = load_splits(train_data(self.config), d.train_split, d.eval, d.eval_split,
-                                                     d.eval_fraction, self.config.train.seed, self._datasets_registered())
-            self.raw["eval"] = self.raw["eval"] if self.raw["eval"] is not None else eval_ds
-        elif self.raw["eval"] is None and d.eval is not None:
-            self.raw["eval"] = load_data(d.eval, d.eval_split, self._datasets_registered())
-        wanted = {"train": (self.raw["train"], d.max_train_samples, d.train)} if need_train else {}
-        wanted["eval"] = (self.raw["eval"], d.max_eval_samples, d.eval or d.train)
-        if not need_train and self.raw["eval"] is None:
-            wanted["eval"] = (self.raw["train"], d.max_eval_samples, d.train)
-        out = {}
-        for split, (ds, limit, source) in wanted.items():
-            if ds is None:
-                continue
-            if self._formatted.get(split, (None,))[0] is ds:  # formatted already (evaluate() may run often)
-                out[split] = self._formatted[split][1]
-                continue
-            raw = ds
-            ds = ds.select(range(min(limit, len(ds)))) if limit else ds
-            with self.accelerator.main_process_first():
-                out[split], report = prepare(ds, self.formatter, f"{split} data ({source})")
-            self._formatted[split] = (raw, out[split])
-            self.state.data[split] = report
-            if report.dropped or report.truncated:
-                log.warning("%s data: %d examples kept, %d truncated%s", split, report.kept, report.truncated,
-                            f", {report.dropped} dropped (nothing left to train on after truncation)"
-                            if report.dropped else "")
-        return out
-
-    def _datasets_registered(self) -> dict:
-        if self._builtins is None:
-            self._builtins = registered_datasets(self.pm)
-        return self._builtins
+        return self.data.formatted(need_train)
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        lengths = None
-        if shuffle and self.config.train.group_by_length:
-            lengths = [self.formatter.length(dict(zip(batch, row))) for batch in ds.iter(batch_size=1000)
-                       for row in zip(*batch.values())]
-        sampler = EpochSampler(len(ds), self.config.train.seed, lengths, batch_size) if shuffle else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                          collate_fn=functools.partial(collate_with_reference, self.collate_fn),
-                          num_workers=self.config.train.dataloader_num_workers)
+        return self.data.loader(ds, batch_size, shuffle)
 
     # ---- training: setup steps, then the loop -----------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        data = self._setup_data()
-        model, optimizer, train_dl = self._setup_training(data["train"])
+        if self.optimizer is None:
+            preflight.check_trainable(self.model)
+        data = self._datasets(need_train=True)
+        preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
+        optimizer = self._setup_optimizer()
+        data = self._precompute_reference(data)
+        model, optimizer, train_dl = self._setup_training(data["train"], optimizer)
         eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
         self.state.eval_dataset = data.get("eval")
         scheduler = self._setup_schedule(optimizer, train_dl)
@@ -150,27 +114,27 @@ class Engine:
         finally:
             self._lock.release()
 
-    def _setup_data(self) -> dict:
-        """Formatted train and eval sets (with the reference's outputs when the loss precomputes them)."""
-        if self.optimizer is None:
-            preflight.check_trainable(self.model)
-        t, data = self.config.train, self._datasets(need_train=True)
-        preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        """Gradient checkpointing if asked, then the optimizer passed in or AdamW (alignkit.optim)."""
+        t = self.config.train
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
-        self._optimizer = self.optimizer or adamw(self.model, t)  # before precomputing: same RNG use as ever
-        if self.reference.precomputed:
-            size, context = t.per_device_eval_batch_size, functools.partial(self._context, False)
-            data = {split: self.reference.precompute(ds, self.model, self.collate_fn, size, context)
-                    for split, ds in data.items()}
-        return data
+        return self.optimizer or adamw(self.model, t)
 
-    def _setup_training(self, train_ds):
+    def _precompute_reference(self, data: dict) -> dict:
+        """The data with the reference's outputs as columns when the loss precomputes them (else unchanged)."""
+        if not self.reference.precomputed:
+            return data
+        size, context = self.config.train.per_device_eval_batch_size, functools.partial(self._context, False)
+        return {split: self.reference.precompute(ds, self.model, self.collate_fn, size, context)
+                for split, ds in data.items()}
+
+    def _setup_training(self, train_ds, optimizer):
         """The model, optimizer and shuffled train loader, prepared by accelerate."""
         train_dl = self._loader(train_ds, self.config.train.per_device_train_batch_size, shuffle=True)
-        model, optimizer, train_dl = self.accelerator.prepare(self.model, self._optimizer, train_dl)
+        model, optimizer, train_dl = self.accelerator.prepare(self.model, optimizer, train_dl)
         self._attach_generator(model)
         return model, optimizer, train_dl
 
@@ -206,7 +170,7 @@ class Engine:
         eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
         logs: dict[str, float] = {}
         model.train()
-        windows = self._windows(train_dl)
+        windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
             state.step += 1
@@ -292,24 +256,6 @@ class Engine:
         flag = torch.tensor(self._stop_signal, device=self.accelerator.device)
         return int(self.accelerator.reduce(flag, "max"))
 
-    def _windows(self, train_dl):
-        """Yield the micro-batches of each optimizer step, epoch after epoch, from the resume point."""
-        state, ga = self.state, self.config.train.gradient_accumulation_steps
-        while state.step < state.max_steps:  # resumed from a checkpoint of the last step: nothing left
-            train_dl.set_epoch(state.epoch_index)
-            skip = state.batches_in_epoch
-            batches = self.accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            micro_batches = []
-            for batch in batches:
-                micro_batches.append(batch)
-                state.batches_in_epoch += 1
-                if len(micro_batches) == ga:
-                    yield micro_batches
-                    micro_batches = []
-            if micro_batches:
-                yield micro_batches
-            state.epoch_index, state.batches_in_epoch = state.epoch_index + 1, 0
-
     # ---- one optimizer step -----------------------------------------------------------------------
 
     def _context(self, training: bool, index: int, count: int) -> StepContext:
@@ -392,7 +338,7 @@ class Engine:
         """Evaluate the model as it is on the eval data (or the train data when there is none), in order, as
         the evaluation during training does (on_evaluate hooks included); `eval_dataset` replaces the eval data."""
         if eval_dataset is not None:
-            self.raw["eval"] = eval_dataset
+            self.data.raw["eval"] = eval_dataset
         ds = self._datasets(need_train=False)["eval"]
         self.state.eval_dataset = ds
         model = self.accelerator.prepare(self.model)

@@ -4,6 +4,8 @@ Each optimizer step is rollout -> counts -> reference -> loss -> backward per mi
 (built once as `rollout(method_config, tokenizer)`, plus `rewards=` the reward registry when its
 constructor takes that keyword) turns each micro-batch of prompt rows into the batch the other stages
 see, without gradient, with `ctx.generator` (alignkit.generation) to sample from the current policy.
+A rollout may also define `finish(batches, ctx=)`, called once with all of a step's rolled-out
+micro-batches (statistics over the whole step, e.g. a batch-wide reward std; at eval, one batch at a time).
 A rollout with `iterations = k > 1` is used for k consecutive optimizer steps on the same micro-batches
 (k optimisation passes per rollout); checkpoints are then written only between rollouts, so a resumed run
 never needs a rollout it did not keep. Evaluation runs the rollout on each eval batch.
@@ -50,13 +52,18 @@ class RolloutStage:
             self._passes_left -= 1
             return self._kept[1]
         with torch.no_grad():
-            rolled = [call(self.rollout, batch, ctx=ctx) for batch, ctx in zip(batches, ctxs)]
+            rolled = self._finish([call(self.rollout, batch, ctx=ctx) for batch, ctx in zip(batches, ctxs)], ctxs[0])
         self._kept, self._passes_left = (batches, rolled), self.iterations - 1
         return rolled
 
     def evaluate(self, batch, ctx):
         with torch.no_grad():
-            return call(self.rollout, batch, ctx=ctx)
+            return self._finish([call(self.rollout, batch, ctx=ctx)], ctx)[0]
+
+    def _finish(self, rolled: list, ctx) -> list:
+        """The rollout's optional step-wide stage: `finish(batches, ctx=)` sees every micro-batch at once."""
+        finish = getattr(self.rollout, "finish", None)
+        return rolled if finish is None else call(finish, rolled, ctx=ctx)
 
     def windows(self, windows):
         """Each step's micro-batches, yielded once per optimisation pass."""

@@ -31,8 +31,8 @@ METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_num_to
 
 def make_inputs(work: Path, rows: int = ROWS) -> None:
     """Save a tiny random Llama with the built-in tokenizer, and the datasets of every case."""
-    from alignkit.builtin.data import sort_pairs
     from alignkit.testing import tiny_model, tiny_tokenizer
+    from alignkit_orpo.demo import sort_pairs  # ORPO's demo pairs (moved out of the core)
 
     tiny_model(seed=11).save_pretrained(work / "model")
     tiny_tokenizer().save_pretrained(work / "model")

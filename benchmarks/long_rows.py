@@ -4,8 +4,8 @@ Formatters encode only the ends of a huge text that truncation can keep (alignki
 not grow with the row (before: 21 GB for this row, killed). Writes the two datasets, then measures the peak RSS of
 
 1. `alignkit run --method orpo data.train=orpo-50mb.jsonl ...` (50 MB prompt, the preference formatter), and
-2. the same through the core's `language-modeling` formatter (50 MB `text`), by `alignkit.run` with an in-process
-   method (this script run with `--lm`),
+2. `alignkit run --method sft data.train=lm-50mb.jsonl ...` (50 MB `text`, the core's language-modeling rows;
+   needs plugins/alignkit-sft installed, as the README's set-up does),
 
 each under `/usr/bin/time -v`, and prints a Markdown table for benchmarks/long-rows.md.
 
@@ -58,46 +58,11 @@ def peak_rss_mb(command: list[str], env: dict) -> tuple[float, float, str]:
     return kb / 1024, time.time() - start, out.stdout
 
 
-def lm_run(data: str, output_dir: str) -> None:
-    """Train two steps of plain next-token NLL on `data` through the core's language-modeling formatter."""
-    import alignkit
-    from alignkit.testing import plugin_manager
-
-    class NLL(alignkit.Loss):
-        def counts(self, batch):
-            return {"tokens": int((batch["labels"][:, 1:] != -100).sum())}
-
-        def __call__(self, model, batch):
-            import torch.nn.functional as F
-
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            loss = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="sum")
-            return alignkit.LossOutput(terms={"tokens": loss}, metrics={})
-
-    class Plugin:
-        @staticmethod
-        @alignkit.hookimpl
-        def register_methods(register):
-            register(alignkit.Method(name="nll", config=type("NLLConfig", (alignkit.MethodConfig,), {
-                "__annotations__": {"name": str}, "name": "nll"}), formatter="language-modeling", loss=NLL,
-                description="next-token NLL"))
-
-    overrides = dict(s.split("=", 1) for s in STEPS)
-    overrides = {k: (None if v == "null" else int(v) if v.isdigit() else False if v == "false" else v)
-                 for k, v in overrides.items()}
-    result = alignkit.run("nll", plugins=plugin_manager(Plugin()), **{"data.train": data, "train.output_dir": output_dir,
-                                                                      **overrides})
-    print(json.dumps({"global_step": result.global_step}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=50)
     parser.add_argument("--dir", default="/tmp/alignkit-long-rows")
-    parser.add_argument("--lm", nargs=2, metavar=("DATA", "OUTPUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.lm:
-        return lm_run(*args.lm)
     import os
 
     folder = Path(args.dir)
@@ -107,14 +72,14 @@ def main() -> None:
     runs = {
         "orpo": ["alignkit", "run", "--method", "orpo", f"data.train={orpo}", f"train.output_dir={folder / 'out-orpo'}",
                  *STEPS],
-        "language-modeling": [sys.executable, __file__, "--lm", str(lm), str(folder / "out-lm")],
+        "sft (language-modeling)": ["alignkit", "run", "--method", "sft", f"data.train={lm}",
+                                    f"train.output_dir={folder / 'out-sft'}", *STEPS],
     }
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}\n")
     print("| formatter | one row of | peak RSS | wall | command |\n|---|---|---|---|---|")
     for name, command in runs.items():
         rss, wall, _ = peak_rss_mb(command, env)
-        shown = " ".join(command).replace(sys.executable, "python").replace(str(folder), args.dir) \
-            .replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+        shown = " ".join(command).replace(str(folder), args.dir)
         print(f"| {name} | {args.mb} MB | {rss:.0f} MB | {wall:.0f} s | `/usr/bin/time -v {shown}` |")
 
 

@@ -143,7 +143,7 @@ def test_rollout_samples_groups_scores_them_and_normalises_within_each_group(ite
     assert rollout.iterations == iterations
     rows = [{"prompt": "sort: 3 1 2 =", "answer": " 1 2 3"}, {"prompt": "sort: 5 4 =", "answer": " 4 5"}]
     ctx = Ctx(generator(model), step=3)
-    out = rollout(prompt_batch(tok, rows), ctx=ctx)
+    out = rollout.finish([rollout(prompt_batch(tok, rows), ctx=ctx)], ctx=ctx)[0]
     N = 8
     assert out["prompt_ids"].shape[0] == out["completion_ids"].shape[0] == N
     assert out["prompt_ids"][0].tolist()[-len(tok(rows[0]["prompt"])["input_ids"]):] == tok(rows[0]["prompt"])["input_ids"]
@@ -203,3 +203,15 @@ def test_demo_warmup_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), untouched.state_dict().values()))
+
+
+def test_finish_normalises_by_the_std_of_the_whole_step():
+    cfg = GRPOConfig(num_generations=2, scale_rewards="batch", reward_funcs=["exact-match"])
+    rollout = GRPORollout(cfg, tiny_tokenizer(), rewards=registry())
+    batches = [{"rewards": torch.tensor([1.0, 0.0])}, {"rewards": torch.tensor([1.0, 1.0])}]
+    ctx = Ctx(generator=None)
+    rollout.finish(batches, ctx=ctx)
+    std = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64).std().item()  # over both micro-batches
+    assert batches[0]["reward_std"].tolist() == pytest.approx([std, std])
+    assert batches[0]["advantages"].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)], rel=1e-6)
+    assert batches[1]["advantages"].tolist() == [0.0, 0.0]

@@ -92,3 +92,33 @@ def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(t
     assert engine._lockstep()
     metrics = engine.train()
     assert seen and True in seen and False in seen and metrics["eval_reduced"] == 1.0
+
+
+def test_two_processes_reduce_through_the_context_and_match_one(tmp_path):
+    """torchrun, 2 CPU processes of 4 rows each vs one process of 8: ctx.reduce sums (and averages) over the
+    processes; exact (sum, count) metrics and the collective (lock-step) evaluation equal one process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port, read_jsonl
+
+    worker = Path(__file__).parent / "toy_distributed.py"
+    env = {"PATH": str(Path(sys.executable).parent), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ALIGNKIT_LOAD_PLUGINS": ""}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), str(worker), str(tmp_path / "two"), "4"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), "8"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows_one, rows_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2, 3, 3]
+    for a, b in zip(rows_one, rows_two):
+        prefix = "eval_" if "eval_loss" in a else ""
+        assert a[prefix + "global_rows"] == b[prefix + "global_rows"] == 8.0  # 4 + 4 on two processes
+        assert b[prefix + "mean_rows"] == 4.0 and a[prefix + "mean_rows"] == 8.0
+        for key in ("loss", "token_nll", "accuracy"):
+            assert b[prefix + key] == pytest.approx(a[prefix + key], rel=1e-5), (a["step"], key)
+    assert rows_two[0]["probe"] == 1.0

@@ -26,6 +26,8 @@ class ToyFormatter(alignkit.DataFormatter):
             raise alignkit.DataError("'prompt' must be a string")
         completions = row["completion"]
         many = isinstance(completions, list)
+        if many and not completions:
+            raise alignkit.DropExample  # (an empty list would mean: another row carries this one, as in packing)
         out = []
         for completion in completions if many else [completions]:
             prompt = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
@@ -77,15 +79,15 @@ DEMO_DEFAULTS = {"train.learning_rate": 2e-3, "train.per_device_eval_batch_size"
 class ToyPlugin:
     """The plugin: the `toy` method, its `toy-sort` demo data, and an on_evaluate recorder (scoped to toy)."""
 
-    def __init__(self, all_runs: bool = False, demo_data: str | None = "toy-sort") -> None:
+    def __init__(self, all_runs: bool = False, demo_data: str | None = "toy-sort", loss: type = ToyLoss) -> None:
         self.evaluations: list[tuple[str, dict]] = []
-        self.demo_data = demo_data
+        self.demo_data, self.loss = demo_data, loss
         if all_runs:
             self.alignkit_all_runs = True
 
     @alignkit.hookimpl
     def register_methods(self, register):
-        register(alignkit.Method(name="toy", config=ToyConfig, formatter=ToyFormatter, loss=ToyLoss,
+        register(alignkit.Method(name="toy", config=ToyConfig, formatter=ToyFormatter, loss=self.loss,
                                  description="Per-token NLL on completions (tests).", demo_data=self.demo_data,
                                  demo_defaults=DEMO_DEFAULTS, progress_metrics=("accuracy",)))
 

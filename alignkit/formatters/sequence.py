@@ -25,7 +25,7 @@ from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack
-from alignkit.text import check_messages, is_conversation, render, same_format
+from alignkit.text import column, is_conversation, render, same_format
 from alignkit.tokens import Encoder, common_prefix_length, labels_where, split_common, truncate
 
 LANGUAGE_MODELING, PROMPT_COMPLETION = "language-modeling", "prompt-completion"
@@ -96,14 +96,14 @@ class SequenceFormatter(DataFormatter):
     def tokens(self, example: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(ids, trained mask) of one row, before truncation."""
         if self.shape(example) == LANGUAGE_MODELING:
-            column = "messages" if "messages" in example else self.config.dataset_text_field
-            value = self._value(example, column)
+            name = "messages" if "messages" in example else self.config.dataset_text_field
+            value = column(example, name)
             if is_conversation(value):
                 return self._conversation(value)
             self._no_assistant_only()
             ids = self._standard.texts([with_eos_text(value, self.tokenizer.eos_token)])[0]
             return ids, [1] * len(ids)
-        prompt, completion = self._value(example, "prompt"), self._value(example, "completion")
+        prompt, completion = column(example, "prompt"), column(example, "completion")
         conversational = same_format(("prompt", prompt), ("completion", completion))
         if conversational:
             full_ids, mask, n = self._conversation_pair(prompt, completion)
@@ -114,20 +114,6 @@ class SequenceFormatter(DataFormatter):
         if self.config.completion_only_loss is not False:
             mask = [0] * n + mask[n:]
         return full_ids, mask
-
-    def _value(self, example: dict[str, Any], column: str):
-        if column not in example:
-            raise DataError(f"missing column '{column}'")
-        value = example[column]
-        if isinstance(value, str):
-            if not value:
-                raise DataError(f"'{column}' is an empty string")
-            return value
-        if not is_conversation(value):
-            raise DataError(f"'{column}' must be a string or a list of {{role, content}} messages, got "
-                            f"{type(value).__name__}")
-        check_messages(column, value)
-        return value
 
     def _no_assistant_only(self) -> None:
         if self.config.assistant_only_loss:

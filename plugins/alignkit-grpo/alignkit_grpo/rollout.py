@@ -2,7 +2,8 @@
 
 The engine calls it without gradient on each micro-batch of prompt rows (from the prompt-only formatter:
 `prompt_input_ids` right-padded with `prompt_attention_mask`, `prompt` and the row's other columns as lists)
-and hands the batch it returns to the reference and the loss:
+then `finish` on all of the step's micro-batches (the advantages need the step-wide reward std), and
+hands the batches to the reference and the loss:
 
   prompt_ids / prompt_mask          [N, P] left-padded, N = rows x num_generations (each prompt repeated)
   completion_ids / completion_mask  [N, C] right-padded (mask zero on truncated rows with
@@ -65,21 +66,30 @@ class GRPORollout:
         return out
 
     def _score(self, batch: dict, completions: list[list[int]], ctx) -> dict:
-        """Rewards, the step's reward std (over every process) and the advantages."""
-        cfg, G = self.config, self.config.num_generations
+        """Each completion's rewards (per function, and their weighted sum)."""
+        G = self.config.num_generations
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
         columns = {k: [v for v in values for _ in range(G)] for k, values in batch.items() if k not in skip}
         prompts = [p for p in batch["prompt"] for _ in range(G)]
         per_func = score(self.rewards, prompts, texts, columns)
-        rewards = combine(per_func, self.weights)
-        scored = ~torch.isnan(rewards)
-        r = rewards.nan_to_num(0.0).double()
-        totals = torch.stack([r.sum(), (r * r).sum(), scored.sum().double()]).to(ctx.device)
-        if ctx.training:  # eval batches may be uneven over processes: there each process's own std
+        return {"rewards": combine(per_func, self.weights), "rewards_per_func": per_func,
+                "reward_names": [name for name, _ in self.rewards]}
+
+    def finish(self, batches: list[dict], ctx) -> list[dict]:
+        """Advantages, once every micro-batch of the step is rolled out: the batch std (scale_rewards=batch,
+        and the logged reward_std) spans all of the step's completions on every process, as TRL's generation
+        batch does (at eval, each batch on its own: processes may hold different numbers of eval batches)."""
+        cfg = self.config
+        totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+        for b in batches:
+            r = b["rewards"].nan_to_num(0.0).double()
+            totals += torch.stack([r.sum(), (r * r).sum(), (~torch.isnan(b["rewards"])).sum().double()])
+        if ctx.training:
             totals = ctx.reduce(totals, "sum")
         batch_std = std_from_sums(*totals.tolist())
-        adv, std = advantages(rewards, G, cfg.scale_rewards, batch_std)
-        return {"advantages": adv.float(), "rewards": rewards, "rewards_per_func": per_func,
-                "reward_names": [name for name, _ in self.rewards], "reward_std": torch.full_like(rewards, batch_std),
-                "zero_std": torch.isclose(std, torch.zeros_like(std))}
+        for b in batches:
+            adv, std = advantages(b["rewards"], cfg.num_generations, cfg.scale_rewards, batch_std)
+            b.update(advantages=adv.float(), reward_std=torch.full_like(b["rewards"], batch_std),
+                     zero_std=torch.isclose(std, torch.zeros_like(std)))
+        return batches

@@ -1,0 +1,34 @@
+"""Run by test_step_context under torchrun (or alone): the toy method with a loss that reduces across
+processes through ctx.reduce (Loss.collective), training and evaluating; argv[1] is the output folder,
+argv[2] the per-process batch size."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+import alignkit  # noqa: E402
+import alignkit_orpo  # noqa: E402
+from alignkit.testing import plugin_manager  # noqa: E402
+from toy_method import ToyLoss, ToyPlugin  # noqa: E402
+
+
+class CollectiveLoss(ToyLoss):
+    collective = True
+
+    def __call__(self, model, batch, ctx):
+        out = super().__call__(model, batch, ctx)
+        rows = torch.tensor(float(batch["input_ids"].shape[0]), device=ctx.device)
+        out.metrics["global_rows"] = ctx.reduce(rows)  # the rows of this micro-batch on every process
+        out.metrics["mean_rows"] = ctx.reduce(rows, "mean")
+        return out
+
+
+out_dir, batch = sys.argv[1], int(sys.argv[2])
+alignkit.run("toy", plugins=plugin_manager(alignkit_orpo, ToyPlugin(loss=CollectiveLoss)), **{
+    "train.output_dir": out_dir, "train.max_steps": 3, "train.logging_steps": 1, "train.eval_steps": 3,
+    "train.per_device_train_batch_size": batch, "train.per_device_eval_batch_size": batch,
+    "data.max_train_samples": 24, "data.max_eval_samples": 8, "train.disable_tqdm": True, "train.plots": False,
+    "train.save_steps": None, "train.eval_on_start": False})
