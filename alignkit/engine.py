@@ -141,8 +141,7 @@ class Engine:
     def _attach_generator(self, model) -> None:
         """Online methods sample from the prepared policy through the core's generation handle."""
         if self.rollout is not None:
-            backend = getattr(self.config.method, "generation_backend", "transformers")
-            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed, backend)
+            self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed)
 
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
@@ -302,6 +301,8 @@ class Engine:
         acc = self.accelerator
         ctxs = ctxs or [self._context(True, i, len(micro_batches)) for i in range(len(micro_batches))]
         totals = self._global_counts(micro_batches, ctxs)
+        for unit, count in totals.items():
+            self.state.seen[unit] = self.state.seen.get(unit, 0.0) + count
         loss_sum, metrics = torch.zeros((), device=acc.device), MetricSums(acc.device)
         for i, (batch, ctx) in enumerate(zip(micro_batches, ctxs)):
             with contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model):
@@ -330,7 +331,12 @@ class Engine:
         """Window means: loss and gradient norm over steps (already global), metrics sum / count over all
         micro-batches of all processes."""
         return {"loss": window.loss / window.steps, "grad_norm": window.grad_norm / window.steps,
-                "learning_rate": scheduler.get_last_lr()[0], **means(reduce_totals(window.metrics, self.accelerator))}
+                "learning_rate": scheduler.get_last_lr()[0], **means(reduce_totals(window.metrics, self.accelerator)),
+                **self._running_totals()}
+
+    def _running_totals(self) -> dict[str, float]:
+        """The loss's running_totals: its units' counts over all training so far."""
+        return {name: self.state.seen.get(unit, 0.0) for name, unit in self.loss.running_totals.items()}
 
     # ---- evaluation -------------------------------------------------------------------------------
 
@@ -377,6 +383,7 @@ class Engine:
         except EvalStopped:
             log.warning("step %d: evaluation cut short by a stop request; not reported", self.state.step)
             return {}
+        metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
         return metrics
 
@@ -392,7 +399,7 @@ class Engine:
     def _save_checkpoint(self, window: Window) -> Path:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
-                 "max_steps": s.max_steps, "window": window.state()}
+                 "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen)}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
                                self.config.train.save_total_limit, self._scheduler,

@@ -10,6 +10,7 @@ depend on how a global batch is split into micro-batches or ranks.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,10 @@ class Loss(ABC):
     #: the loss calls `ctx.reduce` (a collective): evaluation then keeps every process in lock-step
     #: (each runs the same number of eval batches; the last batches may repeat a few examples to even them out)
     collective: bool = False
+    #: running totals to log: metric name -> a unit of `counts`. The engine logs that unit's count summed over
+    #: every training step so far (all processes, kept across resume) in each train log, and as `eval_<name>`
+    #: at each evaluation (0 before any training), e.g. {"num_tokens": "input_tokens"} for TRL's num_tokens.
+    running_totals: Mapping[str, str] = {}
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -40,8 +40,10 @@ class RolloutStage:
         self._kept: tuple[list, list] | None = None  # (prompt micro-batches, their rollout)
         self._passes_left = 0
 
-    def attach(self, model, accelerator, tokenizer, seed: int, backend: str = "transformers") -> Generator:
-        """The generation handle for `model` (the prepared policy); StepContext.generator from now on."""
+    def attach(self, model, accelerator, tokenizer, seed: int) -> Generator:
+        """The generation handle for `model` (the prepared policy); StepContext.generator from now on. The
+        rollout chooses the backend with its `generation_backend` attribute ("transformers" by default)."""
+        backend = getattr(self.rollout, "generation_backend", "transformers")
         self.generator = Generator(model, accelerator, tokenizer, seed,
                                    backend_for(backend, model, accelerator, tokenizer))
         return self.generator

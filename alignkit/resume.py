@@ -160,6 +160,7 @@ def _resume(engine) -> tuple[Window, list[str]]:
                           f"this run has {state.max_steps}; keep the data and step settings of that run")
     for key in ("step", "epoch_index", "batches_in_epoch"):
         setattr(state, key, saved[key])
+    state.seen = dict(saved.get("seen", {}))
     log.info("resumed from %s at step %d", path, state.step)
     return Window.from_state(saved["window"]), changes
 

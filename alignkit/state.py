@@ -34,6 +34,8 @@ class RunState:
     eval_dataset: Any = None
     #: log_table(name, columns, rows): send a table to the trackers that take tables (wandb, comet)
     log_table: Any = None
+    #: each unit of the loss's `counts` summed over every training step so far, all processes (for its running_totals)
+    seen: dict[str, float] = field(default_factory=dict)
 
     @property
     def epoch(self) -> float:

@@ -153,18 +153,39 @@ class Encoder:
                 for p, c in pairs]
 
     def _window(self, text: str, side: str) -> list[int]:
-        """The exact first (side "start") or last ("end") `keep` ids of a long text, from a window of it that
-        yields MARGIN tokens more, checked against a window half as long again (grown until they agree)."""
+        """The exact first (side "start") or last ("end") `keep` ids of a long text."""
+        return self._window_chars(text, side)[0]
+
+    def _window_chars(self, text: str, side: str) -> tuple[list[int], int]:
+        """(ids, window length): the exact first or last `keep` ids of a long text, from a window of it that yields
+        MARGIN tokens more, checked against a window half as long again (grown until they agree)."""
         keep, chars = self.keep, self.window
         while chars < len(text):
             cut = (lambda n: text[:n]) if side == "start" else (lambda n: text[-n:])
             ids = self.encode([cut(chars), cut(chars * 3 // 2)])
             ends = [i[:keep] if side == "start" else i[-keep:] for i in ids]
             if len(ids[0]) >= keep + MARGIN and ends[0] == ends[1]:
-                return ends[0]
+                return ends[0], chars
             chars *= 2
         ids = self.encode([text])[0]
-        return ids[:keep] if side == "start" else ids[-keep:]
+        return (ids[:keep] if side == "start" else ids[-keep:]), len(text)
+
+    def with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """`texts([text])[0]` and, for each of those ids, the character of `text` where its token starts (to mark
+        tokens by character spans), still bounded in memory for a long text."""
+        if not self.is_long(text):
+            enc = self.tokenizer(text, add_special_tokens=self.special, return_offsets_mapping=True)
+            return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
+        ids, starts = [], []
+        for side in ("start", "end"):
+            part, chars = self._window_chars(text, side)
+            window = text[:chars] if side == "start" else text[len(text) - chars:]
+            enc = self.tokenizer(window, add_special_tokens=self.special, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"][:len(part)] if side == "start" else enc["offset_mapping"][-len(part):]
+            shift = 0 if side == "start" else len(text) - chars
+            ids += part
+            starts += [start + shift for start, _ in offsets]
+        return ids, starts
 
     def _stand_in(self, text: str) -> list[int]:
         return self._window(text, "start") + self._window(text, "end")

@@ -23,20 +23,24 @@ CASES = {  # name -> (data file, SFT settings, the same for TRL's SFTConfig)
     "conversational-prompt-completion-full-loss": ("chat.jsonl", {"completion_only_loss": False}),
     "standard-language-modeling": ("text.jsonl", {}),
     "conversational-language-modeling": ("messages.jsonl", {}),
+    "conversational-language-modeling-assistant-only": ("messages.jsonl", {"assistant_only_loss": True}),
+    "conversational-prompt-completion-assistant-only": ("chat.jsonl", {"assistant_only_loss": True,
+                                                                       "completion_only_loss": False}),
     "standard-truncated": ("standard.jsonl", {"max_length": 12}),
 }
 ROWS = 24
+SMALL_BATCH = 5
 METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_num_tokens")
 
 
 def make_inputs(work: Path, rows: int = ROWS) -> None:
     """Save a tiny random Llama with the built-in tokenizer, and the datasets of every case."""
+    from alignkit.demo import digit_lists, prompt, words
     from alignkit.testing import tiny_model, tiny_tokenizer
-    from alignkit_orpo.demo import sort_pairs  # ORPO's demo pairs (moved out of the core)
 
     tiny_model(seed=11).save_pretrained(work / "model")
     tiny_tokenizer().save_pretrained(work / "model")
-    pc = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in sort_pairs(rows, seed=5)]
+    pc = [{"prompt": prompt(d), "completion": " " + words(sorted(d))} for d in digit_lists(rows, seed=5)]
     pc[0]["prompt"] = "sort: " + " ".join(["7"] * 12) + " ="  # a row that overflows max_length 12
     chat = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "completion": [{"role": "assistant", "content": r["completion"].strip()}]} for r in pc]
@@ -101,6 +105,11 @@ def main() -> None:
     make_inputs(work, args.rows)
     ours, theirs = alignkit_side(work, CASES, args.rows), trl_side(work, CASES, args.rows)
     worst, rows = compare(ours, theirs)
+    # The same model and data in eval batches of 5 (24 rows: 4 batches of 5 and one of 4): only TRL's numbers move.
+    small = {"standard-prompt-completion": CASES["standard-prompt-completion"]}
+    ours_small, theirs_small = alignkit_side(work, small, SMALL_BATCH), trl_side(work, small, SMALL_BATCH)
+    small_rows = [f"| {key} | {ours_small[case][key]:.9g} | {ours[case][key]:.9g} | {theirs_small[case][key]:.9g} | "
+                  f"{theirs[case][key]:.9g} |" for case in small for key in METRICS[:3]]
     lines = ["| case | metric | alignkit | TRL | relative difference |", "|---|---|---:|---:|---:|", *rows]
     header = [
         f"# SFT eval metrics: alignkit vs TRL {trl.__version__} SFTTrainer.evaluate()", "",
@@ -117,7 +126,11 @@ def main() -> None:
         "token mean, then averaged over batches weighted by rows for the loss, unweighted for the other two). "
         "alignkit sums over every token of the eval set and divides once, so its numbers do not depend on "
         "per_device_eval_batch_size. With one batch holding the whole eval set (as here) the two agree; with "
-        "smaller batches TRL's differ from these by how much the batches' token counts differ.", "",
+        "smaller batches TRL's differ from these by how much the batches' token counts differ. Measured on the "
+        f"standard-prompt-completion case with eval batches of {SMALL_BATCH}:", "",
+        f"| metric | alignkit, batch {SMALL_BATCH} | alignkit, one batch | TRL, batch {SMALL_BATCH} | TRL, one batch |",
+        "|---|---:|---:|---:|---:|", *small_rows, "",
+        "## One eval batch holding the whole eval set", "",
     ]
     text = "\n".join(header + lines) + "\n"
     if args.no_write:

@@ -209,3 +209,17 @@ def test_formatter_fingerprint_covers_the_blocks_it_uses():
     for cls in (SequenceFormatter, UnpairedPreferenceFormatter, PromptOnlyFormatter, PreferenceFormatter):
         sources = class_sources(cls)
         assert inspect.getsource(alignkit.tokens) in sources and inspect.getsource(alignkit.text) in sources
+
+
+def test_unpaired_order_follows_trl_when_a_chosen_example_is_dropped(tok):
+    """A paired row whose chosen side is dropped keeps its rejected example among the rejected ones (TRL's order:
+    all chosen, then all rejected)."""
+    prompt = "sort: 1 2 3 "  # ends with a space token, which merges with the rejected answer's "9"
+    n = len(tok(prompt)["input_ids"])
+    rows = [{"prompt": prompt, "chosen": " 9", "rejected": "9"}, {"prompt": "p =", "chosen": " a", "rejected": " b"}]
+    out = formatted(make(UnpairedPreferenceFormatter, tok, max_length=n), rows)
+    assert [r["label"] for r in out] == [True, False, False]  # row 0's chosen (its whole prompt fills max_length) is dropped
+    assert out[1]["completion_input_ids"][:n - 1] == tok(prompt)["input_ids"][:n - 1]
+    kl = [r["KL_completion_input_ids"][len(r["prompt_input_ids"]):] for r in out]
+    completions = [r["completion_input_ids"][len(r["prompt_input_ids"]):] for r in out]
+    assert kl[0] == completions[2][:len(kl[0])]

@@ -91,3 +91,14 @@ def test_progress_bar_shows_the_loss_and_the_methods_progress_metrics():
 
 EXPECTED_DIGESTS = {("sort", "train"): "fd5a0189a0f4bd92", ("sort", "test"): "8d3595ab7a467c5f",
                     ("sort-chat", "train"): "41d68643e4b4f75b", ("sort-chat", "test"): "43d231234169bfa9"}
+
+
+def test_a_loader_that_returns_no_dataset_is_named():
+    class Broken:
+        @hookimpl
+        def register_datasets(self, register):
+            register("broken", lambda split: [{"prompt": "x"}])
+
+    builtins = build_registry(plugin_manager(Broken())).datasets
+    with pytest.raises(DataError, match="^builtin:broken: the loader registered by .* returned list, not a datasets.Dataset$"):
+        load_data("builtin:broken", "train", builtins)

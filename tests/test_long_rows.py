@@ -53,9 +53,13 @@ def test_orpo_ids_on_huge_rows_equal_the_whole_text_path(tok, mode):
     (SequenceFormatter, [{"text": BIG}, {"prompt": BIG, "completion": SMALL}, {"prompt": SMALL, "completion": BIG},
                          {"messages": [chat("user", BIG), chat("assistant", BIG)]},
                          {"prompt": [chat("user", BIG)], "completion": [chat("assistant", SMALL)]}]),
+    (SequenceFormatter, [{"messages": [chat("user", BIG), chat("assistant", BIG), chat("user", "q"), chat("assistant", SMALL)]},
+                         {"prompt": [chat("user", BIG)], "completion": [chat("assistant", BIG)]},
+                         {"prompt": [chat("user", SMALL)], "completion": [chat("assistant", BIG)]}]),
     (UnpairedPreferenceFormatter, PAIRED + [{"prompt": SMALL, "completion": BIG, "label": False}]),
     (PromptOnlyFormatter, [{"prompt": BIG}, {"prompt": [chat("user", BIG)]}]),
-], ids=["sequence", "unpaired", "prompt-only"])
-def test_core_formatter_ids_on_huge_rows_equal_the_whole_text_path(tok, cls, rows, mode):
-    config = cls.config_class(name="t", max_length=48, truncation_mode=mode)
+], ids=["sequence", "assistant-only", "unpaired", "prompt-only"])
+def test_core_formatter_ids_on_huge_rows_equal_the_whole_text_path(tok, cls, rows, mode, request):
+    extra = {"assistant_only_loss": True} if "assistant-only" in request.node.name else {}
+    config = cls.config_class(name="t", max_length=48, truncation_mode=mode, **extra)
     assert results(cls(config, tok), rows) == results(unbounded(cls(config, tok)), rows)

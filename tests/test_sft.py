@@ -56,7 +56,7 @@ def test_loss_and_metrics_match_float64_reference(tok, model, implementation):
     loss.prepare_model(model)
     assert (loss.head is None) == (implementation == "plain")
     nll, correct, entropy, n = reference(model, batch)
-    assert loss.counts(batch) == {"tokens": n}
+    assert loss.counts(batch) == {"tokens": n, "input_tokens": int(batch["attention_mask"].sum())}
     with torch.no_grad():
         out = loss(model, batch)
     assert float(out.terms["tokens"]) == pytest.approx(nll, rel=1e-6)

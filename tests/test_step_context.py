@@ -43,17 +43,20 @@ def test_reduce_on_one_process_is_a_detached_copy():
 
 
 def test_the_engine_hands_each_stage_its_context(tmp_path):
-    ToyLoss.seen.clear()
-    alignkit.run("toy", fast(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                             per_device_eval_batch_size=4, eval_steps=2), plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
-    train = [(stage, c) for stage, c in ToyLoss.seen if c.training]
+    ToyLoss.seen = []
+    try:
+        alignkit.run("toy", fast(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                                 per_device_eval_batch_size=4, eval_steps=2), plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
+    finally:
+        seen, ToyLoss.seen = ToyLoss.seen, None
+    train = [(stage, c) for stage, c in seen if c.training]
     # per step: counts for each of the 3 micro-batches first, then the loss on each
     assert [s for s, _ in train] == (["counts"] * 3 + ["loss"] * 3) * 2
     assert [(c.step, c.micro_batch, c.micro_batches) for s, c in train if s == "loss"] == [
         (0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 3), (1, 1, 3), (1, 2, 3)]
-    evals = [c for s, c in ToyLoss.seen if s == "loss" and not c.training]
+    evals = [c for s, c in seen if s == "loss" and not c.training]
     assert [(c.step, c.micro_batch, c.micro_batches) for c in evals] == [(2, 0, 2), (2, 1, 2)]  # 8 rows, batches of 4
-    assert all(c.num_processes == 1 and c.process_index == 0 and c.generator is None for _, c in ToyLoss.seen)
+    assert all(c.num_processes == 1 and c.process_index == 0 and c.generator is None for _, c in seen)
 
 
 def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(tmp_path):

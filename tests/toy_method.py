@@ -45,18 +45,20 @@ class ToyFormatter(alignkit.DataFormatter):
 class ToyLoss(alignkit.Loss):
     """Summed NLL over the labelled tokens, normalised per token. Records every StepContext it gets."""
 
-    seen: list = []  # (stage, ctx) for every call, across instances (tests reset it)
+    seen: list | None = None  # set to a list to record (stage, ctx) for every call, across instances
 
     @property
     def eval_loss_per_batch(self):
         return self.config.eval_loss_per_batch
 
     def counts(self, batch, ctx):
-        ToyLoss.seen.append(("counts", ctx))
+        if ToyLoss.seen is not None:
+            ToyLoss.seen.append(("counts", ctx))
         return {"tokens": int((batch["labels"][:, 1:] != -100).sum())}
 
     def __call__(self, model, batch, ctx):
-        ToyLoss.seen.append(("loss", ctx))
+        if ToyLoss.seen is not None:
+            ToyLoss.seen.append(("loss", ctx))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")

@@ -25,7 +25,7 @@ from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack
-from alignkit.text import column, is_conversation, render, same_format
+from alignkit.text import column, common_prefix, is_conversation, render, same_format
 from alignkit.tokens import Encoder, common_prefix_length, labels_where, split_common, truncate
 
 LANGUAGE_MODELING, PROMPT_COMPLETION = "language-modeling", "prompt-completion"
@@ -121,15 +121,20 @@ class SequenceFormatter(DataFormatter):
 
     def _conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         if self.config.assistant_only_loss:
-            return assistant_tokens(self.tokenizer, messages)
+            return assistant_tokens(self.tokenizer, messages, self._rendered)
         ids = self._rendered.texts([render(self.tokenizer, messages)])[0]
         return ids, [1] * len(ids)
 
     def _conversation_pair(self, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int], int]:
         if self.config.assistant_only_loss:
-            full_ids, mask = assistant_tokens(self.tokenizer, prompt + completion)
+            full_ids, mask = assistant_tokens(self.tokenizer, prompt + completion, self._rendered)
             alone = render(self.tokenizer, prompt, add_generation_prompt=True)
-            return full_ids, mask, common_prefix_length(self._rendered.texts([alone])[0], full_ids)
+            full = render(self.tokenizer, prompt + completion)
+            if not self._rendered.is_long(full):
+                return full_ids, mask, common_prefix_length(self._rendered.texts([alone])[0], full_ids)
+            # a huge conversation: the completion starts at the first token past the shared text
+            boundary = len(common_prefix(alone, full))
+            return full_ids, mask, sum(start < boundary for start in self._rendered.with_starts(full)[1])
         p, c = prompt_completion_ids(self.tokenizer, self._rendered, prompt, completion)
         return p + c, [1] * (len(p) + len(c)), len(p)
 

@@ -89,24 +89,26 @@ class UnpairedPreferenceFormatter(DataFormatter):
     def format_batch(self, examples: list[dict[str, Any]]) -> list:
         """Every row unpaired and tokenized, in TRL's order (a batch of paired rows gives all chosen examples, then
         all rejected ones), then the KL completions rotated within groups."""
-        per_row: list = []
+        per_row: list = []  # per row: [(0 for a chosen or only example, 1 for a rejected one; the example)]
         for example in examples:
             try:
                 made = []
-                for prompt, completion, label in self.unpaired(example):
+                for slot, (prompt, completion, label) in enumerate(self.unpaired(example)):
                     try:
-                        made.append(self._example(*self.tokens(prompt, completion), label))
+                        made.append((slot, self._example(*self.tokens(prompt, completion), label)))
                     except DropExample:
                         pass
                 per_row.append(made if made else DropExample("no completion token left to score"))
             except (DataError, DropExample) as e:
                 per_row.append(e)
-        ok = [i for i, r in enumerate(per_row) if isinstance(r, list)]
-        firsts, rest = [per_row[i][0] for i in ok], [e for i in ok for e in per_row[i][1:]]
-        self._add_kl(firsts + rest)  # TRL's order: every row's first (chosen or only) example, then the rejected
-        out = [[r[0]] if isinstance(r, list) else r for r in per_row]
-        if ok:
-            out[ok[-1]] += rest
+        rows = [r for r in per_row if isinstance(r, list)]
+        firsts = [e for r in rows for slot, e in r if slot == 0]
+        rest = [e for r in rows for slot, e in r if slot == 1]
+        self._add_kl(firsts + rest)  # TRL's order: every chosen (or only) example, then the rejected ones
+        out = [[e for slot, e in r if slot == 0] if isinstance(r, list) else r for r in per_row]
+        last = max((i for i, r in enumerate(per_row) if isinstance(r, list)), default=None)
+        if last is not None:
+            out[last] += rest
         return out
 
     def _add_kl(self, examples: list[Formatted]) -> None:

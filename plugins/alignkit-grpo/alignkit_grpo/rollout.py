@@ -38,6 +38,11 @@ class GRPORollout:
         self.weights = config.reward_weights or [1.0] * len(self.rewards)
 
     @property
+    def generation_backend(self) -> str:
+        """The sampler the engine's generation handle uses (method.generation_backend)."""
+        return self.config.generation_backend
+
+    @property
     def iterations(self) -> int:
         """Optimisation passes over each rollout (GRPO's num_iterations)."""
         return self.config.num_iterations

@@ -6,9 +6,17 @@ The data side is the core's SequenceFormatter: each row's columns decide whether
 import alignkit
 from alignkit.formatters import SequenceFormatter
 from alignkit_sft.config import SFTConfig
+from alignkit_sft.data import DATASETS
 from alignkit_sft.loss import SFTLoss
 
-__all__ = ["SFTConfig", "SFTLoss"]
+__all__ = ["DEMO_DEFAULTS", "SFTConfig", "SFTLoss"]
+
+#: the demo's training settings (tiny built-in model on builtin:sort-sft): it learns to sort in seconds
+DEMO_DEFAULTS = {
+    "train.learning_rate": 3e-3, "train.num_train_epochs": 2, "train.per_device_train_batch_size": 16,
+    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
+    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
+}
 
 
 @alignkit.hookimpl
@@ -16,4 +24,11 @@ def register_methods(register):
     register(alignkit.Method(
         name="sft", config=SFTConfig, formatter=SequenceFormatter, loss=SFTLoss,
         description="Supervised fine-tuning: token-level NLL on text, conversations or prompt-completion pairs.",
-        defaults={"train.learning_rate": 2e-5}))
+        defaults={"train.learning_rate": 2e-5}, demo_data="sort-sft", demo_defaults=DEMO_DEFAULTS,
+        progress_metrics=("mean_token_accuracy",)))
+
+
+@alignkit.hookimpl
+def register_datasets(register):
+    for name, loader in DATASETS.items():
+        register(name, loader)

@@ -49,6 +49,17 @@ def chunked_token_stats(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) input tokens of the batch. Packed rows carry no attention mask: padding there is position 0
+    not followed by position 1 (every packed example has at least two tokens, or it would train nothing)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    positions_BT = batch["position_ids"]
+    real_BT = positions_BT != 0
+    real_BT[:, :-1] |= positions_BT[:, 1:] == 1
+    return int(real_BT.sum())
+
+
 def trained_positions(batch: dict[str, torch.Tensor], ignore: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token targets [B, T-1] and the mask of the positions that train. In a packed row (position_ids
     present) the first token of each example is never predicted from the example before it."""
@@ -60,7 +71,10 @@ def trained_positions(batch: dict[str, torch.Tensor], ignore: int) -> tuple[torc
 
 
 class SFTLoss(Loss):
-    """Summed NLL over the labelled tokens; mean_token_accuracy and entropy as exact (sum, count) pairs."""
+    """Summed NLL over the labelled tokens; mean_token_accuracy and entropy as exact (sum, count) pairs;
+    num_tokens, the input tokens seen in training so far (TRL's), as a running total of the `input_tokens` unit."""
+
+    running_totals = {"num_tokens": "input_tokens"}
 
     #: the split-off LM head of the chunked path; None runs the plain path
     head: LMHead | None = None
@@ -73,7 +87,8 @@ class SFTLoss(Loss):
                 log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        return {"tokens": int(trained_positions(batch, self.config.label_pad_token_id)[1].sum())}
+        return {"tokens": int(trained_positions(batch, self.config.label_pad_token_id)[1].sum()),
+                "input_tokens": input_tokens(batch)}
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Packed rows go in with their position ids and no attention mask: transformers then keeps attention

@@ -1,0 +1,43 @@
+"""alignkit_kto: KTO (Ethayarajh et al., arXiv 2402.01306) as an alignkit method plugin."""
+
+from alignkit import Method, hookimpl
+from alignkit_kto import demo
+from alignkit_kto.config import KTOConfig
+from alignkit_kto.loss import KTOLoss, kto_losses
+
+CITATION = """@article{ethayarajh2024kto,
+  title={KTO: Model Alignment as Prospect Theoretic Optimization},
+  author={Ethayarajh, Kawin and Xu, Winnie and Muennighoff, Niklas and Jurafsky, Dan and Kiela, Douwe},
+  journal={arXiv preprint arXiv:2402.01306},
+  year={2024}
+}"""
+
+METHOD = Method(
+    name="kto",
+    config=KTOConfig,
+    formatter="unpaired-preference",  # the core's: paired rows unpaired, KL pairs fixed at preprocessing
+    loss=KTOLoss,
+    description="Kahneman-Tversky Optimization: unpaired desirable/undesirable examples against a frozen reference.",
+    defaults={"train.learning_rate": 1e-6},
+    citation=CITATION,
+    demo_data=demo.NAME,
+    demo_defaults={
+        "train.learning_rate": 2e-3, "train.num_train_epochs": 1, "train.per_device_train_batch_size": 16,
+        "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
+        "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
+    },
+    progress_metrics=("rewards/margins", "kl"),
+)
+
+
+@hookimpl
+def register_methods(register):
+    register(METHOD)
+
+
+@hookimpl
+def register_datasets(register):
+    register(demo.NAME, demo.load)
+
+
+__all__ = ["KTOConfig", "KTOLoss", "METHOD", "kto_losses"]

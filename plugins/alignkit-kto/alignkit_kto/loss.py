@@ -1,0 +1,144 @@
+"""The KTO objective (Ethayarajh et al., arXiv 2402.01306) and its unpaired APO-zero variant.
+
+Each example is a (prompt, completion) with a boolean label (desirable or not). With r = beta * (log
+pi(y|x) - log pi_ref(y|x)) and z the batch KL estimate (beta * z is the reference point):
+
+    desirable:    w_d * (1 - sigmoid(beta * (logratio - z)))
+    undesirable:  w_u * (1 - sigmoid(beta * (z - logratio)))
+
+z is the mean over the batch of log pi(y'|x) - log pi_ref(y'|x) on mismatched pairs (each prompt with
+another example's completion, fixed when the data is formatted), detached, averaged over processes
+(ctx.reduce) and clamped at 0. apo_zero_unpaired uses 1 - sigmoid(beta * logratio) and
+sigmoid(beta * logratio), with no KL term. Metrics are TRL 1.16 KTOTrainer's names.
+"""
+
+import logging
+
+import torch
+
+from alignkit import ConfigError, Loss, LossOutput
+from alignkit.lmhead import LMHead, check_head
+from alignkit.modeling import disable_dropout
+from alignkit_kto.logps import CompletionStats, chunked_stats, plain_stats
+from alignkit_kto.pairing import kl_pairs
+
+log = logging.getLogger(__name__)
+
+
+def kto_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, kl: torch.Tensor, beta: float,
+               loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unweighted per-example losses of the desirable and the undesirable examples."""
+    if loss_type == "kto":
+        return 1 - torch.sigmoid(beta * (chosen_logratios - kl)), 1 - torch.sigmoid(beta * (kl - rejected_logratios))
+    return 1 - torch.sigmoid(beta * chosen_logratios), torch.sigmoid(beta * rejected_logratios)
+
+
+def _reduce_sum(ctx, values: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (no grad); a loss called outside the engine (ctx None) is one process."""
+    return values if ctx is None else ctx.reduce(values, op="sum")
+
+
+class KTOLoss(Loss):
+    """Policy forward on the completions (with grad) and, for `kto`, on the KL pairs (without)."""
+
+    needs_reference_model = True
+    #: the KL estimate and the batch margin are reduced over processes in every forward
+    collective = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._heads: dict[int, LMHead | None] = {}
+        self._checked: set[int] = set()
+
+    @property
+    def precompute_reference(self) -> bool:
+        return self.config.precompute_ref_log_probs
+
+    @property
+    def ignore(self) -> int:
+        return getattr(self.config, "label_pad_token_id", -100)
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        if self.config.disable_dropout:
+            disable_dropout(model)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"examples": batch["label"].shape[0]}
+
+    # ---- log-probs ---------------------------------------------------------------------------------
+
+    def _head(self, model: torch.nn.Module) -> LMHead | None:
+        """The split-off LM head of `model` (the chunked path), or None for the plain path."""
+        inner = getattr(model, "module", model)  # DDP and friends
+        key = id(inner)
+        if key not in self._heads:
+            head, why = LMHead.of(inner) if self.config.loss_implementation == "chunked" else (None, "")
+            if head is None and why:
+                log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
+            self._heads[key] = head
+        return self._heads[key]
+
+    def stats(self, model: torch.nn.Module, batch: dict, prefix: str, details: bool = False) -> CompletionStats:
+        """Completion statistics of the `{prefix}input_ids` rows: the completions (prefix "") or the KL pairs ("KL_")."""
+        ids, mask, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
+        head = self._head(model)
+        if head is None:
+            return plain_stats(model, ids, mask, labels, self.ignore, details)
+        if id(head) not in self._checked:
+            with torch.no_grad():
+                out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
+                            use_cache=False)
+            if not check_head(head, out):
+                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
+                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+            self._checked.add(id(head))
+        return chunked_stats(model, head, ids, mask, labels, self.ignore, self.config.logits_chunk_size, details)
+
+    def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reference log-probs of each completion and, for `kto`, of each example's KL pair."""
+        out = {"logps": self.stats(ref_model, batch, "").logps}
+        if self.config.uses_kl:
+            out["KL_logps"] = self.stats(ref_model, kl_pairs(batch, self.config), "KL_").logps
+        return out
+
+    # ---- the loss ----------------------------------------------------------------------------------
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ref: dict, ctx=None) -> LossOutput:
+        c = self.config
+        desirable = batch["label"].bool()
+        policy = self.stats(model, batch, "", details=True)
+        logratios = policy.logps - ref["logps"].to(policy.logps)
+        with torch.no_grad():
+            if c.uses_kl:
+                kl_logps = self.stats(model, kl_pairs(batch, self.config), "KL_").logps
+                local_kl = (kl_logps - ref["KL_logps"].to(kl_logps)).mean()
+            else:
+                local_kl = logratios.new_zeros(())
+            rewards = c.beta * logratios.detach()
+            n_chosen, n_rejected = desirable.sum(), (~desirable).sum()
+            # one collective: the KL estimate and this batch's reward sums and counts over all processes
+            summed = _reduce_sum(ctx, torch.stack([local_kl.float(), rewards[desirable].sum(), n_chosen.float(),
+                                                   rewards[~desirable].sum(), n_rejected.float()]))
+            processes = 1 if ctx is None else ctx.num_processes
+            kl = (summed[0] / processes).clamp(min=0) if c.uses_kl else summed.new_zeros(())
+        chosen_losses, rejected_losses = kto_losses(logratios[desirable], logratios[~desirable], kl, c.beta, c.loss_type)
+        total = c.desirable_weight * chosen_losses.sum() + c.undesirable_weight * rejected_losses.sum()
+        return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
+
+    def _metrics(self, policy: CompletionStats, rewards, desirable, kl, summed, ctx) -> dict:
+        """TRL's metrics as exact (sum, count) pairs; `kl` and `rewards/margins` are per-batch values (already
+        global), counted once per batch, on the main process."""
+        main = ctx is None or ctx.process_index == 0
+        tokens = policy.tokens
+        metrics = {}
+        for side, rows in (("chosen", desirable), ("rejected", ~desirable)):
+            metrics[f"rewards/{side}"] = (rewards[rows].sum(), rows.sum())
+            metrics[f"logps/{side}"] = (policy.logps.detach()[rows].sum(), rows.sum())
+            metrics[f"logits/{side}"] = (policy.logits_sum[rows].sum(), tokens[rows].sum())
+        # counted only where the batch has both kinds of example (no device sync: the count is a tensor)
+        counted = ((summed[2] > 0) & (summed[4] > 0)).float() * main
+        margin = summed[1] / summed[2].clamp(min=1) - summed[3] / summed[4].clamp(min=1)
+        metrics["rewards/margins"] = (margin * counted, counted)
+        metrics["kl"] = (kl * main, float(main))
+        metrics["entropy"] = (policy.entropy_sum.sum(), tokens.sum())
+        return metrics
