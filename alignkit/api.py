@@ -56,14 +56,17 @@ def load_config(method: str | None = None, config: str | Path | Mapping | None =
 
 def run(method: str | None = None, config: str | Path | Mapping | None = None, *,
         plugins: PluginManager | None = None, model=None, tokenizer=None, train_dataset=None,
-        eval_dataset=None, **overrides: Any) -> RunResult:
-    """Train `method`. Overrides use the CLI's dotted keys: run("NAME", **{"train.max_steps": 10})."""
+        eval_dataset=None, schedule=None, optimizer=None, lr_scheduler=None, **overrides: Any) -> RunResult:
+    """Train `method`. Overrides use the CLI's dotted keys: run("NAME", **{"train.max_steps": 10}).
+
+    `schedule` (an alignkit.schedule.Schedule), `optimizer(model)` and `lr_scheduler(optimizer,
+    num_training_steps)` replace the ones the config describes."""
     from alignkit.engine import Engine
 
     pm = plugins or get_plugin_manager()
     cfg, chosen = load_config(method, config, overrides, pm)
     engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                    eval_dataset=eval_dataset)
+                    eval_dataset=eval_dataset, schedule=schedule, optimizer=optimizer, lr_scheduler=lr_scheduler)
     metrics = engine.train()
     return RunResult(Path(cfg.train.output_dir), metrics, engine.state.step, cfg)
 

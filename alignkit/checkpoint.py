@@ -1,5 +1,7 @@
-"""Checkpoints under output_dir/checkpoints: written atomically with a manifest (sizes and hashes) written
-last, verified before use, found for `auto` (the newest intact one), rotated.
+"""Checkpoints (checkpoint-N folders under output_dir/train.checkpoint_dir): written atomically with a manifest
+(sizes and hashes) written last, verified before use, found for `auto` (the newest intact one), rotated. The
+engine's own state is alignkit_state.json: trainer_state.json is left to tools that write transformers'
+TrainerState (the TRL-compatible trainer does).
 """
 
 import hashlib
@@ -17,7 +19,7 @@ from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "alignkit_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 CONFIG_FILE = "config.yaml"
 MANIFEST = "manifest.json"
@@ -105,6 +107,16 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_all(root: Path, remove_root: bool) -> None:
+    """Remove every checkpoint-N folder (complete or not) under root, and nothing else; then root itself if
+    asked and empty (not when root is output_dir, train.checkpoint_dir=".")."""
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.is_dir() and _NAME.match(path.name.removeprefix(".tmp-")):
+            shutil.rmtree(path)
+    if remove_root and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def find(spec: str, root: Path) -> Path | None:

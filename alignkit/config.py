@@ -102,7 +102,9 @@ class TrainConfig(Section):
     output_dir: str = Field("outputs/run", description="Where the model, config.yaml, metrics.jsonl and checkpoints/ go (default outputs/<method>).")
     overwrite_output_dir: bool = Field(False, description="Allow writing over a non-empty output_dir that holds another run (its old checkpoints are removed).")
     skip_nonfinite_steps: bool = Field(False, description="Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    optim: str = Field("adamw_torch", description="Optimizer, by its transformers.Trainer name (adamw_torch, sgd, rmsprop, adafactor, ...).")
+    optim_args: str | None = Field(None, description="Extra optimizer arguments as transformers takes them, e.g. 'momentum=0.9,centered=true'.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch on each process.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per eval batch on each process.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -112,7 +114,7 @@ class TrainConfig(Section):
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments of the schedule, e.g. {num_cycles: 2}.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of the steps spent warming up.")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not applied to biases and norm weights).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -124,6 +126,7 @@ class TrainConfig(Section):
     save_steps: int | None = Field(500, gt=0, description="Write a checkpoint every N steps; null for none.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints (the newest).")
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or auto for the latest in output_dir/checkpoints.")
+    checkpoint_dir: str = Field("checkpoints", description="Folder of the checkpoint-N folders, relative to output_dir; '.' puts them in output_dir itself, as transformers.Trainer does.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialisation, shuffling and dropout.")
     group_by_length: bool = Field(
         False, description="Shuffle in groups of similar length so micro-batches pad little (still set by the seed).")
@@ -142,6 +145,15 @@ class TrainConfig(Section):
     def _known_scheduler(cls, v: str) -> str:
         if v not in SCHEDULERS:
             raise ValueError(f"unknown schedule {v!r}{did_you_mean(v, SCHEDULERS)}; choose from {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        from alignkit.optim import optimizer_names
+
+        if v not in (names := optimizer_names()):
+            raise ValueError(f"unknown optimizer {v!r}{did_you_mean(v, names)}; choose from {', '.join(names)}")
         return v
 
     @field_validator("report_to", mode="before")

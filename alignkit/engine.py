@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,11 +31,11 @@ from alignkit.metrics import MetricSums, means, reduce_totals
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.online import RolloutStage, build_rollout
-from alignkit.optim import adamw
 from alignkit.plugins import RunHooks
 from alignkit.reference import Reference
 from alignkit.reporting import check_trackers, observers
 from alignkit.rundata import RunData
+from alignkit.schedule import Actions, Schedule
 from alignkit.state import RunState, Window
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class Engine:
     """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
-                 train_dataset=None, eval_dataset=None, peft_config=None, optimizers=(None, None),
-                 collate_fn=None) -> None:
+                 train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
+                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None) -> None:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         check_trackers(t.report_to)
@@ -68,13 +69,17 @@ class Engine:
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
         self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
-        if peft_config is not None or config.model.peft is not None:
-            self.model = apply_peft(self.model, peft_config or config.model.peft)
+        if config.model.peft is not None:
+            self.model = apply_peft(self.model, config.model.peft)
         preflight.check_model(config, self.model, self.tokenizer)
-        self.optimizer, self.scheduler = optimizers
+        # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type;
+        # a Schedule replaces when the loop logs, evaluates, checkpoints and stops (alignkit.schedule)
+        self.schedule = schedule or Schedule(t)
+        self.make_optimizer = optimizer or functools.partial(optim.build_optimizer, train=t)
+        self.make_scheduler = lr_scheduler or (lambda opt, num_training_steps: optim.schedule(t, opt, num_training_steps))
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.formatter.prepare_model(self.model)
-        self.collate_fn = collate_fn or self.formatter.collate
+        self.collate_fn = self.formatter.collate
         self.loss = method.loss(config.method)
         self.loss.prepare_model(self.model)
         self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
@@ -97,7 +102,7 @@ class Engine:
     # ---- training: setup steps, then the loop -----------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        if self.optimizer is None:
+        if isinstance(self.make_optimizer, functools.partial):  # train.optim, not an optimizer passed in
             preflight.check_trainable(self.model)
         data = self._datasets(need_train=True)
         preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
@@ -115,13 +120,13 @@ class Engine:
             self._lock.release()
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
-        """Gradient checkpointing if asked, then the optimizer passed in or AdamW (alignkit.optim)."""
+        """Gradient checkpointing if asked, then the optimizer passed in or train.optim (alignkit.optim)."""
         t = self.config.train
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
-        return self.optimizer or adamw(self.model, t)
+        return self.make_optimizer(self.model)  # before precomputing: same RNG use as ever
 
     def _precompute_reference(self, data: dict) -> dict:
         """The data with the reference's outputs as columns when the loss precomputes them (else unchanged)."""
@@ -147,7 +152,7 @@ class Engine:
         """The run's length in steps and the learning-rate schedule over it."""
         self.state.batches_per_epoch = len(train_dl)
         self.state.max_steps = optim.max_steps(self.config.train, len(train_dl))
-        self._scheduler = self.scheduler or optim.schedule(self.config.train, optimizer, self.state.max_steps)
+        self._scheduler = self.make_scheduler(optimizer, num_training_steps=self.state.max_steps)
         return self._scheduler
 
     @contextlib.contextmanager
@@ -163,41 +168,47 @@ class Engine:
                 self.pm.unregister(obs)
 
     def _loop(self, model, optimizer, scheduler, train_dl, eval_dl, window: Window) -> dict[str, float]:
-        state, t, hooks = self.state, self.config.train, self.hooks
+        """Steps until max_steps; the schedule says when to log, evaluate, checkpoint and stop (alignkit.schedule)."""
+        state, hooks = self.state, self.hooks
         hooks.on_train_start(run=state)
-        starting = t.eval_on_start and eval_dl is not None and state.step == 0  # not again on resume
-        eval_metrics = self._evaluate_and_report(model, eval_dl) if starting else {}
-        logs: dict[str, float] = {}
+        done = {"logs": {}, "eval": {}, "window": window}
+        self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
         model.train()
         windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
             state.step += 1
-            window.add(loss, grad_norm, totals, len(micro_batches))
+            done["window"].add(loss, grad_norm, totals, len(micro_batches))
             hooks.on_step_end(run=state, step=state.step, metrics={"loss": loss, **means(totals)})
-            if self._every(t.logging_steps) or state.step == state.max_steps or (t.logging_first_step and state.step == 1):
-                logs, window = self._reduce_window(window, scheduler), Window()
-                hooks.on_log(run=state, step=state.step, logs=logs)
-            if eval_dl is not None and self._every(t.eval_steps):
-                eval_metrics = self._evaluate_and_report(model, eval_dl)
-            if self._every(t.save_steps) and state.step < state.max_steps and self._between_rollouts():
-                self._save_checkpoint(window)
-            if state.step >= state.max_steps:
+            stop = self._do(self.schedule.after_step(state), done, model, eval_dl, scheduler)
+            if state.batches_in_epoch == state.batches_per_epoch:  # this step ended an epoch
+                stop |= self._do(self.schedule.after_epoch(state), done, model, eval_dl, scheduler)
+            if stop or state.step >= state.max_steps:
                 break
-            self._stop_if_asked(window)
-        if eval_dl is not None and not self._every(t.eval_steps):
-            eval_metrics = self._evaluate_and_report(model, eval_dl)
-        self._stop_at_the_end(window)
-        final = {**logs, **eval_metrics}
+            self._stop_if_asked(done["window"])
+        end = self.schedule.at_end(state)
+        self._do(end, done, model, eval_dl, scheduler)
+        self._stop_at_the_end(done["window"])
+        final = {**done["logs"], **done["eval"]}
         if state.skipped_steps:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
-        self.save_model(model, final)
-        self._stop_at_the_end(window, saved_model=True)
+        if end.save_model:
+            self.save_model(model, final)
+            self._stop_at_the_end(done["window"], saved_model=True)
         hooks.on_train_end(run=state, metrics=final)
         return final
 
-    def _every(self, steps: int | None) -> bool:
-        return bool(steps) and self.state.step % steps == 0
+    def _do(self, act: Actions, done: dict, model, eval_dl, scheduler) -> bool:
+        """Carry out what the schedule asked for (True: stop after this step); `done` keeps the last log row,
+        the last eval metrics and the open logging window."""
+        if act.log and done["window"].steps:
+            done["logs"], done["window"] = self._reduce_window(done["window"], scheduler), Window()
+            self.hooks.on_log(run=self.state, step=self.state.step, logs=done["logs"])
+        if act.evaluate and eval_dl is not None:
+            done["eval"] = self._evaluate_and_report(model, eval_dl)
+        if act.checkpoint and self._between_rollouts():
+            self._save_checkpoint(done["window"])
+        return act.stop
 
     def _between_rollouts(self) -> bool:
         """No rollout waits for more optimisation passes (checkpoints are written only here)."""
@@ -235,7 +246,7 @@ class Engine:
 
         def ask_to_stop(signum, frame):
             if self._stop_signal:  # asked twice: stop at once; checkpoints are renamed into place whole
-                found = checkpoint.checkpoints(self.output_dir / "checkpoints")
+                found = checkpoint.checkpoints(self.checkpoint_root)
                 kept = f"the last complete checkpoint, {found[-1]}, is kept" if found else "no checkpoint was written"
                 raise TrainingInterrupted(f"second {signal.Signals(signum).name} during step {self.state.step + 1}: stopped "
                                           f"at once; {kept}; resume with train.resume_from_checkpoint=auto", signum)
@@ -389,6 +400,11 @@ class Engine:
 
     # ---- saving and resuming ----------------------------------------------------------------------
 
+    @property
+    def checkpoint_root(self) -> Path:
+        """The folder of the checkpoint-N folders (train.checkpoint_dir, under output_dir)."""
+        return self.output_dir / self.config.train.checkpoint_dir
+
     def _check_finite_weights(self, where: str) -> None:
         named = list(self.model.named_parameters())
         finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()  # one device sync
@@ -401,7 +417,7 @@ class Engine:
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
                  "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen)}
         self._check_finite_weights("a checkpoint")
-        path = checkpoint.save(self.accelerator, self.output_dir / "checkpoints", s.step, saved,
+        path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler,
                                files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)})
         self.hooks.on_save(run=s, step=s.step, path=path)

@@ -143,12 +143,12 @@ def on_main(accelerator, fn):
 
 def _resume(engine) -> tuple[Window, list[str]]:
     spec, out, state = engine.config.train.resume_from_checkpoint, engine.output_dir, engine.state
-    path = on_main(engine.accelerator, lambda: checkpoint.find(spec, out / "checkpoints")) if spec else None
+    path = on_main(engine.accelerator, lambda: checkpoint.find(spec, engine.checkpoint_root)) if spec else None
     if path is None:
         if spec == "auto":
             log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", out)
         return Window(), []
-    own = path.resolve().parent == (out / "checkpoints").resolve()
+    own = path.resolve().parent == engine.checkpoint_root.resolve()
     if not own and rundir.has_results(out):
         raise ConfigError(f"train.resume_from_checkpoint: {path} belongs to another run than train.output_dir {out}, "
                           f"which holds a run of its own; resume into {path.parent.parent} or an empty output_dir")

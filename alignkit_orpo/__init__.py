@@ -5,8 +5,6 @@ from alignkit_orpo import demo, generation
 from alignkit_orpo.config import ORPOMethodConfig, PreferenceDataConfig
 from alignkit_orpo.formatter import PreferenceFormatter
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
-from alignkit_orpo.trainer import ORPOTrainer
-from alignkit_orpo.trl_config import ORPOConfig
 
 CITATION = """@article{hong2024orpo,
   title={ORPO: Monolithic Preference Optimization without Reference Model},
@@ -59,4 +57,18 @@ def register_datasets(register):
 on_evaluate = generation.on_evaluate  # generate_during_eval, for the ORPO runs that ask for it
 
 
-__all__ = ["DEMO_DEFAULTS", "ORPOConfig", "ORPOTrainer", "ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss", "odds_ratio_terms", "METHOD"]
+#: the TRL-compatible names, from alignkit_orpo.trl, imported on first use (not by plugin discovery)
+TRL_NAMES = ("ORPOConfig", "ORPOTrainer", "ScriptArguments", "ModelConfig", "get_peft_config", "get_quantization_config",
+             "get_kbit_device_map", "SIMPLE_CHAT_TEMPLATE")
+
+
+def __getattr__(name: str):
+    if name in TRL_NAMES:
+        from alignkit_orpo import trl
+
+        return getattr(trl, name)
+    raise AttributeError(f"module 'alignkit_orpo' has no attribute {name!r}")
+
+
+__all__ = ["DEMO_DEFAULTS", "ORPOMethodConfig", "PreferenceDataConfig", "PreferenceFormatter", "ORPOLoss",
+           "odds_ratio_terms", "METHOD", *TRL_NAMES]

@@ -115,7 +115,7 @@ class Recorder:
 
     @hookimpl
     def on_save(self, run, step, path):
-        self.calls.append(("save", step, (path / "trainer_state.json").is_file()))
+        self.calls.append(("save", step, (path / "alignkit_state.json").is_file()))
 
     @hookimpl
     def on_train_end(self, run, metrics):

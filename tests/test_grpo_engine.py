@@ -54,7 +54,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     args = ["train.max_steps=6", "train.save_steps=2", "train.per_device_train_batch_size=4"]
     cli(tmp_path / "full", *args)
     killed = cli(tmp_path / "run", *args, wait=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
     while not ckpt.exists():
         assert killed.poll() is None, killed.stderr.read()[-3000:]
         time.sleep(0.05)

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 import alignkit
+import alignkit_orpo
 from alignkit.testing import tiny_model
 from alignkit_orpo import ORPOConfig, ORPOTrainer, odds_ratio_terms
 from alignkit_orpo.demo import sort_pairs
@@ -55,10 +56,11 @@ def test_seed_quick_start_runs_with_only_the_import_changed(tok, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
                           env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "Qwen2-0.5B-ORPO"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 9  # 24 pairs / 8 per step x 3 epochs, the seed's defaults
-    assert rows[-1]["learning_rate"] == 0.0 and (out / "model.safetensors").is_file()
+    # 24 pairs / 8 per step x 3 epochs (the seed's defaults): no log row at logging_steps=10, a checkpoint at
+    # the last step holding Trainer's state with the closing summary row, as transformers.Trainer leaves it
+    state = json.loads((tmp_path / "Qwen2-0.5B-ORPO" / "checkpoint-9" / "trainer_state.json").read_text())
+    assert state["global_step"] == 9 and state["max_steps"] == 9 and state["epoch"] == 3.0
+    assert state["log_history"] == []  # written at the save, before the summary row
 
 
 def test_evaluate_equals_the_alignkit_api(tok, tmp_path, dataset):
@@ -66,9 +68,14 @@ def test_evaluate_equals_the_alignkit_api(tok, tmp_path, dataset):
     got = t.evaluate()
     expected = alignkit.evaluate("orpo", model=tiny_model(seed=1), tokenizer=tok, eval_dataset=dataset,
                                  **{"train.per_device_eval_batch_size": 4, "train.output_dir": str(tmp_path / "e")})
-    assert got == pytest.approx(expected, rel=1e-6)
-    assert "eval_rewards/accuracies" in got and "eval_log_odds_chosen" in got
-    assert set(t.evaluate(metric_key_prefix="test")) == {k.replace("eval_", "test_") for k in expected}
+    timing = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+    assert {k: v for k, v in got.items() if k in expected} == pytest.approx(expected, rel=1e-6)
+    assert set(got) == {*expected, *timing, "epoch"}  # Trainer's runtime fields; `epoch` as log() adds it
+    assert got["eval_samples_per_second"] == pytest.approx(12 / got["eval_runtime"], rel=0.01)
+    assert got["eval_steps_per_second"] == pytest.approx(3 / got["eval_runtime"], rel=0.01)  # 12 rows / 4 per batch
+    assert t.state.log_history[-1] == {**got, "step": 0}
+    tested = t.evaluate(metric_key_prefix="test")
+    assert set(tested) == {k.replace("eval_", "test_") for k in [*expected, *timing]} | {"epoch"}
 
 
 def test_train_returns_train_output_and_callbacks_fire(tok, tmp_path, dataset):
@@ -83,7 +90,7 @@ def test_train_returns_train_output_and_callbacks_fire(tok, tmp_path, dataset):
             self.events.append(f"step{state.global_step}")
 
         def on_log(self, args, state, control, logs=None, **kw):
-            self.events.append(f"log:{sorted(logs)[0]}")
+            self.events.append(f"log:{'loss' if 'loss' in logs else 'eval_loss' if 'eval_loss' in logs else 'summary'}")
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             self.events.append(f"eval:{'eval_loss' in metrics}")
@@ -97,9 +104,30 @@ def test_train_returns_train_output_and_callbacks_fire(tok, tmp_path, dataset):
                                                      save_steps=2, eval_strategy="steps", eval_steps=2,
                                                      per_device_train_batch_size=4, disable_tqdm=True))
     out = t.train()
-    assert out.global_step == 3 and out.training_loss == out.metrics["loss"]
-    assert rec.events == ["begin", "step1", "step2", "log:grad_norm", "eval:True", "save", "step3",
-                          "log:grad_norm", "eval:True"]
+    # transformers 5's Trainer flow: log/eval/save every 2 steps, eval and save at the last step, the summary row
+    assert rec.events == ["begin", "step1", "step2", "log:loss", "log:eval_loss", "eval:True", "save", "step3",
+                          "log:eval_loss", "eval:True", "save", "log:summary"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert out.global_step == 3 and out.training_loss == out.metrics["train_loss"]
+    # disable_tqdm: transformers' PrinterCallback prints the row and pops total_flos from it, as under Trainer
+    assert set(out.metrics) == {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
+                                "epoch"}
+    assert out.metrics["train_samples_per_second"] == pytest.approx(12 / out.metrics["train_runtime"], rel=0.01)
+    assert out.metrics["train_steps_per_second"] == pytest.approx(3 / out.metrics["train_runtime"], rel=0.01)
+    assert t.state.log_history[-1] == {**out.metrics, "total_flos": 0.0, "step": 3} and out.metrics["epoch"] == 1.0
+
+
+def test_train_loss_is_the_mean_of_every_step_and_no_row_is_forced(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset, logging_steps=1, per_device_train_batch_size=2)  # 6 steps, one an epoch
+    out = t.train()
+    losses = [row["loss"] for row in t.state.log_history if "loss" in row]
+    assert len(losses) == 3 and out.training_loss == pytest.approx(sum(losses) / 3, rel=1e-12)
+    assert [row["epoch"] for row in t.state.log_history] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 3 / 6])
+    quiet = trainer(tok, tmp_path / "quiet", dataset, logging_steps=500, save_strategy="no")  # eval_strategy "no"
+    quiet.train()
+    assert [sorted(r) for r in quiet.state.log_history] == [["epoch", "step", "total_flos", "train_loss", "train_runtime",
+                                                             "train_samples_per_second", "train_steps_per_second"]]
+    assert not list((tmp_path / "quiet").glob("checkpoint-*"))
 
 
 def test_seed_methods(tok, tmp_path, dataset):
@@ -209,12 +237,10 @@ def test_config_fields_mapped_ignored_or_rejected(tok, tmp_path, dataset):
     assert mapped["method.truncation_mode"] == "keep_start"
     lean = ORPOConfig(output_dir="o", group_by_length=True, use_liger_kernel=True).to_alignkit()
     assert lean["train.group_by_length"] is True and lean["method.loss_implementation"] == "chunked"
-    with pytest.warns(UserWarning, match="ORPOConfig.push_to_hub=True is ignored"):
-        ORPOConfig(output_dir="o", push_to_hub=True).to_alignkit()
     with pytest.raises(ValueError, match="ORPOConfig.neftune_noise_alpha=5 is not supported by alignkit and would change"):
         ORPOConfig(output_dir="o", neftune_noise_alpha=5).to_alignkit()
-    with pytest.raises(ValueError, match="optim='adafactor'.*AdamW"):
-        ORPOConfig(output_dir="o", optim="adafactor").to_alignkit()
+    assert ORPOConfig(output_dir="o", optim="rmsprop", optim_args="alpha=0.9").to_alignkit()["train.optim"] == "rmsprop"
+    assert ORPOConfig(output_dir="o", adafactor=True).to_alignkit()["train.optim"] == "adafactor"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ORPOConfig(output_dir="o", optim="adamw_torch_fused").to_alignkit()
@@ -230,8 +256,90 @@ def test_peft_config_trains_adapters_that_peft_loads(tok, tmp_path, dataset):
                     args=ORPOConfig(output_dir=str(tmp_path / "lora"), max_steps=2, learning_rate=1e-2,
                                     per_device_train_batch_size=4))
     t.train()
+    t.save_model()  # Trainer writes the model when asked (train() leaves checkpoints only)
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
     loaded = PeftModel.from_pretrained(tiny_model(seed=6), tmp_path / "lora").eval()
     ids = torch.tensor([tok("sort: 3 1 =", add_special_tokens=False)["input_ids"]])
     t.model.eval()
     assert torch.allclose(loaded(ids).logits, t.model(ids).logits, atol=1e-5)
+
+
+def test_plugin_discovery_does_not_import_the_trl_facade():
+    code = ("import sys; from alignkit.plugins import build_registry, get_plugin_manager; "
+            "build_registry(get_plugin_manager()); import alignkit_orpo; "
+            "assert not [m for m in sys.modules if m.startswith('alignkit_orpo.trl')], 'imported at discovery'; "
+            "from alignkit_orpo import ORPOTrainer, ScriptArguments; "
+            "assert 'alignkit_orpo.trl.trainer' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'ORPOTrainerX'"):
+        alignkit_orpo.ORPOTrainerX  # noqa: B018
+
+
+def test_hf_argument_parser_reads_the_example_flags_without_warnings():
+    from transformers import HfArgumentParser
+
+    from alignkit_orpo import ModelConfig, ScriptArguments, get_peft_config
+
+    flags = ["--dataset_name", "zen", "--output_dir", "o", "--optim", "rmsprop", "--logging_first_step",
+             "--no_remove_unused_columns", "--use_peft", "--lora_r=16", "--lora_alpha=16", "--report_to", "none"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no "ORPOConfig.debug=None is ignored"
+        script, args, model = HfArgumentParser((ScriptArguments, ORPOConfig, ModelConfig)).parse_args_into_dataclasses(flags)
+        overrides = args.to_alignkit()
+    assert script.dataset_name == "zen" and script.dataset_train_split == "train" and args.debug == ""
+    assert overrides["train.optim"] == "rmsprop" and overrides["train.report_to"] == []
+    lora = get_peft_config(model)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (16, 16, 0.05, "none")
+    assert get_peft_config(ModelConfig()) is None and ModelConfig(lora_target_modules=["q_proj"]).lora_target_modules == "q_proj"
+
+
+def test_epoch_strategies_and_the_best_model_at_the_end(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset, max_steps=-1, num_train_epochs=2, eval_strategy="epoch", save_strategy="epoch",
+                logging_strategy="epoch", load_best_model_at_end=True, learning_rate=5e-2)
+    assert (t.args.metric_for_best_model, t.args.greater_is_better) == ("loss", False)  # Trainer's defaults
+    t.train()
+    rows = [(r["step"], r["epoch"], "loss" in r, "eval_loss" in r) for r in t.state.log_history[:-1]]
+    assert rows == [(3, 1.0, True, False), (3, 1.0, False, True), (6, 2.0, True, False), (6, 2.0, False, True)]
+    evals = {r["step"]: r["eval_loss"] for r in t.state.log_history if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert t.state.best_metric == evals[best]
+    assert t.state.best_model_checkpoint == str(tmp_path / "out" / f"checkpoint-{best}")
+    # the weights at the end are the best checkpoint's: evaluating again gives its eval loss
+    assert t.evaluate()["eval_loss"] == pytest.approx(evals[best], rel=1e-5)
+
+
+def test_eval_on_start_first_step_log_and_resume_true(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, eval_on_start=True,
+                logging_first_step=True, logging_steps=10, save_steps=2)
+    t.train()
+    assert [(r["step"], sorted(r)[1]) for r in t.state.log_history] == [
+        (0, "eval_log_odds_chosen"), (1, "grad_norm"), (3, "eval_log_odds_chosen"), (3, "step")]
+    again = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, logging_first_step=True,
+                    logging_steps=10, save_steps=2, max_steps=4)
+    with pytest.raises(alignkit.ConfigError, match="made for 3 steps"):  # checkpoint-3 is the latest
+        again.train(resume_from_checkpoint=True)
+    longer = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, logging_first_step=True,
+                     logging_steps=10, save_steps=2)
+    out = longer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert out.global_step == 3 and [r["step"] for r in longer.state.log_history] == [0, 1, 3, 3]
+
+
+def test_compute_loss_prediction_step_and_stored_metrics(tok, tmp_path, dataset):
+    t = trainer(tok, tmp_path, dataset)
+    batch = next(iter(t.get_train_dataloader()))
+    loss, metrics = t.compute_loss(t.model, batch, return_outputs=True)
+    assert loss.ndim == 0 and set(metrics) >= {"nll_loss", "rewards/accuracies", "log_odds_ratio"}
+    eval_loss, logits, labels = t.prediction_step(t.model, batch, prediction_loss_only=False)
+    assert logits.shape == (2,) and labels.tolist() == [0.0, 0.0]
+    assert logits.tolist() == pytest.approx([t._stored_metrics["eval"]["eval_logits/chosen"][-1],
+                                             t._stored_metrics["eval"]["eval_logits/rejected"][-1]])
+    t.store_metrics({"custom": 1.0}, train_eval="train")
+    t.store_metrics({"custom": 3.0}, train_eval="train")
+    t.log({"loss": 0.5})
+    row = t.state.log_history[-1]
+    assert row["custom"] == 2.0 and row["nll_loss"] == pytest.approx(metrics["nll_loss"]) and row["step"] == 0
+    assert "custom" not in t._stored_metrics.get("train", {})  # a log row takes the stored metrics once
+    with pytest.raises(NotImplementedError, match="hyperparameter_search is not supported"):
+        t.hyperparameter_search()
+    assert t.tokenizer is t.processing_class and t.model_wrapped is t.model and t.is_world_process_zero()

@@ -93,7 +93,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(slow, sig):
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"alignkit: stopped: {sig.name} at step ") and "train.resume_from_checkpoint=auto" in line
     step = int(line.split(" at step ")[1].split(":")[0])
-    assert (slow / "run" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert (slow / "run" / "checkpoints" / f"checkpoint-{step}" / "alignkit_state.json").is_file()
     resumed = cli(slow, slow / "run", "train.resume_from_checkpoint=auto")
     assert resumed.returncode == 0, resumed.stderr
     same_run(slow / "full", slow / "run")

@@ -131,7 +131,7 @@ def test_truncation_without_drops_says_nothing_was_dropped(pm, tmp_path, caplog)
 def test_an_infinite_update_is_stopped_before_it_is_accepted(pm, tmp_path):
     cfg, method = alignkit.load_config("orpo", fast(tmp_path, max_steps=3), plugins=pm)
     model = tiny_model()
-    engine = Engine(cfg, method, pm, model=model, optimizers=(torch.optim.SGD(model.parameters(), lr=float("inf")), None))
+    engine = Engine(cfg, method, pm, model=model, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=float("inf")))
     with pytest.raises(alignkit.AlignkitError, match=r"^step 1: the update made .* NaN/inf although the loss \(.*\) and "
                                                      r"gradient norm \(.*\) were finite"):
         engine.train()

@@ -1,147 +1,35 @@
-"""ORPOTrainer with TRL v0.15.2's constructor and methods, running on alignkit's engine."""
+"""The methods TRL v0.15.2's ORPOTrainer documents (the seed), each a view of alignkit's ORPO formatter
+or loss, so the maths stays in one place; plus compute_loss, prediction_step and store_metrics."""
 
-import time
-from collections.abc import Callable
+from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-import datasets
 import numpy as np
 import torch
-from transformers import PreTrainedModel, TrainerCallback
-from transformers.trainer_callback import TrainerControl, TrainerState
-from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, TrainOutput
+from transformers import PreTrainedModel
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
-from alignkit import hookimpl, load_config, pad_right, shifted_token_logps
-from alignkit.engine import Engine
-from alignkit.plugins import get_plugin_manager
+from alignkit import pad_right, shifted_token_logps
 from alignkit_orpo.loss import odds_ratio_terms
-from alignkit_orpo.trl_config import ORPOConfig
 
 
-class _Callbacks:
-    """Calls transformers TrainerCallback objects from alignkit's lifecycle hooks."""
+class SeedMethods:
+    """Needs `self.formatter`, `self.loss`, `self.engine`, `self.args`, `self.beta`, `self.is_encoder_decoder`."""
 
-    def __init__(self, callbacks: list[TrainerCallback], args: ORPOConfig) -> None:
-        self.callbacks, self.args = callbacks, args
-        self.state, self.control = TrainerState(), TrainerControl()
-
-    def _call(self, event: str, run, **kwargs) -> None:
-        self.state.global_step, self.state.max_steps, self.state.epoch = run.step, run.max_steps, run.epoch
-        self.state.is_world_process_zero = run.is_main_process
-        for cb in self.callbacks:
-            getattr(cb, event)(self.args, self.state, self.control, model=run.model, **kwargs)
-
-    @hookimpl
-    def on_train_start(self, run):
-        self._call("on_train_begin", run)
-
-    @hookimpl
-    def on_step_end(self, run, step, metrics):
-        self._call("on_step_end", run)
-
-    @hookimpl
-    def on_log(self, run, step, logs):
-        self.state.log_history.append({**logs, "step": step})
-        self._call("on_log", run, logs=logs)
-
-    @hookimpl
-    def on_evaluate(self, run, step, metrics):
-        self.state.log_history.append({**metrics, "step": step})
-        self._call("on_evaluate", run, metrics=metrics)
-
-    @hookimpl
-    def on_save(self, run, step, path):
-        self._call("on_save", run)
-
-    @hookimpl
-    def on_train_end(self, run, metrics):
-        self._call("on_train_end", run)
-
-
-class ORPOTrainer:
-    """TRL's ORPOTrainer surface on alignkit's engine, ORPO formatter and ORPO loss."""
-
-    def __init__(self, model: PreTrainedModel | torch.nn.Module | str | None = None, args: ORPOConfig | None = None,
-                 data_collator: Callable | None = None, train_dataset: datasets.Dataset | None = None,
-                 eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
-                 processing_class=None, model_init: Callable[[], PreTrainedModel] | None = None,
-                 callbacks: list[TrainerCallback] | None = None, optimizers: tuple = (None, None),
-                 preprocess_logits_for_metrics: Callable | None = None, peft_config: dict | None = None,
-                 compute_metrics: Callable[[EvalPrediction], dict] | None = None) -> None:
-        import alignkit_orpo  # this plugin's own module (imported here: it imports this one)
-
-        self.args = args or ORPOConfig(output_dir="trainer_output")
-        overrides = self.args.to_alignkit()
-        if model is None:
-            if model_init is None:
-                raise ValueError("ORPOTrainer needs `model` (a PreTrainedModel or a name) or `model_init`")
-            model = model_init()
-        if isinstance(model, str):  # loaded by alignkit (causal or seq2seq, with model_init_kwargs)
-            overrides["model.name_or_path"], model = model, None
-        elif processing_class is None:
-            raise ValueError("ORPOTrainer needs `processing_class` (the tokenizer) when `model` is an object")
-        if isinstance(eval_dataset, dict):
-            raise ValueError("alignkit evaluates one eval_dataset; pass a single datasets.Dataset")
-        if model is not None:
-            overrides.setdefault("model.name_or_path", getattr(model.config, "_name_or_path", "") or "(model object)")
-        self.config, _ = load_config("orpo", {"data": {"train": "(dataset passed to ORPOTrainer)"}}, overrides,
-                                     plugins=get_plugin_manager(load_entrypoints=False, plugins=[alignkit_orpo]))
-        self.pm = get_plugin_manager(plugins=[_Callbacks(list(callbacks or []), self.args)])
-        collate = (lambda feats: self._alignkit_batch(data_collator([self._trl_features(f) for f in feats]))) \
-            if data_collator is not None else None
-        self.engine = Engine(self.config, alignkit_orpo.METHOD, self.pm, model=model, tokenizer=processing_class,
-                             train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
-                             optimizers=optimizers, collate_fn=collate)
-        self.model, self.processing_class = self.engine.model, self.engine.tokenizer
-        self.loss, self.formatter = self.engine.loss, self.engine.formatter
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
-        self.label_pad_token_id, self.padding_value = self.args.label_pad_token_id, self.formatter.pad_id
-        self.is_encoder_decoder, self.beta = self.formatter.is_encoder_decoder, self.args.beta
-        self._stored: list[dict[str, float]] = []
-
-    # ---- running ---------------------------------------------------------------------------------------
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
-        if resume_from_checkpoint:
-            spec = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
-            self.engine.config.train.resume_from_checkpoint = spec
-        start = time.time()
-        metrics = self.engine.train()
-        metrics["train_runtime"] = time.time() - start
-        return TrainOutput(self.engine.state.step, metrics.get("loss", float("nan")), metrics)
-
-    def evaluate(self, eval_dataset: datasets.Dataset | None = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = self.engine.evaluate(eval_dataset)
-        if self.compute_metrics is not None:
-            loop = self.evaluation_loop(self.engine.eval_batches(), "Evaluation", metric_key_prefix="eval")
-            metrics.update({k: v for k, v in loop.metrics.items() if k not in metrics})
-        metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in metrics.items()}
-        self.log(metrics)
-        return metrics
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        self.engine.save_model(output_dir=Path(output_dir) if output_dir else None)
+    _stored_metrics: defaultdict
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
         from alignkit.modelcard import model_card
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = model_card(self.config, self.engine.method, self._stored[-1] if self._stored else {}, tags)
+        card = model_card(self.config, self.engine.method, self.state.log_history[-1] if self.state.log_history else {}, tags)
         if model_name:
             card = card.replace(f"# {Path(self.config.train.output_dir).name}\n", f"# {model_name}\n", 1)
         if dataset_name:
             card = card.replace("library_name: transformers", f"library_name: transformers\ndatasets:\n- {dataset_name}", 1)
         Path(self.args.output_dir or "trainer_output").mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir or "trainer_output") / "README.md").write_text(card)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Store logs; the engine has already written metrics.jsonl and told callbacks and trackers."""
-        self._stored.append(dict(logs))
-
-    # ---- the seed's building blocks, each a view of the formatter or the loss --------------------------
 
     def build_tokenized_answer(self, prompt: str, answer: str) -> dict[str, list[int]]:
         prompt_ids, answer_ids = self.formatter.tokenize_answer(prompt, answer)
@@ -211,6 +99,31 @@ class ORPOTrainer:
         prefix = "eval_" if train_eval == "eval" else ""
         return out.normalized(self.loss.counts(batch)), {f"{prefix}{k}": v.item() for k, v in out.metrics.items()}
 
+    def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """The ORPO loss of a batch (train metrics stored for the next log row)."""
+        loss, metrics = self.get_batch_loss_metrics(model, inputs, train_eval="train")
+        self.store_metrics(metrics, train_eval="train")
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
+        """(loss, [mean chosen logit, mean rejected logit], zeros): what TRL 0.15.2 meant to return (its own
+        version fails on the float metrics); eval metrics are stored for the next eval row."""
+        if ignore_keys is None:
+            ignore_keys = list(getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", []) or [])
+        with torch.no_grad():
+            loss, metrics = self.get_batch_loss_metrics(model, inputs, train_eval="eval")
+        self.store_metrics(metrics, train_eval="eval")
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = torch.tensor([v for k, v in metrics.items() if k in ("eval_logits/chosen", "eval_logits/rejected")
+                               and k not in ignore_keys])
+        return loss.detach(), logits, torch.zeros(logits.shape[0])
+
+    def store_metrics(self, metrics: dict[str, float], train_eval: Literal["train", "eval"] = "train") -> None:
+        """Kept until the next log row of that kind, which adds their means (as TRL's log does)."""
+        for key, value in metrics.items():
+            self._stored_metrics[train_eval][key].append(value)
+
     def generate_from_model(self, model, batch: dict) -> list[str]:
         """Sampled completions (decoded, without the prompt) for the batch's prompts."""
         from alignkit_orpo.generation import sample_completions
@@ -241,6 +154,7 @@ class ORPOTrainer:
                 n_batches += 1
                 n_samples += f.chosen_logps.shape[0]
         model.train(was_training)
+        self._loss_keys = set(sums)  # the loss's own metrics (predict reports only the loss of them)
         metrics = {f"{metric_key_prefix}_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         predictions = np.concatenate(preds) if preds else None
         labels = np.zeros(n_samples)

@@ -1,9 +1,10 @@
-"""TRL-compatible ORPOConfig and ORPOTrainer: `from alignkit_orpo import ORPOConfig, ORPOTrainer` runs a
-TRL v0.15.2 ORPO script on alignkit's engine. This is an adapter: the maths lives in the formatter and loss.
+"""ORPOConfig: every field of TRL v0.15.2's ORPOConfig, with its defaults, for `HfArgumentParser` and scripts.
 
-ORPOConfig has every field of TRL v0.15.2's ORPOConfig, with its defaults. Each field set to a
-non-default value is either mapped to an alignkit key, ignored with a warning (only where ignoring it
-cannot change the trained weights), or rejected with a message saying what to do instead.
+Each field set to a non-default value is mapped to an alignkit key, carried out by the ORPOTrainer
+itself (logging, evaluation and save strategies, best model, hub), ignored with a warning (only where
+ignoring it cannot change the trained weights), or rejected with a message saying what to do instead.
+As TrainingArguments does, construction fills the derived values (eval_steps from logging_steps, the
+metric for the best model, ...).
 """
 
 import dataclasses
@@ -164,12 +165,90 @@ class ORPOConfig:
     model_init_kwargs: dict[str, Any] | None = None
     dataset_num_proc: int | None = None
 
+    def __post_init__(self) -> None:
+        # HfArgumentParser gives None for fields typed `str | list[str]`; TrainingArguments' defaults are meant
+        for name in ("debug", "fsdp"):
+            if getattr(self, name) is None:
+                setattr(self, name, "")
+        if self.evaluation_strategy is not None:  # the deprecated spelling, as TrainingArguments accepts it
+            self.eval_strategy = self.evaluation_strategy
+        for name in ("eval_strategy", "save_strategy", "logging_strategy", "lr_scheduler_type", "optim", "hub_strategy"):
+            value = getattr(self, name)
+            setattr(self, name, getattr(value, "value", value))  # enums given by transformers users
+        if self.adafactor:
+            self.optim = "adafactor"
+        if self.eval_strategy == "steps" and not self.eval_steps:
+            if self.logging_steps <= 0:
+                raise ValueError(f"ORPOConfig: eval_strategy={self.eval_strategy!r} needs eval_steps or logging_steps > 0")
+            self.eval_steps = self.logging_steps
+        if self.load_best_model_at_end:
+            if self.eval_strategy != self.save_strategy:
+                raise ValueError("ORPOConfig.load_best_model_at_end needs save_strategy equal to eval_strategy, "
+                                 f"got {self.save_strategy!r} and {self.eval_strategy!r}")
+            if self.eval_strategy == "steps" and self.save_steps % self.eval_steps:
+                raise ValueError("ORPOConfig.load_best_model_at_end needs save_steps to be a multiple of eval_steps, "
+                                 f"got {self.save_steps} and {self.eval_steps}")
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
+    # ---- what transformers.TrainingArguments users read -------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        from accelerate import PartialState
+
+        return PartialState().num_processes
+
+    @property
+    def process_index(self) -> int:
+        from accelerate import PartialState
+
+        return PartialState().process_index
+
+    @property
+    def local_process_index(self) -> int:
+        from accelerate import PartialState
+
+        return PartialState().local_process_index
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size
+
+    @property
+    def should_save(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def should_log(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def device(self):
+        from accelerate import PartialState
+
+        return PartialState().device
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json_string(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
     def to_alignkit(self) -> dict[str, Any]:
         """alignkit dotted overrides for the fields that differ from their defaults; warns or raises for the rest."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value, default = getattr(self, f.name), _default(f)
-            if value == default and f.name not in ALWAYS:
+            if value == default and f.name not in ALWAYS or f.name in BY_TRAINER:
                 continue
             if f.name in MAPPED:
                 out.update(MAPPED[f.name](value) if callable(MAPPED[f.name]) else {MAPPED[f.name]: value})
@@ -184,23 +263,6 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _eval_strategy(value: str) -> dict[str, Any]:
-    if value in ("no", None):
-        return {"train.eval_steps": None}
-    if value != "steps":
-        warnings.warn(f"ORPOConfig.eval_strategy={value!r}: alignkit evaluates every eval_steps steps and at the "
-                      "end; set eval_strategy='steps' and eval_steps", stacklevel=4)
-    return {}
-
-
-def _save_strategy(value: str) -> dict[str, Any]:
-    if value == "no":
-        return {"train.save_steps": None}
-    if value != "steps":
-        warnings.warn(f"ORPOConfig.save_strategy={value!r}: alignkit saves every save_steps steps", stacklevel=4)
-    return {}
-
-
 def _reject(name: str, value: Any):
     raise ValueError(f"ORPOConfig.{name}={value!r} is not supported by alignkit and would change the result: "
                      f"{REJECTED[name]}")
@@ -212,8 +274,15 @@ def _report_to(value) -> dict[str, Any]:
 
 
 #: always passed, because alignkit's defaults differ from the seed's
-ALWAYS = {"output_dir", "learning_rate", "logging_steps", "save_steps", "num_train_epochs", "eval_strategy",
-          "per_device_train_batch_size", "per_device_eval_batch_size"}
+ALWAYS = {"output_dir", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"}
+#: carried out by the ORPOTrainer (its schedule follows transformers.Trainer's), not by alignkit keys
+BY_TRAINER = {"eval_strategy", "evaluation_strategy", "eval_steps", "eval_delay", "eval_on_start", "logging_strategy",
+              "logging_steps", "logging_first_step", "save_strategy", "save_steps", "load_best_model_at_end",
+              "metric_for_best_model", "greater_is_better", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+              "hub_private_repo", "hub_always_push", "push_to_hub_model_id", "push_to_hub_organization",
+              "push_to_hub_token", "disable_tqdm", "overwrite_output_dir", "resume_from_checkpoint", "debug",
+              "log_level", "logging_dir", "save_only_model", "adafactor",
+              "remove_unused_columns"}  # TRL asks for False; the trainer keeps the columns it needs either way
 
 MAPPED: dict[str, Any] = {
     "output_dir": lambda v: {"train.output_dir": v or "trainer_output"},
@@ -227,17 +296,12 @@ MAPPED: dict[str, Any] = {
     "max_steps": "train.max_steps", "lr_scheduler_type": "train.lr_scheduler_type",
     "lr_scheduler_kwargs": lambda v: {"train.lr_scheduler_kwargs": v or {}},
     "warmup_ratio": "train.warmup_ratio", "warmup_steps": "train.warmup_steps",
-    "logging_steps": lambda v: {"train.logging_steps": max(1, int(v))},
-    "logging_first_step": "train.logging_first_step",
-    "eval_steps": lambda v: {"train.eval_steps": None if v is None else max(1, int(v))},
-    "eval_strategy": _eval_strategy, "evaluation_strategy": _eval_strategy, "save_strategy": _save_strategy,
-    "save_steps": lambda v: {"train.save_steps": max(1, int(v))},
     "save_total_limit": "train.save_total_limit", "seed": "train.seed", "bf16": "train.bf16", "fp16": "train.fp16",
     "use_cpu": "train.use_cpu", "no_cuda": "train.use_cpu", "gradient_checkpointing": "train.gradient_checkpointing",
-    "optim": lambda v: {} if v in ("adamw_torch", "adamw_torch_fused", "adamw_hf") else _reject("optim", v),
-    "report_to": _report_to, "run_name": "train.run_name", "resume_from_checkpoint": "train.resume_from_checkpoint",
-    "dataloader_num_workers": "train.dataloader_num_workers", "disable_tqdm": "train.disable_tqdm",
-    "eval_on_start": "train.eval_on_start", "group_by_length": "train.group_by_length",
+    # transformers 4's adamw_hf (its own AdamW, removed in transformers 5) trains as torch's AdamW
+    "optim": lambda v: {"train.optim": "adamw_torch" if v == "adamw_hf" else v}, "optim_args": "train.optim_args",
+    "report_to": _report_to, "run_name": "train.run_name",
+    "dataloader_num_workers": "train.dataloader_num_workers", "group_by_length": "train.group_by_length",
     # alignkit's default chunked loss path already never materialises the logits
     "use_liger_kernel": lambda v: {"method.loss_implementation": "chunked"} if v else {},
     "beta": "method.beta", "max_length": "method.max_length", "max_prompt_length": "method.max_prompt_length",
@@ -263,19 +327,17 @@ IGNORED = {name: _NO_EFFECT for name in (
     "torchdynamo", "ray_scope", "ddp_timeout", "torch_compile", "torch_compile_backend", "torch_compile_mode",
     "include_tokens_per_second", "include_num_input_tokens_seen", "batch_eval_metrics", "eval_use_gather_object",
     "average_tokens_across_devices", "fp16_opt_level", "half_precision_backend", "label_smoothing_factor",
-    "optim_args")}
+    )}
 IGNORED.update({
     "label_smoothing_factor": "TRL's ORPO loss does not use it either",
     "average_tokens_across_devices": "alignkit always normalises token losses across devices",
-    "push_to_hub": "upload output_dir afterwards with `huggingface-cli upload`",
 })
+for _name in BY_TRAINER:
+    IGNORED.pop(_name, None)
 REJECTED: dict[str, str] = {
-    "optim": "alignkit trains with AdamW (adamw_torch)",
-    "adafactor": "alignkit trains with AdamW",
     "neftune_noise_alpha": "NEFTune is not supported",
     "dataloader_drop_last": "alignkit keeps the last partial batch",
     "data_seed": "alignkit shuffles with seed",
-    "load_best_model_at_end": "pick a checkpoint from output_dir/checkpoints instead",
     "bf16_full_eval": "eval runs in the training precision",
     "fp16_full_eval": "eval runs in the training precision",
     "fsdp": "run under `accelerate launch --config_file` with an FSDP config",
