@@ -32,6 +32,9 @@ class StepContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     generator: Any = None
     _reduce: Callable | None = field(default=None, repr=False)
+    #: training: unit -> the count over the step's micro-batches and processes that the engine divides each
+    #: summed loss term by (set once counts are known, before the loss runs); None elsewhere
+    totals: dict[str, float] | None = None
 
     def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """`tensor` summed (op="sum") or averaged (op="mean") over all processes, without gradient; every

@@ -312,6 +312,8 @@ class Engine:
         acc = self.accelerator
         ctxs = ctxs or [self._context(True, i, len(micro_batches)) for i in range(len(micro_batches))]
         totals = self._global_counts(micro_batches, ctxs)
+        for ctx in ctxs:
+            ctx.totals = totals  # what each summed term will be divided by (a fused LM head weights its terms so)
         for unit, count in totals.items():
             self.state.seen[unit] = self.state.seen.get(unit, 0.0) + count
         loss_sum, metrics = torch.zeros((), device=acc.device), MetricSums(acc.device)

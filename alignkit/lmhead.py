@@ -5,6 +5,8 @@ The model runs through its own forward (so DDP, FSDP and PEFT wrappers see an or
 normalised hidden states come back. The LM head then runs only at the positions a loss asks for, in
 chunks, each under activation checkpointing: the backward recomputes a chunk's logits, so at most one
 chunk of logits exists at a time. One log-sum-exp per position serves every term that reads it.
+alignkit.logps builds per-row stats on these functions, and alignkit.fusedhead a variant whose backward
+recomputes nothing (the gradients are computed in the forward).
 """
 
 import inspect

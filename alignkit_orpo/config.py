@@ -46,6 +46,9 @@ class ORPOMethodConfig(PreferenceDataConfig):
         "chunked", description="chunked: the LM head runs only at scored positions, in checkpointed chunks, never "
         "holding all logits (less memory, same numbers); plain: the model's full logits, as TRL (for debugging).")
     logits_chunk_size: int = Field(1024, gt=0, description="Token positions per LM-head chunk of the chunked path.")
+    share_prompt: bool | None = Field(
+        None, description="Run each pair as one row, [prompt, chosen, rejected], the common prefix computed once "
+        "(chunked path, sdpa or eager attention). null: on where the model supports it.")
     padding_free: bool = Field(
         False, description="Run each batch's real tokens as one packed row with per-sequence position ids (needs the "
         "chunked path and sdpa/eager/flex/flash attention). logits/* then average real positions only.")

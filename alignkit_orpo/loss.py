@@ -1,17 +1,15 @@
 """The ORPO objective (arXiv 2403.07691): NLL on the chosen rows minus beta * log sigma(log odds ratio)."""
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from alignkit import ConfigError, Loss, LossOutput, log1mexp, shifted_token_logps
-from alignkit.lmhead import PACKING_ATTENTION, LMHead, check_head, final_hidden_states, selected_token_logps
+from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
+from alignkit.lmhead import LMHead
+from alignkit.logps import SequenceScorer, count_weights
 from alignkit.loss import at_least_fp32
 from alignkit.modeling import disable_dropout
-
-log = logging.getLogger(__name__)
 
 
 def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float):
@@ -28,33 +26,27 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, b
 class ORPOLoss(Loss):
     """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms.
 
-    The chunked path (default) never materialises the logits: see alignkit.lmhead. The plain path
+    The chunked path (default) never materialises the logits: see alignkit.logps. The plain path
     takes the model's full [2B, T, V] logits, as TRL does; both compute the same numbers.
     """
 
     eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
     #: router_aux_loss_coef when the model returns a MoE load-balancing loss, else None
     aux_loss_coef: float | None = None
-    #: the split-off LM head of the chunked path; None runs the plain path
-    head: LMHead | None = None
-    _head_checked: bool = False
+    scorer: SequenceScorer | None = None
+
+    @property
+    def head(self) -> LMHead | None:
+        """The split-off LM head of the chunked path; None runs the plain path."""
+        return self.scorer.head if self.scorer is not None else None
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
         if getattr(model.config, "output_router_logits", False):
             self.aux_loss_coef = model.config.router_aux_loss_coef
-        if self.config.loss_implementation == "chunked":
-            self.head, why = LMHead.of(model)
-            if self.head is None:
-                log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
-        if self.config.padding_free:
-            attention = getattr(model.config, "_attn_implementation", None)
-            if self.head is None or attention not in PACKING_ATTENTION:
-                raise ConfigError(
-                    f"method.padding_free needs the chunked loss path and an attention implementation in "
-                    f"{', '.join(PACKING_ATTENTION)} (this model: {attention}, chunked: {self.head is not None}); "
-                    f"set method.padding_free=false")
+        self.scorer = SequenceScorer.from_config(self.config)
+        self.scorer.prepare(model)
 
     def _nll_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Targets of the NLL on the chosen rows: every real token (sequence) or the answer (completion).
@@ -77,33 +69,27 @@ class ORPOLoss(Loss):
         return self.forward_plain(model, batch)
 
     def forward_chunked(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
-        """The LM head only at the positions a term reads, in checkpointed chunks (alignkit.lmhead)."""
-        n, ignore = batch["input_ids"].shape[0] // 2, self.config.label_pad_token_id
-        extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
-        outputs, hidden_BTH = final_hidden_states(model, batch["input_ids"], batch["attention_mask"],
-                                                  padding_free=self.config.padding_free, **extra)
-        if not self._head_checked:
-            if not check_head(self.head, outputs):
-                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
-            self._head_checked = True
-        labels_BT = batch["labels"][:, 1:]
-        label_mask_BT = labels_BT != ignore
-        nll_BT = torch.full_like(labels_BT, ignore)
-        nll_BT[:n] = self._nll_targets(batch)[:, 1:]
-        nll_mask_BT = nll_BT != ignore
-        select_BT = label_mask_BT | nll_mask_BT
-        targets_BT = torch.where(label_mask_BT, labels_BT, nll_BT).clamp(min=0)
-        logps_BT, vocab_sums_BT = selected_token_logps(self.head, hidden_BTH[:, :-1], targets_BT, select_BT,
-                                                       self.config.logits_chunk_size)
-        seq_logps_B = (logps_BT * label_mask_BT).sum(-1) / label_mask_BT.sum(-1)
-        vocab = outputs.logits.shape[-1]
-        # logits/* average every position [:, :-1] over the whole vocabulary; from the vocab sums
-        logits_means = (vocab_sums_BT[:n].sum() / (vocab_sums_BT[:n].numel() * vocab),
-                        vocab_sums_BT[n:].sum() / (vocab_sums_BT[n:].numel() * vocab))
-        return ORPOForward(None, seq_logps_B[:n], seq_logps_B[n:], -(logps_BT[:n] * nll_mask_BT[:n]).sum(),
-                           nll_mask_BT[:n].sum(), outputs.aux_loss if self.aux_loss_coef is not None else None,
-                           None, logits_means)
+        """The LM head only at the positions a term reads, in chunks (alignkit.logps)."""
+        return self._chunked(model, batch, fused=False)[0]
+
+    def _chunked(self, model, batch, fused: bool, ctx=None) -> "tuple[ORPOForward, dict | None]":
+        n = batch["input_ids"].shape[0] // 2
+        nll_targets = torch.full_like(batch["labels"], self.config.label_pad_token_id)
+        nll_targets[:n] = self._nll_targets(batch)
+        beta = self.config.beta
+
+        def terms(s, groups):  # s: the chosen rows of `groups`, then their rejected rows
+            m = len(groups)
+            or_loss, _, _ = odds_ratio_terms(s.logps[:m] / s.tokens[:m], s.logps[m:] / s.tokens[m:], beta)
+            return {"nll_tokens": s.nll[:m].sum(), "pairs": or_loss.sum()}
+
+        s, aux, summed = self.scorer(model, batch, nll_targets, aux_loss=self.aux_loss_coef is not None,
+                                     terms=terms if fused else None, group_size=2, weights=count_weights(self.counts(batch), ctx))
+        seq_logps_B = s.logps / s.tokens
+        # logits/* average every position [:, :-1] over the whole vocabulary
+        logits_means = (s.rows(torch.arange(n)).logits_mean(), s.rows(torch.arange(n, 2 * n)).logits_mean())
+        return ORPOForward(None, seq_logps_B[:n], seq_logps_B[n:], s.nll[:n].sum(), s.nll_tokens[:n].sum(), aux,
+                           None, logits_means), summed
 
     def forward_plain(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
         """The model's full logits [2B, T, V]: log-softmax over all of them (TRL's way; keeps `logits`)."""
@@ -124,14 +110,16 @@ class ORPOLoss(Loss):
         return ORPOForward(logits_BTV, seq_logps_B[:n], seq_logps_B[n:], -nll_logps_BT.sum(), nll_mask_BT.sum(),
                            outputs.aux_loss if self.aux_loss_coef is not None else None, scored_BTV, logits_means)
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        return self.output(self.forward(model, batch))
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx=None) -> LossOutput:
+        if self.head is None:
+            return self.output(self.forward_plain(model, batch))
+        return self.output(*self._chunked(model, batch, fused=True, ctx=ctx))
 
-    def output(self, f: "ORPOForward") -> LossOutput:
-        """The summed loss terms and the eleven metrics of one forward pass."""
+    def output(self, f: "ORPOForward", terms: dict | None = None) -> LossOutput:
+        """The summed loss terms (unless given: the fused head computed them) and the eleven metrics."""
         beta = self.config.beta
         or_loss_B, log_odds_B, log_sigma_B = odds_ratio_terms(f.chosen_logps, f.rejected_logps, beta)
-        terms = {"nll_tokens": f.nll_sum, "pairs": or_loss_B.sum()}
+        terms = dict(terms) if terms is not None else {"nll_tokens": f.nll_sum, "pairs": or_loss_B.sum()}
         if f.aux_loss is not None:
             terms["batches"] = self.aux_loss_coef * f.aux_loss
         with torch.no_grad():

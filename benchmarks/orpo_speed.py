@@ -25,10 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_compare import VARIANTS, liger_trainer, liger_version, methods_table, peak_flops, run_rounds, write_section
+from bench_compare import table as compare_table
+from bench_data import dialogue_rows, synthetic_rows
+
 HERE = Path(__file__).parent
 SIZES = {  # model shapes: a small random one for CPUs, Qwen2-0.5B's for a GPU
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),
+    "h256": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),  # issue 15's measurement shape
     "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2),
 }
@@ -52,23 +58,14 @@ def build(case: dict):
     return model, tok
 
 
-def rows(n: int, seq: int, distinct: bool) -> list[dict]:
-    """Rows whose prompt is seq/2 tokens with BOS (4 + one per digit with the built-in tokenizer) and whose answers
-    are longer than the rest: both libraries cut the answers to seq/2 tokens, so each side is exactly `seq` tokens.
-    (TRL 1.x dropped max_prompt_length and cuts only answers; a prompt that fits keeps both libraries' rules
-    the same.) Identical rows unless `distinct`: then the order of batches cannot change the losses."""
-    import random
+def rows(case: dict, n: int, distinct: bool = False) -> list[dict]:
+    """The case's rows: `synthetic` (every side exactly seq tokens) or `dialogue` (multi-turn, prompt over half)."""
+    if case.get("data", "synthetic") == "dialogue":
+        from alignkit.testing import tiny_tokenizer
 
-    rng = random.Random(0)
-
-    def digits(k):
-        return " ".join(str(rng.randrange(10)) for _ in range(k))
-
-    def row():
-        return {"prompt": "sort: " + digits(seq // 2 - 4) + " =", "chosen": " " + digits(seq), "rejected": " " + digits(seq)}
-
-    one = row()
-    return [row() if distinct else dict(one) for _ in range(n)]
+        # one batch of distinct rows, seen once per step (an epoch): every library's step 1 sees the same rows
+        return dialogue_rows(case["pairs"], case["seq"], tiny_tokenizer(), seed=0)
+    return synthetic_rows(n, case["seq"], distinct)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -81,11 +78,15 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summary(case: dict, ends: list[float], losses: list[float]) -> dict:
+def summary(case: dict, ends: list[float], losses: list[float], model=None) -> dict:
     steps = [b - a for a, b in zip(ends, ends[1:])][case["warmup"] - 1:]
     step_s = statistics.median(steps)
-    return {"step_s": step_s, "tokens_per_s": 2 * case["pairs"] * case["seq"] / step_s,
-            "peak_mb": peak_memory_mb(case["device"]), "losses": losses[:3], "status": "ok"}
+    tokens = case.get("tokens") or 2 * case["pairs"] * case["seq"]
+    out = {"step_s": step_s, "steps": steps, "tokens_per_s": tokens / step_s,
+           "peak_mb": peak_memory_mb(case["device"]), "losses": losses[:3], "status": "ok"}
+    if case["device"] == "cuda" and model is not None:  # model FLOPs utilisation: 6 N per trained token
+        out["mfu"] = 6 * sum(p.numel() for p in model.parameters()) * tokens / step_s / peak_flops()
+    return out
 
 
 # ---- the workers ----------------------------------------------------------------------------------------
@@ -123,13 +124,15 @@ def alignkit_worker(case: dict) -> dict:
             "method": {"max_length": case["seq"], "max_prompt_length": case["seq"] // 2, "beta": 0.1,
                        **case.get("alignkit", {})},
         }
-        ds = datasets.Dataset.from_list(rows(case["steps"] * case["pairs"], case["seq"], distinct=False))
+        ds = datasets.Dataset.from_list(rows(case, case["steps"] * case["pairs"]))
+        if case.get("method", "orpo") != "orpo":  # another method on the shared log-prob path, same batch
+            config["method"] = {k: v for k, v in config["method"].items() if k != "beta"}
         pm = alignkit.get_plugin_manager([Timer()])
-        alignkit.run("orpo", config, plugins=pm, model=model, tokenizer=tok, train_dataset=ds)
-    return summary(case, ends, losses)
+        alignkit.run(case.get("method", "orpo"), config, plugins=pm, model=model, tokenizer=tok, train_dataset=ds)
+    return summary(case, ends, losses, model)
 
 
-def trl_worker(case: dict) -> dict:
+def trl_worker(case: dict, lib: str = "trl") -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -158,9 +161,12 @@ def trl_worker(case: dict) -> dict:
                           optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
                           disable_tqdm=True, gradient_checkpointing=case["gc"], bf16=case["device"] == "cuda",
                           use_cpu=case["device"] == "cpu", seed=0, max_length=case["seq"], beta=0.1)
-        ds = datasets.Dataset.from_list(rows(case["steps"] * case["pairs"], case["seq"], distinct=False))
-        ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=ds, callbacks=[Timer()]).train()
-    return summary(case, ends, losses)
+        ds = datasets.Dataset.from_list(rows(case, case["steps"] * case["pairs"]))
+        trainer_class = ORPOTrainer
+        if lib == "liger":
+            trainer_class = liger_trainer(ORPOTrainer, case["liger_compiled"])
+        trainer_class(model=model, args=args, processing_class=tok, train_dataset=ds, callbacks=[Timer()]).train()
+    return summary(case, ends, losses, model)
 
 
 def prep_worker(case: dict) -> dict:
@@ -174,7 +180,7 @@ def prep_worker(case: dict) -> dict:
 
     datasets.disable_caching()
     model, tok = build(case)
-    data = datasets.Dataset.from_list(rows(case["n"], case["seq"] // 4, distinct=True))
+    data = datasets.Dataset.from_list(synthetic_rows(case["n"], case["seq"] // 4, distinct=True))
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         args = ORPOConfig(output_dir=tmp, report_to="none", use_cpu=True, max_length=case["seq"])
@@ -193,7 +199,11 @@ def prep_worker(case: dict) -> dict:
     return out
 
 
-WORKERS = {"alignkit": alignkit_worker, "trl": trl_worker, "prep": prep_worker}
+def liger_worker(case: dict) -> dict:
+    return trl_worker({**case, "liger_compiled": case.get("liger_compiled", True)}, lib="liger")
+
+
+WORKERS = {"alignkit": alignkit_worker, "trl": trl_worker, "liger": liger_worker, "prep": prep_worker}
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
@@ -247,7 +257,7 @@ def table(results: list[dict]) -> list[str]:
              "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | first losses TRL |",
              "|" + "---|" * 14]
     for r in results:
-        c, a, t = r["case"], r["alignkit"], r["trl"]
+        c, a, t = r["case"], r["alignkit"], r.get("trl", {"status": "not run"})
         ok = a.get("status") == "ok" and t.get("status") == "ok"
         time_ratio = fmt(a["step_s"] / t["step_s"], ".2f") if ok else "-"
         mem_ratio = fmt(a["peak_mb"] / t["peak_mb"], ".2f") if ok else "-"
@@ -265,6 +275,36 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def kept_sections(path: Path) -> str:
+    """The sections of an existing results file that the matrix run does not write (hand notes, --section runs)."""
+    text = path.read_text() if path.exists() else ""
+    parts = text.split("\n## ")[1:]
+    return "".join("\n## " + part for part in parts if not part.startswith("Preprocessing"))
+
+
+def compare(args) -> None:
+    """Every variant of --libs on each case, interleaved in --rounds, into one section of --output."""
+    rows = []
+    for vocab in args.vocab:
+        for seq in args.seq:
+            for pairs in args.pairs:
+                case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=args.gc == "yes", steps=args.steps, warmup=args.warmup,
+                            size=args.size, device=args.device, data=args.data)
+                rows.append(run_rounds(case, args.libs, args.rounds, run_worker, args.mem_limit_gb, args.timeout))
+                print("\n".join(compare_table(rows[-1:], args.libs)), flush=True)
+    lines = [f"- command: `python benchmarks/orpo_speed.py {' '.join(sys.argv[1:])}`",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- machine: {machine(args.device)}; {args.note}".rstrip("; "), f"- versions: {versions()}, liger-kernel "
+             f"{liger_version()}", f"- model: random Qwen2, shape `{args.size}` {SIZES[args.size]}, tied embeddings, "
+             f"{'bf16' if args.device == 'cuda' else 'float32'}; gradient checkpointing {args.gc}",
+             f"- {args.steps} steps per run, the first {args.warmup} not timed, {args.rounds} interleaved round(s); "
+             "ratios are the row's variant over TRL / Liger (compiled); peak memory is max RSS (CPU) or "
+             "max_memory_allocated (GPU)", "", *compare_table(rows, args.libs)]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section(Path(args.output), args.section, lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
@@ -280,6 +320,15 @@ def main() -> None:
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--prep", action="store_true", help="also time preprocessing")
+    p.add_argument("--libs", nargs="+", choices=list(VARIANTS), default=["alignkit", "trl"],
+                   help="with --section: the variants to compare (bench_compare.py), else alignkit and/or trl")
+    p.add_argument("--data", choices=["synthetic", "dialogue"], default="synthetic",
+                   help="synthetic: every side exactly seq tokens; dialogue: multi-turn rows, prompt over half (bench_data.py)")
+    p.add_argument("--rounds", type=int, default=1, help="with --section: interleaved rounds of all variants")
+    p.add_argument("--section", help="head-to-head mode: write this section of --output (others kept)")
+    p.add_argument("--note", default="", help="with --section: a line about the machine's load etc.")
+    p.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
+                   help="also run these alignkit methods (e.g. dpo cpo simpo) on each case: memory and time against ORPO")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--update", action="store_true",
@@ -289,6 +338,9 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](json.loads(args.case))), flush=True)
         return
 
+    if args.section:
+        compare(args)
+        return
     results = []
     gcs = {"no": [False], "yes": [True], "both": [False, True]}[args.gc]
     for vocab in args.vocab:
@@ -298,10 +350,16 @@ def main() -> None:
                     case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=gc, steps=args.steps, warmup=args.warmup,
                                 size=args.size, device=args.device)
                     row = {"case": case}
-                    for lib in ("alignkit", "trl"):
+                    for lib in args.libs:
                         row[lib] = run_worker(lib, case, args.mem_limit_gb, args.timeout)
+                    for method in args.methods:
+                        row[method] = run_worker("alignkit", {**case, "method": method}, args.mem_limit_gb, args.timeout)
                     results.append(row)
                     print(table([row])[-1], flush=True)
+                    if args.methods:
+                        print(methods_table([row], args.methods)[-1], flush=True)
+    extra = ["## Other methods on the shared log-prob path (alignkit.logps), same batches", "",
+             *methods_table(results, args.methods), ""] if args.methods else []
     prep = None
     if args.prep:
         prep = run_worker("prep", dict(vocab=args.vocab[0], seq=512, n=2000, size="small", device="cpu"),
@@ -332,7 +390,7 @@ def main() -> None:
         "identical rows truncated to exactly seq tokens a side",
         "- time and memory ratios are alignkit / TRL (lower is better); peak memory is the process's max RSS "
         "(CPU) or torch.cuda.max_memory_allocated (GPU)", "",
-        *table(results), "",
+        *table(results), "", *extra,
     ]
     if prep:
         lines += ["## Preprocessing", "",
@@ -344,7 +402,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text + kept_sections(Path(args.output)))
         saved.write_text(json.dumps({"results": results, "prep": prep, "commands": commands}, indent=1))
 
 

@@ -145,6 +145,9 @@ def test_precomputed_reference_gives_the_same_run(pm, tmp_path):
     for a, b in zip(read_jsonl(live.output_dir / "metrics.jsonl"), read_jsonl(pre.output_dir / "metrics.jsonl")):
         assert a.keys() == b.keys()
         for k in a:
+            margin = a.get(k.replace("accuracies", "margins"), 1.0)
+            if k.endswith("rewards/accuracies") and abs(margin) < 1e-5:
+                continue  # policy == reference (step 1): chosen > rejected compares two float-rounding residues
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
 
 

@@ -147,31 +147,42 @@ def test_padding_free_keeps_sequences_apart():
     torch.testing.assert_close(both.rejected_logps[:1], single.rejected_logps, rtol=RTOL, atol=0)
 
 
-def test_no_full_logits_are_saved_for_backward():
-    """The plain path keeps [rows, T, V] logits for backward; the chunked path keeps no vocab-wide tensor (its
-    backward recomputes one chunk at a time)."""
+@pytest.mark.parametrize("share", [True, False])
+def test_no_full_logits_are_kept_for_backward_and_the_head_runs_once(share):
+    """The plain path keeps [rows, T, V] logits for backward; the fused head keeps no vocab-wide tensor (the
+    backward reads only the gradients computed in the forward) and runs the head once per chunk."""
     model, b = tiny_model(), ragged_batch(4)
     rows, width = b["input_ids"].shape
     vocab = model.config.vocab_size
 
-    def largest_saved(**method):
-        loss_fn = ORPOLoss(ORPOMethodConfig(**method))
+    def backward_reads(**method):
+        loss_fn = ORPOLoss(ORPOMethodConfig(share_prompt=share, **method))
         loss_fn.prepare_model(model)
-        sizes = []
-
+        sizes, in_backward, calls = [], [False], []
         weights = {p.data_ptr() for p in model.parameters()}
 
-        def pack(t):
-            if t.data_ptr() not in weights and t.dim() and t.shape[-1] == vocab:
+        def unpack(t):
+            if in_backward[0] and t.data_ptr() not in weights and t.dim() and t.shape[-1] == vocab:
                 sizes.append(t.numel())
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss_fn(model, b).normalized(loss_fn.counts(b)).backward()
-        return max(sizes, default=0)
+        handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            loss = loss_fn(model, b).normalized(loss_fn.counts(b))
+            in_backward[0] = True
+            loss.backward()
+        handle.remove()
+        return max(sizes, default=0), calls
 
-    assert largest_saved(loss_implementation="plain") >= rows * (width - 1) * vocab
-    assert largest_saved(logits_chunk_size=4) == 0
+    if not share:
+        assert backward_reads(loss_implementation="plain")[0] >= rows * (width - 1) * vocab
+    largest, calls = backward_reads(logits_chunk_size=64)  # whole pairs per chunk
+    assert largest == 0
+    scored = int(((b["labels"][:, 1:] != -100) | ((b["attention_mask"][:, 1:] == 1) & (torch.arange(rows) < rows // 2)[:, None])).sum())
+    # the model's own head scores one position per row it runs (one per pair when shared); the split-off head
+    # each scored position exactly once, plus check_head's one position per row the model ran
+    ran = rows // 2 if share else rows
+    assert calls[0] == ran and sum(calls[1:]) == scored + ran
 
 
 def test_models_without_logits_to_keep_fall_back_to_plain(caplog):

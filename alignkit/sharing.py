@@ -1,0 +1,71 @@
+"""Prefix sharing: a pair of rows that start with the same tokens runs as one row, the prefix computed once.
+
+A batch of [first; second] rows (e.g. [chosen; rejected], right-padded to width T) becomes one row per
+pair: the first row whole (T positions, its padding included), then the second row from the end of the
+pair's common prefix P (T - P positions). Position ids restart at P for the second part. A 4D mask lets
+the second part see the prefix (first-part keys before P) and its own earlier real tokens, never the rest
+of the first row; every query sees only real keys (as the padded batch's mask does). A causal LM's hidden
+state at a position depends only on the tokens and positions it attends to, so every position of both
+original rows, padding included, gets the hidden state it would get in the padded batch; `unshare`
+gathers them back into the [2 * pairs, T, H] layout.
+
+Needs an attention implementation that takes a custom 4D mask (sdpa, eager).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+#: attention implementations that take an additive 4D mask as given
+SHARING_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class SharedRows:
+    input_ids: torch.Tensor  # [pairs, L]
+    position_ids: torch.Tensor  # [pairs, L]
+    attention_mask: torch.Tensor  # [pairs, 1, L, L] additive (0 where a query may attend, dtype min elsewhere)
+    index: torch.Tensor  # [2 * pairs, T]: position of each original (row, t) in the flattened shared rows
+
+    def unshare(self, hidden_PLH: torch.Tensor) -> torch.Tensor:
+        """The hidden states [2 * pairs, T, H] of the original rows (differentiable gather)."""
+        return hidden_PLH.reshape(-1, hidden_PLH.shape[-1])[self.index]
+
+
+def common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per pair [n]: how many leading real tokens row g and row g + n share."""
+    n = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(-1)
+    same = (input_ids[:n] == input_ids[n:]) & attention_mask[:n].bool() & attention_mask[n:].bool()
+    return same.long().cumprod(-1).sum(-1).clamp(max=torch.minimum(lengths[:n], lengths[n:]))
+
+
+def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> SharedRows:
+    """The shared layout of a right-padded [first; second] batch (see the module docstring)."""
+    rows, width = input_ids.shape
+    n, device = rows // 2, input_ids.device
+    prefix = common_prefix(input_ids, attention_mask)  # [n]
+    lengths = attention_mask.sum(-1)
+    total = 2 * width - int(prefix.min())
+    t = torch.arange(total, device=device)
+    second = t[None] >= width  # [1, L]: the second part
+    # original position of each shared slot: first part t, second part P + (t - T)
+    pos = torch.where(second, prefix[:, None] + t[None] - width, t[None].expand(n, total))  # [n, L]
+    used = pos < width  # slots past 2T - P hold nothing
+    source = torch.where(second, n + torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[:, None])
+    ids = torch.where(used, input_ids[source, pos.clamp(max=width - 1)], input_ids[0, 0])
+    real = used & attention_mask[source, pos.clamp(max=width - 1)].bool()  # [n, L]: a real token of its row
+    # query i may see key j: j real, pos[j] <= pos[i], and j in i's part, or j a prefix slot of the first part
+    q_second, k_second = second[..., :, None], second[..., None, :]
+    same_part = q_second == k_second
+    prefix_key = ~k_second & (pos[:, None, :] < prefix[:, None, None])
+    allowed = real[:, None, :] & (pos[:, None, :] <= pos[:, :, None]) & (same_part | (q_second & prefix_key))
+    allowed |= torch.eye(total, dtype=torch.bool, device=device)[None] & ~used[:, :, None]  # empty slots: themselves
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    # back to [2n, T]: first rows read slot t; second rows read t below their prefix, else T + t - P
+    tt = torch.arange(width, device=device)[None]
+    g = torch.arange(n, device=device)[:, None]
+    first_index = g * total + tt
+    second_index = g * total + torch.where(tt < prefix[:, None], tt, width + tt - prefix[:, None])
+    del lengths
+    return SharedRows(ids, pos, mask[:, None], torch.cat([first_index, second_index]))
