@@ -74,11 +74,13 @@ def run(method: str | None = None, config: str | Path | Mapping | None = None, *
 def evaluate(method: str | None = None, config: str | Path | Mapping | None = None, *,
              plugins: PluginManager | None = None, model=None, tokenizer=None, eval_dataset=None,
              **overrides: Any) -> dict[str, float]:
-    """Evaluate model.name_or_path on data.eval (or data.train), in order; also writes eval_results.json."""
+    """Evaluate model.name_or_path on data.eval (or data.train), in order; also writes eval_results.json into
+    train.output_dir (by default: the evaluated model's folder, or outputs/NAME-eval), never into another run."""
     from alignkit.engine import Engine
 
     pm = plugins or get_plugin_manager()
     cfg, chosen = load_config(method, config, overrides, pm)
+    cfg.train.output_dir = str(_eval_dir(cfg, chosen, model is not None))
     engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset)
     metrics = engine.evaluate()
     if engine.accelerator.is_main_process:
@@ -88,3 +90,17 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         os.replace(tmp, out / "eval_results.json")
     return metrics
+
+
+def _eval_dir(cfg: RunConfig, method: Method, model_given: bool) -> Path:
+    """Where eval_results.json goes: train.output_dir if set, else beside the evaluated local model, else
+    outputs/NAME-eval. A folder holding another training run is refused."""
+    out, model_dir = Path(cfg.train.output_dir), Path(cfg.model.name_or_path)
+    own = not model_given and model_dir.is_dir()
+    if cfg.train.output_dir == f"outputs/{method.name}":  # the default: the default training run's folder
+        out = model_dir if own else Path(f"outputs/{method.name}-eval")
+    beside_model = own and out.resolve() == model_dir.resolve()
+    if not beside_model and any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
+        raise ConfigError(f"train.output_dir: {out} holds a training run; evaluation writes eval_results.json only beside "
+                          "the evaluated model or into a folder of its own: set train.output_dir")
+    return out

@@ -1,8 +1,13 @@
-"""Checkpoints (checkpoint-N folders under output_dir/train.checkpoint_dir): written atomically, found for
-`auto`, rotated. The engine's own state is alignkit_state.json: trainer_state.json is left to tools that
-write transformers' TrainerState (the TRL-compatible trainer does)."""
+"""Checkpoints (checkpoint-N folders under output_dir/train.checkpoint_dir): written atomically with a manifest
+(sizes and hashes) written last, verified before use, found for `auto` (the newest intact one), rotated. The
+engine's own state is alignkit_state.json: trainer_state.json is left to tools that write transformers'
+TrainerState (the TRL-compatible trainer does).
+"""
 
+import hashlib
 import json
+import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -12,21 +17,71 @@ from accelerate import Accelerator
 
 from alignkit.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "alignkit_state.json"
 SCHEDULER_FILE = "scheduler.pt"
+CONFIG_FILE = "config.yaml"
+MANIFEST = "manifest.json"
+REQUIRED = (STATE_FILE, SCHEDULER_FILE)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and SHA-256 of every file of the checkpoint; written last, so its presence means complete."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    tmp.rename(folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is intact, else what is wrong with it (one phrase)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (not a complete alignkit checkpoint)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is damaged"
+    for name in REQUIRED:
+        if name not in files:
+            return f"no {name}"
+    pickled = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    if pickled:
+        return f"it holds pickled weights ({', '.join(pickled)}); alignkit loads safetensors only"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} differs from what was written"
+    return None
+
+
 def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary or half-written folder never counts)."""
+    """Checkpoints whose manifest was written, oldest first (a temporary or half-written folder never counts)."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / MANIFEST).is_file()]
     return [p for _, p in sorted(found)]
 
 
-def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None, scheduler) -> Path:
-    """Write the accelerate state, the scheduler and `state` to a temporary folder, then rename it into place."""
+def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None, scheduler,
+         files: dict[str, str] | None = None) -> Path:
+    """Write the accelerate state, the scheduler, `state` and `files` (name -> text) to a temporary folder,
+    then the manifest, then rename it into place."""
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -35,9 +90,18 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)  # plain data: loads with weights_only=True
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        write_manifest(tmp)
+        if final.exists():  # the same step saved again (a stop right after a scheduled save)
+            old = root / f".old-checkpoint-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
         if limit:
             for old in checkpoints(root)[:-limit]:
                 shutil.rmtree(old)
@@ -56,18 +120,36 @@ def remove_all(root: Path, remove_root: bool) -> None:
 
 
 def find(spec: str, root: Path) -> Path | None:
-    """The checkpoint `train.resume_from_checkpoint` names: a folder, or `auto` (latest; None if none)."""
-    if spec == "auto":
-        found = checkpoints(root)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"train.resume_from_checkpoint: {spec} is not a complete alignkit checkpoint (no {STATE_FILE})")
-    return path
+    """The checkpoint `train.resume_from_checkpoint` names, verified: a folder, or `auto` (the newest intact
+    one, warning about newer damaged ones; None if there is no checkpoint at all)."""
+    if spec != "auto":
+        path = Path(spec)
+        problem = verify(path) if path.is_dir() else "no such folder"
+        if problem:
+            raise ConfigError(f"train.resume_from_checkpoint: {spec} cannot be resumed: {problem}")
+        return path
+    found = checkpoints(root)
+    damaged = []
+    for path in reversed(found):
+        problem = verify(path)
+        if problem is None:
+            if damaged:
+                log.warning("train.resume_from_checkpoint=auto: skipped damaged %s; resuming from %s",
+                            "; ".join(damaged), path.name)
+            return path
+        damaged.append(f"{path.name} ({problem})")
+    if damaged:
+        raise ConfigError(f"train.resume_from_checkpoint=auto: no intact checkpoint in {root}: {'; '.join(damaged)}; "
+                          "start over with train.overwrite_output_dir=true")
+    return None
 
 
 def load(accelerator: Accelerator, path: Path, scheduler) -> dict:
     """Restore model, optimizer, RNG (accelerate, weights_only) and the scheduler; return the saved state."""
-    accelerator.load_state(str(path))
-    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        accelerator.load_state(str(path))
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+        return json.loads((path / STATE_FILE).read_text())
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"train.resume_from_checkpoint: {path} cannot be loaded: {type(e).__name__}: {first}") from None

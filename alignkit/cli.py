@@ -35,6 +35,7 @@ def _setup_logging(verbosity: int) -> None:
     transformers.logging.set_verbosity_error() if verbosity < 1 else transformers.logging.set_verbosity_info()
     if verbosity < 0:
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +57,7 @@ def cli(quiet: bool, verbose: bool) -> None:
 
 
 _method = click.option("-m", "--method", help="Method name (see `alignkit methods`).")
-_config = click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+_config = click.option("-c", "--config", "config_file", metavar="FILE",  # checked by the config loader: one line
                        help="YAML config; KEY=VALUE arguments override it.")
 _overrides = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 _passthrough = {"ignore_unknown_options": False}
@@ -240,15 +241,25 @@ def _dotlist(overrides: tuple[str, ...]) -> dict:
         if "=" not in item:
             raise AlignkitError(f"argument {item!r} must be KEY=VALUE, e.g. train.max_steps=10")
         key, value = item.split("=", 1)
-        out[key] = _parse_value(value)
+        try:
+            out[key] = _parse_value(value)
+        except AlignkitError as e:
+            raise AlignkitError(f"argument {key}: {e}") from None
     return out
 
 
 def _parse_value(value: str):
     """YAML-typed value as omegaconf's dotlist reads it ('1e-6' -> float, 'null' -> None, '[a,b]' -> list)."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        problem = getattr(e, "problem", None)
+        first = problem or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise AlignkitError(f"value {value!r} cannot be parsed ({first}); quote it, or write a list as [a,b]") from None
 
 
 def main() -> None:

@@ -14,7 +14,16 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from transformers import SchedulerType
 
 from alignkit.errors import ConfigError, did_you_mean
@@ -29,7 +38,8 @@ BUILTIN_DATA_PRESET = {"data": {"eval": "${data.train}", "eval_split": "test"}}
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never valid settings (a learning rate of .inf passes gt=0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(Section):
@@ -39,6 +49,13 @@ class LoraSettings(Section):
     target_modules: list[str] | str = Field("all-linear", description="Modules to adapt: names, or all-linear.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter.")
+
+
+#: from_pretrained arguments that alignkit passes itself, and the key that sets each
+FIXED_LOAD_ARGUMENTS = {"trust_remote_code": "model.trust_remote_code", "revision": "model.revision",
+                        "dtype": "model.dtype", "torch_dtype": "model.dtype",
+                        "attn_implementation": "model.attn_implementation",
+                        "pretrained_model_name_or_path": "model.name_or_path"}
 
 
 class ModelConfig(Section):
@@ -51,6 +68,18 @@ class ModelConfig(Section):
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for from_pretrained (TRL's model_init_kwargs).")
     ref_name_or_path: str | None = Field(None, description="Reference model for losses that need one; default: a frozen copy of the policy's initial weights (with model.peft: the policy with adapters disabled).")
     peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. model.peft.r=8.")
+
+
+    @model_validator(mode="after")
+    def _loading_arguments(self) -> "ModelConfig":
+        if self.name_or_path == BUILTIN_MODEL and self.init_kwargs:
+            raise ValueError(f"model.init_kwargs: the built-in model {BUILTIN_MODEL} is built, not loaded; it takes no "
+                             "loading arguments (remove model.init_kwargs)")
+        fixed = sorted(set(self.init_kwargs) & set(FIXED_LOAD_ARGUMENTS))
+        if fixed:
+            raise ValueError("model.init_kwargs: " + ", ".join(f"{k} is set by {FIXED_LOAD_ARGUMENTS[k]}" for k in fixed)
+                             + "; set it there instead")
+        return self
 
 
 class DataConfig(Section):
@@ -98,7 +127,7 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints (the newest).")
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or auto for the latest in output_dir/checkpoints.")
     checkpoint_dir: str = Field("checkpoints", description="Folder of the checkpoint-N folders, relative to output_dir; '.' puts them in output_dir itself, as transformers.Trainer does.")
-    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialisation, shuffling and dropout.")
     group_by_length: bool = Field(
         False, description="Shuffle in groups of similar length so micro-batches pad little (still set by the seed).")
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
@@ -143,12 +172,51 @@ class TrainConfig(Section):
             raise ValueError("set train.bf16 or train.fp16, not both")
         return self
 
+    @model_validator(mode="after")
+    def _schedule_builds(self) -> "TrainConfig":
+        """Build the schedule on a stand-in optimizer, so its mistakes show before any work."""
+        import torch
+        from transformers import get_scheduler
+
+        if self.lr_scheduler_type == "reduce_lr_on_plateau":
+            raise ValueError("train.lr_scheduler_type: reduce_lr_on_plateau steps on an eval metric, which alignkit's "
+                             "step-based schedules do not feed it; choose another schedule")
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            scheduler = get_scheduler(self.lr_scheduler_type, optimizer, num_warmup_steps=1, num_training_steps=10,
+                                      scheduler_specific_kwargs=dict(self.lr_scheduler_kwargs))
+            optimizer.step()
+            scheduler.step()
+        except Exception as e:  # TypeError for unknown kwargs, ValueError for missing ones
+            raise ValueError(f"train.lr_scheduler_kwargs: {dict(self.lr_scheduler_kwargs)} do not fit schedule "
+                             f"{self.lr_scheduler_type}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        return self
+
 
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig
+    #: dotted key -> the `${oc.env:...}` interpolation it was given as: written files record that, not the value
+    _recorded: dict[str, str] = PrivateAttr(default_factory=dict)
+
+
+def recorded(config: RunConfig) -> RunConfig:
+    """The config as it may be written out: values from `${oc.env:...}` (secrets, private paths) replaced by
+    the interpolation itself. Use it for anything written to disk or sent to a tracker."""
+    if not config._recorded:
+        return config
+
+    def replace(model: BaseModel, parts: list[str], value: str) -> BaseModel:
+        head = parts[0]
+        new = value if len(parts) == 1 else replace(getattr(model, head), parts[1:], value)
+        return model.model_copy(update={head: new})
+
+    out = config
+    for key, value in config._recorded.items():
+        out = replace(out, key.split("."), value)
+    return out
 
 
 @functools.cache
@@ -164,15 +232,7 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
     elif isinstance(config, Mapping):
         cfg = OmegaConf.create(dict(config))
     else:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            cfg = OmegaConf.load(path)
-        except Exception as e:  # yaml.YAMLError and friends
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(cfg, DictConfig):
-            raise ConfigError(f"{path}: must hold a mapping of sections (model, data, train, method)")
+        cfg = load_yaml(Path(config))
     try:
         if isinstance(overrides, list):
             for item in overrides:
@@ -185,6 +245,48 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
     return cfg
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """A YAML config file; its mistakes as one line with line and column."""
+    import yaml
+
+    try:  # omegaconf's loader (duplicate keys are errors, alias expansion bounded); it moved in 2.4
+        from omegaconf._yaml import get_yaml_loader
+    except ImportError:
+        from omegaconf._utils import get_yaml_loader
+
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
+    try:
+        data = yaml.load(text, Loader=get_yaml_loader())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = (e.problem or e.context or "not valid YAML").strip()
+        lines = text.splitlines()
+        if mark and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
+            problem = "a tab character; YAML indents with spaces"
+        elif problem.startswith("found duplicate key") and e.context_mark:
+            problem = f"{problem.replace('found ', '')} (the mapping starts at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).strip().splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a mapping of sections (model, data, train, method), not a "
+                          f"{type(data).__name__}")
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
 
 
 def _nested(dotted: Mapping[str, Any]) -> DictConfig:
@@ -212,13 +314,36 @@ def resolve(method: Method, user: DictConfig) -> RunConfig:
     layers = [OmegaConf.create(defaults), _nested(demo), _nested(method.defaults)]
     try:
         layers += _presets(OmegaConf.merge(*layers, user), method)
-        plain = OmegaConf.to_container(OmegaConf.merge(*layers, user), resolve=True)
+        merged = OmegaConf.merge(*layers, user)
+        plain = OmegaConf.to_container(merged, resolve=True)
+        raw = OmegaConf.to_container(merged, resolve=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {str(e).splitlines()[0]}") from None
     try:
-        return cls.model_validate(plain)
+        config = cls.model_validate(plain)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, cls)) from None
+    config._recorded = _env_interpolations(raw, plain)
+    return config
+
+
+def _leaves(tree, prefix: str = ""):
+    for key, value in tree.items() if isinstance(tree, dict) else ():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _env_interpolations(raw: dict, plain: dict) -> dict[str, str]:
+    """Keys given as (or through) an `${oc.env:...}` interpolation, with that interpolation."""
+    raw_leaves, plain_leaves = dict(_leaves(raw)), dict(_leaves(plain))
+    env = {k: v for k, v in raw_leaves.items() if isinstance(v, str) and "oc.env" in v}
+    secrets = [str(plain_leaves[k]) for k in env if str(plain_leaves.get(k, ""))]
+    for k, v in raw_leaves.items():  # e.g. data.eval: ${data.train} where data.train came from the environment
+        if k not in env and isinstance(v, str) and "${" in v and any(s in str(plain_leaves.get(k)) for s in secrets):
+            env[k] = v
+    return env
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -249,7 +374,9 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
 
 
 def to_yaml(config: RunConfig, comments: bool = True) -> str:
-    """The config as YAML that `-c` accepts unchanged, each key preceded by its description."""
+    """The config as YAML that `-c` accepts unchanged, each key preceded by its description. Values that came
+    from `${oc.env:...}` are written as that interpolation (see `recorded`)."""
+    config = recorded(config)
     lines = []
     for section, value in config:
         lines.append(f"{section}:")

@@ -1,6 +1,7 @@
 """Dataset loading (files, save_to_disk folders, the hub, plugins' built-in datasets), formatting with a
 method's DataFormatter, the epoch sampler, and padding. DataFormatter itself lives in alignkit.formatter."""
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -91,12 +92,28 @@ def _load_file(path: Path) -> datasets.Dataset:
         raise DataError(f"{path}: no such file")
     if path.stat().st_size == 0 or not path.read_bytes()[:4096].strip():
         raise DataError(f"{path}: the dataset is empty")
+    if path.suffix in (".jsonl", ".json", ".csv"):
+        _check_utf8(path)
     if path.suffix == ".jsonl":
         _check_jsonl(path)
     try:
-        return datasets.load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+        with quiet_hub():
+            return datasets.load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {type(e).__name__}: {e}") from None
+        cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's own error
+        first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]}: {type(cause).__name__}: {first}") from None
+
+
+def _check_utf8(path: Path) -> None:
+    """Name the first line that is not UTF-8 (the readers fail with a traceback otherwise)."""
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {line[e.start]:#x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
 
 
 def _check_jsonl(path: Path) -> None:
@@ -117,10 +134,25 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
     if "/" not in name or name.startswith((".", "/", "~")):
         raise DataError(f"{name}: no such file or directory (and not a hub dataset name 'owner/name')")
     try:
-        return datasets.load_dataset(name, split=split)
+        with quiet_hub():
+            return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, missing, gated, bad split ...
         raise DataError(f"{name}: no such local file or folder, and it cannot be loaded from the Hugging Face "
                         f"hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """No retry or warning lines from the hub clients: a failure ends as one DataError line."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "urllib3", "httpx", "filelock")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tuple[datasets.Dataset, PrepareReport]:

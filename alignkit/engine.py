@@ -21,11 +21,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from alignkit import checkpoint, optim
+from alignkit import checkpoint, optim, preflight, resume, rundir
 from alignkit.config import RunConfig, to_yaml
 from alignkit.context import StepContext, call
-from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
-from alignkit.evaluation import evaluate_batches
+from alignkit.errors import NonFiniteError, TrainingInterrupted
+from alignkit.evaluation import EvalStopped, evaluate_batches
 from alignkit.method import Method
 from alignkit.metrics import MetricSums, means, reduce_totals
 from alignkit.modelcard import model_card
@@ -50,6 +50,7 @@ class Engine:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         check_trackers(t.report_to)
+        preflight.check_settings(config, method)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -60,6 +61,9 @@ class Engine:
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
         self.output_dir = Path(t.output_dir)
+        rundir.check_writable(self.output_dir)  # before any work: nothing is loaded for a run that cannot write
+        rundir.Lock.probe(self.output_dir)
+        self._lock, self._record_notes = rundir.Lock(self.output_dir), []
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
@@ -67,6 +71,7 @@ class Engine:
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
         if config.model.peft is not None:
             self.model = apply_peft(self.model, config.model.peft)
+        preflight.check_model(config, self.model, self.tokenizer)
         # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type;
         # a Schedule replaces when the loop logs, evaluates, checkpoints and stops (alignkit.schedule)
         self.schedule = schedule or Schedule(t)
@@ -97,17 +102,22 @@ class Engine:
     # ---- training: setup steps, then the loop -----------------------------------------------------
 
     def train(self) -> dict[str, float]:
+        if isinstance(self.make_optimizer, functools.partial):  # train.optim, not an optimizer passed in
+            preflight.check_trainable(self.model)
         data = self._datasets(need_train=True)
+        preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
         optimizer = self._setup_optimizer()
         data = self._precompute_reference(data)
         model, optimizer, train_dl = self._setup_training(data["train"], optimizer)
         eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
         self.state.eval_dataset = data.get("eval")
         scheduler = self._setup_schedule(optimizer, train_dl)
-        window = self._resume()
-        self._prepare_output_dir()
-        with self._observers(), self._stop_on_signals():
-            return self._loop(model, optimizer, scheduler, train_dl, eval_dl, window)
+        window = resume.start(self)  # the output folder's lock, resume checks, config.yaml (alignkit.resume)
+        try:
+            with self._observers(), self._stop_on_signals():
+                return self._loop(model, optimizer, scheduler, train_dl, eval_dl, window)
+        finally:
+            self._lock.release()
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         """Gradient checkpointing if asked, then the optimizer passed in or train.optim (alignkit.optim)."""
@@ -178,11 +188,13 @@ class Engine:
             self._stop_if_asked(done["window"])
         end = self.schedule.at_end(state)
         self._do(end, done, model, eval_dl, scheduler)
+        self._stop_at_the_end(done["window"])
         final = {**done["logs"], **done["eval"]}
         if state.skipped_steps:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
         if end.save_model:
             self.save_model(model, final)
+            self._stop_at_the_end(done["window"], saved_model=True)
         hooks.on_train_end(run=state, metrics=final)
         return final
 
@@ -209,15 +221,35 @@ class Engine:
                 f"{signal.Signals(signum).name} at step {self.state.step}: checkpoint saved in {path}; resume by "
                 "running the same command with train.resume_from_checkpoint=auto", signum)
 
+    def _stop_at_the_end(self, window: Window, saved_model: bool = False) -> None:
+        """A stop asked for during the final evaluation or save is never swallowed (non-zero exit)."""
+        signum = self._stop_requested()
+        if not signum:
+            return
+        name = signal.Signals(signum).name
+        if saved_model:
+            raise TrainingInterrupted(f"{name} while saving the model at step {self.state.step}: the model was saved "
+                                      f"completely in {self.output_dir}", signum)
+        path = self._save_checkpoint(window)
+        raise TrainingInterrupted(f"{name} at step {self.state.step} (the last), before the model was saved: checkpoint "
+                                  f"saved in {path}; resume by running the same command with "
+                                  "train.resume_from_checkpoint=auto", signum)
+
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """SIGINT and SIGTERM ask training to stop after the current step, with a checkpoint."""
+        """SIGINT and SIGTERM ask training to stop after the current step (or eval batch), with a checkpoint;
+        a second one stops at once."""
         self._stop_signal = 0
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def ask_to_stop(signum, frame):
+            if self._stop_signal:  # asked twice: stop at once; checkpoints are renamed into place whole
+                found = checkpoint.checkpoints(self.checkpoint_root)
+                kept = f"the last complete checkpoint, {found[-1]}, is kept" if found else "no checkpoint was written"
+                raise TrainingInterrupted(f"second {signal.Signals(signum).name} during step {self.state.step + 1}: stopped "
+                                          f"at once; {kept}; resume with train.resume_from_checkpoint=auto", signum)
             self._stop_signal = signum
 
         previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -254,6 +286,7 @@ class Engine:
         global_loss = self.accelerator.reduce(loss_sum, "sum").item()
         if math.isfinite(global_loss) and math.isfinite(grad_norm):
             optimizer.step()
+            preflight.check_update(model, self.accelerator, self.state.step + 1, global_loss, grad_norm)
             scheduler.step()
             if self.rollout is not None:
                 self.rollout.after_step()
@@ -357,7 +390,12 @@ class Engine:
             model = self.accelerator.unwrap_model(model)
         context = functools.partial(self._context, False)
         rollout = self.rollout.evaluate if self.rollout is not None else None
-        metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout)
+        try:
+            metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout,
+                                       stop=lambda: bool(getattr(self, "_stop_signal", 0)))
+        except EvalStopped:
+            log.warning("step %d: evaluation cut short by a stop request; not reported", self.state.step)
+            return {}
         metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
         return metrics
@@ -368,43 +406,6 @@ class Engine:
     def checkpoint_root(self) -> Path:
         """The folder of the checkpoint-N folders (train.checkpoint_dir, under output_dir)."""
         return self.output_dir / self.config.train.checkpoint_dir
-
-    def _resume(self) -> Window:
-        spec = self.config.train.resume_from_checkpoint
-        path = checkpoint.find(spec, self.checkpoint_root) if spec else None
-        if path is None:
-            if spec == "auto":
-                log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", self.output_dir)
-            return Window()
-        saved = checkpoint.load(self.accelerator, path, self._scheduler)
-        self.state.resumed_from = path
-        if saved["max_steps"] != self.state.max_steps:
-            raise ConfigError(f"train.resume_from_checkpoint: {path} was made for {saved['max_steps']} steps, "
-                              f"this run has {self.state.max_steps}; keep the data and step settings of that run")
-        for key in ("step", "epoch_index", "batches_in_epoch"):
-            setattr(self.state, key, saved[key])
-        self.state.seen = dict(saved.get("seen", {}))
-        log.info("resumed from %s at step %d", path, self.state.step)
-        return Window.from_state(saved["window"])
-
-    def _prepare_output_dir(self) -> None:
-        """Refuse an output_dir that holds another run; start a fresh run with no stale checkpoints or rows."""
-        t, out = self.config.train, self.output_dir
-        config_text = to_yaml(self.config, comments=False)
-        if self.state.resumed_from is None and out.is_dir() and any(out.iterdir()):
-            saved = out / "config.yaml"
-            same_run = saved.is_file() and saved.read_text() == config_text
-            if not (same_run or t.overwrite_output_dir):
-                raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
-                                  "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
-                                  "or choose another output_dir")
-            if self.accelerator.is_main_process and checkpoint.checkpoints(self.checkpoint_root):
-                log.warning("%s: starting over; removing the previous run's checkpoints", out)
-                checkpoint.remove_all(self.checkpoint_root, remove_root=self.checkpoint_root.resolve() != out.resolve())
-        if self.accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(config_text)
-        self.accelerator.wait_for_everyone()
 
     def _check_finite_weights(self, where: str) -> None:
         named = list(self.model.named_parameters())
@@ -419,7 +420,8 @@ class Engine:
                  "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen)}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
-                               self.config.train.save_total_limit, self._scheduler)
+                               self.config.train.save_total_limit, self._scheduler,
+                               files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)})
         self.hooks.on_save(run=s, step=s.step, path=path)
         return path
 
@@ -434,7 +436,8 @@ class Engine:
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
         if acc.is_main_process:
             self.tokenizer.save_pretrained(out)
-            (out / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags)))
+            (out / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
+                                                      notes=self._record_notes))
         acc.wait_for_everyone()
 
     def _log_table(self, name: str, columns: list[str], rows: list[list]) -> None:

@@ -14,18 +14,28 @@ from alignkit.context import StepContext, call
 from alignkit.metrics import MetricSums, means, reduce_totals
 
 
+class EvalStopped(Exception):
+    """A stop request (SIGINT/SIGTERM) ended the evaluation early: its partial result is not reported."""
+
+
 def evaluate_batches(model, batches, loss, run_loss: Callable, context: Callable[[int, int], StepContext],
-                     accelerator, rollout: Callable | None = None) -> dict[str, float]:
+                     accelerator, rollout: Callable | None = None,
+                     stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """`eval_`-prefixed metrics of `model` over `batches` (this process's share; every process calls this).
 
     `run_loss(model, batch, ctx)` runs the loss (with its reference) on one batch; `context(index, count)`
     makes each batch's StepContext; `rollout(batch, ctx)`, if given, turns each batch into the one the loss
-    sees first (online methods)."""
+    sees first (online methods). `stop()` true before a batch ends the loop there: every process still
+    reduces once (no collective is left waiting), then EvalStopped is raised."""
     was_training = model.training
     model.eval()
     metrics, terms = MetricSums(accelerator.device), MetricSums(accelerator.device)
+    stopped = False
     with torch.no_grad():
         for index, batch in enumerate(batches):
+            if stop is not None and stop():
+                stopped = True
+                break
             ctx = context(index, len(batches))
             batch = rollout(batch, ctx) if rollout is not None else batch
             counts = {u: float(c) for u, c in call(loss.counts, batch, ctx=ctx).items()}
@@ -41,4 +51,6 @@ def evaluate_batches(model, batches, loss, run_loss: Callable, context: Callable
     if not loss.eval_loss_per_batch:
         unit_totals = reduce_totals(terms.totals(), accelerator)
         result["loss"] = sum(s / c if c else 0.0 for s, c in unit_totals.values())
+    if stopped:
+        raise EvalStopped
     return {f"eval_{k}": result[k] for k in sorted(result)}

@@ -1,10 +1,12 @@
 """Using a trained model: one-shot generation and an interactive chat, both streaming tokens as they come."""
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from alignkit.config import ModelConfig
 from alignkit.errors import ConfigError
@@ -26,15 +28,12 @@ class Sampling:
 
 
 def load(model_dir: str, dtype: str = "auto"):
-    """(model, tokenizer) from a run's output_dir, a PEFT adapter folder, or a hub name; in eval mode."""
+    """(model, tokenizer) from a run's output_dir, a PEFT adapter folder, or a hub name; in eval mode.
+    Weights load from safetensors only, the adapter's base model included."""
     path = Path(model_dir)
     if path.is_dir() and (path / "adapter_config.json").exists():
-        try:
-            from peft import AutoPeftModelForCausalLM
-        except ImportError:
-            raise ConfigError(f"--model {model_dir}: a LoRA adapter folder needs peft: pip install peft") from None
         tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+        model = _load_adapter(path, tokenizer, dtype)
     elif model_dir != "builtin:tiny" and not path.is_dir() and "/" not in model_dir:
         raise ConfigError(f"--model {model_dir}: no such folder (give a run's output_dir or a hub name owner/name)")
     else:
@@ -44,7 +43,35 @@ def load(model_dir: str, dtype: str = "auto"):
             model = load_model(cfg, tokenizer, seed=0)
         except ConfigError as e:  # the loaders name the config key; here the user gave --model
             raise ConfigError(str(e).replace("model.name_or_path:", "--model", 1)) from None
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise ConfigError(f"--model {model_dir}: the model has {rows} token embeddings but its tokenizer has "
+                          f"{len(tokenizer)} tokens; model and tokenizer do not belong together")
     return model.eval(), tokenizer
+
+
+def _load_adapter(path: Path, tokenizer, dtype: str):
+    """A LoRA adapter on its base, both from safetensors (peft's own loader would unpickle a .bin base)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(f"--model {path}: a LoRA adapter folder needs peft: pip install peft") from None
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"--model {path}: no adapter_model.safetensors; alignkit loads safetensors only")
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"--model {path}: adapter_config.json names no base model (base_model_name_or_path)")
+    seed = 0
+    if base.startswith("builtin:"):  # randomly initialised from the run's seed: read it from its config.yaml
+        try:
+            seed = yaml.safe_load((path / "config.yaml").read_text())["train"]["seed"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            raise ConfigError(f"--model {path}: an adapter on {base} needs the run's config.yaml (train.seed)") from None
+    try:
+        model = load_model(ModelConfig(name_or_path=base, dtype=dtype), tokenizer, seed=seed)
+    except ConfigError as e:
+        raise ConfigError(f"--model {path}: its base model: {str(e).removeprefix('model.name_or_path: ')}") from None
+    return PeftModel.from_pretrained(model, str(path))
 
 
 @dataclass

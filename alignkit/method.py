@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 class MethodConfig(BaseModel):
     """Base of every method's config (the `method:` block). Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     name: str = Field(description="The method to train with, as listed by `alignkit methods`.")
 

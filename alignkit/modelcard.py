@@ -4,7 +4,7 @@ import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from alignkit.config import RunConfig, to_yaml
+from alignkit.config import RunConfig, recorded, to_yaml
 from alignkit.method import Method
 
 LIBRARIES = ("alignkit", "torch", "transformers", "accelerate", "datasets", "peft")
@@ -17,8 +17,11 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tags: list[str] = ()) -> str:
-    """Markdown with front matter: base model, data, method and citation, config, final metrics, versions."""
+def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tags: list[str] = (),
+               notes: list[str] = ()) -> str:
+    """Markdown with front matter: base model, data, method and citation, config, final metrics, versions.
+    Values given as `${oc.env:...}` appear as that interpolation."""
+    config = recorded(config)
     all_tags = ["alignkit", method.name, *[t for t in tags if t not in ("alignkit", method.name)]]
     datasets = [d for d in (config.data.train, config.data.eval) if d and not d.startswith("builtin:")]
     front = ["---", f"base_model: {json.dumps(config.model.name_or_path)}", "library_name: transformers",
@@ -27,6 +30,7 @@ def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tag
     front.append("---")
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
     versions = "\n".join(f"- {name}: {_version(name)}" for name in LIBRARIES)
+    resumed = "".join(f"\nR{n.removeprefix('# r')}." for n in notes)  # "# resumed at step ..." lines
     citation = f"\n## Citation\n\n```bibtex\n{method.citation.strip()}\n```\n" if method.citation else ""
     return f"""{chr(10).join(front)}
 
@@ -46,7 +50,7 @@ Trained with [alignkit](https://github.com/alignkit/alignkit), method **{method.
 
 ## Config
 
-Reproduce with `alignkit run -c config.yaml`:
+Reproduce with `alignkit run -c config.yaml`:{resumed}
 
 ```yaml
 {to_yaml(config, comments=False).rstrip()}

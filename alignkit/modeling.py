@@ -14,11 +14,13 @@ from transformers import (
 )
 
 from alignkit.config import ModelConfig
+from alignkit.data import quiet_hub
 from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN = "builtin:tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -37,7 +39,8 @@ def load_tokenizer(cfg: ModelConfig):
     if name == "builtin:tiny":
         return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        with quiet_hub():
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except Exception as e:
         raise ConfigError(_load_failure("tokenizer", name, e)) from None
     if tok.pad_token_id is None:
@@ -54,16 +57,21 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     if cfg.name_or_path == "builtin:tiny":
         torch.manual_seed(seed)
         config = tiny_llama_config(len(tokenizer))
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+        model.name_or_path = BUILTIN  # what a LoRA adapter records as its base (peft reads this attribute)
+        return model
     # Weights load from safetensors only (no pickle) unless init_kwargs says use_safetensors: false.
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype,
                   **{"use_safetensors": True, **cfg.init_kwargs})
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        return auto.from_pretrained(cfg.name_or_path, **kwargs)
+        with quiet_hub():
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                                revision=cfg.revision)
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
 

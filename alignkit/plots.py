@@ -92,6 +92,9 @@ def plot_metrics(output_dir: str | Path, dest: str | Path | None = None) -> list
     rows = read_metrics(Path(output_dir))
     groups = panels(rows)
     dest = Path(dest) if dest is not None else Path(output_dir) / "plots"
+    from alignkit.rundir import check_writable
+
+    check_writable(dest, key="-o")
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for title, names in groups.items():

@@ -108,8 +108,11 @@ class Trackers:
 
     @hookimpl
     def on_train_start(self, run):
-        t = run.config.train
-        flat = {f"{section}.{k}": v for section, block in run.config.model_dump(mode="json").items()
+        from alignkit.config import recorded
+
+        config = recorded(run.config)  # ${oc.env:...} values stay out of the trackers
+        t = config.train
+        flat = {f"{section}.{k}": v for section, block in config.model_dump(mode="json").items()
                 for k, v in block.items() if isinstance(v, (int, float, str, bool))}
         self.accelerator.init_trackers(t.run_name or Path(t.output_dir).name, config=flat)
 

@@ -58,8 +58,9 @@ class RunData:
             self._formatted[split] = (raw, out[split])
             self.reports[split] = report
             if report.dropped or report.truncated:
-                log.warning("%s data: %d examples kept, %d truncated, %d dropped (nothing left to train on "
-                            "after truncation)", split, report.kept, report.truncated, report.dropped)
+                log.warning("%s data: %d examples kept, %d truncated%s", split, report.kept, report.truncated,
+                            f", {report.dropped} dropped (nothing left to train on after truncation)"
+                            if report.dropped else "")
         return out
 
     def loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
@@ -79,7 +80,7 @@ class RunData:
         """Yield the micro-batches of each optimizer step, epoch after epoch, from the resume point (`state`'s
         epoch_index and batches_in_epoch, which this advances)."""
         ga = self.config.train.gradient_accumulation_steps
-        while True:
+        while state.step < state.max_steps:  # resumed from a checkpoint of the last step: nothing left
             train_dl.set_epoch(state.epoch_index)
             skip = state.batches_in_epoch
             batches = self.accelerator.skip_first_batches(train_dl, skip) if skip else train_dl

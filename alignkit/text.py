@@ -20,8 +20,12 @@ def is_conversation(value: Any) -> bool:
 def check_messages(column: str, messages: list[dict]) -> None:
     """Each message needs string `role` (one of ROLES) and `content`."""
     for i, m in enumerate(messages):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"'{column}' message {i} needs string 'role' and 'content', got {sorted(m)}")
+        for key in ("role", "content"):
+            if key not in m or m[key] is None:
+                raise DataError(f"'{column}' message {i} has no '{key}' (it has {', '.join(map(repr, sorted(m))) or 'no keys'})")
+            if not isinstance(m[key], str):
+                raise DataError(f"'{column}' message {i}: '{key}' must be a string, got {type(m[key]).__name__} "
+                                f"{str(m[key])[:40]!r}")
         if m["role"] not in ROLES:
             raise DataError(f"'{column}' message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
 

@@ -207,7 +207,9 @@ def test_collate_pads_chosen_then_rejected(tok):
     ({"prompt": "p", "chosen": "", "rejected": "r"}, "'chosen' is an empty string"),
     ({"prompt": 5, "chosen": "c", "rejected": "r"}, "'prompt' must be a string"),
     ({"prompt": [chat("user", "q")], "chosen": [{"text": "a"}], "rejected": [chat("assistant", "b")]},
-     "'chosen' message 0 needs string 'role' and 'content'"),
+     "'chosen' message 0 has no 'role' .it has 'text'."),
+    ({"prompt": [chat("user", "q")], "chosen": [chat("assistant", 7)], "rejected": [chat("assistant", "b")]},
+     "'chosen' message 0: 'content' must be a string, got int '7'"),
     ({"prompt": [chat("wizard", "q")], "chosen": [chat("assistant", "a")], "rejected": [chat("assistant", "b")]},
      "unknown role 'wizard'"),
 ])

@@ -99,13 +99,22 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(slow, sig):
     same_run(slow / "full", slow / "run")
 
 
+def fake_checkpoint(root: Path, step: int, manifest: bool = True) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / checkpoint.STATE_FILE).write_text("{}")
+    (path / checkpoint.SCHEDULER_FILE).write_bytes(b"x" * 10)
+    if manifest:
+        checkpoint.write_manifest(path)
+    return path
+
+
 def test_auto_skips_half_written_checkpoints_and_rotation_keeps_the_newest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (3, 6):
-        (root / f"checkpoint-{step}").mkdir(parents=True)
-        (root / f"checkpoint-{step}" / checkpoint.STATE_FILE).write_text("{}")
+        fake_checkpoint(root, step)
     (root / ".tmp-checkpoint-9").mkdir()  # killed during the save
-    (root / "checkpoint-12").mkdir()  # no alignkit_state.json: not complete
+    fake_checkpoint(root, 12, manifest=False)  # state file written, manifest not yet: not complete
     assert checkpoint.find("auto", root) == root / "checkpoint-6"
     assert [p.name for p in checkpoint.checkpoints(root)] == ["checkpoint-3", "checkpoint-6"]
 
@@ -213,9 +222,12 @@ def test_prompts_tokenized_differently_by_more_than_one_token(tok):
 
         bos_token_id, eos_token_id, pad_token_id, chat_template = 1, 2, 0, None
 
-        def __call__(self, text, add_special_tokens=False):
+        def encode(self, text):
             ids = [ord(c) for c in text]
-            return {"input_ids": [7, 7, 7] + ids[3:] if text.endswith("B") else ids}
+            return [7, 7, 7] + ids[3:] if text.endswith("B") else ids
+
+        def __call__(self, text, add_special_tokens=False):  # one text or a batch of them, as tokenizers take
+            return {"input_ids": [self.encode(t) for t in text] if isinstance(text, list) else self.encode(text)}
 
     f = PreferenceFormatter(ORPOMethodConfig(), SplitsPromptByAnswer())
     with pytest.raises(DataError, match="chosen and rejected tokenize the prompt differently by more than one token"):

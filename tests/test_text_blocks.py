@@ -50,8 +50,10 @@ def test_no_chat_template_is_a_one_line_error(tok):
 
 
 def test_message_and_column_checks():
-    with pytest.raises(DataError, match=r"^'m' message 1 needs string 'role' and 'content', got \['text'\]$"):
+    with pytest.raises(DataError, match=r"^'m' message 1 has no 'role' \(it has 'text'\)$"):
         check_messages("m", [chat("user", "x"), {"text": "y"}])
+    with pytest.raises(DataError, match=r"^'m' message 0: 'content' must be a string, got int '7'$"):
+        check_messages("m", [chat("user", 7)])
     with pytest.raises(DataError, match="^missing column 'prompt'; needs it$"):
         column({}, "prompt", "needs it")
     assert column({"p": [chat("user", "x")]}, "p") == [chat("user", "x")]
