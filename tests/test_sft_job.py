@@ -78,7 +78,6 @@ def test_eval_metrics_are_exact_means_equal_to_float64_reference(work, completio
 
 
 def test_eval_metrics_equal_trl(work):
-    pytest.importorskip("trl", reason="the TRL comparison needs the bench extra: pip install -e '.[bench]'")
     cases = {k: compare_sft_with_trl.CASES[k] for k in ("standard-prompt-completion", "conversational-language-modeling")}
     ours = compare_sft_with_trl.alignkit_side(work, cases, batch=5)
     theirs = compare_sft_with_trl.trl_side(work, cases, batch=5)
