@@ -59,9 +59,10 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.O
     return cls(groups, **kwargs)
 
 
-def max_steps(t: TrainConfig, batches_per_epoch: int) -> int:
-    """train.max_steps, or the optimizer steps of train.num_train_epochs epochs."""
-    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+def max_steps(t: TrainConfig, batches_per_epoch: int, passes: int = 1) -> int:
+    """train.max_steps, or the optimizer steps of train.num_train_epochs epochs (`passes` optimizer steps per
+    window of micro-batches: an online method's optimisation passes per rollout)."""
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps) * passes
     return t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
 
 

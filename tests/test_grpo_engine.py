@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import alignkit
+from alignkit.config import TrainConfig
+from alignkit.schedule import Actions, Schedule
 from alignkit.testing import plugin_manager
 from helpers import free_port, read_jsonl
 
@@ -82,6 +84,10 @@ def test_two_processes_match_one(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+def pm_grpo():
+    return plugin_manager(alignkit_grpo)
+
+
 def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
     pm = plugin_manager(alignkit_grpo)
     config = {"method": {"num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "beta": 0.04},
@@ -98,6 +104,37 @@ def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
     assert rows[1]["reward"] != rows[2]["reward"] or rows[1]["completions/mean_length"] != rows[2]["completions/mean_length"]
     # checkpoints only between rollouts: after steps 2 and 4's rollout pairs, never mid-rollout
     assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_an_epoch_with_num_iterations_rolls_out_every_batch_once(tmp_path, monkeypatch):
+    """num_iterations=k makes an epoch k optimizer steps per window (as TRL repeats its sampler), and the epoch
+    ends once, after the last window's last pass."""
+    import alignkit_grpo.rollout as rollout
+
+    seen, evals, real = [], [], rollout.GRPORollout.__call__
+
+    def spy(self, batch, ctx):
+        (seen if ctx.training else evals).append(tuple(map(str, batch["prompt"])))
+        return real(self, batch, ctx=ctx)
+
+    monkeypatch.setattr(rollout.GRPORollout, "__call__", spy)
+    config = {"method": {"num_generations": 2, "max_completion_length": 4, "num_iterations": 2},
+              "data": {"max_train_samples": 8, "max_eval_samples": 2},
+              "train": {"output_dir": str(tmp_path / "out"), "num_train_epochs": 1, "max_steps": -1,
+                        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 2, "logging_steps": 1,
+                        "save_steps": None, "eval_on_start": False, "disable_tqdm": True, "plots": False}}
+
+    class EpochEnds(Schedule):
+        def after_epoch(self, run):
+            ends.append(run.step)
+            return Actions(evaluate=True)
+
+    ends = []
+    result = alignkit.run("grpo", config, plugins=pm_grpo(), schedule=EpochEnds(TrainConfig(**config["train"])))
+    assert result.global_step == 4  # 2 windows x 2 passes
+    assert len(seen) == 2 and len(set(seen)) == 2  # each window rolled out once, both windows seen
+    assert ends == [4]  # the epoch ended once, after the last window's last pass
+    assert len(evals) == 2  # its evaluation (one eval batch) and the one at the end
 
 
 def test_another_generation_backend_samples_and_gets_the_weights_after_every_step(tmp_path, monkeypatch):
