@@ -7,6 +7,7 @@ its held-out split as eval set; built-in data with the built-in model also bring
 """
 
 import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -208,14 +209,28 @@ def recorded(config: RunConfig) -> RunConfig:
     if not config._recorded:
         return config
 
-    def replace(model: BaseModel, parts: list[str], value: str) -> BaseModel:
+    def replace(node, parts: list[str], value: str):
         head = parts[0]
-        new = value if len(parts) == 1 else replace(getattr(model, head), parts[1:], value)
-        return model.model_copy(update={head: new})
+        if isinstance(node, dict):  # inside a dict-valued setting, e.g. model.init_kwargs.token
+            return {**node, head: value if len(parts) == 1 else replace(node[head], parts[1:], value)}
+        new = value if len(parts) == 1 else replace(getattr(node, head), parts[1:], value)
+        return node.model_copy(update={head: new})
 
     out = config
     for key, value in config._recorded.items():
         out = replace(out, key.split("."), value)
+    return out
+
+
+def environment_values(config: RunConfig) -> dict[str, str]:
+    """dotted key -> SHA-256 of the value it resolved to, for each key given through `${oc.env:...}`: written files
+    hold the interpolation, so a resume compares these to notice a changed environment (the values stay unwritten)."""
+    out = {}
+    for key in config._recorded:
+        node = config
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        out[key] = hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()
     return out
 
 

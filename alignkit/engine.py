@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from alignkit import checkpoint, optim, preflight, resume, rundir
-from alignkit.config import RunConfig, to_yaml
+from alignkit.config import RunConfig, environment_values, to_yaml
 from alignkit.context import StepContext, call
 from alignkit.errors import NonFiniteError, TrainingInterrupted
 from alignkit.evaluation import EvalStopped, evaluate_batches
@@ -103,7 +103,7 @@ class Engine:
 
     def train(self) -> dict[str, float]:
         if isinstance(self.make_optimizer, functools.partial):  # train.optim, not an optimizer passed in
-            preflight.check_trainable(self.model)
+            preflight.check_trainable(self.model, self.config.train.optim)
         data = self._datasets(need_train=True)
         preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
         optimizer = self._setup_optimizer()
@@ -151,7 +151,8 @@ class Engine:
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
         self.state.batches_per_epoch = len(train_dl)
-        self.state.max_steps = optim.max_steps(self.config.train, len(train_dl))
+        passes = self.rollout.iterations if self.rollout is not None else 1
+        self.state.max_steps = optim.max_steps(self.config.train, len(train_dl), passes)
         self._scheduler = self.make_scheduler(optimizer, num_training_steps=self.state.max_steps)
         return self._scheduler
 
@@ -181,7 +182,7 @@ class Engine:
             done["window"].add(loss, grad_norm, totals, len(micro_batches))
             hooks.on_step_end(run=state, step=state.step, metrics={"loss": loss, **means(totals)})
             stop = self._do(self.schedule.after_step(state), done, model, eval_dl, scheduler)
-            if state.batches_in_epoch == state.batches_per_epoch:  # this step ended an epoch
+            if state.batches_in_epoch == state.batches_per_epoch and self._between_rollouts():  # it ended an epoch
                 stop |= self._do(self.schedule.after_epoch(state), done, model, eval_dl, scheduler)
             if stop or state.step >= state.max_steps:
                 break
@@ -417,7 +418,8 @@ class Engine:
     def _save_checkpoint(self, window: Window) -> Path:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
-                 "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen)}
+                 "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen),
+                 "environment": environment_values(self.config)}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler,

@@ -54,11 +54,18 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     """The policy, in `cfg.dtype`; the built-in model is randomly initialised from `seed`."""
     dtype = DTYPES[cfg.dtype]
+    if (cfg.attn_implementation or "").startswith("flash_attention") and not torch.cuda.is_available():
+        raise ConfigError(f"model.attn_implementation={cfg.attn_implementation} needs a CUDA GPU; on this machine use "
+                          "sdpa or eager")
     if cfg.name_or_path == "builtin:tiny":
         torch.manual_seed(seed)
         config = tiny_llama_config(len(tokenizer))
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+        except (ValueError, ImportError) as e:  # an unknown or uninstalled attention implementation
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first}") from None
         model.name_or_path = BUILTIN  # what a LoRA adapter records as its base (peft reads this attribute)
         return model
     # Weights load from safetensors only (no pickle) unless init_kwargs says use_safetensors: false.

@@ -34,13 +34,14 @@ def check_model(config, model, tokenizer) -> None:
                           "(model.tokenizer_name_or_path)")
 
 
-def check_trainable(model) -> None:
-    """Before training with alignkit's AdamW: it cannot update float16 weights."""
+def check_trainable(model, optim: str) -> None:
+    """Before training with an Adam-family train.optim: it cannot update float16 weights."""
     half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-    if half:
-        raise ConfigError(f"model.dtype: {half[0]} and {len(half) - 1} other trained weights are float16, which AdamW "
-                              "cannot update (its epsilon 1e-08 rounds to 0 in float16: the steps divide by zero); load "
-                              "float32 weights (with train.fp16=true on a GPU for speed) or model.dtype=bfloat16")
+    if half and "adam" in optim:
+        raise ConfigError(f"model.dtype: {half[0]} and {len(half) - 1} other trained weights are float16, which "
+                          f"train.optim={optim} cannot update (Adam's epsilon 1e-08 rounds to 0 in float16: the steps "
+                          "divide by zero); load float32 weights (with train.fp16=true on a GPU for speed) or "
+                          "model.dtype=bfloat16")
 
 
 def check_ids(collate, ds, model, method_config) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from alignkit import checkpoint, rundir
-from alignkit.config import RunConfig, to_yaml
+from alignkit.config import RunConfig, environment_values, to_yaml
 from alignkit.errors import ConfigError
 from alignkit.state import Window
 
@@ -31,19 +31,15 @@ CHANGEABLE = frozenset({
 NOTE_PREFIX = "# resumed "
 
 
-def _flat(tree, prefix: str = "") -> dict:
-    out = {}
-    for key, value in (tree or {}).items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
+def _flat(tree) -> dict:
+    """section.key -> value; a dict-valued setting (lr_scheduler_kwargs, init_kwargs, peft) is one value, so a key
+    added to it or removed from it is a difference."""
+    return {f"{section}.{key}": value for section, keys in (tree or {}).items() for key, value in (keys or {}).items()}
 
 
 def differences(saved_yaml: str, config: RunConfig) -> dict[str, tuple]:
-    """key -> (saved, now) for every key whose value differs (keys only one side knows are ignored)."""
+    """key -> (saved, now) for every key whose value differs (settings only one side has, e.g. from another
+    alignkit version, are ignored)."""
     saved, now = _flat(yaml.safe_load(saved_yaml)), _flat(yaml.safe_load(to_yaml(config, comments=False)))
     return {k: (saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]}
 
@@ -80,6 +76,18 @@ def check_config(checkpoint: Path, config: RunConfig) -> list[str]:
                           f"mid-run: {shown}; resume with the saved values, or start a new run in another output_dir")
     return [f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in diff.items()
             if k not in ("train.resume_from_checkpoint", "train.overwrite_output_dir")]
+
+
+def check_environment(checkpoint: Path, saved: dict[str, str], config: RunConfig) -> None:
+    """Keys given through `${oc.env:...}` are recorded as the interpolation: compare the values they resolved to
+    (hashed in the checkpoint) and refuse one that cannot change mid-run."""
+    now = environment_values(config)
+    changed = [k for k, digest in saved.items() if k in now and now[k] != digest and k not in CHANGEABLE]
+    if changed:
+        shown = ", ".join(f"{k} ({config._recorded[k]})" for k in changed)
+        raise ConfigError(f"train.resume_from_checkpoint: {checkpoint} was made with other values from the environment "
+                          f"for settings that cannot change mid-run: {shown}; resume with the environment it was made "
+                          "with, or start a new run in another output_dir")
 
 
 def notes_of(config_yaml: Path) -> list[str]:
@@ -154,6 +162,7 @@ def _resume(engine) -> tuple[Window, list[str]]:
                           f"which holds a run of its own; resume into {path.parent.parent} or an empty output_dir")
     changes = check_config(path, engine.config)
     saved = checkpoint.load(engine.accelerator, path, engine._scheduler)
+    check_environment(path, saved.get("environment", {}), engine.config)
     state.resumed_from = path
     if saved["max_steps"] != state.max_steps:
         raise ConfigError(f"train.resume_from_checkpoint: {path} was made for {saved['max_steps']} steps, "
@@ -174,9 +183,10 @@ def _take_folder(engine, changes: list[str]) -> None:
     if state.resumed_from is None:
         saved = out / "config.yaml"
         if rundir.has_results(out):
-            same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
-            if not (same or config.train.overwrite_output_dir):
-                raise ConfigError(f"train.output_dir: {out} is not empty and holds another run; continue it with "
+            if not config.train.overwrite_output_dir:  # the same config again too: its model or checkpoints stay
+                same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
+                what = "an earlier run of this same config" if same else "another run"
+                raise ConfigError(f"train.output_dir: {out} is not empty and holds {what}; continue it with "
                                   "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
                                   "or choose another output_dir")
             if not (saved.is_file() or (out / "checkpoints").is_dir()):
@@ -189,6 +199,11 @@ def _take_folder(engine, changes: list[str]) -> None:
                         out, ", ".join(rundir.clear(out)))
     else:
         rundir.refuse_symlinks(out)
+        if state.resumed_from.resolve().parent != engine.checkpoint_root.resolve():  # another folder's checkpoint:
+            cleared = rundir.clear(out)  # what is here is a crash's leftovers (a run's results were refused)
+            if cleared:
+                log.warning("%s: resuming %s here; removing the leftovers of an earlier attempt: %s", out,
+                            state.resumed_from, ", ".join(cleared))
         repair_metrics(out / "metrics.jsonl")
         notes = notes_of(out / "config.yaml")
         if changes:

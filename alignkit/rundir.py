@@ -5,9 +5,9 @@ and started over only when that cannot lose another run's results.
 - `Lock`: an exclusive `fcntl.flock` on `output_dir/.alignkit.lock`, held for the whole run and recording
   pid, host and command, so a second copy of a running command is refused naming the first. The kernel
   drops the lock when its process dies: a lock left behind by a killed run is stale and taken over.
-- `claim(...)`: whether this run may write into the folder (a fresh start, the same run again, overwrite,
-  or a resume of the folder's own checkpoint), and clearing the previous run's files when starting over,
-  without following symbolic links out of the folder.
+- `has_results` / `clear`: whether the folder holds a previous run's results (a model, checkpoints: then only
+  overwrite or a resume may write there) and clearing its files when starting over, without following
+  symbolic links out of the folder.
 """
 
 import json

@@ -137,8 +137,11 @@ def test_output_dir_of_another_run_is_refused(pm, tmp_path):
                                                     "train.resume_from_checkpoint=auto, write over it with"):
         alignkit.run("orpo", fast(tmp_path, max_steps=3), plugins=pm)
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before  # nothing touched
-    again = alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm)  # the same run: allowed
-    assert [r["step"] for r in read_jsonl(again.output_dir / "metrics.jsonl")] == [1, 2, 2]
+    # the same config again does not start over either: that would delete the earlier run's model and checkpoints
+    with pytest.raises(alignkit.ConfigError, match="holds an earlier run of this same config; continue it with "
+                                                    "train.resume_from_checkpoint=auto, write over it with"):
+        alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
     over = alignkit.run("orpo", fast(tmp_path, max_steps=3), plugins=pm, **{"train.overwrite_output_dir": True})
     assert not (over.output_dir / "checkpoints").exists()
     assert [r["step"] for r in read_jsonl(over.output_dir / "metrics.jsonl")] == [1, 2, 3, 3]

@@ -51,7 +51,10 @@ PAIR = {"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"}
     (["model.name_or_path=some/model", "model.init_kwargs={dtype: float16}"], "model.init_kwargs: dtype is set by model.dtype"),
     (["train.fp16=true", "train.use_cpu=true"], "train.fp16: float16 mixed precision needs a GPU"),
     (["model.ref_name_or_path=builtin:tiny"], "model.ref_name_or_path: method orpo uses no reference model"),
-    (["model.dtype=float16"], "model.dtype: model.embed_tokens.weight and 19 other trained weights are float16, which AdamW"),
+    (["model.dtype=float16"], "model.dtype: model.embed_tokens.weight and 19 other trained weights are float16, which "
+                              "train.optim=adamw_torch cannot update"),
+    (["model.attn_implementation=nonsense"], "model.attn_implementation=nonsense: Specified `attn_implementation=\"nonsense\"`"),
+    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation=flash_attention_2 needs a CUDA GPU"),
     (["method.padding_value=5000"], "method.padding_value is 5000: token id 5000 in input_ids is outside the model's vocabulary"),
     (["data.train=someone/no-such-dataset"], "someone/no-such-dataset: no such local file or folder, and it cannot be loaded"),
 ])
@@ -161,6 +164,21 @@ def test_secrets_from_the_environment_are_recorded_as_the_interpolation(pm, tmp_
     from alignkit.config import recorded
 
     assert recorded(result.config).train.run_name == "${oc.env:SECRET_TOKEN}"  # what the trackers are given
+
+
+def test_a_secret_inside_a_dict_setting_is_recorded_as_the_interpolation(pm, tmp_path, monkeypatch):
+    """An HF token given to from_pretrained through model.init_kwargs: it reaches the loader, and no written file
+    (config.yaml, the model card, a checkpoint's config) holds it."""
+    monkeypatch.setenv("HF_SECRET", "hf_hunter2")
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    result = alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm,
+                          **{"model.name_or_path": str(model_dir), "model.init_kwargs.token": "${oc.env:HF_SECRET}"})
+    assert result.config.model.init_kwargs["token"] == "hf_hunter2"
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix in (".yaml", ".md", ".json", ".jsonl")]
+    assert any("${oc.env:HF_SECRET}" in p.read_text() for p in written)
+    assert not [p for p in written if "hunter2" in p.read_text()]
 
 
 def test_lora_on_the_builtin_model_records_its_base_and_generates_offline(pm, tmp_path):

@@ -42,8 +42,8 @@ def test_a_folder_in_use_is_refused_naming_the_process_and_a_dead_owner_is_taken
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    caplog.set_level(logging.WARNING)
-    alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm)
+    caplog.set_level(logging.WARNING)  # the owner died: its run is continued, taking over its lock
+    alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1, resume_from_checkpoint="auto"), plugins=pm)
     assert any(f"taking over the lock left by pid {holder.pid}" in r.getMessage() for r in caplog.records)
 
 
@@ -73,6 +73,10 @@ def test_resume_refuses_changed_settings_and_records_the_allowed_ones(pm, tmp_pa
     with pytest.raises(alignkit.ConfigError, match=r"cannot change mid-run: data.train \("):
         alignkit.run("orpo", {**fast(tmp_path, max_steps=3, save_steps=2, resume_from_checkpoint="auto"),
                               "data": {"train": "builtin:sort-chat", "max_train_samples": 32, "max_eval_samples": 8}}, plugins=pm)
+    # a key added to a dict-valued setting is a change too (the schedule's kwargs, here)
+    with pytest.raises(alignkit.ConfigError, match=r"cannot change mid-run: train.lr_scheduler_kwargs \(\{\} -> "):
+        alignkit.run("orpo", fast(tmp_path, max_steps=3, save_steps=2, resume_from_checkpoint="auto",
+                                  lr_scheduler_type="linear", lr_scheduler_kwargs={"last_epoch": -1}), plugins=pm)
     assert snapshot(out) == before
     alignkit.run("orpo", fast(tmp_path, max_steps=3, save_steps=2, resume_from_checkpoint="auto", logging_steps=2),
                  plugins=pm)
@@ -81,6 +85,39 @@ def test_resume_refuses_changed_settings_and_records_the_allowed_ones(pm, tmp_pa
     assert config.startswith(note + "\n") and "  logging_steps: 2\n" in config and "  learning_rate: " in config
     assert "Resumed at step 2 from checkpoint-2 with changed settings: train.logging_steps 1 -> 2" in (
         out / "README.md").read_text()
+
+
+def test_a_value_from_the_environment_that_changed_is_refused_on_resume(pm, tmp_path, monkeypatch):
+    """config.yaml records `${oc.env:...}`, not the value: the checkpoint keeps a hash of the value, so a resume
+    with another value behind the same interpolation is refused."""
+    monkeypatch.setenv("TRAIN_DATA", "builtin:sort")
+    cfg = fast(tmp_path, max_steps=3, save_steps=2)
+    cfg["data"]["train"] = "${oc.env:TRAIN_DATA}"
+    alignkit.run("orpo", cfg, plugins=pm)
+    out = tmp_path / "out"
+    before = snapshot(out)
+    monkeypatch.setenv("TRAIN_DATA", "builtin:sort-chat")
+    with pytest.raises(alignkit.ConfigError, match=r"other values from the environment for settings that cannot "
+                                                   r"change mid-run: data.train \(\$\{oc.env:TRAIN_DATA\}\)"):
+        alignkit.run("orpo", cfg, plugins=pm, **{"train.resume_from_checkpoint": "auto"})
+    assert snapshot(out) == before
+    monkeypatch.setenv("TRAIN_DATA", "builtin:sort")
+    assert alignkit.run("orpo", cfg, plugins=pm, **{"train.resume_from_checkpoint": "auto"}).global_step == 3
+
+
+def test_a_foreign_checkpoint_resumed_into_a_crashed_folder_leaves_no_old_rows(pm, tmp_path):
+    """A folder where a run died before its first checkpoint (config.yaml, metrics.jsonl only), resumed from
+    another run's checkpoint: the crash's rows do not stay in its metrics.jsonl."""
+    alignkit.run("orpo", fast(tmp_path, max_steps=3, save_steps=2), plugins=pm)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text("train: {}\n")
+    (crashed / "metrics.jsonl").write_text('{"step": 1, "loss": 999}\n{"step": 2, "loss": 998}\n')
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    alignkit.run("orpo", fast(tmp_path, max_steps=3, save_steps=2, output_dir=str(crashed),
+                              resume_from_checkpoint=str(checkpoint)), plugins=pm)
+    rows = read_jsonl(crashed / "metrics.jsonl")
+    assert all(r.get("loss") not in (998, 999) for r in rows) and rows[0]["step"] == 3
 
 
 def test_overwrite_leaves_only_the_new_runs_files_and_follows_no_link(pm, tmp_path):
