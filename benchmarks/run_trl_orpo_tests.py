@@ -55,6 +55,10 @@ def substitute(text: str, standins: dict[str, Path], imports: bool = True) -> st
 
 
 def main() -> int:
+    try:
+        import parameterized  # noqa: F401  (TRL's test file imports it)
+    except ImportError:
+        raise SystemExit("TRL's test file needs `parameterized`: pip install -e \".[bench]\"") from None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--against", choices=["alignkit", "trl"], default="alignkit")

@@ -309,6 +309,21 @@ def test_epoch_strategies_and_the_best_model_at_the_end(tok, tmp_path, dataset):
     assert t.evaluate()["eval_loss"] == pytest.approx(evals[best], rel=1e-5)
 
 
+def test_save_strategy_best_writes_a_checkpoint_at_each_new_best(tok, tmp_path, dataset):
+    """As Trainer: with save_strategy="best" a checkpoint is written exactly when an evaluation is a new best,
+    and load_best_model_at_end needs no matching eval strategy."""
+    t = trainer(tok, tmp_path, dataset, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="best",
+                metric_for_best_model="loss", load_best_model_at_end=True, learning_rate=5e-2)
+    t.train()
+    evals = [(r["step"], r["eval_loss"]) for r in t.state.log_history if "eval_loss" in r]
+    bests = [step for i, (step, loss) in enumerate(evals) if all(loss < e for _, e in evals[:i])]
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert saved == bests and bests
+    assert t.state.best_model_checkpoint == str(tmp_path / "out" / f"checkpoint-{bests[-1]}")
+    with pytest.raises(ValueError, match="metric_for_best_model"):
+        trainer(tok, tmp_path / "b", dataset, save_strategy="best")
+
+
 def test_eval_on_start_first_step_log_and_resume_true(tok, tmp_path, dataset):
     t = trainer(tok, tmp_path, dataset, eval_strategy="steps", eval_steps=10, eval_on_start=True,
                 logging_first_step=True, logging_steps=10, save_steps=2)
@@ -343,3 +358,12 @@ def test_compute_loss_prediction_step_and_stored_metrics(tok, tmp_path, dataset)
     with pytest.raises(NotImplementedError, match="hyperparameter_search is not supported"):
         t.hyperparameter_search()
     assert t.tokenizer is t.processing_class and t.model_wrapped is t.model and t.is_world_process_zero()
+    # TRL's ORPOTrainer attributes, from the config as TRL sets them
+    a = t.args
+    assert (t.max_prompt_length, t.max_completion_length, t.truncation_mode, t.generate_during_eval) == (
+        a.max_prompt_length, a.max_completion_length, a.truncation_mode, a.generate_during_eval)
+    assert t.use_dpo_data_collator and t.aux_loss_enabled is False and t.pad_token_id == tok.pad_token_id
+    # a Trainer name alignkit does not offer says so in one line (hasattr stays False)
+    with pytest.raises(AttributeError, match="ORPOTrainer.training_step: transformers.Trainer's"):
+        getattr(t, "training_step")  # noqa: B009  (the attribute access is what is tested)
+    assert not hasattr(t, "no_such_thing")

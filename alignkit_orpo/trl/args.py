@@ -181,15 +181,15 @@ class ORPOConfig:
             if self.logging_steps <= 0:
                 raise ValueError(f"ORPOConfig: eval_strategy={self.eval_strategy!r} needs eval_steps or logging_steps > 0")
             self.eval_steps = self.logging_steps
-        if self.load_best_model_at_end:
+        if self.load_best_model_at_end and self.save_strategy != "best":
             if self.eval_strategy != self.save_strategy:
                 raise ValueError("ORPOConfig.load_best_model_at_end needs save_strategy equal to eval_strategy, "
                                  f"got {self.save_strategy!r} and {self.eval_strategy!r}")
             if self.eval_strategy == "steps" and self.save_steps % self.eval_steps:
                 raise ValueError("ORPOConfig.load_best_model_at_end needs save_steps to be a multiple of eval_steps, "
                                  f"got {self.save_steps} and {self.eval_steps}")
-            if self.metric_for_best_model is None:
-                self.metric_for_best_model = "loss"
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 

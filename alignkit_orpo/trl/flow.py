@@ -35,6 +35,7 @@ class TrainerFlow(Schedule):
         self._epoch_begun = -1
         self._epoch_ended_at = -1
         self._eval_start: float | None = None
+        self._pending = Actions()  # what the loop is carrying out now (save_strategy="best" decides after eval)
 
     @property
     def args(self):
@@ -53,6 +54,7 @@ class TrainerFlow(Schedule):
         c.should_log = False  # the engine logs once per request; evaluate/save are reset by their events
         if act.evaluate:
             self._eval_start = time.time()
+        self._pending = act
         return act
 
     def at_start(self, run) -> Actions:
@@ -119,15 +121,17 @@ class TrainerFlow(Schedule):
         start = self._eval_start or time.time()
         speed = speed_metrics("eval", start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
         metrics = {"eval_loss": metrics["eval_loss"], **speed, **metrics}
-        self._best_metric(metrics, run)
+        if self._best_metric(metrics, run) and self.args.save_strategy == "best":
+            self._pending.checkpoint = True  # Trainer saves when the evaluation found a new best (carried out next)
         t.log(metrics)
         self._call("on_evaluate", metrics=metrics)
 
-    def _best_metric(self, metrics: dict, run) -> None:
-        """Trainer's best metric: checked at every evaluation during training, with that step's checkpoint path."""
+    def _best_metric(self, metrics: dict, run) -> bool:
+        """Trainer's best metric: checked at every evaluation during training, with that step's checkpoint path.
+        True when this evaluation is a new best."""
         name = self.args.metric_for_best_model
         if name is None:
-            return
+            return False
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
             raise KeyError(f"ORPOConfig.metric_for_best_model={name!r}: no {key} in the eval metrics; "
@@ -139,6 +143,8 @@ class TrainerFlow(Schedule):
             state.best_model_checkpoint = str(self.trainer.checkpoint_root / f"checkpoint-{run.step}")
             if hasattr(state, "best_global_step"):
                 state.best_global_step = run.step
+            return True
+        return False
 
     @hookimpl
     def on_save(self, run, step, path):

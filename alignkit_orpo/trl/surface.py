@@ -19,6 +19,15 @@ class TrainerSurface:
     save_metrics = save_metrics
     save_state = save_state
 
+    def __getattr__(self, name: str):
+        """Only for names not found: a transformers.Trainer name this facade does not offer says so."""
+        from transformers import Trainer
+
+        if not name.startswith("_") and hasattr(Trainer, name):
+            raise AttributeError(f"ORPOTrainer.{name}: transformers.Trainer's {name} is not offered by alignkit's "
+                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the surface)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Append a row to state.log_history (with the means of stored metrics, `epoch` and `step`) and tell
         the callbacks, as TRL's ORPOTrainer.log does."""

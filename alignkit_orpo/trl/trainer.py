@@ -41,6 +41,8 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         import alignkit_orpo  # this plugin's own module (imported here: it imports this one lazily)
 
         self.args = args or ORPOConfig(output_dir="trainer_output")
+        if self.args.save_strategy == "best" and self.args.metric_for_best_model is None:
+            raise ValueError("ORPOConfig.metric_for_best_model must be set when save_strategy='best'")
         if isinstance(eval_dataset, dict):
             raise ValueError("ORPOTrainer: alignkit evaluates one eval_dataset; pass a single datasets.Dataset")
         overrides = {**self.args.to_alignkit(), "train.disable_tqdm": True, "train.plots": False,  # callbacks print
@@ -89,7 +91,14 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
         self.label_pad_token_id, self.padding_value = self.args.label_pad_token_id, self.formatter.pad_id
         self.is_encoder_decoder, self.beta = self.formatter.is_encoder_decoder, self.args.beta
-        self.max_length = self.args.max_length
+        a = self.args  # TRL's ORPOTrainer attributes, set as TRL sets them
+        self.max_length, self.max_prompt_length, self.truncation_mode = a.max_length, a.max_prompt_length, a.truncation_mode
+        self.max_completion_length, self.generate_during_eval = a.max_completion_length, a.generate_during_eval
+        self.use_dpo_data_collator, self.model_init = data_collator is None, model_init
+        self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
+        self.aux_loss_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)
+        self.pad_token_id = processing_class.pad_token_id
+        self.decoder_start_token_id = getattr(self.model.config, "decoder_start_token_id", None)
         if self.args.push_to_hub:
             self.init_hf_repo()
 
