@@ -98,7 +98,7 @@ def methods():
 
     \b
     alignkit methods
-    ALIGNKIT_LOAD_PLUGINS=alignkit,alignkit-dpo alignkit methods    only these distributions
+    ALIGNKIT_LOAD_PLUGINS=alignkit,my-plugin alignkit methods       only these distributions
     """
     registry = build_registry(get_plugin_manager())
     for m in sorted(registry.methods.values(), key=lambda m: m.name):

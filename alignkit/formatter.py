@@ -112,14 +112,15 @@ class DataFormatter(ABC):
 
 def class_sources(cls: type) -> list[str]:
     """The source code of every class in `cls`'s MRO, of the modules defining them (so that an edited helper
-    function in a formatter's module counts too) and of the alignkit modules those use (the core's text and token
-    blocks, say); a class's qualified name where no source is available (e.g. a class made at run time)."""
+    function in a formatter's module counts too) and of the modules those use from alignkit* packages or from the
+    formatter's own package (the core's text and token blocks, a plugin's helper module); a class's qualified name
+    where no source is available (e.g. a class made at run time)."""
     sources, seen = [], set()
     for klass in cls.__mro__:
         if klass in (object, ABC):
             continue
         module = inspect.getmodule(klass)
-        for part in (klass, module, *_alignkit_modules_used(module)):
+        for part in (klass, module, *_modules_used(module)):
             if part is None or part in seen:
                 continue
             seen.add(part)
@@ -130,13 +131,16 @@ def class_sources(cls: type) -> list[str]:
     return sources
 
 
-def _alignkit_modules_used(module) -> list:
-    """The modules of the alignkit* packages whose functions, classes or selves `module` imported."""
+def _modules_used(module) -> list:
+    """The modules of alignkit* packages and of `module`'s own top-level package whose functions, classes or
+    selves `module` imported."""
     if module is None:
         return []
+    package = module.__name__.split(".")[0]
     used = set()
     for value in vars(module).values():
         name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-        if isinstance(name, str) and name.startswith("alignkit") and name != module.__name__ and name in sys.modules:
+        if (isinstance(name, str) and (name.startswith("alignkit") or name.split(".")[0] == package)
+                and name != module.__name__ and name in sys.modules):
             used.add(name)
     return [sys.modules[name] for name in sorted(used)]

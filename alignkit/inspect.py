@@ -6,15 +6,13 @@ from alignkit.formatter import infer_token_fields
 from alignkit.method import Method
 from alignkit.modeling import load_tokenizer
 
-IGNORE = -100
 
-
-def _render(tokenizer, ids: list[int], labels: list[int] | None, color: bool) -> str:
-    """Tokens in order; those whose label is trained are [[marked]] (or green)."""
+def _render(tokenizer, ids: list[int], labels: list[int] | None, ignore: int, color: bool) -> str:
+    """Tokens in order; those whose label is trained (not `ignore`) are [[marked]] (or green)."""
     out = []
     for i, token in enumerate(ids):
         text = tokenizer.decode([token])
-        trained = labels is not None and i < len(labels) and labels[i] != IGNORE
+        trained = labels is not None and i < len(labels) and labels[i] != ignore
         out.append((f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]") if trained else text)
     return "".join(out)
 
@@ -28,16 +26,17 @@ def show_examples(config: RunConfig, method: Method, count: int, color: bool = F
     raw = raw.select(range(min(count, len(raw))))
     formatted, report = prepare(raw, formatter, source)
     fields = formatter.token_fields() or infer_token_fields(formatted.column_names)
+    ignore = getattr(config.method, "label_pad_token_id", -100)  # the label that takes no loss (as alignkit.logps)
     lines = [f"{source}: {report.kept} shown, {report.truncated} truncated, {report.dropped} dropped "
              f"by the {method.name} formatter; {'green' if color else '[[bracketed]]'} tokens are labelled targets "
-             "(label != -100)", ""]
+             f"(label != {ignore})", ""]
     for index, features in enumerate(formatted):
         lines.append(f"--- example {index}")
         for key, labels_key in fields:
             labels = features.get(labels_key) if labels_key else None
-            trained = sum(1 for x in (labels or []) if x != IGNORE)
+            trained = sum(1 for x in (labels or []) if x != ignore)
             name = key.removesuffix("input_ids").removesuffix("_") or "input"
             lines.append(f"{name} ({len(features[key])} tokens, {trained} labelled):")
-            lines.append("  " + _render(tokenizer, features[key], labels, color).replace("\n", "\n  "))
+            lines.append("  " + _render(tokenizer, features[key], labels, ignore, color).replace("\n", "\n  "))
         lines.append("")
     return "\n".join(lines) + "\n"

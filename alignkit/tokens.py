@@ -41,7 +41,7 @@ def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
 
 def split_common(alone: list[int], full: list[int]) -> tuple[list[int], list[int]]:
     """Split the ids of prompt + completion where they stop agreeing with the prompt's own ids (TRL 1.x's rule
-    for SFT and KTO: a merged or differently rendered prompt end goes to the completion)."""
+    for prompt-completion data: a merged or differently rendered prompt end goes to the completion)."""
     n = common_prefix_length(alone, full)
     return full[:n], full[n:]
 

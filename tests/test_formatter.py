@@ -50,6 +50,22 @@ def test_format_command_counts_labels_of_plain_input_ids(tmp_path):
     assert f"{answer} labelled" in out and "input (" in out and "0 labelled" not in out
 
 
+def test_format_command_reads_the_methods_label_pad(tmp_path):
+    """A method whose label_pad_token_id is not -100: the masked prompt is not counted as labelled."""
+    import alignkit_sft
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort: 2 1 =", "completion": " 1 2"}])
+    counts = {}
+    for pad in (-100, -1):
+        cfg, method = load_config("sft", {"data": {"train": data}, "method": {"label_pad_token_id": pad}},
+                                  plugins=plugin_manager(alignkit_sft))
+        out = show_examples(cfg, method, 1)
+        assert f"(label != {pad})" in out
+        counts[pad] = out.split("tokens, ")[1].split(" labelled")[0]
+    answer = len(alignkit.testing.tiny_tokenizer()(" 1 2", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert counts == {-100: str(answer), -1: str(answer)}
+
+
 FORMATTER_V1 = '''
 import alignkit
 from toy_method import ToyFormatter
@@ -84,3 +100,25 @@ def test_an_edited_formatter_never_serves_stale_cached_data(tmp_path, tok, monke
     again, _ = prepare(raw, second, "d")
     assert "renamed_ids" in again.column_names and "ids_v1" not in again.column_names
     sys.modules.pop("edited_formatter", None)
+
+
+def test_an_edited_helper_module_of_a_plugin_package_changes_the_cache_key(tmp_path, tok, monkeypatch):
+    """A plugin's formatter calling a helper from another module of its own package: editing the helper
+    changes the fingerprint too (not only alignkit's own modules count)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = tmp_path / "third_party_fmt"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("def suffix():\n    return 'v1'\n")
+    (package / "formatter.py").write_text(
+        "from third_party_fmt.helpers import suffix\nfrom toy_method import ToyFormatter\n\n\n"
+        "class Fmt(ToyFormatter):\n    pass\n")
+    module = importlib.import_module("third_party_fmt.formatter")
+    before = module.Fmt(ToyConfig(), tok).fingerprint()
+    (package / "helpers.py").write_text("def suffix():\n    return 'version 2'\n")  # another size: reloaded
+    importlib.reload(sys.modules["third_party_fmt.helpers"])
+    module = importlib.reload(module)
+    after = module.Fmt(ToyConfig(), tok).fingerprint()
+    for name in ("third_party_fmt.formatter", "third_party_fmt.helpers", "third_party_fmt"):
+        sys.modules.pop(name, None)
+    assert after != before

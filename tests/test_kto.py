@@ -252,7 +252,7 @@ def test_precompute_is_refused_when_the_pairs_depend_on_the_batching():
 # ---- through the engine ----------------------------------------------------------------------------
 
 TRL_METRICS = {"loss", "kl", "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-               "logps/rejected", "logits/chosen", "logits/rejected"}  # TRL 1.16's, less num_tokens
+               "logps/rejected", "logits/chosen", "logits/rejected", "num_tokens"}  # TRL 1.16's
 
 
 def test_trains_on_the_demo_data_with_trl_metric_names(tmp_path):
@@ -266,6 +266,9 @@ def test_trains_on_the_demo_data_with_trl_metric_names(tmp_path):
     assert evals[0]["eval_rewards/margins"] == pytest.approx(0, abs=1e-6)
     assert evals[-1]["eval_loss"] != evals[0]["eval_loss"]
     assert "arXiv:2402.01306" in (result.output_dir / "README.md").read_text()
+    train = [r for r in rows if "loss" in r]  # num_tokens: a running total of the trained examples' input tokens
+    assert evals[0]["eval_num_tokens"] == 0 and evals[-1]["eval_num_tokens"] == train[-1]["num_tokens"] > 0
+    assert [r["num_tokens"] for r in train] == sorted(r["num_tokens"] for r in train)
 
 
 def test_paired_data_is_unpaired_and_trains(tmp_path):
@@ -329,3 +332,22 @@ def test_default_job_learns_offline(tmp_path):
     assert rows[0]["step"] == 0 and len(margins) >= 4
     assert margins[-1] > 0 and margins[-1] > margins[len(margins) // 2] > margins[0]
     assert json.loads(proc.stdout)["eval_rewards/margins"] == margins[-1]
+
+
+def test_eval_metrics_and_gradients_equal_trl(tmp_path, monkeypatch):
+    """TRL 1.x's KTOTrainer run for real (trl is in the test extra) on three cases of the comparison script:
+    unpaired with weights, paired rows unpaired, conversational; eval metrics and one step's gradients."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import compare_kto_with_trl as cmp
+
+    cases = ("kto-weights", "kto-paired", "kto-conversational")
+    monkeypatch.setattr(cmp, "CASES", {k: cmp.CASES[k] for k in cases})
+    monkeypatch.setattr(cmp, "GRADIENT_CASES", ("kto-paired",))
+    cmp.make_inputs(tmp_path)
+    _, worst, _ = cmp.compare(cmp.alignkit_side(tmp_path), cmp.trl_side(tmp_path))
+    assert worst <= 1e-5
+    _, grad_worst = cmp.compare_gradients(tmp_path)
+    assert grad_worst <= 1e-5

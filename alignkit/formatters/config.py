@@ -20,7 +20,7 @@ class TokenDataConfig(MethodConfig):
 
 
 class SequenceDataConfig(TokenDataConfig):
-    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x SFT)."""
+    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x's rules)."""
 
     dataset_text_field: str = Field("text", description="Column holding the text of standard language-modeling rows.")
     completion_only_loss: bool | None = Field(

@@ -46,7 +46,7 @@ def with_eos_text(text: str, eos: str | None) -> str:
 
 
 def prompt_completion_ids(tokenizer, encoder: Encoder, prompt, completion) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of a prompt-completion row, as TRL 1.x's SFT and KTO tokenize it.
+    """(prompt ids, completion ids) of a prompt-completion row, as TRL 1.x tokenizes prompt-completion data.
 
     Strings: the completion gets the EOS text, prompt and prompt + completion are encoded with `encoder` (made with
     `add_special_tokens=True` to follow the tokenizer's own BOS rules). Conversations: the prompt is rendered with a

@@ -44,6 +44,8 @@ class KTOLoss(Loss):
     needs_reference_model = True
     #: the KL estimate and the batch margin are reduced over processes in every forward
     collective = True
+    #: TRL's num_tokens: the input tokens (prompt + completion, not the KL pairs) trained on so far
+    running_totals = {"num_tokens": "input_tokens"}
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -63,7 +65,7 @@ class KTOLoss(Loss):
             disable_dropout(model)
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        return {"examples": batch["label"].shape[0]}
+        return {"examples": batch["label"].shape[0], "input_tokens": int(batch["attention_mask"].sum())}
 
     # ---- log-probs ---------------------------------------------------------------------------------
 
