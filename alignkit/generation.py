@@ -39,7 +39,7 @@ def mix_seed(*parts) -> int:
 
 @contextlib.contextmanager
 def full_parameters(model: torch.nn.Module):
-    """Sharded (FSDP) parameters gathered on every rank while generating; nothing to do otherwise."""
+    """Sharded (FSDP, ZeRO-3) parameters gathered on every rank while generating; nothing to do otherwise."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     except ImportError:  # a torch without distributed support
@@ -60,8 +60,24 @@ def full_parameters(model: torch.nn.Module):
             model.set_reshard_after_forward(True)
             for m in groups:
                 m.reshard()
+    elif any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 (not tested here: no DeepSpeed)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
     else:
         yield
+
+
+def base_named_weights(model: torch.nn.Module):
+    """(name, tensor) of the policy's weights under the base model's own names, for a backend that keeps its own
+    copy: a PEFT model's adapters must be merged first (its LoRA matrices are skipped, modules_to_save renamed)."""
+    peft_prefix = getattr(model, "prefix", None) if hasattr(model, "get_base_model") else None
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if (peft_prefix and peft_prefix in name) or "original_module" in name:
+            continue
+        yield name.replace("modules_to_save.default.", ""), param.data
 
 
 class TransformersBackend:
@@ -137,5 +153,5 @@ def backend_for(name: str, model, accelerator, tokenizer) -> GenerationBackend |
             from alignkit.vllm_backend import VLLMBackend
         except ImportError as e:
             raise ConfigError(f"generation backend vllm needs vLLM: pip install 'alignkit[vllm]' ({e})") from None
-        return VLLMBackend(accelerator.unwrap_model(model), tokenizer)
+        return VLLMBackend(accelerator.unwrap_model(model), tokenizer, accelerator.process_index)
     raise ConfigError(f"generation backend {name!r} is not known; choose transformers or vllm")

@@ -101,8 +101,19 @@ class RewardModel:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
+    def _text(self, prompt, completion) -> str:
+        """prompt + completion as the reward model reads it: a conversation (a list of messages) with the completion
+        as the assistant's turn is rendered with the reward model's chat template, as TRL does."""
+        if isinstance(prompt, str):
+            return prompt + (completion if isinstance(completion, str) else completion[-1]["content"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"method.reward_funcs: the reward model's tokenizer ({self.tokenizer.name_or_path}) has "
+                              "no chat template, so it cannot read conversational prompts")
+        turn = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return self.tokenizer.apply_chat_template(list(prompt) + turn, tokenize=False)
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
         out: list[float] = []
         device = next(self.model.parameters()).device
         with torch.no_grad():

@@ -58,6 +58,27 @@ def test_generation_uses_the_lora_adapters():
     assert generator(merged).generate([ids], n=4, max_new_tokens=6, seed=3) == with_adapter
 
 
+def test_a_backend_with_its_own_copy_gets_the_merged_weights_under_the_base_names():
+    """What the vLLM backend loads after each step: with the adapters merged, every weight of the plain model
+    under its own name, equal to merge_and_unload's (no LoRA matrices, no base_layer names)."""
+    import copy
+
+    from alignkit.generation import base_named_weights
+
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+    expected = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+    model.merge_adapter()
+    got = {name: w.clone() for name, w in base_named_weights(model)}
+    model.unmerge_adapter()
+    assert got.keys() == expected.keys()
+    for name, weight in expected.items():
+        assert torch.equal(got[name], weight.data), name
+    plain = tiny_model()
+    assert {n for n, _ in base_named_weights(plain)} == {n for n, _ in plain.named_parameters()}
+
+
 class FakeBackend:
     def __init__(self):
         self.calls, self.synced = [], []
@@ -122,6 +143,12 @@ def test_a_sequence_classification_checkpoint_is_a_reward(tmp_path):
         want = [rm(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
                 for t in ["sort: 2 1 = 1 2", "sort: 3 1 2 = 1"]]
     assert got == pytest.approx(want, rel=1e-5)
+    # a conversational prompt: the completion is the assistant's turn, rendered with the reward model's template
+    chat = [{"role": "user", "content": "sort: 2 1"}]
+    text = tok.apply_chat_template(chat + [{"role": "assistant", "content": "1 2"}], tokenize=False)
+    with torch.no_grad():
+        want = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+    assert fn([chat], ["1 2"]) == pytest.approx([want], rel=1e-5)
     with pytest.raises(ConfigError, match="model:/nonexistent is not a loadable sequence-classification checkpoint"):
         registry().select(["model:/nonexistent"])
 
