@@ -1,6 +1,8 @@
 """ORPO training speed and memory, alignkit against TRL's ORPOTrainer, on the same model and data.
 
     pip install -e ".[bench]"                  # TRL (trl.experimental.orpo)
+    pip install --no-deps liger-kernel         # for --libs liger: its chunked losses need only torch (its triton
+                                               # dependency is for the GPU kernels)
     python benchmarks/orpo_speed.py            # the full matrix -> benchmarks/RESULTS.md
     python benchmarks/orpo_speed.py --vocab 151936 --seq 512 --pairs 4 --no-write
 
