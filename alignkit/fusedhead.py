@@ -151,3 +151,56 @@ def _plan(positions_per_group: list[int], chunk_size: int) -> list[list[int]]:
     if current:
         plan.append(current)
     return plan
+
+
+def fused_token_nll(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int, stats=None):
+    """A token-level loss on the fused head: (the NLL sum -sum_N log p(target_N), and `stats(logits, targets)` of
+    each chunk concatenated, without gradient).
+
+    The NLL is linear in each log-prob, so its gradients with respect to the chunk's hidden states and the head's
+    parameters are computed in the forward, chunk by chunk, and the backward only scales them by its incoming
+    gradient: the head's [chunk, vocab] product runs once and its logits are freed at once. Without gradient
+    (evaluation) it is a plain chunked pass."""
+    params = [p for p in head.module.parameters() if p.requires_grad]
+    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or bool(params))
+    total = hidden_NH.new_zeros((), dtype=torch.float32)
+    d_hidden = torch.zeros_like(hidden_NH) if grad else None
+    d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params] if grad else []
+    parts = []
+    for start in range(0, hidden_NH.shape[0], chunk_size):
+        h = hidden_NH[start:start + chunk_size].detach().requires_grad_(grad)
+        t = targets_N[start:start + chunk_size]
+        with torch.set_grad_enabled(grad):
+            logits = at_least_fp32(head.logits(h))
+            nll = (torch.logsumexp(logits, -1) - logits.gather(-1, t[:, None]).squeeze(-1)).sum()
+        if grad:
+            grads = torch.autograd.grad(nll, [h, *params], allow_unused=True)
+            d_hidden[start:start + chunk_size] = grads[0].to(d_hidden.dtype)
+            for acc, g in zip(d_params, grads[1:]):
+                if g is not None:
+                    acc += g
+        total = total + nll.detach()
+        if stats is not None:
+            with torch.no_grad():
+                parts.append(stats(logits.detach(), t))
+        del logits
+    extra = tuple(torch.cat(x) for x in zip(*parts)) if parts else ()
+    if grad:
+        total = _FusedNLL.apply(total, d_hidden, d_params, hidden_NH, *params)
+    return total, extra
+
+
+class _FusedNLL(torch.autograd.Function):
+    """Returns the NLL sum; the backward hands back the gradients computed in the forward, scaled."""
+
+    @staticmethod
+    def forward(ctx, total, d_hidden, d_params, hidden_NH, *params):
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.save_for_backward(d_hidden, *d_params)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        d_hidden, *d_params = ctx.saved_tensors
+        return (None, None, None, d_hidden * grad_total.to(d_hidden.dtype),
+                *[(d * grad_total).to(dtype) for d, dtype in zip(d_params, ctx.dtypes)])

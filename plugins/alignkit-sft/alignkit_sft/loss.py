@@ -2,15 +2,16 @@
 count over the whole optimizer step (unit "tokens"), with exact per-token metrics.
 
 Accuracy and entropy read the whole next-token distribution, so they are computed where the log-prob
-is, chunk by chunk at the trained positions only: no [rows, T, vocab] logits on the chunked path.
+is, chunk by chunk at the trained positions only: no [rows, T, vocab] logits on the chunked path, whose
+head gradients are computed in the forward (alignkit.fusedhead.fused_token_nll; no recompute).
 """
 
 import logging
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from alignkit import ConfigError, Loss, LossOutput
+from alignkit.fusedhead import fused_token_nll
 from alignkit.lmhead import LMHead, check_head
 from alignkit.loss import at_least_fp32
 
@@ -30,23 +31,8 @@ def token_stats(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> tuple[torch
     return logps_N, entropy_N, correct_N
 
 
-def _head_stats(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor):
-    return token_stats(head.logits(hidden_NH), targets_N)
-
-
-def chunked_token_stats(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int):
-    """`token_stats` of the head's logits, `chunk_size` positions at a time; each chunk is checkpointed, so its
-    logits exist only while it is computed (again in the backward)."""
-    parts = []
-    for h, t in zip(hidden_NH.split(chunk_size), targets_N.split(chunk_size)):
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_head_stats, head, h, t, use_reentrant=False))
-        else:
-            parts.append(_head_stats(head, h, t))
-    if not parts:
-        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
-        return empty, empty, torch.zeros(0, dtype=torch.bool, device=hidden_NH.device)
-    return tuple(torch.cat(x) for x in zip(*parts))
+def _entropy_and_correct(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_stats(logits_NV, targets_N)[1:]
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -98,11 +84,12 @@ class SFTLoss(Loss):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def token_stats(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        """log p, entropy and correctness [N] at the N trained positions of the batch."""
+        """The NLL sum over the N trained positions of the batch, and their (entropy, correctness) [N]."""
         targets_BT, mask_BT = trained_positions(batch, self.config.label_pad_token_id)
         if self.head is None:
             logits_BTV = model(**self._model_inputs(batch), use_cache=False).logits[:, :-1]
-            return token_stats(logits_BTV[mask_BT], targets_BT[mask_BT])
+            logps_N, entropy_N, correct_N = token_stats(logits_BTV[mask_BT], targets_BT[mask_BT])
+            return -logps_N.sum(), (entropy_N, correct_N)
         outputs = model(**self._model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
         if not self._head_checked:
             if not check_head(self.head, outputs):
@@ -110,10 +97,14 @@ class SFTLoss(Loss):
                                   "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
             self._head_checked = True
         hidden_BTH = outputs.hidden_states[-1][:, :-1]
-        return chunked_token_stats(self.head, hidden_BTH[mask_BT], targets_BT[mask_BT], self.config.logits_chunk_size)
+        return fused_token_nll(self.head, hidden_BTH[mask_BT], targets_BT[mask_BT], self.config.logits_chunk_size,
+                               stats=_entropy_and_correct)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logps_N, entropy_N, correct_N = self.token_stats(model, batch)
-        n = torch.tensor(float(logps_N.numel()), device=logps_N.device)
+        """The chunked path runs the fused head (alignkit.fusedhead: its gradients are computed in the forward,
+        nothing is recomputed); the plain path takes the model's full logits."""
+        nll, extra = self.token_stats(model, batch)
+        entropy_N, correct_N = extra if extra else (nll.new_zeros(0), torch.zeros(0, dtype=torch.bool))
+        n = torch.tensor(float(correct_N.numel()), device=nll.device)
         metrics = {"mean_token_accuracy": (correct_N.sum().to(n.dtype), n), "entropy": (entropy_N.sum(), n)}
-        return LossOutput(terms={"tokens": -logps_N.sum()}, metrics=metrics)
+        return LossOutput(terms={"tokens": nll}, metrics=metrics)
