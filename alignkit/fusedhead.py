@@ -153,45 +153,55 @@ def _plan(positions_per_group: list[int], chunk_size: int) -> list[list[int]]:
     return plan
 
 
-def fused_token_nll(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int, stats=None):
-    """A token-level loss on the fused head: (the NLL sum -sum_N log p(target_N), and `stats(logits, targets)` of
-    each chunk concatenated, without gradient).
+def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int, term=None,
+                      stats=None, temperature: float = 1.0):
+    """A token-level loss on the fused head: (its summed term, log p(target) [N] without gradient, and
+    `stats(logits, targets)` of each chunk concatenated, without gradient).
 
-    The NLL is linear in each log-prob, so its gradients with respect to the chunk's hidden states and the head's
-    parameters are computed in the forward, chunk by chunk, and the backward only scales them by its incoming
-    gradient: the head's [chunk, vocab] product runs once and its logits are freed at once. Without gradient
-    (evaluation) it is a plain chunked pass."""
+    `term(logps_n, positions)` is the summed term of the chunk's positions (`positions`, a slice of the N), given
+    fixed side inputs (e.g. advantages and old log-probs indexed by `positions`); by default the NLL,
+    -sum log p(target). Since the term is a sum over positions, its gradients with respect to the chunk's hidden
+    states and the head's parameters are computed in the forward, chunk by chunk, and the backward only scales
+    them by its incoming gradient: the head's [chunk, vocab] product runs once and its logits are freed at once.
+    Logits are divided by `temperature` (a sampler's). Without gradient (evaluation) it is a plain chunked pass."""
+    term = term or (lambda logps, positions: -logps.sum())
     params = [p for p in head.module.parameters() if p.requires_grad]
     grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or bool(params))
     total = hidden_NH.new_zeros((), dtype=torch.float32)
     d_hidden = torch.zeros_like(hidden_NH) if grad else None
     d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params] if grad else []
-    parts = []
+    logps, parts = [], []
     for start in range(0, hidden_NH.shape[0], chunk_size):
-        h = hidden_NH[start:start + chunk_size].detach().requires_grad_(grad)
-        t = targets_N[start:start + chunk_size]
+        positions = slice(start, start + chunk_size)
+        h = hidden_NH[positions].detach().requires_grad_(grad)
+        t = targets_N[positions]
         with torch.set_grad_enabled(grad):
             logits = at_least_fp32(head.logits(h))
-            nll = (torch.logsumexp(logits, -1) - logits.gather(-1, t[:, None]).squeeze(-1)).sum()
-        if grad:
-            grads = torch.autograd.grad(nll, [h, *params], allow_unused=True)
-            d_hidden[start:start + chunk_size] = grads[0].to(d_hidden.dtype)
+            if temperature != 1.0:
+                logits = logits / temperature
+            lp = logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            value = term(lp, positions)
+        if grad and value.requires_grad:
+            grads = torch.autograd.grad(value, [h, *params], allow_unused=True)
+            d_hidden[positions] = grads[0].to(d_hidden.dtype)
             for acc, g in zip(d_params, grads[1:]):
                 if g is not None:
                     acc += g
-        total = total + nll.detach()
+        total = total + value.detach()
+        logps.append(lp.detach())
         if stats is not None:
             with torch.no_grad():
                 parts.append(stats(logits.detach(), t))
         del logits
     extra = tuple(torch.cat(x) for x in zip(*parts)) if parts else ()
+    logps_N = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
     if grad:
         total = _FusedNLL.apply(total, d_hidden, d_params, hidden_NH, *params)
-    return total, extra
+    return total, logps_N, extra
 
 
 class _FusedNLL(torch.autograd.Function):
-    """Returns the NLL sum; the backward hands back the gradients computed in the forward, scaled."""
+    """Returns a token-level term's sum; the backward hands back the gradients computed in the forward, scaled."""
 
     @staticmethod
     def forward(ctx, total, d_hidden, d_params, hidden_NH, *params):

@@ -117,3 +117,39 @@ def test_completion_logps_equal_full_logits_in_float64():
         expected_entropy = -(full.exp() * full).sum(-1) * batch["completion_mask"]
     assert torch.allclose(logps.double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.allclose(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta, with_old", [(0.0, False), (0.1, True)])
+def test_fused_head_equals_the_checkpointed_path(loss_type, beta, with_old):
+    """In training the loss runs the fused head (its gradients computed in the forward, alignkit.fusedhead): the
+    loss, every metric and every parameter's gradient equal the checkpointed chunks' (the head run twice)."""
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 4, 5, 6]])
+    batch = {"prompt_ids": prompt, "prompt_mask": (prompt != 0).long(),
+             "completion_ids": torch.randint(3, 300, (3, 4), generator=g),
+             "completion_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]),
+             "advantages": torch.tensor([0.8, -1.1, 0.3])}
+    if with_old:
+        batch["old_logps"] = -torch.rand(3, 4, generator=g) * 4
+    ref = {"logps": -torch.rand(3, 4, generator=g) * 4} if beta else None
+    cfg = GRPOConfig(loss_type=loss_type, beta=beta, logits_chunk_size=3, max_completion_length=4, temperature=0.7)
+    results = []
+    for fused in (True, False):
+        model = tiny_model(seed=3, tie_word_embeddings=False)
+        loss = GRPOLoss(cfg)
+        loss.prepare_model(model)
+        if not fused:  # no head kept: completion_logps splits it off itself and runs checkpointed chunks
+            loss.head = None
+        out = loss(model, batch, ref=ref)
+        sum(out.terms.values()).backward()
+        metrics = {k: float(v[0]) for k, v in out.metrics.items()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: float(v) for k, v in out.terms.items()}, metrics, grads))
+    (terms_a, metrics_a, grads_a), (terms_b, metrics_b, grads_b) = results
+    assert terms_a == pytest.approx(terms_b, rel=1e-5, abs=1e-6)  # advantages summing to 0: a term near 0
+    assert metrics_a == pytest.approx(metrics_b, rel=1e-5, abs=1e-7)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_b:
+        error = (grads_a[name] - grads_b[name]).norm() / grads_b[name].norm().clamp(min=1e-12)
+        assert error <= 1e-5, f"{name}: relative gradient difference {error:.2e}"

@@ -10,15 +10,17 @@ Every metric is an exact (sum, count) pair with TRL 1.x's name.
 import torch
 
 import alignkit
+from alignkit.fusedhead import fused_token_terms
 from alignkit.lmhead import LMHead
 from alignkit.modeling import disable_dropout
 from alignkit_grpo.config import GRPOConfig
-from alignkit_grpo.logps import completion_logps, unwrap
+from alignkit_grpo.logps import completion_hidden, completion_logps, entropy_of, unwrap
 
 
 def per_token_objective(logps, old_logps, advantages, config: GRPOConfig, ref_logps=None):
-    """(per-token loss [B, C], ratio [B, C], k3 KL [B, C] or None). `advantages` is [B]."""
-    adv = advantages[:, None]
+    """(per-token loss [B, C], ratio [B, C], k3 KL [B, C] or None). `advantages` is [B] (one per completion) or
+    shaped like `logps` (one per token)."""
+    adv = advantages if advantages.shape == logps.shape else advantages[:, None]
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - config.epsilon, 1 + config.epsilon_upper)
     loss = -torch.min(ratio * adv, clipped * adv)
@@ -40,6 +42,15 @@ def reduce_terms(per_token_loss, mask, config: GRPOConfig) -> dict[str, torch.Te
     if config.loss_type == "dr_grpo":
         return {"completions": masked.sum() / config.max_completion_length}
     return {"tokens": masked.sum()}
+
+
+def token_weights(mask, config: GRPOConfig) -> tuple[str, torch.Tensor]:
+    """(unit, per-token weights [B, C]) with sum(weights * per_token_loss) equal to `reduce_terms`' term."""
+    if config.loss_type == "grpo":
+        return "completions", mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    if config.loss_type == "dr_grpo":
+        return "completions", mask / config.max_completion_length
+    return "tokens", mask
 
 
 class GRPOLoss(alignkit.Loss):
@@ -71,6 +82,8 @@ class GRPOLoss(alignkit.Loss):
     def __call__(self, model, batch, ref=None):
         cfg = self.config
         mask = batch["completion_mask"].to(torch.float32)
+        if self.head is not None and torch.is_grad_enabled():
+            return self._fused(model, batch, ref, mask)
         logps, entropy = self._logps(model, batch, self.head)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
@@ -80,6 +93,34 @@ class GRPOLoss(alignkit.Loss):
         with torch.no_grad():
             metrics = self._metrics(batch, mask, ratio, entropy, kl)
         return alignkit.LossOutput(terms=terms, metrics=metrics)
+
+    def _fused(self, model, batch, ref, mask):
+        """Training on the fused head (alignkit.fusedhead): the per-token objective's head gradients are computed
+        in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward."""
+        cfg = self.config
+        _, hidden_NH, targets_N = completion_hidden(model, batch)
+        select = mask.bool()
+        unit, weights = token_weights(mask, cfg)
+        w_N, adv_N = weights[select], batch["advantages"][:, None].expand_as(mask)[select]
+        old = batch.get("old_logps")
+        old_N = None if old is None else old[select]
+        ref_N = None if ref is None else ref["logps"][select]
+
+        def term(lp, positions):
+            o = lp.detach() if old_N is None else old_N[positions]
+            per_token, _, _ = per_token_objective(lp, o, adv_N[positions], cfg,
+                                                  None if ref_N is None else ref_N[positions])
+            return (w_N[positions] * per_token).sum()
+
+        total, logps_N, extra = fused_token_terms(self.head, hidden_NH, targets_N, cfg.logits_chunk_size, term,
+                                                  stats=entropy_of, temperature=cfg.temperature)
+        with torch.no_grad():
+            logps = mask.new_zeros(mask.shape).masked_scatter(select, logps_N)
+            entropy = mask.new_zeros(mask.shape).masked_scatter(select, extra[0]) if extra else mask.new_zeros(mask.shape)
+            _, ratio, kl = per_token_objective(logps, logps if old is None else old, batch["advantages"], cfg,
+                                               None if ref is None else ref["logps"])
+            metrics = self._metrics(batch, mask, ratio, entropy, kl)
+        return alignkit.LossOutput(terms={unit: total}, metrics=metrics)
 
     def _metrics(self, batch, mask, ratio, entropy, kl) -> dict:
         cfg, tokens = self.config, mask.sum()

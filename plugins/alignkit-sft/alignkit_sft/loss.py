@@ -3,7 +3,7 @@ count over the whole optimizer step (unit "tokens"), with exact per-token metric
 
 Accuracy and entropy read the whole next-token distribution, so they are computed where the log-prob
 is, chunk by chunk at the trained positions only: no [rows, T, vocab] logits on the chunked path, whose
-head gradients are computed in the forward (alignkit.fusedhead.fused_token_nll; no recompute).
+head gradients are computed in the forward (alignkit.fusedhead.fused_token_terms; no recompute).
 """
 
 import logging
@@ -11,7 +11,7 @@ import logging
 import torch
 
 from alignkit import ConfigError, Loss, LossOutput
-from alignkit.fusedhead import fused_token_nll
+from alignkit.fusedhead import fused_token_terms
 from alignkit.lmhead import LMHead, check_head
 from alignkit.loss import at_least_fp32
 
@@ -97,8 +97,9 @@ class SFTLoss(Loss):
                                   "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
             self._head_checked = True
         hidden_BTH = outputs.hidden_states[-1][:, :-1]
-        return fused_token_nll(self.head, hidden_BTH[mask_BT], targets_BT[mask_BT], self.config.logits_chunk_size,
-                               stats=_entropy_and_correct)
+        nll, _, extra = fused_token_terms(self.head, hidden_BTH[mask_BT], targets_BT[mask_BT],
+                                          self.config.logits_chunk_size, stats=_entropy_and_correct)
+        return nll, extra
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         """The chunked path runs the fused head (alignkit.fusedhead: its gradients are computed in the forward,
