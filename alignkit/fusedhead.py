@@ -214,3 +214,72 @@ class _FusedNLL(torch.autograd.Function):
         d_hidden, *d_params = ctx.saved_tensors
         return (None, None, None, d_hidden * grad_total.to(d_hidden.dtype),
                 *[(d * grad_total).to(dtype) for d, dtype in zip(d_params, ctx.dtypes)])
+
+
+def fused_row_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int,
+                    chunk_size: int, term, stats=None):
+    """A loss on per-row log-prob sums, on the fused head: (its summed term, the rows' log-prob sums [n_rows]
+    without gradient, and `stats(logits, targets)` of each chunk concatenated, without gradient).
+
+    The N positions belong to rows `rows_N` (non-decreasing: row-major, as `hidden_BTH[mask_BT]` lays them out).
+    `term(row_logps_m, rows_m)` is the summed term of some whole rows, given fixed side inputs indexed by `rows_m`
+    (e.g. a reference's log-probs); the sum of row terms, so whole rows run chunk by chunk and the head's
+    gradients are computed in the forward. A row over `chunk_size` positions runs its head twice (a pass
+    without gradient for the row's sum, then one sub-chunk at a time with gradient), as checkpointing would."""
+    params = [p for p in head.module.parameters() if p.requires_grad]
+    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or bool(params))
+    counts = torch.bincount(rows_N, minlength=n_rows).tolist()
+    row_logps = hidden_NH.new_zeros(n_rows, dtype=torch.float32)
+    total = hidden_NH.new_zeros((), dtype=torch.float32)
+    d_hidden = torch.zeros_like(hidden_NH) if grad else None
+    d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params] if grad else []
+    parts, start = [], 0
+
+    def head_logps(positions, with_grad, keep_stats=True):
+        h = hidden_NH[positions].detach().requires_grad_(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            logits = at_least_fp32(head.logits(h))
+            t = targets_N[positions]
+            lp = logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        if stats is not None and keep_stats:
+            with torch.no_grad():
+                parts.append(stats(logits.detach(), t))
+        return h, lp
+
+    def add_grads(outputs, inputs_h, positions, grad_outputs=None):
+        grads = torch.autograd.grad(outputs, [inputs_h, *params], grad_outputs, allow_unused=True)
+        d_hidden[positions] = grads[0].to(d_hidden.dtype)
+        for acc, g in zip(d_params, grads[1:]):
+            if g is not None:
+                acc += g
+
+    for rows in _plan(counts, chunk_size):
+        size = sum(counts[r] for r in rows)
+        positions, rows_t = slice(start, start + size), torch.tensor(rows, device=rows_N.device)
+        local = rows_N[positions] - rows[0]
+        if size <= chunk_size or len(rows) > 1:  # whole rows in one pass
+            h, lp = head_logps(positions, grad)
+            with torch.set_grad_enabled(grad):
+                sums = lp.new_zeros(len(rows)).index_add(0, local, lp)
+                value = term(sums, rows_t)
+            if grad and value.requires_grad:
+                add_grads(value, h, positions)
+        else:  # one row longer than a chunk: its sum first (its stats taken there), then sub-chunks with d(term)/d(sum)
+            subs = [slice(s, min(s + chunk_size, start + size)) for s in range(start, start + size, chunk_size)]
+            with torch.no_grad():
+                sums = sum(head_logps(sub, False)[1].sum() for sub in subs).reshape(1)
+            leaf = sums.requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                value = term(leaf, rows_t)
+            if grad and value.requires_grad:
+                g = torch.autograd.grad(value, leaf)[0]
+                for sub in subs:
+                    h, lp = head_logps(sub, True, keep_stats=False)
+                    add_grads(lp, h, sub, g.expand_as(lp))
+        row_logps[rows_t] = sums.detach()
+        total = total + value.detach()
+        start += size
+    extra = tuple(torch.cat(x) for x in zip(*parts)) if parts else ()
+    if grad:
+        total = _FusedNLL.apply(total, d_hidden, d_params, hidden_NH, *params)
+    return total, row_logps, extra

@@ -3,7 +3,8 @@ the vocabulary-mean logit and the entropy at each completion position.
 
 The chunked path runs the LM head only at completion positions, in checkpointed chunks
 (alignkit.lmhead), so no [rows, T, vocab] logits are ever held; the plain path takes the model's
-full logits. Both compute the same numbers (a test checks).
+full logits. Both compute the same numbers (a test checks). In training the loss runs the fused head
+instead (KTOLoss._fused: whole rows per chunk, gradients computed in the forward, nothing recomputed).
 """
 
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ class CompletionStats:
 def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position, from its log-sum-exp: lse - E_p[logit]."""
     return lse - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def mean_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vocab-mean logit and the entropy of each position (no grad), as the metrics read them."""
+    return logits.mean(-1), _entropy(logits, torch.logsumexp(logits, -1))
 
 
 def _chunk(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor):

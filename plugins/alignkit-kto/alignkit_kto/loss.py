@@ -17,9 +17,10 @@ import logging
 import torch
 
 from alignkit import ConfigError, Loss, LossOutput
-from alignkit.lmhead import LMHead, check_head
+from alignkit.fusedhead import fused_row_terms
+from alignkit.lmhead import LMHead, check_head, final_hidden_states
 from alignkit.modeling import disable_dropout
-from alignkit_kto.logps import CompletionStats, chunked_stats, plain_stats
+from alignkit_kto.logps import CompletionStats, chunked_stats, mean_and_entropy, plain_stats
 from alignkit_kto.pairing import kl_pairs
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,20 @@ class KTOLoss(Loss):
         head = self._head(model)
         if head is None:
             return plain_stats(model, ids, mask, labels, self.ignore, details)
-        if id(head) not in self._checked:
-            with torch.no_grad():
-                out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
-                            use_cache=False)
-            if not check_head(head, out):
-                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
-            self._checked.add(id(head))
+        self._check(model, head, ids, mask)
         return chunked_stats(model, head, ids, mask, labels, self.ignore, self.config.logits_chunk_size, details)
+
+    def _check(self, model, head: LMHead, ids, mask) -> None:
+        """Once per head: the split-off head reproduces the model's own logits."""
+        if id(head) in self._checked:
+            return
+        with torch.no_grad():
+            out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
+                        use_cache=False)
+        if not check_head(head, out):
+            raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
+                              "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+        self._checked.add(id(head))
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference log-probs of each completion and, for `kto`, of each example's KL pair."""
@@ -108,6 +114,9 @@ class KTOLoss(Loss):
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ref: dict, ctx=None) -> LossOutput:
         c = self.config
         desirable = batch["label"].bool()
+        head = self._head(model)
+        if head is not None and torch.is_grad_enabled():
+            return self._fused(model, head, batch, ref, ctx, desirable)
         policy = self.stats(model, batch, "", details=True)
         logratios = policy.logps - ref["logps"].to(policy.logps)
         with torch.no_grad():
@@ -125,6 +134,45 @@ class KTOLoss(Loss):
             kl = (summed[0] / processes).clamp(min=0) if c.uses_kl else summed.new_zeros(())
         chosen_losses, rejected_losses = kto_losses(logratios[desirable], logratios[~desirable], kl, c.beta, c.loss_type)
         total = c.desirable_weight * chosen_losses.sum() + c.undesirable_weight * rejected_losses.sum()
+        return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
+
+    def _fused(self, model, head: LMHead, batch, ref: dict, ctx, desirable) -> LossOutput:
+        """Training on the fused head (alignkit.fusedhead.fused_row_terms): the KL estimate first (as TRL), then
+        the completions chunk by chunk of whole rows, each chunk's head gradients computed in the forward."""
+        c = self.config
+        with torch.no_grad():
+            local_kl = torch.zeros((), device=batch["label"].device)
+            if c.uses_kl:
+                kl_logps = self.stats(model, kl_pairs(batch, self.config), "KL_").logps
+                local_kl = (kl_logps - ref["KL_logps"].to(kl_logps)).mean()
+            kl_sum = _reduce_sum(ctx, local_kl.float().reshape(1))
+            processes = 1 if ctx is None else ctx.num_processes
+            kl = (kl_sum[0] / processes).clamp(min=0) if c.uses_kl else kl_sum.new_zeros(())
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        self._check(model, head, ids, mask)
+        _, hidden_BTH = final_hidden_states(model, ids, mask)
+        targets_BT = labels[:, 1:]
+        select_BT = targets_BT != self.ignore
+        rows_N = torch.arange(len(ids), device=ids.device)[:, None].expand_as(select_BT)[select_BT]
+        ref_logps = ref["logps"]
+
+        def term(sums, rows):
+            logratios, wanted = sums - ref_logps[rows].to(sums), desirable[rows]
+            chosen, rejected = kto_losses(logratios[wanted], logratios[~wanted], kl, c.beta, c.loss_type)
+            return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
+
+        total, logps, extra = fused_row_terms(head, hidden_BTH[:, :-1][select_BT], targets_BT[select_BT], rows_N,
+                                              len(ids), c.logits_chunk_size, term, stats=mean_and_entropy)
+
+        def per_row(values_N):
+            return values_N.new_zeros(select_BT.shape).masked_scatter(select_BT, values_N).sum(-1)
+
+        with torch.no_grad():
+            policy = CompletionStats(logps, select_BT.sum(-1), *(map(per_row, extra) if extra else
+                                                                  (logps.new_zeros(len(ids)),) * 2))
+            rewards = c.beta * (logps - ref_logps.to(logps))
+            summed = torch.cat([kl_sum, _reduce_sum(ctx, torch.stack([
+                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(), (~desirable).sum().float()]))])
         return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
 
     def _metrics(self, policy: CompletionStats, rewards, desirable, kl, summed, ctx) -> dict:
