@@ -119,9 +119,9 @@ def test_completion_logps_equal_full_logits_in_float64():
     assert torch.allclose(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type, lora", [("grpo", False), ("dapo", False), ("dr_grpo", False), ("grpo", True)])
 @pytest.mark.parametrize("beta, with_old", [(0.0, False), (0.1, True)])
-def test_fused_head_equals_the_checkpointed_path(loss_type, beta, with_old):
+def test_fused_head_equals_the_checkpointed_path(loss_type, lora, beta, with_old):
     """In training the loss runs the fused head (its gradients computed in the forward, alignkit.fusedhead): the
     loss, every metric and every parameter's gradient equal the checkpointed chunks' (the head run twice)."""
     g = torch.Generator().manual_seed(2)
@@ -137,6 +137,12 @@ def test_fused_head_equals_the_checkpointed_path(loss_type, beta, with_old):
     results = []
     for fused in (True, False):
         model = tiny_model(seed=3, tie_word_embeddings=False)
+        if lora:  # adapters on the head too: their gradients come from the fused head's forward
+            import peft
+
+            torch.manual_seed(0)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                               init_lora_weights=False))
         loss = GRPOLoss(cfg)
         loss.prepare_model(model)
         if not fused:  # no head kept: completion_logps splits it off itself and runs checkpointed chunks

@@ -163,9 +163,9 @@ def test_kl_estimate_is_the_mean_over_processes_of_each_process_batch_mean():
     assert value(out_a.metrics["rewards/margins"]) == pytest.approx(hand(policy, ref, ROWS, 0.2, "kto", 1, 1)["rewards/margins"], rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("loss_type, lora", [("kto", False), ("apo_zero_unpaired", False), ("kto", True)])
 @pytest.mark.parametrize("chunk", [1, 3, 1024])  # 1: every row longer than a chunk; 1024: the batch in one chunk
-def test_fused_head_equals_the_plain_path(loss_type, chunk):
+def test_fused_head_equals_the_plain_path(loss_type, lora, chunk):
     """In training the chunked path runs the fused head (whole rows per chunk, gradients computed in the forward):
     the loss, every metric and every parameter's gradient equal the plain path's full logits."""
     from alignkit.testing import tiny_model
@@ -174,6 +174,12 @@ def test_fused_head_equals_the_plain_path(loss_type, chunk):
     results = []
     for implementation in ("chunked", "plain"):
         model, ref = tiny_model(seed=4, tie_word_embeddings=False), tiny_model(seed=5)
+        if lora:  # adapters on the head too: their gradients come from the fused head's forward
+            import peft
+
+            torch.manual_seed(0)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                               init_lora_weights=False))
         loss = KTOLoss(KTOConfig(beta=0.3, loss_type=loss_type, loss_implementation=implementation,
                                  logits_chunk_size=chunk, desirable_weight=1.3, undesirable_weight=0.8))
         loss.prepare_model(model)
