@@ -1,8 +1,10 @@
 """Run by test_orpo_chunked under torchrun (2 CPU processes): FSDP2 fully_shard per layer and root, on gloo;
-chunked (fused head) and plain ORPO give the same metrics and gradients."""
+chunked (fused head) and plain ORPO give the same metrics and gradients, and so do SFT and KTO (the fused head's
+token- and row-level variants)."""
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
@@ -35,4 +37,45 @@ for chunk in (5, 64):
     worst = max([worst] + [((g1[n] - g0[n]).norm() / g0[n].norm()).item() for n in g0])
     mworst = max([mworst] + [abs(m1[k] - m0[k]) / max(abs(m0[k]), 1e-3) for k in m0])
 print(f"RESULT {worst} {mworst}", flush=True)
+
+
+def sharded_grads(loss_fn, batch, **kwargs):
+    """(loss, full gradients) of one backward through a model sharded per layer and at the root."""
+    model = tiny_model(tie_word_embeddings=False)
+    loss_fn.prepare_model(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    out = loss_fn(model, batch, **kwargs)
+    total = out.normalized({u: float(c) for u, c in loss_fn.counts(batch).items()})
+    total.backward()
+    return total.item(), {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+
+
+def worst_of(a, b):
+    (la, ga), (lb, gb) = a, b
+    return max([abs(la - lb) / max(abs(lb), 1e-3)] + [((ga[n] - gb[n]).norm() / gb[n].norm()).item() for n in gb])
+
+
+# SFT and KTO on the fused head (token- and row-level variants) against their plain paths, sharded the same way
+from alignkit_kto import KTOConfig, KTOLoss  # noqa: E402
+from alignkit_sft import SFTConfig, SFTLoss  # noqa: E402
+from test_kto import ROWS, batch_of  # noqa: E402
+
+ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(rank))
+mask = torch.ones_like(ids)
+mask[0, 6:] = 0
+labels = ids.masked_fill(mask == 0, -100)
+labels[:, :3] = -100
+sft_batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+sft = [sharded_grads(SFTLoss(SFTConfig(loss_implementation=impl, logits_chunk_size=4)), sft_batch)
+       for impl in ("chunked", "plain")]
+kto_batch = batch_of(ROWS)
+kto = []
+for impl in ("chunked", "plain"):
+    loss_fn = KTOLoss(KTOConfig(beta=0.3, loss_implementation=impl, logits_chunk_size=3))
+    with torch.no_grad():
+        ref = loss_fn.reference(tiny_model(seed=5), kto_batch)
+    kto.append(sharded_grads(loss_fn, kto_batch, ref=ref))
+print(f"RESULT_TOKEN_ROW {worst_of(*sft)} {worst_of(*kto)}", flush=True)
 dist.destroy_process_group()
