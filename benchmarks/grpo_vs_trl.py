@@ -172,7 +172,7 @@ def main() -> int:
     (HERE / "grpo-vs-trl.md").write_text(
         f"# GRPO: alignkit vs TRL {__import__('trl').__version__} GRPOTrainer on this CPU\n\n"
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --steps {args.steps}`\n\n"
-        f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}. Date: {date.today()}.\n\n"
+        f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}. Date: {date.today()}.\n\n"
         + __doc__.split("\n\n")[1].replace("\n", " ") + "\n\n" + table + "\n")
     return 0
 
