@@ -153,6 +153,34 @@ def _plan(positions_per_group: list[int], chunk_size: int) -> list[list[int]]:
     return plan
 
 
+def _chunk_logits(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, grad: bool, temperature: float = 1.0):
+    """(a fresh leaf of the chunk's hidden states, its logits / temperature, log p(target)); with grad, the graph."""
+    h = hidden_NH.detach().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        logits = at_least_fp32(head.logits(h))
+        if temperature != 1.0:
+            logits = logits / temperature
+        lp = logits.gather(-1, targets_N[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return h, logits, lp
+
+
+def _add_grads(outputs, h, params, positions, d_hidden, d_params, grad_outputs=None) -> None:
+    """Accumulate d(outputs)/d(hidden at `positions`) and d(outputs)/d(params) into the running gradients."""
+    grads = torch.autograd.grad(outputs, [h, *params], grad_outputs, allow_unused=True)
+    d_hidden[positions] = grads[0].to(d_hidden.dtype)
+    for acc, g in zip(d_params, grads[1:]):
+        if g is not None:
+            acc += g
+
+
+def _gradients(head: LMHead, hidden_NH: torch.Tensor):
+    """(trainable head parameters, whether gradients are wanted, zeroed hidden and parameter gradients)."""
+    params = [p for p in head.module.parameters() if p.requires_grad]
+    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or bool(params))
+    d_hidden = torch.zeros_like(hidden_NH) if grad else None
+    return params, grad, d_hidden, [torch.zeros_like(p, dtype=torch.float32) for p in params] if grad else []
+
+
 def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int, term=None,
                       stats=None, temperature: float = 1.0):
     """A token-level loss on the fused head: (its summed term, log p(target) [N] without gradient, and
@@ -165,55 +193,27 @@ def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Te
     them by its incoming gradient: the head's [chunk, vocab] product runs once and its logits are freed at once.
     Logits are divided by `temperature` (a sampler's). Without gradient (evaluation) it is a plain chunked pass."""
     term = term or (lambda logps, positions: -logps.sum())
-    params = [p for p in head.module.parameters() if p.requires_grad]
-    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or bool(params))
+    params, grad, d_hidden, d_params = _gradients(head, hidden_NH)
     total = hidden_NH.new_zeros((), dtype=torch.float32)
-    d_hidden = torch.zeros_like(hidden_NH) if grad else None
-    d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params] if grad else []
     logps, parts = [], []
     for start in range(0, hidden_NH.shape[0], chunk_size):
         positions = slice(start, start + chunk_size)
-        h = hidden_NH[positions].detach().requires_grad_(grad)
-        t = targets_N[positions]
+        h, logits, lp = _chunk_logits(head, hidden_NH[positions], targets_N[positions], grad, temperature)
         with torch.set_grad_enabled(grad):
-            logits = at_least_fp32(head.logits(h))
-            if temperature != 1.0:
-                logits = logits / temperature
-            lp = logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
             value = term(lp, positions)
         if grad and value.requires_grad:
-            grads = torch.autograd.grad(value, [h, *params], allow_unused=True)
-            d_hidden[positions] = grads[0].to(d_hidden.dtype)
-            for acc, g in zip(d_params, grads[1:]):
-                if g is not None:
-                    acc += g
+            _add_grads(value, h, params, positions, d_hidden, d_params)
         total = total + value.detach()
         logps.append(lp.detach())
         if stats is not None:
             with torch.no_grad():
-                parts.append(stats(logits.detach(), t))
+                parts.append(stats(logits.detach(), targets_N[positions]))
         del logits
     extra = tuple(torch.cat(x) for x in zip(*parts)) if parts else ()
     logps_N = torch.cat(logps) if logps else hidden_NH.new_zeros(0, dtype=torch.float32)
     if grad:
-        total = _FusedNLL.apply(total, d_hidden, d_params, hidden_NH, *params)
+        total = _Precomputed.apply(total, d_hidden, d_params, hidden_NH, *params)
     return total, logps_N, extra
-
-
-class _FusedNLL(torch.autograd.Function):
-    """Returns a token-level term's sum; the backward hands back the gradients computed in the forward, scaled."""
-
-    @staticmethod
-    def forward(ctx, total, d_hidden, d_params, hidden_NH, *params):
-        ctx.dtypes = [p.dtype for p in params]
-        ctx.save_for_backward(d_hidden, *d_params)
-        return total.clone()
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        d_hidden, *d_params = ctx.saved_tensors
-        return (None, None, None, d_hidden * grad_total.to(d_hidden.dtype),
-                *[(d * grad_total).to(dtype) for d, dtype in zip(d_params, ctx.dtypes)])
 
 
 def fused_row_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int,
@@ -226,60 +226,61 @@ def fused_row_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tens
     (e.g. a reference's log-probs); the sum of row terms, so whole rows run chunk by chunk and the head's
     gradients are computed in the forward. A row over `chunk_size` positions runs its head twice (a pass
     without gradient for the row's sum, then one sub-chunk at a time with gradient), as checkpointing would."""
-    params = [p for p in head.module.parameters() if p.requires_grad]
-    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or bool(params))
+    params, grad, d_hidden, d_params = _gradients(head, hidden_NH)
     counts = torch.bincount(rows_N, minlength=n_rows).tolist()
     row_logps = hidden_NH.new_zeros(n_rows, dtype=torch.float32)
     total = hidden_NH.new_zeros((), dtype=torch.float32)
-    d_hidden = torch.zeros_like(hidden_NH) if grad else None
-    d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params] if grad else []
     parts, start = [], 0
 
-    def head_logps(positions, with_grad, keep_stats=True):
-        h = hidden_NH[positions].detach().requires_grad_(with_grad)
-        with torch.set_grad_enabled(with_grad):
-            logits = at_least_fp32(head.logits(h))
-            t = targets_N[positions]
-            lp = logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    def chunk(positions, with_grad, keep_stats=True):
+        h, logits, lp = _chunk_logits(head, hidden_NH[positions], targets_N[positions], with_grad)
         if stats is not None and keep_stats:
             with torch.no_grad():
-                parts.append(stats(logits.detach(), t))
+                parts.append(stats(logits.detach(), targets_N[positions]))
         return h, lp
-
-    def add_grads(outputs, inputs_h, positions, grad_outputs=None):
-        grads = torch.autograd.grad(outputs, [inputs_h, *params], grad_outputs, allow_unused=True)
-        d_hidden[positions] = grads[0].to(d_hidden.dtype)
-        for acc, g in zip(d_params, grads[1:]):
-            if g is not None:
-                acc += g
 
     for rows in _plan(counts, chunk_size):
         size = sum(counts[r] for r in rows)
         positions, rows_t = slice(start, start + size), torch.tensor(rows, device=rows_N.device)
-        local = rows_N[positions] - rows[0]
         if size <= chunk_size or len(rows) > 1:  # whole rows in one pass
-            h, lp = head_logps(positions, grad)
+            h, lp = chunk(positions, grad)
             with torch.set_grad_enabled(grad):
-                sums = lp.new_zeros(len(rows)).index_add(0, local, lp)
+                sums = lp.new_zeros(len(rows)).index_add(0, rows_N[positions] - rows[0], lp)
                 value = term(sums, rows_t)
             if grad and value.requires_grad:
-                add_grads(value, h, positions)
+                _add_grads(value, h, params, positions, d_hidden, d_params)
         else:  # one row longer than a chunk: its sum first (its stats taken there), then sub-chunks with d(term)/d(sum)
             subs = [slice(s, min(s + chunk_size, start + size)) for s in range(start, start + size, chunk_size)]
             with torch.no_grad():
-                sums = sum(head_logps(sub, False)[1].sum() for sub in subs).reshape(1)
+                sums = sum(chunk(sub, False)[1].sum() for sub in subs).reshape(1)
             leaf = sums.requires_grad_(grad)
             with torch.set_grad_enabled(grad):
                 value = term(leaf, rows_t)
             if grad and value.requires_grad:
                 g = torch.autograd.grad(value, leaf)[0]
                 for sub in subs:
-                    h, lp = head_logps(sub, True, keep_stats=False)
-                    add_grads(lp, h, sub, g.expand_as(lp))
+                    h, lp = chunk(sub, True, keep_stats=False)
+                    _add_grads(lp, h, params, sub, d_hidden, d_params, g.expand_as(lp))
         row_logps[rows_t] = sums.detach()
         total = total + value.detach()
         start += size
     extra = tuple(torch.cat(x) for x in zip(*parts)) if parts else ()
     if grad:
-        total = _FusedNLL.apply(total, d_hidden, d_params, hidden_NH, *params)
+        total = _Precomputed.apply(total, d_hidden, d_params, hidden_NH, *params)
     return total, row_logps, extra
+
+
+class _Precomputed(torch.autograd.Function):
+    """Returns a summed term; the backward hands back the gradients computed in the forward, scaled."""
+
+    @staticmethod
+    def forward(ctx, total, d_hidden, d_params, hidden_NH, *params):
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.save_for_backward(d_hidden, *d_params)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        d_hidden, *d_params = ctx.saved_tensors
+        return (None, None, None, d_hidden * grad_total.to(d_hidden.dtype),
+                *[(d * grad_total).to(dtype) for d, dtype in zip(d_params, ctx.dtypes)])

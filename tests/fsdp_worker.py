@@ -36,7 +36,9 @@ for chunk in (5, 64):
     m1, g1 = res["chunked", chunk]
     worst = max([worst] + [((g1[n] - g0[n]).norm() / g0[n].norm()).item() for n in g0])
     mworst = max([mworst] + [abs(m1[k] - m0[k]) / max(abs(m0[k]), 1e-3) for k in m0])
-print(f"RESULT {worst} {mworst}", flush=True)
+# one write per line (atomic on a pipe): print() writes the newline apart, and the two ranks' lines could interleave
+sys.stdout.write(f"RESULT {worst} {mworst}\n")
+sys.stdout.flush()
 
 
 def sharded_grads(loss_fn, batch, **kwargs):
@@ -77,5 +79,6 @@ for impl in ("chunked", "plain"):
     with torch.no_grad():
         ref = loss_fn.reference(tiny_model(seed=5), kto_batch)
     kto.append(sharded_grads(loss_fn, kto_batch, ref=ref))
-print(f"RESULT_TOKEN_ROW {worst_of(*sft)} {worst_of(*kto)}", flush=True)
+sys.stdout.write(f"RESULT_TOKEN_ROW {worst_of(*sft)} {worst_of(*kto)}\n")
+sys.stdout.flush()
 dist.destroy_process_group()
