@@ -131,16 +131,17 @@ def test_kl_is_clamped_at_zero():
 
 
 class TwoProcesses:
-    """A StepContext stand-in for one of two processes: reduce adds the other process's tensor."""
+    """A StepContext stand-in for one of two processes: the k-th reduce adds the other process's k-th tensor
+    (recorded by a first run of that process)."""
 
     def __init__(self, index, other=None):
-        self.num_processes, self.process_index, self.other, self.seen = 2, index, other, None
+        self.num_processes, self.process_index, self.other, self.seen = 2, index, other, []
 
     def reduce(self, tensor, op="sum"):
-        self.seen = tensor.detach().clone()
+        self.seen.append(tensor.detach().clone())
         if self.other is None:
             return tensor.detach().clone()
-        total = tensor.detach() + self.other
+        total = tensor.detach() + self.other[len(self.seen) - 1]
         return total / 2 if op == "mean" else total
 
 

@@ -67,14 +67,15 @@ def chunked_stats(model, head: LMHead, input_ids, attention_mask, labels, ignore
     targets_BT = labels[:, 1:]
     select_BT = targets_BT != ignore
     logps_N, means_N, entropy_N = _scored(head, hidden_BTH[:, :-1][select_BT], targets_BT[select_BT], chunk_size)
-
-    def per_row(values_N):
-        return values_N.new_zeros(select_BT.shape).masked_scatter(select_BT, values_N).sum(-1)
-
-    stats = CompletionStats(per_row(logps_N), select_BT.sum(-1))
+    stats = CompletionStats(per_row(select_BT, logps_N), select_BT.sum(-1))
     if details:
-        stats.logits_sum, stats.entropy_sum = per_row(means_N), per_row(entropy_N)
+        stats.logits_sum, stats.entropy_sum = per_row(select_BT, means_N), per_row(select_BT, entropy_N)
     return stats
+
+
+def per_row(select_BT: torch.Tensor, values_N: torch.Tensor) -> torch.Tensor:
+    """Per-row sums [B] of values at the N selected positions (row-major, as `x_BT[select_BT]` lays them out)."""
+    return values_N.new_zeros(select_BT.shape).masked_scatter(select_BT, values_N).sum(-1)
 
 
 def plain_stats(model, input_ids, attention_mask, labels, ignore: int, details: bool) -> CompletionStats:

@@ -20,7 +20,7 @@ from alignkit import ConfigError, Loss, LossOutput
 from alignkit.fusedhead import fused_row_terms
 from alignkit.lmhead import LMHead, check_head, final_hidden_states
 from alignkit.modeling import disable_dropout
-from alignkit_kto.logps import CompletionStats, chunked_stats, mean_and_entropy, plain_stats
+from alignkit_kto.logps import CompletionStats, chunked_stats, mean_and_entropy, per_row, plain_stats
 from alignkit_kto.pairing import kl_pairs
 
 log = logging.getLogger(__name__)
@@ -114,31 +114,22 @@ class KTOLoss(Loss):
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ref: dict, ctx=None) -> LossOutput:
         c = self.config
         desirable = batch["label"].bool()
+        kl, kl_sum = self._kl(model, batch, ref, ctx)
         head = self._head(model)
-        if head is not None and torch.is_grad_enabled():
-            return self._fused(model, head, batch, ref, ctx, desirable)
-        policy = self.stats(model, batch, "", details=True)
-        logratios = policy.logps - ref["logps"].to(policy.logps)
+        if head is not None and torch.is_grad_enabled():  # training on the fused head
+            total, policy = self._fused(model, head, batch, ref, desirable, kl)
+        else:
+            policy = self.stats(model, batch, "", details=True)
+            total = self._weighted(policy.logps - ref["logps"].to(policy.logps), desirable, kl)
         with torch.no_grad():
-            if c.uses_kl:
-                kl_logps = self.stats(model, kl_pairs(batch, self.config), "KL_").logps
-                local_kl = (kl_logps - ref["KL_logps"].to(kl_logps)).mean()
-            else:
-                local_kl = logratios.new_zeros(())
-            rewards = c.beta * logratios.detach()
-            n_chosen, n_rejected = desirable.sum(), (~desirable).sum()
-            # one collective: the KL estimate and this batch's reward sums and counts over all processes
-            summed = _reduce_sum(ctx, torch.stack([local_kl.float(), rewards[desirable].sum(), n_chosen.float(),
-                                                   rewards[~desirable].sum(), n_rejected.float()]))
-            processes = 1 if ctx is None else ctx.num_processes
-            kl = (summed[0] / processes).clamp(min=0) if c.uses_kl else summed.new_zeros(())
-        chosen_losses, rejected_losses = kto_losses(logratios[desirable], logratios[~desirable], kl, c.beta, c.loss_type)
-        total = c.desirable_weight * chosen_losses.sum() + c.undesirable_weight * rejected_losses.sum()
+            rewards = c.beta * (policy.logps.detach() - ref["logps"].to(policy.logps))
+            summed = torch.cat([kl_sum, _reduce_sum(ctx, torch.stack([
+                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(), (~desirable).sum().float()]))])
         return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
 
-    def _fused(self, model, head: LMHead, batch, ref: dict, ctx, desirable) -> LossOutput:
-        """Training on the fused head (alignkit.fusedhead.fused_row_terms): the KL estimate first (as TRL), then
-        the completions chunk by chunk of whole rows, each chunk's head gradients computed in the forward."""
+    def _kl(self, model, batch, ref: dict, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch KL estimate z, the summed local estimates [1]): computed first, as TRL does, without gradient,
+        averaged over processes and clamped at 0; zero for apo_zero_unpaired."""
         c = self.config
         with torch.no_grad():
             local_kl = torch.zeros((), device=batch["label"].device)
@@ -147,7 +138,17 @@ class KTOLoss(Loss):
                 local_kl = (kl_logps - ref["KL_logps"].to(kl_logps)).mean()
             kl_sum = _reduce_sum(ctx, local_kl.float().reshape(1))
             processes = 1 if ctx is None else ctx.num_processes
-            kl = (kl_sum[0] / processes).clamp(min=0) if c.uses_kl else kl_sum.new_zeros(())
+            return ((kl_sum[0] / processes).clamp(min=0) if c.uses_kl else kl_sum.new_zeros(())), kl_sum
+
+    def _weighted(self, logratios, desirable, kl) -> torch.Tensor:
+        """The summed, weighted losses of these examples."""
+        c = self.config
+        chosen, rejected = kto_losses(logratios[desirable], logratios[~desirable], kl, c.beta, c.loss_type)
+        return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
+
+    def _fused(self, model, head: LMHead, batch, ref: dict, desirable, kl) -> tuple[torch.Tensor, CompletionStats]:
+        """(the summed loss, the policy's completion stats) on the fused head (alignkit.fusedhead.fused_row_terms):
+        whole rows chunk by chunk, each chunk's head gradients computed in the forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         self._check(model, head, ids, mask)
         _, hidden_BTH = final_hidden_states(model, ids, mask)
@@ -155,25 +156,13 @@ class KTOLoss(Loss):
         select_BT = targets_BT != self.ignore
         rows_N = torch.arange(len(ids), device=ids.device)[:, None].expand_as(select_BT)[select_BT]
         ref_logps = ref["logps"]
-
-        def term(sums, rows):
-            logratios, wanted = sums - ref_logps[rows].to(sums), desirable[rows]
-            chosen, rejected = kto_losses(logratios[wanted], logratios[~wanted], kl, c.beta, c.loss_type)
-            return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
-
-        total, logps, extra = fused_row_terms(head, hidden_BTH[:, :-1][select_BT], targets_BT[select_BT], rows_N,
-                                              len(ids), c.logits_chunk_size, term, stats=mean_and_entropy)
-
-        def per_row(values_N):
-            return values_N.new_zeros(select_BT.shape).masked_scatter(select_BT, values_N).sum(-1)
-
+        total, logps, extra = fused_row_terms(
+            head, hidden_BTH[:, :-1][select_BT], targets_BT[select_BT], rows_N, len(ids), self.config.logits_chunk_size,
+            lambda sums, rows: self._weighted(sums - ref_logps[rows].to(sums), desirable[rows], kl),
+            stats=mean_and_entropy)
         with torch.no_grad():
-            policy = CompletionStats(logps, select_BT.sum(-1), *(map(per_row, extra) if extra else
-                                                                  (logps.new_zeros(len(ids)),) * 2))
-            rewards = c.beta * (logps - ref_logps.to(logps))
-            summed = torch.cat([kl_sum, _reduce_sum(ctx, torch.stack([
-                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(), (~desirable).sum().float()]))])
-        return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
+            means, entropies = (per_row(select_BT, x) for x in extra) if extra else (logps.new_zeros(len(ids)),) * 2
+        return total, CompletionStats(logps, select_BT.sum(-1), means, entropies)
 
     def _metrics(self, policy: CompletionStats, rewards, desirable, kl, summed, ctx) -> dict:
         """TRL's metrics as exact (sum, count) pairs; `kl` and `rewards/margins` are per-batch values (already
