@@ -67,7 +67,7 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model and tokenizer.")
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...; default: transformers' choice.")
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for from_pretrained (TRL's model_init_kwargs).")
-    ref_name_or_path: str | None = Field(None, description="Reference model for losses that need one; default: a frozen copy of the policy's initial weights (with model.peft: the policy with adapters disabled).")
+    ref_name_or_path: str | None = Field(None, description="Reference model for losses that need one; default: a frozen copy of the policy's initial weights (with model.peft: the policy with adapters disabled). Used as given with model.peft too.")
     peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. model.peft.r=8.")
 
 

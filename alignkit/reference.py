@@ -13,14 +13,15 @@ PREFIX = "__ref_"
 class Reference:
     """Builds the reference once and computes the loss's reference outputs for a batch.
 
-    The reference is a frozen copy of the policy's initial weights, `model.ref_name_or_path`, or, for a
-    PEFT policy, the policy itself with its adapters disabled (no second copy)."""
+    The reference is `model.ref_name_or_path` when given (with or without LoRA on the policy), else, for a
+    PEFT policy, the policy itself with its adapters disabled (no second copy), else a frozen copy of the
+    policy's initial weights."""
 
     def __init__(self, loss, policy, config, tokenizer, accelerator) -> None:
         self.loss, self.accelerator, self.model = loss, accelerator, None
-        if not loss.needs_reference_model or hasattr(policy, "disable_adapter"):
-            return
         name = config.model.ref_name_or_path
+        if not loss.needs_reference_model or (hasattr(policy, "disable_adapter") and not name):
+            return
         if name:
             ref = load_model(config.model.model_copy(update={"name_or_path": name, "peft": None}), tokenizer,
                              config.train.seed)
