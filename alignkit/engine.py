@@ -50,7 +50,7 @@ class Engine:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         check_trackers(t.report_to)
-        preflight.check_settings(config, method)
+        preflight.check_settings(config, method, eval_given=eval_dataset is not None)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -89,6 +89,7 @@ class Engine:
                             train_dataset, eval_dataset)
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
         self.generator = None  # the generation handle of online methods (StepContext.generator)
+        self.resume_path = None  # the checkpoint train() resumes from (resume.check)
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -102,6 +103,8 @@ class Engine:
     # ---- training: setup steps, then the loop -----------------------------------------------------
 
     def train(self) -> dict[str, float]:
+        # The folder and the checkpoint are checked before any work: a refusal leaves nothing behind.
+        self.resume_path = resume.check(self)
         if isinstance(self.make_optimizer, functools.partial):  # train.optim, not an optimizer passed in
             preflight.check_trainable(self.model, self.config.train.optim)
         data = self._datasets(need_train=True)
