@@ -90,6 +90,10 @@ class Engine:
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
         self.generator = None  # the generation handle of online methods (StepContext.generator)
         self.resume_path = None  # the checkpoint train() resumes from (resume.check)
+        # the step whose evaluation a stop request cut short (saved with its checkpoint), and the step at which a
+        # resumed run redoes such an evaluation first (not repeated at the end)
+        self.eval_cut_at: int | None = None
+        self.eval_redo_at: int | None = None
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -177,6 +181,8 @@ class Engine:
         hooks.on_train_start(run=state)
         done = {"logs": {}, "eval": {}, "window": window}
         self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
+        if self.eval_redo_at is not None and eval_dl is not None:  # resumed from a stop during an evaluation
+            done["eval"] = self._evaluate_and_report(model, eval_dl)
         model.train()
         windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
@@ -208,7 +214,7 @@ class Engine:
         if act.log and done["window"].steps:
             done["logs"], done["window"] = self._reduce_window(done["window"], scheduler), Window()
             self.hooks.on_log(run=self.state, step=self.state.step, logs=done["logs"])
-        if act.evaluate and eval_dl is not None:
+        if act.evaluate and eval_dl is not None and self.eval_redo_at != self.state.step:
             done["eval"] = self._evaluate_and_report(model, eval_dl)
         if act.checkpoint and self._between_rollouts():
             self._save_checkpoint(done["window"])
@@ -398,7 +404,9 @@ class Engine:
             metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout,
                                        stop=lambda: bool(getattr(self, "_stop_signal", 0)))
         except EvalStopped:
-            log.warning("step %d: evaluation cut short by a stop request; not reported", self.state.step)
+            log.warning("step %d: evaluation cut short by a stop request; not reported (a resumed run redoes it)",
+                        self.state.step)
+            self.eval_cut_at = self.state.step
             return {}
         metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
@@ -422,7 +430,7 @@ class Engine:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
                  "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen),
-                 "environment": environment_values(self.config)}
+                 "environment": environment_values(self.config), "eval_pending": self.eval_cut_at == s.step}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler,

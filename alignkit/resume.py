@@ -187,6 +187,8 @@ def _resume(engine) -> tuple[Window, list[str]]:
     for key in ("step", "epoch_index", "batches_in_epoch"):
         setattr(state, key, saved[key])
     state.seen = dict(saved.get("seen", {}))
+    if saved.get("eval_pending"):  # a stop request cut the evaluation of this step short: redo it first
+        engine.eval_redo_at = state.step
     log.info("resumed from %s at step %d", path, state.step)
     return Window.from_state(saved["window"]), changes
 
