@@ -183,6 +183,7 @@ class Engine:
         self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
         if self.eval_redo_at is not None and eval_dl is not None:  # resumed from a stop during an evaluation
             done["eval"] = self._evaluate_and_report(model, eval_dl)
+        self._stop_if_asked(done["window"])  # asked during that evaluation: stop before the first step
         model.train()
         windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:

@@ -149,3 +149,38 @@ def test_the_guides_validate_example_refuses_lora_before_any_write(tmp_path):
     with pytest.raises(alignkit.ConfigError, match="^model.peft: method nll-full trains every weight"):
         alignkit.run("nll-full", fast(tmp_path), plugins=pm, **{"model.peft.r": 4, "data.train": "builtin:sort-sft"})
     assert tree(tmp_path) == before
+
+
+# ---- each kind of mistake, through the CLI: one line, exit 2, nothing written ---------------------------------
+
+def test_data_without_the_methods_columns_is_refused_before_any_write(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen_text": "b", "rejected": "c"}\n' * 4)
+    line = refused(tmp_path, "run", "--method", "orpo", *quick(tmp_path / "out"), f"data.train={data}",
+                   "data.eval_fraction=0.5")
+    assert "chosen" in line
+
+
+def test_a_damaged_model_folder_is_refused_before_any_write(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json")
+    line = refused(tmp_path, "run", "--method", "orpo", *quick(tmp_path / "out"), f"model.name_or_path={model}",
+                   "model.tokenizer_name_or_path=builtin:tiny")
+    assert "model.name_or_path" in line
+
+
+def test_a_damaged_named_checkpoint_is_refused_before_any_write(tmp_path):
+    line = refused(tmp_path, "run", "--method", "orpo", *quick(tmp_path / "out"),
+                   f"train.resume_from_checkpoint={tmp_path / 'nowhere'}")
+    assert "cannot be resumed: no such folder" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_into_a_folder_in_use_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["-q", "run", "--method", "orpo", *quick(out), "train.max_steps=2",
+                                    "train.save_steps=1"]).exit_code == 0
+    line = refused(tmp_path, "run", "--method", "orpo", *quick(out), "train.max_steps=2", "train.save_steps=1",
+                   "train.resume_from_checkpoint=auto", "train.seed=7")
+    assert "train.seed" in line

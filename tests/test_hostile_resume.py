@@ -6,13 +6,17 @@ import json
 import logging
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from test_reliability_signals import logged, slow, start, wait_until  # noqa: F401 (the slow-eval plugin fixture)
+from test_reliability_signals import SLOW, logged, wait_until
 
 import alignkit
 from alignkit import checkpoint
 from helpers import fast, read_jsonl
+from test_registry import install_fake_dist
 
 DAMAGE = {
     "a list": [],
@@ -95,18 +99,42 @@ def test_a_checkpoint_past_the_runs_max_steps_is_refused_before_any_write(pm, tm
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
 
 
-@pytest.mark.slow  # two launches of the CLI, about 50 s
-def test_a_sigterm_during_a_mid_run_evaluation_is_redone_after_resume(slow):  # noqa: F811
-    args = ["train.max_steps=4", "train.eval_steps=2", "train.save_steps=null", "data.max_eval_samples=12"]
-    proc = start(slow, *args)
-    wait_until(logged(slow / "out", 2), proc)  # the step-2 row is written just before the 3.6 s evaluation
+#: the signal tests' slow-eval plugin, marking each eval batch in the file $EVAL_MARK (to signal during one)
+MARKED = SLOW.replace("time.sleep(0.3)", "time.sleep(0.3); open(os.environ['EVAL_MARK'], 'a').write('x')")
+
+
+@pytest.fixture
+def marked(tmp_path):
+    install_fake_dist(tmp_path, "alignkit-sloweval", "sloweval", "alignkit_sloweval_mod", MARKED)
+    return tmp_path
+
+
+def start(root: Path, *extra):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(root),
+           "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-sloweval", "EVAL_MARK": str(root / "eval-batches")}
+    cmd = [sys.executable, "-m", "alignkit", "-q", "run", "--method", "slow-orpo", f"train.output_dir={root / 'out'}",
+           "data.train=builtin:sort", "data.eval=builtin:sort", "data.max_train_samples=16", "data.max_eval_samples=12",
+           "train.per_device_eval_batch_size=1", "train.per_device_train_batch_size=4", "train.logging_steps=1",
+           "train.disable_tqdm=true", "train.plots=false", "train.max_steps=4", "train.save_steps=null", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow  # two launches of the CLI each, about 50 s
+@pytest.mark.parametrize("when", ["mid-run", "at start"])
+def test_a_sigterm_during_an_evaluation_is_redone_after_resume(marked, when):
+    args = ["train.eval_steps=2", f"train.eval_on_start={str(when == 'at start').lower()}"]
+    step = 2 if when == "mid-run" else 0
+    proc = start(marked, *args)
+    if when == "mid-run":
+        wait_until(logged(marked / "out", 2), proc)  # the step-2 row is written just before the 3.6 s evaluation
+    wait_until((marked / "eval-batches").exists, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    assert "alignkit: stopped: SIGTERM at step 2: checkpoint saved in" in err
-    resumed = start(slow, *args, "train.resume_from_checkpoint=auto")
+    assert f"alignkit: stopped: SIGTERM at step {step}: checkpoint saved in" in err
+    resumed = start(marked, *args, "train.resume_from_checkpoint=auto")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    rows = read_jsonl(slow / "out" / "metrics.jsonl")
-    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]  # the cut evaluation at step 2 is not lost
+    rows = read_jsonl(marked / "out" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval_loss" in r] == ([0] if step == 0 else []) + [2, 4]  # none lost
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
