@@ -91,9 +91,9 @@ def state_problem(state) -> str | None:
             return f"its {STATE_FILE} has {key} {json.dumps(value)}, not a count"
     if state["step"] > state["max_steps"]:
         return f"its {STATE_FILE} has step {state['step']}, past its max_steps {state['max_steps']}"
-    window = state["window"]
-    if not isinstance(window, dict) or not all(
-            isinstance(window.get(k), int | float) and not isinstance(window.get(k), bool) for k in _WINDOW_NUMBERS):
+    window = state["window"]  # older versions wrote fewer sums: those present must be numbers
+    if not isinstance(window, dict) or not isinstance(window.get("metrics", {}), dict) or not all(
+            isinstance(window[k], int | float) and not isinstance(window[k], bool) for k in _WINDOW_NUMBERS if k in window):
         return f"its {STATE_FILE} has a damaged window (the sums since the last log)"
     for key in ("seen", "environment"):
         if not isinstance(state.get(key, {}), dict):
