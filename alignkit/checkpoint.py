@@ -67,7 +67,43 @@ def verify(folder: Path) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
         if _sha256(path) != want["sha256"]:
             return f"{name} differs from what was written"
+    try:
+        return state_problem(read_state(folder))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"its {STATE_FILE} is not valid JSON"
+
+
+#: what alignkit_state.json must hold: a non-negative integer step and data position, the run's length, the window
+_STATE_INTS = ("step", "epoch_index", "batches_in_epoch", "max_steps")
+_WINDOW_NUMBERS = ("loss", "grad_norm", "steps", "micro_batches")
+
+
+def state_problem(state) -> str | None:
+    """None if `state` (alignkit_state.json, parsed) can be resumed from, else what is wrong with it."""
+    if not isinstance(state, dict):
+        return f"its {STATE_FILE} holds {type(state).__name__ if state is not None else 'null'}, not an object"
+    missing = [k for k in (*_STATE_INTS, "window") if k not in state]
+    if missing:
+        return f"its {STATE_FILE} lacks {', '.join(missing)}"
+    for key in _STATE_INTS:
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"its {STATE_FILE} has {key} {json.dumps(value)}, not a count"
+    if state["step"] > state["max_steps"]:
+        return f"its {STATE_FILE} has step {state['step']}, past its max_steps {state['max_steps']}"
+    window = state["window"]  # older versions wrote fewer sums: those present must be numbers
+    if not isinstance(window, dict) or not isinstance(window.get("metrics", {}), dict) or not all(
+            isinstance(window[k], int | float) and not isinstance(window[k], bool) for k in _WINDOW_NUMBERS if k in window):
+        return f"its {STATE_FILE} has a damaged window (the sums since the last log)"
+    for key in ("seen", "environment"):
+        if not isinstance(state.get(key, {}), dict):
+            return f"its {STATE_FILE} has {key} {json.dumps(state[key])}, not an object"
     return None
+
+
+def read_state(folder: Path) -> dict:
+    """alignkit_state.json of a verified checkpoint."""
+    return json.loads((folder / STATE_FILE).read_text())
 
 
 def checkpoints(root: Path) -> list[Path]:

@@ -50,7 +50,7 @@ class Engine:
         self.config, self.method, self.pm = config, method, pm
         t = config.train
         check_trackers(t.report_to)
-        preflight.check_settings(config, method)
+        preflight.check_settings(config, method, eval_given=eval_dataset is not None)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -89,6 +89,11 @@ class Engine:
                             train_dataset, eval_dataset)
         self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
         self.generator = None  # the generation handle of online methods (StepContext.generator)
+        self.resume_path = None  # the checkpoint train() resumes from (resume.check)
+        # the step whose evaluation a stop request cut short (saved with its checkpoint), and the step at which a
+        # resumed run redoes such an evaluation first (not repeated at the end)
+        self.eval_cut_at: int | None = None
+        self.eval_redo_at: int | None = None
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -102,6 +107,8 @@ class Engine:
     # ---- training: setup steps, then the loop -----------------------------------------------------
 
     def train(self) -> dict[str, float]:
+        # The folder and the checkpoint are checked before any work: a refusal leaves nothing behind.
+        self.resume_path = resume.check(self)
         if isinstance(self.make_optimizer, functools.partial):  # train.optim, not an optimizer passed in
             preflight.check_trainable(self.model, self.config.train.optim)
         data = self._datasets(need_train=True)
@@ -174,6 +181,9 @@ class Engine:
         hooks.on_train_start(run=state)
         done = {"logs": {}, "eval": {}, "window": window}
         self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
+        if self.eval_redo_at is not None and eval_dl is not None:  # resumed from a stop during an evaluation
+            done["eval"] = self._evaluate_and_report(model, eval_dl)
+        self._stop_if_asked(done["window"])  # asked during that evaluation: stop before the first step
         model.train()
         windows = self.data.step_batches(train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
@@ -205,7 +215,7 @@ class Engine:
         if act.log and done["window"].steps:
             done["logs"], done["window"] = self._reduce_window(done["window"], scheduler), Window()
             self.hooks.on_log(run=self.state, step=self.state.step, logs=done["logs"])
-        if act.evaluate and eval_dl is not None:
+        if act.evaluate and eval_dl is not None and self.eval_redo_at != self.state.step:
             done["eval"] = self._evaluate_and_report(model, eval_dl)
         if act.checkpoint and self._between_rollouts():
             self._save_checkpoint(done["window"])
@@ -395,7 +405,9 @@ class Engine:
             metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout,
                                        stop=lambda: bool(getattr(self, "_stop_signal", 0)))
         except EvalStopped:
-            log.warning("step %d: evaluation cut short by a stop request; not reported", self.state.step)
+            log.warning("step %d: evaluation cut short by a stop request; not reported (a resumed run redoes it)",
+                        self.state.step)
+            self.eval_cut_at = self.state.step
             return {}
         metrics.update({f"eval_{name}": value for name, value in self._running_totals().items()})
         self.hooks.on_evaluate(run=self.state, step=self.state.step, metrics=metrics)
@@ -419,7 +431,7 @@ class Engine:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
                  "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen),
-                 "environment": environment_values(self.config)}
+                 "environment": environment_values(self.config), "eval_pending": self.eval_cut_at == s.step}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler,

@@ -1,6 +1,6 @@
 """A training method: its name, config model, data formatter and loss, as a plugin registers it."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,9 @@ class Method:
     in seconds. `progress_metrics` are the metrics the progress bar shows besides the loss.
     `rollout` (optional) is a class built once as `rollout(config, tokenizer)`; the engine calls it on each
     micro-batch of prompt rows before `counts`, the reference and the loss (online methods).
+    `validate` (optional) is called as `validate(config)` with the whole validated RunConfig before anything is
+    loaded or written; it refuses a setting the method cannot run with by raising alignkit.ConfigError (one
+    line naming the key, shown as `alignkit: error: ...`, exit code 2). See docs/writing-a-method.md.
 
     `source` and `version` (the plugin's distribution) and `plugin` (the pluggy name of the plugin that
     registered it, whose lifecycle hooks run for this method's runs) are filled in by the registry.
@@ -49,6 +52,7 @@ class Method:
     demo_defaults: Mapping[str, Any] = field(default_factory=dict)
     progress_metrics: tuple[str, ...] = ()
     rollout: Any = None
+    validate: "Callable[[Any], None] | None" = None
     source: str = ""
     version: str = ""
     plugin: str = ""
@@ -58,6 +62,9 @@ class Method:
             raise ValueError(f"method name {self.name!r} must be letters, digits, '_' or '-'")
         if not (isinstance(self.config, type) and issubclass(self.config, MethodConfig)):
             raise TypeError(f"method {self.name!r}: config must subclass alignkit.MethodConfig")
+        if self.validate is not None and not callable(self.validate):
+            raise TypeError(f"method {self.name!r}: validate must be a callable validate(config), got "
+                            f"{type(self.validate).__name__}")
         if self.demo_data is not None and self.demo_data.startswith("builtin:"):
             raise ValueError(f"method {self.name!r}: demo_data is a dataset name without 'builtin:' "
                              f"(got {self.demo_data!r})")

@@ -101,10 +101,44 @@ def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
     if isinstance(settings, peft.PeftConfig):
         config = settings
     else:
+        check_peft_targets(model, settings.target_modules, "model.peft.target_modules")
+        check_peft_targets(model, settings.modules_to_save or [], "model.peft.modules_to_save")
         config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                  target_modules=settings.target_modules, bias=settings.bias,
                                  modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    try:
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError) as e:  # peft's own refusals (NoMatchingPeftModuleError is a ValueError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.peft: {first}") from None
+
+
+def _adaptable(model: torch.nn.Module) -> list[str]:
+    """The distinct short names of the modules LoRA can adapt (linear, embedding, convolution), in model order."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    names = {n.rsplit(".", 1)[-1]: None for n, m in model.named_modules()
+             if n and (isinstance(m, kinds) or type(m).__name__ == "Conv1D")}
+    return list(names)
+
+
+def check_peft_targets(model: torch.nn.Module, targets: list[str] | str, key: str) -> None:
+    """Every name in `targets` must match a module of `model` as peft matches them (the full name or its last
+    parts; a single string is a regular expression over full names, or all-linear): peft itself refuses only
+    when nothing matches, so a typo beside a valid name would go unnoticed."""
+    import re
+
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        if targets == "all-linear" or any(re.fullmatch(targets, n) for n in names):
+            return
+        missing = [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        valid = _adaptable(model)
+        shown = ", ".join(valid[:10]) + (", ..." if len(valid) > 10 else "")
+        raise ConfigError(f"{key}: {', '.join(map(repr, missing))} names no module of the model; its adaptable "
+                          f"modules are {shown}" + (" (or all-linear)" if key.endswith("target_modules") else ""))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -6,15 +6,35 @@ import torch
 from alignkit.errors import ConfigError
 
 
-def check_settings(config, method) -> None:
-    """Before anything is loaded."""
+def check_settings(config, method, eval_given: bool = False) -> None:
+    """Before anything is loaded or written: the settings against each other and the method's own
+    `validate(config)`. `eval_given`: an eval dataset was passed in (not named by the config)."""
     t = config.train
+    d = config.data
+    if not (eval_given or d.eval is not None or d.eval_fraction is not None):
+        asked = [key for key, on in (("train.eval_steps", t.eval_steps), ("train.eval_on_start", t.eval_on_start)) if on]
+        if asked:
+            raise ConfigError(f"{' and '.join(asked)} ask for evaluation, but the run has no eval data: give data.eval="
+                              "FILE or data.eval_fraction=0.1, or remove " + " and ".join(asked))
+    validate_method(config, method)
     if t.fp16 and (t.use_cpu or not torch.accelerator.is_available()):
         raise ConfigError("train.fp16: float16 mixed precision needs a GPU and this run is on the CPU; use "
                           "train.bf16=true or neither")
     loss = method.loss if isinstance(method.loss, type) else type(method.loss)
     if config.model.ref_name_or_path and not getattr(loss, "needs_reference_model", False):
         raise ConfigError(f"model.ref_name_or_path: method {method.name} uses no reference model; remove the key")
+
+
+def validate_method(config, method) -> None:
+    """The method's own `validate(config)`: its ConfigError (or ValueError, prefixed with the method) is one line."""
+    if method.validate is None:
+        return
+    try:
+        method.validate(config)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"method {method.name}: {str(e).strip().splitlines()[0] if str(e).strip() else 'invalid'}") from None
 
 
 def check_model(config, model, tokenizer) -> None:

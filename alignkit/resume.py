@@ -149,17 +149,34 @@ def on_main(accelerator, fn):
     return box[0]
 
 
-def _resume(engine) -> tuple[Window, list[str]]:
-    spec, out, state = engine.config.train.resume_from_checkpoint, engine.output_dir, engine.state
+def check(engine) -> Path | None:
+    """Everything about the output folder and the checkpoint that can be refused before any work (nothing
+    loaded, tokenized or written): the checkpoint to resume (found, verified, its owner and config compared,
+    its step within train.max_steps), or for a fresh run the folder it would take. The checkpoint, for start()."""
+    spec, out, config = engine.config.train.resume_from_checkpoint, engine.output_dir, engine.config
     path = on_main(engine.accelerator, lambda: checkpoint.find(spec, engine.checkpoint_root)) if spec else None
     if path is None:
         if spec == "auto":
             log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", out)
-        return Window(), []
+        on_main(engine.accelerator, lambda: refuse_taken_folder(config, out))
+        return None
     own = path.resolve().parent == engine.checkpoint_root.resolve()
     if not own and rundir.has_results(out):
         raise ConfigError(f"train.resume_from_checkpoint: {path} belongs to another run than train.output_dir {out}, "
                           f"which holds a run of its own; resume into {path.parent.parent} or an empty output_dir")
+    check_config(path, config)
+    step = checkpoint.read_state(path)["step"]
+    if 0 < config.train.max_steps < step:
+        raise ConfigError(f"train.resume_from_checkpoint: {path} is at step {step}, past this run's train.max_steps="
+                          f"{config.train.max_steps}; resume with that run's settings or start a new run")
+    return path
+
+
+def _resume(engine) -> tuple[Window, list[str]]:
+    state = engine.state
+    path = engine.resume_path  # found and checked by check() before any work
+    if path is None:
+        return Window(), []
     changes = check_config(path, engine.config)
     saved = checkpoint.load(engine.accelerator, path, engine._scheduler)
     check_environment(path, saved.get("environment", {}), engine.config)
@@ -170,8 +187,28 @@ def _resume(engine) -> tuple[Window, list[str]]:
     for key in ("step", "epoch_index", "batches_in_epoch"):
         setattr(state, key, saved[key])
     state.seen = dict(saved.get("seen", {}))
+    if saved.get("eval_pending"):  # a stop request cut the evaluation of this step short: redo it first
+        engine.eval_redo_at = state.step
     log.info("resumed from %s at step %d", path, state.step)
     return Window.from_state(saved["window"]), changes
+
+
+def refuse_taken_folder(config: RunConfig, out: Path) -> None:
+    """Refuse, writing nothing, a fresh run in a folder holding another run's results (checked before any work
+    by check(), and again when the folder is taken)."""
+    saved = out / "config.yaml"
+    if not rundir.has_results(out):
+        return
+    if not config.train.overwrite_output_dir:  # the same config again too: its model or checkpoints stay
+        same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
+        what = "an earlier run of this same config" if same else "another run"
+        raise ConfigError(f"train.output_dir: {out} is not empty and holds {what}; continue it with "
+                          "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
+                          "or choose another output_dir")
+    if not (saved.is_file() or (out / "checkpoints").is_dir()):
+        raise ConfigError(f"train.overwrite_output_dir: {out} holds files alignkit did not write "
+                          f"({', '.join(p.name for p in rundir.entries(out)[:5])}); it replaces only an "
+                          "alignkit run's folder: choose another output_dir")
 
 
 def _take_folder(engine, changes: list[str]) -> None:
@@ -181,18 +218,8 @@ def _take_folder(engine, changes: list[str]) -> None:
     config_text = to_yaml(config, comments=False)
     notes = []
     if state.resumed_from is None:
-        saved = out / "config.yaml"
+        refuse_taken_folder(config, out)
         if rundir.has_results(out):
-            if not config.train.overwrite_output_dir:  # the same config again too: its model or checkpoints stay
-                same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
-                what = "an earlier run of this same config" if same else "another run"
-                raise ConfigError(f"train.output_dir: {out} is not empty and holds {what}; continue it with "
-                                  "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
-                                  "or choose another output_dir")
-            if not (saved.is_file() or (out / "checkpoints").is_dir()):
-                raise ConfigError(f"train.overwrite_output_dir: {out} holds files alignkit did not write "
-                                  f"({', '.join(p.name for p in rundir.entries(out)[:5])}); it replaces only an "
-                                  "alignkit run's folder: choose another output_dir")
             log.warning("%s: starting over; removing the previous run's files: %s", out, ", ".join(rundir.clear(out)))
         elif [p for p in rundir.entries(out) if p.name != rundir.LOCK_FILE]:
             log.warning("%s: the previous attempt left no checkpoint or model; removing its %s and starting over",

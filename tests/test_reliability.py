@@ -102,7 +102,9 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(slow, sig):
 def fake_checkpoint(root: Path, step: int, manifest: bool = True) -> Path:
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / checkpoint.STATE_FILE).write_text("{}")
+    window = {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "micro_batches": 0}
+    (path / checkpoint.STATE_FILE).write_text(json.dumps({"step": step, "epoch_index": 0, "batches_in_epoch": step,
+                                                          "max_steps": 12, "window": window}))
     (path / checkpoint.SCHEDULER_FILE).write_bytes(b"x" * 10)
     if manifest:
         checkpoint.write_manifest(path)
