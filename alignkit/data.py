@@ -155,8 +155,10 @@ def quiet_hub():
             lg.setLevel(level)
 
 
-def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tuple[datasets.Dataset, PrepareReport]:
-    """Format every row in batches; drop the rows the formatter drops; count truncated and dropped rows.
+def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None
+            ) -> tuple[datasets.Dataset, PrepareReport]:
+    """Check the split (the formatter's `check_data`, with the plugin manager `pm`), format every row in batches; drop
+    the rows the formatter drops; count truncated and dropped rows.
 
     The result is cached by datasets under the raw data's fingerprint and the formatter's: a second run on
     the same file with the same settings reads it back instead of tokenizing again.
@@ -182,6 +184,7 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
 
     from alignkit import __version__
 
+    formatter.check_data(ds, source, pm)
     n = len(ds)
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
     features = formatter.output_features()

@@ -28,6 +28,15 @@ def _fingerprint(model, steps: int) -> str:
 class GRPOFormatter(PromptOnlyFormatter):
     """`prompt` rows (standard or conversational) with every other column kept for the rewards."""
 
+    def check_data(self, dataset, source: str, pm=None) -> None:
+        """The data has every column the configured rewards read, and each reward function returns what the
+        rollout accepts (alignkit.rewards.check_data): refused here, before anything is written."""
+        from alignkit.plugins import get_plugin_manager
+        from alignkit.rewards import MODEL_PREFIX, RewardRegistry, check_data
+
+        names = [n for n in self.config.reward_funcs if not n.startswith(MODEL_PREFIX)]
+        check_data(RewardRegistry.from_plugins(pm or get_plugin_manager()).select(names), dataset, source)
+
     def prepare_model(self, model) -> None:
         """With method.sft_warmup_steps (the demo sets it): that many supervised steps on the demo task before
         RL, cached by the starting weights so a second run starts at once."""
