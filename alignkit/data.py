@@ -155,9 +155,10 @@ def quiet_hub():
             lg.setLevel(level)
 
 
-def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None
+def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None, run=None
             ) -> tuple[datasets.Dataset, PrepareReport]:
-    """Check the split (the formatter's `check_data`, with the plugin manager `pm`), format every row in batches; drop
+    """Check the split (the formatter's `check_data`, with the plugin manager `pm` and the RunConfig `run`), format
+    every row in batches; drop
     the rows the formatter drops; count truncated and dropped rows.
 
     The result is cached by datasets under the raw data's fingerprint and the formatter's: a second run on
@@ -184,7 +185,7 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None
 
     from alignkit import __version__
 
-    formatter.check_data(ds, source, pm)
+    formatter.check_data(ds, source, pm, run)
     n = len(ds)
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
     features = formatter.output_features()
@@ -197,7 +198,8 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None
         desc=f"formatting {source}", new_fingerprint=fingerprint,
     )
     if len(formatted) == 0:
-        raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter (check max_length)")
+        raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter: none has a trained "
+                        "token left after truncation (check method.max_length)")
     rows_kept = len(set(formatted[_ROW])) + sum(formatted[_MERGED])
     report = PrepareReport(kept=len(formatted), truncated=sum(formatted[_STATUS]), dropped=n - rows_kept)
     return formatted.remove_columns([_STATUS, _ROW, _MERGED]), report

@@ -65,10 +65,11 @@ class DataFormatter(ABC):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of formatted examples into a batch of tensors."""
 
-    def check_data(self, dataset: Any, source: str, pm: Any = None) -> None:  # noqa: B027 (optional)
-        """Called once with each raw split (a datasets.Dataset) before it is formatted, with the run's plugin manager:
-        checks that span rows or need other plugins' parts (e.g. the columns a reward reads); raise a DataError
-        naming `source`. Default: nothing."""
+    def check_data(self, dataset: Any, source: str, pm: Any = None, run: Any = None) -> None:  # noqa: B027
+        """Called once with each raw split (a datasets.Dataset) before it is formatted, with the run's plugin manager
+        and RunConfig (None where there is no run, as in `alignkit format`): checks that span rows, need other
+        plugins' parts (e.g. the columns a reward reads) or other sections (the batch size); raise a DataError
+        naming `source` or a ConfigError naming the key. Default: nothing."""
 
     def format_batch(self, examples: list[dict[str, Any]]) -> list["Formatted | list[Formatted] | Exception"]:
         """`format` over many rows, in order: one result per row, a Formatted, a list of them, or the

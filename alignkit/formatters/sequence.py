@@ -148,7 +148,8 @@ class SequenceFormatter(DataFormatter):
         if not c.packing:
             ids, truncated = truncate(ids, c.max_length, c.truncation_mode)
             labels, _ = truncate(labels, c.max_length, c.truncation_mode)
-        if all(label == c.label_pad_token_id for label in labels[1:]):
+        kept = labels[1:c.max_length] if c.packing else labels[1:]  # packing keeps an example's first max_length
+        if all(label == c.label_pad_token_id for label in kept):
             raise DropExample("no trained token left")
         return Formatted({"input_ids": ids, "labels": labels}, truncated)
 

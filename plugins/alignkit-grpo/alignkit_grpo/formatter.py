@@ -28,7 +28,7 @@ def _fingerprint(model, steps: int) -> str:
 class GRPOFormatter(PromptOnlyFormatter):
     """`prompt` rows (standard or conversational) with every other column kept for the rewards."""
 
-    def check_data(self, dataset, source: str, pm=None) -> None:
+    def check_data(self, dataset, source: str, pm=None, run=None) -> None:
         """The data has every column the configured rewards read, and each reward function returns what the
         rollout accepts (alignkit.rewards.check_data): refused here, before anything is written."""
         from alignkit.plugins import get_plugin_manager
