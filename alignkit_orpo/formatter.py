@@ -50,7 +50,7 @@ class PreferenceFormatter(DataFormatter):
 
     def texts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         """The prompt, chosen and rejected strings, with the chat template applied where needed."""
-        needs = "ORPO needs 'chosen' and 'rejected' (and optionally 'prompt')"
+        needs = "preference rows need 'chosen' and 'rejected' (and optionally 'prompt')"
         chosen, rejected = column(example, "chosen", needs), column(example, "rejected", needs)
         same_format(("chosen", chosen), ("rejected", rejected))
         prompt = example.get("prompt")

@@ -46,15 +46,17 @@ def test_kto_batch_pairing_needs_two_rows_per_micro_batch(tmp_path):
 
 @pytest.mark.parametrize("method, row, message", [
     ("orpo", {"prompt": "p", "choosen": " a", "rejeted": " b"},
-     "row 0: missing column 'chosen' (the row has 'choosen', 'prompt', 'rejeted'; 'choosen' looks like 'chosen', "
-     "'rejeted' like 'rejected'); preference rows need 'chosen' and 'rejected' (and optionally 'prompt')"),
+     "row 0: missing column 'chosen'; preference rows need 'chosen' and 'rejected' (and optionally 'prompt'); the "
+     "row has 'choosen', 'prompt', 'rejeted' ('choosen' looks like 'chosen', 'rejeted' like 'rejected')"),
     ("dpo", {"prompt": "p", "Chosen": " a", "Rejected": " b"},
-     "missing column 'chosen' (the row has 'Chosen', 'Rejected', 'prompt'; 'Chosen' looks like 'chosen', 'Rejected' "
-     "like 'rejected')"),
+     "missing column 'chosen'; preference rows need 'chosen' and 'rejected' (and optionally 'prompt'); the row has "
+     "'Chosen', 'Rejected', 'prompt' ('Chosen' looks like 'chosen', 'Rejected' like 'rejected')"),
     ("kto", {"prompt": "p", "choosen": " a", "rejected": " b"},
-     "missing column 'chosen' (the row has 'choosen', 'prompt', 'rejected'; 'choosen' looks like 'chosen')"),
+     "missing column 'chosen'; expected 'prompt', 'completion' and 'label' (or paired 'chosen' and 'rejected', "
+     "optionally with 'prompt'); the row has 'choosen', 'prompt', 'rejected' ('choosen' looks like 'chosen')"),
     ("sft", {"prompt": "p", "completions": " a"},
-     "missing column 'completion' (the row has 'completions', 'prompt'; 'completions' looks like 'completion')"),
+     "missing column 'completion'; prompt-completion rows need 'prompt' and 'completion'; the row has 'completions', "
+     "'prompt' ('completions' looks like 'completion')"),
 ])
 def test_misspelled_columns_are_named(tmp_path, method, row, message):
     data = write_jsonl(tmp_path / "d.jsonl", [row] * 3)

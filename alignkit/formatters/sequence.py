@@ -103,7 +103,8 @@ class SequenceFormatter(DataFormatter):
             self._no_assistant_only()
             ids = self._standard.texts([with_eos_text(value, self.tokenizer.eos_token)])[0]
             return ids, [1] * len(ids)
-        prompt, completion = column(example, "prompt"), column(example, "completion")
+        needs = "prompt-completion rows need 'prompt' and 'completion'"
+        prompt, completion = column(example, "prompt", needs), column(example, "completion", needs)
         conversational = same_format(("prompt", prompt), ("completion", completion))
         if conversational:
             full_ids, mask, n = self._conversation_pair(prompt, completion)
