@@ -75,6 +75,23 @@ def same_format(*named: tuple[str, Any]) -> bool:
     return not kinds.pop()
 
 
+def given_prompt(example: dict[str, Any], name: str, value: Any) -> Any:
+    """The row's explicit `prompt`, or None when the row has no `prompt` column (an implicit prompt); a DataError when
+    it is null or not in the format of the column `name` (whose value is `value`)."""
+    if "prompt" not in example:
+        return None
+    prompt = example["prompt"]
+    if prompt is None:
+        raise DataError(f"'prompt' is null; give the prompt, or leave the column out (the prompt is then the common "
+                        f"start of '{name}' and the other completion)")
+    if isinstance(prompt, str) != isinstance(value, str):
+        def kind(v):
+            return "a string" if isinstance(v, str) else "a conversation" if isinstance(v, list) else type(v).__name__
+        raise DataError(f"'prompt' is {kind(prompt)} but '{name}' {kind(value)}; a row's columns must all be strings "
+                        "or all be conversations")
+    return prompt
+
+
 def common_prefix(*texts: str) -> str:
     """The longest common prefix of strings (or lists). Bisects on slice equality: fast on huge rows."""
     lo, hi = 0, min(len(t) for t in texts)
