@@ -96,6 +96,12 @@ class DataFormatter(ABC):
         features = self.output_features()
         return infer_token_fields(features) if features is not None else None
 
+    def describe(self, features: dict[str, Any]) -> list[str]:
+        """Lines `alignkit format` shows for an example besides its tokens: by default each scalar feature (a bool
+        or number, e.g. a label) as `name: value`."""
+        return [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in features.items()
+                if isinstance(v, (bool, int, float))]
+
     def length(self, features: dict[str, Any]) -> int:
         """The tokens an example costs in a batch (for train.group_by_length): by default its longest list."""
         return max((len(v) for v in features.values() if isinstance(v, list)), default=0)

@@ -133,6 +133,9 @@ class UnpairedPreferenceFormatter(DataFormatter):
     def token_fields(self) -> list[tuple[str, str | None]]:
         return [("completion_input_ids", "completion_labels"), ("KL_completion_input_ids", "KL_completion_labels")]
 
+    def describe(self, features: dict[str, Any]) -> list[str]:
+        return [f"label: {'true (desirable)' if features['label'] else 'false (undesirable)'}"]
+
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids`, `attention_mask`, `labels` of the completions, the same with a `KL_` prefix for
         the mismatched pairs, and `label` (bool tensor)."""
