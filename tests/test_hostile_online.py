@@ -84,3 +84,39 @@ def test_score_names_the_reward_when_it_breaks_during_training():
         score([("s", sometimes)], ["p"], ["x"], {})
     with pytest.raises(AlignkitError, match=r"reward 'k' reads column 'gold', which the data lacks; it has: 'answer', 'prompt'"):
         score([("k", lambda prompts, completions, **kw: kw["gold"])], ["p"], ["x"], {"answer": ["1"]})
+
+
+def test_the_warmup_cache_is_keyed_by_code_and_version(tmp_path, monkeypatch):
+    """A cache left by another version (or by this one before its key covered code and version) is not reused."""
+    import hashlib
+
+    import torch
+    from alignkit_grpo import GRPOConfig, GRPOFormatter
+    from alignkit_grpo import formatter as grpo_formatter
+    from safetensors.torch import save_file
+
+    from alignkit.testing import tiny_model, tiny_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "alignkit" / "grpo-warmup"
+    assert "$XDG_CACHE_HOME/alignkit/grpo-warmup" in GRPOConfig.model_fields["sft_warmup_steps"].description
+    calls = []
+    real = grpo_formatter.sft_warmup
+    monkeypatch.setattr(grpo_formatter, "sft_warmup", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    cfg = alignkit.get_method("grpo").config(sft_warmup_steps=2)
+    # the key the previous version used (class name, steps, weights): a stale cache there must not be loaded
+    model = tiny_model()
+    h = hashlib.sha256(f"{type(model).__name__}:2".encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    folder.mkdir(parents=True)
+    save_file({k: torch.zeros_like(v).contiguous() for k, v in model.state_dict().items()},
+              str(folder / f"{h.hexdigest()[:16]}.safetensors"))
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(model)
+    assert calls == [1] and any(p.abs().sum() > 0 for p in model.state_dict().values())
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(tiny_model())
+    assert calls == [1]  # the same version and code: loaded from the cache
+    monkeypatch.setattr(alignkit, "__version__", "0.0.0-other")
+    GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(tiny_model())
+    assert calls == [1, 1]  # another version: trained again, not the other version's cache
