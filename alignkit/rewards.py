@@ -132,6 +132,12 @@ def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, prob
     """Before training: every column each reward reads is in `dataset` (prompt rows), and each reward function (not
     a reward model) returns what `score` accepts for the first `probe` rows with empty completions. A DataError
     naming the data and the reward otherwise."""
+    for name, fn in functions:
+        for column in columns_read(fn):
+            feature = dataset.features.get(column)
+            if getattr(feature, "dtype", None) == "null":  # datasets' type of a column that is null in every row
+                raise DataError(f"{source}: reward {name!r} reads column {column!r}, which is null in every row; fill "
+                                "it in, or choose other method.reward_funcs")
     rows = dataset.select(range(min(probe, len(dataset))))[:]
     prompts = rows.pop("prompt", [""] * len(next(iter(rows.values()), [])))
     for name, fn in functions:

@@ -120,3 +120,10 @@ def test_the_warmup_cache_is_keyed_by_code_and_version(tmp_path, monkeypatch):
     monkeypatch.setattr(alignkit, "__version__", "0.0.0-other")
     GRPOFormatter(cfg, tiny_tokenizer()).prepare_model(tiny_model())
     assert calls == [1, 1]  # another version: trained again, not the other version's cache
+
+
+def test_an_answer_column_null_in_every_row_is_refused(tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", [{**row, "answer": None} for row in PROMPTS])
+    line = refused("run", "-m", "grpo", f"train.output_dir={tmp_path / 'out'}", f"data.train={data}",
+                   "method.reward_funcs=[exact-match]", *SMALL, written=tmp_path / "out")
+    assert "reward 'exact-match' reads column 'answer', which is null in every row" in line, line
