@@ -36,6 +36,14 @@ class PrepareReport:
 BUILTIN_SPLITS = ("train", "test")
 
 
+def cache_dir(*parts: str) -> Path:
+    """alignkit's own cache folder ($XDG_CACHE_HOME/alignkit, by default ~/.cache/alignkit), or a folder in it: every
+    file alignkit caches goes here, never next to the user's data."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "alignkit", *parts)
+
+
 def load_data(spec: str, split: str, builtins: Mapping[str, tuple[Callable, str]] | None = None) -> datasets.Dataset:
     """Load `spec`: `builtin:NAME`, a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub name.
 
@@ -155,8 +163,11 @@ def quiet_hub():
             lg.setLevel(level)
 
 
-def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tuple[datasets.Dataset, PrepareReport]:
-    """Format every row in batches; drop the rows the formatter drops; count truncated and dropped rows.
+def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None, run=None
+            ) -> tuple[datasets.Dataset, PrepareReport]:
+    """Check the split (the formatter's `check_data`, with the plugin manager `pm` and the RunConfig `run`), format
+    every row in batches; drop
+    the rows the formatter drops; count truncated and dropped rows.
 
     The result is cached by datasets under the raw data's fingerprint and the formatter's: a second run on
     the same file with the same settings reads it back instead of tokenizing again.
@@ -182,19 +193,26 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str) -> tupl
 
     from alignkit import __version__
 
+    formatter.check_data(ds, source, pm, run)
     n = len(ds)
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))
     features = formatter.output_features()
     if features is not None:
         features = datasets.Features({**features, _STATUS: datasets.Value("bool"), _ROW: datasets.Value("int64"),
                                       _MERGED: datasets.Value("int64")})
+    cache = None
+    if ds.cache_files:  # datasets would write its cache next to the data (a save_to_disk folder: the user's own)
+        cache = cache_dir("formatted") / f"cache-{fingerprint}.arrow"
+        cache.parent.mkdir(parents=True, exist_ok=True)
     formatted = ds.map(
         format_batch, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
+        cache_file_name=None if cache is None else str(cache),
         num_proc=formatter.num_proc if formatter.num_proc and formatter.num_proc > 1 else None,
         desc=f"formatting {source}", new_fingerprint=fingerprint,
     )
     if len(formatted) == 0:
-        raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter (check max_length)")
+        raise DataError(f"{source}: every one of the {n} examples was dropped by the formatter: none has a trained "
+                        "token left after truncation (check method.max_length)")
     rows_kept = len(set(formatted[_ROW])) + sum(formatted[_MERGED])
     report = PrepareReport(kept=len(formatted), truncated=sum(formatted[_STATUS]), dropped=n - rows_kept)
     return formatted.remove_columns([_STATUS, _ROW, _MERGED]), report
@@ -208,7 +226,13 @@ def load_splits(train: str, train_split: str, eval: str | None, eval_split: str,
     if eval is not None:
         return train_ds, load_data(eval, eval_split, builtins)
     if eval_fraction is not None:
-        split = train_ds.train_test_split(test_size=eval_fraction, seed=seed)
+        names = {}
+        if train_ds.cache_files:  # datasets would write the index files next to the data (the user's folder)
+            folder = cache_dir("splits")
+            folder.mkdir(parents=True, exist_ok=True)
+            key = Hasher.hash((train_ds._fingerprint, eval_fraction, seed))
+            names = {f"{s}_indices_cache_file_name": str(folder / f"cache-{key}-{s}.arrow") for s in ("train", "test")}
+        split = train_ds.train_test_split(test_size=eval_fraction, seed=seed, **names)
         return split["train"], split["test"]
     return train_ds, None
 

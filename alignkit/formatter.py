@@ -65,6 +65,12 @@ class DataFormatter(ABC):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of formatted examples into a batch of tensors."""
 
+    def check_data(self, dataset: Any, source: str, pm: Any = None, run: Any = None) -> None:  # noqa: B027
+        """Called once with each raw split (a datasets.Dataset) before it is formatted, with the run's plugin manager
+        and RunConfig (None where there is no run, as in `alignkit format`): checks that span rows, need other
+        plugins' parts (e.g. the columns a reward reads) or other sections (the batch size); raise a DataError
+        naming `source` or a ConfigError naming the key. Default: nothing."""
+
     def format_batch(self, examples: list[dict[str, Any]]) -> list["Formatted | list[Formatted] | Exception"]:
         """`format` over many rows, in order: one result per row, a Formatted, a list of them, or the
         DropExample/DataError it raised. An empty list means the row's content is carried by another row's
@@ -89,6 +95,12 @@ class DataFormatter(ABC):
         known only from the formatted examples (then `alignkit format` infers them there)."""
         features = self.output_features()
         return infer_token_fields(features) if features is not None else None
+
+    def describe(self, features: dict[str, Any]) -> list[str]:
+        """Lines `alignkit format` shows for an example besides its tokens: by default each scalar feature (a bool
+        or number, e.g. a label) as `name: value`."""
+        return [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in features.items()
+                if isinstance(v, (bool, int, float))]
 
     def length(self, features: dict[str, Any]) -> int:
         """The tokens an example costs in a batch (for train.group_by_length): by default its longest list."""

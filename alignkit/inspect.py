@@ -32,6 +32,7 @@ def show_examples(config: RunConfig, method: Method, count: int, color: bool = F
              f"(label != {ignore})", ""]
     for index, features in enumerate(formatted):
         lines.append(f"--- example {index}")
+        lines += formatter.describe(features)
         for key, labels_key in fields:
             labels = features.get(labels_key) if labels_key else None
             trained = sum(1 for x in (labels or []) if x != ignore)

@@ -7,12 +7,13 @@ rows (e.g. `answer=[...]`), and returns one reward per completion (None: not app
 A config selects rewards by name; `model:PATH` uses a sequence-classification checkpoint as a reward.
 """
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
-from alignkit.errors import ConfigError, PluginError, did_you_mean
+from alignkit.errors import ConfigError, DataError, PluginError, did_you_mean
 
 RewardFn = Callable[..., list]
 MODEL_PREFIX = "model:"
@@ -56,31 +57,98 @@ class RewardRegistry:
         return out
 
 
+def columns_read(fn: RewardFn) -> list[str]:
+    """The row columns a reward function names as parameters (besides prompts and completions) with no default or a
+    None default: the data must have each (a reward that reads a missing column scores nothing)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name not in ("prompts", "completions")
+            and (p.default is p.empty or p.default is None)]
+
+
+def _lacks(name: str, column: str, columns) -> str:
+    have = ", ".join(repr(c) for c in sorted(columns)) or "none"
+    return (f"reward {name!r} reads column {column!r}, which the data lacks; it has: {have} (add the column, or "
+            "choose other method.reward_funcs)")
+
+
+def call_reward(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> list:
+    """`fn`'s rewards, one number or None per completion; a PluginError naming the reward when it reads a column the
+    data lacks or returns anything else."""
+    for column in columns_read(fn):
+        if column not in columns:
+            raise PluginError(_lacks(name, column, {"prompt", *columns}))
+    try:
+        values = fn(prompts=prompts, completions=completions, **columns)
+    except KeyError as e:  # a function reading **columns by key
+        key = e.args[0] if len(e.args) == 1 else None
+        if isinstance(key, str) and key not in columns:
+            raise PluginError(_lacks(name, key, {"prompt", *columns})) from None
+        raise
+    if hasattr(values, "tolist") and getattr(values, "ndim", 0) > 0:  # a tensor or an array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise PluginError(f"reward {name!r} returned {type(values).__name__} {str(values)[:40]}, not a list; return "
+                          f"one reward per completion ({len(completions)} here, None where it does not apply)")
+    if len(values) != len(completions):
+        raise PluginError(f"reward {name!r} returned {len(values)} rewards for {len(completions)} completions; "
+                          "return one per completion (None where it does not apply)")
+    return [None if v is None else _number(name, v, i, prompts, completions) for i, v in enumerate(values)]
+
+
+def _number(name: str, v, i: int, prompts: list, completions: list) -> float:
+    try:
+        v = float(v)
+    except OverflowError:
+        raise PluginError(f"reward {name!r} returned an integer too large for a float ({str(v)[:12]}..., "
+                          f"{len(str(v))} digits) for row {i} (prompt {prompts[i]!r}); rewards must be finite") from None
+    except (TypeError, ValueError):
+        raise PluginError(f"reward {name!r} returned {v!r} for row {i} (prompt {prompts[i]!r}); "
+                          "rewards are numbers or None") from None
+    if not math.isfinite(v):
+        raise PluginError(f"reward {name!r} returned {v} for row {i} (prompt {prompts[i]!r}, completion "
+                          f"{completions[i]!r}); rewards must be finite (None where it does not apply)")
+    return v
+
+
 def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions: list[str],
           columns: dict[str, list]) -> torch.Tensor:
     """Rewards [completions, functions] (float32, NaN where a function returned None).
 
-    A function that returns the wrong number of rewards, or a NaN/inf reward, is an error naming it and the row."""
+    A function that reads a column the data lacks, returns something other than one number (or None) per completion,
+    or a NaN/inf reward, is an error naming it (and the row)."""
     out = torch.full((len(completions), len(functions)), float("nan"))
     for j, (name, fn) in enumerate(functions):
-        values = fn(prompts=prompts, completions=completions, **columns)
-        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
-        if len(values) != len(completions):
-            raise PluginError(f"reward {name!r} returned {len(values)} rewards for {len(completions)} completions; "
-                              "return one per completion (None where it does not apply)")
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise PluginError(f"reward {name!r} returned {v!r} for row {i} (prompt {prompts[i]!r}); "
-                                  "rewards are numbers or None") from None
-            if not math.isfinite(v):
-                raise PluginError(f"reward {name!r} returned {v} for row {i} (prompt {prompts[i]!r}, completion "
-                                  f"{completions[i]!r}); rewards must be finite (None where it does not apply)")
-            out[i, j] = v
+        for i, v in enumerate(call_reward(name, fn, prompts, completions, columns)):
+            if v is not None:
+                out[i, j] = v
     return out
+
+
+def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, probe: int = 4) -> None:
+    """Before training: every column each reward reads is in `dataset` (prompt rows), and each reward function (not
+    a reward model) returns what `score` accepts for the first `probe` rows with empty completions. A DataError
+    naming the data and the reward otherwise."""
+    for name, fn in functions:
+        for column in columns_read(fn):
+            feature = dataset.features.get(column)
+            if getattr(feature, "dtype", None) == "null":  # datasets' type of a column that is null in every row
+                raise DataError(f"{source}: reward {name!r} reads column {column!r}, which is null in every row; fill "
+                                "it in, or choose other method.reward_funcs")
+    rows = dataset.select(range(min(probe, len(dataset))))[:]
+    prompts = rows.pop("prompt", [""] * len(next(iter(rows.values()), [])))
+    for name, fn in functions:
+        if isinstance(fn, RewardModel):
+            continue
+        try:
+            call_reward(name, fn, prompts, [""] * len(prompts), rows)
+        except PluginError as e:
+            raise DataError(f"{source}: {e}") from None
+        except Exception:  # noqa: S110 (the function's own failure on an empty completion: training reports it)
+            pass
 
 
 class RewardModel:

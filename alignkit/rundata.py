@@ -54,7 +54,8 @@ class RunData:
             raw = ds
             ds = ds.select(range(min(limit, len(ds)))) if limit else ds
             with self.accelerator.main_process_first():
-                out[split], report = prepare(ds, self.formatter, f"{split} data ({source})")
+                out[split], report = prepare(ds, self.formatter, f"{split} data ({source})", self.pm,
+                                             self.config)
             self._formatted[split] = (raw, out[split])
             self.reports[split] = report
             if report.dropped or report.truncated:

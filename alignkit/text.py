@@ -5,6 +5,7 @@ Rows come in two formats (TRL's conventions): *standard* (strings) and *conversa
 `{"role", "content"}` messages). Every check raises a one-line `DataError` naming the column.
 """
 
+import difflib
 from typing import Any
 
 from alignkit.errors import DataError
@@ -34,7 +35,7 @@ def column(example: dict[str, Any], name: str, expected: str = "") -> Any:
     """`example[name]` as a non-empty string or a valid conversation; a DataError naming the column otherwise.
     `expected` completes the missing-column message (which columns the format needs)."""
     if name not in example:
-        raise DataError(f"missing column '{name}'{'; ' + expected if expected else ''}")
+        raise DataError(f"missing column '{name}'{'; ' + expected if expected else ''}{row_has(example)}")
     value = example[name]
     if value is None or not (isinstance(value, str) or is_conversation(value)):
         raise DataError(f"'{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
@@ -43,6 +44,24 @@ def column(example: dict[str, Any], name: str, expected: str = "") -> Any:
     if not isinstance(value, str):
         check_messages(name, value)
     return value
+
+
+#: the column names of TRL's dataset types: a row's column close to one of them is named as a likely misspelling
+COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "text", "answer")
+
+
+def row_has(example: dict[str, Any]) -> str:
+    """'; the row has A, B (A looks like ...)': the row's columns and those that look like a misspelled column name
+    of TRL's dataset types the row lacks."""
+    if not example:
+        return "; the row has no columns"
+    absent = [c for c in COLUMNS if c not in example]
+    like = []
+    for key in sorted(example):
+        close = difflib.get_close_matches(str(key).lower(), absent, n=1, cutoff=0.75) if key not in COLUMNS else []
+        if close:
+            like.append(f"'{key}' {'looks ' if not like else ''}like '{close[0]}'")
+    return f"; the row has {', '.join(repr(k) for k in sorted(example))}{' (' + ', '.join(like) + ')' if like else ''}"
 
 
 def same_format(*named: tuple[str, Any]) -> bool:
@@ -54,6 +73,23 @@ def same_format(*named: tuple[str, Any]) -> bool:
         raise DataError(f"{names} must {'both' if len(named) == 2 else 'all'} be strings or "
                         f"{'both' if len(named) == 2 else 'all'} be conversations")
     return not kinds.pop()
+
+
+def given_prompt(example: dict[str, Any], name: str, value: Any) -> Any:
+    """The row's explicit `prompt`, or None when the row has no `prompt` column (an implicit prompt); a DataError when
+    it is null or not in the format of the column `name` (whose value is `value`)."""
+    if "prompt" not in example:
+        return None
+    prompt = example["prompt"]
+    if prompt is None:
+        raise DataError(f"'prompt' is null; give the prompt, or leave the column out (the prompt is then the common "
+                        f"start of '{name}' and the other completion)")
+    if isinstance(prompt, str) != isinstance(value, str):
+        def kind(v):
+            return "a string" if isinstance(v, str) else "a conversation" if isinstance(v, list) else type(v).__name__
+        raise DataError(f"'prompt' is {kind(prompt)} but '{name}' {kind(value)}; a row's columns must all be strings "
+                        "or all be conversations")
+    return prompt
 
 
 def common_prefix(*texts: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
-from alignkit.text import check_messages, column, extract_prompt, is_conversation, render_split, same_format
+from alignkit.text import check_messages, column, extract_prompt, given_prompt, render_split, same_format
 from alignkit.tokens import Encoder, split_merged, truncate_pair, with_bos, with_eos
 from alignkit_orpo.config import PreferenceDataConfig
 
@@ -50,11 +50,11 @@ class PreferenceFormatter(DataFormatter):
 
     def texts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         """The prompt, chosen and rejected strings, with the chat template applied where needed."""
-        needs = "ORPO needs 'chosen' and 'rejected' (and optionally 'prompt')"
+        needs = "preference rows need 'chosen' and 'rejected' (and optionally 'prompt')"
         chosen, rejected = column(example, "chosen", needs), column(example, "rejected", needs)
         same_format(("chosen", chosen), ("rejected", rejected))
-        prompt = example.get("prompt")
-        if prompt is None or is_conversation(prompt) != is_conversation(chosen):
+        prompt = given_prompt(example, "chosen", chosen)
+        if prompt is None:
             prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if isinstance(chosen, str):
             if not isinstance(prompt, str):

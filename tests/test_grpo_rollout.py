@@ -117,7 +117,9 @@ def test_score_checks_what_reward_functions_return():
         score(funcs, ["q1", "q2"], [" 1", " 2"], {"answer": [" 1", " 3"]})
     out = score(funcs[:1], ["q1", "q2"], [" 1", " 2"], {"answer": [" 1", " 3"]})
     assert out.tolist() == [[1.0], [0.0]]
-    assert torch.isnan(score(funcs[:1], ["q"], ["x"], {})).all()  # no answer column: not applicable
+    assert torch.isnan(score(funcs[:1], ["q"], ["x"], {"answer": [None]})).all()  # no answer in the row: not applicable
+    with pytest.raises(PluginError, match="reward 'exact-match' reads column 'answer', which the data lacks"):
+        score(funcs[:1], ["q"], ["x"], {})  # no answer column at all: the reward could never score (issue 20)
     with pytest.raises(PluginError, match="returned 1 rewards for 2 completions"):
         score(registry(short=lambda prompts, completions, **kw: [0.0]).select(["short"]), ["a", "b"], ["c", "d"], {})
     with pytest.raises(ConfigError, match=r"method.reward_funcs: no reward function 'exact-mach' \(did you mean "

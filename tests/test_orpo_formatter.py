@@ -138,8 +138,9 @@ def test_conversational_implicit_and_string_prompt_beside_conversation(tok):
                 "rejected": [chat("assistant", "2 1")]}
     f = formatter(tok)
     assert f.format(implicit).features == f.format(explicit).features
-    # A string prompt beside conversational answers is ignored and the prompt re-extracted.
-    assert f.format({"prompt": "ignored", **implicit}).features == f.format(explicit).features
+    # A string prompt beside conversational answers is refused (issue 20: it was silently ignored).
+    with pytest.raises(DataError, match="'prompt' is a string but 'chosen' a conversation"):
+        f.format({"prompt": "ignored", **implicit})
 
 
 def test_prompt_ending_with_assistant_continues_the_message(tok):
@@ -205,7 +206,7 @@ def test_collate_pads_chosen_then_rejected(tok):
     ({"prompt": "p", "chosen": 3, "rejected": "r"}, "'chosen' must be a string"),
     ({"prompt": "p", "chosen": "c", "rejected": None}, "'rejected' must be a string"),
     ({"prompt": "p", "chosen": "", "rejected": "r"}, "'chosen' is an empty string"),
-    ({"prompt": 5, "chosen": "c", "rejected": "r"}, "'prompt' must be a string"),
+    ({"prompt": 5, "chosen": "c", "rejected": "r"}, "'prompt' is int but 'chosen' a string"),
     ({"prompt": [chat("user", "q")], "chosen": [{"text": "a"}], "rejected": [chat("assistant", "b")]},
      "'chosen' message 0 has no 'role' .it has 'text'."),
     ({"prompt": [chat("user", "q")], "chosen": [chat("assistant", 7)], "rejected": [chat("assistant", "b")]},

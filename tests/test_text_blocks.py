@@ -54,7 +54,7 @@ def test_message_and_column_checks():
         check_messages("m", [chat("user", "x"), {"text": "y"}])
     with pytest.raises(DataError, match=r"^'m' message 0: 'content' must be a string, got int '7'$"):
         check_messages("m", [chat("user", 7)])
-    with pytest.raises(DataError, match="^missing column 'prompt'; needs it$"):
+    with pytest.raises(DataError, match="^missing column 'prompt'; needs it; the row has no columns$"):
         column({}, "prompt", "needs it")
     assert column({"p": [chat("user", "x")]}, "p") == [chat("user", "x")]
 

@@ -43,7 +43,7 @@ class UnpairedDataConfig(TokenDataConfig):
     """How unpaired preference rows (prompt, completion, label) are tokenized, with the KL mismatch pairs."""
 
     kl_group_size: int | None = Field(
-        None, gt=0, description="The KL completions rotate by one within consecutive groups of this many examples "
+        None, ge=2, description="The KL completions rotate by one within consecutive groups of this many examples "
         "(TRL: per_device_train_batch_size); null: within each preprocessing batch.")
 
 

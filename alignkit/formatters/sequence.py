@@ -80,10 +80,14 @@ class SequenceFormatter(DataFormatter):
     # ---- tokens --------------------------------------------------------------------------------------
 
     def shape(self, example: dict[str, Any]) -> str:
-        if "prompt" in example or "completion" in example:
+        """The row's type by the columns it fills (datasets gives a row null for a column only other rows have)."""
+        present, text = {k for k, v in example.items() if v is not None}, self.config.dataset_text_field
+        if "prompt" in present or "completion" in present:
             shape = PROMPT_COMPLETION
-        elif "messages" in example or self.config.dataset_text_field in example:
+        elif "messages" in present or text in present:
             shape = LANGUAGE_MODELING
+            if "messages" in present and text in present and text != "messages":
+                raise DataError(f"the row has both '{text}' and 'messages'; give one of them per row")
         else:
             shape = None
         if shape not in self.shapes:
@@ -96,14 +100,22 @@ class SequenceFormatter(DataFormatter):
     def tokens(self, example: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(ids, trained mask) of one row, before truncation."""
         if self.shape(example) == LANGUAGE_MODELING:
-            name = "messages" if "messages" in example else self.config.dataset_text_field
+            name = "messages" if example.get("messages") is not None else self.config.dataset_text_field
             value = column(example, name)
+            if self.config.completion_only_loss:
+                raise DataError(f"method.completion_only_loss=true needs prompt-completion rows ('prompt' and "
+                                f"'completion'); this row is language modeling ('{name}'), with no prompt to mask: set "
+                                "completion_only_loss to null or false")
             if is_conversation(value):
+                if all(m["role"] == "system" for m in value):
+                    raise DataError(f"'{name}' holds only system messages; a conversation to train on needs a user "
+                                    "or assistant turn")
                 return self._conversation(value)
             self._no_assistant_only()
             ids = self._standard.texts([with_eos_text(value, self.tokenizer.eos_token)])[0]
             return ids, [1] * len(ids)
-        prompt, completion = column(example, "prompt"), column(example, "completion")
+        needs = "prompt-completion rows need 'prompt' and 'completion'"
+        prompt, completion = column(example, "prompt", needs), column(example, "completion", needs)
         conversational = same_format(("prompt", prompt), ("completion", completion))
         if conversational:
             full_ids, mask, n = self._conversation_pair(prompt, completion)
@@ -148,7 +160,8 @@ class SequenceFormatter(DataFormatter):
         if not c.packing:
             ids, truncated = truncate(ids, c.max_length, c.truncation_mode)
             labels, _ = truncate(labels, c.max_length, c.truncation_mode)
-        if all(label == c.label_pad_token_id for label in labels[1:]):
+        kept = labels[1:c.max_length] if c.packing else labels[1:]  # packing keeps an example's first max_length
+        if all(label == c.label_pad_token_id for label in kept):
             raise DropExample("no trained token left")
         return Formatted({"input_ids": ids, "labels": labels}, truncated)
 

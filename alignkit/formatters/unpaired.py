@@ -18,7 +18,7 @@ from alignkit.errors import DataError
 from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.config import UnpairedDataConfig
 from alignkit.formatters.sequence import pad_id, prompt_completion_ids
-from alignkit.text import column, extract_prompt, same_format
+from alignkit.text import column, extract_prompt, given_prompt, same_format
 from alignkit.tokens import Encoder, masked_labels, truncate
 
 PAIRED = "expected 'prompt', 'completion' and 'label' (or paired 'chosen' and 'rejected', optionally with 'prompt')"
@@ -42,8 +42,8 @@ class UnpairedPreferenceFormatter(DataFormatter):
         if "chosen" in example or "rejected" in example:
             chosen, rejected = column(example, "chosen", PAIRED), column(example, "rejected", PAIRED)
             same_format(("chosen", chosen), ("rejected", rejected))
-            prompt = example.get("prompt")
-            if prompt is None or isinstance(prompt, str) != isinstance(chosen, str):
+            prompt = given_prompt(example, "chosen", chosen)
+            if prompt is None:
                 prompt, chosen, rejected = extract_prompt(chosen, rejected)
             return [(prompt, chosen, True), (prompt, rejected, False)]
         prompt, completion = column(example, "prompt", PAIRED), column(example, "completion", PAIRED)
@@ -132,6 +132,9 @@ class UnpairedPreferenceFormatter(DataFormatter):
 
     def token_fields(self) -> list[tuple[str, str | None]]:
         return [("completion_input_ids", "completion_labels"), ("KL_completion_input_ids", "KL_completion_labels")]
+
+    def describe(self, features: dict[str, Any]) -> list[str]:
+        return [f"label: {'true (desirable)' if features['label'] else 'false (undesirable)'}"]
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids`, `attention_mask`, `labels` of the completions, the same with a `KL_` prefix for

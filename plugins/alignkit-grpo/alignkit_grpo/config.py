@@ -37,7 +37,9 @@ class GRPOConfig(alignkit.MethodConfig):
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed).")
     # ---- the built-in demo ----
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised steps on the demo task before RL (the demo sets it; "
-                                                      "the result is cached under train.output_dir/../.grpo-warmup).")
+                                  "the result is cached under $XDG_CACHE_HOME/alignkit/grpo-warmup, by default "
+                                  "~/.cache/alignkit/grpo-warmup, keyed by the starting weights, the warm-up code "
+                                  "and the versions).")
 
     @model_validator(mode="after")
     def _weights_match(self):

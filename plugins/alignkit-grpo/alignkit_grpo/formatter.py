@@ -1,12 +1,15 @@
 """GRPO's data: the core's prompt-only rows; for the built-in demo, a supervised warm-up of the model first."""
 
 import hashlib
+import inspect
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+from alignkit.data import cache_dir
 from alignkit.formatters import PromptOnlyFormatter
 from alignkit_grpo.demo import sft_warmup
 
@@ -14,11 +17,31 @@ log = logging.getLogger(__name__)
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignkit" / "grpo-warmup"
+    return cache_dir("grpo-warmup")
+
+
+def _versions() -> str:
+    """alignkit's and this plugin's versions (a cache from another version of either is not reused)."""
+    import importlib.metadata
+
+    import alignkit
+
+    try:
+        plugin = importlib.metadata.version("alignkit-grpo")
+    except importlib.metadata.PackageNotFoundError:
+        plugin = ""
+    return f"{alignkit.__version__}:{plugin}"
 
 
 def _fingerprint(model, steps: int) -> str:
-    h = hashlib.sha256(f"{type(model).__name__}:{steps}".encode())
+    """The warm-up's cache key: the versions, the source of the warm-up code (this module, the demo and the core demo
+    data it trains on), the model class, the steps and the starting weights."""
+    from alignkit import demo as core_demo
+    from alignkit_grpo import demo
+
+    h = hashlib.sha256(f"{_versions()}:{type(model).__name__}:{steps}".encode())
+    for module in (sys.modules[__name__], demo, core_demo):
+        h.update(inspect.getsource(module).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
@@ -28,9 +51,19 @@ def _fingerprint(model, steps: int) -> str:
 class GRPOFormatter(PromptOnlyFormatter):
     """`prompt` rows (standard or conversational) with every other column kept for the rewards."""
 
+    def check_data(self, dataset, source: str, pm=None, run=None) -> None:
+        """The data has every column the configured rewards read, and each reward function returns what the
+        rollout accepts (alignkit.rewards.check_data): refused here, before anything is written."""
+        from alignkit.plugins import get_plugin_manager
+        from alignkit.rewards import MODEL_PREFIX, RewardRegistry, check_data
+
+        names = [n for n in self.config.reward_funcs if not n.startswith(MODEL_PREFIX)]
+        check_data(RewardRegistry.from_plugins(pm or get_plugin_manager()).select(names), dataset, source)
+
     def prepare_model(self, model) -> None:
         """With method.sft_warmup_steps (the demo sets it): that many supervised steps on the demo task before
-        RL, cached by the starting weights so a second run starts at once."""
+        RL, cached (under $XDG_CACHE_HOME/alignkit/grpo-warmup) by the starting weights, the warm-up code and the
+        versions, so a second run starts at once and another version never reuses the result."""
         steps = getattr(self.config, "sft_warmup_steps", 0)
         if not steps:
             return

@@ -3,6 +3,7 @@
 from alignkit import Method, hookimpl
 from alignkit_kto import demo
 from alignkit_kto.config import KTOConfig
+from alignkit_kto.formatter import KTOFormatter
 from alignkit_kto.loss import KTOLoss, kto_losses
 
 CITATION = """@article{ethayarajh2024kto,
@@ -15,7 +16,7 @@ CITATION = """@article{ethayarajh2024kto,
 METHOD = Method(
     name="kto",
     config=KTOConfig,
-    formatter="unpaired-preference",  # the core's: paired rows unpaired, KL pairs fixed at preprocessing
+    formatter=KTOFormatter,  # the core's "unpaired-preference" (KL pairs fixed at preprocessing) with KTO's checks
     loss=KTOLoss,
     description="Kahneman-Tversky Optimization: unpaired desirable/undesirable examples against a frozen reference.",
     defaults={"train.learning_rate": 1e-6},
@@ -40,4 +41,4 @@ def register_datasets(register):
     register(demo.NAME, demo.load)
 
 
-__all__ = ["KTOConfig", "KTOLoss", "METHOD", "kto_losses"]
+__all__ = ["KTOConfig", "KTOFormatter", "KTOLoss", "METHOD", "kto_losses"]
