@@ -192,7 +192,9 @@ def _echo(text: str) -> None:
 @cli.command()
 @_model
 @click.argument("prompt")
-@click.option("--raw", is_flag=True, help="Feed the prompt as plain text, without the chat template.")
+@click.option("--raw/--chat-template", default=None,
+              help="Feed the prompt as plain text, or as a user message through the chat template "
+                   "[default: as the model was trained: plain text if its training data was]")
 @_sampling_options
 def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, system):
     """Complete PROMPT with a trained model, streaming the answer (through its chat template if it has one).
@@ -202,10 +204,11 @@ def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, s
     alignkit generate --model outputs/run1 --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
     alignkit generate --model outputs/run1 --raw "Once upon a time"
     """
-    from alignkit.generate import Sampling, generate, load
+    from alignkit.generate import Sampling, generate, load, trained
 
     model, tokenizer = load(model_dir)
-    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system)
+    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system,
+             how=trained(model_dir, tokenizer))
     click.echo()
 
 
@@ -221,9 +224,10 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     alignkit chat --model outputs/run1
     alignkit chat --model outputs/run1 --temperature 0 --system "Answer briefly."
     """
-    from alignkit.generate import Sampling, chat, load
+    from alignkit.generate import Sampling, chat, load, trained
 
     model, tokenizer = load(model_dir)
+    how = trained(model_dir, tokenizer)
 
     def turns():
         while True:
@@ -232,7 +236,7 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
             except (EOFError, click.Abort):
                 return
 
-    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system)
+    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system, how=how)
 
 
 def _dotlist(overrides: tuple[str, ...]) -> dict:

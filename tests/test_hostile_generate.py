@@ -1,0 +1,121 @@
+"""Hostile cases around `alignkit generate` and `chat` (issue 20): prompts built exactly as training built them,
+bounded generation, and one-line errors for user mistakes."""
+
+
+import pytest
+from click.testing import CliRunner
+
+import alignkit.generate as gen
+from alignkit.api import load_config
+from alignkit.cli import cli
+from alignkit.config import to_yaml
+from alignkit.testing import tiny_model, tiny_tokenizer
+
+PROMPT = "sort: 5 3 9 1 ="
+CHAT = [{"role": "user", "content": PROMPT}]
+
+
+def model_folder(path, method: str, **overrides):
+    """A model folder as a run leaves it (weights, tokenizer, config.yaml), without training."""
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    cfg, _ = load_config(method, None, overrides)
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    return path
+
+
+def fed_ids(monkeypatch, *args) -> list[int]:
+    """The prompt ids `alignkit generate ARGS` hands to the model."""
+    seen = []
+
+    def capture(model, tokenizer, input_ids, sampling, emit):
+        seen.append(input_ids[0].tolist())
+        return ""
+
+    monkeypatch.setattr(gen, "stream", capture)
+    result = CliRunner().invoke(cli, ["generate", *args])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def formatter_prompt_ids(method: str, row: dict) -> list[int]:
+    """The prompt ids the method's own formatter trains on for `row`."""
+    cfg, resolved = load_config(method)
+    formatter = resolved.formatter(cfg.method, tiny_tokenizer())
+    out = formatter.format(row)
+    features = (out[0] if isinstance(out, list) else out).features
+    if "prompt_input_ids" in features:
+        return list(features["prompt_input_ids"])
+    n = next(i for i, label in enumerate(features["labels"]) if label != -100)  # the masked prompt
+    return list(features["input_ids"][:n])
+
+
+ROWS = {  # (row with a plain-text prompt, row with a conversation) per shipped formatter kind
+    "orpo": ({"prompt": PROMPT, "chosen": " 1 3 5 9", "rejected": " 9 5 3 1"},
+             {"prompt": CHAT, "chosen": [{"role": "assistant", "content": "1 3 5 9"}],
+              "rejected": [{"role": "assistant", "content": "9 5 3 1"}]}),
+    "sft": ({"prompt": PROMPT, "completion": " 1 3 5 9"},
+            {"prompt": CHAT, "completion": [{"role": "assistant", "content": "1 3 5 9"}]}),
+    "kto": ({"prompt": PROMPT, "completion": " 1 3 5 9", "label": True},
+            {"prompt": CHAT, "completion": [{"role": "assistant", "content": "1 3 5 9"}], "label": True}),
+    "grpo": ({"prompt": PROMPT}, {"prompt": CHAT}),
+}
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo"])
+def test_generate_feeds_the_prompt_ids_the_formatter_trains_on(tmp_path, monkeypatch, method):
+    kind = {"dpo": "orpo", "cpo": "orpo", "simpo": "orpo"}.get(method, method)
+    raw_row, chat_row = ROWS[kind]
+    folder = str(model_folder(tmp_path / "m", method))
+    assert fed_ids(monkeypatch, "--model", folder, "--raw", PROMPT) == formatter_prompt_ids(method, raw_row)
+    assert fed_ids(monkeypatch, "--model", folder, "--chat-template", PROMPT) == \
+        formatter_prompt_ids(method, chat_row)
+
+
+def test_preference_prompts_start_with_bos_in_generate(tmp_path, monkeypatch):
+    """The defect as reported: ORPO trains on BOS + prompt; generate left the BOS out."""
+    folder = str(model_folder(tmp_path / "m", "orpo"))
+    assert fed_ids(monkeypatch, "--model", folder, "--raw", PROMPT)[0] == tiny_tokenizer().bos_token_id
+
+
+def test_generate_follows_the_training_data_by_default(tmp_path, monkeypatch):
+    """The README's `alignkit generate --model outputs/orpo "sort: 5 3 9 1 ="`: the default job trains on plain-text
+    prompts (builtin:sort), so the prompt goes in as plain text (BOS first), not through the chat template."""
+    tok = tiny_tokenizer()
+    raw = str(model_folder(tmp_path / "raw", "orpo"))
+    assert fed_ids(monkeypatch, "--model", raw, PROMPT) == [tok.bos_token_id] + tok(PROMPT)["input_ids"]
+    chat = str(model_folder(tmp_path / "chat", "orpo", **{"data.train": "builtin:sort-chat",
+                                                           "data.eval": "builtin:sort-chat"}))
+    text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert fed_ids(monkeypatch, "--model", chat, PROMPT) == [tok.bos_token_id] + tok(text)["input_ids"]
+
+
+def chat_run(monkeypatch, folder, input, *extra):
+    replies = iter(["1 3", "5 9", "x", "y"])
+    monkeypatch.setattr(gen, "stream", lambda model, tokenizer, ids, sampling, emit: emit(next(replies)) or "")
+    return CliRunner().invoke(cli, ["chat", "--model", folder, *extra], input=input)
+
+
+def test_chat_on_a_model_trained_on_plain_text_says_so_once(tmp_path, monkeypatch):
+    folder = str(model_folder(tmp_path / "raw", "orpo"))
+    result = chat_run(monkeypatch, folder, "sort: 3 1 =\nsort: 9 4 =\n")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "plain text" in line]
+    assert len(notes) == 1 and "not on conversations" in notes[0] and "builtin:sort" in notes[0]
+    assert result.stdout.count("assistant: ") == 2
+    chat = str(model_folder(tmp_path / "chat", "orpo", **{"data.train": "builtin:sort-chat",
+                                                           "data.eval": "builtin:sort-chat"}))
+    result = chat_run(monkeypatch, chat, "sort: 3 1 =\n")
+    assert result.exit_code == 0 and "plain text" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_generate_example_holds_after_the_default_job(tmp_path, monkeypatch):
+    """README: after `alignkit run --method orpo`, `alignkit generate --model outputs/orpo "sort: 5 3 9 1 ="` sorts
+    (at the default temperature, over several seeds)."""
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(cli, ["-q", "run", "--method", "orpo"]).exit_code == 0
+    for seed in range(3):
+        result = CliRunner().invoke(cli, ["-q", "generate", "--model", "outputs/orpo", "--seed", str(seed), PROMPT])
+        assert result.exit_code == 0 and result.stdout == " 1 3 5 9\n"
