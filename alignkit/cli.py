@@ -206,6 +206,9 @@ def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, s
     """
     from alignkit.generate import Sampling, generate, load, trained
 
+    if not prompt.strip():
+        raise AlignkitError('PROMPT is empty; give the text to complete, e.g. '
+                            f'alignkit generate --model {model_dir} "sort: 3 1 2 ="')
     model, tokenizer = load(model_dir)
     generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system,
              how=trained(model_dir, tokenizer))
@@ -229,10 +232,17 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     model, tokenizer = load(model_dir)
     how = trained(model_dir, tokenizer)
 
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, line by line
+        sys.stdin.reconfigure(errors="surrogateescape")
+
     def turns():
         while True:
             try:
-                yield click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+                line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+                line.encode("utf-8")
+                yield line
+            except (UnicodeDecodeError, UnicodeEncodeError):
+                click.echo("alignkit: that input is not valid UTF-8 text; type it again", err=True)
             except (EOFError, click.Abort):
                 return
 

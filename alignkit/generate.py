@@ -62,8 +62,8 @@ def _load_adapter(path: Path, tokenizer, dtype: str):
         raise ConfigError(f"--model {path}: a LoRA adapter folder needs peft: pip install peft") from None
     if not (path / "adapter_model.safetensors").is_file():
         raise ConfigError(f"--model {path}: no adapter_model.safetensors; alignkit loads safetensors only")
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
+    base = _adapter_config(path).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
         raise ConfigError(f"--model {path}: adapter_config.json names no base model (base_model_name_or_path)")
     seed = 0
     if base.startswith("builtin:"):  # randomly initialised from the run's seed: read it from its config.yaml
@@ -76,6 +76,19 @@ def _load_adapter(path: Path, tokenizer, dtype: str):
     except ConfigError as e:
         raise ConfigError(f"--model {path}: its base model: {str(e).removeprefix('model.name_or_path: ')}") from None
     return PeftModel.from_pretrained(model, str(path))
+
+
+def _adapter_config(path: Path) -> dict:
+    """The folder's adapter_config.json as a dict; a one-line ConfigError naming the file otherwise."""
+    file = path / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--model {path}: {file}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--model {path}: {file}: must hold a JSON object (PEFT's adapter config), "
+                          f"not {type(config).__name__}")
+    return config
 
 
 @dataclass
@@ -161,8 +174,25 @@ def stream(model, tokenizer, input_ids: torch.Tensor, sampling: Sampling, emit: 
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              streamer=_Emit(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                             pad_token_id=tokenizer.pad_token_id, **sampling.kwargs())
+                             pad_token_id=tokenizer.pad_token_id,
+                             **{**sampling.kwargs(), "max_new_tokens": _room(model, input_ids.shape[1], sampling)})
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _room(model, prompt_len: int, sampling: Sampling) -> int:
+    """max_new_tokens bounded by the positions the model's context leaves after the prompt (a notice when cut)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return sampling.max_new_tokens
+    room = context - prompt_len
+    if room < 1:
+        raise ConfigError(f"the prompt has {prompt_len} tokens; the model's context holds {context} "
+                          f"(max_position_embeddings): shorten the prompt")
+    if sampling.max_new_tokens > room:
+        log.warning("note: --max-new-tokens %d cut to %d: the model's context holds %d tokens (max_position_embeddings) "
+                    "and the prompt takes %d", sampling.max_new_tokens, room, context, prompt_len)
+        return room
+    return sampling.max_new_tokens
 
 
 def generate(model, tokenizer, prompt: str, sampling: Sampling, emit: Callable[[str], None], raw: bool | None = None,

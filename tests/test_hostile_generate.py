@@ -2,6 +2,7 @@
 bounded generation, and one-line errors for user mistakes."""
 
 
+
 import pytest
 from click.testing import CliRunner
 
@@ -15,10 +16,10 @@ PROMPT = "sort: 5 3 9 1 ="
 CHAT = [{"role": "user", "content": PROMPT}]
 
 
-def model_folder(path, method: str, **overrides):
+def model_folder(path, method: str, model: dict | None = None, **overrides):
     """A model folder as a run leaves it (weights, tokenizer, config.yaml), without training."""
     path.mkdir(parents=True, exist_ok=True)
-    tiny_model().save_pretrained(path)
+    tiny_model(**(model or {})).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     cfg, _ = load_config(method, None, overrides)
     (path / "config.yaml").write_text(to_yaml(cfg))
@@ -119,3 +120,58 @@ def test_the_readme_generate_example_holds_after_the_default_job(tmp_path, monke
     for seed in range(3):
         result = CliRunner().invoke(cli, ["-q", "generate", "--model", "outputs/orpo", "--seed", str(seed), PROMPT])
         assert result.exit_code == 0 and result.stdout == " 1 3 5 9\n"
+
+
+def test_max_new_tokens_is_bounded_by_the_model_context(tmp_path, monkeypatch):
+    """`--max-new-tokens 100000000` ran until killed: it is cut to the positions the prompt leaves, with a notice."""
+    from transformers.generation.utils import GenerationMixin
+
+    asked = []
+    real = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    folder = str(model_folder(tmp_path / "m", "orpo", model={"max_position_embeddings": 40}))
+    result = CliRunner().invoke(cli, ["generate", "--model", folder, "--temperature", "0", "--max-new-tokens",
+                                      "100000000", PROMPT])
+    assert result.exit_code == 0, result.output
+    prompt_len = 1 + len(tiny_tokenizer()(PROMPT)["input_ids"])
+    assert asked == [40 - prompt_len]
+    notes = [line for line in result.stderr.splitlines() if "--max-new-tokens" in line]
+    assert len(notes) == 1 and f"{40 - prompt_len}" in notes[0] and "40" in notes[0]
+    # a prompt that leaves no room is one line, exit 2
+    result = CliRunner().invoke(cli, ["-q", "generate", "--model", folder, " ".join(["9"] * 60)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith("alignkit: error: ") and "40" in result.output
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_prompt_is_one_line(tmp_path, prompt):
+    folder = str(model_folder(tmp_path / "m", "orpo"))
+    result = CliRunner().invoke(cli, ["generate", "--model", folder, prompt])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith("alignkit: error: PROMPT is empty")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "\"builtin:tiny\"", "\udcff".encode("utf-8", "surrogatepass")])
+def test_a_malformed_adapter_config_is_one_line_naming_the_file(tmp_path, text):
+    folder = model_folder(tmp_path / "m", "orpo")
+    (folder / "adapter_config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    result = CliRunner().invoke(cli, ["-q", "generate", "--model", str(folder), PROMPT])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"alignkit: error: --model {folder}: {folder / 'adapter_config.json'}: ")
+
+
+def test_chat_survives_input_that_is_not_utf8(tmp_path, monkeypatch):
+    folder = str(model_folder(tmp_path / "chat", "orpo", **{"data.train": "builtin:sort-chat",
+                                                             "data.eval": "builtin:sort-chat"}))
+    result = chat_run(monkeypatch, folder, b"sort: 3 1 =\n\xff\xfe 2 =\nsort: 9 4 =\n")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and result.exception is None
+    assert [line for line in result.stderr.splitlines() if "UTF-8" in line] == [
+        "alignkit: that input is not valid UTF-8 text; type it again"]
+    assert result.stdout.count("assistant: ") == 2
