@@ -66,9 +66,9 @@ def test_plot_errors_name_the_file(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip() == f"alignkit: error: {tmp_path / 'metrics.jsonl'}: no such file; give the output_dir of an alignkit run"
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2,\n')
-    result = CliRunner().invoke(cli, ["plot", str(tmp_path)])
-    assert result.exit_code == 2 and f"{tmp_path / 'metrics.jsonl'}:2: not valid JSON" in result.output
-    assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
+    result = CliRunner().invoke(cli, ["plot", str(tmp_path)])  # a torn line (a crash mid-write) is skipped, counted
+    assert result.exit_code == 0
+    assert f"{tmp_path / 'metrics.jsonl'}: skipped 1 of 2 lines" in result.stderr and "(first: line 2)" in result.stderr
 
 
 def test_training_shows_progress_and_ends_with_charts(tmp_path):

@@ -1,0 +1,59 @@
+"""Hostile metrics files for `alignkit plot` (issue 20): no traceback; bad lines skipped with a counted warning
+naming the file and line, or one line when nothing can be drawn."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from alignkit.cli import cli
+
+GOOD = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}, {"step": 3, "loss": 1.0}]
+
+
+def plot(tmp_path, lines: list[str | bytes]):
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    data = b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
+    (run / "metrics.jsonl").write_bytes(data)
+    return CliRunner().invoke(cli, ["-q", "plot", str(run), "-o", str(tmp_path / "charts")]), run / "metrics.jsonl"
+
+
+def good_lines() -> list[str]:
+    return [json.dumps(r) for r in GOOD]
+
+
+@pytest.mark.parametrize("bad, first", [
+    (['{"loss": 3.0}'], 1),                                    # no step
+    (['[1, 2, 3]', '7', '"text"', 'null'], 1),                 # not objects
+    (['{"step": {"n": 1}, "loss": 3.0}', '{"step": "4", "loss": 3.0}'], 1),  # a step that is not a number
+    (['{"step": 0, "lo'], 1),                                  # torn first line
+    ([b'{"step": 0, "loss": 1.0, "x": "\xff\xfe"}'], 1),        # not UTF-8
+])
+def test_bad_lines_are_skipped_with_a_counted_warning(tmp_path, bad, first):
+    result, path = plot(tmp_path, bad + good_lines())
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warnings == [f"{path}: skipped {len(bad)} of {len(bad) + 3} lines that are not JSON "
+                        f"objects with a numeric 'step' (first: line {first})"]
+    assert (tmp_path / "charts" / "loss.png").is_file() and (tmp_path / "charts" / "overview.png").is_file()
+
+
+def test_nested_values_are_left_out_of_the_charts(tmp_path):
+    rows = [{"step": 1, "loss": 2.0, "rewards": {"chosen": 1.0}, "tags": ["a"], "note": "x", "ok": True,
+             "huge": 10 ** 400}, *GOOD[1:]]
+    result, _ = plot(tmp_path, [json.dumps(r) for r in rows])
+    assert result.exit_code == 0, result.output
+    charts = sorted(p.name for p in (tmp_path / "charts").iterdir())
+    assert charts == ["loss.png", "ok.png", "overview.png"]
+
+
+@pytest.mark.parametrize("lines", [['{"loss": 1.0}', '{"loss": 2.0}'], ['[1]', '{"step": 1, "lo']])
+def test_a_file_with_nothing_to_draw_is_one_line(tmp_path, lines):
+    result, path = plot(tmp_path, lines)
+    assert result.exit_code == 2 and result.exception is not None and not isinstance(result.exception, KeyError)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("alignkit: error: ")]
+    assert errors == [f"alignkit: error: {path}: no line is a JSON object with a numeric 'step' and a metric "
+                      f"({len(lines)} lines)"]
+    assert not (tmp_path / "charts").exists()
