@@ -4,6 +4,7 @@ naming the file and line, or one line when nothing can be drawn."""
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from alignkit.cli import cli
@@ -57,3 +58,47 @@ def test_a_file_with_nothing_to_draw_is_one_line(tmp_path, lines):
     assert errors == [f"alignkit: error: {path}: no line is a JSON object with a numeric 'step' and a metric "
                       f"({len(lines)} lines)"]
     assert not (tmp_path / "charts").exists()
+
+
+# ---- output hygiene of a training run ------------------------------------------------------------------
+
+def quick_run(tmp_path, method: str, *flags):
+    args = [*flags, "run", "--method", method, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=4",
+            "train.logging_steps=2", "train.eval_steps=2", "data.max_train_samples=24", "data.max_eval_samples=8",
+            "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4", "train.eval_on_start=false",
+            "train.save_steps=2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo"])
+def test_checkpoints_save_tied_weights_without_a_warning(tmp_path, method):
+    """Every checkpoint printed `Removed shared tensor {'lm_head.weight'} while saving` (twice for DPO), even with -q:
+    the tied embedding is expected. The checkpoints must still hold the weights (they resume)."""
+    for flags in ((), ("-q",)):
+        result = quick_run(tmp_path / "-".join(flags or ("plain",)), method, *flags)
+        assert "Removed shared tensor" not in result.stderr and "shared tensor" not in result.output
+    saved = tmp_path / "-q" / "out" / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys()
+
+
+def test_a_shared_tensor_that_is_not_tied_is_still_reported(caplog):
+    """The filter is precise: accelerate's warning about tensors that are not the model's tied weights passes."""
+    import logging
+
+    from alignkit.checkpoint import tied_weights_expected
+
+    model = torch.nn.Linear(2, 2)
+    with tied_weights_expected([model]):
+        logging.getLogger("accelerate.utils.other").warning("Removed shared tensor {'other.weight'} while saving. x")
+    assert "other.weight" in caplog.text
+
+
+def test_the_final_progress_bar_is_printed_once(tmp_path):
+    result = quick_run(tmp_path, "orpo")
+    finals = [line for line in result.stderr.split("\n") if "training: 100%" in line]
+    assert len(finals) == 1, finals
