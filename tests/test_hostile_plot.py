@@ -102,3 +102,4 @@ def test_the_final_progress_bar_is_printed_once(tmp_path):
     result = quick_run(tmp_path, "orpo")
     finals = [line for line in result.stderr.split("\n") if "training: 100%" in line]
     assert len(finals) == 1, finals
+    assert "step 2: eval_" in result.stderr and "step 4: eval_" in result.stderr  # the eval lines still show
