@@ -170,9 +170,11 @@ def plot(output_dir, dest):
 _model = click.option("--model", "model_dir", required=True, help="A run's output_dir, a LoRA adapter folder or a hub name.")
 _sampling = [
     click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1)),
-    click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0),
-                 help="0 decodes greedily."),
-    click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1)),
+    click.option("--temperature", type=click.FloatRange(min=0),
+                 help="Sample at this temperature; 0 decodes greedily.  [default: as the model's generation_config.json "
+                      "says: greedy for a run's model]"),
+    click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1),
+                 help="Nucleus sampling with --temperature."),
     click.option("--seed", type=int, help="Seed for sampling."),
     click.option("--system", help="A system message (chat template only)."),
 ]

@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
-    temperature: float = 0.7  # 0: greedy
-    top_p: float = 0.95
+    temperature: float | None = None  # 0: greedy; None: as the model's generation_config says (greedy for a run's)
+    top_p: float = 0.95  # when sampling with `temperature`
     seed: int | None = None
 
     def kwargs(self) -> dict:
+        if self.temperature is None:
+            return {"max_new_tokens": self.max_new_tokens}
         if self.temperature == 0:
             return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
         return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,

@@ -111,6 +111,30 @@ def test_chat_on_a_model_trained_on_plain_text_says_so_once(tmp_path, monkeypatc
     assert result.exit_code == 0 and "plain text" not in result.stderr
 
 
+def test_generate_decodes_as_the_model_folder_says_by_default(tmp_path, monkeypatch):
+    """Sampling at 0.7 by default got the README's sort wrong at some seeds: without --temperature the model's own
+    generation_config.json decides (a run's model decodes greedily), as transformers' generate() does."""
+    from transformers.generation.utils import GenerationMixin
+
+    asked = []
+    real = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        asked.append({k: v for k, v in kwargs.items() if k in ("do_sample", "temperature", "top_p")})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    folder = str(model_folder(tmp_path / "m", "orpo"))
+    outputs = {CliRunner().invoke(cli, ["-q", "generate", "--model", folder, "--seed", str(seed), "--max-new-tokens",
+                                        "6", PROMPT]).stdout for seed in range(3)}
+    greedy = CliRunner().invoke(cli, ["-q", "generate", "--model", folder, "--temperature", "0", "--max-new-tokens",
+                                      "6", PROMPT]).stdout
+    assert asked[:3] == [{}, {}, {}] and asked[3] == {"do_sample": False}
+    assert outputs == {greedy}
+    CliRunner().invoke(cli, ["-q", "generate", "--model", folder, "--temperature", "0.5", "--max-new-tokens", "2", PROMPT])
+    assert asked[4] == {"do_sample": True, "temperature": 0.5, "top_p": 0.95}
+
+
 @pytest.mark.slow
 def test_the_readme_generate_example_holds_after_the_default_job(tmp_path, monkeypatch):
     """README: after `alignkit run --method orpo`, `alignkit generate --model outputs/orpo "sort: 5 3 9 1 ="` sorts
