@@ -23,6 +23,7 @@ class Sampling:
     temperature: float | None = None  # 0: greedy; None: as the model's generation_config says (greedy for a run's)
     top_p: float = 0.95  # when sampling with `temperature`
     seed: int | None = None
+    cut_noticed: bool = field(default=False, repr=False)  # the notice that max_new_tokens was cut: once
 
     def kwargs(self) -> dict:
         if self.temperature is None:
@@ -189,12 +190,12 @@ def _room(model, prompt_len: int, sampling: Sampling) -> int:
     room = context - prompt_len
     if room < 1:
         raise ConfigError(f"the prompt has {prompt_len} tokens; the model's context holds {context} "
-                          f"(max_position_embeddings): shorten the prompt")
-    if sampling.max_new_tokens > room:
+                          f"(max_position_embeddings): shorten the prompt (in a chat, /clear starts over)")
+    if sampling.max_new_tokens > room and not sampling.cut_noticed:
+        sampling.cut_noticed = True
         log.warning("note: --max-new-tokens %d cut to %d: the model's context holds %d tokens (max_position_embeddings) "
                     "and the prompt takes %d", sampling.max_new_tokens, room, context, prompt_len)
-        return room
-    return sampling.max_new_tokens
+    return min(sampling.max_new_tokens, room)
 
 
 def generate(model, tokenizer, prompt: str, sampling: Sampling, emit: Callable[[str], None], raw: bool | None = None,

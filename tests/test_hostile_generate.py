@@ -166,6 +166,13 @@ def test_max_new_tokens_is_bounded_by_the_model_context(tmp_path, monkeypatch):
     assert asked == [40 - prompt_len]
     notes = [line for line in result.stderr.splitlines() if "--max-new-tokens" in line]
     assert len(notes) == 1 and f"{40 - prompt_len}" in notes[0] and "40" in notes[0]
+    # in a chat, once for the whole conversation
+    chat = str(model_folder(tmp_path / "chat", "orpo", model={"max_position_embeddings": 60},
+                            **{"data.train": "builtin:sort-chat", "data.eval": "builtin:sort-chat"}))
+    result = CliRunner().invoke(cli, ["chat", "--model", chat, "--temperature", "0", "--max-new-tokens", "100000000"],
+                                input="sort: 1 2 =\n/clear\nsort: 3 =\n")
+    assert result.exit_code == 0 and result.stdout.count("assistant: ") == 2, result.output
+    assert len([line for line in result.stderr.splitlines() if "--max-new-tokens" in line]) == 1
     # a prompt that leaves no room is one line, exit 2
     result = CliRunner().invoke(cli, ["-q", "generate", "--model", folder, " ".join(["9"] * 60)])
     assert result.exit_code == 2 and result.output.count("\n") == 1
