@@ -169,7 +169,8 @@ def plot(output_dir, dest):
 
 _model = click.option("--model", "model_dir", required=True, help="A run's output_dir, a LoRA adapter folder or a hub name.")
 _sampling = [
-    click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1)),
+    click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+                 help="At most this many new tokens (cut to what the model's context leaves after the prompt)."),
     click.option("--temperature", type=click.FloatRange(min=0),
                  help="Sample at this temperature; 0 decodes greedily.  [default: as the model's generation_config.json "
                       "says: greedy for a run's model]"),
@@ -196,10 +197,11 @@ def _echo(text: str) -> None:
 @click.argument("prompt")
 @click.option("--raw/--chat-template", default=None,
               help="Feed the prompt as plain text, or as a user message through the chat template "
-                   "[default: as the model was trained: plain text if its training data was]")
+                   "  [default: as the model was trained: plain text if its training data was]")
 @_sampling_options
 def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, system):
-    """Complete PROMPT with a trained model, streaming the answer (through its chat template if it has one).
+    """Complete PROMPT with a trained model, streaming the answer; its tokens are built as the run's formatter built
+    prompts (plain text for a model trained on plain text, else through the chat template if it has one).
 
     \b
     alignkit generate --model outputs/run1 "sort: 3 1 2 ="
