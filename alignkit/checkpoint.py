@@ -4,6 +4,8 @@ engine's own state is alignkit_state.json: trainer_state.json is left to tools t
 TrainerState (the TRL-compatible trainer does).
 """
 
+import ast
+import contextlib
 import hashlib
 import json
 import logging
@@ -122,7 +124,8 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with tied_weights_expected(accelerator._models):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)  # plain data: loads with weights_only=True
@@ -189,3 +192,39 @@ def load(accelerator: Accelerator, path: Path, scheduler) -> dict:
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"train.resume_from_checkpoint: {path} cannot be loaded: {type(e).__name__}: {first}") from None
+
+
+_SHARED = re.compile(r"Removed shared tensor (\{.*?\}) while saving")
+
+
+@contextlib.contextmanager
+def tied_weights_expected(models):
+    """Silence accelerate's `Removed shared tensor {...} while saving` while saving `models`, for exactly the tensors
+    that are the models' own tied weights (e.g. lm_head.weight tied to the embedding: safetensors keeps one copy and
+    loading re-ties it). A warning naming any other tensor still passes."""
+    from accelerate.utils import id_tensor_storage
+
+    tied = set()
+    for model in models:
+        groups: dict = {}
+        for name, tensor in model.state_dict().items():
+            if isinstance(tensor, torch.Tensor):
+                groups.setdefault(id_tensor_storage(tensor), []).append(name)
+        tied.update(n for names in groups.values() if len(names) > 1 for n in names)
+
+    def expected(record: logging.LogRecord) -> bool:
+        found = _SHARED.search(record.getMessage())
+        if not found:
+            return True
+        try:
+            names = ast.literal_eval(found.group(1))
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(names, set) and names <= tied)
+
+    logger = logging.getLogger("accelerate.utils.other")
+    logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        logger.removeFilter(expected)

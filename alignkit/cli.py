@@ -169,10 +169,13 @@ def plot(output_dir, dest):
 
 _model = click.option("--model", "model_dir", required=True, help="A run's output_dir, a LoRA adapter folder or a hub name.")
 _sampling = [
-    click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1)),
-    click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0),
-                 help="0 decodes greedily."),
-    click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1)),
+    click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+                 help="At most this many new tokens (cut to what the model's context leaves after the prompt)."),
+    click.option("--temperature", type=click.FloatRange(min=0),
+                 help="Sample at this temperature; 0 decodes greedily.  [default: as the model's generation_config.json "
+                      "says: greedy for a run's model]"),
+    click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1),
+                 help="Nucleus sampling with --temperature."),
     click.option("--seed", type=int, help="Seed for sampling."),
     click.option("--system", help="A system message (chat template only)."),
 ]
@@ -192,20 +195,27 @@ def _echo(text: str) -> None:
 @cli.command()
 @_model
 @click.argument("prompt")
-@click.option("--raw", is_flag=True, help="Feed the prompt as plain text, without the chat template.")
+@click.option("--raw/--chat-template", default=None,
+              help="Feed the prompt as plain text, or as a user message through the chat template "
+                   "  [default: as the model was trained: plain text if its training data was]")
 @_sampling_options
 def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, system):
-    """Complete PROMPT with a trained model, streaming the answer (through its chat template if it has one).
+    """Complete PROMPT with a trained model, streaming the answer; its tokens are built as the run's formatter built
+    prompts (plain text for a model trained on plain text, else through the chat template if it has one).
 
     \b
     alignkit generate --model outputs/run1 "sort: 3 1 2 ="
     alignkit generate --model outputs/run1 --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
     alignkit generate --model outputs/run1 --raw "Once upon a time"
     """
-    from alignkit.generate import Sampling, generate, load
+    from alignkit.generate import Sampling, generate, load, trained
 
+    if not prompt.strip():
+        raise AlignkitError('PROMPT is empty; give the text to complete, e.g. '
+                            f'alignkit generate --model {model_dir} "sort: 3 1 2 ="')
     model, tokenizer = load(model_dir)
-    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system)
+    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system,
+             how=trained(model_dir, tokenizer))
     click.echo()
 
 
@@ -221,18 +231,26 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     alignkit chat --model outputs/run1
     alignkit chat --model outputs/run1 --temperature 0 --system "Answer briefly."
     """
-    from alignkit.generate import Sampling, chat, load
+    from alignkit.generate import Sampling, chat, load, trained
 
     model, tokenizer = load(model_dir)
+    how = trained(model_dir, tokenizer)
+
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, line by line
+        sys.stdin.reconfigure(errors="surrogateescape")
 
     def turns():
         while True:
             try:
-                yield click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+                line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+                line.encode("utf-8")
+                yield line
+            except (UnicodeDecodeError, UnicodeEncodeError):
+                click.echo("alignkit: that input is not valid UTF-8 text; type it again", err=True)
             except (EOFError, click.Abort):
                 return
 
-    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system)
+    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system, how=how)
 
 
 def _dotlist(overrides: tuple[str, ...]) -> dict:

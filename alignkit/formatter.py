@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import DataError
+from alignkit.text import prompt_token_ids
 
 
 class DropExample(Exception):
@@ -52,6 +53,15 @@ class DataFormatter(ABC):
     #: the config fields this formatter reads (a MethodConfig subclass); a method that reuses the
     #: formatter by name gets them added to its own config.
     config_class: type | None = None
+
+    #: the prompt starts with BOS whatever the tokenizer's own rules (TRL's preference trainers do so)
+    bos_first: bool = False
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """The ids this formatter's examples hold before a completion of `prompt` (a string or a conversation):
+        what `alignkit generate` and `chat` feed a model trained with it. `alignkit.text.prompt_token_ids` by
+        default, which every formatter's prompt follows (declare `bos_first` rather than overriding this)."""
+        return prompt_token_ids(self.tokenizer, prompt, self.bos_first)
 
     def prepare_model(self, model) -> None:  # noqa: B027 (optional)
         """Called once with the unwrapped model before any data is formatted: read what the format depends

@@ -7,6 +7,7 @@ of them; each file is written to a temporary name first, so no half-written PNG 
 """
 
 import json
+import logging
 import math
 import os
 import re
@@ -14,24 +15,62 @@ from pathlib import Path
 
 from alignkit.errors import DataError
 
+log = logging.getLogger(__name__)
+
 NOT_METRICS = {"step", "epoch"}
 PAIRED = ("/chosen", "/rejected")
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
+    """The rows of output_dir/metrics.jsonl that can be drawn: JSON objects with a numeric `step`. Other lines (torn
+    by a crash, not UTF-8, not objects, without a step) are skipped with one counted warning naming the first; a
+    one-line DataError when no row is left."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: no such file; give the output_dir of an alignkit run")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    rows, skipped = [], []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        row = _row(line)
+        if row is None:
+            skipped.append(lineno)
+        else:
+            rows.append(row)
+    total = len(rows) + len(skipped)
     if not any(set(r) - NOT_METRICS for r in rows):
+        if skipped:
+            raise DataError(f"{path}: no line is a JSON object with a numeric 'step' and a metric ({total} lines)")
         raise DataError(f"{path}: no metrics logged yet")
+    if skipped:
+        log.warning("%s: skipped %d of %d lines that are not JSON objects with a numeric 'step' (first: line %d)",
+                    path, len(skipped), total, skipped[0])
     return rows
+
+
+def _number(value) -> bool:
+    """A finite number a chart can draw (bools count; a huge int or a nested value does not)."""
+    if not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _row(line: bytes) -> dict | None:
+    """One metrics line: its `step` and its drawable values; None when it is no JSON object with a numeric step."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(row, dict) or not _number(row.get("step")) or isinstance(row["step"], bool):
+        return None
+    return {k: v for k, v in row.items() if k == "step" or _number(v)}
 
 
 def panel_of(name: str) -> str:

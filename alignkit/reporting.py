@@ -81,15 +81,18 @@ class ProgressBar:
         quiet = not logging.getLogger("alignkit").isEnabledFor(logging.INFO)  # `alignkit -q`
         self.bar = tqdm(total=run.max_steps, initial=run.step, desc="training", dynamic_ncols=True,
                         disable=self.disable or quiet or not run.is_main_process)
+        self.visible = not self.bar.disable
 
     @hookimpl
     def on_step_end(self, run, step, metrics):
         self.bar.update(1)
         self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in self.shown if k in metrics}, refresh=False)
+        if step >= run.max_steps:  # ended once, here: the final eval, save and charts print below it, not around it
+            self.bar.close()
 
     @hookimpl
     def on_evaluate(self, run, step, metrics):
-        if not self.bar.disable:
+        if self.visible:  # after close, bar.write prints the line alone
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
             self.bar.write(f"step {step}: {shown}", file=sys.stderr)
 

@@ -9,6 +9,7 @@ import difflib
 from typing import Any
 
 from alignkit.errors import DataError
+from alignkit.tokens import with_bos
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -144,6 +145,21 @@ def render_prompt(tokenizer, prompt: list[dict], **template_kwargs) -> str:
         raise DataError(f"the prompt's last message must be from 'user' or 'assistant', not {last!r}")
     return render(tokenizer, prompt, add_generation_prompt=last == "user",
                   continue_final_message=last == "assistant", **template_kwargs)
+
+
+def prompt_token_ids(tokenizer, prompt, bos_first: bool = False, encode=None) -> list[int]:
+    """The ids of a prompt (a string or a conversation) as a model trained by a formatter saw them before its
+    completion: the one prompt rendering that the formatters and `alignkit generate`/`chat` share.
+
+    A conversation is rendered by the chat template (`render_prompt`), which writes its own special tokens; a string
+    is encoded with the tokenizer's own special tokens. With `bos_first` (the preference formatters, as TRL's
+    ORPO/DPO/CPO trainers) the text is encoded without special tokens and BOS is put first. `encode(text, special)`
+    replaces the tokenizer call (e.g. an `alignkit.tokens.Encoder`'s, bounded in memory for huge texts).
+    """
+    text = prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
+    special = isinstance(prompt, str) and not bos_first
+    ids = encode(text, special) if encode else tokenizer(text, add_special_tokens=special)["input_ids"]
+    return with_bos(list(ids), tokenizer.bos_token_id) if bos_first else list(ids)
 
 
 def render_split(tokenizer, prompt: list[dict], *completions: list[dict], **template_kwargs) -> tuple[str, list[str]]:

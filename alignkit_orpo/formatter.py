@@ -22,6 +22,8 @@ class PreferenceFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt)."""
 
     config_class = PreferenceDataConfig
+    #: the prompt ids start with BOS (TRL's ORPO/DPO/CPO trainers): `alignkit generate` feeds them the same way
+    bos_first = True
 
     #: an encoder-decoder gets the prompt in its encoder and each answer as decoder labels
     is_encoder_decoder: bool = False
@@ -116,7 +118,7 @@ class PreferenceFormatter(DataFormatter):
         c = self.config
         if abs(len(prompt_c) - len(prompt_r)) > 1 or sum(a != b for a, b in zip(prompt_c, prompt_r)) > 1:
             raise DataError("chosen and rejected tokenize the prompt differently by more than one token")
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        bos, eos = self.tokenizer.bos_token_id if self.bos_first else None, self.tokenizer.eos_token_id
         prompts, answers, truncated = truncate_pair(
             [with_bos(prompt_c, bos), with_bos(prompt_r, bos)], [with_eos(answer_c, eos), with_eos(answer_r, eos)],
             c.max_length, c.max_prompt_length, c.truncation_mode)

@@ -66,9 +66,9 @@ def test_plot_errors_name_the_file(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip() == f"alignkit: error: {tmp_path / 'metrics.jsonl'}: no such file; give the output_dir of an alignkit run"
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2,\n')
-    result = CliRunner().invoke(cli, ["plot", str(tmp_path)])
-    assert result.exit_code == 2 and f"{tmp_path / 'metrics.jsonl'}:2: not valid JSON" in result.output
-    assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
+    result = CliRunner().invoke(cli, ["plot", str(tmp_path)])  # a torn line (a crash mid-write) is skipped, counted
+    assert result.exit_code == 0
+    assert f"{tmp_path / 'metrics.jsonl'}: skipped 1 of 2 lines" in result.stderr and "(first: line 2)" in result.stderr
 
 
 def test_training_shows_progress_and_ends_with_charts(tmp_path):
@@ -120,18 +120,20 @@ def model_dir(tmp_path_factory):
 
 
 def greedy_reply(model_dir, messages, n):
-    """The reply the test computes itself: chat template, then greedy generate."""
+    """The reply the test computes itself: BOS and the chat template (as ORPO's formatter), then greedy generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-    ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)])
+    ids = torch.tensor([[tok.bos_token_id] + tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=False)])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_generate_streams_the_greedy_completion(model_dir):
-    result = invoke("generate", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "8", "sort: 3 1 =")
+    result = invoke("generate", "--model", str(model_dir), "--chat-template", "--temperature", "0", "--max-new-tokens", "8",
+                    "sort: 3 1 =")
     assert result.exit_code == 0
     expected = greedy_reply(model_dir, [{"role": "user", "content": "sort: 3 1 ="}], 8)
     assert expected.strip() and result.stdout == expected + "\n"

@@ -85,7 +85,8 @@ def test_progress_bar_shows_the_loss_and_the_methods_progress_metrics():
     bar = ProgressBar(disable=True, shown=("accuracy",))
     bar.bar = type("Bar", (), {"update": lambda self, n: None,
                                "set_postfix": lambda self, d, refresh: setattr(self, "shown", d)})()
-    bar.on_step_end(run=None, step=1, metrics={"loss": 0.5, "accuracy": 0.25, "rewards/accuracies": 1.0})
+    run = type("Run", (), {"max_steps": 10})()  # the bar closes at the last step
+    bar.on_step_end(run=run, step=1, metrics={"loss": 0.5, "accuracy": 0.25, "rewards/accuracies": 1.0})
     assert bar.bar.shown == {"loss": "0.5", "accuracy": "0.25"}
 
 

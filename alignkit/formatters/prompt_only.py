@@ -6,7 +6,7 @@ from alignkit.data import pad_right
 from alignkit.formatter import DataFormatter, Formatted
 from alignkit.formatters.config import PromptOnlyDataConfig
 from alignkit.formatters.sequence import pad_id
-from alignkit.text import column, render_prompt
+from alignkit.text import column, prompt_token_ids
 from alignkit.tokens import Encoder, truncate
 
 
@@ -28,9 +28,9 @@ class PromptOnlyFormatter(DataFormatter):
         self._rendered = Encoder(tokenizer, keep)
 
     def prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self._standard.texts([prompt])[0]
-        return self._rendered.texts([render_prompt(self.tokenizer, prompt)])[0]
+        """The shared prompt rendering, encoded bounded in memory (a huge prompt is never encoded whole)."""
+        return prompt_token_ids(self.tokenizer, prompt, self.bos_first,
+                                lambda text, special: (self._standard if special else self._rendered).texts([text])[0])
 
     def format(self, example: dict[str, Any]) -> Formatted:
         prompt = column(example, "prompt", "prompt-only data needs a 'prompt' column")

@@ -13,9 +13,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit_orpo.trl.help import with_help
+
 log = logging.getLogger(__name__)
 
 
+@with_help  # each flag's --help text: TrainingArguments' or alignkit's description
 @dataclass
 class ORPOConfig:
     """TRL v0.15.2's ORPOConfig fields and defaults (learning_rate 1e-6, beta 0.1, max_length 1024, ...)."""
