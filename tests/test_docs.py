@@ -1,9 +1,13 @@
 """Docs that cannot rot: every hook is documented, README examples run, CI runs the README's commands."""
 
 import inspect
+import json
 import re
+import sys
 import types
 from pathlib import Path
+
+import pytest
 
 import alignkit
 from alignkit import hookspecs
@@ -75,3 +79,99 @@ def test_writing_a_method_guide_runs(tmp_path, tok):
                                                          "completion": [{"role": "assistant", "content": row["answer"]}]})
     ours = own["QuestionAnswerFormatter"](config, tok).format(row)
     assert ours.features == core.features and ours.truncated == core.truncated
+
+
+# ---------------------------------------------------------------- figures, layout and routes the README promises
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_figures  # noqa: E402
+
+
+def test_every_readme_figure_is_rendered_from_the_results_file():
+    """The demo tables and timings in README.md and the plugin READMEs are exactly what
+    `scripts/readme_figures.py` renders from docs/figures.json, which holds every shipped method's demo."""
+    figures = readme_figures.load()
+    shipped = {"orpo"} | {p.name.removeprefix("alignkit-") for p in (ROOT / "plugins").iterdir() if p.is_dir()}
+    assert set(figures["methods"]) == shipped == set(readme_figures.METHODS)
+    for method, result in figures["methods"].items():
+        assert result["command"] == f"alignkit -q run --method {method}" and result["evals"][0]["step"] == 0
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d", result["date"])
+        if "timing" in result:  # a time always comes with its command and date
+            assert result["timing"]["command"].endswith(result["command"]) and result["timing"]["date"]
+    assert {"machine", "threads"} <= set(figures)
+    for name, (now, rendered) in readme_figures.rendered(figures).items():
+        assert now == rendered, f"{name} differs from docs/figures.json: run `python scripts/readme_figures.py --render`"
+    readmes = [ROOT / "README.md", *sorted((ROOT / "plugins").glob("*/README.md"))]
+    assert {str(p.relative_to(ROOT)) for p in readmes} == set(readme_figures.BLOCKS)
+
+
+def test_no_figure_is_written_by_hand_outside_the_rendered_blocks():
+    """Demo tables and measured times live only in the rendered blocks (or cite a benchmarks/ results file)."""
+    hand = re.compile(r"^\| step \||\d s wall|\d+ tests\b|\d min\b|\beval_\w+[`]? \d\.\d", re.M)
+    for name in readme_figures.BLOCKS:
+        outside = readme_figures.BLOCK.sub("", (ROOT / name).read_text())
+        assert not hand.findall(outside), (name, hand.findall(outside))
+
+
+def test_a_figure_written_by_hand_is_caught(tmp_path, monkeypatch):
+    """The rendering check fails on a README whose figure was edited by hand, and --render repairs it."""
+    stale = README.replace("<!-- figures:orpo -->\n| step |", "<!-- figures:orpo -->\n| Step |")
+    assert stale != README
+    (tmp_path / "README.md").write_text(stale)
+    for name in readme_figures.BLOCKS:
+        if name != "README.md":
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text((ROOT / name).read_text())
+    monkeypatch.setattr(readme_figures, "ROOT", tmp_path)
+    now, rendered = readme_figures.rendered(readme_figures.load())["README.md"]
+    assert now == stale and rendered == README
+
+
+def test_the_layout_lists_every_plugin_and_folder():
+    layout = README.split("## Layout", 1)[1]
+    for plugin in (ROOT / "plugins").iterdir():
+        if plugin.is_dir():
+            assert re.search(rf"^\s+{plugin.name}\s+\S", layout, re.M), f"README layout lacks {plugin.name}"
+    for folder in ("alignkit/", "alignkit_orpo/", "plugins/", "configs/", "examples/", "benchmarks/", "scripts/",
+                   "docs/", "tests/"):
+        assert re.search(rf"^{folder}\s", layout, re.M), folder
+    for doc in (ROOT / "docs").iterdir():
+        assert doc.name in layout, f"README layout lacks docs/{doc.name}"
+
+
+def test_the_offline_trl_style_route_trains(tmp_path, monkeypatch):
+    """The README's TRL-style example on the built-in model and data runs offline (conftest sets HF_HUB_OFFLINE)
+    and saves a model that loads."""
+    from transformers import AutoModelForCausalLM
+
+    source = next(b for b in code_blocks(README, "python") if 'model="builtin:tiny"' in b)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    out = tmp_path / trainer.args.output_dir
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.9
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_a_demo_whose_figures_moved_fails_its_check(tmp_path):
+    """What the demo-job tests call: a run equal to docs/figures.json passes; one whose held-out loss moved in the
+    third decimal (a code change) fails, saying to re-run the script; so does a missing eval row."""
+    evals = readme_figures.load()["methods"]["sft"]["evals"]
+    metrics = tmp_path / "metrics.jsonl"
+
+    def write(rows):
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 9.0}, *rows]))
+
+    write(evals)
+    readme_figures.assert_demo_matches("sft", metrics)
+    moved = [dict(r) for r in evals]
+    moved[-1]["eval_loss"] += 0.005
+    write(moved)
+    with pytest.raises(AssertionError, match="run `python scripts/readme_figures.py`"):
+        readme_figures.assert_demo_matches("sft", metrics)
+    write(evals[:-1])
+    with pytest.raises(AssertionError, match="readme_figures"):
+        readme_figures.assert_demo_matches("sft", metrics)
