@@ -175,3 +175,21 @@ def test_a_demo_whose_figures_moved_fails_its_check(tmp_path):
     write(evals[:-1])
     with pytest.raises(AssertionError, match="readme_figures"):
         readme_figures.assert_demo_matches("sft", metrics)
+
+
+def test_benchmark_figures_in_the_readmes_are_in_the_results_files():
+    """Outside the rendered blocks, a measured figure (a speed or memory ratio, a peak in MB, a parity difference
+    such as 6.0e-6) appears in a benchmarks/ results file, which holds its command and date."""
+    results = "\n".join(p.read_text() for p in (ROOT / "benchmarks").glob("*.md"))
+    ratios = set(re.findall(r"\b\d+\.\d+x\b|\b\d[\d,]* MB\b", results))
+    diffs = {f"{float(x):.1e}" for x in re.findall(r"\b\d\.\de[-+]\d+\b", results)}
+    checked = 0
+    for name in readme_figures.BLOCKS:
+        text = readme_figures.BLOCK.sub("", (ROOT / name).read_text())
+        for figure in re.findall(r"\b\d+\.\d+x\b|\b\d[\d,]* MB\b", text):
+            assert figure in ratios, f"{name}: {figure} is in no benchmarks/*.md results file"
+            checked += 1
+        for figure in re.findall(r"\b\d\.\de-\d+\b", text):
+            assert f"{float(figure):.1e}" in diffs, f"{name}: {figure} is in no benchmarks/*.md results file"
+            checked += 1
+    assert checked >= 10
