@@ -193,3 +193,20 @@ def test_benchmark_figures_in_the_readmes_are_in_the_results_files():
             assert f"{float(figure):.1e}" in diffs, f"{name}: {figure} is in no benchmarks/*.md results file"
             checked += 1
     assert checked >= 10
+
+
+def test_every_test_the_readmes_cite_exists():
+    """A promise backed by a named test names a test (or test file) that is in the suite."""
+    tests = ROOT / "tests"
+    source = "\n".join(p.read_text() for p in tests.glob("*.py"))
+    defined = set(re.findall(r"^(?:    )?def (test_\w+)", source, re.M))
+    cited = 0
+    for name in readme_figures.BLOCKS:
+        text = (ROOT / name).read_text()
+        for file in re.findall(r"\b(test_\w+\.py)\b", text):
+            assert (tests / file).is_file(), f"{name} cites tests/{file}, which does not exist"
+            cited += 1
+        for test in re.findall(r"\b(test_\w+)\b(?!\.py|\*)", text):
+            assert test in defined or (tests / f"{test}.py").is_file(), f"{name} cites {test}, which is no test"
+            cited += 1
+    assert cited >= 20
