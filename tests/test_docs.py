@@ -3,6 +3,7 @@
 import inspect
 import json
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -210,3 +211,23 @@ def test_every_test_the_readmes_cite_exists():
             assert test in defined or (tests / f"{test}.py").is_file(), f"{name} cites {test}, which is no test"
             cited += 1
     assert cited >= 20
+
+
+def test_a_timing_is_parsed_from_time_v_and_rendered_with_its_command_and_date():
+    """`--timings` reads /usr/bin/time -v's report; a rendered time names its command, date and machine."""
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", "x = bytearray(200 * 2 ** 20)"],
+                          capture_output=True, text=True, check=True)
+    timing = readme_figures.parse_time_v(proc.stderr)
+    assert timing["wall_s"] > 0 and timing["cpu_s"] >= 0 and 0.2 <= timing["peak_rss_gb"] < 2
+    figures = readme_figures.load()
+    figures["methods"]["dpo"]["timing"] = {"command": "/usr/bin/time -v alignkit -q run --method dpo",
+                                           "machine": "a 2-core X CPU", "date": "2031-01-02", **timing}
+    text = readme_figures.timing(figures, "dpo")
+    assert text.startswith("Measured 2031-01-02 with `/usr/bin/time -v alignkit -q run --method dpo` on a 2-core X")
+    assert f"{timing['wall_s']:g} s wall" in text
+
+
+def test_the_check_mode_agrees_with_the_readmes():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_figures.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
