@@ -231,3 +231,17 @@ def test_the_check_mode_agrees_with_the_readmes():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_figures.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_readme_describes_the_built_in_model_and_data_as_they_are():
+    """The default job's description: the built-in model's size and layers, the demo data's sizes."""
+    from alignkit.data import load_data
+    from alignkit.testing import tiny_model
+
+    model = tiny_model()
+    size = sum(p.numel() for p in model.parameters())
+    assert f"builds a {model.config.num_hidden_layers}-layer Llama ({size:,} parameters" in README
+    assert model.config.tie_word_embeddings
+    train, test = (load_data("builtin:sort", split) for split in ("train", "test"))
+    assert f"`builtin:sort`: {len(train):,} preference pairs" in README
+    assert f"Evaluation uses {len(test)}\nheld-out pairs" in README or f"Evaluation uses {len(test)} held-out" in README
