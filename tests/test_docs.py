@@ -245,3 +245,12 @@ def test_the_readme_describes_the_built_in_model_and_data_as_they_are():
     train, test = (load_data("builtin:sort", split) for split in ("train", "test"))
     assert f"`builtin:sort`: {len(train):,} preference pairs" in README
     assert f"Evaluation uses {len(test)}\nheld-out pairs" in README or f"Evaluation uses {len(test)} held-out" in README
+
+
+@pytest.mark.parametrize("method", ["dpo", "cpo", "simpo"])
+def test_a_pairwise_plugin_readme_lists_what_its_demo_logs(method):
+    """The `Logged:` list of the DPO, CPO and SimPO READMEs is the set of metrics their demo's eval rows hold."""
+    logged = {k.removeprefix("eval_") for k in readme_figures.load()["methods"][method]["evals"][-1]} - {"step", "loss"}
+    text = (ROOT / "plugins" / f"alignkit-{method}" / "README.md").read_text()
+    listed = set(re.findall(r"`([\w/]+)`", text.split("Logged:", 1)[1].split("\n`pip", 1)[0]))
+    assert listed == logged
