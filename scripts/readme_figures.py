@@ -175,9 +175,9 @@ def fmt(key: str, value: float) -> str:
     return f"{int(value):,}" if key.endswith("num_tokens") else f"{value:.3f}"  # counts, and 3 decimals
 
 
-def table(figures: dict, method: str, metrics: list[tuple[str, str]], columns: list[int] | None = None) -> str:
+def table(figures: dict, method: str, metrics: list[tuple[str, str]]) -> str:
     """Held-out metrics (rows) at the demo's eval steps (columns)."""
-    columns = steps(figures, method) if columns is None else columns
+    columns = steps(figures, method)
     lines = ["| step | " + " | ".join(str(s) for s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, label in metrics:
         lines.append(f"| {label} | " + " | ".join(fmt(key, at(figures, method, s)[key]) for s in columns) + " |")
@@ -207,10 +207,6 @@ def pairwise(method: str):
     def render(f):
         return f"{table(f, method, PAIRWISE)}\n\n{made_by(f, method)} {timing(f, method)}"
     return render
-
-
-def orpo(f):
-    return f"{table(f, 'orpo', PAIRWISE)}\n\n{made_by(f, 'orpo')} {timing(f, 'orpo')}"
 
 
 def sft_line(f):
@@ -249,7 +245,7 @@ def suite(f):
 
 #: README file -> block name -> renderer
 BLOCKS = {
-    "README.md": {"orpo": orpo, "sft-line": sft_line, "grpo": grpo, "suite": suite},
+    "README.md": {"orpo": pairwise("orpo"), "sft-line": sft_line, "grpo": grpo, "suite": suite},
     "plugins/alignkit-dpo/README.md": {"dpo": pairwise("dpo")},
     "plugins/alignkit-cpo/README.md": {"cpo": pairwise("cpo")},
     "plugins/alignkit-simpo/README.md": {"simpo": pairwise("simpo")},
