@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import readme_figures  # noqa: E402
+
 
 def test_default_job_learns_offline(tmp_path):
     exe = Path(sys.executable).parent / "alignkit"  # the console script the install put beside python
     assert exe.is_file()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ALIGNKIT_LOAD_PLUGINS": "alignkit"}
+    env = readme_figures.demo_env({**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit"})  # the figures' threads
     proc = subprocess.run([exe, "run", "--method", "orpo"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,6 +29,7 @@ def test_default_job_learns_offline(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["eval_rewards/accuracies"] == evals[-1]["eval_rewards/accuracies"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    readme_figures.assert_demo_matches("orpo", out / "metrics.jsonl")  # the README's table
 
 
 @pytest.mark.parametrize("method", ["dpo", "cpo", "simpo"])
@@ -33,8 +37,7 @@ def test_every_pairwise_plugin_demo_learns_offline(tmp_path, method):
     """`alignkit run --method NAME` with no config, for each shipped pairwise plugin: it trains offline on the
     demo data the plugin names and learns to rank the held-out pairs."""
     exe = Path(sys.executable).parent / "alignkit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "ALIGNKIT_LOAD_PLUGINS": f"alignkit,alignkit-{method}"}
+    env = readme_figures.demo_env({**os.environ, "ALIGNKIT_LOAD_PLUGINS": f"alignkit,alignkit-{method}"})
     proc = subprocess.run([exe, "-q", "run", "--method", method, "train.plots=false"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,3 +47,4 @@ def test_every_pairwise_plugin_demo_learns_offline(tmp_path, method):
     assert evals[-1]["eval_rewards/accuracies"] >= 0.9
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    readme_figures.assert_demo_matches(method, tmp_path / "outputs" / method / "metrics.jsonl")  # its README's table

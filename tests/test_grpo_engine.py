@@ -19,6 +19,9 @@ from alignkit.schedule import Actions, Schedule
 from alignkit.testing import plugin_manager
 from helpers import free_port, read_jsonl
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import readme_figures  # noqa: E402
+
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo", "PATH": str(Path(sys.executable).parent),
        "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))}
@@ -28,10 +31,11 @@ SMALL = ["method.num_generations=4", "method.max_completion_length=8", "data.max
 
 
 def test_demo_learns_offline(tmp_path):
-    """`alignkit run --method grpo`, no config: held-out reward up by >= 0.15 within 5 minutes, curve in plots/."""
+    """`alignkit run --method grpo`, no config: held-out reward up by >= 0.15 within 5 minutes, curve in plots/,
+    the README's figures."""
     start = time.time()
     proc = subprocess.run([Path(sys.executable).parent / "alignkit", "run", "--method", "grpo"], cwd=tmp_path,
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                          env=readme_figures.demo_env(ENV, cache=tmp_path / "cache"), capture_output=True, text=True, timeout=600)
     elapsed = time.time() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / "grpo"
@@ -39,6 +43,7 @@ def test_demo_learns_offline(tmp_path):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 120
     assert evals[-1]["eval_reward"] - evals[0]["eval_reward"] >= 0.15, [e["eval_reward"] for e in evals]
     assert (out / "plots" / "reward.png").is_file()
+    readme_figures.assert_demo_matches("grpo", out / "metrics.jsonl")
     assert elapsed < 300 or os.getloadavg()[0] > 3, elapsed  # measured on a quiet machine: see the README
 
 

@@ -338,7 +338,10 @@ def test_default_job_learns_offline(tmp_path):
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "alignkit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-kto"}
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import readme_figures
+
+    env = readme_figures.demo_env({**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-kto"})  # its threads
     proc = subprocess.run([exe, "run", "--method", "kto"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1200)  # generous: wall time grows with a shared machine's load
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -347,6 +350,7 @@ def test_default_job_learns_offline(tmp_path):
     assert rows[0]["step"] == 0 and len(margins) >= 4
     assert margins[-1] > 0 and margins[-1] > margins[len(margins) // 2] > margins[0]
     assert json.loads(proc.stdout)["eval_rewards/margins"] == margins[-1]
+    readme_figures.assert_demo_matches("kto", tmp_path / "outputs" / "kto" / "metrics.jsonl")  # the README's figures
 
 
 def test_eval_metrics_and_gradients_equal_trl(tmp_path, monkeypatch):

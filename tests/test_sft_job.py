@@ -18,10 +18,13 @@ from helpers import fast, read_jsonl
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import compare_sft_with_trl  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import readme_figures  # noqa: E402
+
 
 def test_default_sft_job_learns_offline(tmp_path):
     exe = Path(sys.executable).parent / "alignkit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ALIGNKIT_LOAD_PLUGINS": "alignkit-sft"}
+    env = readme_figures.demo_env({**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit-sft"})  # the figures' threads
     proc = subprocess.run([exe, "run", "--method", "sft"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,6 +39,7 @@ def test_default_sft_job_learns_offline(tmp_path):
     assert [r["num_tokens"] for r in train] == sorted(r["num_tokens"] for r in train)  # a running total
     summary = json.loads(proc.stdout)
     assert summary["eval_mean_token_accuracy"] == evals[-1]["eval_mean_token_accuracy"]
+    readme_figures.assert_demo_matches("sft", out / "metrics.jsonl")  # the plugin README's table
 
 
 @pytest.fixture(scope="module")
