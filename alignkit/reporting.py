@@ -30,7 +30,7 @@ def check_trackers(names: list[str]) -> None:
 def observers(run, accelerator) -> list:
     """The engine's own observers of one run: metrics.jsonl, the progress bar, trackers, plots."""
     t = run.config.train
-    found = [MetricsFile(run.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm, run.method.progress_metrics)]
+    found = [MetricsFile(run.output_dir / "metrics.jsonl", run.config), ProgressBar(t.disable_tqdm, run.method.progress_metrics)]
     found += [Trackers(accelerator)] if t.report_to else []
     found += [Plots(run.output_dir)] if t.plots else []
     return found
@@ -41,8 +41,8 @@ class MetricsFile:
 
     alignkit_all_runs = True
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, config=None) -> None:
+        self.path, self.config = path, config
 
     @hookimpl
     def on_train_start(self, run):
@@ -57,7 +57,7 @@ class MetricsFile:
     def _append(self, run, row: dict) -> None:
         if run.is_main_process:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(_recorded_names(row, self.config)) + "\n")
 
     @hookimpl
     def on_log(self, run, step, logs):
@@ -66,6 +66,14 @@ class MetricsFile:
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         self._append(run, {"step": step, "epoch": round(run.epoch, 4), **metrics})
+
+
+def _recorded_names(metrics: dict, config) -> dict:
+    """Metric names as they may be written: a name built from a setting given through `${oc.env:...}` (e.g. a reward
+    model's path) holds the interpolation, not the value."""
+    from alignkit.config import redact
+
+    return metrics if config is None else {redact(k, config): v for k, v in metrics.items()}
 
 
 class ProgressBar:
@@ -110,19 +118,20 @@ class Trackers:
     def on_train_start(self, run):
         from alignkit.config import recorded
 
-        config = recorded(run.config)  # ${oc.env:...} values stay out of the trackers
-        t = config.train
+        config = recorded(run.config)  # ${oc.env:...} values stay out of the config the trackers keep
         flat = {f"{section}.{k}": v for section, block in config.model_dump(mode="json").items()
                 for k, v in block.items() if isinstance(v, (int, float, str, bool))}
+        t = run.config.train  # the name resolved: job-${oc.env:SLURM_JOB_ID} names each job apart
         self.accelerator.init_trackers(t.run_name or Path(t.output_dir).name, config=flat)
 
     @hookimpl
     def on_log(self, run, step, logs):
-        self.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+        self.accelerator.log({f"train/{k}": v for k, v in _recorded_names(logs, run.config).items()}, step=step)
 
     @hookimpl
     def on_evaluate(self, run, step, metrics):
-        self.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in metrics.items()}, step=step)
+        named = _recorded_names(metrics, run.config)
+        self.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in named.items()}, step=step)
 
     @hookimpl
     def on_train_end(self, run, metrics):

@@ -1,0 +1,121 @@
+"""Hostile configs (issue 20): values from the environment stay out of every written file, and config mistakes are
+one line, exit 2, before anything is written."""
+
+import json
+
+import alignkit_grpo
+import pytest
+import torch
+
+import alignkit
+from alignkit.testing import plugin_manager, tiny_model, tiny_tokenizer
+from helpers import fast, read_jsonl
+
+SECRET = "s3cr3t-path-xyz"
+
+
+@pytest.fixture
+def grpo_pm():
+    return plugin_manager(alignkit_grpo)
+
+
+def _reward_model(path):
+    from transformers import LlamaForSequenceClassification
+
+    from alignkit.modeling import tiny_llama_config
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(tiny_llama_config(len(tok), num_labels=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _written_text(folder) -> dict[str, str]:
+    """Every file under `folder` (names included) that is text, by relative path."""
+    out = {}
+    for p in folder.rglob("*"):
+        if p.is_file():
+            try:
+                out[str(p.relative_to(folder))] = p.read_text()
+            except UnicodeDecodeError:
+                out[str(p.relative_to(folder))] = ""
+    return out
+
+
+def test_an_env_value_inside_a_list_setting_is_recorded_as_its_interpolation(grpo_pm, tmp_path, monkeypatch):
+    """method.reward_funcs: ['model:${oc.env:RM_DIR}']: the reward model loads from the environment's path, and no
+    written file, file name or metric name holds that path."""
+    rm_dir = tmp_path / SECRET
+    _reward_model(rm_dir)
+    monkeypatch.setenv("RM_DIR", str(rm_dir))
+    config = fast(tmp_path, max_steps=2, save_steps=1, plots=True)
+    config["method"] = {"reward_funcs": ["model:${oc.env:RM_DIR}"], "num_generations": 4,
+                        "max_completion_length": 4}
+    result = alignkit.run("grpo", config, plugins=grpo_pm)
+    assert result.config.method.reward_funcs == [f"model:{rm_dir}"]  # the run used the resolved value
+    out = tmp_path / "out"
+    written = _written_text(out)
+    assert {"config.yaml", "README.md", "metrics.jsonl"} <= set(written)
+    assert any(name.startswith("plots/") for name in written)
+    leaks = [name for name, text in written.items() if SECRET in name or SECRET in text]
+    assert not leaks
+    assert '"model:${oc.env:RM_DIR}"' in written["config.yaml"]
+    assert any("${oc.env:RM_DIR}" in key for row in read_jsonl(out / "metrics.jsonl") for key in row)
+
+
+def test_checkpoints_keep_no_unsalted_hash_of_an_env_value(pm, tmp_path, monkeypatch):
+    """The checkpoint may notice a changed environment value, but not by a plain SHA-256 anyone can look up."""
+    import hashlib
+
+    monkeypatch.setenv("RUN_SEED", "7")
+    alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm, **{"train.seed": "${oc.env:RUN_SEED}"})
+    states = [p.read_text() for p in (tmp_path / "out").rglob("*.json")]
+    for digest in (hashlib.sha256(v.encode()).hexdigest() for v in ("7", json.dumps(7), json.dumps("7"))):
+        assert not [s for s in states if digest in s]
+    # a resume in the same environment passes; a changed value is still refused
+    first = str(tmp_path / "out" / "checkpoints" / "checkpoint-1")
+    monkeypatch.setenv("RUN_SEED", "8")
+    with pytest.raises(alignkit.ConfigError, match=r"other values from the environment .*train.seed"):
+        alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm,
+                     **{"train.seed": "${oc.env:RUN_SEED}", "train.resume_from_checkpoint": first})
+    monkeypatch.setenv("RUN_SEED", "7")
+    result = alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm,
+                          **{"train.seed": "${oc.env:RUN_SEED}", "train.resume_from_checkpoint": first})
+    assert result.global_step == 2
+
+
+def test_two_runs_hash_the_same_env_value_differently(pm, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUN_SEED", "7")
+    for name in ("a", "b"):
+        alignkit.run("orpo", fast(tmp_path / name, max_steps=2, save_steps=1), plugins=pm,
+                     **{"train.seed": "${oc.env:RUN_SEED}"})
+    recorded = [json.loads(p.read_text())["environment"]["train.seed"]
+                for p in sorted(tmp_path.glob("*/out/checkpoints/checkpoint-1/alignkit_state.json"))]
+    assert len(recorded) == 2 and recorded[0] != recorded[1]
+
+
+def test_an_env_given_model_path_stays_out_of_the_adapter_config(pm, tmp_path, monkeypatch):
+    model_dir = tmp_path / SECRET
+    tiny_model().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    monkeypatch.setenv("BASE_DIR", str(model_dir))
+    out = alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm,
+                       **{"model.name_or_path": "${oc.env:BASE_DIR}", "model.peft.r": 4}).output_dir
+    leaks = [name for name, text in _written_text(out).items() if SECRET in text]
+    assert not leaks
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "${oc.env:BASE_DIR}"
+    from alignkit.generate import load
+
+    model, tok = load(str(out))  # the adapter still loads on its base, found through the same environment
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_run_name_from_the_environment_reaches_trackers_resolved(pm, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm,
+                 **{"train.run_name": "job-${oc.env:SLURM_JOB_ID}", "train.report_to": ["tensorboard"]})
+    out = tmp_path / "out"
+    names = {p.name for p in out.rglob("*") if p.is_dir()}
+    assert "job-4242" in names, names
+    assert not [n for n in names if "oc.env" in n]
+    assert '"job-${oc.env:SLURM_JOB_ID}"' in (out / "config.yaml").read_text()
