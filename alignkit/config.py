@@ -143,6 +143,14 @@ class TrainConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
 
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (v in ("", ".", "..") or any(c in v for c in "/\\\0")):
+            raise ValueError("a run name is a plain name, not a path (trackers make a folder of it inside "
+                             "output_dir): no /, \\, '..' or '.'; use e.g. job-42")
+        return v
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
@@ -203,8 +211,8 @@ class RunConfig(Section):
     method: MethodConfig
     #: dotted key -> the `${oc.env:...}` interpolation it was given as: written files record that, not the value
     _recorded: dict[str, str] = PrivateAttr(default_factory=dict)
-    #: this run's random key for the hashes of those values in checkpoints (see environment_values)
-    _salt: str = PrivateAttr(default_factory=lambda: secrets.token_hex(16))
+    #: this run's random key for the hashes of those values in checkpoints, made at first use (environment_values)
+    _salt: str | None = PrivateAttr(None)
 
 
 def recorded(config: RunConfig) -> RunConfig:
@@ -255,7 +263,7 @@ def environment_values(config: RunConfig, like: Mapping[str, str] | None = None)
             out[key] = hashlib.sha256(data).hexdigest()
             continue
         else:
-            salt = config._salt
+            config._salt = salt = config._salt or secrets.token_hex(16)
         out[key] = f"{_HMAC}:{salt}:{hmac.new(bytes.fromhex(salt), data, hashlib.sha256).hexdigest()}"
     return out
 
@@ -309,7 +317,35 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
                 OmegaConf.update(cfg, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    except TypeError as e:  # a section given as a list or value, merged with its keys
+        raise ConfigError(f"bad override: {e}; each of {', '.join(SECTIONS)} is a mapping of keys") from None
+    _check_sections(OmegaConf.to_container(cfg, resolve=False), "config")
     return cfg
+
+
+#: the top-level sections of a config; each is a mapping of keys
+SECTIONS = ("model", "data", "train", "method")
+
+
+def _check_sections(data: dict, where: str) -> None:
+    for section in SECTIONS:
+        value = data.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys (e.g. {section}.KEY: VALUE on "
+                              f"lines indented below '{section}:'), not a {type(value).__name__}")
+
+
+def _refuse_tags(text: str, path: Path) -> None:
+    """A config is plain data: any YAML tag (!!binary, !!python/..., !custom, even !!str) is refused, naming where."""
+    import yaml
+
+    for token in yaml.scan(text):
+        if isinstance(token, yaml.TagToken):
+            handle, suffix = token.value
+            mark = token.start_mark
+            raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: YAML tag {handle or '!<'}{suffix}"
+                              f"{'' if handle else '>'} is not allowed: a config holds plain strings, numbers, "
+                              "lists and mappings; remove the tag (quote the value to make it a string)")
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -330,6 +366,7 @@ def load_yaml(path: Path) -> DictConfig:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
     try:
+        _refuse_tags(text, path)
         data = yaml.load(text, Loader=get_yaml_loader())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -348,6 +385,7 @@ def load_yaml(path: Path) -> DictConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of sections (model, data, train, method), not a "
                           f"{type(data).__name__}")
+    _check_sections(data, str(path))
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as e:
@@ -421,6 +459,13 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+def _elsewhere(cls: type[BaseModel], loc: tuple) -> str:
+    """' (did you mean 'train.learning_rate'?)' for a key given without its section, or in another one."""
+    found = [f"{section}.{loc[-1]}" for section in SECTIONS if section != loc[0] and
+             loc[-1] in _fields_at(cls, (section,))]
+    return f" (did you mean '{found[0]}'?)" if len(found) == 1 else ""
+
+
 def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
     """One line naming each bad dotted key, the bad value and, for a typo, the closest valid key."""
     parts = []
@@ -428,8 +473,8 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
         loc = tuple(str(x) for x in err["loc"])
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            valid = _fields_at(cls, loc[:-1])
-            parts.append(f"unknown key '{key}'{did_you_mean(loc[-1], valid)}")
+            hint = did_you_mean(loc[-1], _fields_at(cls, loc[:-1])) or _elsewhere(cls, loc)
+            parts.append(f"unknown key '{key}'{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if isinstance(err["input"], dict):  # a check across keys: its message names them

@@ -119,3 +119,64 @@ def test_run_name_from_the_environment_reaches_trackers_resolved(pm, tmp_path, m
     assert "job-4242" in names, names
     assert not [n for n in names if "oc.env" in n]
     assert '"job-${oc.env:SLURM_JOB_ID}"' in (out / "config.yaml").read_text()
+
+
+def refused(*args, written=None) -> str:
+    """Run the CLI; it must exit 2 with exactly one line on stderr (returned), and `written` must not exist."""
+    from click.testing import CliRunner
+
+    from alignkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["-q", *map(str, args)])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("alignkit: error: "), result.stderr
+    assert written is None or not written.exists(), sorted(p.name for p in written.rglob("*"))
+    return lines[0]
+
+
+@pytest.fixture
+def installed_orpo(monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "a\\b", "..", "."])
+def test_a_run_name_that_is_a_path_is_refused(installed_orpo, tmp_path, name):
+    out = tmp_path / "out"
+    line = refused("run", "--method", "orpo", f"train.output_dir={out}", f"train.run_name={name}", written=out)
+    assert "train.run_name" in line and "path" in line
+
+
+@pytest.mark.parametrize("section", ["model", "data", "train", "method"])
+@pytest.mark.parametrize("body", ["\n  - a\n  - b\n", " 3\n", " text\n"])
+def test_a_section_that_is_not_a_mapping_is_one_line(installed_orpo, tmp_path, section, body):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{section}:{body}")
+    out = tmp_path / "out"
+    line = refused("run", "--method", "orpo", "-c", config, f"train.output_dir={out}", "train.max_steps=1", written=out)
+    assert str(config) in line and f"'{section}'" in line and "mapping" in line
+
+
+def test_a_section_given_as_a_list_override_is_one_line(installed_orpo, tmp_path):
+    line = refused("config", "--method", "orpo", "train=[1,2]")
+    assert "'train'" in line and "mapping" in line
+
+
+@pytest.mark.parametrize("value", ["!!binary aGVsbG8=", "!!python/object:builtins.dict {}", "!!python/name:os.system",
+                                   "!foo bar", "!!str plain", "!<tag:yaml.org,2002:int> '3'"])
+def test_yaml_tags_are_refused_naming_the_file(installed_orpo, tmp_path, value):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  run_name: {value}\n")
+    out = tmp_path / "out"
+    line = refused("config", "--method", "orpo", "-c", config, f"train.output_dir={out}")
+    assert f"{config}:2:" in line and "tag" in line
+
+
+def test_a_key_without_its_section_gets_a_did_you_mean(installed_orpo):
+    assert "did you mean 'train.learning_rate'?" in refused("config", "--method", "orpo", "learning_rate=1e-5")
+    assert "did you mean 'train.max_steps'?" in refused("config", "--method", "orpo", "data.max_steps=3")
+    assert "did you mean 'method.beta'?" in refused("config", "--method", "orpo", "beta=0.2")
+
+
+def test_a_method_in_the_wrong_case_gets_a_did_you_mean(installed_orpo):
+    assert "did you mean 'orpo'?" in refused("config", "--method", "ORPO")
