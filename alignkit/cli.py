@@ -12,10 +12,49 @@ from alignkit.errors import AlignkitError, TrainingInterrupted
 from alignkit.plugins import build_registry, get_plugin_manager
 
 
+class _OneLine(click.ClickException):
+    """click's own errors (unknown option, invalid value, missing argument) in alignkit's form: one line, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"alignkit: error: {self.message}", err=True)
+
+
+def _one_line(e: click.ClickException) -> _OneLine:
+    message = " ".join(e.format_message().split())  # one line, whatever click put in it
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        names = []
+        while ctx.parent is not None:  # the subcommand's name (the program's own is alignkit, however invoked)
+            names.insert(0, ctx.info_name)
+            ctx = ctx.parent
+        message = "".join(f"{n}: " for n in names) + f"{message} (see {' '.join(['alignkit', *names])} --help)"
+    return _OneLine(message)
+
+
 class _Cli(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):  # the group's own options and command name
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            raise _one_line(e) from None
+
+    def resolve_command(self, ctx: click.Context, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.ClickException as e:
+            raise _one_line(e) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (_OneLine, click.exceptions.NoArgsIsHelpError):
+            raise
+        except click.ClickException as e:  # a command's own options and arguments
+            raise _one_line(e) from None
         except AlignkitError as e:
             click.echo(f"alignkit: error: {e}", err=True)
             ctx.exit(2)
