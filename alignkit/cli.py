@@ -293,7 +293,10 @@ def _parse_value(value: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from alignkit.config import refuse_tags
+
     try:
+        refuse_tags(value, f"value {value!r}", positions=False)
         return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         problem = getattr(e, "problem", None)

@@ -311,6 +311,7 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
             for item in overrides:
                 if "=" not in item:
                     raise ConfigError(f"override {item!r} must be KEY=VALUE, e.g. train.max_steps=10")
+                refuse_tags(item.split("=", 1)[1], f"override {item.split('=', 1)[0]}", positions=False)
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         else:
             for key, value in (overrides or {}).items():
@@ -335,17 +336,23 @@ def _check_sections(data: dict, where: str) -> None:
                               f"lines indented below '{section}:'), not a {type(value).__name__}")
 
 
-def _refuse_tags(text: str, path: Path) -> None:
-    """A config is plain data: any YAML tag (!!binary, !!python/..., !custom, even !!str) is refused, naming where."""
+def refuse_tags(text: str, where: str, positions: bool = True) -> None:
+    """A config is plain data: any YAML tag (!!binary, !!python/..., !custom, even !!str) is refused in one line
+    naming `where` (a file: with line and column)."""
     import yaml
 
-    for token in yaml.scan(text):
+    try:
+        tokens = list(yaml.scan(text))
+    except yaml.YAMLError:  # not valid YAML: the loader reports that, with its position
+        return
+    for token in tokens:
         if isinstance(token, yaml.TagToken):
             handle, suffix = token.value
             mark = token.start_mark
-            raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: YAML tag {handle or '!<'}{suffix}"
-                              f"{'' if handle else '>'} is not allowed: a config holds plain strings, numbers, "
-                              "lists and mappings; remove the tag (quote the value to make it a string)")
+            at = f"{where}:{mark.line + 1}:{mark.column + 1}" if positions else where
+            raise ConfigError(f"{at}: YAML tag {handle or '!<'}{suffix}{'' if handle else '>'} is not allowed: a "
+                              "config holds plain strings, numbers, lists and mappings; remove the tag (quote the "
+                              "value to make it a string)")
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -366,7 +373,7 @@ def load_yaml(path: Path) -> DictConfig:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
     try:
-        _refuse_tags(text, path)
+        refuse_tags(text, str(path))
         data = yaml.load(text, Loader=get_yaml_loader())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

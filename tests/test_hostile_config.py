@@ -172,6 +172,14 @@ def test_yaml_tags_are_refused_naming_the_file(installed_orpo, tmp_path, value):
     assert f"{config}:2:" in line and "tag" in line
 
 
+@pytest.mark.parametrize("value", ["!!binary aGVsbG8=", "!!python/name:os.system", "!!str plain"])
+def test_yaml_tags_in_an_override_are_refused(installed_orpo, pm, value):
+    line = refused("config", "--method", "orpo", f"train.run_name={value}")
+    assert "train.run_name" in line and "tag" in line
+    with pytest.raises(alignkit.ConfigError, match="override train.run_name: YAML tag"):
+        alignkit.load_config("orpo", None, [f"train.run_name={value}"], plugins=pm)
+
+
 def test_a_key_without_its_section_gets_a_did_you_mean(installed_orpo):
     assert "did you mean 'train.learning_rate'?" in refused("config", "--method", "orpo", "learning_rate=1e-5")
     assert "did you mean 'train.max_steps'?" in refused("config", "--method", "orpo", "data.max_steps=3")
