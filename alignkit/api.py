@@ -82,6 +82,7 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
     from alignkit.engine import Engine
 
     pm = plugins or get_plugin_manager()
+    method = method or (None if model is not None else _method_of_model_folder(config, overrides))
     cfg, chosen = load_config(method, config, overrides, pm)
     trained = None if model is not None else trained_settings(cfg, config, overrides)
     if trained:  # the settings the model was trained (and evaluated) with, below the user's own
@@ -106,6 +107,18 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
 #: folder's config.yaml unless given (the data, the method's settings, the eval batch size, precision, seed)
 EVAL_SETTINGS = ("data", "method", "train.per_device_eval_batch_size", "train.seed", "train.bf16", "train.fp16",
                  "model.dtype", "model.attn_implementation")
+
+
+def _method_of_model_folder(config, overrides) -> str | None:
+    """The method a trained model.name_or_path folder was trained with (its config.yaml), when none is given."""
+    user = user_layer(config, overrides)
+    folder = OmegaConf.select(user, "model.name_or_path", default=None)
+    if OmegaConf.select(user, "method.name", default=None) or not folder or not (Path(folder) / "config.yaml").is_file():
+        return None
+    try:
+        return OmegaConf.select(load_yaml(Path(folder) / "config.yaml"), "method.name", default=None)
+    except ConfigError:
+        return None
 
 
 def trained_settings(cfg: RunConfig, config, overrides) -> DictConfig | None:

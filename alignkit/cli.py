@@ -125,7 +125,12 @@ def run(method, config_file, overrides):
 def eval_(method, config_file, overrides):
     """Evaluate model.name_or_path on data.eval (or data.train); print and save the metrics.
 
+    A run's output folder brings its method and the settings it was evaluated with (data, method settings, eval
+    batch size), so the numbers equal training's last evaluation; KEY=VALUE overrides them. With no model the
+    untrained built-in model is evaluated (a warning says so).
+
     \b
+    alignkit eval model.name_or_path=outputs/NAME
     alignkit eval --method NAME model.name_or_path=outputs/NAME data.eval=pairs.jsonl
     """
     click.echo(json.dumps(api.evaluate(method, config_file, **_dotlist(overrides)), indent=2))

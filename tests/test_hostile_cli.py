@@ -89,3 +89,7 @@ def test_eval_of_a_trained_folder_prints_the_final_eval_loss_of_training(tmp_pat
     assert evaluated["eval_loss"] == final["eval_loss"]
     assert {k: evaluated[k] for k in final if k.startswith("eval_")} == {k: v for k, v in final.items()
                                                                          if k.startswith("eval_")}
+    # the folder names its method too
+    again = CliRunner().invoke(cli, ["-q", "eval", f"model.name_or_path={out}"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["eval_loss"] == final["eval_loss"]
