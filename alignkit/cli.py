@@ -113,9 +113,11 @@ def run(method, config_file, overrides):
     alignkit run --method NAME
     alignkit run --method NAME -c my.yaml train.max_steps=50 data.train=pairs.jsonl
     """
-    result = api.run(method, config_file, **_dotlist(overrides))
+    from alignkit.config import redact
+
+    result = api.run(method, config_file, **_dotlist(overrides))  # metric names as written: no ${oc.env:...} values
     click.echo(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step,
-                           **result.metrics}, indent=2))
+                           **{redact(k, result.config): v for k, v in result.metrics.items()}}, indent=2))
 
 
 @cli.command("eval", context_settings=_passthrough)

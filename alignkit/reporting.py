@@ -98,7 +98,8 @@ class ProgressBar:
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         if not self.bar.disable:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
+            named = _recorded_names(metrics, run.config)  # logs are kept too: no ${oc.env:...} value in them
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in named.items() if not math.isnan(v))
             self.bar.write(f"step {step}: {shown}", file=sys.stderr)
 
     @hookimpl

@@ -54,6 +54,18 @@ def test_an_env_value_inside_a_list_setting_is_recorded_as_its_interpolation(grp
     result = alignkit.run("grpo", config, plugins=grpo_pm)
     assert result.config.method.reward_funcs == [f"model:{rm_dir}"]  # the run used the resolved value
     out = tmp_path / "out"
+    # what the CLI prints (kept in job logs) names it as written too
+    from click.testing import CliRunner
+
+    from alignkit.cli import cli
+
+    config["train"].update(output_dir=str(tmp_path / "cli"), max_steps=1, plots=False, eval_steps=1)
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit-grpo")
+    printed = CliRunner().invoke(cli, ["run", "--method", "grpo", "-c", str(tmp_path / "c.yaml")])
+    assert printed.exit_code == 0, printed.output
+    assert SECRET not in printed.stdout and SECRET not in printed.stderr
+    assert "${oc.env:RM_DIR}" in printed.stdout
     written = _written_text(out)
     assert {"config.yaml", "README.md", "metrics.jsonl"} <= set(written)
     assert any(name.startswith("plots/") for name in written)
