@@ -42,17 +42,23 @@ def _written_text(folder) -> dict[str, str]:
     return out
 
 
-def test_an_env_value_inside_a_list_setting_is_recorded_as_its_interpolation(grpo_pm, tmp_path, monkeypatch):
-    """method.reward_funcs: ['model:${oc.env:RM_DIR}']: the reward model loads from the environment's path, and no
-    written file, file name or metric name holds that path."""
+def _reward_model_run(tmp_path, monkeypatch, **train) -> dict:
     rm_dir = tmp_path / SECRET
     _reward_model(rm_dir)
     monkeypatch.setenv("RM_DIR", str(rm_dir))
-    config = fast(tmp_path, max_steps=2, save_steps=1, plots=True)
-    config["method"] = {"reward_funcs": ["model:${oc.env:RM_DIR}"], "num_generations": 4,
-                        "max_completion_length": 4}
+    config = fast(tmp_path, max_steps=2, save_steps=1, **train)
+    config["data"] = {"max_train_samples": 8, "max_eval_samples": 2}
+    config["method"] = {"reward_funcs": ["model:${oc.env:RM_DIR}"], "num_generations": 2,
+                        "max_completion_length": 2}
+    return config
+
+
+def test_an_env_value_inside_a_list_setting_is_recorded_as_its_interpolation(grpo_pm, tmp_path, monkeypatch):
+    """method.reward_funcs: ['model:${oc.env:RM_DIR}']: the reward model loads from the environment's path, and no
+    written file, file name or metric name holds that path."""
+    config = _reward_model_run(tmp_path, monkeypatch)
     result = alignkit.run("grpo", config, plugins=grpo_pm)
-    assert result.config.method.reward_funcs == [f"model:{rm_dir}"]  # the run used the resolved value
+    assert result.config.method.reward_funcs == [f"model:{tmp_path / SECRET}"]  # the run used the resolved value
     out = tmp_path / "out"
     # what the CLI prints (kept in job logs) names it as written too
     from click.testing import CliRunner
@@ -67,12 +73,18 @@ def test_an_env_value_inside_a_list_setting_is_recorded_as_its_interpolation(grp
     assert SECRET not in printed.stdout and SECRET not in printed.stderr
     assert "${oc.env:RM_DIR}" in printed.stdout
     written = _written_text(out)
-    assert {"config.yaml", "README.md", "metrics.jsonl"} <= set(written)
-    assert any(name.startswith("plots/") for name in written)
+    assert {"config.yaml", "README.md", "metrics.jsonl", "checkpoints/checkpoint-1/config.yaml"} <= set(written)
     leaks = [name for name, text in written.items() if SECRET in name or SECRET in text]
     assert not leaks
     assert '"model:${oc.env:RM_DIR}"' in written["config.yaml"]
     assert any("${oc.env:RM_DIR}" in key for row in read_jsonl(out / "metrics.jsonl") for key in row)
+
+
+@pytest.mark.slow
+def test_plot_names_of_an_env_value_hold_its_interpolation(grpo_pm, tmp_path, monkeypatch):
+    alignkit.run("grpo", _reward_model_run(tmp_path, monkeypatch, plots=True), plugins=grpo_pm)
+    plots = [p.name for p in (tmp_path / "out" / "plots").iterdir()]
+    assert any("RM_DIR" in name for name in plots) and not [name for name in plots if SECRET in name], plots
 
 
 def test_checkpoints_keep_no_unsalted_hash_of_an_env_value(pm, tmp_path, monkeypatch):
