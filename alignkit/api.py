@@ -113,10 +113,11 @@ def _method_of_model_folder(config, overrides) -> str | None:
     """The method a trained model.name_or_path folder was trained with (its config.yaml), when none is given."""
     user = user_layer(config, overrides)
     folder = OmegaConf.select(user, "model.name_or_path", default=None)
-    if OmegaConf.select(user, "method.name", default=None) or not folder or not (Path(folder) / "config.yaml").is_file():
+    saved = Path(folder) / "config.yaml" if folder else None
+    if OmegaConf.select(user, "method.name", default=None) or saved is None or not saved.is_file():
         return None
     try:
-        return OmegaConf.select(load_yaml(Path(folder) / "config.yaml"), "method.name", default=None)
+        return OmegaConf.select(load_yaml(saved), "method.name", default=None)
     except ConfigError:
         return None
 

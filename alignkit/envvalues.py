@@ -42,7 +42,10 @@ def recorded(config):
 def _value_at(config, key: str):
     node = config
     for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part] if isinstance(node, dict) else getattr(node, part)
+        if isinstance(node, (list, dict)):
+            node = node[int(part) if isinstance(node, list) else part]
+        else:
+            node = getattr(node, part)
     return node
 
 

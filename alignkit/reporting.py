@@ -30,7 +30,7 @@ def check_trackers(names: list[str]) -> None:
 def observers(run, accelerator) -> list:
     """The engine's own observers of one run: metrics.jsonl, the progress bar, trackers, plots."""
     t = run.config.train
-    found = [MetricsFile(run.output_dir / "metrics.jsonl", run.config), ProgressBar(t.disable_tqdm, run.method.progress_metrics)]
+    found = [MetricsFile(run.output_dir / "metrics.jsonl"), ProgressBar(t.disable_tqdm, run.method.progress_metrics)]
     found += [Trackers(accelerator)] if t.report_to else []
     found += [Plots(run.output_dir)] if t.plots else []
     return found
@@ -41,8 +41,8 @@ class MetricsFile:
 
     alignkit_all_runs = True
 
-    def __init__(self, path: Path, config=None) -> None:
-        self.path, self.config = path, config
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     @hookimpl
     def on_train_start(self, run):
@@ -57,7 +57,7 @@ class MetricsFile:
     def _append(self, run, row: dict) -> None:
         if run.is_main_process:
             with self.path.open("a") as f:
-                f.write(json.dumps(_recorded_names(row, self.config)) + "\n")
+                f.write(json.dumps(_recorded_names(row, run.config)) + "\n")
 
     @hookimpl
     def on_log(self, run, step, logs):
@@ -73,7 +73,7 @@ def _recorded_names(metrics: dict, config) -> dict:
     model's path) holds the interpolation, not the value."""
     from alignkit.config import redact
 
-    return metrics if config is None else {redact(k, config): v for k, v in metrics.items()}
+    return {redact(k, config): v for k, v in metrics.items()}
 
 
 class ProgressBar:
