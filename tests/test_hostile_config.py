@@ -212,3 +212,23 @@ def test_a_key_without_its_section_gets_a_did_you_mean(installed_orpo):
 
 def test_a_method_in_the_wrong_case_gets_a_did_you_mean(installed_orpo):
     assert "did you mean 'orpo'?" in refused("config", "--method", "ORPO")
+
+
+def test_a_changed_env_value_inside_a_list_is_noticed_without_writing_it(pm, monkeypatch):
+    from alignkit.config import environment_values, recorded, to_yaml
+
+    monkeypatch.setenv("TARGETS", "q_proj")
+    cfg, _ = alignkit.load_config("orpo", {"model": {"peft": {"target_modules": ["${oc.env:TARGETS}", "v_proj"]}}},
+                                  plugins=pm)
+    assert cfg.model.peft.target_modules == ["q_proj", "v_proj"]
+    assert recorded(cfg).model.peft.target_modules == ["${oc.env:TARGETS}", "v_proj"]
+    assert '["${oc.env:TARGETS}", "v_proj"]' in to_yaml(cfg)
+    saved = environment_values(cfg)
+    assert list(saved) == ["model.peft.target_modules.0"] and "q_proj" not in json.dumps(saved)
+    same, _ = alignkit.load_config("orpo", {"model": {"peft": {"target_modules": ["${oc.env:TARGETS}", "v_proj"]}}},
+                                   plugins=pm)
+    assert environment_values(same, saved) == saved
+    monkeypatch.setenv("TARGETS", "k_proj")
+    other, _ = alignkit.load_config("orpo", {"model": {"peft": {"target_modules": ["${oc.env:TARGETS}", "v_proj"]}}},
+                                    plugins=pm)
+    assert environment_values(other, saved) != saved
