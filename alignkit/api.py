@@ -1,18 +1,21 @@
 """The Python API: methods by name, configs as in the CLI, runs that return their results."""
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from alignkit.config import RunConfig, resolve, user_layer
+from alignkit.config import BUILTIN_MODEL, RunConfig, load_yaml, resolve, user_layer
 from alignkit.errors import ConfigError
 from alignkit.method import Method
 from alignkit.plugins import PluginManager, build_registry, get_plugin_manager
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +82,15 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
     from alignkit.engine import Engine
 
     pm = plugins or get_plugin_manager()
+    method = method or (None if model is not None else _method_of_model_folder(config, overrides))
     cfg, chosen = load_config(method, config, overrides, pm)
+    trained = None if model is not None else trained_settings(cfg, config, overrides)
+    if trained:  # the settings the model was trained (and evaluated) with, below the user's own
+        cfg, chosen = load_config(method, OmegaConf.merge(trained, user_layer(config, overrides)), None, pm)
+    if model is None and cfg.model.name_or_path == BUILTIN_MODEL:
+        log.warning("alignkit eval: evaluating the untrained built-in model %s (random weights from train.seed); to "
+                    "evaluate a trained one give model.name_or_path=FOLDER, e.g. model.name_or_path=outputs/%s",
+                    BUILTIN_MODEL, chosen.name)
     cfg.train.output_dir = str(_eval_dir(cfg, chosen, model is not None))
     engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset)
     metrics = engine.evaluate()
@@ -90,6 +101,50 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         os.replace(tmp, out / "eval_results.json")
     return metrics
+
+
+#: the settings of a trained model's run that decide its eval numbers: `alignkit eval FOLDER` takes them from the
+#: folder's config.yaml unless given (the data, the method's settings, the eval batch size, precision, seed)
+EVAL_SETTINGS = ("data", "method", "train.per_device_eval_batch_size", "train.seed", "train.bf16", "train.fp16",
+                 "model.dtype", "model.attn_implementation")
+
+
+def _method_of_model_folder(config, overrides) -> str | None:
+    """The method a trained model.name_or_path folder was trained with (its config.yaml), when none is given."""
+    user = user_layer(config, overrides)
+    folder = OmegaConf.select(user, "model.name_or_path", default=None)
+    saved = Path(folder) / "config.yaml" if folder else None
+    if OmegaConf.select(user, "method.name", default=None) or saved is None or not saved.is_file():
+        return None
+    try:
+        return OmegaConf.select(load_yaml(saved), "method.name", default=None)
+    except ConfigError:
+        return None
+
+
+def trained_settings(cfg: RunConfig, config, overrides) -> DictConfig | None:
+    """The eval-deciding settings of the run whose output folder is model.name_or_path (its config.yaml), for the
+    same method; None when the model is no such folder."""
+    saved = Path(cfg.model.name_or_path) / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        run = load_yaml(saved)
+    except ConfigError as e:
+        log.warning("alignkit eval: not using %s for the eval settings: %s", saved, e)
+        return None
+    if OmegaConf.select(run, "method.name", default=None) != cfg.method.name:
+        return None
+    out = OmegaConf.create({})
+    for key in EVAL_SETTINGS:
+        value = OmegaConf.select(run, key, default=None, throw_on_missing=False)
+        if value is not None:
+            OmegaConf.update(out, key, value, force_add=True)
+    user = user_layer(config, overrides)  # one held-out source: the user's choice replaces the run's other one
+    for given, other in (("data.eval", "data.eval_fraction"), ("data.eval_fraction", "data.eval")):
+        if OmegaConf.select(user, given, default=None) is not None and OmegaConf.select(out, other, default=None):
+            OmegaConf.update(out, other, None)
+    return out
 
 
 def _eval_dir(cfg: RunConfig, method: Method, model_given: bool) -> Path:

@@ -12,10 +12,49 @@ from alignkit.errors import AlignkitError, TrainingInterrupted
 from alignkit.plugins import build_registry, get_plugin_manager
 
 
+class _OneLine(click.ClickException):
+    """click's own errors (unknown option, invalid value, missing argument) in alignkit's form: one line, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"alignkit: error: {self.message}", err=True)
+
+
+def _one_line(e: click.ClickException) -> _OneLine:
+    message = " ".join(e.format_message().split())  # one line, whatever click put in it
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        names = []
+        while ctx.parent is not None:  # the subcommand's name (the program's own is alignkit, however invoked)
+            names.insert(0, ctx.info_name)
+            ctx = ctx.parent
+        message = "".join(f"{n}: " for n in names) + f"{message} (see {' '.join(['alignkit', *names])} --help)"
+    return _OneLine(message)
+
+
 class _Cli(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):  # the group's own options and command name
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as e:
+            raise _one_line(e) from None
+
+    def resolve_command(self, ctx: click.Context, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.ClickException as e:
+            raise _one_line(e) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (_OneLine, click.exceptions.NoArgsIsHelpError):
+            raise
+        except click.ClickException as e:  # a command's own options and arguments
+            raise _one_line(e) from None
         except AlignkitError as e:
             click.echo(f"alignkit: error: {e}", err=True)
             ctx.exit(2)
@@ -74,9 +113,11 @@ def run(method, config_file, overrides):
     alignkit run --method NAME
     alignkit run --method NAME -c my.yaml train.max_steps=50 data.train=pairs.jsonl
     """
-    result = api.run(method, config_file, **_dotlist(overrides))
+    from alignkit.config import redact
+
+    result = api.run(method, config_file, **_dotlist(overrides))  # metric names as written: no ${oc.env:...} values
     click.echo(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step,
-                           **result.metrics}, indent=2))
+                           **{redact(k, result.config): v for k, v in result.metrics.items()}}, indent=2))
 
 
 @cli.command("eval", context_settings=_passthrough)
@@ -86,7 +127,12 @@ def run(method, config_file, overrides):
 def eval_(method, config_file, overrides):
     """Evaluate model.name_or_path on data.eval (or data.train); print and save the metrics.
 
+    A run's output folder brings its method and the settings it was evaluated with (data, method settings, eval
+    batch size), so the numbers equal training's last evaluation; KEY=VALUE overrides them. With no model the
+    untrained built-in model is evaluated (a warning says so).
+
     \b
+    alignkit eval model.name_or_path=outputs/NAME
     alignkit eval --method NAME model.name_or_path=outputs/NAME data.eval=pairs.jsonl
     """
     click.echo(json.dumps(api.evaluate(method, config_file, **_dotlist(overrides)), indent=2))
@@ -272,7 +318,10 @@ def _parse_value(value: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from alignkit.config import refuse_tags
+
     try:
+        refuse_tags(value, f"value {value!r}", positions=False)
         return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         problem = getattr(e, "problem", None)

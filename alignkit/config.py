@@ -7,7 +7,6 @@ its held-out split as eval set; built-in data with the built-in model also bring
 """
 
 import functools
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,13 @@ from pydantic import (
 )
 from transformers import SchedulerType
 
+from alignkit.envvalues import (  # noqa: F401 (re-exported: recorded, environment_values, redact, resolve_env)
+    env_interpolations,
+    environment_values,
+    recorded,
+    redact,
+    resolve_env,
+)
 from alignkit.errors import ConfigError, did_you_mean
 from alignkit.method import Method, MethodConfig
 
@@ -141,6 +147,14 @@ class TrainConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
 
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (v in ("", ".", "..") or any(c in v for c in "/\\\0")):
+            raise ValueError("a run name is a plain name, not a path (trackers make a folder of it inside "
+                             "output_dir): no /, \\, '..' or '.'; use e.g. job-42")
+        return v
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
@@ -201,37 +215,8 @@ class RunConfig(Section):
     method: MethodConfig
     #: dotted key -> the `${oc.env:...}` interpolation it was given as: written files record that, not the value
     _recorded: dict[str, str] = PrivateAttr(default_factory=dict)
-
-
-def recorded(config: RunConfig) -> RunConfig:
-    """The config as it may be written out: values from `${oc.env:...}` (secrets, private paths) replaced by
-    the interpolation itself. Use it for anything written to disk or sent to a tracker."""
-    if not config._recorded:
-        return config
-
-    def replace(node, parts: list[str], value: str):
-        head = parts[0]
-        if isinstance(node, dict):  # inside a dict-valued setting, e.g. model.init_kwargs.token
-            return {**node, head: value if len(parts) == 1 else replace(node[head], parts[1:], value)}
-        new = value if len(parts) == 1 else replace(getattr(node, head), parts[1:], value)
-        return node.model_copy(update={head: new})
-
-    out = config
-    for key, value in config._recorded.items():
-        out = replace(out, key.split("."), value)
-    return out
-
-
-def environment_values(config: RunConfig) -> dict[str, str]:
-    """dotted key -> SHA-256 of the value it resolved to, for each key given through `${oc.env:...}`: written files
-    hold the interpolation, so a resume compares these to notice a changed environment (the values stay unwritten)."""
-    out = {}
-    for key in config._recorded:
-        node = config
-        for part in key.split("."):
-            node = node[part] if isinstance(node, dict) else getattr(node, part)
-        out[key] = hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()
-    return out
+    #: this run's random key for the hashes of those values in checkpoints, made at first use (environment_values)
+    _salt: str | None = PrivateAttr(None)
 
 
 @functools.cache
@@ -253,13 +238,48 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
             for item in overrides:
                 if "=" not in item:
                     raise ConfigError(f"override {item!r} must be KEY=VALUE, e.g. train.max_steps=10")
+                refuse_tags(item.split("=", 1)[1], f"override {item.split('=', 1)[0]}", positions=False)
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         else:
             for key, value in (overrides or {}).items():
                 OmegaConf.update(cfg, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    except TypeError as e:  # a section given as a list or value, merged with its keys
+        raise ConfigError(f"bad override: {e}; each of {', '.join(SECTIONS)} is a mapping of keys") from None
+    _check_sections(OmegaConf.to_container(cfg, resolve=False), "config")
     return cfg
+
+
+#: the top-level sections of a config; each is a mapping of keys
+SECTIONS = ("model", "data", "train", "method")
+
+
+def _check_sections(data: dict, where: str) -> None:
+    for section in SECTIONS:
+        value = data.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys (e.g. {section}.KEY: VALUE on "
+                              f"lines indented below '{section}:'), not a {type(value).__name__}")
+
+
+def refuse_tags(text: str, where: str, positions: bool = True) -> None:
+    """A config is plain data: any YAML tag (!!binary, !!python/..., !custom, even !!str) is refused in one line
+    naming `where` (a file: with line and column)."""
+    import yaml
+
+    try:
+        tokens = list(yaml.scan(text))
+    except yaml.YAMLError:  # not valid YAML: the loader reports that, with its position
+        return
+    for token in tokens:
+        if isinstance(token, yaml.TagToken):
+            handle, suffix = token.value
+            mark = token.start_mark
+            at = f"{where}:{mark.line + 1}:{mark.column + 1}" if positions else where
+            raise ConfigError(f"{at}: YAML tag {handle or '!<'}{suffix}{'' if handle else '>'} is not allowed: a "
+                              "config holds plain strings, numbers, lists and mappings; remove the tag (quote the "
+                              "value to make it a string)")
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -280,6 +300,7 @@ def load_yaml(path: Path) -> DictConfig:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
     try:
+        refuse_tags(text, str(path))
         data = yaml.load(text, Loader=get_yaml_loader())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -298,6 +319,7 @@ def load_yaml(path: Path) -> DictConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of sections (model, data, train, method), not a "
                           f"{type(data).__name__}")
+    _check_sections(data, str(path))
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as e:
@@ -338,27 +360,8 @@ def resolve(method: Method, user: DictConfig) -> RunConfig:
         config = cls.model_validate(plain)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, cls)) from None
-    config._recorded = _env_interpolations(raw, plain)
+    config._recorded = env_interpolations(raw, plain)
     return config
-
-
-def _leaves(tree, prefix: str = ""):
-    for key, value in tree.items() if isinstance(tree, dict) else ():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _env_interpolations(raw: dict, plain: dict) -> dict[str, str]:
-    """Keys given as (or through) an `${oc.env:...}` interpolation, with that interpolation."""
-    raw_leaves, plain_leaves = dict(_leaves(raw)), dict(_leaves(plain))
-    env = {k: v for k, v in raw_leaves.items() if isinstance(v, str) and "oc.env" in v}
-    secrets = [str(plain_leaves[k]) for k in env if str(plain_leaves.get(k, ""))]
-    for k, v in raw_leaves.items():  # e.g. data.eval: ${data.train} where data.train came from the environment
-        if k not in env and isinstance(v, str) and "${" in v and any(s in str(plain_leaves.get(k)) for s in secrets):
-            env[k] = v
-    return env
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -370,6 +373,13 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+def _elsewhere(cls: type[BaseModel], loc: tuple) -> str:
+    """' (did you mean 'train.learning_rate'?)' for a key given without its section, or in another one."""
+    found = [f"{section}.{loc[-1]}" for section in SECTIONS if section != loc[0] and
+             loc[-1] in _fields_at(cls, (section,))]
+    return f" (did you mean '{found[0]}'?)" if len(found) == 1 else ""
+
+
 def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
     """One line naming each bad dotted key, the bad value and, for a typo, the closest valid key."""
     parts = []
@@ -377,8 +387,8 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
         loc = tuple(str(x) for x in err["loc"])
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            valid = _fields_at(cls, loc[:-1])
-            parts.append(f"unknown key '{key}'{did_you_mean(loc[-1], valid)}")
+            hint = did_you_mean(loc[-1], _fields_at(cls, loc[:-1])) or _elsewhere(cls, loc)
+            parts.append(f"unknown key '{key}'{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if isinstance(err["input"], dict):  # a check across keys: its message names them

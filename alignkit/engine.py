@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from alignkit import checkpoint, optim, preflight, resume, rundir
-from alignkit.config import RunConfig, environment_values, to_yaml
+from alignkit.config import RunConfig, environment_values, recorded, to_yaml
 from alignkit.context import StepContext, call
 from alignkit.errors import NonFiniteError, TrainingInterrupted
 from alignkit.evaluation import EvalStopped, evaluate_batches
@@ -69,6 +69,8 @@ class Engine:
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
         self.rollout = RolloutStage(rollout) if rollout is not None else None
         self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
+        if model is None:  # what a LoRA adapter records as its base: a path from ${oc.env:...} stays unwritten
+            self.model.name_or_path = recorded(config).model.name_or_path
         if config.model.peft is not None:
             self.model = apply_peft(self.model, config.model.peft)
         preflight.check_model(config, self.model, self.tokenizer)

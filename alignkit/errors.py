@@ -22,7 +22,11 @@ class PluginError(AlignkitError):
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close:  # a name in the wrong case (MYMETHOD for mymethod): compare without case
+        folded = {c.lower(): c for c in reversed(choices)}
+        close = [folded[c] for c in difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.6)]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

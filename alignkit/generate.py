@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from alignkit.config import ModelConfig
+from alignkit.config import ModelConfig, resolve_env
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.modeling import load_model, load_tokenizer
 from alignkit.text import is_conversation, prompt_token_ids
@@ -68,6 +68,7 @@ def _load_adapter(path: Path, tokenizer, dtype: str):
     base = _adapter_config(path).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise ConfigError(f"--model {path}: adapter_config.json names no base model (base_model_name_or_path)")
+    base = resolve_env(base, f"--model {path}: its base model")  # recorded as ${oc.env:...} when given so
     seed = 0
     if base.startswith("builtin:"):  # randomly initialised from the run's seed: read it from its config.yaml
         try:

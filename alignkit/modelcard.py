@@ -4,7 +4,7 @@ import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from alignkit.config import RunConfig, recorded, to_yaml
+from alignkit.config import RunConfig, recorded, redact, to_yaml
 from alignkit.method import Method
 
 LIBRARIES = ("alignkit", "torch", "transformers", "accelerate", "datasets", "peft")
@@ -20,7 +20,8 @@ def _version(name: str) -> str:
 def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tags: list[str] = (),
                notes: list[str] = ()) -> str:
     """Markdown with front matter: base model, data, method and citation, config, final metrics, versions.
-    Values given as `${oc.env:...}` appear as that interpolation."""
+    Values given as `${oc.env:...}` appear as that interpolation, in metric names too."""
+    metrics = {redact(k, config): v for k, v in metrics.items()}
     config = recorded(config)
     all_tags = ["alignkit", method.name, *[t for t in tags if t not in ("alignkit", method.name)]]
     datasets = [d for d in (config.data.train, config.data.eval) if d and not d.startswith("builtin:")]

@@ -57,7 +57,7 @@ class MetricsFile:
     def _append(self, run, row: dict) -> None:
         if run.is_main_process:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(_recorded_names(row, run.config)) + "\n")
 
     @hookimpl
     def on_log(self, run, step, logs):
@@ -66,6 +66,14 @@ class MetricsFile:
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         self._append(run, {"step": step, "epoch": round(run.epoch, 4), **metrics})
+
+
+def _recorded_names(metrics: dict, config) -> dict:
+    """Metric names as they may be written: a name built from a setting given through `${oc.env:...}` (e.g. a reward
+    model's path) holds the interpolation, not the value."""
+    from alignkit.config import redact
+
+    return {redact(k, config): v for k, v in metrics.items()}
 
 
 class ProgressBar:
@@ -93,7 +101,8 @@ class ProgressBar:
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         if self.visible:  # after close, bar.write prints the line alone
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
+            named = _recorded_names(metrics, run.config)  # logs are kept too: no ${oc.env:...} value in them
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in named.items() if not math.isnan(v))
             self.bar.write(f"step {step}: {shown}", file=sys.stderr)
 
     @hookimpl
@@ -113,19 +122,20 @@ class Trackers:
     def on_train_start(self, run):
         from alignkit.config import recorded
 
-        config = recorded(run.config)  # ${oc.env:...} values stay out of the trackers
-        t = config.train
+        config = recorded(run.config)  # ${oc.env:...} values stay out of the config the trackers keep
         flat = {f"{section}.{k}": v for section, block in config.model_dump(mode="json").items()
                 for k, v in block.items() if isinstance(v, (int, float, str, bool))}
+        t = run.config.train  # the name resolved: job-${oc.env:SLURM_JOB_ID} names each job apart
         self.accelerator.init_trackers(t.run_name or Path(t.output_dir).name, config=flat)
 
     @hookimpl
     def on_log(self, run, step, logs):
-        self.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+        self.accelerator.log({f"train/{k}": v for k, v in _recorded_names(logs, run.config).items()}, step=step)
 
     @hookimpl
     def on_evaluate(self, run, step, metrics):
-        self.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in metrics.items()}, step=step)
+        named = _recorded_names(metrics, run.config)
+        self.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in named.items()}, step=step)
 
     @hookimpl
     def on_train_end(self, run, metrics):

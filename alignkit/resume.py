@@ -81,7 +81,7 @@ def check_config(checkpoint: Path, config: RunConfig) -> list[str]:
 def check_environment(checkpoint: Path, saved: dict[str, str], config: RunConfig) -> None:
     """Keys given through `${oc.env:...}` are recorded as the interpolation: compare the values they resolved to
     (hashed in the checkpoint) and refuse one that cannot change mid-run."""
-    now = environment_values(config)
+    now = environment_values(config, saved)
     changed = [k for k, digest in saved.items() if k in now and now[k] != digest and k not in CHANGEABLE]
     if changed:
         shown = ", ".join(f"{k} ({config._recorded[k]})" for k in changed)

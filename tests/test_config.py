@@ -38,9 +38,9 @@ def test_demo_preset_only_with_builtin_model_and_data(pm):
 def test_yaml_file_then_overrides_then_interpolation(pm, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_steps: 7\n  output_dir: runs/x\nmethod:\n  name: orpo\n  beta: 0.3\n")
-    cfg, method = load_config(None, path, ["method.beta=0.5", "train.run_name=${train.output_dir}-b"], plugins=pm)
+    cfg, method = load_config(None, path, ["method.beta=0.5", "train.run_name=x-${train.max_steps}"], plugins=pm)
     assert method.name == "orpo"
-    assert (cfg.train.max_steps, cfg.method.beta, cfg.train.run_name) == (7, 0.5, "runs/x-b")
+    assert (cfg.train.max_steps, cfg.method.beta, cfg.train.run_name) == (7, 0.5, "x-7")
     cfg, _ = load_config("orpo", None, {"train": {"seed": 3}, "method.max_length": 64,
                                            "method.max_prompt_length": 32}, plugins=pm)
     assert cfg.train.seed == 3 and cfg.method.max_length == 64
