@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from alignkit.config import RunConfig, resolve, user_layer
 from alignkit.errors import ConfigError
 from alignkit.method import Method
+from alignkit.ownership import files_in
 from alignkit.plugins import PluginManager, build_registry, get_plugin_manager
 
 
@@ -51,7 +52,9 @@ def load_config(method: str | None = None, config: str | Path | Mapping | None =
                           f"{', '.join(sorted(registry.methods)) or 'none'}")
     chosen = registry.get(name)
     OmegaConf.update(user, "method.name", name, force_add=True)
-    return resolve(chosen, user), chosen
+    cfg = resolve(chosen, user)
+    cfg._source = str(config) if isinstance(config, (str, Path)) else None
+    return cfg, chosen
 
 
 def run(method: str | None = None, config: str | Path | Mapping | None = None, *,
@@ -81,11 +84,12 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
     pm = plugins or get_plugin_manager()
     cfg, chosen = load_config(method, config, overrides, pm)
     cfg.train.output_dir = str(_eval_dir(cfg, chosen, model is not None))
-    engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset)
+    out = Path(cfg.train.output_dir)
+    record = files_in(out, ["eval_results.json"], key="train.output_dir")  # refused before any work
+    engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset, check_folder=False)
     metrics = engine.evaluate()
     if engine.accelerator.is_main_process:
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        record(out / "eval_results.json")
         tmp = out / ".eval_results.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         os.replace(tmp, out / "eval_results.json")
