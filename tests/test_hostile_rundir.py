@@ -183,3 +183,64 @@ def test_7_a_resumed_run_writes_no_plot_through_a_link(pm, tmp_path):
     refused(r"plots is a symbolic link", "orpo",
             fast(tmp_path, max_steps=2, save_steps=1, plots=True, resume_from_checkpoint="auto"), plugins=pm)
     assert snapshot(user) == before
+
+
+# ---- acceptance: every command that cleans, rotates or overwrites leaves foreign files byte-identical ----
+
+@pytest.mark.slow  # eight runs and two evaluations
+def test_every_command_that_cleans_rotates_or_overwrites_keeps_every_foreign_file(pm, tmp_path):
+    from click.testing import CliRunner
+
+    from alignkit.cli import cli
+    from alignkit.manifest import Manifest
+
+    out, outside = project(tmp_path / "out"), tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.txt").write_text("outside the run\n")
+    (out / "linked").symlink_to(outside)
+    (out / "deep" / "er").mkdir(parents=True)
+    (out / "deep" / "er" / "x.bin").write_bytes(bytes(range(256)))
+
+    def foreign_intact():
+        now = snapshot(out)
+        assert {k: now.get(k) for k in mine} == mine and snapshot(outside) == theirs
+
+    mine, theirs = snapshot(out), snapshot(outside)
+    cfg = dict(max_steps=3, save_steps=1, save_total_limit=1, plots=True)
+    refused("holds files alignkit did not write", "orpo", fast(tmp_path, **cfg), plugins=pm)  # fresh run
+    foreign_intact()
+    alignkit.run("orpo", fast(tmp_path, **cfg, overwrite_output_dir=True), plugins=pm)  # overwrite + rotation
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    foreign_intact()
+    for folder in ("checkpoints", "plots"):  # the user's files inside alignkit's own folders
+        (out / folder / "mine.txt").write_text(f"mine in {folder}\n")
+    mine.update({k: v for k, v in snapshot(out).items() if k.endswith("/mine.txt")})
+    alignkit.run("orpo", fast(tmp_path, **cfg, resume_from_checkpoint="auto"), plugins=pm)  # resume, plots again
+    foreign_intact()
+    alignkit.run("orpo", fast(tmp_path, **cfg, overwrite_output_dir=True), plugins=pm)  # overwrite again
+    foreign_intact()
+    # a crashed run's leftovers (killed during its first save): started over
+    Manifest.read(out).clear(keep=("config.yaml", "metrics.jsonl"))
+    assert not (out / "model.safetensors").exists() and (out / "checkpoints" / "mine.txt").is_file()
+    Manifest.read(out).add("checkpoints/.tmp-checkpoint-9", "tree")
+    (out / "checkpoints" / ".tmp-checkpoint-9").mkdir()
+    (out / "checkpoints" / ".tmp-checkpoint-9" / "model.safetensors").write_bytes(b"torn")
+    alignkit.run("orpo", fast(tmp_path, max_steps=1, overwrite_output_dir=True, resume_from_checkpoint="auto"), plugins=pm)
+    assert not (out / "checkpoints" / ".tmp-checkpoint-9").exists()
+    foreign_intact()
+    # alignkit eval writes eval_results.json beside the model, twice (the second replaces its own file)
+    for _ in range(2):
+        alignkit.evaluate("orpo", fast(tmp_path), plugins=pm, **{"model.name_or_path": str(out)})
+    assert (out / "eval_results.json").is_file()
+    foreign_intact()
+    # alignkit plot: into the run's plots/, then refused through the link and over a user's chart elsewhere
+    result = CliRunner().invoke(cli, ["plot", str(out)])
+    assert result.exit_code == 0, result.output
+    foreign_intact()
+    result = CliRunner().invoke(cli, ["plot", str(out), "-o", str(out / "linked")])
+    assert result.exit_code == 2 and "is a symbolic link" in result.output
+    (outside / "overview.png").write_bytes(b"the user's chart")
+    theirs = snapshot(outside)
+    result = CliRunner().invoke(cli, ["plot", str(out), "-o", str(outside)])
+    assert result.exit_code == 2 and "overview.png that alignkit did not write" in result.output
+    foreign_intact()
