@@ -128,14 +128,6 @@ class Lock:
                     break
 
 
-def refuse_symlinks(folder: Path, names=("config.yaml", "metrics.jsonl")) -> None:
-    """The files a resumed run appends to or rewrites must be the folder's own, not links elsewhere."""
-    for name in names:
-        if (folder / name).is_symlink():
-            raise ConfigError(f"train.output_dir: {folder / name} is a symbolic link; alignkit writes only regular "
-                              "files in its output_dir (remove the link)")
-
-
 def write_text(path: Path, text: str) -> None:
     """Replace `path` atomically; a symbolic link there is replaced, never written through."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -244,3 +244,38 @@ def test_every_command_that_cleans_rotates_or_overwrites_keeps_every_foreign_fil
     result = CliRunner().invoke(cli, ["plot", str(out), "-o", str(outside)])
     assert result.exit_code == 2 and "overview.png that alignkit did not write" in result.output
     foreign_intact()
+
+
+# ---- the rule's edges ------------------------------------------------------------------------------------
+
+def test_a_folder_of_an_older_alignkit_is_alignkits_only_by_known_names_beside_its_config(pm, tmp_path):
+    out = tmp_path / "out"
+    alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm)
+    (out / MANIFEST).unlink()  # as an alignkit older than the manifest left it
+    (out / "notes.txt").write_text("mine\n")
+    refused(r"holds files alignkit did not write \(notes.txt\)", "orpo", fast(tmp_path, max_steps=1), plugins=pm)
+    alignkit.run("orpo", fast(tmp_path, max_steps=1, overwrite_output_dir=True), plugins=pm)
+    assert (out / "notes.txt").read_text() == "mine\n" and not (out / "checkpoints" / "checkpoint-1").exists()
+
+
+def test_a_refusal_after_the_lock_leaves_no_lock_file_in_the_users_folder(pm, tmp_path):
+    alignkit.run("orpo", fast(tmp_path / "b", max_steps=2, save_steps=1), plugins=pm)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine\n")
+    ckpt = tmp_path / "b" / "out" / "checkpoints" / "checkpoint-1"
+    refused("was made with other settings", "orpo", fast(tmp_path, max_steps=2, output_dir=str(user),
+                                                          learning_rate=1.0, overwrite_output_dir=True,
+                                                          resume_from_checkpoint=str(ckpt)), plugins=pm)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
+def test_the_config_alignkit_wrote_may_be_resumed_with_but_not_removed_by_a_fresh_run(pm, tmp_path):
+    out = tmp_path / "out"
+    alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm)
+    config = out / "config.yaml"
+    result = alignkit.run("orpo", str(config), plugins=pm, **{"train.resume_from_checkpoint": "auto"})
+    assert result.global_step == 2 and config.is_file()
+    refused(r"-c: .*config.yaml is a file this run would remove", "orpo", str(config), plugins=pm,
+            **{"train.overwrite_output_dir": True, "train.resume_from_checkpoint": None})
+    assert config.is_file()
