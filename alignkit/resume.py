@@ -128,7 +128,8 @@ def _read_files(config: RunConfig) -> dict[str, str | None]:
 
 
 def precheck(engine) -> None:
-    """Before any work (nothing written): refuse a folder this run may not write or clean (alignkit.ownership)."""
+    """Before any work (nothing written): refuse a folder this run may not write or clean (alignkit.ownership).
+    Every process checks (it only reads), so every process refuses alike."""
     t = engine.config.train
     spec, root = t.resume_from_checkpoint, engine.checkpoint_root
     if spec is None:
@@ -137,8 +138,7 @@ def precheck(engine) -> None:
         own = bool(checkpoint.checkpoints(root))
     else:
         own = Path(spec).resolve().parent == root.resolve()
-    if engine.accelerator.is_main_process:
-        run_folder(engine).check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine.config))
+    run_folder(engine).check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine.config))
 
 
 def start(engine) -> Window:
