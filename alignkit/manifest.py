@@ -110,7 +110,7 @@ class Manifest:
             return []
         for p in sorted(folder.iterdir()):
             sub = "/".join(_parts(f"{rel}/{p.name}"))
-            if rel == "." and p.name in (NAME, LOCK):
+            if rel == "." and p.name in (NAME, LOCK, f".{NAME}.tmp"):
                 continue
             if not self.owns(sub):
                 found.append(sub)

@@ -169,8 +169,8 @@ def files_in(folder: Path, names: list[str], key: str):
     found = owner_of(folder)
     if found is not None and (found[0].owns(found[1]) or found[0].home.absolute() == folder.absolute().parent):
         manifest, prefix = found
-    elif folder.name == "plots" and (legacy := Manifest.legacy(folder.parent)) is not None:
-        manifest, prefix = legacy, "plots"
+    elif folder.name == "plots" and (folder.parent / "metrics.jsonl").is_file():  # a run's charts: its folder's
+        manifest, prefix = Manifest.legacy(folder.parent) or Manifest(folder.parent), "plots"
     else:
         manifest, prefix = Manifest.load(folder) if folder.is_dir() else Manifest(folder), "."
     rels = {name: "/".join(_parts(f"{prefix}/{name}")) for name in names}
@@ -180,7 +180,9 @@ def files_in(folder: Path, names: list[str], key: str):
                           "own files: move them or give another folder")
 
     def record(path: Path) -> None:
+        """Record path and the temporary file it is first written as (`.NAME.tmp`, renamed into place)."""
         Path(folder).mkdir(parents=True, exist_ok=True)
-        manifest.add("/".join(_parts(f"{prefix}/{Path(path).name}")), "file")
+        for name in (f".{Path(path).name}.tmp", Path(path).name):
+            manifest.add("/".join(_parts(f"{prefix}/{name}")), "file")
 
     return record

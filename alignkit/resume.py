@@ -229,7 +229,7 @@ def _take_folder(engine, changes: list[str]) -> None:
                          f"{'; '.join(changes)}")
             log.warning("resuming with changed settings (recorded in config.yaml): %s", "; ".join(changes))
     engine._record_notes = notes
-    for name in ("config.yaml", "metrics.jsonl"):
+    for name in (".config.yaml.tmp", "config.yaml", "metrics.jsonl"):  # config.yaml is renamed into place
         folder.record(out / name)
     if folder.tracker_dir:
         folder.record(out / folder.tracker_dir, "tree")

@@ -279,3 +279,19 @@ def test_the_config_alignkit_wrote_may_be_resumed_with_but_not_removed_by_a_fres
     refused(r"-c: .*config.yaml is a file this run would remove", "orpo", str(config), plugins=pm,
             **{"train.overwrite_output_dir": True, "train.resume_from_checkpoint": None})
     assert config.is_file()
+
+
+def test_the_tracker_folder_is_recorded_and_a_users_folder_of_that_name_is_refused(pm, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    alignkit.run("orpo", fast(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="tb"), plugins=pm)
+    assert any((out / "tb").rglob("events.out.tfevents.*"))
+    assert json.loads((out / MANIFEST).read_text())["entries"]["tb"] == "tree"
+    alignkit.run("orpo", fast(tmp_path, max_steps=1, overwrite_output_dir=True), plugins=pm)
+    assert not (out / "tb").exists()
+    (out / "tb").mkdir()
+    (out / "tb" / "mine.txt").write_text("mine\n")
+    refused("holds tb of yours where alignkit writes its own", "orpo",
+            fast(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="tb", overwrite_output_dir=True), plugins=pm)
+    assert (out / "tb" / "mine.txt").read_text() == "mine\n"
