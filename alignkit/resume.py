@@ -138,7 +138,22 @@ def precheck(engine) -> None:
         own = bool(checkpoint.checkpoints(root))
     else:
         own = Path(spec).resolve().parent == root.resolve()
-    run_folder(engine).check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine.config))
+    folder = run_folder(engine)
+    folder.check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine.config))
+    if spec is None or not own and spec == "auto":  # a fresh run: refused before its data is tokenized
+        _refuse_results(folder, engine.config)
+
+
+def _refuse_results(folder: ownership.RunFolder, config: RunConfig) -> None:
+    """A fresh run never replaces an earlier run's results (model, checkpoints) without overwrite_output_dir."""
+    if not folder.results() or config.train.overwrite_output_dir:
+        return
+    saved = folder.out / "config.yaml"  # the same config again too: its model or checkpoints stay
+    same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
+    what = "an earlier run of this same config" if same else "another run"
+    raise ConfigError(f"train.output_dir: {folder.out} is not empty and holds {what}; continue it with "
+                      "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
+                      "or choose another output_dir")
 
 
 def start(engine) -> Window:
@@ -209,13 +224,8 @@ def _take_folder(engine, changes: list[str]) -> None:
     own = state.resumed_from is not None and state.resumed_from.resolve().parent == engine.checkpoint_root.resolve()
     folder.check(clean=not own, overwrite=config.train.overwrite_output_dir, files=_read_files(config))
     notes = []
-    if state.resumed_from is None and folder.results() and not config.train.overwrite_output_dir:
-        saved = out / "config.yaml"  # the same config again too: its model or checkpoints stay
-        same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
-        what = "an earlier run of this same config" if same else "another run"
-        raise ConfigError(f"train.output_dir: {out} is not empty and holds {what}; continue it with "
-                          "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
-                          "or choose another output_dir")
+    if state.resumed_from is None:
+        _refuse_results(folder, config)
     removed = folder.claim(clean=not own)
     if removed:
         kept = folder.manifest.foreign()

@@ -295,3 +295,24 @@ def test_the_tracker_folder_is_recorded_and_a_users_folder_of_that_name_is_refus
     refused("holds tb of yours where alignkit writes its own", "orpo",
             fast(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="tb", overwrite_output_dir=True), plugins=pm)
     assert (out / "tb" / "mine.txt").read_text() == "mine\n"
+
+
+def test_a_finished_run_is_refused_before_any_data_is_tokenized(pm, tmp_path, monkeypatch):
+    from alignkit.rundata import RunData
+
+    out = tmp_path / "out"
+    alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm)
+    before = snapshot(out)
+
+    def tokenized(*args, **kwargs):
+        raise AssertionError("the data was tokenized before the refusal")
+
+    monkeypatch.setattr(RunData, "formatted", tokenized)
+    refused("is not empty and holds an earlier run of this same config", "orpo", fast(tmp_path, max_steps=1), plugins=pm)
+    assert snapshot(out) == before
+
+
+def test_the_root_folder_is_refused_and_left_without_a_lock_file(pm, tmp_path):
+    assert not Path("/.alignkit.lock").exists()
+    refused("holds files alignkit did not write", "orpo", fast(tmp_path, max_steps=1, output_dir="/"), plugins=pm)
+    assert not Path("/.alignkit.lock").exists() and not Path("/" + MANIFEST).exists()
