@@ -41,7 +41,8 @@ def reserved(name: str) -> bool:
     return name in RUN_FILES or name in MODEL_FILES or bool(SHARD.match(name))
 
 
-def _parts(rel: str) -> list[str]:
+def split_rel(rel: str) -> list[str]:
+    """The components of a relative path ("." and empty ones dropped)."""
     return [p for p in Path(rel).parts if p != "."]
 
 
@@ -96,7 +97,7 @@ class Manifest:
     # ---- what is whose ----------------------------------------------------------------------------
 
     def owns(self, rel: str) -> bool:
-        parts = _parts(rel)
+        parts = split_rel(rel)
         if not parts:
             return True
         if "/".join(parts) in self.entries:
@@ -109,7 +110,7 @@ class Manifest:
         if not folder.is_dir() or folder.is_symlink():
             return []
         for p in sorted(folder.iterdir()):
-            sub = "/".join(_parts(f"{rel}/{p.name}"))
+            sub = "/".join(split_rel(f"{rel}/{p.name}"))
             if rel == "." and p.name in (NAME, LOCK, f".{NAME}.tmp"):
                 continue
             if not self.owns(sub):
@@ -136,7 +137,7 @@ class Manifest:
 
     def add(self, rel: str, kind: str = "file") -> None:
         """Record rel (and the folders above it) before it is created."""
-        parts, changed = _parts(rel), False
+        parts, changed = split_rel(rel), False
         for i in range(1, len(parts)):
             if not self.owns("/".join(parts[:i])):
                 self.entries["/".join(parts[:i])], changed = "dir", True
@@ -146,7 +147,7 @@ class Manifest:
             self.save()
 
     def add_root(self, rel: str) -> None:
-        rel = "/".join(_parts(rel)) or "."
+        rel = "/".join(split_rel(rel)) or "."
         if rel != ".":
             self.add(rel, "dir")
         if rel not in self.roots:
@@ -156,7 +157,7 @@ class Manifest:
     def remove(self, rel: str) -> bool:
         """Remove one entry from disk and the manifest; never through a link. False if it stays (a folder that
         still holds foreign files)."""
-        parts = _parts(rel)
+        parts = split_rel(rel)
         if any((self.home / "/".join(parts[:i])).is_symlink() for i in range(1, len(parts))):
             return True  # under a link: its own entry (the link) is removed instead, nothing behind it
         path, kind = self.home / rel, self.entries.get(rel, "file")
@@ -176,7 +177,7 @@ class Manifest:
     def clear(self, keep=()) -> list[str]:
         """Remove every entry (innermost first) but those under `keep`; the removed top-level names."""
         removed = []
-        for rel in sorted(self.entries, key=lambda r: (-len(_parts(r)), r)):
+        for rel in sorted(self.entries, key=lambda r: (-len(split_rel(r)), r)):
             if any(rel == k or rel.startswith(k + "/") for k in keep):
                 continue
             existed = (self.home / rel).exists() or (self.home / rel).is_symlink()
@@ -219,6 +220,6 @@ def checkpoint_holder(path: Path) -> Path | None:
         if not CHECKPOINT.match(below.name):
             continue
         found = owner_of(below.parent)
-        if found is not None and ("/".join(_parts(found[1])) or ".") in found[0].roots:
+        if found is not None and ("/".join(split_rel(found[1])) or ".") in found[0].roots:
             return below
     return None

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from alignkit.errors import ConfigError
-from alignkit.manifest import CHECKPOINT, NAME, Manifest, _parts, checkpoint_holder, owner_of, reserved
+from alignkit.manifest import CHECKPOINT, NAME, Manifest, checkpoint_holder, owner_of, reserved, split_rel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RunFolder:
         self.out, self.root, self.tracker_dir = Path(out), Path(root), tracker_dir
         self.manifest = Manifest.load(self.out) if self.out.is_dir() else Manifest(self.out)
         rel = _inside(self.root, self.out)
-        self.root_rel = "/".join(_parts(rel)) or "." if rel is not None else None
+        self.root_rel = "/".join(split_rel(rel)) or "." if rel is not None else None
         self.root_manifest = None  # a checkpoint folder outside output_dir has a manifest of its own
         if self.root_rel is None:
             found = Manifest.read(self.root) if self.root.is_dir() else None
@@ -84,12 +84,12 @@ class RunFolder:
 
     def _writes(self, rel: str) -> bool:
         """Whether the run writes a file or folder at rel (relative to output_dir)."""
-        parts = _parts(rel)
+        parts = split_rel(rel)
         top, name = parts[0], parts[-1]
         if len(parts) == 1 and (reserved(top) or top == self.tracker_dir or top == NAME):
             return True
         if self.root_rel is not None:
-            if self.root_rel != "." and top == _parts(self.root_rel)[0] and len(parts) == 1:
+            if self.root_rel != "." and top == split_rel(self.root_rel)[0] and len(parts) == 1:
                 return True
             parent = "/".join(parts[:-1]) or "."
             if parent == self.root_rel and CHECKPOINT.match(name):
@@ -103,7 +103,7 @@ class RunFolder:
             rel = _inside(Path(value), self.out)
             if rel is None:
                 continue
-            rel = "/".join(_parts(rel))
+            rel = "/".join(split_rel(rel))
             if self.manifest.owns(rel) and clean:
                 raise ConfigError(f"{key}: {value} is a file this run would remove (alignkit wrote it in "
                                   f"train.output_dir {self.out}); copy it out of the folder first")
@@ -128,8 +128,8 @@ class RunFolder:
 
     def _home(self, path: Path) -> tuple[Manifest, str]:
         if self.root_manifest is not None and _inside(path, self.root) is not None:
-            return self.root_manifest, "/".join(_parts(os.path.relpath(Path(path).absolute(), self.root.absolute())))
-        return self.manifest, "/".join(_parts(os.path.relpath(Path(path).absolute(), self.out.absolute())))
+            return self.root_manifest, "/".join(split_rel(os.path.relpath(Path(path).absolute(), self.root.absolute())))
+        return self.manifest, "/".join(split_rel(os.path.relpath(Path(path).absolute(), self.out.absolute())))
 
     def record(self, path: Path, kind: str = "file") -> None:
         """Add path (in output_dir or the checkpoint folder) to its manifest, before it is created."""
@@ -150,8 +150,8 @@ class RunFolder:
         checkpoint folder (what a run killed before its first checkpoint leaves)."""
         roots = {self.root_rel} if self.root_rel is not None else set()
         found = [rel for rel, kind in self.manifest.entries.items()
-                 if _parts(rel)[0] not in ("config.yaml", "metrics.jsonl", "plots") and rel not in roots
-                 and not _parts(rel)[-1].startswith(".tmp-") and (self.out / rel).exists()]
+                 if split_rel(rel)[0] not in ("config.yaml", "metrics.jsonl", "plots") and rel not in roots
+                 and not split_rel(rel)[-1].startswith(".tmp-") and (self.out / rel).exists()]
         if self.root_manifest is not None and self.root_manifest.saved:
             found += [str(self.root / rel) for rel in self.root_manifest.entries if CHECKPOINT.match(rel)
                       and not rel.startswith(".") and (self.root / rel).exists()]
@@ -173,7 +173,7 @@ def files_in(folder: Path, names: list[str], key: str):
         manifest, prefix = Manifest.legacy(folder.parent) or Manifest(folder.parent), "plots"
     else:
         manifest, prefix = Manifest.load(folder) if folder.is_dir() else Manifest(folder), "."
-    rels = {name: "/".join(_parts(f"{prefix}/{name}")) for name in names}
+    rels = {name: "/".join(split_rel(f"{prefix}/{name}")) for name in names}
     theirs = [name for name, rel in rels.items() if (folder / name).exists() and not manifest.owns(rel)]
     if theirs:
         raise ConfigError(f"{key}: {folder} holds {_named(theirs)} that alignkit did not write; it replaces only its "
@@ -183,6 +183,6 @@ def files_in(folder: Path, names: list[str], key: str):
         """Record path and the temporary file it is first written as (`.NAME.tmp`, renamed into place)."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         for name in (f".{Path(path).name}.tmp", Path(path).name):
-            manifest.add("/".join(_parts(f"{prefix}/{name}")), "file")
+            manifest.add("/".join(split_rel(f"{prefix}/{name}")), "file")
 
     return record
