@@ -52,9 +52,7 @@ def load_config(method: str | None = None, config: str | Path | Mapping | None =
                           f"{', '.join(sorted(registry.methods)) or 'none'}")
     chosen = registry.get(name)
     OmegaConf.update(user, "method.name", name, force_add=True)
-    cfg = resolve(chosen, user)
-    cfg._source = str(config) if isinstance(config, (str, Path)) else None
-    return cfg, chosen
+    return resolve(chosen, user), chosen
 
 
 def run(method: str | None = None, config: str | Path | Mapping | None = None, *,
@@ -69,7 +67,8 @@ def run(method: str | None = None, config: str | Path | Mapping | None = None, *
     pm = plugins or get_plugin_manager()
     cfg, chosen = load_config(method, config, overrides, pm)
     engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                    eval_dataset=eval_dataset, schedule=schedule, optimizer=optimizer, lr_scheduler=lr_scheduler)
+                    eval_dataset=eval_dataset, schedule=schedule, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    config_file=str(config) if isinstance(config, (str, Path)) else None)
     metrics = engine.train()
     return RunResult(Path(cfg.train.output_dir), metrics, engine.state.step, cfg)
 

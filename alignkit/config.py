@@ -201,8 +201,6 @@ class RunConfig(Section):
     method: MethodConfig
     #: dotted key -> the `${oc.env:...}` interpolation it was given as: written files record that, not the value
     _recorded: dict[str, str] = PrivateAttr(default_factory=dict)
-    #: the -c YAML file the config was read from (None for a dict): a run never removes or replaces it
-    _source: str | None = PrivateAttr(default=None)
 
 
 def recorded(config: RunConfig) -> RunConfig:

@@ -50,8 +50,9 @@ class Engine:
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
                  optimizer: Callable | None = None, lr_scheduler: Callable | None = None,
-                 check_folder: bool = True) -> None:
+                 check_folder: bool = True, config_file: str | None = None) -> None:
         self.config, self.method, self.pm = config, method, pm
+        self.config_file = config_file  # the -c file: a run never removes or replaces it (alignkit.ownership)
         t = config.train
         check_trackers(t.report_to)
         preflight.check_settings(config, method)

@@ -122,9 +122,10 @@ def run_folder(engine) -> ownership.RunFolder:
     return ownership.RunFolder(engine.output_dir, engine.checkpoint_root, tracker)
 
 
-def _read_files(config: RunConfig) -> dict[str, str | None]:
+def _read_files(engine) -> dict[str, str | None]:
     """The files the run reads that may lie in its output_dir: the -c config, the data files."""
-    return {"-c": config._source, "data.train": config.data.train, "data.eval": config.data.eval}
+    data = engine.config.data
+    return {"-c": getattr(engine, "config_file", None), "data.train": data.train, "data.eval": data.eval}
 
 
 def precheck(engine) -> None:
@@ -139,7 +140,7 @@ def precheck(engine) -> None:
     else:
         own = Path(spec).resolve().parent == root.resolve()
     folder = run_folder(engine)
-    folder.check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine.config))
+    folder.check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine))
     if spec is None or not own and spec == "auto":  # a fresh run: refused before its data is tokenized
         _refuse_results(folder, engine.config)
 
@@ -222,7 +223,7 @@ def _take_folder(engine, changes: list[str]) -> None:
     config, out, state, folder = engine.config, engine.output_dir, engine.state, engine.folder
     config_text = to_yaml(config, comments=False)
     own = state.resumed_from is not None and state.resumed_from.resolve().parent == engine.checkpoint_root.resolve()
-    folder.check(clean=not own, overwrite=config.train.overwrite_output_dir, files=_read_files(config))
+    folder.check(clean=not own, overwrite=config.train.overwrite_output_dir, files=_read_files(engine))
     notes = []
     if state.resumed_from is None:
         _refuse_results(folder, config)
