@@ -79,6 +79,14 @@ def test_2_a_config_file_where_the_run_writes_its_config_is_refused(pm, tmp_path
     before = config.read_bytes()
     refused(r"-c: .*config.yaml lies in train.output_dir", "orpo", str(config), plugins=pm)
     assert config.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    from click.testing import CliRunner
+
+    from alignkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", "--method", "orpo", "-c", str(config)])
+    assert result.exit_code == 2 and result.stderr.startswith(f"alignkit: error: -c: {config} lies in train.output_dir")
+    assert result.stderr.count("\n") == 1
+    assert config.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
 # ---- 3. data.train inside output_dir with overwrite --------------------------------------------------
