@@ -447,8 +447,8 @@ class Engine:
         if acc.is_main_process:
             if own:
                 self.folder.record(tmp, "tree")
-            elif not out.is_dir():
-                out.mkdir(parents=True)
+            else:  # another folder: a .tmp-model of the user's there is refused, not removed
+                files_in(out, [tmp.name], "output_dir")(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.unwrap_model(model).save_pretrained(tmp, is_main_process=acc.is_main_process,
@@ -471,6 +471,17 @@ class Engine:
             if own:
                 self.folder.forget(tmp)
         acc.wait_for_everyone()
+
+    def record(self, path: Path) -> None:
+        """Record a file about to be written into the run folder (or another folder) in that folder's manifest, so
+        later runs know it as alignkit's; a file of the user's at that path is refused (alignkit.ownership)."""
+        path = Path(path)
+        if self.folder is not None and path.absolute().parent == self.output_dir.absolute():
+            if (path.exists() or path.is_symlink()) and not self.folder.owns(path):
+                raise ConfigError(f"train.output_dir: {path} is not alignkit's; nothing was written over it")
+            self.folder.record(path)
+        else:
+            files_in(path.parent, [path.name], "output_dir")(path)
 
     def _log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
         for tracker in self.accelerator.trackers:

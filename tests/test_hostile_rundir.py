@@ -324,3 +324,24 @@ def test_the_root_folder_is_refused_and_left_without_a_lock_file(pm, tmp_path):
     assert not Path("/.alignkit.lock").exists()
     refused("holds files alignkit did not write", "orpo", fast(tmp_path, max_steps=1, output_dir="/"), plugins=pm)
     assert not Path("/.alignkit.lock").exists() and not Path("/" + MANIFEST).exists()
+
+
+def test_the_trl_style_trainers_own_files_are_recorded_so_a_second_trainer_may_start_over(tok, tmp_path):
+    import datasets
+
+    from alignkit.testing import tiny_model
+    from alignkit_orpo import ORPOConfig, ORPOTrainer
+
+    def trainer():
+        args = ORPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none",
+                          disable_tqdm=True, max_steps=1, save_steps=1)
+        return ORPOTrainer(model=tiny_model(seed=1), args=args, processing_class=tok,
+                           train_dataset=datasets.Dataset.from_list(ROWS))
+
+    first = trainer()
+    first.train()
+    first.create_model_card()
+    first.save_model()
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")
+    trainer().train()  # starts over (the trainer overwrites): README.md and training_args.bin are alignkit's
+    assert not (tmp_path / "out" / "training_args.bin").exists() and (tmp_path / "out" / "notes.txt").is_file()
