@@ -68,8 +68,9 @@ class Manifest:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path} is damaged ({type(e).__name__}); alignkit cannot tell its files from yours there: "
-                              "choose another folder, or remove the folder's alignkit files and that manifest") from None
+            raise ConfigError(f"{path} is damaged ({type(e).__name__}); alignkit cannot tell its files from yours "
+                              "there: choose another folder, or remove the folder's alignkit files and that manifest"
+                              ) from None
 
     @classmethod
     def load(cls, home: Path) -> "Manifest":
@@ -78,7 +79,7 @@ class Manifest:
 
     @classmethod
     def legacy(cls, home: Path) -> "Manifest | None":
-        """An older alignkit's run folder: its known names are alignkit's when its config.yaml was written by alignkit."""
+        """An older alignkit's run folder: its known names are alignkit's when alignkit wrote its config.yaml."""
         home = Path(home)
         if not written_config(home / "config.yaml"):
             return None

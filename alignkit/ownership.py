@@ -49,8 +49,8 @@ class RunFolder:
         `files`: the -c and data files the run reads (key -> path or None)."""
         holder = checkpoint_holder(self.out)
         if holder is not None:
-            raise ConfigError(f"train.output_dir: {self.out} lies inside the checkpoint folder {holder} of another run, "
-                              "whose saves and rotation replace what is there; choose an output_dir outside it")
+            raise ConfigError(f"train.output_dir: {self.out} lies inside the checkpoint folder {holder} of another "
+                              "run, whose saves and rotation replace what is there; choose an output_dir outside it")
         self._check_root()
         self._check_files(clean, files)
         foreign = self.manifest.foreign()
@@ -60,8 +60,8 @@ class RunFolder:
                               "or choose another output_dir")
         clashes = [rel for rel in foreign if self._writes(rel)]
         if clashes:
-            raise ConfigError(f"train.output_dir: {self.out} holds {_named(clashes)} of yours where alignkit writes its "
-                              "own; move them out of the folder or choose another output_dir")
+            raise ConfigError(f"train.output_dir: {self.out} holds {_named(clashes)} of yours where alignkit writes "
+                              "its own; move them out of the folder or choose another output_dir")
         links = [] if clean else self.manifest.links()  # starting over removes the links themselves
         if links:
             raise ConfigError(f"train.output_dir: {self.out / links[0]} is a symbolic link; alignkit writes nothing "

@@ -123,7 +123,8 @@ def test_4_overwrite_keeps_a_file_the_user_put_in_the_run_folder(pm, tmp_path):
     (out / "checkpoints" / "keep.txt").write_text("mine\n")
     refused("my-notes.md", "orpo", fast(tmp_path, max_steps=1), plugins=pm)
     alignkit.run("orpo", fast(tmp_path, max_steps=1, overwrite_output_dir=True), plugins=pm)
-    assert (out / "my-notes.md").read_text() == "what I saw\n" and (out / "checkpoints" / "keep.txt").read_text() == "mine\n"
+    assert (out / "my-notes.md").read_text() == "what I saw\n"
+    assert (out / "checkpoints" / "keep.txt").read_text() == "mine\n"
     assert not (out / "checkpoints" / "checkpoint-1").exists()
     described = config_module.TrainConfig.model_fields["overwrite_output_dir"].description
     assert "removes only" in described and "keeps every other file" in described
@@ -233,7 +234,8 @@ def test_every_command_that_cleans_rotates_or_overwrites_keeps_every_foreign_fil
     Manifest.read(out).add("checkpoints/.tmp-checkpoint-9", "tree")
     (out / "checkpoints" / ".tmp-checkpoint-9").mkdir()
     (out / "checkpoints" / ".tmp-checkpoint-9" / "model.safetensors").write_bytes(b"torn")
-    alignkit.run("orpo", fast(tmp_path, max_steps=1, overwrite_output_dir=True, resume_from_checkpoint="auto"), plugins=pm)
+    alignkit.run("orpo", fast(tmp_path, max_steps=1, overwrite_output_dir=True, resume_from_checkpoint="auto"),
+                 plugins=pm)
     assert not (out / "checkpoints" / ".tmp-checkpoint-9").exists()
     foreign_intact()
     # alignkit eval writes eval_results.json beside the model, twice (the second replaces its own file)
@@ -301,7 +303,8 @@ def test_the_tracker_folder_is_recorded_and_a_users_folder_of_that_name_is_refus
     (out / "tb").mkdir()
     (out / "tb" / "mine.txt").write_text("mine\n")
     refused("holds tb of yours where alignkit writes its own", "orpo",
-            fast(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="tb", overwrite_output_dir=True), plugins=pm)
+            fast(tmp_path, max_steps=1, report_to=["tensorboard"], run_name="tb", overwrite_output_dir=True),
+            plugins=pm)
     assert (out / "tb" / "mine.txt").read_text() == "mine\n"
 
 
@@ -316,7 +319,8 @@ def test_a_finished_run_is_refused_before_any_data_is_tokenized(pm, tmp_path, mo
         raise AssertionError("the data was tokenized before the refusal")
 
     monkeypatch.setattr(RunData, "formatted", tokenized)
-    refused("is not empty and holds an earlier run of this same config", "orpo", fast(tmp_path, max_steps=1), plugins=pm)
+    refused("is not empty and holds an earlier run of this same config", "orpo", fast(tmp_path, max_steps=1),
+            plugins=pm)
     assert snapshot(out) == before
 
 
