@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignkit.config import BUILTIN_MODEL, RunConfig, load_yaml, resolve, user_layer
 from alignkit.errors import ConfigError
 from alignkit.method import Method
+from alignkit.ownership import files_in
 from alignkit.plugins import PluginManager, build_registry, get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def run(method: str | None = None, config: str | Path | Mapping | None = None, *
     pm = plugins or get_plugin_manager()
     cfg, chosen = load_config(method, config, overrides, pm)
     engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                    eval_dataset=eval_dataset, schedule=schedule, optimizer=optimizer, lr_scheduler=lr_scheduler)
+                    eval_dataset=eval_dataset, schedule=schedule, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    config_file=str(config) if isinstance(config, (str, Path)) else None)
     metrics = engine.train()
     return RunResult(Path(cfg.train.output_dir), metrics, engine.state.step, cfg)
 
@@ -92,11 +94,12 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
                     "evaluate a trained one give model.name_or_path=FOLDER, e.g. model.name_or_path=outputs/%s",
                     BUILTIN_MODEL, chosen.name)
     cfg.train.output_dir = str(_eval_dir(cfg, chosen, model is not None))
-    engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset)
+    out = Path(cfg.train.output_dir)
+    record = files_in(out, ["eval_results.json"], key="train.output_dir")  # refused before any work
+    engine = Engine(cfg, chosen, pm, model=model, tokenizer=tokenizer, eval_dataset=eval_dataset, check_folder=False)
     metrics = engine.evaluate()
     if engine.accelerator.is_main_process:
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        record(out / "eval_results.json")
         tmp = out / ".eval_results.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         os.replace(tmp, out / "eval_results.json")

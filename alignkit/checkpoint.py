@@ -117,11 +117,18 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None, scheduler,
-         files: dict[str, str] | None = None) -> Path:
+         files: dict[str, str] | None = None, folder=None) -> Path:
     """Write the accelerate state, the scheduler, `state` and `files` (name -> text) to a temporary folder,
-    then the manifest, then rename it into place."""
+    then the manifest, then rename it into place. `folder` (alignkit.ownership.RunFolder) records each checkpoint
+    in the run's manifest before it is written; only checkpoints it records are replaced or rotated away."""
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
+    owns = folder.owns if folder is not None else (lambda path: True)
     if accelerator.is_main_process:
+        if final.exists() and not owns(final) or tmp.exists() and not owns(tmp):
+            raise ConfigError(f"train.checkpoint_dir: {final} is not this run's (alignkit did not record it); "
+                              "nothing was replaced: move it away and resume with train.resume_from_checkpoint=auto")
+        if folder is not None:
+            folder.record(tmp, "tree")
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     with tied_weights_expected(accelerator._models):
@@ -133,29 +140,29 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
             (tmp / name).write_text(text)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         write_manifest(tmp)
+        if folder is not None:
+            folder.record(final, "tree")
         if final.exists():  # the same step saved again (a stop right after a scheduled save)
             old = root / f".old-checkpoint-{step}"
+            if folder is not None:
+                folder.record(old, "tree")
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old)
+            if folder is not None:
+                folder.forget(old)
         else:
             tmp.rename(final)
+        if folder is not None:
+            folder.forget(tmp)
         if limit:
-            for old in checkpoints(root)[:-limit]:
+            for old in [p for p in checkpoints(root) if owns(p)][:-limit]:
                 shutil.rmtree(old)
+                if folder is not None:
+                    folder.forget(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def remove_all(root: Path, remove_root: bool) -> None:
-    """Remove every checkpoint-N folder (complete or not) under root, and nothing else; then root itself if
-    asked and empty (not when root is output_dir, train.checkpoint_dir=".")."""
-    for path in root.iterdir() if root.is_dir() else []:
-        if path.is_dir() and _NAME.match(path.name.removeprefix(".tmp-")):
-            shutil.rmtree(path)
-    if remove_root and root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
 
 
 def find(spec: str, root: Path) -> Path | None:

@@ -107,7 +107,10 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field("outputs/run", description="Where the model, config.yaml, metrics.jsonl and checkpoints/ go (default outputs/<method>).")
-    overwrite_output_dir: bool = Field(False, description="Allow writing over a non-empty output_dir that holds another run (its old checkpoints are removed).")
+    overwrite_output_dir: bool = Field(
+        False, description="Start over in an output_dir that holds an earlier run or files alignkit did not write: "
+                           "removes only what alignkit wrote there (listed in its .alignkit-manifest.json: model, "
+                           "checkpoints, metrics, plots, ...) and keeps every other file.")
     skip_nonfinite_steps: bool = Field(False, description="Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     optim: str = Field("adamw_torch", description="Optimizer, by its transformers.Trainer name (adamw_torch, sgd, rmsprop, adafactor, ...).")

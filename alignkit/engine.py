@@ -9,6 +9,8 @@ import contextlib
 import functools
 import logging
 import math
+import os
+import shutil
 import signal
 import threading
 from collections import Counter
@@ -24,13 +26,14 @@ from torch.utils.data import DataLoader
 from alignkit import checkpoint, optim, preflight, resume, rundir
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
 from alignkit.context import StepContext, call
-from alignkit.errors import NonFiniteError, TrainingInterrupted
+from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from alignkit.evaluation import EvalStopped, evaluate_batches
 from alignkit.method import Method
 from alignkit.metrics import MetricSums, means, reduce_totals
 from alignkit.modelcard import model_card
 from alignkit.modeling import apply_peft, load_model, load_tokenizer
 from alignkit.online import RolloutStage, build_rollout
+from alignkit.ownership import files_in
 from alignkit.plugins import RunHooks
 from alignkit.reference import Reference
 from alignkit.reporting import check_trackers, observers
@@ -46,8 +49,10 @@ class Engine:
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
-                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None) -> None:
+                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None,
+                 check_folder: bool = True, config_file: str | None = None) -> None:
         self.config, self.method, self.pm = config, method, pm
+        self.config_file = config_file  # the -c file: a run never removes or replaces it (alignkit.ownership)
         t = config.train
         check_trackers(t.report_to)
         preflight.check_settings(config, method, eval_given=eval_dataset is not None)
@@ -63,7 +68,9 @@ class Engine:
         self.output_dir = Path(t.output_dir)
         rundir.check_writable(self.output_dir)  # before any work: nothing is loaded for a run that cannot write
         rundir.Lock.probe(self.output_dir)
-        self._lock, self._record_notes = rundir.Lock(self.output_dir), []
+        self._lock, self._record_notes, self.folder = rundir.Lock(self.output_dir), [], None
+        if check_folder:  # training: a folder it may not write or clean is refused before any work
+            resume.precheck(self)
         set_seed(t.seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online); checks rewards
@@ -437,24 +444,58 @@ class Engine:
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self._scheduler,
-                               files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)})
+                               files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)}, folder=self.folder)
         self.hooks.on_save(run=s, step=s.step, path=path)
         return path
 
     def save_model(self, model=None, metrics: dict | None = None, output_dir: Path | None = None,
                    tags: list[str] = ()) -> None:
-        """Model (or LoRA adapter), tokenizer and model card in output_dir, loadable with from_pretrained."""
+        """Model (or LoRA adapter), tokenizer and model card in output_dir, loadable with from_pretrained: written
+        to a temporary folder, then each file recorded in the folder's manifest and moved into place (a file alignkit
+        did not write is never replaced: alignkit.ownership)."""
         acc, out = self.accelerator, Path(output_dir or self.output_dir)
         model = model if model is not None else self.model
         self._check_finite_weights("the model")
+        own = self.folder is not None and out.absolute() == self.output_dir.absolute()
+        tmp = out / ".tmp-model"
+        if acc.is_main_process:
+            if own:
+                self.folder.record(tmp, "tree")
+            else:  # another folder: a .tmp-model of the user's there is refused, not removed
+                files_in(out, [tmp.name], "output_dir")(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.unwrap_model(model).save_pretrained(out, is_main_process=acc.is_main_process,
+        acc.unwrap_model(model).save_pretrained(tmp, is_main_process=acc.is_main_process,
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
         if acc.is_main_process:
-            self.tokenizer.save_pretrained(out)
-            (out / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
                                                       notes=self._record_notes))
+            names = sorted(p.name for p in tmp.iterdir())
+            record = (lambda path: self.folder.record(path)) if own else files_in(out, names, "output_dir")
+            theirs = [n for n in names if own and ((out / n).exists() or (out / n).is_symlink())
+                      and not self.folder.owns(out / n)]
+            if theirs:
+                raise ConfigError(f"train.output_dir: {out} holds {', '.join(theirs)} that alignkit did not write; "
+                                  f"nothing was replaced: the model is in {tmp}")
+            for name in names:
+                record(out / name)
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
+            if own:
+                self.folder.forget(tmp)
         acc.wait_for_everyone()
+
+    def record(self, path: Path) -> None:
+        """Record a file about to be written into the run folder (or another folder) in that folder's manifest, so
+        later runs know it as alignkit's; a file of the user's at that path is refused (alignkit.ownership)."""
+        path = Path(path)
+        if self.folder is not None and path.absolute().parent == self.output_dir.absolute():
+            if (path.exists() or path.is_symlink()) and not self.folder.owns(path):
+                raise ConfigError(f"train.output_dir: {path} is not alignkit's; nothing was written over it")
+            self.folder.record(path)
+        else:
+            files_in(path.parent, [path.name], "output_dir")(path)
 
     def _log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
         for tracker in self.accelerator.trackers:

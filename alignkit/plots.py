@@ -122,7 +122,8 @@ def _save(fig, path: Path, description: str) -> None:
 
 
 def plot_metrics(output_dir: str | Path, dest: str | Path | None = None) -> list[Path]:
-    """Write the charts of output_dir/metrics.jsonl; return the paths, overview.png last."""
+    """Write the charts of output_dir/metrics.jsonl; return the paths, overview.png last. Only files alignkit wrote
+    are replaced (alignkit.ownership): a file of the user's or a link in the way is refused before any is written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,27 +132,31 @@ def plot_metrics(output_dir: str | Path, dest: str | Path | None = None) -> list
     rows = read_metrics(Path(output_dir))
     groups = panels(rows)
     dest = Path(dest) if dest is not None else Path(output_dir) / "plots"
+    from alignkit.ownership import files_in
     from alignkit.rundir import check_writable
 
     check_writable(dest, key="-o")
-    dest.mkdir(parents=True, exist_ok=True)
+    names = {title: re.sub(r"[^A-Za-z0-9_.-]+", "_", title) + ".png" for title in groups}
+    record = files_in(dest, [*names.values(), "overview.png"], key="-o")
     written = []
-    for title, names in groups.items():
+    for title, metric_names in groups.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        _draw(ax, rows, title, names)
+        _draw(ax, rows, title, metric_names)
         fig.tight_layout()
-        path = dest / (re.sub(r"[^A-Za-z0-9_.-]+", "_", title) + ".png")
+        path = dest / names[title]
+        record(path)
         _save(fig, path, f"panels: {title}")
         plt.close(fig)
         written.append(path)
     columns = min(3, len(groups))
     lines = math.ceil(len(groups) / columns)
     fig, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.5 * lines), squeeze=False)
-    for ax, (title, names) in zip(axes.flat, groups.items()):
-        _draw(ax, rows, title, names)
+    for ax, (title, metric_names) in zip(axes.flat, groups.items()):
+        _draw(ax, rows, title, metric_names)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
     fig.tight_layout()
+    record(dest / "overview.png")
     _save(fig, dest / "overview.png", "panels: " + ", ".join(groups))
     plt.close(fig)
     return written + [dest / "overview.png"]

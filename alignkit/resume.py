@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from alignkit import checkpoint, rundir
+from alignkit import checkpoint, ownership, rundir
 from alignkit.config import RunConfig, environment_values, to_yaml
 from alignkit.errors import ConfigError
 from alignkit.state import Window
@@ -116,13 +116,55 @@ def repair_metrics(path: Path) -> None:
 
 # ---- taking the output folder and resuming (called by the engine before training starts) -------------
 
+def run_folder(engine) -> ownership.RunFolder:
+    t = engine.config.train
+    tracker = (t.run_name or engine.output_dir.name) if t.report_to else None
+    return ownership.RunFolder(engine.output_dir, engine.checkpoint_root, tracker)
+
+
+def _read_files(engine) -> dict[str, str | None]:
+    """The files the run reads that may lie in its output_dir: the -c config, the data files."""
+    data = engine.config.data
+    return {"-c": getattr(engine, "config_file", None), "data.train": data.train, "data.eval": data.eval}
+
+
+def precheck(engine) -> None:
+    """Before any work (nothing written): refuse a folder this run may not write or clean (alignkit.ownership).
+    Every process checks (it only reads), so every process refuses alike."""
+    t = engine.config.train
+    spec, root = t.resume_from_checkpoint, engine.checkpoint_root
+    if spec is None:
+        own = False
+    elif spec == "auto":
+        own = bool(checkpoint.checkpoints(root))
+    else:
+        own = Path(spec).resolve().parent == root.resolve()
+    folder = run_folder(engine)
+    folder.check(clean=not own, overwrite=t.overwrite_output_dir, files=_read_files(engine))
+    if spec is None or not own and spec == "auto":  # a fresh run: refused before its data is tokenized
+        _refuse_results(folder, engine.config)
+
+
+def _refuse_results(folder: ownership.RunFolder, config: RunConfig) -> None:
+    """A fresh run never replaces an earlier run's results (model, checkpoints) without overwrite_output_dir."""
+    if not folder.results() or config.train.overwrite_output_dir:
+        return
+    saved = folder.out / "config.yaml"  # the same config again too: its model or checkpoints stay
+    same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
+    what = "an earlier run of this same config" if same else "another run"
+    raise ConfigError(f"train.output_dir: {folder.out} is not empty and holds {what}; continue it with "
+                      "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
+                      "or choose another output_dir")
+
+
 def start(engine) -> Window:
     """Lock the output folder, resume if asked (checkpoint verified, config compared), make the folder this
-    run's and write config.yaml; the window to continue. The lock is the engine's `_lock`, released (and a
-    folder this run created removed) if anything here refuses."""
+    run's (its manifest first) and write config.yaml; the window to continue. The lock is the engine's `_lock`,
+    released (its file and a folder this run created removed) if anything here refuses."""
     engine._lock, engine._record_notes = rundir.Lock(engine.output_dir), []
     try:
         on_main(engine.accelerator, engine._lock.acquire)
+        engine.folder = run_folder(engine)
         window, changes = _resume(engine)
         on_main(engine.accelerator, lambda: _take_folder(engine, changes))
     except BaseException:
@@ -150,18 +192,17 @@ def on_main(accelerator, fn):
 
 
 def check(engine) -> Path | None:
-    """Everything about the output folder and the checkpoint that can be refused before any work (nothing
-    loaded, tokenized or written): the checkpoint to resume (found, verified, its owner and config compared,
-    its step within train.max_steps), or for a fresh run the folder it would take. The checkpoint, for start()."""
+    """What about the checkpoint can be refused before any work (nothing loaded, tokenized or written): the
+    checkpoint to resume (found, verified, its owner and config compared, its step within train.max_steps), for
+    start(). The folder itself is checked by precheck()."""
     spec, out, config = engine.config.train.resume_from_checkpoint, engine.output_dir, engine.config
     path = on_main(engine.accelerator, lambda: checkpoint.find(spec, engine.checkpoint_root)) if spec else None
     if path is None:
         if spec == "auto":
             log.info("train.resume_from_checkpoint=auto: no checkpoint in %s yet, starting fresh", out)
-        on_main(engine.accelerator, lambda: refuse_taken_folder(config, out))
         return None
     own = path.resolve().parent == engine.checkpoint_root.resolve()
-    if not own and rundir.has_results(out):
+    if not own and run_folder(engine).results():
         raise ConfigError(f"train.resume_from_checkpoint: {path} belongs to another run than train.output_dir {out}, "
                           f"which holds a run of its own; resume into {path.parent.parent} or an empty output_dir")
     check_config(path, config)
@@ -193,44 +234,23 @@ def _resume(engine) -> tuple[Window, list[str]]:
     return Window.from_state(saved["window"]), changes
 
 
-def refuse_taken_folder(config: RunConfig, out: Path) -> None:
-    """Refuse, writing nothing, a fresh run in a folder holding another run's results (checked before any work
-    by check(), and again when the folder is taken)."""
-    saved = out / "config.yaml"
-    if not rundir.has_results(out):
-        return
-    if not config.train.overwrite_output_dir:  # the same config again too: its model or checkpoints stay
-        same = saved.is_file() and not saved.is_symlink() and same_run(saved.read_text(), config)
-        what = "an earlier run of this same config" if same else "another run"
-        raise ConfigError(f"train.output_dir: {out} is not empty and holds {what}; continue it with "
-                          "train.resume_from_checkpoint=auto, write over it with train.overwrite_output_dir=true, "
-                          "or choose another output_dir")
-    if not (saved.is_file() or (out / "checkpoints").is_dir()):
-        raise ConfigError(f"train.overwrite_output_dir: {out} holds files alignkit did not write "
-                          f"({', '.join(p.name for p in rundir.entries(out)[:5])}); it replaces only an "
-                          "alignkit run's folder: choose another output_dir")
-
-
 def _take_folder(engine, changes: list[str]) -> None:
-    """Refuse a folder holding another run's results; a fresh run starts in an emptied folder; config.yaml
-    records the config (and, on resume, the changed settings)."""
-    config, out, state = engine.config, engine.output_dir, engine.state
+    """Refuse a folder holding another run's results or files alignkit did not write (alignkit.ownership); a fresh
+    run removes only what alignkit wrote there; config.yaml records the config (and, on resume, the changed
+    settings)."""
+    config, out, state, folder = engine.config, engine.output_dir, engine.state, engine.folder
     config_text = to_yaml(config, comments=False)
+    own = state.resumed_from is not None and state.resumed_from.resolve().parent == engine.checkpoint_root.resolve()
+    folder.check(clean=not own, overwrite=config.train.overwrite_output_dir, files=_read_files(engine))
     notes = []
     if state.resumed_from is None:
-        refuse_taken_folder(config, out)
-        if rundir.has_results(out):
-            log.warning("%s: starting over; removing the previous run's files: %s", out, ", ".join(rundir.clear(out)))
-        elif [p for p in rundir.entries(out) if p.name != rundir.LOCK_FILE]:
-            log.warning("%s: the previous attempt left no checkpoint or model; removing its %s and starting over",
-                        out, ", ".join(rundir.clear(out)))
-    else:
-        rundir.refuse_symlinks(out)
-        if state.resumed_from.resolve().parent != engine.checkpoint_root.resolve():  # another folder's checkpoint:
-            cleared = rundir.clear(out)  # what is here is a crash's leftovers (a run's results were refused)
-            if cleared:
-                log.warning("%s: resuming %s here; removing the leftovers of an earlier attempt: %s", out,
-                            state.resumed_from, ", ".join(cleared))
+        _refuse_results(folder, config)
+    removed = folder.claim(clean=not own)
+    if removed:
+        kept = folder.manifest.foreign()
+        log.warning("%s: starting over; removing what alignkit wrote there: %s%s", out, ", ".join(removed),
+                    f" (keeping {len(kept)} files it did not write)" if kept else "")
+    if own:
         repair_metrics(out / "metrics.jsonl")
         notes = notes_of(out / "config.yaml")
         if changes:
@@ -238,4 +258,8 @@ def _take_folder(engine, changes: list[str]) -> None:
                          f"{'; '.join(changes)}")
             log.warning("resuming with changed settings (recorded in config.yaml): %s", "; ".join(changes))
     engine._record_notes = notes
+    for name in (".config.yaml.tmp", "config.yaml", "metrics.jsonl"):  # config.yaml is renamed into place
+        folder.record(out / name)
+    if folder.tracker_dir:
+        folder.record(out / folder.tracker_dir, "tree")
     rundir.write_text(out / "config.yaml", "".join(n + "\n" for n in notes) + config_text)

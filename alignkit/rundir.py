@@ -5,29 +5,26 @@ and started over only when that cannot lose another run's results.
 - `Lock`: an exclusive `fcntl.flock` on `output_dir/.alignkit.lock`, held for the whole run and recording
   pid, host and command, so a second copy of a running command is refused naming the first. The kernel
   drops the lock when its process dies: a lock left behind by a killed run is stale and taken over.
-- `has_results` / `clear`: whether the folder holds a previous run's results (a model, checkpoints: then only
-  overwrite or a resume may write there) and clearing its files when starting over, without following
-  symbolic links out of the folder.
+- What is whose in the folder (the run's manifest, `alignkit.manifest`) and what a run may write or remove there:
+  `alignkit.ownership`.
 """
 
 import json
 import logging
 import os
 import shlex
-import shutil
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from alignkit import manifest
 from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".alignkit.lock"
-#: what a run leaves before its first checkpoint: a crash then leaves nothing worth keeping
-LEFTOVERS = {LOCK_FILE, "config.yaml", "metrics.jsonl", "plots"}
+LOCK_FILE = manifest.LOCK
 
 
 def check_writable(path: Path, key: str = "train.output_dir") -> None:
@@ -67,6 +64,7 @@ class Lock:
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.path, self.fd, self.created = Path(folder), Path(folder) / LOCK_FILE, None, []
+        self.made_file = False
 
     @staticmethod
     def probe(folder: Path, key: str = "train.output_dir") -> None:
@@ -91,6 +89,7 @@ class Lock:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.path.is_symlink():
             raise ConfigError(f"{key}: {self.path} is a symbolic link; alignkit writes only regular files there")
+        self.made_file = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,7 +108,8 @@ class Lock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
 
     def release(self, discard_folder: bool = False) -> None:
-        """Unlock. `discard_folder`: the run wrote nothing, so the folders it created are removed again."""
+        """Unlock. `discard_folder`: the run was refused: the lock file and the folders it created are removed again
+        (a folder only while empty)."""
         import fcntl
 
         if self.fd is None:
@@ -118,51 +118,14 @@ class Lock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
-        if discard_folder and self.created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-            self.path.unlink()
+        if discard_folder:
+            if self.made_file:
+                self.path.unlink(missing_ok=True)
             for folder in self.created:  # the folders this run made, innermost first, while empty
                 try:
                     folder.rmdir()
                 except OSError:
                     break
-
-
-def entries(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def has_results(folder: Path) -> bool:
-    """Whether the folder holds anything a previous run would lose: a model, a checkpoint, any other file.
-    What a run killed before its first checkpoint leaves (config.yaml, metrics.jsonl) does not count."""
-    for p in entries(folder):
-        if p.name == "checkpoints" and p.is_dir() and not p.is_symlink():
-            if any(c.name.startswith("checkpoint-") for c in p.iterdir()):
-                return True
-        elif p.name not in LEFTOVERS:
-            return True
-    return False
-
-
-def clear(folder: Path) -> list[str]:
-    """Remove every entry of the folder but the lock, never following a symbolic link out of it."""
-    removed = []
-    for p in entries(folder):
-        if p.name == LOCK_FILE:
-            continue
-        if p.is_symlink() or not p.is_dir():
-            p.unlink()
-        else:
-            shutil.rmtree(p)  # rmtree unlinks symbolic links inside; it does not follow them
-        removed.append(p.name)
-    return removed
-
-
-def refuse_symlinks(folder: Path, names=("config.yaml", "metrics.jsonl")) -> None:
-    """The files a resumed run appends to or rewrites must be the folder's own, not links elsewhere."""
-    for name in names:
-        if (folder / name).is_symlink():
-            raise ConfigError(f"train.output_dir: {folder / name} is a symbolic link; alignkit writes only regular "
-                              "files in its output_dir (remove the link)")
 
 
 def write_text(path: Path, text: str) -> None:

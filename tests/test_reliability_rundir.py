@@ -13,6 +13,7 @@ import pytest
 
 import alignkit
 from alignkit import checkpoint
+from alignkit.manifest import Manifest
 from helpers import fast, read_jsonl
 
 HOLD_LOCK = """
@@ -113,6 +114,7 @@ def test_a_foreign_checkpoint_resumed_into_a_crashed_folder_leaves_no_old_rows(p
     crashed.mkdir()
     (crashed / "config.yaml").write_text("train: {}\n")
     (crashed / "metrics.jsonl").write_text('{"step": 1, "loss": 999}\n{"step": 2, "loss": 998}\n')
+    crashed_manifest(crashed)
     checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
     alignkit.run("orpo", fast(tmp_path, max_steps=3, save_steps=2, output_dir=str(crashed),
                               resume_from_checkpoint=str(checkpoint)), plugins=pm)
@@ -137,12 +139,19 @@ def test_overwrite_leaves_only_the_new_runs_files_and_follows_no_link(pm, tmp_pa
     assert not hasattr(AutoModelForCausalLM.from_pretrained(out), "peft_config")
 
 
-def test_overwrite_refuses_a_folder_alignkit_did_not_write(pm, tmp_path):
+def test_overwrite_keeps_files_alignkit_did_not_write(pm, tmp_path):
+    """Issue 20: a folder with files alignkit did not write is refused; overwrite writes beside them, keeping them."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("years of work")
     with pytest.raises(alignkit.ConfigError, match="holds files alignkit did not write"):
-        alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm, **{"train.overwrite_output_dir": True})
+        alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm)
+    alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm, **{"train.overwrite_output_dir": True})
     assert (tmp_path / "out" / "thesis.tex").read_text() == "years of work"
+
+
+def crashed_manifest(folder: Path) -> None:
+    """The manifest a run killed before its first checkpoint leaves beside its config.yaml and metrics.jsonl."""
+    Manifest(folder, entries={"config.yaml": "file", "metrics.jsonl": "file"}).save()
 
 
 def damage(kind: str, ckpt: Path) -> None:
@@ -204,13 +213,14 @@ def test_a_crash_before_the_first_checkpoint_does_not_block_the_next_run(pm, tmp
     out.mkdir()
     (out / "config.yaml").write_text("train:\n  learning_rate: 1.0\n")  # what a crashed first attempt left
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    crashed_manifest(out)
     result = alignkit.run("orpo", fast(tmp_path, max_steps=2, resume_from_checkpoint="auto"), plugins=pm)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 2] and result.global_step == 2
     for p in out.iterdir():  # again only what a crash before the first checkpoint leaves
-        if p.name not in ("config.yaml", "metrics.jsonl", ".alignkit.lock"):
+        if p.name not in ("config.yaml", "metrics.jsonl", ".alignkit.lock", ".alignkit-manifest.json"):
             p.unlink()
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / ".tmp-checkpoint-1").mkdir()  # killed during the first save
+    Manifest.read(out).add("checkpoints/.tmp-checkpoint-1", "tree")  # killed during the first save (recorded first)
+    (out / "checkpoints" / ".tmp-checkpoint-1").mkdir(parents=True)
     alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 1]
 

@@ -28,8 +28,10 @@ class SeedMethods:
             card = card.replace(f"# {Path(self.config.train.output_dir).name}\n", f"# {model_name}\n", 1)
         if dataset_name:
             card = card.replace("library_name: transformers", f"library_name: transformers\ndatasets:\n- {dataset_name}", 1)
-        Path(self.args.output_dir or "trainer_output").mkdir(parents=True, exist_ok=True)
-        (Path(self.args.output_dir or "trainer_output") / "README.md").write_text(card)
+        out = Path(self.args.output_dir or "trainer_output")
+        out.mkdir(parents=True, exist_ok=True)
+        self.engine.record(out / "README.md")  # in the folder's manifest: alignkit's to replace
+        (out / "README.md").write_text(card)
 
     def build_tokenized_answer(self, prompt: str, answer: str) -> dict[str, list[int]]:
         prompt_ids, answer_ids = self.formatter.tokenize_answer(prompt, answer)

@@ -221,6 +221,7 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         out = Path(output_dir or self.args.output_dir)
         self.engine.save_model(output_dir=out)
         if self.is_world_process_zero():
+            self.engine.record(out / "training_args.bin")  # in the folder's manifest: alignkit's to replace
             torch.save(self.args, out / "training_args.bin")
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save")
