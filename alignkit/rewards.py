@@ -58,15 +58,15 @@ class RewardRegistry:
 
 
 def columns_read(fn: RewardFn) -> list[str]:
-    """The row columns a reward function names as parameters (besides prompts and completions) with no default or a
-    None default: the data must have each (a reward that reads a missing column scores nothing)."""
+    """The row columns a reward function names as parameters (besides prompts and completions) with no default: the
+    data must have each. A parameter with a default is optional (TRL passes every column as a keyword)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return []
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in params if p.kind in kinds and p.name not in ("prompts", "completions")
-            and (p.default is p.empty or p.default is None)]
+            and p.default is p.empty]
 
 
 def _lacks(name: str, column: str, columns) -> str:

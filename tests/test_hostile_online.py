@@ -127,3 +127,15 @@ def test_an_answer_column_null_in_every_row_is_refused(tmp_path):
     line = refused("run", "-m", "grpo", f"train.output_dir={tmp_path / 'out'}", f"data.train={data}",
                    "method.reward_funcs=[exact-match]", *SMALL, written=tmp_path / "out")
     assert "reward 'exact-match' reads column 'answer', which is null in every row" in line, line
+
+
+def test_a_reward_parameter_with_a_default_is_optional():
+    from alignkit.rewards import call_reward, columns_read
+
+    def capped(prompts, completions, answer, max_chars=None, **columns):
+        return [float(len(c) <= (max_chars[i] if max_chars else 3)) for i, c in enumerate(completions)]
+
+    assert columns_read(capped) == ["answer"]
+    assert call_reward("capped", capped, ["p", "p"], ["ab", "abcd"], {"answer": ["x", "y"]}) == [1.0, 0.0]
+    with pytest.raises(AlignkitError, match="reads column 'answer'"):
+        call_reward("capped", capped, ["p"], ["ab"], {"max_chars": [5]})

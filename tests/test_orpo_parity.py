@@ -35,7 +35,6 @@ CONV_EXPLICIT = [
 ]
 CONV_IMPLICIT = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
                  for r in CONV_EXPLICIT]
-CONV_WITH_STRING_PROMPT = [{"prompt": "ignored", **r} for r in CONV_IMPLICIT]
 
 
 def no_bos(tok):
@@ -44,10 +43,9 @@ def no_bos(tok):
     return t
 
 
-@pytest.mark.parametrize("rows", [STANDARD_EXPLICIT, STANDARD_IMPLICIT, CONV_EXPLICIT, CONV_IMPLICIT,
-                                  CONV_WITH_STRING_PROMPT],
-                         ids=["standard-explicit", "standard-implicit", "conv-explicit", "conv-implicit",
-                              "conv-string-prompt"])
+# (a string prompt beside conversational answers is refused since issue 20: tests/test_hostile_data.py)
+@pytest.mark.parametrize("rows", [STANDARD_EXPLICIT, STANDARD_IMPLICIT, CONV_EXPLICIT, CONV_IMPLICIT],
+                         ids=["standard-explicit", "standard-implicit", "conv-explicit", "conv-implicit"])
 @pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["fp64", "fp32"])

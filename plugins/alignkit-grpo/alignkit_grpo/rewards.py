@@ -8,19 +8,18 @@ import re
 _DIGITS = re.compile(r"^ ?\d( \d)*$")
 
 
-def exact_match(prompts, completions, answer=None, **columns) -> list[float | None]:
+def exact_match(prompts, completions, answer, **columns) -> list[float | None]:
     """1.0 when the completion equals the row's `answer` (surrounding spaces ignored), else 0.0; None without one."""
-    if answer is None:
-        return [None] * len(completions)
     return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
-def sort_order(prompts, completions, answer=None, **columns) -> list[float | None]:
+def sort_order(prompts, completions, answer, **columns) -> list[float | None]:
     """Share of positions holding the right item of `answer` (space-separated), over the longer of the two."""
-    if answer is None:
-        return [None] * len(completions)
     out: list[float | None] = []
     for c, a in zip(completions, answer):
+        if a is None:
+            out.append(None)
+            continue
         got, want = c.split(), str(a).split()
         out.append(sum(x == y for x, y in zip(got, want)) / max(len(got), len(want), 1))
     return out
