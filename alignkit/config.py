@@ -26,7 +26,7 @@ from pydantic import (
 )
 from transformers import SchedulerType
 
-from alignkit.envvalues import (  # noqa: F401 (re-exported: recorded, environment_values, redact, resolve_env)
+from alignkit.engine.envvalues import (  # noqa: F401 (re-exported: recorded, environment_values, redact, resolve_env)
     env_interpolations,
     environment_values,
     recorded,
@@ -34,7 +34,7 @@ from alignkit.envvalues import (  # noqa: F401 (re-exported: recorded, environme
     resolve_env,
 )
 from alignkit.errors import ConfigError, did_you_mean
-from alignkit.method import Method, MethodConfig
+from alignkit.plugin.method import Method, MethodConfig
 
 BUILTIN_MODEL = "builtin:tiny"
 SCHEDULERS = sorted(s.value for s in SchedulerType)
@@ -168,7 +168,7 @@ class TrainConfig(Section):
     @field_validator("optim")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
-        from alignkit.optim import optimizer_names
+        from alignkit.engine.optim import optimizer_names
 
         if v not in (names := optimizer_names()):
             raise ValueError(f"unknown optimizer {v!r}{did_you_mean(v, names)}; choose from {', '.join(names)}")

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from alignkit import hookspecs
 from alignkit.errors import PluginError, did_you_mean
-from alignkit.method import Method
+from alignkit.plugin import hookspecs
+from alignkit.plugin.method import Method
 
 ENTRY_POINT_GROUP = "alignkit"
 ALLOW_LIST_VAR = "ALIGNKIT_LOAD_PLUGINS"

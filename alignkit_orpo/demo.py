@@ -1,14 +1,14 @@
 """ORPO's built-in demo data: preference pairs for sorting digits (`builtin:sort`, `builtin:sort-chat`).
 
 The chosen answer is the sorted list, the rejected one the same digits in a wrong order, so a model
-that learns the task ranks every held-out pair correctly. The lists come from alignkit.demo.
+that learns the task ranks every held-out pair correctly. The lists come from alignkit.blocks.demo.
 """
 
 import random
 
 import datasets
 
-from alignkit.demo import N_TEST, N_TRAIN, digit_lists, prompt, words, wrong_order
+from alignkit.blocks.demo import N_TEST, N_TRAIN, digit_lists, prompt, words, wrong_order
 
 
 def sort_pairs(n: int, seed: int, offset: int = 0) -> list[dict[str, str]]:

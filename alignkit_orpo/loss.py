@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
-from alignkit.lmhead import LMHead
-from alignkit.logps import SequenceScorer, count_weights
-from alignkit.loss import at_least_fp32
-from alignkit.modeling import disable_dropout
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.lmhead import LMHead
+from alignkit.blocks.logps import SequenceScorer, count_weights
+from alignkit.plugin.loss import at_least_fp32
 
 
 def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float):
@@ -26,7 +26,7 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, b
 class ORPOLoss(Loss):
     """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms.
 
-    The chunked path (default) never materialises the logits: see alignkit.logps. The plain path
+    The chunked path (default) never materialises the logits: see alignkit.blocks.logps. The plain path
     takes the model's full [2B, T, V] logits, as TRL does; both compute the same numbers.
     """
 
@@ -69,7 +69,7 @@ class ORPOLoss(Loss):
         return self.forward_plain(model, batch)
 
     def forward_chunked(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
-        """The LM head only at the positions a term reads, in chunks (alignkit.logps)."""
+        """The LM head only at the positions a term reads, in chunks (alignkit.blocks.logps)."""
         return self._chunked(model, batch, fused=False)[0]
 
     def _chunked(self, model, batch, fused: bool, ctx=None) -> "tuple[ORPOForward, dict | None]":

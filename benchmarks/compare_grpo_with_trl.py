@@ -162,7 +162,7 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    from alignkit.rewards import RewardRegistry
+    from alignkit.online.rewards import RewardRegistry
 
     x = inputs(tok)
     prompt_rows = [row[m.bool()].tolist() for row, m in zip(x["prompt_ids"], x["prompt_mask"])]

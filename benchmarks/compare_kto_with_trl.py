@@ -128,7 +128,7 @@ def gradients_alignkit(work: Path, case: str) -> tuple[float, dict]:
     """Training-mode loss and policy gradients of one step on the whole data set as one batch."""
 
     import alignkit
-    from alignkit.engine import Engine
+    from alignkit.engine.loop import Engine
 
     data, settings, _ = CASES[case]
     overrides = {"model.name_or_path": str(work / "model"), "model.ref_name_or_path": str(work / "ref"),

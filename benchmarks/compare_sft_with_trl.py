@@ -35,7 +35,7 @@ METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_num_to
 
 def make_inputs(work: Path, rows: int = ROWS) -> None:
     """Save a tiny random Llama with the built-in tokenizer, and the datasets of every case."""
-    from alignkit.demo import digit_lists, prompt, words
+    from alignkit.blocks.demo import digit_lists, prompt, words
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     tiny_model(seed=11).save_pretrained(work / "model")

@@ -177,7 +177,7 @@ def prep_worker(case: dict) -> dict:
     from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from alignkit.data import prepare
+    from alignkit.engine.data import prepare
     from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
 
     datasets.disable_caching()
@@ -360,7 +360,7 @@ def main() -> None:
                     print(table([row])[-1], flush=True)
                     if args.methods:
                         print(methods_table([row], args.methods)[-1], flush=True)
-    extra = ["## Other methods on the shared log-prob path (alignkit.logps), same batches", "",
+    extra = ["## Other methods on the shared log-prob path (alignkit.blocks.logps), same batches", "",
              *methods_table(results, args.methods), ""] if args.methods else []
     prep = None
     if args.prep:

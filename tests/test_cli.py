@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import alignkit
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 from test_registry import install_fake_dist
 
 

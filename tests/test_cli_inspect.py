@@ -6,7 +6,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 from alignkit.testing import tiny_tokenizer
 
 

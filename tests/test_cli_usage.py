@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 
 
 @pytest.fixture(autouse=True)
@@ -173,7 +173,7 @@ def test_every_command_has_help_with_examples():
 
 
 def test_conversation_renders_the_history_and_system_message():
-    from alignkit.generate import Conversation
+    from alignkit.cli.generate import Conversation
     from alignkit.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -188,7 +188,7 @@ def test_bad_rows_get_one_line_errors(tok, cls, row, message):
 
 
 def test_packing_through_prepare_counts_no_row_as_dropped(tok):
-    from alignkit.data import prepare
+    from alignkit.engine.data import prepare
 
     rows = [{"text": f"sort: {i} {i + 1}"} for i in range(10)]
     ds, report = prepare(datasets.Dataset.from_list(rows), make(SequenceFormatter, tok, packing=True, max_length=40), "t")
@@ -198,17 +198,17 @@ def test_packing_through_prepare_counts_no_row_as_dropped(tok):
 
 
 def test_formatter_fingerprint_covers_the_blocks_it_uses():
-    """Editing alignkit.text or alignkit.tokens changes every formatter's cache key."""
+    """Editing alignkit.blocks.text or alignkit.blocks.tokens changes every formatter's cache key."""
     import inspect
 
-    import alignkit.text
-    import alignkit.tokens
-    from alignkit.formatter import class_sources
+    import alignkit.blocks.text
+    import alignkit.blocks.tokens
+    from alignkit.plugin.formatter import class_sources
     from alignkit_orpo import PreferenceFormatter
 
     for cls in (SequenceFormatter, UnpairedPreferenceFormatter, PromptOnlyFormatter, PreferenceFormatter):
         sources = class_sources(cls)
-        assert inspect.getsource(alignkit.tokens) in sources and inspect.getsource(alignkit.text) in sources
+        assert inspect.getsource(alignkit.blocks.tokens) in sources and inspect.getsource(alignkit.blocks.text) in sources
 
 
 def test_unpaired_order_follows_trl_when_a_chosen_example_is_dropped(tok):

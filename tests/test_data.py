@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignkit import DataError
-from alignkit.data import EpochSampler, load_data, load_splits
+from alignkit.engine.data import EpochSampler, load_data, load_splits
 
 ROWS = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(10)]
 

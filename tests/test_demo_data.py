@@ -8,9 +8,9 @@ import pytest
 import alignkit
 import alignkit_orpo
 from alignkit import ConfigError, DataError, PluginError, hookimpl, load_config
-from alignkit.data import load_data
+from alignkit.engine.data import load_data
+from alignkit.engine.reporting import ProgressBar
 from alignkit.plugins import build_registry
-from alignkit.reporting import ProgressBar
 from alignkit.testing import plugin_manager
 from helpers import fast
 from toy_method import DEMO_DEFAULTS, ToyPlugin

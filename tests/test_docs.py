@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import alignkit
-from alignkit import hookspecs
+from alignkit.plugin import hookspecs
 from alignkit.testing import plugin_manager
 from helpers import fast
 
@@ -235,7 +235,7 @@ def test_the_check_mode_agrees_with_the_readmes():
 
 def test_the_readme_describes_the_built_in_model_and_data_as_they_are():
     """The default job's description: the built-in model's size and layers, the demo data's sizes."""
-    from alignkit.data import load_data
+    from alignkit.engine.data import load_data
     from alignkit.testing import tiny_model
 
     model = tiny_model()

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import alignkit
 from alignkit import hookimpl, load_config
-from alignkit.engine import Engine
+from alignkit.engine.loop import Engine
 from alignkit.testing import plugin_manager
 from helpers import fast, read_jsonl
 

@@ -6,8 +6,8 @@ import torch
 import alignkit
 import alignkit_orpo
 from alignkit import hookimpl, load_config
-from alignkit.engine import Engine
-from alignkit.metrics import MetricSums
+from alignkit.engine.loop import Engine
+from alignkit.engine.metrics import MetricSums
 from alignkit.testing import plugin_manager
 from helpers import fast, read_jsonl
 from toy_method import ToyLoss, ToyPlugin

@@ -9,16 +9,16 @@ import pytest
 import alignkit
 import alignkit_orpo
 from alignkit import DataError, load_config
-from alignkit.data import prepare
-from alignkit.formatter import infer_token_fields
-from alignkit.inspect import show_examples
+from alignkit.cli.format_view import show_examples
+from alignkit.engine.data import prepare
+from alignkit.plugin.formatter import infer_token_fields
 from alignkit.testing import plugin_manager
 from helpers import write_jsonl
 from toy_method import ToyConfig, ToyFormatter, ToyPlugin
 
 
 def test_data_module_still_exports_the_formatter_interface():
-    from alignkit import data
+    from alignkit.engine import data
 
     assert data.DataFormatter is alignkit.DataFormatter and data.Formatted is alignkit.Formatted
 

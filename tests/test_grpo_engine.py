@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import alignkit
 from alignkit.config import TrainConfig
-from alignkit.schedule import Actions, Schedule
+from alignkit.engine.schedule import Actions, Schedule
 from alignkit.testing import plugin_manager
 from helpers import free_port, read_jsonl
 
@@ -145,10 +145,10 @@ def test_an_epoch_with_num_iterations_rolls_out_every_batch_once(tmp_path, monke
 def test_another_generation_backend_samples_and_gets_the_weights_after_every_step(tmp_path, monkeypatch):
     from test_grpo_rollout import FakeBackend
 
-    import alignkit.online
+    import alignkit.online.rollout
 
     backend = FakeBackend()
-    monkeypatch.setattr(alignkit.online, "backend_for", lambda name, *args: backend if name == "vllm" else None)
+    monkeypatch.setattr(alignkit.online.rollout, "backend_for", lambda name, *args: backend if name == "vllm" else None)
     config = {"method": {"num_generations": 4, "max_completion_length": 8, "generation_backend": "vllm"},
               "data": {"max_train_samples": 16, "max_eval_samples": 4},
               "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,

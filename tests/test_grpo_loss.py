@@ -122,7 +122,7 @@ def test_completion_logps_equal_full_logits_in_float64():
 @pytest.mark.parametrize("loss_type, lora", [("grpo", False), ("dapo", False), ("dr_grpo", False), ("grpo", True)])
 @pytest.mark.parametrize("beta, with_old", [(0.0, False), (0.1, True)])
 def test_fused_head_equals_the_checkpointed_path(loss_type, lora, beta, with_old):
-    """In training the loss runs the fused head (its gradients computed in the forward, alignkit.fusedhead): the
+    """In training the loss runs the fused head (its gradients computed in the forward, alignkit.blocks.fusedhead): the
     loss, every metric and every parameter's gradient equal the checkpointed chunks' (the head run twice)."""
     g = torch.Generator().manual_seed(2)
     prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 4, 5, 6]])

@@ -7,8 +7,8 @@ from alignkit_grpo.rewards import BUILTIN
 
 import alignkit
 from alignkit.errors import ConfigError, PluginError
-from alignkit.generation import Generator, mix_seed
-from alignkit.rewards import RewardRegistry, score
+from alignkit.online.generation import Generator, mix_seed
+from alignkit.online.rewards import RewardRegistry, score
 from alignkit.testing import tiny_model, tiny_tokenizer
 
 
@@ -63,7 +63,7 @@ def test_a_backend_with_its_own_copy_gets_the_merged_weights_under_the_base_name
     under its own name, equal to merge_and_unload's (no LoRA matrices, no base_layer names)."""
     import copy
 
-    from alignkit.generation import base_named_weights
+    from alignkit.online.generation import base_named_weights
 
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
@@ -132,7 +132,7 @@ def test_score_checks_what_reward_functions_return():
 def test_a_sequence_classification_checkpoint_is_a_reward(tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    from alignkit.modeling import tiny_llama_config
+    from alignkit.engine.modeling import tiny_llama_config
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)

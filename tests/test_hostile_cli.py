@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 from helpers import read_jsonl
 
 COMMANDS = ["run", "eval", "methods", "config", "format", "plot", "generate", "chat"]

@@ -22,7 +22,7 @@ def grpo_pm():
 def _reward_model(path):
     from transformers import LlamaForSequenceClassification
 
-    from alignkit.modeling import tiny_llama_config
+    from alignkit.engine.modeling import tiny_llama_config
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def test_an_env_value_inside_a_list_setting_is_recorded_as_its_interpolation(grp
     # what the CLI prints (kept in job logs) names it as written too
     from click.testing import CliRunner
 
-    from alignkit.cli import cli
+    from alignkit.cli.commands import cli
 
     config["train"].update(output_dir=str(tmp_path / "cli"), max_steps=1, plots=False, eval_steps=1)
     (tmp_path / "c.yaml").write_text(json.dumps(config))
@@ -128,7 +128,7 @@ def test_an_env_given_model_path_stays_out_of_the_adapter_config(pm, tmp_path, m
     leaks = [name for name, text in _written_text(out).items() if SECRET in text]
     assert not leaks
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "${oc.env:BASE_DIR}"
-    from alignkit.generate import load
+    from alignkit.cli.generate import load
 
     model, tok = load(str(out))  # the adapter still loads on its base, found through the same environment
     assert type(model).__name__ == "PeftModelForCausalLM"
@@ -149,7 +149,7 @@ def refused(*args, written=None) -> str:
     """Run the CLI; it must exit 2 with exactly one line on stderr (returned), and `written` must not exist."""
     from click.testing import CliRunner
 
-    from alignkit.cli import cli
+    from alignkit.cli.commands import cli
 
     result = CliRunner().invoke(cli, ["-q", *map(str, args)])
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)

@@ -6,7 +6,7 @@ import datasets
 import pytest
 from click.testing import CliRunner
 
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 from helpers import read_jsonl, write_jsonl
 
 PAIR = {"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"}

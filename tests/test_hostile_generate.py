@@ -6,9 +6,9 @@ bounded generation, and one-line errors for user mistakes."""
 import pytest
 from click.testing import CliRunner
 
-import alignkit.generate as gen
+import alignkit.cli.generate as gen
 from alignkit.api import load_config
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 from alignkit.config import to_yaml
 from alignkit.testing import tiny_model, tiny_tokenizer
 

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 import alignkit
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 from alignkit.errors import AlignkitError
 from alignkit.testing import plugin_manager
 from helpers import write_jsonl
@@ -74,7 +74,7 @@ def _typed() -> dict:
 
 def test_score_names_the_reward_when_it_breaks_during_training():
     """The same checks hold for every rollout (a reward may break only on some completions)."""
-    from alignkit.rewards import score
+    from alignkit.online.rewards import score
 
     def sometimes(prompts, completions, **kw):
         return 0.5 if completions[0] == "x" else [0.0] * len(completions)
@@ -130,7 +130,7 @@ def test_an_answer_column_null_in_every_row_is_refused(tmp_path):
 
 
 def test_a_reward_parameter_with_a_default_is_optional():
-    from alignkit.rewards import call_reward, columns_read
+    from alignkit.online.rewards import call_reward, columns_read
 
     def capped(prompts, completions, answer, max_chars=None, **columns):
         return [float(len(c) <= (max_chars[i] if max_chars else 3)) for i, c in enumerate(completions)]

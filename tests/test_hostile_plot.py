@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignkit.cli import cli
+from alignkit.cli.commands import cli
 
 GOOD = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}, {"step": 3, "loss": 1.0}]
 
@@ -90,7 +90,7 @@ def test_a_shared_tensor_that_is_not_tied_is_still_reported(caplog):
     """The filter is precise: accelerate's warning about tensors that are not the model's tied weights passes."""
     import logging
 
-    from alignkit.checkpoint import tied_weights_expected
+    from alignkit.engine.checkpoint import tied_weights_expected
 
     model = torch.nn.Linear(2, 2)
     with tied_weights_expected([model]):

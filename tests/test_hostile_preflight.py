@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import alignkit
 import alignkit_orpo
-from alignkit.cli import cli
-from alignkit.rundata import RunData
+from alignkit.cli.commands import cli
+from alignkit.engine.rundata import RunData
 from alignkit.testing import plugin_manager
 from helpers import fast
 
@@ -113,10 +113,10 @@ class StrictConfig(alignkit_orpo.ORPOMethodConfig):
 
 
 def test_a_methods_validate_hook_refuses_before_anything_is_loaded_or_written(tmp_path, monkeypatch):
-    import alignkit.engine
+    import alignkit.engine.loop
 
     loaded = []
-    monkeypatch.setattr(alignkit.engine, "load_tokenizer", lambda *a: loaded.append(1))
+    monkeypatch.setattr(alignkit.engine.loop, "load_tokenizer", lambda *a: loaded.append(1))
     pm = plugin_manager(alignkit_orpo, StrictPlugin())
     before = tree(tmp_path)
     with pytest.raises(alignkit.ConfigError, match="^model.peft: method strict-orpo cannot train LoRA adapters"):

@@ -14,7 +14,7 @@ import pytest
 from test_reliability_signals import SLOW, logged, wait_until
 
 import alignkit
-from alignkit import checkpoint
+from alignkit.engine import checkpoint
 from helpers import fast, read_jsonl
 from test_registry import install_fake_dist
 
@@ -84,7 +84,7 @@ def test_a_named_checkpoint_with_a_damaged_state_file_is_refused_in_one_line(pm,
 
 @pytest.mark.parametrize("case", ["a shorter run", "a state claiming more steps"])
 def test_a_checkpoint_past_the_runs_max_steps_is_refused_before_any_write(pm, tmp_path, base, monkeypatch, case):
-    from alignkit.rundata import RunData
+    from alignkit.engine.rundata import RunData
 
     shutil.copytree(base, tmp_path, dirs_exist_ok=True)
     max_steps, expected = 1, "other settings that cannot change mid-run: train.max_steps \\(3 -> 1\\)"

@@ -81,7 +81,7 @@ def test_2_a_config_file_where_the_run_writes_its_config_is_refused(pm, tmp_path
     assert config.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
     from click.testing import CliRunner
 
-    from alignkit.cli import cli
+    from alignkit.cli.commands import cli
 
     result = CliRunner().invoke(cli, ["run", "--method", "orpo", "-c", str(config)])
     assert result.exit_code == 2 and result.stderr.startswith(f"alignkit: error: -c: {config} lies in train.output_dir")
@@ -200,8 +200,8 @@ def test_7_a_resumed_run_writes_no_plot_through_a_link(pm, tmp_path):
 def test_every_command_that_cleans_rotates_or_overwrites_keeps_every_foreign_file(pm, tmp_path):
     from click.testing import CliRunner
 
-    from alignkit.cli import cli
-    from alignkit.manifest import Manifest
+    from alignkit.cli.commands import cli
+    from alignkit.engine.manifest import Manifest
 
     out, outside = project(tmp_path / "out"), tmp_path / "outside"
     outside.mkdir()
@@ -309,7 +309,7 @@ def test_the_tracker_folder_is_recorded_and_a_users_folder_of_that_name_is_refus
 
 
 def test_a_finished_run_is_refused_before_any_data_is_tokenized(pm, tmp_path, monkeypatch):
-    from alignkit.rundata import RunData
+    from alignkit.engine.rundata import RunData
 
     out = tmp_path / "out"
     alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm)

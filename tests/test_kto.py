@@ -311,7 +311,7 @@ def test_precomputed_reference_gives_the_same_run(tmp_path):
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
-    from alignkit.engine import Engine
+    from alignkit.engine.loop import Engine
     from alignkit.testing import tiny_model
 
     cfg, method = alignkit.load_config("kto", fast(tmp_path, max_steps=2, learning_rate=1e-2),

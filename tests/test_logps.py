@@ -1,4 +1,4 @@
-"""The shared log-prob path (alignkit.logps): per-row stats equal full-logit float64 values; DPO, CPO and SimPO
+"""The shared log-prob path (alignkit.blocks.logps): per-row stats equal full-logit float64 values; DPO, CPO and SimPO
 give the same loss, metrics and gradients through the chunked head as through full logits; label_pad_token_id."""
 
 import copy
@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from test_orpo_chunked import RTOL, ragged_batch
 
-from alignkit.cli import cli
-from alignkit.logps import SequenceScorer
+from alignkit.blocks.logps import SequenceScorer
+from alignkit.cli.commands import cli
 from alignkit.testing import tiny_model
 
 

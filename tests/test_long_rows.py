@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from alignkit.blocks.tokens import Encoder
 from alignkit.formatters import PromptOnlyFormatter, SequenceFormatter, UnpairedPreferenceFormatter
-from alignkit.tokens import Encoder
 from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
 
 

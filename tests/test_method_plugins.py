@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import alignkit
 import alignkit_orpo
-from alignkit.cli import cli
-from alignkit.engine import Engine
+from alignkit.cli.commands import cli
+from alignkit.engine.loop import Engine
 from alignkit.testing import plugin_manager, tiny_model
 from helpers import FixedLogits, fast, read_jsonl, two_pairs
 

@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from alignkit import DataError, DropExample
-from alignkit.data import prepare
+from alignkit.engine.data import prepare
 from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
 from alignkit_orpo.formatter import extract_prompt
 
@@ -262,7 +262,7 @@ class CountingFormatter(PreferenceFormatter):
 def test_formatted_data_is_cached_between_runs(tok, tmp_path, monkeypatch):
     """A second prepare() of the same file with the same settings reads datasets' cache; other settings or
     another tokenizer format again."""
-    from alignkit.data import load_data
+    from alignkit.engine.data import load_data
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     path = tmp_path / "pairs.jsonl"

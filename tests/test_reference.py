@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.engine import Engine
+from alignkit.engine.loop import Engine
 from alignkit.plugins import get_plugin_manager
 from alignkit.testing import tiny_model
 from helpers import fast

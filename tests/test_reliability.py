@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import alignkit
 import alignkit_orpo
-from alignkit import checkpoint
+from alignkit.engine import checkpoint
 from alignkit.testing import plugin_manager
 from alignkit_orpo import ORPOLoss, ORPOMethodConfig, odds_ratio_terms
 from helpers import fast, free_port, read_jsonl

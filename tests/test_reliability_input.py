@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 import alignkit
-from alignkit.cli import cli
-from alignkit.engine import Engine
+from alignkit.cli.commands import cli
+from alignkit.engine.loop import Engine
 from alignkit.testing import tiny_model, tiny_tokenizer
 from helpers import fast, read_jsonl, write_jsonl
 
@@ -99,7 +99,7 @@ def test_output_dir_that_cannot_be_written_is_refused_before_loading(tmp_path):
 def test_a_model_smaller_than_its_tokenizer_and_nan_weights_are_named(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from alignkit.modeling import tiny_llama_config
+    from alignkit.engine.modeling import tiny_llama_config
 
     small = tmp_path / "small"
     AutoModelForCausalLM.from_config(tiny_llama_config(300)).save_pretrained(small)
@@ -188,7 +188,7 @@ def test_lora_on_the_builtin_model_records_its_base_and_generates_offline(pm, tm
                                       "sort: 2 1 ="])
     assert result.exit_code == 0, result.output
     # the adapter on the base rebuilt from the run's seed is the trained model: the same final eval loss
-    from alignkit.generate import load
+    from alignkit.cli.generate import load
 
     model, tok = load(str(out))
     final = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r][-1]["eval_loss"]

@@ -1,5 +1,5 @@
-"""One owner per output folder (alignkit.rundir) and resume that checks what it resumes (alignkit.resume,
-alignkit.checkpoint): issue 12, items 1-8."""
+"""One owner per output folder (alignkit.engine.rundir) and resume that checks what it resumes (alignkit.engine.resume,
+alignkit.engine.checkpoint): issue 12, items 1-8."""
 
 import hashlib
 import logging
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 import alignkit
-from alignkit import checkpoint
-from alignkit.manifest import Manifest
+from alignkit.engine import checkpoint
+from alignkit.engine.manifest import Manifest
 from helpers import fast, read_jsonl
 
 HOLD_LOCK = """
 import sys, time
-from alignkit.rundir import Lock
+from alignkit.engine.rundir import Lock
 Lock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit import checkpoint
+from alignkit.engine import checkpoint
 from helpers import read_jsonl
 from test_registry import install_fake_dist
 

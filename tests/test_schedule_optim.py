@@ -7,8 +7,8 @@ import torch
 import alignkit
 from alignkit import ConfigError
 from alignkit.config import TrainConfig
-from alignkit.optim import build_optimizer
-from alignkit.schedule import Actions, Schedule
+from alignkit.engine.optim import build_optimizer
+from alignkit.engine.schedule import Actions, Schedule
 from helpers import fast, read_jsonl
 
 

@@ -68,7 +68,7 @@ def test_loss_and_metrics_match_float64_reference(tok, model, implementation):
 
 @pytest.mark.parametrize("head", ["tied", "untied", "lora-on-head"])
 def test_fused_head_gradient_equals_plain(tok, head):
-    """The chunked path computes the head's gradients in the forward (alignkit.fusedhead): over two micro-batches
+    """The chunked path computes the head's gradients in the forward (alignkit.blocks.fusedhead): over two micro-batches
     whose losses are scaled as the engine scales them (by their step's token count), the gradient of every
     parameter, the loss and the metrics equal the plain path's."""
     import peft

@@ -6,7 +6,7 @@ from test_logps import run as run_method
 from test_orpo_chunked import assert_same, ragged_batch, run, tiny_qwen2_moe
 
 from alignkit import ConfigError
-from alignkit.sharing import common_prefix, share_rows
+from alignkit.blocks.sharing import common_prefix, share_rows
 from alignkit.testing import tiny_model
 from alignkit_orpo import ORPOLoss, ORPOMethodConfig
 

@@ -6,8 +6,8 @@ import torch
 import alignkit
 import alignkit_orpo
 from alignkit import StepContext, load_config
-from alignkit.context import call, takes_ctx
-from alignkit.engine import Engine
+from alignkit.engine.loop import Engine
+from alignkit.plugin.context import call, takes_ctx
 from alignkit.testing import plugin_manager
 from helpers import fast
 from toy_method import ToyLoss, ToyPlugin

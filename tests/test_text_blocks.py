@@ -7,8 +7,8 @@ import random
 import pytest
 
 from alignkit import DataError
-from alignkit.text import check_messages, column, common_prefix, render_prompt, render_split
-from alignkit.tokens import (
+from alignkit.blocks.text import check_messages, column, common_prefix, render_prompt, render_split
+from alignkit.blocks.tokens import (
     Encoder,
     labels_where,
     masked_labels,

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import alignkit
-from alignkit import demo
-from alignkit.data import pad_right
+from alignkit.blocks import demo
+from alignkit.blocks.tokens import pad_right
 
 
 class ToyConfig(alignkit.MethodConfig):

@@ -18,7 +18,7 @@ from alignkit.formatters.sequence import (
     prompt_completion_ids,
 )
 from alignkit.formatters.unpaired import UnpairedPreferenceFormatter
-from alignkit.hookspecs import hookimpl
+from alignkit.plugin.hookspecs import hookimpl
 
 FORMATTERS = {
     "language-modeling": LanguageModelingFormatter,

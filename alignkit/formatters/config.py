@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.method import MethodConfig
+from alignkit.plugin.method import MethodConfig
 
 
 class TokenDataConfig(MethodConfig):

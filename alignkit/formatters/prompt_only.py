@@ -2,12 +2,11 @@
 
 from typing import Any
 
-from alignkit.data import pad_right
-from alignkit.formatter import DataFormatter, Formatted
+from alignkit.blocks.text import column, prompt_token_ids
+from alignkit.blocks.tokens import Encoder, pad_right, truncate
 from alignkit.formatters.config import PromptOnlyDataConfig
 from alignkit.formatters.sequence import pad_id
-from alignkit.text import column, prompt_token_ids
-from alignkit.tokens import Encoder, truncate
+from alignkit.plugin.formatter import DataFormatter, Formatted
 
 
 class PromptOnlyFormatter(DataFormatter):

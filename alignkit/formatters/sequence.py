@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from alignkit.data import pad_right
+from alignkit.blocks.text import column, common_prefix, is_conversation, render, same_format
+from alignkit.blocks.tokens import Encoder, common_prefix_length, labels_where, pad_right, split_common, truncate
 from alignkit.errors import DataError
-from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack
-from alignkit.text import column, common_prefix, is_conversation, render, same_format
-from alignkit.tokens import Encoder, common_prefix_length, labels_where, split_common, truncate
+from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 LANGUAGE_MODELING, PROMPT_COMPLETION = "language-modeling", "prompt-completion"
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 
-from alignkit.data import pad_right
+from alignkit.blocks.text import column, extract_prompt, given_prompt, same_format
+from alignkit.blocks.tokens import Encoder, masked_labels, pad_right, truncate
 from alignkit.errors import DataError
-from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.config import UnpairedDataConfig
 from alignkit.formatters.sequence import pad_id, prompt_completion_ids
-from alignkit.text import column, extract_prompt, given_prompt, same_format
-from alignkit.tokens import Encoder, masked_labels, truncate
+from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 PAIRED = "expected 'prompt', 'completion' and 'label' (or paired 'chosen' and 'rejected', optionally with 'prompt')"
 

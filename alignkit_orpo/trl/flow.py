@@ -15,8 +15,7 @@ import torch
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import speed_metrics
 
-from alignkit import hookimpl
-from alignkit.schedule import Actions, Schedule
+from alignkit import Actions, Schedule, hookimpl
 
 STATE_NAME, ARGS_NAME = "trainer_state.json", "training_args.bin"
 

@@ -21,7 +21,7 @@ class SeedMethods:
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
-        from alignkit.modelcard import model_card
+        from alignkit import model_card
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         card = model_card(self.config, self.engine.method, self.state.log_history[-1] if self.state.log_history else {}, tags)
         if model_name:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import log_metrics, metrics_format, save_metrics, save_state
 
-from alignkit.optim import build_optimizer, schedule
+from alignkit import build_lr_scheduler, build_optimizer
 
 
 class TrainerSurface:
@@ -71,7 +71,7 @@ class TrainerSurface:
     # ---- optimizer and schedule (the engine asks for them through these) ---------------------------
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """The optimizer ORPOConfig.optim names, built by transformers' own factory (alignkit.optim)."""
+        """The optimizer ORPOConfig.optim names, built by transformers' own factory (alignkit.engine.optim)."""
         if self.optimizer is None:
             self.optimizer = build_optimizer(model if model is not None else self.model, self.config.train)
         self.callback_handler.optimizer = self.optimizer
@@ -79,7 +79,7 @@ class TrainerSurface:
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = schedule(self.config.train, optimizer or self.optimizer, num_training_steps)
+            self.lr_scheduler = build_lr_scheduler(self.config.train, optimizer or self.optimizer, num_training_steps)
         self.callback_handler.lr_scheduler = self.lr_scheduler
         return self.lr_scheduler
 

@@ -15,11 +15,7 @@ from transformers import DefaultFlowCallback, PreTrainedModel, PrinterCallback, 
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOutput, speed_metrics
 
-from alignkit import load_config
-from alignkit.data import prepare
-from alignkit.engine import Engine
-from alignkit.modeling import apply_peft, load_model, load_tokenizer
-from alignkit.plugins import get_plugin_manager
+from alignkit import Engine, apply_peft, get_plugin_manager, load_config, load_model, load_tokenizer, prepare_dataset
 from alignkit_orpo.trl.args import ORPOConfig
 from alignkit_orpo.trl.flow import TrainerFlow
 from alignkit_orpo.trl.seed import SeedMethods
@@ -119,7 +115,7 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         if ds is None or _TOKENIZED in ds.column_names:
             return ds
         if id(ds) not in self._formatted:
-            self._formatted[id(ds)] = (ds, prepare(ds, self.formatter, "dataset passed to ORPOTrainer")[0])
+            self._formatted[id(ds)] = (ds, prepare_dataset(ds, self.formatter, "dataset passed to ORPOTrainer")[0])
         return self._formatted[id(ds)][1]
 
     def _raw_of(self, ds):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import alignkit
-from alignkit.logps import LogpsOptions, SequenceScorer
+from alignkit.blocks.logps import LogpsOptions, SequenceScorer
 
 
 class DPOConfig(LogpsOptions):
@@ -20,7 +20,7 @@ def sigmoid_losses(logits, beta, smoothing):
 
 
 class DPOLoss(alignkit.Loss):
-    """Summed answer log-probs of [chosen; rejected] rows through the shared log-prob path (alignkit.logps)."""
+    """Summed answer log-probs of [chosen; rejected] rows through the shared log-prob path (alignkit.blocks.logps)."""
 
     eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
     needs_reference_model = True

@@ -1,6 +1,6 @@
 """Per-token log-probs (and entropies) of sampled completions, without [rows, T, vocab] logits.
 
-The model runs once on prompt + completion and returns its final hidden states (alignkit.lmhead);
+The model runs once on prompt + completion and returns its final hidden states (alignkit.blocks.lmhead);
 the LM head then runs only at the completion tokens that count, in chunks, at the sampling temperature
 (logits / temperature, as the sampler saw them). `completion_logps` checkpoints its chunks (the rollout's old
 log-probs, the reference); the loss in training runs the fused head instead (GRPOLoss, no recompute).
@@ -9,8 +9,8 @@ log-probs, the reference); the loss in training runs the fused head instead (GRP
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignkit.lmhead import LMHead, final_hidden_states
-from alignkit.loss import at_least_fp32
+from alignkit.blocks.lmhead import LMHead, final_hidden_states
+from alignkit.plugin.loss import at_least_fp32
 
 
 def _chunk(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):

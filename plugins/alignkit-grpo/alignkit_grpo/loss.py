@@ -10,9 +10,9 @@ Every metric is an exact (sum, count) pair with TRL 1.x's name.
 import torch
 
 import alignkit
-from alignkit.fusedhead import fused_token_terms
-from alignkit.lmhead import LMHead
-from alignkit.modeling import disable_dropout
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.fusedhead import fused_token_terms
+from alignkit.blocks.lmhead import LMHead
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.logps import completion_hidden, completion_logps, entropy_of, unwrap
 
@@ -95,7 +95,7 @@ class GRPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms=terms, metrics=metrics)
 
     def _fused(self, model, batch, ref, mask):
-        """Training on the fused head (alignkit.fusedhead): the per-token objective's head gradients are computed
+        """Training on the fused head (alignkit.blocks.fusedhead): the per-token objective's head gradients are computed
         in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward."""
         cfg = self.config
         _, hidden_NH, targets_N = completion_hidden(model, batch)

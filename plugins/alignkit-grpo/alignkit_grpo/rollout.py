@@ -15,8 +15,8 @@ hands the batches to the reference and the loss:
 
 import torch
 
-from alignkit.generation import mix_seed
-from alignkit.rewards import RewardRegistry, score
+from alignkit.online.generation import mix_seed
+from alignkit.online.rewards import RewardRegistry, score
 from alignkit_grpo.advantages import advantages, combine, std_from_sums
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.logps import completion_logps

@@ -2,7 +2,7 @@
 the vocabulary-mean logit and the entropy at each completion position.
 
 The chunked path runs the LM head only at completion positions, in checkpointed chunks
-(alignkit.lmhead), so no [rows, T, vocab] logits are ever held; the plain path takes the model's
+(alignkit.blocks.lmhead), so no [rows, T, vocab] logits are ever held; the plain path takes the model's
 full logits. Both compute the same numbers (a test checks). In training the loss runs the fused head
 instead (KTOLoss._fused: whole rows per chunk, gradients computed in the forward, nothing recomputed).
 """
@@ -13,8 +13,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignkit import shifted_token_logps
-from alignkit.lmhead import LMHead, final_hidden_states
-from alignkit.loss import at_least_fp32
+from alignkit.blocks.lmhead import LMHead, final_hidden_states
+from alignkit.plugin.loss import at_least_fp32
 
 
 @dataclass

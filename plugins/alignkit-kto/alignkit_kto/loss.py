@@ -17,9 +17,9 @@ import logging
 import torch
 
 from alignkit import ConfigError, Loss, LossOutput
-from alignkit.fusedhead import fused_row_terms
-from alignkit.lmhead import LMHead, check_head, final_hidden_states
-from alignkit.modeling import disable_dropout
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.fusedhead import fused_row_terms
+from alignkit.blocks.lmhead import LMHead, check_head, final_hidden_states
 from alignkit_kto.logps import CompletionStats, chunked_stats, mean_and_entropy, per_row, plain_stats
 from alignkit_kto.pairing import kl_pairs
 
@@ -147,7 +147,7 @@ class KTOLoss(Loss):
         return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
 
     def _fused(self, model, head: LMHead, batch, ref: dict, desirable, kl) -> tuple[torch.Tensor, CompletionStats]:
-        """(the summed loss, the policy's completion stats) on the fused head (alignkit.fusedhead.fused_row_terms):
+        """(the summed loss, the policy's completion stats) on the fused head (alignkit.blocks.fusedhead.fused_row_terms):
         whole rows chunk by chunk, each chunk's head gradients computed in the forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         self._check(model, head, ids, mask)

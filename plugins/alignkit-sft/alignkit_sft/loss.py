@@ -3,7 +3,7 @@ count over the whole optimizer step (unit "tokens"), with exact per-token metric
 
 Accuracy and entropy read the whole next-token distribution, so they are computed where the log-prob
 is, chunk by chunk at the trained positions only: no [rows, T, vocab] logits on the chunked path, whose
-head gradients are computed in the forward (alignkit.fusedhead.fused_token_terms; no recompute).
+head gradients are computed in the forward (alignkit.blocks.fusedhead.fused_token_terms; no recompute).
 """
 
 import logging
@@ -11,9 +11,9 @@ import logging
 import torch
 
 from alignkit import ConfigError, Loss, LossOutput
-from alignkit.fusedhead import fused_token_terms
-from alignkit.lmhead import LMHead, check_head
-from alignkit.loss import at_least_fp32
+from alignkit.blocks.fusedhead import fused_token_terms
+from alignkit.blocks.lmhead import LMHead, check_head
+from alignkit.plugin.loss import at_least_fp32
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SFTLoss(Loss):
         return nll, extra
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        """The chunked path runs the fused head (alignkit.fusedhead: its gradients are computed in the forward,
+        """The chunked path runs the fused head (alignkit.blocks.fusedhead: its gradients are computed in the forward,
         nothing is recomputed); the plain path takes the model's full logits."""
         nll, extra = self.token_stats(model, batch)
         entropy_N, correct_N = extra if extra else (nll.new_zeros(0), torch.zeros(0, dtype=torch.bool))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import alignkit
-from alignkit.logps import LogpsOptions, SequenceScorer, count_weights
+from alignkit.blocks.logps import LogpsOptions, SequenceScorer, count_weights
 
 
 class SimPOConfig(LogpsOptions):
@@ -17,7 +17,7 @@ class SimPOConfig(LogpsOptions):
 
 
 class SimPOLoss(alignkit.Loss):
-    """Mean answer log-probs of [chosen; rejected] rows through the shared log-prob path (alignkit.logps)."""
+    """Mean answer log-probs of [chosen; rejected] rows through the shared log-prob path (alignkit.blocks.logps)."""
 
     eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
 

@@ -1,0 +1,71 @@
+"""The frozen reference model that a loss may declare it needs (Loss.needs_reference_model)."""
+
+import copy
+
+import torch
+
+from alignkit.engine.modeling import load_model
+from alignkit.plugin.context import call
+
+PREFIX = "__ref_"
+
+
+class Reference:
+    """Builds the reference once and computes the loss's reference outputs for a batch.
+
+    The reference is `model.ref_name_or_path` when given (with or without LoRA on the policy), else, for a
+    PEFT policy, the policy itself with its adapters disabled (no second copy), else a frozen copy of the
+    policy's initial weights."""
+
+    def __init__(self, loss, policy, config, tokenizer, accelerator) -> None:
+        self.loss, self.accelerator, self.model = loss, accelerator, None
+        name = config.model.ref_name_or_path
+        if not loss.needs_reference_model or (hasattr(policy, "disable_adapter") and not name):
+            return
+        if name:
+            ref = load_model(config.model.model_copy(update={"name_or_path": name, "peft": None}), tokenizer,
+                             config.train.seed)
+        else:
+            ref = copy.deepcopy(policy)
+        ref.eval().requires_grad_(False)
+        self.model = accelerator.prepare_model(ref, evaluation_mode=True)
+
+    @property
+    def precomputed(self) -> bool:
+        """The loss asks for its reference outputs once, before training, instead of every step."""
+        return self.loss.needs_reference_model and self.loss.precompute_reference
+
+    def __call__(self, policy, batch: dict, ctx=None) -> dict | None:
+        """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
+        if not self.loss.needs_reference_model:
+            return None
+        if "__ref" in batch:
+            return batch.pop("__ref")
+        with torch.no_grad():
+            if self.model is not None:
+                return call(self.loss.reference, self.model, batch, ctx=ctx)
+            with self.accelerator.unwrap_model(policy).disable_adapter():
+                return call(self.loss.reference, policy, batch, ctx=ctx)
+
+    def precompute(self, ds, policy, collate, batch_size: int, context=None):
+        """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order).
+        `context(index, count)` makes the StepContext of each batch (for a `reference` that takes `ctx`)."""
+        columns: dict[str, list] = {}
+        starts = range(0, len(ds), batch_size)
+        for index, start in enumerate(starts):
+            rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
+            ctx = context(index, len(starts)) if context is not None else None
+            for key, value in self(policy, batch, ctx).items():
+                columns.setdefault(PREFIX + key, []).extend(value.tolist())
+        for key, values in columns.items():
+            ds = ds.add_column(key, values)
+        return ds
+
+
+def collate_with_reference(collate, features: list[dict]) -> dict:
+    """`collate` of the features, plus their precomputed reference outputs under `__ref`."""
+    keys = [k for k in features[0] if k.startswith(PREFIX)]
+    refs = {k.removeprefix(PREFIX): torch.tensor([f[k] for f in features]) for k in keys}
+    batch = collate([{k: v for k, v in f.items() if k not in keys} for f in features])
+    return {**batch, "__ref": refs} if refs else batch
