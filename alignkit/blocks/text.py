@@ -152,8 +152,8 @@ def prompt_token_ids(tokenizer, prompt, bos_first: bool = False, encode=None) ->
     completion: the one prompt rendering that the formatters and `alignkit generate`/`chat` share.
 
     A conversation is rendered by the chat template (`render_prompt`), which writes its own special tokens; a string
-    is encoded with the tokenizer's own special tokens. With `bos_first` (the preference formatters, as TRL's
-    ORPO/DPO/CPO trainers) the text is encoded without special tokens and BOS is put first. `encode(text, special)`
+    is encoded with the tokenizer's own special tokens. With `bos_first` (the preference formatters, as TRL's pairwise
+    preference trainers) the text is encoded without special tokens and BOS is put first. `encode(text, special)`
     replaces the tokenizer call (e.g. an `alignkit.blocks.tokens.Encoder`'s, bounded in memory for huge texts).
     """
     text = prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
