@@ -47,3 +47,21 @@ def test_orpo_takes_the_cores_formatter():
 
     assert alignkit_orpo.METHOD.formatter in (PreferenceFormatter, "preference")
     assert not (ROOT / "alignkit_orpo" / "formatter.py").exists() and not (ROOT / "alignkit_orpo" / "demo.py").exists()
+
+
+def test_method_size_targets():
+    """Methods are config + loss on the core's blocks: the DPO plugin fits in 60 lines, SFT's loss in 30."""
+    assert sum(len(p.read_text().splitlines()) for p in (ROOT / "plugins/alignkit-dpo/alignkit_dpo").glob("*.py")) <= 60
+    assert len((ROOT / "plugins/alignkit-sft/alignkit_sft/loss.py").read_text().splitlines()) <= 30
+
+
+def test_pair_metrics_are_trls_pairwise_means():
+    import torch
+
+    from alignkit.blocks.logps import pair_metrics
+
+    got = pair_metrics(torch.tensor([0.5, -0.2]), torch.tensor([0.1, 0.3]), torch.tensor([-1.0, -3.0]),
+                       torch.tensor([-2.0, -4.0]))
+    want = {"rewards/chosen": 0.15, "rewards/rejected": 0.2, "rewards/accuracies": 0.5, "rewards/margins": -0.05,
+            "logps/chosen": -2.0, "logps/rejected": -3.0}
+    assert {k: round(float(v), 6) for k, v in got.items()} == want

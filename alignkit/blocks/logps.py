@@ -366,3 +366,14 @@ def _scored_chunk(head: LMHead, hidden_nH: torch.Tensor, targets_n: torch.Tensor
         logits = logits / temperature
     logps = logits.gather(-1, targets_n[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return logps, entropy_of(logits)
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                 rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's pairwise-preference metrics (no gradient): rewards/chosen, /rejected, /accuracies, /margins and
+    logps/chosen, /rejected, each the mean over the batch's pairs."""
+    with torch.no_grad():
+        return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_logps.dtype).mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
