@@ -37,8 +37,8 @@ def make_inputs(work: Path) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from alignkit.blocks.demo import sort_pairs
     from alignkit.testing import tiny_model, tiny_tokenizer
-    from alignkit_orpo.demo import sort_pairs
 
     tiny_model(seed=11).save_pretrained(work / "model")
     tiny_tokenizer().save_pretrained(work / "model")

@@ -31,7 +31,7 @@ def test_schema_has_every_field_with_its_description():
 
 
 def test_format_marks_exactly_the_labelled_tokens():
-    from alignkit_orpo.demo import load
+    from alignkit.blocks.demo import load_sort as load
 
     out = run("format", "--method", "orpo", "-n", "2")
     assert out.count("--- example") == 2 and "0 truncated, 0 dropped" in out

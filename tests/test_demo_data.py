@@ -44,7 +44,7 @@ def test_dataset_names_are_unique_across_plugins():
         def register_datasets(self, register):
             register("sort", lambda split: None)
 
-    with pytest.raises(PluginError, match="dataset 'sort' is registered twice: by alignkit_orpo and by"):
+    with pytest.raises(PluginError, match="dataset 'sort' is registered twice: by alignkit and by"):
         build_registry(plugin_manager(alignkit_orpo, Again()))
 
 
@@ -60,14 +60,14 @@ def digest(ds) -> str:
     return hashlib.sha256(json.dumps(ds.to_list(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def test_sort_data_moved_to_the_orpo_plugin_unchanged():
+def test_sort_data_moved_to_the_core_unchanged():
     """Digests of builtin:sort / sort-chat as the core shipped them before the move (ORPO's default job and
     its parity with TRL depend on this exact data)."""
     assert {(name, split): digest(load_data(f"builtin:{name}", split)) for name in ("sort", "sort-chat")
             for split in ("train", "test")} == EXPECTED_DIGESTS
 
 
-def test_shipped_preference_methods_use_orpos_demo_data_by_name():
+def test_shipped_preference_methods_use_the_cores_demo_data_by_name():
     import alignkit_cpo
     import alignkit_dpo
     import alignkit_simpo

@@ -62,7 +62,7 @@ def test_model_card(pm, tmp_path):
 
 
 def _write(tmp_path) -> str:
-    from alignkit_orpo.demo import sort_pairs
+    from alignkit.blocks.demo import sort_pairs
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in sort_pairs(16, seed=9)))

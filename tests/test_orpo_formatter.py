@@ -6,9 +6,9 @@ import datasets
 import pytest
 
 from alignkit import DataError, DropExample
+from alignkit.blocks.text import extract_prompt
 from alignkit.engine.data import prepare
 from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
-from alignkit_orpo.formatter import extract_prompt
 
 BOS, EOS, PAD = 1, 2, 0
 

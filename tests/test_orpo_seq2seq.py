@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
 
 import alignkit
+from alignkit.blocks.demo import sort_pairs
 from alignkit_orpo import ORPOConfig, ORPOTrainer
-from alignkit_orpo.demo import sort_pairs
 from helpers import fast
 
 ROWS = sort_pairs(6, seed=8)

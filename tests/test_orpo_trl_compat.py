@@ -12,9 +12,9 @@ from transformers import TrainerCallback
 
 import alignkit
 import alignkit_orpo
+from alignkit.blocks.demo import sort_pairs
 from alignkit.testing import tiny_model
 from alignkit_orpo import ORPOConfig, ORPOTrainer, odds_ratio_terms
-from alignkit_orpo.demo import sort_pairs
 
 ROWS = sort_pairs(12, seed=2)
 

@@ -182,7 +182,7 @@ def _gradients(head: LMHead, hidden_NH: torch.Tensor):
 
 
 def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, chunk_size: int, term=None,
-                      stats=None, temperature: float = 1.0):
+                      stats=None, temperature: float = 1.0, distribution: bool = False):
     """A token-level loss on the fused head: (its summed term, log p(target) [N] without gradient, and
     `stats(logits, targets)` of each chunk concatenated, without gradient).
 
@@ -191,7 +191,9 @@ def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Te
     -sum log p(target). Since the term is a sum over positions, its gradients with respect to the chunk's hidden
     states and the head's parameters are computed in the forward, chunk by chunk, and the backward only scales
     them by its incoming gradient: the head's [chunk, vocab] product runs once and its logits are freed at once.
-    Logits are divided by `temperature` (a sampler's). Without gradient (evaluation) it is a plain chunked pass."""
+    Logits are divided by `temperature` (a sampler's). With `distribution`, the term is `term(logps_n, positions,
+    logprobs_nV)`, the chunk's full-vocabulary log-probs (with gradient) as its third argument (a divergence).
+    Without gradient (evaluation) it is a plain chunked pass."""
     term = term or (lambda logps, positions: -logps.sum())
     params, grad, d_hidden, d_params = _gradients(head, hidden_NH)
     total = hidden_NH.new_zeros((), dtype=torch.float32)
@@ -200,7 +202,7 @@ def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Te
         positions = slice(start, start + chunk_size)
         h, logits, lp = _chunk_logits(head, hidden_NH[positions], targets_N[positions], grad, temperature)
         with torch.set_grad_enabled(grad):
-            value = term(lp, positions)
+            value = term(lp, positions, torch.log_softmax(logits, -1)) if distribution else term(lp, positions)
         if grad and value.requires_grad:
             _add_grads(value, h, params, positions, d_hidden, d_params)
         total = total + value.detach()

@@ -19,8 +19,9 @@ from dataclasses import dataclass, fields
 
 import torch
 from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
-from alignkit.blocks.fusedhead import fused_terms
+from alignkit.blocks.fusedhead import fused_terms, fused_token_terms
 from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, check_head, final_hidden_states, selected_token_logps
 from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, share_rows
 from alignkit.errors import ConfigError
@@ -236,3 +237,143 @@ def reduce_rows(logps_BT, label_mask_BT, nll_mask_BT, sums_BT, last_B, vocab, nl
     return RowLogps(logps=(logps_BT * label_mask_BT).sum(-1), tokens=label_mask_BT.sum(-1),
                     nll=-(nll_logps_BT * nll_mask_BT).sum(-1), nll_tokens=nll_mask_BT.sum(-1),
                     logits_sum=sums_BT.sum(-1), last_logits_sum=last_B, positions=sums_BT.shape[1], vocab=vocab)
+
+
+@dataclass
+class TokenScores:
+    """Per scored position of a batch (the N positions `select_BT` marks, row-major): log p(label) [N] at the
+    scorer's temperature (differentiable unless a `term` was given; then `total` carries the gradient), the entropy
+    of each position's distribution [N] (no grad), `stats` of each chunk concatenated, and the summed `term`."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    select: torch.Tensor  # [B, T-1]: position t predicts labels[:, t + 1]
+    extra: tuple = ()
+    total: torch.Tensor | None = None
+
+    def per_token(self, values_N: torch.Tensor | None = None) -> torch.Tensor:
+        """values [N] (default: the log-probs) laid out as [B, T-1], 0 where not scored."""
+        values_N = self.logps if values_N is None else values_N
+        return values_N.new_zeros(self.select.shape).masked_scatter(self.select, values_N)
+
+    def per_row(self, values_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row sums [B] of values [N] (default: the log-probs)."""
+        return self.per_token(values_N).sum(-1)
+
+
+class TokenScorer:
+    """Per-token values of a causal LM at its labelled positions: log p(label) and entropy at a temperature
+    (logits / temperature, as a sampler saw them), without [B, T, vocab] logits on the chunked path.
+
+    `__call__(model, inputs, labels)` runs `model(**inputs)` once; labels [B, T] are read as a causal LM's (the
+    token at t is predicted at t-1; label_pad_token_id where nothing is scored). Optional, per chunk of positions:
+    `stats(logits_nV, labels_n)`, values without gradient (e.g. accuracy), and `term(logps_n, positions)`, a summed
+    loss term given fixed side inputs indexed by `positions` (a slice of the N), or with `distribution=True`
+    `term(logps_n, positions, logprobs_nV)` that also reads the chunk's full-vocabulary log-probs (a divergence
+    such as a distillation's JSD). In training a term runs on the fused head (alignkit.blocks.fusedhead: its
+    gradients are computed in the forward, each chunk's logits freed at once); a model whose head cannot be split
+    off takes its full logits (the plain path), with the same numbers.
+    """
+
+    def __init__(self, chunk_size: int = 1024, implementation: str = "chunked", temperature: float = 1.0,
+                 label_pad_token_id: int = -100) -> None:
+        if temperature <= 0:
+            raise ConfigError(f"the scorer's temperature must be positive, got {temperature}")
+        self.chunk_size, self.implementation, self.temperature = chunk_size, implementation, temperature
+        self.ignore = label_pad_token_id
+        self._heads: dict[int, LMHead | None] = {}
+        self._checked: set[int] = set()
+
+    @classmethod
+    def from_config(cls, config, temperature: float = 1.0) -> "TokenScorer":
+        return cls(getattr(config, "logits_chunk_size", 1024), getattr(config, "loss_implementation", "chunked"),
+                   temperature, getattr(config, "label_pad_token_id", -100))
+
+    def head_of(self, model: torch.nn.Module) -> LMHead | None:
+        """The split-off head of `model` (found once per model; a warning where it cannot be), or None (plain)."""
+        inner = model
+        while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
+            inner = inner.module
+        if id(inner) not in self._heads:
+            head, why = LMHead.of(inner) if self.implementation == "chunked" else (None, "")
+            if why:
+                log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
+            self._heads[id(inner)] = head
+        return self._heads[id(inner)]
+
+    prepare = head_of  # Loss.prepare_model: split the policy's head off once
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, term=None,
+                 stats=None, distribution: bool = False) -> TokenScores:
+        labels_BT = labels[:, 1:]
+        select_BT = labels_BT != self.ignore
+        targets_N = labels_BT[select_BT]
+        head = self.head_of(model)
+        if head is None:
+            return self._plain(model(**inputs, use_cache=False).logits[:, :-1], select_BT, targets_N, term, stats,
+                               distribution)
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        if id(head) not in self._checked:
+            if not check_head(head, outputs):
+                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
+                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+            self._checked.add(id(head))
+        hidden_NH = outputs.hidden_states[-1][:, :-1][select_BT]
+        entropy_stats = _with_entropy(stats)
+        if term is not None or not (torch.is_grad_enabled() and hidden_NH.requires_grad):
+            total, logps_N, extra = fused_token_terms(head, hidden_NH, targets_N, self.chunk_size, term, entropy_stats,
+                                                      self.temperature, distribution)
+            entropy_N = extra[0] if extra else logps_N.new_zeros(0)
+            return TokenScores(logps_N, entropy_N, select_BT, extra[1:], total if term is not None else None)
+        if stats is not None:
+            raise ValueError("TokenScorer: stats are computed without gradient; run the scorer under torch.no_grad() "
+                             "or give a term")
+        parts = [checkpoint(_scored_chunk, head, h, t, self.temperature, use_reentrant=False)
+                 for h, t in zip(hidden_NH.split(self.chunk_size), targets_N.split(self.chunk_size))]
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        logps_N, entropy_N = (torch.cat(x) for x in zip(*parts)) if parts else (empty + hidden_NH.sum() * 0, empty)
+        return TokenScores(logps_N, entropy_N.detach(), select_BT)
+
+    def _plain(self, logits_BTV, select_BT, targets_N, term, stats, distribution) -> TokenScores:
+        logits_NV = at_least_fp32(logits_BTV[select_BT])
+        if self.temperature != 1.0:
+            logits_NV = logits_NV / self.temperature
+        log_z_N = torch.logsumexp(logits_NV, -1)
+        logps_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - log_z_N
+        with torch.no_grad():
+            entropy_N = log_z_N - (torch.softmax(logits_NV, -1) * logits_NV).sum(-1)
+            extra = stats(logits_NV, targets_N) if stats is not None else ()
+        total = None
+        if term is not None:
+            args = (logps_N, slice(0, len(logps_N))) + ((logits_NV - log_z_N[:, None],) if distribution else ())
+            total = term(*args)
+        return TokenScores(logps_N, entropy_N, select_BT, tuple(extra), total)
+
+
+def entropy_of(logits_NV: torch.Tensor) -> torch.Tensor:
+    """The entropy of softmax(logits) at each position [N], without gradient."""
+    with torch.no_grad():
+        return torch.logsumexp(logits_NV, -1) - (torch.softmax(logits_NV, -1) * logits_NV).sum(-1)
+
+
+def _with_entropy(stats):
+    return lambda logits, targets: (entropy_of(logits), *(stats(logits, targets) if stats is not None else ()))
+
+
+def _scored_chunk(head: LMHead, hidden_nH: torch.Tensor, targets_n: torch.Tensor, temperature: float):
+    logits = at_least_fp32(head.logits(hidden_nH))
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = logits.gather(-1, targets_n[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return logps, entropy_of(logits)
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                 rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's pairwise-preference metrics (no gradient): rewards/chosen, /rejected, /accuracies, /margins and
+    logps/chosen, /rejected, each the mean over the batch's pairs."""
+    with torch.no_grad():
+        return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_logps.dtype).mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import alignkit
+from alignkit.blocks.demo import demo_defaults
 from alignkit.blocks.logps import LogpsOptions, SequenceScorer, count_weights
 
 
@@ -63,12 +64,8 @@ class SimPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms=summed, metrics=metrics)
 
 
-#: the demo (tiny built-in model, ORPO's built-in sorting pairs by name): one epoch at a high learning rate
-DEMO_DEFAULTS = {
-    "train.learning_rate": 3e-3, "train.num_train_epochs": 1, "train.per_device_train_batch_size": 16,
-    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
-    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
-}
+#: the demo (tiny built-in model, the core's built-in sorting pairs): one epoch at a high learning rate
+DEMO_DEFAULTS = demo_defaults()
 
 
 @alignkit.hookimpl

@@ -1,28 +1,27 @@
-"""Preference data -> ORPO features: prompt extraction, chat templates, tokenization, truncation.
+"""Preference data (`prompt`/`chosen`/`rejected`) -> [chosen; rejected] rows: prompt extraction, chat templates,
+tokenization, truncation. The core registers it as `preference`; any pairwise method uses it.
 
-Every rule follows docs/orpo.md (and TRL v0.15.2's ORPOTrainer, whose ids it reproduces).
+Its rules (docs/data.md) reproduce the ids of TRL v0.15.2's pairwise preference trainers.
 """
 
 from typing import Any
 
 import torch
 
-from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
 from alignkit.blocks.text import check_messages, column, extract_prompt, given_prompt, render_split, same_format
-from alignkit.blocks.tokens import Encoder, split_merged, truncate_pair, with_bos, with_eos
-from alignkit_orpo.config import PreferenceDataConfig
+from alignkit.blocks.tokens import Encoder, pad_right, truncate_pair, with_bos, with_eos
+from alignkit.errors import DataError
+from alignkit.formatters.config import PreferenceDataConfig
+from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
-__all__ = ["PreferenceFormatter", "extract_prompt", "split_answer"]
-
-#: the merge rule (kept under its old name for callers of this module)
-split_answer = split_merged
+__all__ = ["PreferenceDataConfig", "PreferenceFormatter"]
 
 
 class PreferenceFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt)."""
 
     config_class = PreferenceDataConfig
-    #: the prompt ids start with BOS (TRL's ORPO/DPO/CPO trainers): `alignkit generate` feeds them the same way
+    #: the prompt ids start with BOS (TRL's pairwise preference trainers): `alignkit generate` feeds them the same way
     bos_first = True
 
     #: an encoder-decoder gets the prompt in its encoder and each answer as decoder labels
@@ -114,7 +113,7 @@ class PreferenceFormatter(DataFormatter):
         return datasets.Features({c: ids for c in columns})
 
     def _assemble(self, prompt_c: list[int], answer_c: list[int], prompt_r: list[int], answer_r: list[int]) -> Formatted:
-        """BOS/EOS, truncation and labels (docs/orpo.md) for one pair's prompt and answer ids."""
+        """BOS/EOS, truncation and labels for one pair's prompt and answer ids."""
         c = self.config
         if abs(len(prompt_c) - len(prompt_r)) > 1 or sum(a != b for a, b in zip(prompt_c, prompt_r)) > 1:
             raise DataError("chosen and rejected tokenize the prompt differently by more than one token")
