@@ -17,10 +17,10 @@ from helpers import fast
 from reward_head_method import RewardHeadPlugin
 
 
-def train(tmp_path, **model):
+def train(tmp_path, data="sort", **model):
     pm = plugin_manager(alignkit_orpo, RewardHeadPlugin())
     config = fast(tmp_path, max_steps=12, learning_rate=3e-3)
-    config["data"] = {"max_train_samples": 64, "max_eval_samples": 16}
+    config["data"] = {"train": f"builtin:{data}", "max_train_samples": 64, "max_eval_samples": 16}
     config["model"] = model
     return pm, alignkit.run("reward-head", config, plugins=pm)
 
@@ -30,7 +30,7 @@ def eval_pairs(pm, result):
     cfg, method = alignkit.load_config(None, str(result.output_dir / "config.yaml"), plugins=pm)
     from alignkit.plugins import registered_datasets
 
-    rows = registered_datasets(pm)["sort"][0]("test").select(range(cfg.data.max_eval_samples))
+    rows = registered_datasets(pm)[cfg.data.train.removeprefix("builtin:")][0]("test").select(range(cfg.data.max_eval_samples))
     tokenizer = alignkit.load_tokenizer(cfg.model)
     formatter = method.formatter(cfg.method, tokenizer)
     features = [formatter.format(r).features for r in rows]
@@ -96,8 +96,9 @@ def test_with_lora_the_classification_head_is_trained_and_saved_with_the_adapter
     assert run.exit_code == 2 and "a LoRA adapter for SEQ_CLS, which scores text" in run.output, run.output
 
 
-def test_a_model_reward_scores_text_exactly_as_the_reward_model_was_trained(tmp_path):
-    pm, result = train(tmp_path)
+@pytest.mark.parametrize("data", ["sort", "sort-chat"])
+def test_a_model_reward_scores_text_exactly_as_the_reward_model_was_trained(tmp_path, data):
+    pm, result = train(tmp_path, data)
     rows, features = eval_pairs(pm, result)
     [(_, reward)] = RewardRegistry.from_plugins(pm).select([f"model:{result.output_dir}"])
     prompts = list(rows["prompt"])
@@ -105,6 +106,26 @@ def test_a_model_reward_scores_text_exactly_as_the_reward_model_was_trained(tmp_
     got_rejected = torch.tensor(reward(prompts, list(rows["rejected"])))
     model = AutoModelForSequenceClassification.from_pretrained(result.output_dir).eval()
     want_chosen = scores(model, [f["chosen_input_ids"] for f in features], 0)
+    want_rejected = scores(model, [f["rejected_input_ids"] for f in features], 0)
     torch.testing.assert_close(got_chosen, want_chosen, rtol=1e-5, atol=1e-5)  # the very ids of training
+    torch.testing.assert_close(got_rejected, want_rejected, rtol=1e-5, atol=1e-5)
     accuracy = (got_chosen > got_rejected).float().mean().item()
     assert accuracy == pytest.approx(result.metrics["eval_accuracy"])
+
+
+@pytest.mark.parametrize(("kind", "labels", "message"), [
+    ("value-head", 1, "model_kind 'value-head' is not one of causal-lm, sequence-classifier"),
+    ("sequence-classifier", 0, "num_labels must be a positive integer, got 0"),
+])
+def test_an_unknown_model_kind_or_label_count_is_refused_where_the_method_is_declared(kind, labels, message):
+    from reward_head_method import RewardHeadConfig, RewardHeadLoss
+
+    with pytest.raises(ValueError, match=f"method 'reward-head': {message}"):
+        alignkit.Method(name="reward-head", config=RewardHeadConfig, formatter="preference", loss=RewardHeadLoss,
+                        description="x", model_kind=kind, num_labels=labels)
+
+
+def test_a_causal_lm_method_saves_a_generative_model_card_and_folder(tmp_path):
+    result = alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=plugin_manager(alignkit_orpo))
+    card = (result.output_dir / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM.from_pretrained" in card
