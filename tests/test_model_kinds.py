@@ -92,6 +92,11 @@ def test_with_lora_the_classification_head_is_trained_and_saved_with_the_adapter
     chosen = scores(model, [f["chosen_input_ids"] for f in features], 0)
     rejected = scores(model, [f["rejected_input_ids"] for f in features], 0)
     assert (chosen - rejected).mean().item() == pytest.approx(result.metrics["eval_margin"], rel=1e-4)
+    # alignkit eval reads the adapter folder as its base of the method's kind with the adapter (and head) merged in
+    evaluated = alignkit.evaluate(None, plugins=pm, **{"model.name_or_path": str(out),
+                                                        "train.output_dir": str(tmp_path / "eval")})
+    for key in ("eval_loss", "eval_accuracy", "eval_margin"):
+        assert evaluated[key] == pytest.approx(result.metrics[key], rel=1e-4, abs=1e-6), key
     run = CliRunner().invoke(cli, ["generate", "--model", str(out), "sort: 3 1 ="])
     assert run.exit_code == 2 and "a LoRA adapter for SEQ_CLS, which scores text" in run.output, run.output
 
@@ -129,3 +134,18 @@ def test_a_causal_lm_method_saves_a_generative_model_card_and_folder(tmp_path):
     result = alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=plugin_manager(alignkit_orpo))
     card = (result.output_dir / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_eval_reads_a_causal_lm_adapter_folder_too(tmp_path):
+    pm = plugin_manager(alignkit_orpo)
+    config = fast(tmp_path, max_steps=2)
+    config["model"] = {"peft": {"r": 4}}
+    result = alignkit.run("orpo", config, plugins=pm)
+    evaluated = alignkit.evaluate(None, plugins=pm, **{"model.name_or_path": str(result.output_dir),
+                                                        "train.output_dir": str(tmp_path / "eval")})
+    for key in ("eval_loss", "eval_nll_loss", "eval_rewards/margins"):
+        assert evaluated[key] == pytest.approx(result.metrics[key], rel=1e-4, abs=1e-6), key
+    (result.output_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(alignkit.ConfigError, match="has no adapter_model.safetensors; alignkit loads safetensors only"):
+        alignkit.evaluate(None, plugins=pm, **{"model.name_or_path": str(result.output_dir),
+                                               "train.output_dir": str(tmp_path / "eval2")})

@@ -16,6 +16,7 @@ from transformers import (
 
 from alignkit.config import ModelConfig
 from alignkit.engine.data import quiet_hub
+from alignkit.engine.envvalues import resolve_env
 from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", 
     if (cfg.attn_implementation or "").startswith("flash_attention") and not torch.cuda.is_available():
         raise ConfigError(f"model.attn_implementation={cfg.attn_implementation} needs a CUDA GPU; on this machine use "
                           "sdpa or eager")
+    if (Path(cfg.name_or_path) / "adapter_config.json").is_file():
+        return _merged_adapter(cfg, tokenizer, seed, kind, num_labels)
     if cfg.name_or_path == "builtin:tiny":
         torch.manual_seed(seed)
         config = tiny_llama_config(len(tokenizer), **(classifier or {}))
@@ -99,6 +102,26 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", 
             return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
+
+
+def _merged_adapter(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) -> PreTrainedModel:
+    """A LoRA adapter folder (a run with model.peft) as its base model with the adapter merged in, of the method's
+    kind (a classifier's saved head included): `alignkit eval` and further training read it like any model. The
+    built-in base is rebuilt from `seed` (the run's train.seed); weights load from safetensors only."""
+    import json
+
+    from peft import PeftModel
+
+    path = Path(cfg.name_or_path)
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"model.name_or_path: {path} has no adapter_model.safetensors; alignkit loads safetensors only")
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.name_or_path: {path}/adapter_config.json names no base model ({e})") from None
+    base = resolve_env(base, f"model.name_or_path: {path}: its base model")
+    model = load_model(cfg.model_copy(update={"name_or_path": base, "peft": None}), tokenizer, seed, kind, num_labels)
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
 def _load_failure(what: str, name: str, e: Exception) -> str:
