@@ -38,6 +38,7 @@ def load(model_dir: str, dtype: str = "auto"):
     """(model, tokenizer) from a run's output_dir, a PEFT adapter folder, or a hub name; in eval mode.
     Weights load from safetensors only, the adapter's base model included."""
     path = Path(model_dir)
+    _refuse_non_generative(path, model_dir)
     if path.is_dir() and (path / "adapter_config.json").exists():
         tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
         model = _load_adapter(path, tokenizer, dtype)
@@ -55,6 +56,28 @@ def load(model_dir: str, dtype: str = "auto"):
         raise ConfigError(f"--model {model_dir}: the model has {rows} token embeddings but its tokenizer has "
                           f"{len(tokenizer)} tokens; model and tokenizer do not belong together")
     return model.eval(), tokenizer
+
+
+def _refuse_non_generative(path: Path, model_dir: str) -> None:
+    """A ConfigError for a folder whose model does not generate text (a sequence classifier, e.g. a reward model), as
+    its config.json (or, for a LoRA adapter, adapter_config.json's task type) says."""
+    if not path.is_dir():
+        return
+    what = None
+    if (path / "adapter_config.json").is_file():
+        task = _adapter_config(path).get("task_type")
+        what = f"a LoRA adapter for {task}" if task in ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION") else None
+    elif (path / "config.json").is_file():
+        try:
+            architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return  # the loader reports an unreadable config
+        heads = [a for a in architectures if isinstance(a, str) and a.endswith(("ForSequenceClassification",
+                                                                                "ForTokenClassification"))]
+        what = heads[0] if heads else None
+    if what:
+        raise ConfigError(f"--model {model_dir}: the model is {what}, which scores text and does not generate it; "
+                          "generate and chat need a causal language model (evaluate this one with alignkit eval)")
 
 
 def _load_adapter(path: Path, tokenizer, dtype: str):

@@ -75,7 +75,8 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online.rollout); checks rewards
         self.rollout = RolloutStage(rollout) if rollout is not None else None
-        self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed)
+        self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed,
+                                                                method.model_kind, method.num_labels)
         if model is None:  # what a LoRA adapter records as its base: a path from ${oc.env:...} stays unwritten
             self.model.name_or_path = recorded(config).model.name_or_path
         if config.model.peft is not None:

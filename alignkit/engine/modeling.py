@@ -8,6 +8,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     PreTrainedModel,
@@ -15,6 +16,7 @@ from transformers import (
 
 from alignkit.config import ModelConfig
 from alignkit.engine.data import quiet_hub
+from alignkit.engine.envvalues import resolve_env
 from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,18 +53,35 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
-    """The policy, in `cfg.dtype`; the built-in model is randomly initialised from `seed`."""
+CLASSIFIER = "sequence-classifier"
+
+
+def is_classifier(model) -> bool:
+    """Whether `model` (or the model a LoRA wrapper holds) is a sequence classifier, not a generative model."""
+    config = getattr(model, "config", None)
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []) or \
+        type(getattr(model, "base_model", model)).__name__.endswith("ForSequenceClassification") or \
+        type(model).__name__.endswith("ForSequenceClassification")
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", num_labels: int = 1) -> PreTrainedModel:
+    """The policy, in `cfg.dtype`; the built-in model is randomly initialised from `seed`. `kind` is the method's
+    model kind (Method.model_kind): a "sequence-classifier" is an AutoModelForSequenceClassification with `num_labels`
+    outputs and the tokenizer's pad token (it scores each row at its last non-pad token)."""
     dtype = DTYPES[cfg.dtype]
+    classifier = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id} if kind == CLASSIFIER else None
     if (cfg.attn_implementation or "").startswith("flash_attention") and not torch.cuda.is_available():
         raise ConfigError(f"model.attn_implementation={cfg.attn_implementation} needs a CUDA GPU; on this machine use "
                           "sdpa or eager")
+    if (Path(cfg.name_or_path) / "adapter_config.json").is_file():
+        return _merged_adapter(cfg, tokenizer, seed, kind, num_labels)
     if cfg.name_or_path == "builtin:tiny":
         torch.manual_seed(seed)
-        config = tiny_llama_config(len(tokenizer))
+        config = tiny_llama_config(len(tokenizer), **(classifier or {}))
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+            model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
         except (ValueError, ImportError) as e:  # an unknown or uninstalled attention implementation
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first}") from None
@@ -77,10 +96,32 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
         with quiet_hub():
             config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
                                                 revision=cfg.revision)
+            if classifier:
+                return AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, **classifier, **kwargs)
             auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
             return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
+
+
+def _merged_adapter(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) -> PreTrainedModel:
+    """A LoRA adapter folder (a run with model.peft) as its base model with the adapter merged in, of the method's
+    kind (a classifier's saved head included): `alignkit eval` and further training read it like any model. The
+    built-in base is rebuilt from `seed` (the run's train.seed); weights load from safetensors only."""
+    import json
+
+    from peft import PeftModel
+
+    path = Path(cfg.name_or_path)
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"model.name_or_path: {path} has no adapter_model.safetensors; alignkit loads safetensors only")
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.name_or_path: {path}/adapter_config.json names no base model ({e})") from None
+    base = resolve_env(base, f"model.name_or_path: {path}: its base model")
+    model = load_model(cfg.model_copy(update={"name_or_path": base, "peft": None}), tokenizer, seed, kind, num_labels)
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
 def _load_failure(what: str, name: str, e: Exception) -> str:
@@ -93,7 +134,8 @@ def _load_failure(what: str, name: str, e: Exception) -> str:
 
 
 def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
-    """Wrap `model` with LoRA adapters from `model.peft` settings or a peft config object."""
+    """Wrap `model` with LoRA adapters from `model.peft` settings or a peft config object. A sequence classifier's
+    head (`score`, or `classifier`) is trained in full and saved with the adapter (peft's SEQ_CLS task)."""
     try:
         import peft
     except ImportError:
@@ -105,7 +147,8 @@ def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
         check_peft_targets(model, settings.modules_to_save or [], "model.peft.modules_to_save")
         config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                  target_modules=settings.target_modules, bias=settings.bias,
-                                 modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM")
+                                 modules_to_save=settings.modules_to_save,
+                                 task_type="SEQ_CLS" if is_classifier(model) else "CAUSAL_LM")
     try:
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError, KeyError) as e:  # peft's own refusals (NoMatchingPeftModuleError is a ValueError)

@@ -10,10 +10,12 @@ A config selects rewards by name; `model:PATH` uses a sequence-classification ch
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from alignkit.errors import ConfigError, DataError, PluginError, did_you_mean
+from alignkit.blocks.tokens import pad_right, with_bos, with_eos
+from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError, did_you_mean
 
 RewardFn = Callable[..., list]
 MODEL_PREFIX = "model:"
@@ -22,12 +24,13 @@ MODEL_PREFIX = "model:"
 class RewardRegistry:
     """Reward functions by name, and which plugin distribution registered each."""
 
-    def __init__(self) -> None:
+    def __init__(self, pm=None) -> None:
         self.functions: dict[str, tuple[RewardFn, str]] = {}
+        self.pm = pm  # the plugins a `model:PATH` reward's training run is read with (its method's formatter)
 
     @classmethod
     def from_plugins(cls, pm) -> "RewardRegistry":
-        registry = cls()
+        registry = cls(pm)
         for impl in pm.hook.register_rewards.get_hookimpls():
             source = getattr(pm, "sources", {}).get(impl.plugin_name, (impl.plugin_name, ""))[0]
             impl.function(register=lambda name, fn, s=source: registry.add(name, fn, s))
@@ -47,7 +50,7 @@ class RewardRegistry:
         out = []
         for name in names:
             if name.startswith(MODEL_PREFIX):
-                out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX))))
+                out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX), pm=self.pm)))
             elif name in self.functions:
                 out.append((name, self.functions[name][0]))
             else:
@@ -152,9 +155,14 @@ def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, prob
 
 
 class RewardModel:
-    """A sequence-classification checkpoint as a reward: the first logit of prompt + completion."""
+    """A sequence-classification checkpoint as a reward: the first logit of prompt + completion.
 
-    def __init__(self, path: str, batch_size: int = 32) -> None:
+    A model trained by alignkit (its folder has the run's config.yaml) reads each text exactly as its formatter
+    produced the training rows: the prompt's special tokens as that formatter puts them (BOS first for the preference
+    formatters), the chat template for conversations, and EOS after the completion. Any other checkpoint reads the
+    text as its tokenizer encodes it without special tokens (a conversation with its chat template), as TRL does."""
+
+    def __init__(self, path: str, batch_size: int = 32, pm=None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
@@ -168,6 +176,7 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
+        self.trained = _trained_formatter(Path(path), self.tokenizer, pm)
 
     def _text(self, prompt, completion) -> str:
         """prompt + completion as the reward model reads it: a conversation (a list of messages) with the completion
@@ -180,13 +189,43 @@ class RewardModel:
         turn = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
         return self.tokenizer.apply_chat_template(list(prompt) + turn, tokenize=False)
 
+    def ids(self, prompt, completion) -> list[int]:
+        """The token ids the reward model scores for prompt + completion."""
+        text, tok = self._text(prompt, completion), self.tokenizer
+        if self.trained is None:
+            return tok(text, add_special_tokens=False)["input_ids"]
+        bos_first = bool(getattr(self.trained, "bos_first", False))
+        if isinstance(prompt, str):  # the formatter's own rule for a string prompt (`prompt_token_ids`)
+            ids = tok(text, add_special_tokens=not bos_first)["input_ids"]
+        else:  # the chat template writes its own special tokens
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        return with_eos(with_bos(list(ids), tok.bos_token_id) if bos_first else list(ids), tok.eos_token_id)
+
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
-        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
+        rows = [self.ids(p, c) for p, c in zip(prompts, completions)]
         out: list[float] = []
         device = next(self.model.parameters()).device
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                     padding_side="right", add_special_tokens=False).to(device)
-                out += self.model(**enc).logits[:, 0].float().tolist()
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start:start + self.batch_size]
+                ids = pad_right(batch, self.tokenizer.pad_token_id).to(device)
+                mask = pad_right([[1] * len(r) for r in batch], 0).to(device)
+                out += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return out
+
+
+def _trained_formatter(path: Path, tokenizer, pm):
+    """The formatter of the alignkit run that trained the model in `path` (from its config.yaml), or None for a
+    model trained elsewhere; a config.yaml that cannot be read here is a ConfigError (scoring would silently
+    differ from training)."""
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        return None
+    from alignkit.api import load_config  # the host's config reader (a lazy import: online/ sits below it)
+
+    try:
+        cfg, method = load_config(None, str(saved), plugins=pm)
+        return method.formatter(cfg.method, tokenizer)
+    except AlignkitError as e:
+        raise ConfigError(f"method.reward_funcs: model:{path}: cannot tell from {saved} how it was trained ({e}); "
+                          "install the plugin that trained it") from None

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from alignkit.plugin.loss import Loss
 
 
+#: the model kinds a method may declare (Method.model_kind)
+MODEL_KINDS = ("causal-lm", "sequence-classifier")
+
+
 class MethodConfig(BaseModel):
     """Base of every method's config (the `method:` block). Unknown keys are errors."""
 
@@ -37,6 +41,10 @@ class Method:
     loaded or written; it refuses a setting the method cannot run with by raising alignkit.ConfigError (one
     line naming the key, shown as `alignkit: error: ...`, exit code 2). See docs/writing-a-method.md.
 
+    `model_kind` is the model the core loads, trains (LoRA included) and saves for this method: "causal-lm" (the
+    default), or "sequence-classifier" (AutoModelForSequenceClassification with `num_labels` outputs; with LoRA its
+    head is trained in full and saved with the adapter; `alignkit generate` and `chat` refuse it).
+
     `source` and `version` (the plugin's distribution) and `plugin` (the pluggy name of the plugin that
     registered it, whose lifecycle hooks run for this method's runs) are filled in by the registry.
     """
@@ -53,6 +61,8 @@ class Method:
     progress_metrics: tuple[str, ...] = ()
     rollout: Any = None
     validate: "Callable[[Any], None] | None" = None
+    model_kind: str = "causal-lm"
+    num_labels: int = 1
     source: str = ""
     version: str = ""
     plugin: str = ""
@@ -65,6 +75,11 @@ class Method:
         if self.validate is not None and not callable(self.validate):
             raise TypeError(f"method {self.name!r}: validate must be a callable validate(config), got "
                             f"{type(self.validate).__name__}")
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"method {self.name!r}: model_kind {self.model_kind!r} is not one of "
+                             f"{', '.join(MODEL_KINDS)}")
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
+            raise ValueError(f"method {self.name!r}: num_labels must be a positive integer, got {self.num_labels!r}")
         if self.demo_data is not None and self.demo_data.startswith("builtin:"):
             raise ValueError(f"method {self.name!r}: demo_data is a dataset name without 'builtin:' "
                              f"(got {self.demo_data!r})")
