@@ -35,6 +35,13 @@ class Reference:
         """The loss asks for its reference outputs once, before training, instead of every step."""
         return self.loss.needs_reference_model and self.loss.precompute_reference
 
+    def for_generation(self, policy) -> dict:
+        """{"reference": (model, adapters_off)} for the generation handle when the loss has a reference: the loaded
+        reference, or the PEFT policy with its adapters disabled; {} otherwise."""
+        if not self.loss.needs_reference_model:
+            return {}
+        return {"reference": (self.model, False) if self.model is not None else (policy, True)}
+
     def __call__(self, policy, batch: dict, ctx=None) -> dict | None:
         """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
         if not self.loss.needs_reference_model:

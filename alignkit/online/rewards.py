@@ -103,8 +103,9 @@ def _number(name: str, v, i: int, prompts: list, completions: list) -> float:
     try:
         v = float(v)
     except OverflowError:
+        digits = len(str(v))
         raise PluginError(f"reward {name!r} returned an integer too large for a float ({str(v)[:12]}..., "
-                          f"{len(str(v))} digits) for row {i} (prompt {prompts[i]!r}); rewards must be finite") from None
+                          f"{digits} digits) for row {i} (prompt {prompts[i]!r}); rewards must be finite") from None
     except (TypeError, ValueError):
         raise PluginError(f"reward {name!r} returned {v!r} for row {i} (prompt {prompts[i]!r}); "
                           "rewards are numbers or None") from None

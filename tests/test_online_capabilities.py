@@ -1,0 +1,99 @@
+"""Issue 21, online capabilities through the public API: a rollout samples the reference/teacher (gap 4), the core's
+rewards and public scoring (gap 5), per-token precomputed reference outputs (gap 7), the rollout Protocol."""
+
+import online_teacher_method
+import pytest
+import torch
+
+import alignkit
+from alignkit.config import ModelConfig
+from alignkit.engine.modeling import tiny_llama_config
+from alignkit.testing import plugin_manager
+from helpers import fast, write_jsonl
+
+PROMPTS = [{"prompt": f"sort: {i} {(i * 3) % 7} {(i * 5) % 9} ="} for i in range(8)]
+
+
+def greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+def teacher_and_policy(tmp_path):
+    """A tiny teacher saved with weights of its own, and the policy the run builds (builtin:tiny, seed 42)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = alignkit.load_tokenizer(ModelConfig())
+    torch.manual_seed(123)
+    teacher = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).eval()
+    with torch.no_grad():  # weights far from the init's (whose greedy decoding repeats the prompt's last token)
+        for param in teacher.parameters():
+            param.normal_(0.0, 0.3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(42)
+    policy = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).eval()
+    return teacher, policy, tokenizer
+
+
+def pm():
+    return plugin_manager(online_teacher_method)
+
+
+@pytest.mark.parametrize("lora, for_model", [(False, False), (True, True)])
+def test_a_rollout_samples_the_teacher_through_the_generation_handle(tmp_path, lora, for_model):
+    teacher, policy, tokenizer = teacher_and_policy(tmp_path)
+    online_teacher_method.TeacherRollout.sampled = []
+    config = fast(tmp_path, max_steps=1, per_device_train_batch_size=4, seed=42)
+    config["data"] = {"train": write_jsonl(tmp_path / "p.jsonl", PROMPTS), "max_eval_samples": 4}
+    config["model"] = {"ref_name_or_path": str(tmp_path / "teacher"),
+                       **({"peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {})}
+    config["method"] = {"use_for_model": for_model}
+    alignkit.run("teacher-kd", config, plugins=pm())
+    sampled = online_teacher_method.TeacherRollout.sampled
+    assert len(sampled) >= 4
+    differs = 0
+    for prompt, completion in sampled:
+        assert completion == greedy(teacher, prompt, 6, tokenizer.eos_token_id)  # the teacher's tokens ...
+        differs += completion != greedy(policy, prompt, 6, tokenizer.eos_token_id)  # ... not the policy's
+    assert differs >= 3, sampled
+
+
+class NoWrap:
+    """Stands in for accelerate: nothing to unwrap."""
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+def test_the_implicit_reference_of_a_lora_policy_is_sampled_with_its_adapters_off():
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.errors import PluginError
+    from alignkit.online.generation import Generator
+    from alignkit.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = tiny_model(seed=1)
+    prompt = tok("sort: 3 1 2 =", add_special_tokens=False)["input_ids"]
+    base_tokens = greedy(base.eval(), prompt, 6, tok.eos_token_id)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    policy = get_peft_model(base, lora)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 2.0)
+    generator = Generator(policy, NoWrap(), tok, seed=0)
+    generator.add_model("reference", policy, adapters_off=True)
+    args = {"n": 1, "max_new_tokens": 6, "temperature": 0.0}
+    assert generator.models == ["policy", "reference"]
+    assert generator.generate([prompt], model="reference", **args) == [[base_tokens]]
+    assert generator.for_model("reference").generate([prompt], **args) == [[base_tokens]]
+    assert generator.generate([prompt], **args) != [[base_tokens]]  # the adapters are on for the policy
+    assert generator.generate([prompt], **args) == generator.generate([prompt], model="policy", **args)
+    with pytest.raises(PluginError, match=r"generator: no model 'teacher' to sample; loaded: policy, reference"):
+        generator.generate([prompt], model="teacher", **args)
+    with pytest.raises(PluginError, match="not a free model name"):
+        generator.add_model("policy", base)
