@@ -97,3 +97,66 @@ def test_the_implicit_reference_of_a_lora_policy_is_sampled_with_its_adapters_of
         generator.generate([prompt], model="teacher", **args)
     with pytest.raises(PluginError, match="not a free model name"):
         generator.add_model("policy", base)
+
+
+# ---- gap 5: public reward scoring, and the common rewards the core registers for any online method ---------------
+
+def test_the_core_registers_the_common_rewards_for_any_online_method():
+    from alignkit.online import RewardRegistry
+
+    registry = RewardRegistry.from_plugins(plugin_manager(online_teacher_method))  # no GRPO loaded
+    assert {"exact-match", "regex-match", "length-penalty"} <= set(registry.functions)
+    assert {registry.functions[n][1] for n in ("exact-match", "regex-match", "length-penalty")} == {"alignkit"}
+    import alignkit_grpo
+
+    with_grpo = RewardRegistry.from_plugins(plugin_manager(alignkit_grpo))  # GRPO adds only its demo's rewards
+    assert {n: s for n, (_, s) in with_grpo.functions.items()} == {
+        "exact-match": "alignkit", "regex-match": "alignkit", "length-penalty": "alignkit",
+        "sort-order": "alignkit_grpo", "digits-format": "alignkit_grpo"}
+
+
+def test_the_common_rewards_score_through_the_public_scorer():
+    from alignkit.online import RewardRegistry, score
+
+    funcs = RewardRegistry.from_plugins(plugin_manager()).select(["exact-match", "regex-match", "length-penalty"])
+    completions = [" 1 2 3", "<a>x\ny</a>  ", "no", "x" * 15]
+    columns = {"answer": ["1 2 3", "1", None, "x"], "pattern": [r"\d( \d)*", r"<a>.*</a>", None, "x+"],
+               "max_chars": [10, None, 0, 10]}
+    out = score(funcs, ["p"] * 4, completions, columns)
+    nan = float("nan")
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, nan], [nan, nan, -0.02], [0.0, 1.0, -0.05]])
+    assert torch.allclose(out, expected, equal_nan=True), out
+
+
+def test_call_reward_and_the_fixed_setting_rewards_refuse_what_they_must():
+    from alignkit.errors import ConfigError, DataError, PluginError
+    from alignkit.online import call_reward, length_penalty_reward, regex_match, regex_reward
+
+    assert call_reward("fmt", regex_reward(r"<a>\d</a>"), ["p", "q"], ["<a>1</a>\n", "<a>12</a>"], {}) == [1.0, 0.0]
+    assert call_reward("short", length_penalty_reward(2), ["p", "q"], ["abcd", "a"], {}) == [-0.02, 0.0]
+    with pytest.raises(PluginError, match=r"reward 'nan' returned nan for row 1 \(prompt 'q', completion 'b'\)"):
+        call_reward("nan", lambda prompts, completions: [0.0, float("nan")], ["p", "q"], ["a", "b"], {})
+    with pytest.raises(PluginError, match="reward 'short' returned 1 rewards for 2 completions"):
+        call_reward("short", lambda prompts, completions: [0.0], ["p", "q"], ["a", "b"], {})
+    with pytest.raises(PluginError, match="reward 'regex-match' reads column 'pattern', which the data lacks"):
+        call_reward("regex-match", regex_match, ["p"], ["a"], {"answer": ["a"]})
+    with pytest.raises(DataError, match=r"reward 'regex-match', row 1, column 'pattern': '\(' is not a regular exp"):
+        regex_match(["p", "q"], ["a", "b"], pattern=["a", "("])
+    with pytest.raises(ConfigError, match=r"regex_reward: '\[' is not a regular expression"):
+        regex_reward("[")
+
+
+def test_a_bad_pattern_in_the_data_is_one_line_before_any_write(tmp_path):
+    from click.testing import CliRunner
+
+    from alignkit.cli.commands import cli
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "sort: 2 1 =", "pattern": "(\\d"}] * 4)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["-q", "run", "-m", "grpo", f"train.output_dir={out}", f"data.train={data}",
+                                      "method.reward_funcs=[regex-match]", "method.num_generations=2",
+                                      "method.max_completion_length=4", "train.max_steps=1"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "reward 'regex-match', row 0, column 'pattern'" in lines[0], lines
+    assert not out.exists()
