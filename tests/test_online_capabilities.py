@@ -9,7 +9,7 @@ import alignkit
 from alignkit.config import ModelConfig
 from alignkit.engine.modeling import tiny_llama_config
 from alignkit.testing import plugin_manager
-from helpers import fast, write_jsonl
+from helpers import fast, read_jsonl, write_jsonl
 
 PROMPTS = [{"prompt": f"sort: {i} {(i * 3) % 7} {(i * 5) % 9} ="} for i in range(8)]
 
@@ -160,3 +160,25 @@ def test_a_bad_pattern_in_the_data_is_one_line_before_any_write(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "reward 'regex-match', row 0, column 'pattern'" in lines[0], lines
     assert not out.exists()
+
+
+# ---- gap 7: precomputed reference outputs may be per-token tensors of varying length -------------------------------
+
+@pytest.mark.parametrize("eval_batch", [8, 3])
+def test_per_token_reference_outputs_precomputed_give_the_live_loss(tmp_path, eval_batch):
+    import per_token_reference_method
+    from toy_method import toy_rows
+
+    rows = toy_rows("train")[:24]
+    assert len({len(r["completion"]) for r in rows}) > 1  # rows of varying length
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    losses = {}
+    for precompute in (False, True):
+        config = fast(tmp_path / str(precompute), max_steps=3, per_device_eval_batch_size=eval_batch)
+        config["data"] = {"train": data, "eval": data, "max_eval_samples": 8}
+        config["method"] = {"precompute": precompute}
+        result = alignkit.run("per-token-ref", config, plugins=plugin_manager(per_token_reference_method.Plugin()))
+        logs = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
+        losses[precompute] = [v for r in logs for v in (r["loss"], r["ref_sum"])] + [result.metrics["eval_loss"]]
+    assert len(losses[True]) == 7
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
