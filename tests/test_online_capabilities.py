@@ -167,6 +167,7 @@ def test_a_bad_pattern_in_the_data_is_one_line_before_any_write(tmp_path):
 @pytest.mark.parametrize("eval_batch", [8, 3])
 def test_per_token_reference_outputs_precomputed_give_the_live_loss(tmp_path, eval_batch):
     import per_token_reference_method
+
     from toy_method import toy_rows
 
     rows = toy_rows("train")[:24]
