@@ -183,3 +183,62 @@ def test_per_token_reference_outputs_precomputed_give_the_live_loss(tmp_path, ev
         losses[precompute] = [v for r in logs for v in (r["loss"], r["ref_sum"])] + [result.metrics["eval_loss"]]
     assert len(losses[True]) == 7
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+# ---- the rollout Protocol, checked at registration -----------------------------------------------------------------
+
+class NoCall:
+    def __init__(self, config, tokenizer):
+        pass
+
+
+class OneArgCtor:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, batch, ctx):
+        return batch
+
+
+class NoCtx:
+    def __init__(self, config, tokenizer):
+        pass
+
+    def __call__(self, batch):
+        return batch
+
+
+class BadFinish(online_teacher_method.TeacherRollout):
+    finish = 3
+
+
+@pytest.mark.parametrize("rollout, message", [
+    (NoCall, r"its instances are not callable as rollout\(batch, ctx\)"),
+    (OneArgCtor, r"cannot be built as NAME\(config, tokenizer\)"),
+    (NoCtx, r"__call__ takes no \(batch, ctx\)"),
+    (BadFinish, "finish is int, not a method finish"),
+    (online_teacher_method.TeacherRollout(online_teacher_method.TeacherConfig(), None), "is an instance"),
+])
+def test_a_rollout_that_breaks_the_protocol_is_one_line_at_registration(rollout, message):
+    import dataclasses
+
+    from alignkit.errors import PluginError
+
+    class Plugin:
+        @alignkit.hookimpl
+        def register_methods(self, register):
+            register(dataclasses.replace(online_teacher_method.METHOD, rollout=rollout))
+
+    with pytest.raises(PluginError, match=message) as e:
+        alignkit.methods(plugin_manager(Plugin()))
+    assert "\n" not in str(e.value) and "method 'teacher-kd'" in str(e.value), str(e.value)
+
+
+def test_the_shipped_rollouts_satisfy_the_protocol():
+    import alignkit_grpo
+
+    from alignkit.online import Rollout
+
+    assert issubclass(alignkit_grpo.GRPORollout, Rollout) and issubclass(online_teacher_method.TeacherRollout, Rollout)
+    assert [m.name for m in alignkit.methods(plugin_manager(alignkit_grpo, online_teacher_method))] == ["grpo",
+                                                                                                        "teacher-kd"]
