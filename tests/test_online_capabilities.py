@@ -130,7 +130,7 @@ def test_the_common_rewards_score_through_the_public_scorer():
 
 def test_call_reward_and_the_fixed_setting_rewards_refuse_what_they_must():
     from alignkit.errors import ConfigError, DataError, PluginError
-    from alignkit.online import call_reward, length_penalty_reward, regex_match, regex_reward
+    from alignkit.online import call_reward, length_penalty, length_penalty_reward, regex_match, regex_reward
 
     assert call_reward("fmt", regex_reward(r"<a>\d</a>"), ["p", "q"], ["<a>1</a>\n", "<a>12</a>"], {}) == [1.0, 0.0]
     assert call_reward("short", length_penalty_reward(2), ["p", "q"], ["abcd", "a"], {}) == [-0.02, 0.0]
@@ -140,6 +140,8 @@ def test_call_reward_and_the_fixed_setting_rewards_refuse_what_they_must():
         call_reward("short", lambda prompts, completions: [0.0], ["p", "q"], ["a", "b"], {})
     with pytest.raises(PluginError, match="reward 'regex-match' reads column 'pattern', which the data lacks"):
         call_reward("regex-match", regex_match, ["p"], ["a"], {"answer": ["a"]})
+    with pytest.raises(PluginError, match="reward 'length-penalty' reads column 'max_chars', which the data lacks"):
+        call_reward("length-penalty", length_penalty, ["p"], ["a"], {})
     with pytest.raises(DataError, match=r"reward 'regex-match', row 1, column 'pattern': '\(' is not a regular exp"):
         regex_match(["p", "q"], ["a", "b"], pattern=["a", "("])
     with pytest.raises(ConfigError, match=r"regex_reward: '\[' is not a regular expression"):

@@ -4,7 +4,7 @@
 |---|---|---|
 | `exact-match` | `answer` column | 1.0 when the completion equals the row's `answer` (surrounding spaces ignored), else 0.0 |
 | `regex-match` | `pattern` column | 1.0 when the whole completion matches the row's regular expression, else 0.0 |
-| `length-penalty` | `max_chars` column (optional) | -0.01 per character beyond the row's `max_chars` |
+| `length-penalty` | `max_chars` column | -0.01 per character beyond the row's `max_chars` |
 
 A row whose column is null gets None (the reward does not apply to it). `regex_reward(pattern)` and
 `length_penalty_reward(max_chars)` make the same rewards with a fixed setting, for a plugin to register under a name
@@ -57,10 +57,10 @@ def regex_reward(pattern: str) -> Callable[..., list[float]]:
     return reward
 
 
-def length_penalty(prompts, completions, max_chars=None, **columns) -> list[float | None]:
-    """-0.01 per character beyond the row's `max_chars` column; None where a row (or the data) has no limit."""
-    limits = max_chars if max_chars is not None else [None] * len(completions)
-    return [None if m is None else -0.01 * max(0, len(c) - int(m)) for c, m in zip(completions, limits)]
+def length_penalty(prompts, completions, max_chars, **columns) -> list[float | None]:
+    """-0.01 per character beyond the row's `max_chars` column; None where a row has no limit. Data without the
+    column is refused (the reward could never score): `length_penalty_reward(max_chars)` sets one limit for all."""
+    return [None if m is None else -0.01 * max(0, len(c) - int(m)) for c, m in zip(completions, max_chars)]
 
 
 def length_penalty_reward(max_chars: int, per_char: float = 0.01) -> Callable[..., list[float]]:
