@@ -22,11 +22,11 @@ def exact_match(prompts, completions, answer, **columns) -> list[float | None]:
     return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
-def _compile(pattern: str, where: str) -> re.Pattern:
+def _compile(pattern: str, where: str, error: type[Exception] = DataError) -> re.Pattern:
     try:
         return re.compile(pattern, re.DOTALL)
     except (re.error, TypeError) as e:
-        raise DataError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+        raise error(f"{where}: {pattern!r} is not a regular expression ({e})") from None
 
 
 def regex_match(prompts, completions, pattern, **columns) -> list[float | None]:
@@ -46,10 +46,7 @@ def regex_match(prompts, completions, pattern, **columns) -> list[float | None]:
 
 def regex_reward(pattern: str) -> Callable[..., list[float]]:
     """A reward that is 1.0 when the whole completion matches `pattern` (checked now: a ConfigError if invalid)."""
-    try:
-        compiled = re.compile(pattern, re.DOTALL)
-    except (re.error, TypeError) as e:
-        raise ConfigError(f"regex_reward: {pattern!r} is not a regular expression ({e})") from None
+    compiled = _compile(pattern, "regex_reward", ConfigError)
 
     def reward(prompts, completions, **columns) -> list[float]:
         return [float(compiled.fullmatch(c.rstrip()) is not None) for c in completions]
