@@ -2,7 +2,7 @@
 
 | name | reads | reward |
 |---|---|---|
-| `exact-match` | `answer` column | 1.0 when the completion equals the row's `answer` (spaces around ignored), else 0.0 |
+| `exact-match` | `answer` column | 1.0 when the completion equals the row's `answer` (outer spaces ignored), else 0 |
 | `regex-match` | `pattern` column | 1.0 when the whole completion matches the row's regular expression, else 0.0 |
 | `length-penalty` | `max_chars` column | -0.01 per character beyond the row's `max_chars` |
 
