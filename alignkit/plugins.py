@@ -73,6 +73,10 @@ class Registry:
         if not isinstance(method, Method):
             raise PluginError(f"plugin {source} registered {type(method).__name__} {method!r}, not alignkit.Method")
         method = replace(method, source=source, version=version, plugin=plugin)
+        if method.rollout is not None:  # the Rollout Protocol (alignkit.online.rollout), checked here: one line
+            from alignkit.online.rollout import check_rollout
+
+            check_rollout(method.rollout, f"plugin {source or plugin}: method {method.name!r}")
         if method.name in self.methods:
             first = self.methods[method.name].source
             raise PluginError(

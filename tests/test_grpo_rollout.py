@@ -204,13 +204,13 @@ def test_the_docs_third_party_reward_plugin_is_found_by_name_and_used(tmp_path, 
 
     doc = (Path(__file__).parents[1] / "docs" / "hooks.md").read_text()
     source = re.search(r"```python\n# my_rewards.py\n(.*?)```", doc, re.S).group(1)
-    install_fake_dist(tmp_path, "my-rewards", "length-penalty", "my_rewards", source)
+    install_fake_dist(tmp_path, "my-rewards", "char-penalty", "my_rewards", source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "my-rewards,alignkit-grpo")
     sys.modules.pop("my_rewards", None)
     found = RewardRegistry.from_plugins(get_plugin_manager())
-    assert found.functions["length-penalty"][1] == "my-rewards" and "exact-match" in found.functions
-    funcs = found.select(["length-penalty", "exact-match"])
+    assert found.functions["char-penalty"][1] == "my-rewards" and "exact-match" in found.functions
+    funcs = found.select(["char-penalty", "exact-match"])
     out = score(funcs, ["p", "p", "p"], [" 1 2", "x" * 30, " 3"], {"max_chars": [10, 10, None], "answer": [" 1 2"] * 3})
     assert out[:, 0].tolist()[:2] == pytest.approx([0.0, -0.2]) and torch.isnan(out[2, 0])
     assert out[:, 1].tolist() == [1.0, 0.0, 0.0]

@@ -35,6 +35,13 @@ class Reference:
         """The loss asks for its reference outputs once, before training, instead of every step."""
         return self.loss.needs_reference_model and self.loss.precompute_reference
 
+    def for_generation(self, policy) -> dict:
+        """{"reference": (model, adapters_off)} for the generation handle when the loss has a reference: the loaded
+        reference, or the PEFT policy with its adapters disabled; {} otherwise."""
+        if not self.loss.needs_reference_model:
+            return {}
+        return {"reference": (self.model, False) if self.model is not None else (policy, True)}
+
     def __call__(self, policy, batch: dict, ctx=None) -> dict | None:
         """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
         if not self.loss.needs_reference_model:
@@ -49,7 +56,11 @@ class Reference:
 
     def precompute(self, ds, policy, collate, batch_size: int, context=None):
         """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order).
-        `context(index, count)` makes the StepContext of each batch (for a `reference` that takes `ctx`)."""
+        `context(index, count)` makes the StepContext of each batch (for a `reference` that takes `ctx`).
+
+        An output may be a row scalar [B] or a per-token tensor [B, T, ...] along the batch's right-padded sequences:
+        each row's values are stored trimmed to that row's own length (see `trim_rows`), and padded back with zeros
+        to the width of each training batch (`collate_with_reference`)."""
         columns: dict[str, list] = {}
         starts = range(0, len(ds), batch_size)
         for index, start in enumerate(starts):
@@ -57,15 +68,37 @@ class Reference:
             batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
             ctx = context(index, len(starts)) if context is not None else None
             for key, value in self(policy, batch, ctx).items():
-                columns.setdefault(PREFIX + key, []).extend(value.tolist())
+                columns.setdefault(PREFIX + key, []).extend(trim_rows(value, rows))
         for key, values in columns.items():
             ds = ds.add_column(key, values)
         return ds
 
 
+def row_length(row: dict) -> int:
+    """A formatted example's length: its longest token list (what its batch is right-padded to)."""
+    return max((len(v) for v in row.values() if isinstance(v, list)), default=0)
+
+
+def trim_rows(value: torch.Tensor, rows: list[dict]) -> list:
+    """Each row's value: a scalar, or the per-token values [T, ...] trimmed to the row's own length. The time axis
+    (dim 1) may be offset from the batch's padded length by a constant (e.g. T - 1 for shifted log-probs): row i keeps
+    its first length_i - (padded length - T) positions."""
+    if value.dim() < 2:
+        return value.tolist()
+    offset = max(map(row_length, rows)) - value.shape[1]
+    return [v[:max(0, row_length(row) - offset)].tolist() for v, row in zip(value, rows)]
+
+
 def collate_with_reference(collate, features: list[dict]) -> dict:
-    """`collate` of the features, plus their precomputed reference outputs under `__ref`."""
+    """`collate` of the features, plus their precomputed reference outputs under `__ref` (per-token values
+    right-padded with zeros to the longest in the batch)."""
     keys = [k for k in features[0] if k.startswith(PREFIX)]
-    refs = {k.removeprefix(PREFIX): torch.tensor([f[k] for f in features]) for k in keys}
+    refs = {k.removeprefix(PREFIX): _stack([f[k] for f in features]) for k in keys}
     batch = collate([{k: v for k, v in f.items() if k not in keys} for f in features])
     return {**batch, "__ref": refs} if refs else batch
+
+
+def _stack(values: list) -> torch.Tensor:
+    if not values or not isinstance(values[0], list):
+        return torch.tensor(values)
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(v) for v in values], batch_first=True)

@@ -7,6 +7,12 @@ gathered for the duration. Each prompt is sampled on its own from a generator se
 `seed`, the prompt's tokens), so the completions do not depend on how prompts are batched or split over processes, and a
 resumed run samples exactly what the uninterrupted one did.
 
+The handle samples the policy by default, and any other model the run loaded under its name: `model="reference"`
+(the reference or teacher, `model.ref_name_or_path`, when the loss needs one; with LoRA and no explicit reference,
+the policy with its adapters disabled), or a model a rollout adds itself with `add_model(name, model)`.
+`generator.for_model(name)` is the same handle bound to one of them. Other models are always sampled with
+transformers' `generate` (the seeds, eval mode and parameter gathering as for the policy).
+
 The default backend is transformers' `generate`. Another backend (e.g. vLLM, `pip install alignkit[vllm]`)
 implements `GenerationBackend`: `generate(...)` with the same arguments and result, and `sync_weights(model)`,
 which the engine calls after every optimizer step so that the backend samples from the current policy.
@@ -18,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, PluginError
 
 #: completions of each prompt: [prompt][sample] -> token ids (the stop token included when one was sampled)
 Completions = list[list[list[int]]]
@@ -83,8 +89,9 @@ def base_named_weights(model: torch.nn.Module):
 class TransformersBackend:
     """transformers' `generate` on the policy itself (no weights to sync)."""
 
-    def __init__(self, model: torch.nn.Module, unwrap, pad_token_id: int) -> None:
+    def __init__(self, model: torch.nn.Module, unwrap, pad_token_id: int, adapters_off: bool = False) -> None:
         self.model, self.unwrap, self.pad_token_id = model, unwrap, pad_token_id
+        self.adapters_off = adapters_off  # sample the PEFT model's base (the implicit reference)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         pass
@@ -100,7 +107,8 @@ class TransformersBackend:
             sampling = {"do_sample": False}
         out: Completions = []
         try:
-            with full_parameters(self.model), torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with full_parameters(self.model), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+                    (policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()):
                 seen: dict[tuple, int] = {}
                 for ids in prompt_ids:
                     key = tuple(ids)
@@ -123,6 +131,9 @@ def _until_stop(tokens: list[int], stop: list[int]) -> list[int]:
     return tokens
 
 
+POLICY = "policy"
+
+
 class Generator:
     """The handle the engine puts in `StepContext.generator` for methods with a rollout stage."""
 
@@ -130,18 +141,55 @@ class Generator:
                  backend: GenerationBackend | None = None) -> None:
         self.model, self.accelerator, self.tokenizer, self.seed = model, accelerator, tokenizer, seed
         self.backend = backend or TransformersBackend(model, accelerator.unwrap_model, tokenizer.pad_token_id)
+        self.backends: dict[str, GenerationBackend] = {POLICY: self.backend}
+
+    @property
+    def models(self) -> list[str]:
+        """The names `generate(model=...)` and `for_model` accept: "policy" first, then the others loaded."""
+        return list(self.backends)
+
+    def add_model(self, name: str, model: torch.nn.Module, adapters_off: bool = False) -> None:
+        """Make `model` sampleable as `model=name` (e.g. a teacher a rollout loads itself); `adapters_off`: sample a
+        PEFT model with its adapters disabled."""
+        if not isinstance(name, str) or not name or name == POLICY:
+            raise PluginError(f"generator.add_model: {name!r} is not a free model name (not {POLICY!r}, not empty)")
+        self.backends[name] = TransformersBackend(model, self.accelerator.unwrap_model, self.tokenizer.pad_token_id,
+                                                  adapters_off)
+
+    def for_model(self, name: str) -> "BoundGenerator":
+        """This handle bound to one model: `for_model("reference").generate(prompt_ids, ...)`."""
+        self._backend(name)
+        return BoundGenerator(self, name)
+
+    def _backend(self, name: str) -> GenerationBackend:
+        if name not in self.backends:
+            raise PluginError(f"generator: no model {name!r} to sample; loaded: {', '.join(self.backends)} (a method "
+                              "gets \"reference\" when its loss needs a reference model, e.g. model.ref_name_or_path)")
+        return self.backends[name]
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
-                 seed: int = 0) -> Completions:
-        """`n` completions of each prompt (token ids without padding), sampled reproducibly from `seed`."""
+                 seed: int = 0, model: str = POLICY) -> Completions:
+        """`n` completions of each prompt (token ids without padding), sampled reproducibly from `seed`, from the
+        policy or the loaded model named `model` (see `models`)."""
+        backend = self._backend(model)
         stop = list(stop_token_ids) if stop_token_ids is not None else [self.tokenizer.eos_token_id]
-        return self.backend.generate([list(map(int, p)) for p in prompt_ids], n, max_new_tokens, temperature, top_p,
-                                     top_k, stop, mix_seed(self.seed, seed))
+        return backend.generate([list(map(int, p)) for p in prompt_ids], n, max_new_tokens, temperature, top_p,
+                                top_k, stop, mix_seed(self.seed, seed))
 
     def sync_weights(self) -> None:
         """After an optimizer step: the backend samples from the updated policy."""
         self.backend.sync_weights(self.accelerator.unwrap_model(self.model))
+
+
+class BoundGenerator:
+    """`Generator.for_model(name)`: `generate(...)` samples that model."""
+
+    def __init__(self, generator: Generator, name: str) -> None:
+        self.generator, self.name = generator, name
+
+    def generate(self, prompt_ids: list[list[int]], **kwargs) -> Completions:
+        return self.generator.generate(prompt_ids, **kwargs, model=self.name)
 
 
 def backend_for(name: str, model, accelerator, tokenizer) -> GenerationBackend | None:

@@ -4,7 +4,11 @@ A plugin registers rewards with the `register_rewards(register)` hook: `register
 `fn(prompts, completions, **row_columns) -> list[float | None]` gets the prompts and completions as text
 (one entry per completion, each prompt repeated for its samples) and every other column of the prompt
 rows (e.g. `answer=[...]`), and returns one reward per completion (None: not applicable to that one).
-A config selects rewards by name; `model:PATH` uses a sequence-classification checkpoint as a reward.
+A config selects rewards by name; `model:PATH` uses a sequence-classification checkpoint as a reward. The core
+registers the common rewards itself (alignkit.online.common_rewards: exact-match, regex-match, length-penalty).
+
+Public: `RewardRegistry` (the rewards by name), `score` (every reward of a batch, checked), `call_reward` (one
+reward, checked: one finite number or None per completion, the reward named in any error), `check_data`.
 """
 
 import inspect
@@ -30,7 +34,12 @@ class RewardRegistry:
 
     @classmethod
     def from_plugins(cls, pm) -> "RewardRegistry":
+        """The core's common rewards (alignkit.online.common_rewards), then every plugin's."""
+        from alignkit.online.common_rewards import COMMON
+
         registry = cls(pm)
+        for name, fn in COMMON.items():
+            registry.add(name, fn, "alignkit")
         for impl in pm.hook.register_rewards.get_hookimpls():
             source = getattr(pm, "sources", {}).get(impl.plugin_name, (impl.plugin_name, ""))[0]
             impl.function(register=lambda name, fn, s=source: registry.add(name, fn, s))
@@ -106,8 +115,9 @@ def _number(name: str, v, i: int, prompts: list, completions: list) -> float:
     try:
         v = float(v)
     except OverflowError:
+        digits = len(str(v))
         raise PluginError(f"reward {name!r} returned an integer too large for a float ({str(v)[:12]}..., "
-                          f"{len(str(v))} digits) for row {i} (prompt {prompts[i]!r}); rewards must be finite") from None
+                          f"{digits} digits) for row {i} (prompt {prompts[i]!r}); rewards must be finite") from None
     except (TypeError, ValueError):
         raise PluginError(f"reward {name!r} returned {v!r} for row {i} (prompt {prompts[i]!r}); "
                           "rewards are numbers or None") from None
@@ -148,7 +158,7 @@ def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, prob
             continue
         try:
             call_reward(name, fn, prompts, [""] * len(prompts), rows)
-        except PluginError as e:
+        except (PluginError, DataError) as e:  # a reward refusing a row's value (e.g. a bad pattern) as well
             raise DataError(f"{source}: {e}") from None
         except Exception:  # noqa: S110 (the function's own failure on an empty completion: training reports it)
             pass

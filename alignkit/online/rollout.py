@@ -9,15 +9,61 @@ micro-batches (statistics over the whole step, e.g. a batch-wide reward std; at 
 A rollout with `iterations = k > 1` is used for k consecutive optimizer steps on the same micro-batches
 (k optimisation passes per rollout); checkpoints are then written only between rollouts, so a resumed run
 never needs a rollout it did not keep. Evaluation runs the rollout on each eval batch.
+
+The contract is the `Rollout` Protocol below, checked when the method is registered (`check_rollout`).
 """
 
 import inspect
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from alignkit.errors import PluginError
 from alignkit.online.generation import Generator, backend_for
 from alignkit.online.rewards import RewardRegistry
-from alignkit.plugin.context import call
+from alignkit.plugin.context import StepContext, call
+
+
+@runtime_checkable
+class Rollout(Protocol):
+    """What `Method(rollout=...)` names: a class built once per run as `Rollout(method_config, tokenizer)` (plus
+    `rewards=` the RewardRegistry when its constructor takes that keyword), whose instances turn each micro-batch of
+    prompt rows into the batch the reference and the loss see, sampling with `ctx.generator`.
+
+    Optional members: `finish(batches, ctx)` (once per step, with all its rolled-out micro-batches),
+    `iterations: int` (optimisation passes per rollout, default 1), `generation_backend: str` ("transformers" or
+    "vllm")."""
+
+    def __call__(self, batch: dict, ctx: StepContext) -> dict: ...
+
+
+def check_rollout(rollout, where: str) -> None:
+    """A PluginError (one line starting with `where`) unless `rollout` is a class that follows the Protocol."""
+    if not isinstance(rollout, type):
+        raise PluginError(f"{where}: rollout is an instance of {type(rollout).__name__}, not a class; give the class "
+                          "(the engine builds it once as NAME(config, tokenizer))")
+    name = rollout.__name__
+    if not issubclass(rollout, Rollout):
+        raise PluginError(f"{where}: rollout {name}: its instances are not callable as rollout(batch, ctx); define "
+                          "__call__(self, batch, ctx) -> dict")
+    for what, fn, args in (("NAME(config, tokenizer)", rollout, (None, None)),
+                           ("__call__ takes no (batch, ctx)", rollout.__call__, (None, None, None))):
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            continue
+        try:
+            signature.bind(*args)
+        except TypeError:
+            if fn is rollout:
+                raise PluginError(f"{where}: rollout {name} cannot be built as {what} ({signature}); its constructor "
+                                  "takes the method config and the tokenizer (and optionally rewards=)") from None
+            raise PluginError(f"{where}: rollout {name}.{what} ({signature}); define __call__(self, batch, ctx) "
+                              "-> dict") from None
+    finish = inspect.getattr_static(rollout, "finish", None)
+    if finish is not None and not callable(finish):
+        raise PluginError(f"{where}: rollout {name}.finish is {type(finish).__name__}, not a method "
+                          "finish(self, batches, ctx)")
 
 
 def build_rollout(method, config, tokenizer, pm):
@@ -40,12 +86,15 @@ class RolloutStage:
         self._kept: tuple[list, list] | None = None  # (prompt micro-batches, their rollout)
         self._passes_left = 0
 
-    def attach(self, model, accelerator, tokenizer, seed: int) -> Generator:
+    def attach(self, model, accelerator, tokenizer, seed: int, models: dict | None = None) -> Generator:
         """The generation handle for `model` (the prepared policy); StepContext.generator from now on. The
-        rollout chooses the backend with its `generation_backend` attribute ("transformers" by default)."""
+        rollout chooses the backend with its `generation_backend` attribute ("transformers" by default).
+        `models`: the run's other models by name, as (model, adapters_off), sampleable with `generate(model=name)`."""
         backend = getattr(self.rollout, "generation_backend", "transformers")
         self.generator = Generator(model, accelerator, tokenizer, seed,
                                    backend_for(backend, model, accelerator, tokenizer))
+        for name, (other, adapters_off) in (models or {}).items():
+            self.generator.add_model(name, other, adapters_off)
         return self.generator
 
     def __call__(self, batches: list, ctxs: list) -> list:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from alignkit.online.rollout import Rollout
     from alignkit.plugin.formatter import DataFormatter
     from alignkit.plugin.loss import Loss
 
@@ -59,7 +60,7 @@ class Method:
     demo_data: str | None = None
     demo_defaults: Mapping[str, Any] = field(default_factory=dict)
     progress_metrics: tuple[str, ...] = ()
-    rollout: Any = None
+    rollout: "type[Rollout] | None" = None  # alignkit.online.Rollout, checked when registered
     validate: "Callable[[Any], None] | None" = None
     model_kind: str = "causal-lm"
     num_labels: int = 1

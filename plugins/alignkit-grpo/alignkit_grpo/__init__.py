@@ -6,7 +6,7 @@ from alignkit_grpo import demo
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.formatter import GRPOFormatter
 from alignkit_grpo.loss import GRPOLoss
-from alignkit_grpo.rewards import BUILTIN as BUILTIN_REWARDS
+from alignkit_grpo.rewards import DEMO as DEMO_REWARDS
 from alignkit_grpo.rollout import GRPORollout
 
 #: the built-in demo (tiny model, builtin:sort-prompts): a few seconds of supervised warm-up, then RL that
@@ -34,7 +34,7 @@ def register_methods(register):
 
 @alignkit.hookimpl
 def register_rewards(register):
-    for name, fn in BUILTIN_REWARDS.items():
+    for name, fn in DEMO_REWARDS.items():
         register(name, fn)
 
 
