@@ -9,13 +9,10 @@ import torch
 
 from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
 from alignkit.blocks.text import check_messages, column, extract_prompt, given_prompt, render_split, same_format
-from alignkit.blocks.tokens import Encoder, split_merged, truncate_pair, with_bos, with_eos
+from alignkit.blocks.tokens import Encoder, truncate_pair, with_bos, with_eos
 from alignkit_orpo.config import PreferenceDataConfig
 
-__all__ = ["PreferenceFormatter", "extract_prompt", "split_answer"]
-
-#: the merge rule (kept under its old name for callers of this module)
-split_answer = split_merged
+__all__ = ["PreferenceFormatter", "extract_prompt"]
 
 
 class PreferenceFormatter(DataFormatter):

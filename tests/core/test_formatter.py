@@ -17,12 +17,6 @@ from helpers import write_jsonl
 from toy_method import ToyConfig, ToyFormatter, ToyPlugin
 
 
-def test_data_module_still_exports_the_formatter_interface():
-    from alignkit.engine import data
-
-    assert data.DataFormatter is alignkit.DataFormatter and data.Formatted is alignkit.Formatted
-
-
 def test_one_row_may_make_several_examples_and_errors_name_the_raw_row(tok):
     rows = [{"prompt": "a", "completion": ["x", "yy", "z"]}, {"prompt": "b", "completion": ["w"]},
             {"prompt": "c", "completion": []}, {"prompt": "d", "completion": ["v", "u"]}]

@@ -1,4 +1,4 @@
-"""The methods TRL v0.15.2's ORPOTrainer documents (the seed), each a view of alignkit's ORPO formatter
+"""The methods TRL v0.15.2's ORPOTrainer documents, each a view of alignkit's ORPO formatter
 or loss, so the maths stays in one place; plus compute_loss, prediction_step and store_metrics."""
 
 from collections import defaultdict
@@ -14,7 +14,7 @@ from alignkit import pad_right, shifted_token_logps
 from alignkit_orpo.loss import odds_ratio_terms
 
 
-class SeedMethods:
+class V0152Methods:
     """Needs `self.formatter`, `self.loss`, `self.engine`, `self.args`, `self.beta`, `self.is_encoder_decoder`."""
 
     _stored_metrics: defaultdict
