@@ -1,7 +1,7 @@
 """Soak: 2,000 steps of the built-in model with eval and checkpoints every 100 steps, save_total_limit 2.
 
     python benchmarks/soak.py            # writes benchmarks/soak.md
-    pytest -m slow tests/test_soak.py    # the same run, with its assertions
+    pytest -m slow tests/core/test_soak.py    # the same run, with its assertions
 
 Records RSS after each eval/log window and the output_dir's size after each save, then resumes from
 every checkpoint that is left.
@@ -74,7 +74,7 @@ def main() -> None:
     rss, disk = figures["rss_mb"], figures["disk_mb"]
     lines = [
         "# Soak: 2,000 steps with eval and checkpoints every 100, save_total_limit 2", "",
-        "Command: `python benchmarks/soak.py` (the slow test `pytest -m slow tests/test_soak.py` runs the same).  ",
+        "Command: `python benchmarks/soak.py` (the slow test `pytest -m slow tests/core/test_soak.py` runs the same).  ",
         f"Date: {datetime.date.today()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
         f"python {platform.python_version()}.  ",
         f"Wall time: {figures['seconds']:.0f} s; final eval_loss {figures['final_eval_loss']:.4f}; checkpoints left: "

@@ -13,7 +13,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from alignkit.errors import DataError
-from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted, infer_token_fields  # noqa: F401 (re-exported)
+from alignkit.plugin.formatter import DataFormatter, DropExample
 
 log = logging.getLogger(__name__)
 

@@ -276,7 +276,7 @@ def _report_to(value) -> dict[str, Any]:
     return {"train.report_to": [n for n in names if n not in ("none", "all")]}
 
 
-#: always passed, because alignkit's defaults differ from the seed's
+#: always passed, because alignkit's defaults differ from TRL v0.15.2's
 ALWAYS = {"output_dir", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"}
 #: carried out by the ORPOTrainer (its schedule follows transformers.Trainer's), not by alignkit keys
 BY_TRAINER = {"eval_strategy", "evaluation_strategy", "eval_steps", "eval_delay", "eval_on_start", "logging_strategy",

@@ -18,13 +18,13 @@ from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOu
 from alignkit import Engine, apply_peft, get_plugin_manager, load_config, load_model, load_tokenizer, prepare_dataset
 from alignkit_orpo.trl.args import ORPOConfig
 from alignkit_orpo.trl.flow import TrainerFlow
-from alignkit_orpo.trl.seed import SeedMethods
 from alignkit_orpo.trl.surface import TrainerSurface
+from alignkit_orpo.trl.v0152 import V0152Methods
 
 _TOKENIZED = "chosen_input_ids"  # a column only formatted (tokenized) preference rows have
 
 
-class ORPOTrainer(SeedMethods, TrainerSurface):
+class ORPOTrainer(V0152Methods, TrainerSurface):
     """TRL's ORPOTrainer surface on alignkit's engine, ORPO formatter and ORPO loss."""
 
     def __init__(self, model: PreTrainedModel | torch.nn.Module | str | None = None, args: ORPOConfig | None = None,
