@@ -70,8 +70,8 @@ def test_the_dataset_example_is_registered_with_both_splits():
 def test_the_reward_example_scores_per_completion():
     """(tests/methods/grpo/test_grpo_rollout.py installs it as a distribution and selects it by name.)"""
     module = example("register_rewards")
-    assert module.length_penalty(["p"] * 3, ["12", "x" * 30, "y"], max_chars=[10, 10, None]) == [0.0, -0.2, None]
-    assert module.length_penalty(["p"], ["x" * 30]) == [None]
+    assert module.char_penalty(["p"] * 3, ["12", "x" * 30, "y"], max_chars=[10, 10, None]) == [0.0, -0.2, None]
+    assert module.char_penalty(["p"], ["x" * 30]) == [None]
 
 
 def test_the_lifecycle_examples_run_and_do_what_they_say(tmp_path, monkeypatch, capsys):

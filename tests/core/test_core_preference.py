@@ -10,7 +10,7 @@ from alignkit.plugins import build_registry
 from alignkit.testing import plugin_manager
 from helpers import fast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_core_registers_the_preference_formatter_and_the_sort_data():

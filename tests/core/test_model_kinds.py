@@ -1,5 +1,5 @@
 """Issue 21, capability gaps 1 and 8: a method declares its model kind (here a sequence classifier, the reward model of
-tests/reward_head_method.py) and loading, LoRA, saving, `alignkit eval`, `generate` and the model card follow it; the
+tests/core/reward_head_method.py) and loading, LoRA, saving, `alignkit eval`, `generate` and the model card follow it; the
 core's `model:PATH` reward scores text exactly as that reward model was trained."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""A small online method for tests/test_online_capabilities.py (importable as `online_teacher_method`): its rollout
+"""A small online method for tests/core/test_online_capabilities.py (importable as `online_teacher_method`): its rollout
 samples the reference model (a teacher, `model.ref_name_or_path`) greedily through the engine's generation handle,
 as TRL's seq_kd does, and its loss is the policy's NLL of the teacher's completions."""
 

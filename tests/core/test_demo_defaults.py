@@ -8,7 +8,7 @@ import pytest
 import alignkit
 from alignkit.testing import plugin_manager
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: the common settings every demo used, as the plugins spelled them out before the helper
 COMMON = {
