@@ -67,7 +67,8 @@ class Engine:
         self.make_scheduler = lr_scheduler or (lambda opt, num_training_steps:
                                                optim.schedule(t, opt, num_training_steps))
         self.signals = StopSignals(self.checkpoint_root, lambda: self.state.step)
-        self.accelerator = self.state = self.rollout = None
+        self.accelerator = self.state = self.rollout = None  # load() makes these and the next line's
+        self.formatter = self.collate_fn = self.loss = self.reference = self.data = self.hooks = None
         self.generator = None  # the generation handle of online methods (StepContext.generator)
         self.resume_path = None  # the checkpoint train() resumes from (resume.check)
         self.lock, self.folder, self.notes = None, None, []  # the output folder's, once setup() took it (resume.start)
