@@ -135,8 +135,8 @@ def gradients_alignkit(work: Path, case: str) -> tuple[float, dict]:
                  "data.train": str(work / data), "train.output_dir": str(work / "akg" / case),
                  **{f"method.{k}": v for k, v in settings.items()}}
     cfg, method = alignkit.load_config("kto", None, overrides)
-    engine = Engine(cfg, method, alignkit.get_plugin_manager())
-    ds = engine._datasets(need_train=True)["train"]
+    engine = Engine(cfg, method, alignkit.get_plugin_manager()).load()
+    ds = engine.data.formatted(need_train=True)["train"]
     batch = engine.formatter.collate([ds[i] for i in range(len(ds))])
     engine.model.train()
     out = engine.loss(engine.model, batch, ref=engine.reference(engine.model, dict(batch)))

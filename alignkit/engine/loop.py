@@ -1,8 +1,10 @@
 """The one training engine, on accelerate. It knows no method: the method's formatter makes the
 batches and the method's loss turns a batch into loss terms and metrics; everything else is here.
 
-`train()` is a few setup steps (data, optimizer, loaders, schedule, resume, output folder, observers)
-and the loop; each optimizer step is [rollout] -> counts -> reference -> loss -> backward per micro-batch.
+`Engine(...)` only stores what it is given. `load()` checks the settings and the output folder and loads the
+tokenizer, model, formatter, loss and reference; `setup()` adds the data, optimizer, loaders, schedule and, last,
+the output folder (resume, config.yaml: the first write). `train()` is setup() and the loop; each optimizer step is
+[rollout] -> counts -> reference -> loss -> backward per micro-batch.
 """
 
 import contextlib
@@ -11,8 +13,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +34,9 @@ from alignkit.engine.reference import Reference
 from alignkit.engine.reporting import check_trackers, observers
 from alignkit.engine.rundata import RunData
 from alignkit.engine.schedule import Actions, Schedule
-from alignkit.engine.state import RunState, Window
-from alignkit.errors import ConfigError, NonFiniteError, TrainingInterrupted
+from alignkit.engine.signals import StopSignals
+from alignkit.engine.state import Done, Prepared, RunState, Window
+from alignkit.errors import ConfigError, NonFiniteError
 from alignkit.online.rollout import RolloutStage, build_rollout
 from alignkit.plugin.context import StepContext, call
 from alignkit.plugin.method import Method
@@ -45,17 +46,71 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Build once per run; `train()` or `evaluate()`. Model, tokenizer and datasets may be passed in."""
+    """Build once per run; `train()` or `evaluate()` (each sets up what it needs). Model, tokenizer and datasets
+    may be passed in."""
 
     def __init__(self, config: RunConfig, method: Method, pm, *, model=None, tokenizer=None,
                  train_dataset=None, eval_dataset=None, schedule: Schedule | None = None,
                  optimizer: Callable | None = None, lr_scheduler: Callable | None = None,
                  check_folder: bool = True, config_file: str | None = None) -> None:
+        """Stores what it is given; nothing is checked, loaded or written before load()/setup()."""
+        t = config.train
         self.config, self.method, self.pm = config, method, pm
         self.config_file = config_file  # the -c file: a run never removes or replaces it (alignkit.engine.ownership)
-        t = config.train
+        self.check_folder = check_folder  # training: a folder it may not write or clean is refused before any work
+        self.model, self.tokenizer, self._given_data = model, tokenizer, (train_dataset, eval_dataset)
+        self.output_dir = Path(t.output_dir)
+        # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type;
+        # a Schedule replaces when the loop logs, evaluates, checkpoints and stops (alignkit.engine.schedule)
+        self.schedule = schedule or Schedule(t)
+        self.make_optimizer = optimizer or functools.partial(optim.build_optimizer, train=t)
+        self.make_scheduler = lr_scheduler or (lambda opt, num_training_steps:
+                                               optim.schedule(t, opt, num_training_steps))
+        self.signals = StopSignals(self.checkpoint_root, lambda: self.state.step)
+        self.accelerator = self.state = self.rollout = None  # load() makes these and the next line's
+        self.formatter = self.collate_fn = self.loss = self.reference = self.data = self.hooks = None
+        self.generator = None  # the generation handle of online methods (StepContext.generator)
+        self.resume_path = None  # the checkpoint train() resumes from (resume.check)
+        self.lock, self.folder, self.notes = None, None, []  # the output folder's, once setup() took it (resume.start)
+        # the step whose evaluation a stop request cut short (saved with its checkpoint), and the step at which a
+        # resumed run redoes such an evaluation first (not repeated at the end)
+        self.eval_cut_at: int | None = None
+        self.eval_redo_at: int | None = None
+        self.prepared: Prepared | None = None  # what setup() made for the loop
+
+    # ---- setup: every check that can refuse comes before the first write (resume.start) --------------
+
+    def load(self) -> "Engine":
+        """Check the settings and the output folder, then load the tokenizer, model (and LoRA), formatter, loss,
+        reference and data handling: what a caller may look at before training. Nothing is written. Runs once."""
+        if self.state is None:
+            self._setup_accelerator()
+            self._setup_folder_checks()
+            self._setup_model()
+            self._setup_method()
+        return self
+
+    def setup(self) -> Prepared:
+        """load(), then everything train() needs: the checkpoint to resume checked, the data formatted and checked,
+        optimizer, reference outputs, loaders, schedule, and last the output folder taken (the first write)."""
+        if self.prepared is None:
+            self.load()
+            self.resume_path = resume.check(self)  # refused before any work: nothing loaded into it yet
+            data = self._setup_data()
+            optimizer = self._setup_optimizer()
+            data = self._precompute_reference(data)
+            model, optimizer, train_dl = self._setup_training(data["train"], optimizer)
+            eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
+            self.state.eval_dataset = data.get("eval")
+            scheduler = self._setup_schedule(optimizer, train_dl)
+            window = self._setup_resume(scheduler)
+            self.prepared = Prepared(model, optimizer, scheduler, train_dl, eval_dl, window)
+        return self.prepared
+
+    def _setup_accelerator(self) -> None:
+        t = self.config.train
         check_trackers(t.report_to)
-        preflight.check_settings(config, method, eval_given=eval_dataset is not None)
+        preflight.check_settings(self.config, self.method, eval_given=self._given_data[1] is not None)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -65,28 +120,33 @@ class Engine:
             mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
-        self.output_dir = Path(t.output_dir)
-        rundir.check_writable(self.output_dir)  # before any work: nothing is loaded for a run that cannot write
+
+    def _setup_folder_checks(self) -> None:
+        """Before any work: nothing is loaded for a run that cannot write (or, training, may not clean) its folder."""
+        rundir.check_writable(self.output_dir)
         rundir.Lock.probe(self.output_dir)
-        self._lock, self._record_notes, self.folder = rundir.Lock(self.output_dir), [], None
-        if check_folder:  # training: a folder it may not write or clean is refused before any work
+        if self.check_folder:
             resume.precheck(self)
-        set_seed(t.seed)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-        rollout = build_rollout(method, config, self.tokenizer, pm)  # online methods (alignkit.online.rollout); checks rewards
+
+    def _setup_model(self) -> None:
+        """Tokenizer, the rollout (online methods; checks the rewards), model, LoRA; the model checked."""
+        config, seed = self.config, self.config.train.seed
+        set_seed(seed)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(config.model)
+        rollout = build_rollout(self.method, config, self.tokenizer, self.pm)  # alignkit.online.rollout
         self.rollout = RolloutStage(rollout) if rollout is not None else None
-        self.model = model if model is not None else load_model(config.model, self.tokenizer, t.seed,
-                                                                method.model_kind, method.num_labels)
-        if model is None:  # what a LoRA adapter records as its base: a path from ${oc.env:...} stays unwritten
+        if self.model is None:  # what a LoRA adapter records as its base: a path from ${oc.env:...} stays unwritten
+            self.model = load_model(config.model, self.tokenizer, seed, self.method.model_kind,
+                                        self.method.num_labels)
             self.model.name_or_path = recorded(config).model.name_or_path
         if config.model.peft is not None:
             self.model = apply_peft(self.model, config.model.peft)
         preflight.check_model(config, self.model, self.tokenizer)
-        # optimizer(model) and lr_scheduler(optimizer, num_training_steps) replace train.optim / lr_scheduler_type;
-        # a Schedule replaces when the loop logs, evaluates, checkpoints and stops (alignkit.engine.schedule)
-        self.schedule = schedule or Schedule(t)
-        self.make_optimizer = optimizer or functools.partial(optim.build_optimizer, train=t)
-        self.make_scheduler = lr_scheduler or (lambda opt, num_training_steps: optim.schedule(t, opt, num_training_steps))
+
+    def _setup_method(self) -> None:
+        """The method's formatter and loss (each may prepare the model), the reference, run state, data, hooks."""
+        config, method = self.config, self.method
         self.formatter = method.formatter(config.method, self.tokenizer)
         self.formatter.prepare_model(self.model)
         self.collate_fn = self.formatter.collate
@@ -95,51 +155,21 @@ class Engine:
         self.reference = Reference(self.loss, self.model, config, self.tokenizer, self.accelerator)
         self.state = RunState(config, method, self.output_dir, self.accelerator.is_main_process,
                               self.model, self.tokenizer, log_table=self._log_table)
-        self.data = RunData(config, self.formatter, self.collate_fn, self.accelerator, pm, self.state.data,
-                            train_dataset, eval_dataset)
-        self.hooks = RunHooks(pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
-        self.generator = None  # the generation handle of online methods (StepContext.generator)
-        self.resume_path = None  # the checkpoint train() resumes from (resume.check)
-        # the step whose evaluation a stop request cut short (saved with its checkpoint), and the step at which a
-        # resumed run redoes such an evaluation first (not repeated at the end)
-        self.eval_cut_at: int | None = None
-        self.eval_redo_at: int | None = None
+        self.data = RunData(config, self.formatter, self.collate_fn, self.accelerator, self.pm, self.state.data,
+                            *self._given_data)
+        self.hooks = RunHooks(self.pm, method)  # lifecycle hooks scoped to this method's plugin (docs/hooks.md)
 
-    # ---- data -------------------------------------------------------------------------------------
-
-    def _datasets(self, need_train: bool) -> dict:
-        """Formatted `train` (when training) and `eval` sets; evaluation alone falls back to train."""
-        return self.data.formatted(need_train)
-
-    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        return self.data.loader(ds, batch_size, shuffle)
-
-    # ---- training: setup steps, then the loop -----------------------------------------------------
-
-    def train(self) -> dict[str, float]:
-        # The folder and the checkpoint are checked before any work: a refusal leaves nothing behind.
-        self.resume_path = resume.check(self)
+    def _setup_data(self) -> dict:
+        """The formatted train and eval sets; the trainable parameters (train.optim) and token ids checked."""
         if isinstance(self.make_optimizer, functools.partial):  # train.optim, not an optimizer passed in
             preflight.check_trainable(self.model, self.config.train.optim)
-        data = self._datasets(need_train=True)
+        data = self.data.formatted(need_train=True)
         preflight.check_ids(self.collate_fn, data["train"], self.model, self.config.method)
-        optimizer = self._setup_optimizer()
-        data = self._precompute_reference(data)
-        model, optimizer, train_dl = self._setup_training(data["train"], optimizer)
-        eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
-        self.state.eval_dataset = data.get("eval")
-        scheduler = self._setup_schedule(optimizer, train_dl)
-        window = resume.start(self)  # the output folder's lock, resume checks, config.yaml (alignkit.engine.resume)
-        try:
-            with self._observers(), self._stop_on_signals():
-                return self._loop(model, optimizer, scheduler, train_dl, eval_dl, window)
-        finally:
-            self._lock.release()
+        return data
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         """Gradient checkpointing if asked, then the optimizer passed in or train.optim (alignkit.engine.optim)."""
-        t = self.config.train
-        if t.gradient_checkpointing:
+        if self.config.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "peft_config"):  # frozen embeddings: checkpointed blocks need an input with grad
                 self.model.enable_input_require_grads()
@@ -155,7 +185,7 @@ class Engine:
 
     def _setup_training(self, train_ds, optimizer):
         """The model, optimizer and shuffled train loader, prepared by accelerate."""
-        train_dl = self._loader(train_ds, self.config.train.per_device_train_batch_size, shuffle=True)
+        train_dl = self.data.loader(train_ds, self.config.train.per_device_train_batch_size, shuffle=True)
         model, optimizer, train_dl = self.accelerator.prepare(self.model, optimizer, train_dl)
         self._attach_generator(model)
         return model, optimizer, train_dl
@@ -171,8 +201,17 @@ class Engine:
         self.state.batches_per_epoch = len(train_dl)
         passes = self.rollout.iterations if self.rollout is not None else 1
         self.state.max_steps = optim.max_steps(self.config.train, len(train_dl), passes)
-        self._scheduler = self.make_scheduler(optimizer, num_training_steps=self.state.max_steps)
-        return self._scheduler
+        return self.make_scheduler(optimizer, num_training_steps=self.state.max_steps)
+
+    def _setup_resume(self, scheduler) -> Window:
+        """The output folder's lock, the checkpoint loaded, config.yaml written (alignkit.engine.resume); the
+        logging window to continue."""
+        started = resume.start(self, scheduler)
+        self.lock, self.folder, self.notes = started.lock, started.folder, started.notes
+        if started.resumed is not None:
+            started.resumed.apply(self.state)
+            self.eval_redo_at = started.resumed.step if started.resumed.eval_pending else None
+        return started.window
 
     @contextlib.contextmanager
     def _observers(self):
@@ -186,181 +225,151 @@ class Engine:
             for obs in found:
                 self.pm.unregister(obs)
 
-    def _loop(self, model, optimizer, scheduler, train_dl, eval_dl, window: Window) -> dict[str, float]:
-        """Steps until max_steps; the schedule says when to log, evaluate, checkpoint and stop (alignkit.engine.schedule)."""
-        state, hooks = self.state, self.hooks
-        hooks.on_train_start(run=state)
-        done = {"logs": {}, "eval": {}, "window": window}
-        self._do(self.schedule.at_start(state), done, model, eval_dl, scheduler)
-        if self.eval_redo_at is not None and eval_dl is not None:  # resumed from a stop during an evaluation
-            done["eval"] = self._evaluate_and_report(model, eval_dl)
-        self._stop_if_asked(done["window"])  # asked during that evaluation: stop before the first step
+    # ---- training: the loop and one step --------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """setup() (every refusal before the first write), then the loop; the final log row and eval metrics."""
+        run = self.setup()
+        try:
+            with self._observers(), self.signals.installed():
+                return self._loop(run)
+        finally:
+            self.lock.release()
+
+    def _loop(self, run: Prepared) -> dict[str, float]:
+        state, hooks, model, done = self.state, self.hooks, run.model, Done(run.window)
+        hooks.on_train_start(run=state)  # the schedule says when to log, evaluate, checkpoint and stop
+        self._do(self.schedule.at_start(state), done, run)
+        if self.eval_redo_at is not None and run.eval_dl is not None:  # resumed from a stop during an evaluation
+            done.eval = self._evaluate_and_report(model, run.eval_dl)
+        self._stop_if_asked(done.window)  # asked during that evaluation: stop before the first step
         model.train()
-        windows = self.data.step_batches(train_dl, state)
+        windows = self.data.step_batches(run.train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
-            loss, totals, grad_norm = self._optimizer_step(model, optimizer, scheduler, micro_batches)
+            loss, totals, grad_norm = self._optimizer_step(run, micro_batches)
             state.step += 1
-            done["window"].add(loss, grad_norm, totals, len(micro_batches))
+            done.window.add(loss, grad_norm, totals, len(micro_batches))
             hooks.on_step_end(run=state, step=state.step, metrics={"loss": loss, **means(totals)})
-            stop = self._do(self.schedule.after_step(state), done, model, eval_dl, scheduler)
+            stop = self._do(self.schedule.after_step(state), done, run)
             if state.batches_in_epoch == state.batches_per_epoch and self._between_rollouts():  # it ended an epoch
-                stop |= self._do(self.schedule.after_epoch(state), done, model, eval_dl, scheduler)
+                stop |= self._do(self.schedule.after_epoch(state), done, run)
             if stop or state.step >= state.max_steps:
                 break
-            self._stop_if_asked(done["window"])
-        end = self.schedule.at_end(state)
-        self._do(end, done, model, eval_dl, scheduler)
-        self._stop_at_the_end(done["window"])
-        final = {**done["logs"], **done["eval"]}
-        if state.skipped_steps:
-            log.warning("%d of %d steps were skipped for a non-finite loss or gradient", state.skipped_steps, state.step)
+            self._stop_if_asked(done.window)
+        self._do(end := self.schedule.at_end(state), done, run)
+        self._stop_at_the_end(done.window, saved_model=False)
+        self._report_skipped_steps()
         if end.save_model:
-            self.save_model(model, final)
-            self._stop_at_the_end(done["window"], saved_model=True)
-        hooks.on_train_end(run=state, metrics=final)
-        return final
+            self.save_model(model, done.final)
+            self._stop_at_the_end(done.window, saved_model=True)
+        hooks.on_train_end(run=state, metrics=done.final)
+        return done.final
 
-    def _do(self, act: Actions, done: dict, model, eval_dl, scheduler) -> bool:
-        """Carry out what the schedule asked for (True: stop after this step); `done` keeps the last log row,
-        the last eval metrics and the open logging window."""
-        if act.log and done["window"].steps:
-            done["logs"], done["window"] = self._reduce_window(done["window"], scheduler), Window()
-            self.hooks.on_log(run=self.state, step=self.state.step, logs=done["logs"])
-        if act.evaluate and eval_dl is not None and self.eval_redo_at != self.state.step:
-            done["eval"] = self._evaluate_and_report(model, eval_dl)
+    def _do(self, act: Actions, done: Done, run: Prepared) -> bool:
+        """Carry out what the schedule asked for (True: stop after this step)."""
+        if act.log and done.window.steps:
+            done.logs, done.window = self._reduce_window(done.window, run.scheduler), Window()
+            self.hooks.on_log(run=self.state, step=self.state.step, logs=done.logs)
+        if act.evaluate and run.eval_dl is not None and self.eval_redo_at != self.state.step:
+            done.eval = self._evaluate_and_report(run.model, run.eval_dl)
         if act.checkpoint and self._between_rollouts():
-            self._save_checkpoint(done["window"])
+            self._save_checkpoint(done.window)
         return act.stop
 
-    def _between_rollouts(self) -> bool:
-        """No rollout waits for more optimisation passes (checkpoints are written only here)."""
-        return self.rollout is None or self.rollout.between_rollouts
-
-    def _stop_if_asked(self, window: Window) -> None:
-        if self._between_rollouts() and (signum := self._stop_requested()):
-            path = self._save_checkpoint(window)
-            raise TrainingInterrupted(
-                f"{signal.Signals(signum).name} at step {self.state.step}: checkpoint saved in {path}; resume by "
-                "running the same command with train.resume_from_checkpoint=auto", signum)
-
-    def _stop_at_the_end(self, window: Window, saved_model: bool = False) -> None:
-        """A stop asked for during the final evaluation or save is never swallowed (non-zero exit)."""
-        signum = self._stop_requested()
-        if not signum:
-            return
-        name = signal.Signals(signum).name
-        if saved_model:
-            raise TrainingInterrupted(f"{name} while saving the model at step {self.state.step}: the model was saved "
-                                      f"completely in {self.output_dir}", signum)
-        path = self._save_checkpoint(window)
-        raise TrainingInterrupted(f"{name} at step {self.state.step} (the last), before the model was saved: checkpoint "
-                                  f"saved in {path}; resume by running the same command with "
-                                  "train.resume_from_checkpoint=auto", signum)
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGINT and SIGTERM ask training to stop after the current step (or eval batch), with a checkpoint;
-        a second one stops at once."""
-        self._stop_signal = 0
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def ask_to_stop(signum, frame):
-            if self._stop_signal:  # asked twice: stop at once; checkpoints are renamed into place whole
-                found = checkpoint.checkpoints(self.checkpoint_root)
-                kept = f"the last complete checkpoint, {found[-1]}, is kept" if found else "no checkpoint was written"
-                raise TrainingInterrupted(f"second {signal.Signals(signum).name} during step {self.state.step + 1}: stopped "
-                                          f"at once; {kept}; resume with train.resume_from_checkpoint=auto", signum)
-            self._stop_signal = signum
-
-        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _stop_requested(self) -> int:
-        """The signal that asked to stop (0 if none), agreed on by every process."""
-        if self.accelerator.num_processes == 1:
-            return self._stop_signal
-        flag = torch.tensor(self._stop_signal, device=self.accelerator.device)
-        return int(self.accelerator.reduce(flag, "max"))
-
-    # ---- one optimizer step -----------------------------------------------------------------------
-
-    def _context(self, training: bool, index: int, count: int) -> StepContext:
-        acc = self.accelerator
-        return StepContext(training, self.state.step, index, count, acc.num_processes, acc.process_index,
-                           acc.device, self.generator, acc.reduce)
-
-    def _optimizer_step(self, model, optimizer, scheduler, micro_batches) -> tuple[float, dict, float]:
-        """One optimizer step: (global loss, this process's metric (sum, count) totals, gradient norm).
-
-        A NaN/inf loss or gradient never reaches the weights: the run stops naming the step, or with
-        train.skip_nonfinite_steps the step is skipped."""
-        t = self.config.train
-        ctxs = [self._context(True, i, len(micro_batches)) for i in range(len(micro_batches))]
-        micro_batches = self._rollout(model, micro_batches, ctxs)
-        loss_sum, metrics = self._accumulate_gradients(model, micro_batches, ctxs)
-        grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf")))
-        global_loss = self.accelerator.reduce(loss_sum, "sum").item()
-        if math.isfinite(global_loss) and math.isfinite(grad_norm):
-            optimizer.step()
-            preflight.check_update(model, self.accelerator, self.state.step + 1, global_loss, grad_norm)
-            scheduler.step()
+    def _optimizer_step(self, run: Prepared, micro_batches: list) -> tuple[float, dict, float]:
+        """(global loss, this process's metric (sum, count) totals, gradient norm); NaN/inf never reach the weights."""
+        acc, model, ctxs = self.accelerator, run.model, self._contexts(len(micro_batches))
+        if self.rollout is not None:  # online methods: each batch of prompt rows -> the batch the loss sees
+            micro_batches = self.rollout(micro_batches, ctxs)
+        loss_sum, metrics = self.accumulate_gradients(model, micro_batches, ctxs)
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm or float("inf")))
+        loss = acc.reduce(loss_sum, "sum").item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._refuse_nonfinite(loss, grad_norm)
+        else:
+            run.optimizer.step()
+            preflight.check_update(model, acc, self.state.step + 1, loss, grad_norm)
+            run.scheduler.step()
             if self.rollout is not None:
                 self.rollout.after_step()
-        elif t.skip_nonfinite_steps:
-            # Warned once; later ones at debug level, and their number at the end of training.
-            (log.debug if self.state.skipped_steps else log.warning)(
-                "step %d: loss %s, gradient norm %s; step skipped (train.skip_nonfinite_steps; later skips are "
-                "counted and reported at the end)", self.state.step + 1, global_loss, grad_norm)
-            self.state.skipped_steps += 1
-        else:
-            raise NonFiniteError(f"step {self.state.step + 1}: loss {global_loss}, gradient norm {grad_norm}; no weights "
-                                 "were changed. Lower the learning rate, check the data, or set train.skip_nonfinite_steps=true")
-        optimizer.zero_grad(set_to_none=True)
-        return global_loss, metrics.totals(), grad_norm
+        run.optimizer.zero_grad(set_to_none=True)
+        return loss, metrics.totals(), grad_norm
 
-    def _rollout(self, model, batches: list, ctxs: list[StepContext]) -> list:
-        """The method's rollout stage (online methods): each batch of prompt rows -> the batch the loss sees."""
-        return batches if self.rollout is None else self.rollout(batches, ctxs)
-
-    def _accumulate_gradients(self, model, micro_batches, ctxs=None) -> tuple[torch.Tensor, MetricSums]:
-        """Counts, then reference, loss and backward over each micro-batch, every loss term divided by its
-        count over all of them and all processes."""
-        acc = self.accelerator
-        ctxs = ctxs or [self._context(True, i, len(micro_batches)) for i in range(len(micro_batches))]
-        totals = self._global_counts(micro_batches, ctxs)
-        for ctx in ctxs:
-            ctx.totals = totals  # what each summed term will be divided by (a fused LM head weights its terms so)
-        for unit, count in totals.items():
-            self.state.seen[unit] = self.state.seen.get(unit, 0.0) + count
+    def accumulate_gradients(self, model, micro_batches: list, ctxs=None) -> tuple[torch.Tensor, MetricSums]:
+        """Reference, loss and backward over each micro-batch (no optimizer step), every loss term divided by its
+        count over all of them and all processes (_count_units); this process's loss sum and metric sums."""
+        acc = self.load().accelerator
+        ctxs = ctxs or self._contexts(len(micro_batches))
+        totals = self._count_units(micro_batches, ctxs)
         loss_sum, metrics = torch.zeros((), device=acc.device), MetricSums(acc.device)
         for i, (batch, ctx) in enumerate(zip(micro_batches, ctxs)):
             with contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model):
                 with acc.autocast():
                     out = self._loss(model, batch, ctx)
                 loss = out.normalized(totals)
-                # DDP averages gradients over processes; the totals already span them, so undo that mean.
-                acc.backward(loss * acc.num_processes)
+                acc.backward(loss * acc.num_processes)  # DDP averages over processes; the totals span them already
             loss_sum += loss.detach()
             metrics.add(out.metrics)
         return loss_sum, metrics
+
+    def _report_skipped_steps(self) -> None:
+        if self.state.skipped_steps:
+            log.warning("%d of %d steps were skipped for a non-finite loss or gradient", self.state.skipped_steps,
+                        self.state.step)
+
+    def _between_rollouts(self) -> bool:
+        """No rollout waits for more optimisation passes (checkpoints are written only here)."""
+        return self.rollout is None or self.rollout.between_rollouts
+
+    def _stop_if_asked(self, window: Window) -> None:
+        if self._between_rollouts():
+            self.signals.stop_if_asked(self.accelerator, lambda: self._save_checkpoint(window))
+
+    def _stop_at_the_end(self, window: Window, saved_model: bool) -> None:
+        self.signals.stop_at_the_end(self.accelerator, lambda: self._save_checkpoint(window),
+                                     self.output_dir if saved_model else None)
+
+    # ---- what one step is made of ------------------------------------------------------------------
+
+    def _context(self, training: bool, index: int, count: int) -> StepContext:
+        acc = self.accelerator
+        return StepContext(training, self.state.step, index, count, acc.num_processes, acc.process_index,
+                           acc.device, self.generator, acc.reduce)
+
+    def _contexts(self, count: int) -> list[StepContext]:
+        """The training contexts of one step's `count` micro-batches."""
+        return [self._context(True, i, count) for i in range(count)]
+
+    def _refuse_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """A NaN/inf loss or gradient: the run stops naming the step, or (train.skip_nonfinite_steps) the step is
+        skipped, warned once; later ones at debug level, and their number at the end of training."""
+        step = self.state.step + 1
+        if not self.config.train.skip_nonfinite_steps:
+            raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm}; no weights were changed. "
+                                 "Lower the learning rate, check the data, or set train.skip_nonfinite_steps=true")
+        (log.debug if self.state.skipped_steps else log.warning)(
+            "step %d: loss %s, gradient norm %s; step skipped (train.skip_nonfinite_steps; later skips are "
+            "counted and reported at the end)", step, loss, grad_norm)
+        self.state.skipped_steps += 1
 
     def _loss(self, model, batch: dict, ctx: StepContext):
         ref = self.reference(model, batch, ctx)
         return call(self.loss, model, batch, ctx=ctx, **({} if ref is None else {"ref": ref}))
 
-    def _global_counts(self, micro_batches, ctxs) -> dict[str, float]:
+    def _count_units(self, micro_batches, ctxs) -> dict[str, float]:
+        """The loss's counts of this step, summed over its micro-batches and all processes: what each summed loss
+        term is divided by. Each context gets them (a fused LM head weights its terms so); the run's `seen` grows."""
         counts: Counter = Counter()
         for batch, ctx in zip(micro_batches, ctxs):
             counts.update(call(self.loss.counts, batch, ctx=ctx))
-        units = sorted(counts)
-        summed = self.accelerator.reduce(torch.tensor([counts[u] for u in units], device=self.accelerator.device), "sum")
-        return {u: float(c) for u, c in zip(units, summed.tolist())}
+        units, acc = sorted(counts), self.accelerator
+        summed = acc.reduce(torch.tensor([counts[u] for u in units], device=acc.device), "sum")
+        totals = {u: float(c) for u, c in zip(units, summed.tolist())}
+        for ctx in ctxs:
+            ctx.totals = totals
+        for unit, count in totals.items():
+            self.state.seen[unit] = self.state.seen.get(unit, 0.0) + count
+        return totals
 
     def _reduce_window(self, window: Window, scheduler) -> dict[str, float]:
         """Window means: loss and gradient norm over steps (already global), metrics sum / count over all
@@ -378,9 +387,10 @@ class Engine:
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Evaluate the model as it is on the eval data (or the train data when there is none), in order, as
         the evaluation during training does (on_evaluate hooks included); `eval_dataset` replaces the eval data."""
+        self.load()
         if eval_dataset is not None:
             self.data.raw["eval"] = eval_dataset
-        ds = self._datasets(need_train=False)["eval"]
+        ds = self.data.formatted(need_train=False)["eval"]
         self.state.eval_dataset = ds
         model = self.accelerator.prepare(self.model)
         self._attach_generator(model)
@@ -388,11 +398,13 @@ class Engine:
 
     def eval_batches(self) -> DataLoader:
         """The eval set formatted and collated in order, as this process sees it (for custom eval loops)."""
-        ds = self._datasets(need_train=False)["eval"]
-        return self._loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False)
+        ds = self.load().data.formatted(need_train=False)["eval"]
+        return self.data.loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False)
 
-    def _lockstep(self) -> bool:
+    @property
+    def lockstep(self) -> bool:
         """Every process must run every eval forward: sharded models, and losses that reduce across processes."""
+        self.load()
         return self.loss.collective or self.accelerator.distributed_type in (
             DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
@@ -401,20 +413,20 @@ class Engine:
         default), so several processes see exactly the batches one process sees. In lock-step (sharded
         models, collective losses) accelerate's even batches stay."""
         acc = self.accelerator
-        even, acc.even_batches = acc.even_batches, self._lockstep()
+        even, acc.even_batches = acc.even_batches, self.lockstep
         try:
-            return acc.prepare(self._loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False))
+            return acc.prepare(self.data.loader(ds, self.config.train.per_device_eval_batch_size, shuffle=False))
         finally:
             acc.even_batches = even
 
     def _evaluate_and_report(self, model, eval_dl) -> dict[str, float]:
-        if not self._lockstep():  # uneven batch counts per process: no collective may run in the forward
+        if not self.lockstep:  # uneven batch counts per process: no collective may run in the forward
             model = self.accelerator.unwrap_model(model)
         context = functools.partial(self._context, False)
         rollout = self.rollout.evaluate if self.rollout is not None else None
         try:
             metrics = evaluate_batches(model, eval_dl, self.loss, self._loss, context, self.accelerator, rollout,
-                                       stop=lambda: bool(getattr(self, "_stop_signal", 0)))
+                                       stop=lambda: self.signals.asked)
         except EvalStopped:
             log.warning("step %d: evaluation cut short by a stop request; not reported (a resumed run redoes it)",
                         self.state.step)
@@ -445,7 +457,7 @@ class Engine:
                  "environment": environment_values(self.config), "eval_pending": self.eval_cut_at == s.step}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
-                               self.config.train.save_total_limit, self._scheduler,
+                               self.config.train.save_total_limit, self.prepared.scheduler,
                                files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)}, folder=self.folder)
         self.hooks.on_save(run=s, step=s.step, path=path)
         return path
@@ -456,7 +468,7 @@ class Engine:
         to a temporary folder, then each file recorded in the folder's manifest and moved into place (a file alignkit
         did not write is never replaced: alignkit.engine.ownership)."""
         acc, out = self.accelerator, Path(output_dir or self.output_dir)
-        model = model if model is not None else self.model
+        model = model if model is not None else self.load().model
         self._check_finite_weights("the model")
         own = self.folder is not None and out.absolute() == self.output_dir.absolute()
         tmp = out / ".tmp-model"
@@ -472,7 +484,7 @@ class Engine:
         if acc.is_main_process:
             self.tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
-                                                      notes=self._record_notes))
+                                                      notes=self.notes))
             names = sorted(p.name for p in tmp.iterdir())
             record = (lambda path: self.folder.record(path)) if own else files_in(out, names, "output_dir")
             theirs = [n for n in names if own and ((out / n).exists() or (out / n).is_symlink())

@@ -8,6 +8,7 @@ the keys: the optimizer, scheduler and data position in the checkpoint belong to
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -109,7 +110,8 @@ def repair_metrics(path: Path) -> None:
             json.loads(line)
         except json.JSONDecodeError as e:
             if i != len(lines) - 1:
-                raise ConfigError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove the line to resume") from None
+                raise ConfigError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove the line to resume"
+                                  ) from None
             log.warning("%s: dropping the half-written last line %d", path, i + 1)
             path.write_text("".join(ln + "\n" for ln in lines[:i]))
 
@@ -157,20 +159,55 @@ def _refuse_results(folder: ownership.RunFolder, config: RunConfig) -> None:
                       "or choose another output_dir")
 
 
-def start(engine) -> Window:
-    """Lock the output folder, resume if asked (checkpoint verified, config compared), make the folder this
-    run's (its manifest first) and write config.yaml; the window to continue. The lock is the engine's `_lock`,
-    released (its file and a folder this run created removed) if anything here refuses."""
-    engine._lock, engine._record_notes = rundir.Lock(engine.output_dir), []
+@dataclass
+class Resumed:
+    """Where a resumed run continues: its checkpoint, position in the data, counts and open logging window."""
+
+    path: Path
+    step: int
+    epoch_index: int
+    batches_in_epoch: int
+    seen: dict[str, float]
+    window: Window
+    #: a stop request cut the evaluation of this step short: the resumed run redoes it first
+    eval_pending: bool
+
+    def apply(self, state) -> None:
+        """Move the run's state (alignkit.engine.state.RunState) to where the checkpoint was made."""
+        state.resumed_from, state.step, state.epoch_index = self.path, self.step, self.epoch_index
+        state.batches_in_epoch, state.seen = self.batches_in_epoch, dict(self.seen)
+
+
+@dataclass
+class Started:
+    """What start() took and found: the folder's lock (the caller releases it when the run ends), the run folder,
+    the resume notes config.yaml carries (for the model card), and the checkpoint resumed (None: a fresh run)."""
+
+    lock: rundir.Lock
+    folder: ownership.RunFolder
+    notes: list[str]
+    resumed: Resumed | None
+
+    @property
+    def window(self) -> Window:
+        """The logging window to continue."""
+        return self.resumed.window if self.resumed is not None else Window()
+
+
+def start(engine, scheduler) -> Started:
+    """Lock the output folder, resume if asked (checkpoint verified and loaded into the prepared model, optimizer
+    and `scheduler`, config compared), make the folder this run's (its manifest first) and write config.yaml. The
+    lock is released (its file and a folder this run created removed) if anything here refuses."""
+    lock = rundir.Lock(engine.output_dir)
     try:
-        on_main(engine.accelerator, engine._lock.acquire)
-        engine.folder = run_folder(engine)
-        window, changes = _resume(engine)
-        on_main(engine.accelerator, lambda: _take_folder(engine, changes))
+        on_main(engine.accelerator, lock.acquire)
+        folder = run_folder(engine)
+        resumed, changes = _resume(engine, scheduler)
+        notes = on_main(engine.accelerator, lambda: _take_folder(engine, folder, resumed, changes))
     except BaseException:
-        engine._lock.release(discard_folder=True)
+        lock.release(discard_folder=True)
         raise
-    return window
+    return Started(lock, folder, notes or [], resumed)
 
 
 def on_main(accelerator, fn):
@@ -213,37 +250,33 @@ def check(engine) -> Path | None:
     return path
 
 
-def _resume(engine) -> tuple[Window, list[str]]:
-    state = engine.state
+def _resume(engine, scheduler) -> tuple[Resumed | None, list[str]]:
+    """The checkpoint found by check() loaded (accelerate state, scheduler), checked against this run; the
+    allowed setting changes."""
     path = engine.resume_path  # found and checked by check() before any work
     if path is None:
-        return Window(), []
+        return None, []
     changes = check_config(path, engine.config)
-    saved = checkpoint.load(engine.accelerator, path, engine._scheduler)
+    saved = checkpoint.load(engine.accelerator, path, scheduler)
     check_environment(path, saved.get("environment", {}), engine.config)
-    state.resumed_from = path
-    if saved["max_steps"] != state.max_steps:
+    if saved["max_steps"] != engine.state.max_steps:
         raise ConfigError(f"train.resume_from_checkpoint: {path} was made for {saved['max_steps']} steps, "
-                          f"this run has {state.max_steps}; keep the data and step settings of that run")
-    for key in ("step", "epoch_index", "batches_in_epoch"):
-        setattr(state, key, saved[key])
-    state.seen = dict(saved.get("seen", {}))
-    if saved.get("eval_pending"):  # a stop request cut the evaluation of this step short: redo it first
-        engine.eval_redo_at = state.step
-    log.info("resumed from %s at step %d", path, state.step)
-    return Window.from_state(saved["window"]), changes
+                          f"this run has {engine.state.max_steps}; keep the data and step settings of that run")
+    log.info("resumed from %s at step %d", path, saved["step"])
+    return Resumed(path, saved["step"], saved["epoch_index"], saved["batches_in_epoch"], dict(saved.get("seen", {})),
+                   Window.from_state(saved["window"]), bool(saved.get("eval_pending"))), changes
 
 
-def _take_folder(engine, changes: list[str]) -> None:
-    """Refuse a folder holding another run's results or files alignkit did not write (alignkit.engine.ownership); a fresh
-    run removes only what alignkit wrote there; config.yaml records the config (and, on resume, the changed
-    settings)."""
-    config, out, state, folder = engine.config, engine.output_dir, engine.state, engine.folder
+def _take_folder(engine, folder: ownership.RunFolder, resumed: Resumed | None, changes: list[str]) -> list[str]:
+    """Refuse a folder holding another run's results or files alignkit did not write (alignkit.engine.ownership); a
+    fresh run removes only what alignkit wrote there; config.yaml records the config (and, on resume, the changed
+    settings). The resume notes config.yaml now carries."""
+    config, out = engine.config, engine.output_dir
     config_text = to_yaml(config, comments=False)
-    own = state.resumed_from is not None and state.resumed_from.resolve().parent == engine.checkpoint_root.resolve()
+    own = resumed is not None and resumed.path.resolve().parent == engine.checkpoint_root.resolve()
     folder.check(clean=not own, overwrite=config.train.overwrite_output_dir, files=_read_files(engine))
     notes = []
-    if state.resumed_from is None:
+    if resumed is None:
         _refuse_results(folder, config)
     removed = folder.claim(clean=not own)
     if removed:
@@ -254,12 +287,12 @@ def _take_folder(engine, changes: list[str]) -> None:
         repair_metrics(out / "metrics.jsonl")
         notes = notes_of(out / "config.yaml")
         if changes:
-            notes.append(f"{NOTE_PREFIX}at step {state.step} from {state.resumed_from.name} with changed settings: "
+            notes.append(f"{NOTE_PREFIX}at step {resumed.step} from {resumed.path.name} with changed settings: "
                          f"{'; '.join(changes)}")
             log.warning("resuming with changed settings (recorded in config.yaml): %s", "; ".join(changes))
-    engine._record_notes = notes
     for name in (".config.yaml.tmp", "config.yaml", "metrics.jsonl"):  # config.yaml is renamed into place
         folder.record(out / name)
     if folder.tracker_dir:
         folder.record(out / folder.tracker_dir, "tree")
     rundir.write_text(out / "config.yaml", "".join(n + "\n" for n in notes) + config_text)
+    return notes

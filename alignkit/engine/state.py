@@ -1,4 +1,5 @@
-"""What the lifecycle hooks see of a run (RunState), and the logging window the engine keeps."""
+"""What the lifecycle hooks see of a run (RunState), the logging window the engine keeps, what the loop has done
+so far (Done) and what setup prepared for it (Prepared)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ class Window:
         self.loss, self.grad_norm, self.steps, self.micro_batches = 0.0, 0.0, 0, 0
         self.metrics: dict[str, list[float]] = {}  # name -> [sum, count] on this process
 
-    def add(self, loss: float, grad_norm: float, metric_totals: dict[str, tuple[float, float]], micro_batches: int) -> None:
+    def add(self, loss: float, grad_norm: float, metric_totals: dict[str, tuple[float, float]],
+            micro_batches: int) -> None:
         self.loss += loss
         self.grad_norm += grad_norm
         self.steps += 1
@@ -68,3 +70,29 @@ class Window:
         window.metrics = {k: v if isinstance(v, list) else [v, float(window.micro_batches)]
                           for k, v in window.metrics.items()}
         return window
+
+
+@dataclass
+class Done:
+    """What the training loop has done so far: the open logging window, the last log row, the last eval metrics."""
+
+    window: Window
+    logs: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {**self.logs, **self.eval}
+
+
+@dataclass
+class Prepared:
+    """What Engine.setup() made for the loop: model, optimizer and loaders prepared by accelerate, the learning-rate
+    schedule, and the logging window to continue (a resumed run's, else empty)."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_dl: Any
+    eval_dl: Any
+    window: Window

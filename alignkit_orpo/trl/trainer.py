@@ -78,6 +78,7 @@ class ORPOTrainer(V0152Methods, TrainerSurface):
                              train_dataset=train_dataset, eval_dataset=eval_dataset, schedule=self._flow,
                              optimizer=self.create_optimizer,
                              lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps, opt))
+        self.engine.load()  # TRL's trainer has its model, tokenizer and formatter from the start
         self.model, self.processing_class = self.engine.model, self.engine.tokenizer
         self.callback_handler.model = self.model
         self.loss, self.formatter = self.engine.loss, self.engine.formatter

@@ -69,13 +69,13 @@ def test_resumed_run_equals_uninterrupted(tmp_path, accumulation):
 
 def test_gradient_does_not_depend_on_the_accumulation_split(pm, tmp_path):
     cfg, method = load_config("orpo", fast(tmp_path), plugins=pm)
-    engine = Engine(cfg, method, pm)
-    data = engine._datasets(need_train=True)["train"]
+    engine = Engine(cfg, method, pm).load()
+    data = engine.data.formatted(need_train=True)["train"]
     feats = [data[i] for i in range(4)]
     grads = []
     for split in ([feats], [[f] for f in feats], [feats[:1], feats[1:]]):
         engine.model.zero_grad()
-        loss, _ = engine._accumulate_gradients(engine.model, [engine.formatter.collate(f) for f in split])
+        loss, _ = engine.accumulate_gradients(engine.model, [engine.formatter.collate(f) for f in split])
         grads.append((loss.item(), [p.grad.clone() for p in engine.model.parameters()]))
     (loss_1x4, g_1x4), *others = grads
     for loss, g in others:
@@ -195,12 +195,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(pm, tmp_path):
     grads = []
     for checkpointing in (False, True):
         cfg, method = load_config("orpo", fast(tmp_path), plugins=pm)
-        engine = Engine(cfg, method, pm)
+        engine = Engine(cfg, method, pm).load()
         if checkpointing:
             engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         engine.model.train()
-        data = engine._datasets(need_train=True)["train"]
-        engine._accumulate_gradients(engine.model, [engine.formatter.collate([data[i] for i in range(4)])])
+        data = engine.data.formatted(need_train=True)["train"]
+        engine.accumulate_gradients(engine.model, [engine.formatter.collate([data[i] for i in range(4)])])
         grads.append([p.grad for p in engine.model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -246,7 +246,7 @@ def test_data_report_is_logged_once(pm, tmp_path, caplog):
 
 def test_tables_go_to_trackers_that_take_them(pm, tmp_path):
     cfg, method = load_config("orpo", fast(tmp_path), plugins=pm)
-    engine = Engine(cfg, method, pm)
+    engine = Engine(cfg, method, pm).load()
 
     class TableTracker:
         tables = []

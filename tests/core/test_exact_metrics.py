@@ -75,8 +75,8 @@ def float64_reference(tmp_path) -> tuple[float, float]:
     """Total NLL / total labelled tokens of the eval set, one example at a time in float64."""
     pm = toy_pm()
     cfg, method = load_config("toy", fast(tmp_path / "ref"), {"data.max_eval_samples": 10}, plugins=pm)
-    engine = Engine(cfg, method, pm)
-    data = engine._datasets(need_train=False)["eval"]
+    engine = Engine(cfg, method, pm).load()
+    data = engine.data.formatted(need_train=False)["eval"]
     nll, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(len(data)):

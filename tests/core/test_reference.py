@@ -42,7 +42,7 @@ def test_an_explicit_reference_is_that_model(tmp_path, peft):
         cfg, method = alignkit.load_config(name, fast(tmp_path / name, max_steps=1),
                                            {**extra, "model.ref_name_or_path": str(tmp_path / "ref"),
                                             "model.peft": peft}, plugins=pm)
-        engine = Engine(cfg, method, pm, model=tiny_model(seed=3))
+        engine = Engine(cfg, method, pm, model=tiny_model(seed=3)).load()
         assert engine.reference.model is not None, name
         ref = engine.accelerator.unwrap_model(engine.reference.model)
         assert torch.equal(ref.state_dict()[KEY], want), name
@@ -56,7 +56,7 @@ def test_reference_outputs_with_lora_are_the_explicit_models(tmp_path, name):
     cfg, method = alignkit.load_config(name, fast(tmp_path, max_steps=1),
                                        {"model.ref_name_or_path": str(tmp_path / "ref"), "model.peft": LORA},
                                        plugins=pm)
-    engine = Engine(cfg, method, pm, model=tiny_model(seed=3))
+    engine = Engine(cfg, method, pm, model=tiny_model(seed=3)).load()
     data = engine.data.formatted(True)["train"]
     batch = engine.formatter.collate([data[i] for i in range(4)])
     got = engine.reference(engine.model, dict(batch))

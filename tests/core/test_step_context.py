@@ -100,7 +100,7 @@ def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(t
     pm = plugin_manager(alignkit_orpo, RefPlugin())
     cfg, method = load_config("toy-ref", fast(tmp_path, max_steps=1), {"data.train": "builtin:toy-sort"}, plugins=pm)
     engine = Engine(cfg, method, pm)
-    assert engine._lockstep()
+    assert engine.lockstep
     metrics = engine.train()
     assert seen and True in seen and False in seen and metrics["eval_reduced"] == 1.0
 

@@ -316,10 +316,10 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
 
     cfg, method = alignkit.load_config("kto", fast(tmp_path, max_steps=2, learning_rate=1e-2),
                                        {"model.peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}, plugins=pm())
-    engine = Engine(cfg, method, pm(), model=tiny_model(seed=3))
+    engine = Engine(cfg, method, pm(), model=tiny_model(seed=3)).load()
     assert engine.reference.model is None  # no second copy
     engine.train()
-    data = engine._datasets(need_train=True)["train"]
+    data = engine.data.formatted(need_train=True)["train"]
     batch = engine.formatter.collate([data[i] for i in range(4)])
     ref = engine.reference(engine.model, dict(batch))
     base = engine.loss.reference(tiny_model(seed=3), batch)

@@ -132,7 +132,7 @@ def test_dpo_reference_from_another_model(pm, tmp_path):
     tiny_model(seed=9).save_pretrained(tmp_path / "ref")
     cfg, method = alignkit.load_config("dpo", fast(tmp_path, max_steps=1), {"model.ref_name_or_path": str(tmp_path / "ref")},
                                        plugins=pm)
-    engine = Engine(cfg, method, pm, model=tiny_model(seed=3))
+    engine = Engine(cfg, method, pm, model=tiny_model(seed=3)).load()
     key = "model.embed_tokens.weight"
     assert torch.equal(engine.reference.model.state_dict()[key], tiny_model(seed=9).state_dict()[key])
     assert not torch.equal(engine.model.state_dict()[key], tiny_model(seed=9).state_dict()[key])
@@ -154,10 +154,10 @@ def test_precomputed_reference_gives_the_same_run(pm, tmp_path):
 def test_dpo_with_lora_uses_the_policy_with_adapters_disabled(pm, tmp_path):
     cfg, method = alignkit.load_config("dpo", fast(tmp_path, max_steps=2, learning_rate=1e-2),
                                        {"model.peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}, plugins=pm)
-    engine = Engine(cfg, method, pm, model=tiny_model(seed=3))
+    engine = Engine(cfg, method, pm, model=tiny_model(seed=3)).load()
     assert engine.reference.model is None  # no second copy
     engine.train()
-    data = engine._datasets(need_train=True)["train"]
+    data = engine.data.formatted(need_train=True)["train"]
     b = engine.formatter.collate([data[i] for i in range(2)])
     ref = engine.reference(engine.model, dict(b))
     base = engine.loss.reference(tiny_model(seed=3), b)
