@@ -97,7 +97,8 @@ def fused_terms(head: LMHead, hidden_BTH, targets_BT, select_BT, label_mask_BT, 
                 for acc, grad in zip(d_params, grads[1:]):
                     if grad is not None:
                         acc += grad
-        values = torch.stack([at_least_fp32(torch.as_tensor(sums[k], device=lp.device)) for k in keys]) if keys else None
+        values = torch.stack([at_least_fp32(torch.as_tensor(sums[k], device=lp.device))
+                              for k in keys]) if keys else None
         stats = RowLogps(logps=logps, tokens=static["tokens"], nll=nll, nll_tokens=static["nll_tokens"],
                          logits_sum=logits_sum, last_logits_sum=last_B, positions=positions, vocab=vocab)
         return values, stats, d_hidden, d_params

@@ -65,7 +65,8 @@ class RowLogps:
         return self._map(lambda t: t[index])
 
     def _map(self, fn) -> "RowLogps":
-        return RowLogps(**{f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name not in ("positions", "vocab")},
+        return RowLogps(**{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                           if f.name not in ("positions", "vocab")},
                         positions=self.positions, vocab=self.vocab)
 
     def detach(self) -> "RowLogps":
@@ -180,7 +181,8 @@ class SequenceScorer:
         if id(head) not in self._checked:
             if not check_head(head, outputs):
                 raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+                                  "its logits (a logit transform alignkit does not know?); set "
+                                  "method.loss_implementation=plain")
             self._checked.add(id(head))
         labels_BT = batch["labels"][:, 1:]
         label_mask_BT = labels_BT != self.ignore
@@ -202,7 +204,8 @@ class SequenceScorer:
             dtype = next(model.parameters()).dtype
             shared = share_rows(ids, mask, dtype if dtype.is_floating_point else torch.float32)
             outputs = model(input_ids=shared.input_ids, attention_mask=shared.attention_mask,
-                            position_ids=shared.position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+                            position_ids=shared.position_ids, output_hidden_states=True, logits_to_keep=1,
+                            use_cache=False)
             return outputs, shared.unshare(outputs.hidden_states[-1])
         return final_hidden_states(model, ids, mask, padding_free=self.padding_free, **extra)
 
@@ -316,7 +319,8 @@ class TokenScorer:
         if id(head) not in self._checked:
             if not check_head(head, outputs):
                 raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+                                  "its logits (a logit transform alignkit does not know?); set "
+                                  "method.loss_implementation=plain")
             self._checked.add(id(head))
         hidden_NH = outputs.hidden_states[-1][:, :-1][select_BT]
         entropy_stats = _with_entropy(stats)

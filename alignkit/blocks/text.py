@@ -24,7 +24,8 @@ def check_messages(column: str, messages: list[dict]) -> None:
     for i, m in enumerate(messages):
         for key in ("role", "content"):
             if key not in m or m[key] is None:
-                raise DataError(f"'{column}' message {i} has no '{key}' (it has {', '.join(map(repr, sorted(m))) or 'no keys'})")
+                raise DataError(f"'{column}' message {i} has no '{key}' (it has "
+                                f"{', '.join(map(repr, sorted(m))) or 'no keys'})")
             if not isinstance(m[key], str):
                 raise DataError(f"'{column}' message {i}: '{key}' must be a string, got {type(m[key]).__name__} "
                                 f"{str(m[key])[:40]!r}")

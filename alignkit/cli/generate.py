@@ -217,7 +217,8 @@ def _room(model, prompt_len: int, sampling: Sampling) -> int:
                           f"(max_position_embeddings): shorten the prompt (in a chat, /clear starts over)")
     if sampling.max_new_tokens > room and not sampling.cut_noticed:
         sampling.cut_noticed = True
-        log.warning("note: --max-new-tokens %d cut to %d: the model's context holds %d tokens (max_position_embeddings) "
+        log.warning("note: --max-new-tokens %d cut to %d: the model's context holds %d tokens "
+                    "(max_position_embeddings) "
                     "and the prompt takes %d", sampling.max_new_tokens, room, context, prompt_len)
     return min(sampling.max_new_tokens, room)
 

@@ -78,7 +78,8 @@ class Lock:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError(f"{key}: {folder} is in use by a running alignkit process, {_describe(_holder(path))}; "
+                raise ConfigError(f"{key}: {folder} is in use by a running alignkit process, "
+                                  f"{_describe(_holder(path))}; "
                                   "wait for it to end or choose another output_dir") from None
             fcntl.flock(f, fcntl.LOCK_UN)
 

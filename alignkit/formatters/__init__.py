@@ -53,7 +53,8 @@ def register_datasets(register):
 
 
 __all__ = [
-    "FORMATTERS", "LanguageModelingFormatter", "PreferenceDataConfig", "PreferenceFormatter", "PromptCompletionFormatter", "PromptOnlyDataConfig",
+    "FORMATTERS", "LanguageModelingFormatter", "PreferenceDataConfig", "PreferenceFormatter",
+    "PromptCompletionFormatter", "PromptOnlyDataConfig",
     "PromptOnlyFormatter", "SequenceDataConfig", "SequenceFormatter", "TokenDataConfig", "UnpairedDataConfig",
     "UnpairedPreferenceFormatter", "prompt_completion_ids",
 ]

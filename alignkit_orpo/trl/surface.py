@@ -25,7 +25,8 @@ class TrainerSurface:
 
         if not name.startswith("_") and hasattr(Trainer, name):
             raise AttributeError(f"ORPOTrainer.{name}: transformers.Trainer's {name} is not offered by alignkit's "
-                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the surface)")
+                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the "
+                                 "surface)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -77,7 +77,8 @@ class ORPOTrainer(V0152Methods, TrainerSurface):
         self.engine = Engine(self.config, method, self.pm, model=model, tokenizer=processing_class,
                              train_dataset=train_dataset, eval_dataset=eval_dataset, schedule=self._flow,
                              optimizer=self.create_optimizer,
-                             lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps, opt))
+                             lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps,
+                                                                                                opt))
         self.engine.load()  # TRL's trainer has its model, tokenizer and formatter from the start
         self.model, self.processing_class = self.engine.model, self.engine.tokenizer
         self.callback_handler.model = self.model

@@ -101,5 +101,6 @@ def test_a_loader_that_returns_no_dataset_is_named():
             register("broken", lambda split: [{"prompt": "x"}])
 
     builtins = build_registry(plugin_manager(Broken())).datasets
-    with pytest.raises(DataError, match="^builtin:broken: the loader registered by .* returned list, not a datasets.Dataset$"):
+    with pytest.raises(DataError,
+                       match="^builtin:broken: the loader registered by .* returned list, not a datasets.Dataset$"):
         load_data("builtin:broken", "train", builtins)

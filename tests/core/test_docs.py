@@ -75,7 +75,8 @@ def test_writing_a_method_guide_runs(tmp_path, tok):
     config = SequenceDataConfig(name="t", max_length=12)
     row = {"question": "sort: 2 1", "answer": "1 2"}
     core = PromptCompletionFormatter(config, tok).format({"prompt": [{"role": "user", "content": row["question"]}],
-                                                         "completion": [{"role": "assistant", "content": row["answer"]}]})
+                                                         "completion": [{"role": "assistant",
+                                                                         "content": row["answer"]}]})
     ours = own["QuestionAnswerFormatter"](config, tok).format(row)
     assert ours.features == core.features and ours.truncated == core.truncated
 

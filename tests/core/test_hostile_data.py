@@ -15,7 +15,8 @@ ANSWER = [{"role": "assistant", "content": "1 2"}]
 
 
 def run_args(tmp_path, method, *extra):
-    return ["run", "-m", method, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", "data.max_train_samples=8",
+    return ["run", "-m", method, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1",
+            "data.max_train_samples=8",
             "data.max_eval_samples=4", "train.save_steps=null", "train.plots=false", "train.disable_tqdm=true",
             "train.eval_on_start=false", "train.eval_steps=null", *extra]
 

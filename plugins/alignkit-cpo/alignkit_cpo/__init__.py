@@ -12,7 +12,8 @@ from alignkit.blocks.logps import LogpsOptions, SequenceScorer, count_weights
 class CPOConfig(LogpsOptions):
     name: str = "cpo"
     beta: float = Field(0.1, gt=0, description="Temperature of the preference term.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5,
+                                   description="Assumed probability that a preference label is flipped.")
     cpo_alpha: float = Field(1.0, ge=0, description="Weight of the NLL on the chosen completions.")
 
 
@@ -41,7 +42,8 @@ class CPOLoss(alignkit.Loss):
             losses = -F.logsigmoid(beta * margin) * (1 - smoothing) - F.logsigmoid(-beta * margin) * smoothing
             return {"pairs": losses.sum(), "chosen_tokens": alpha * -s.logps[:m].sum()}
 
-        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2, weights=count_weights(self.counts(batch), ctx))
+        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2,
+                                   weights=count_weights(self.counts(batch), ctx))
         n = len(s.logps) // 2
         with torch.no_grad():
             chosen, rejected = s.logps[:n], s.logps[n:]
@@ -62,8 +64,10 @@ DEMO_DEFAULTS = demo_defaults()
 @alignkit.hookimpl
 def register_methods(register):
     register(alignkit.Method(name="cpo", config=CPOConfig, formatter="preference", loss=CPOLoss,
-                             description="Contrastive Preference Optimization: sigmoid preference loss plus NLL, no reference.",
+                             description="Contrastive Preference Optimization: sigmoid preference loss plus NLL, no "
+                             "reference.",
                              defaults={"train.learning_rate": 1e-6},
                              demo_data="sort", demo_defaults=DEMO_DEFAULTS, progress_metrics=("rewards/accuracies",),
                              citation="@article{xu2024cpo, title={Contrastive Preference Optimization: Pushing the "
-                                      "Boundaries of LLM Performance in Machine Translation}, journal={arXiv:2401.08417}, year={2024}}"))
+                                      "Boundaries of LLM Performance in Machine Translation}, "
+                                      "journal={arXiv:2401.08417}, year={2024}}"))

@@ -107,7 +107,8 @@ class KTOLoss(Loss):
                         use_cache=False)
         if not check_head(head, out):
             raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                              "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
+                              "its logits (a logit transform alignkit does not know?); set "
+                              "method.loss_implementation=plain")
         self._checked.add(id(head))
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,7 +133,8 @@ class KTOLoss(Loss):
         with torch.no_grad():
             rewards = c.beta * (policy.logps.detach() - ref["logps"].to(policy.logps))
             summed = torch.cat([kl_sum, _reduce_sum(ctx, torch.stack([
-                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(), (~desirable).sum().float()]))])
+                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(),
+                (~desirable).sum().float()]))])
         return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
 
     def _kl(self, model, batch, ref: dict, ctx) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,10 @@ class SimPOConfig(LogpsOptions):
     name: str = "simpo"
     beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward.")
     simpo_gamma: float = Field(0.5, ge=0, description="Target reward margin gamma.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped.")
-    cpo_alpha: float = Field(0.0, ge=0, description="Weight of an NLL on the chosen completions (0: none, as in the paper).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5,
+                                   description="Assumed probability that a preference label is flipped.")
+    cpo_alpha: float = Field(0.0, ge=0,
+                             description="Weight of an NLL on the chosen completions (0: none, as in the paper).")
 
 
 class SimPOLoss(alignkit.Loss):
@@ -47,7 +49,8 @@ class SimPOLoss(alignkit.Loss):
                 out["chosen_tokens"] = c.cpo_alpha * -s.logps[:m].sum()
             return out
 
-        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2, weights=count_weights(self.counts(batch), ctx))
+        s, _, summed = self.scorer(model, batch, terms=terms, group_size=2,
+                                   weights=count_weights(self.counts(batch), ctx))
         n = len(s.logps) // 2
         with torch.no_grad():
             mean_logps = s.logps / s.tokens
@@ -71,7 +74,8 @@ DEMO_DEFAULTS = demo_defaults()
 @alignkit.hookimpl
 def register_methods(register):
     register(alignkit.Method(name="simpo", config=SimPOConfig, formatter="preference", loss=SimPOLoss,
-                             description="Simple Preference Optimization: length-normalised rewards with a margin, no reference.",
+                             description="Simple Preference Optimization: length-normalised rewards with a margin, no "
+                             "reference.",
                              defaults={"train.learning_rate": 1e-6},
                              demo_data="sort", demo_defaults=DEMO_DEFAULTS, progress_metrics=("rewards/accuracies",),
                              citation="@article{meng2024simpo, title={SimPO: Simple Preference Optimization with a "

@@ -29,7 +29,8 @@ def ragged_batch(pairs: int = 3, seed: int = 1) -> dict:
     width = max(len(r) for r in rows)
     ids = torch.stack([torch.cat([r, torch.zeros(width - len(r), dtype=torch.long)]) for r in rows])
     lab = torch.stack([torch.cat([r, torch.full((width - len(r),), -100)]) for r in labels])
-    return {"input_ids": ids, "attention_mask": (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
+    return {"input_ids": ids,
+            "attention_mask": (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
             "labels": lab}
 
 
@@ -95,7 +96,8 @@ def test_chunked_equals_plain_with_lora(targets):
 
     base = tiny_model(tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))
     b = ragged_batch()
     chunked = run(model, [b], logits_chunk_size=4)
     assert type(chunked[0].head.module) is not torch.nn.Linear or "lm_head" not in targets
