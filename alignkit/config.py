@@ -173,7 +173,8 @@ class TrainConfig(Section):
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
     fp16: bool = Field(False, description="float16 mixed precision (GPU only).")
     use_cpu: bool = Field(False, description="Train on the CPU even when an accelerator is present.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = Field(False,
+                                         description="Recompute activations in the backward pass to save memory.")
     report_to: list[str] = Field(default_factory=list,
                                  description=f"Trackers through accelerate: {', '.join(TRACKERS)}.")
     run_name: str | None = Field(None, description="Run name for trackers; default: the output_dir's name.")
@@ -194,7 +195,8 @@ class TrainConfig(Section):
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
         if v not in SCHEDULERS:
-            raise ValueError(f"unknown schedule {v!r}{did_you_mean(v, SCHEDULERS)}; choose from {', '.join(SCHEDULERS)}")
+            raise ValueError(f"unknown schedule {v!r}{did_you_mean(v, SCHEDULERS)}; "
+                             f"choose from {', '.join(SCHEDULERS)}")
         return v
 
     @field_validator("optim")

@@ -218,8 +218,7 @@ def main() -> None:
         f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl "
         f"{trl.__version__}.  ",
         "Models: tiny random Llamas with the built-in tokenizer: the policy (alignkit.testing.tiny_model(seed=11)) "
-        "and "
-        f"the reference (seed 12, `model.ref_name_or_path` / TRL's `ref_model`); for *-lora the policy is the "
+        f"and the reference (seed 12, `model.ref_name_or_path` / TRL's `ref_model`); for *-lora the policy is the "
         f"reference plus a LoRA adapter with random non-zero weights, and the reference is that policy with its "
         f"adapters disabled (alignkit) / the base model given as `ref_model` (TRL). Data: {LISTS} digit lists of the "
         f"sort-kto demo, unpaired ({2 * LISTS} examples), paired and conversational; one eval batch holding every "

@@ -49,7 +49,8 @@ def fused_terms(head: LMHead, hidden_BTH, targets_BT, select_BT, label_mask_BT, 
     def run(factors: dict[str, float]):
         """Terms, per-row stats and the gradients of sum_k factors[k] * term_k, chunk by chunk."""
         sums = {k: 0.0 for k in keys}
-        logps, nll = static["tokens"].new_zeros(rows, dtype=torch.float32), static["tokens"].new_zeros(rows, dtype=torch.float32)
+        logps, nll = (static["tokens"].new_zeros(rows, dtype=torch.float32),
+                      static["tokens"].new_zeros(rows, dtype=torch.float32))
         logits_sum = static["logits_sum"].clone()
         d_hidden = torch.zeros_like(hidden_NH)
         d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]

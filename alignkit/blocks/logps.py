@@ -226,7 +226,8 @@ class SequenceScorer:
             return logps_BTV.gather(-1, targets_BT.masked_fill(~mask, 0)[..., None]).squeeze(-1) * mask, mask
 
         logps_BT, label_mask_BT = gather(batch["labels"])
-        nll_logps_BT, nll_mask_BT = gather(nll_targets) if nll_targets is not None else (logps_BT, label_mask_BT & False)
+        nll_logps_BT, nll_mask_BT = (gather(nll_targets) if nll_targets is not None
+                                     else (logps_BT, label_mask_BT & False))
         with torch.no_grad():
             sums_BT = at_least_fp32(scored).sum(-1)
             last = at_least_fp32(logits_BTV[:, -1]).sum(-1) if not seq2seq else sums_BT.new_zeros(len(sums_BT))

@@ -40,7 +40,8 @@ def column(example: dict[str, Any], name: str, expected: str = "") -> Any:
         raise DataError(f"missing column '{name}'{'; ' + expected if expected else ''}{row_has(example)}")
     value = example[name]
     if value is None or not (isinstance(value, str) or is_conversation(value)):
-        raise DataError(f"'{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
+        raise DataError(f"'{name}' must be a string or a list of {{role, content}} messages, "
+                        f"got {type(value).__name__}")
     if value == "":
         raise DataError(f"'{name}' is an empty string")
     if not isinstance(value, str):

@@ -97,7 +97,8 @@ def _load_adapter(path: Path, tokenizer, dtype: str):
         try:
             seed = yaml.safe_load((path / "config.yaml").read_text())["train"]["seed"]
         except (OSError, yaml.YAMLError, KeyError, TypeError):
-            raise ConfigError(f"--model {path}: an adapter on {base} needs the run's config.yaml (train.seed)") from None
+            raise ConfigError(f"--model {path}: an adapter on {base} needs the run's config.yaml "
+                              "(train.seed)") from None
     try:
         model = load_model(ModelConfig(name_or_path=base, dtype=dtype), tokenizer, seed=seed)
     except ConfigError as e:

@@ -199,7 +199,8 @@ def load(accelerator: Accelerator, path: Path, scheduler) -> dict:
         return json.loads((path / STATE_FILE).read_text())
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"train.resume_from_checkpoint: {path} cannot be loaded: {type(e).__name__}: {first}") from None
+        raise ConfigError(f"train.resume_from_checkpoint: {path} cannot be loaded: "
+                          f"{type(e).__name__}: {first}") from None
 
 
 _SHARED = re.compile(r"Removed shared tensor (\{.*?\}) while saving")

@@ -130,7 +130,8 @@ def _load_failure(what: str, name: str, e: Exception) -> str:
     if "trust_remote_code" in str(e):
         return f"model.name_or_path: {name} needs custom code; set model.trust_remote_code=true only if you trust it"
     if not Path(name).exists():
-        return f"model.name_or_path: {name}: no such local folder, and the Hugging Face hub did not provide it ({first})"
+        return (f"model.name_or_path: {name}: no such local folder, and the Hugging Face hub did not provide it "
+                f"({first})")
     return f"model.name_or_path: cannot load the {what} from {name}: {first}"
 
 

@@ -35,7 +35,8 @@ def validate_method(config, method) -> None:
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(f"method {method.name}: {str(e).strip().splitlines()[0] if str(e).strip() else 'invalid'}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise ConfigError(f"method {method.name}: {first}") from None
 
 
 def check_model(config, model, tokenizer) -> None:
@@ -46,8 +47,7 @@ def check_model(config, model, tokenizer) -> None:
         if not all(finite):
             name = named[finite.index(False)][0]
             raise ConfigError(f"model.name_or_path: {config.model.name_or_path}: parameter {name} holds NaN/inf "
-                              "values; "
-                              "the input model is damaged (train from a checkpoint with finite weights)")
+                              "values; the input model is damaged (train from a checkpoint with finite weights)")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and rows < len(tokenizer):
@@ -105,5 +105,4 @@ def check_update(model, accelerator, step: int, loss: float, grad_norm: float) -
     bad = next((n for n, p in named if not torch.isfinite(p.detach()).all()), "a parameter on another process")
     raise NonFiniteError(f"step {step}: the update made {bad} NaN/inf although the loss ({loss:.6g}) and gradient norm "
                          f"({grad_norm:.6g}) were finite; nothing more is saved, the last checkpoint stays valid. "
-                         "Lower "
-                         "train.learning_rate, or train float32 weights")
+                         "Lower train.learning_rate, or train float32 weights")

@@ -15,12 +15,14 @@ class TokenDataConfig(MethodConfig):
     truncation_mode: Literal["keep_start", "keep_end"] = Field(
         "keep_start", description="Which end of an over-long example to keep.")
     label_pad_token_id: int = Field(-100, description="Label value that takes no loss.")
-    padding_value: int | None = Field(None, description="Pad id for input ids; null means the tokenizer's pad_token_id.")
+    padding_value: int | None = Field(None,
+                                      description="Pad id for input ids; null means the tokenizer's pad_token_id.")
     dataset_num_proc: int | None = Field(None, gt=0, description="Processes for dataset preprocessing.")
 
 
 class SequenceDataConfig(TokenDataConfig):
-    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x's rules)."""
+    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x's
+    rules)."""
 
     dataset_text_field: str = Field("text", description="Column holding the text of standard language-modeling rows.")
     completion_only_loss: bool | None = Field(
@@ -68,7 +70,8 @@ class PreferenceDataConfig(MethodConfig):
     truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end",
                                                                description="Which end of an over-long prompt to keep.")
     label_pad_token_id: int = Field(-100, description="Label value that takes no loss.")
-    padding_value: int | None = Field(None, description="Pad id for input ids; null means the tokenizer's pad_token_id.")
+    padding_value: int | None = Field(None,
+                                      description="Pad id for input ids; null means the tokenizer's pad_token_id.")
     dataset_num_proc: int | None = Field(None, gt=0, description="Processes for dataset preprocessing.")
     is_encoder_decoder: bool | None = Field(None, description="Format for an encoder-decoder model; null: read it from "
                                             "the model's config.")

@@ -139,7 +139,8 @@ class TrainerSurface:
                 ignore_patterns=["checkpoint-*", "checkpoints/*", "*.lock", ".*"])
         except Exception as e:
             raise ConnectionError(f"push_to_hub: uploading {self.args.output_dir} to {repo_id} failed "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+                                  ) from None
         return str(getattr(info, "commit_url", info))
 
     def hyperparameter_search(self, *args, **kwargs):

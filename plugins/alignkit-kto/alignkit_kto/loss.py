@@ -157,8 +157,9 @@ class KTOLoss(Loss):
         return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
 
     def _fused(self, model, head: LMHead, batch, ref: dict, desirable, kl) -> tuple[torch.Tensor, CompletionStats]:
-        """(the summed loss, the policy's completion stats) on the fused head (alignkit.blocks.fusedhead.fused_row_terms):
-        whole rows chunk by chunk, each chunk's head gradients computed in the forward."""
+        """(the summed loss, the policy's completion stats) on the fused head
+        (alignkit.blocks.fusedhead.fused_row_terms): whole rows chunk by chunk, each chunk's head gradients computed in
+        the forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         self._check(model, head, ids, mask)
         _, hidden_BTH = final_hidden_states(model, ids, mask)

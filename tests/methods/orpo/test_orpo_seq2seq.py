@@ -27,8 +27,8 @@ def tiny_t5():
 def reference(model, tok, rows, batch_size, beta, max_prompt, max_completion):
     """TRL v0.15.2's encoder-decoder ORPO, written out in float64."""
     model = copy.deepcopy(model).double().eval()
-    # noqa: E731
-    enc = lambda text, cap: tok(text, truncation=True, max_length=cap, add_special_tokens=True)["input_ids"]
+    enc = lambda text, cap: tok(text, truncation=True, max_length=cap,  # noqa: E731
+                                add_special_tokens=True)["input_ids"]
     per_batch = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
