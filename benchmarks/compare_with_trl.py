@@ -1,7 +1,8 @@
 """alignkit's ORPO eval metrics against TRL's ORPOTrainer.evaluate() on the same model and data.
 
 TRL v0.15.2 needs transformers 4.x, so it runs in its own environment:
-    python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.15.2 transformers==4.49.0 "accelerate<1.5" "datasets<4"
+    python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.15.2 transformers==4.49.0 \\
+        "accelerate<1.5" "datasets<4"
     python benchmarks/compare_with_trl.py --trl-python /tmp/trl/bin/python
 Writes benchmarks/trl-parity.md. Both sides run in float32 on the CPU.
 """

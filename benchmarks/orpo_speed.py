@@ -258,7 +258,8 @@ def fmt(value, spec: str) -> str:
 
 def table(results: list[dict]) -> list[str]:
     lines = ["| vocab | seq | pairs | grad ckpt | s/step alignkit | s/step TRL | time ratio | tokens/s alignkit | "
-             "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | first losses TRL |",
+             "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | "
+             "first losses TRL |",
              "|" + "---|" * 14]
     for r in results:
         c, a, t = r["case"], r["alignkit"], r.get("trl", {"status": "not run"})

@@ -75,7 +75,8 @@ def main() -> None:
     rss, disk = figures["rss_mb"], figures["disk_mb"]
     lines = [
         "# Soak: 2,000 steps with eval and checkpoints every 100, save_total_limit 2", "",
-        "Command: `python benchmarks/soak.py` (the slow test `pytest -m slow tests/core/test_soak.py` runs the same).  ",
+        "Command: `python benchmarks/soak.py` (the slow test `pytest -m slow tests/core/test_soak.py` runs the "
+        "same).  ",
         f"Date: {datetime.date.today()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
         f"python {platform.python_version()}.  ",
         f"Wall time: {figures['seconds']:.0f} s; final eval_loss {figures['final_eval_loss']:.4f}; checkpoints left: "

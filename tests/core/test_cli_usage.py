@@ -62,7 +62,8 @@ def test_plot_draws_one_panel_per_metric_family_with_train_and_eval(tmp_path):
 def test_plot_errors_name_the_file(tmp_path):
     result = CliRunner().invoke(cli, ["plot", str(tmp_path)])
     assert result.exit_code == 2
-    assert result.output.strip() == f"alignkit: error: {tmp_path / 'metrics.jsonl'}: no such file; give the output_dir of an alignkit run"
+    assert result.output.strip() == (f"alignkit: error: {tmp_path / 'metrics.jsonl'}: no such file; give the "
+                                     "output_dir of an alignkit run")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2,\n')
     result = CliRunner().invoke(cli, ["plot", str(tmp_path)])  # a torn line (a crash mid-write) is skipped, counted
     assert result.exit_code == 0

@@ -112,7 +112,8 @@ def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.delenv("ALIGNKIT_LOAD_PLUGINS", raising=False)
     pm = get_plugin_manager()  # installed plugins, as the CLI sees them (CI installs plugins/*)
     first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("# ") and "alignkit run" in first_line and str(path.relative_to(path.parents[1])) in first_line
+    assert (first_line.startswith("# ") and "alignkit run" in first_line
+            and str(path.relative_to(path.parents[1])) in first_line)
     raw = yaml.safe_load(path.read_text())
     cfg, _ = load_config(None, path, plugins=pm)
     assert cfg.method.name == raw["method"]["name"]

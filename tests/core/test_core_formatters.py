@@ -106,7 +106,8 @@ def test_unpaired_rows_and_kl_rotation_within_groups(tok):
     assert [r["label"] for r in out] == [True, False, True, False, True]
     batch = make(UnpairedPreferenceFormatter, tok).collate(out[:2])
     assert batch["label"].tolist() == [True, False] and batch["KL_input_ids"].shape[0] == 2
-    assert (batch["labels"][0] == -100).sum() == len(out[0]["prompt_input_ids"]) + batch["labels"].shape[1] - len(out[0]["completion_labels"])
+    assert (batch["labels"][0] == -100).sum() == (len(out[0]["prompt_input_ids"]) + batch["labels"].shape[1]
+                                                  - len(out[0]["completion_labels"]))
 
 
 def test_implicit_prompt_paired_rows_are_unpaired(tok):
@@ -211,7 +212,8 @@ def test_formatter_fingerprint_covers_the_blocks_it_uses():
 
     for cls in (SequenceFormatter, UnpairedPreferenceFormatter, PromptOnlyFormatter, PreferenceFormatter):
         sources = class_sources(cls)
-        assert inspect.getsource(alignkit.blocks.tokens) in sources and inspect.getsource(alignkit.blocks.text) in sources
+        assert (inspect.getsource(alignkit.blocks.tokens) in sources
+                and inspect.getsource(alignkit.blocks.text) in sources)
 
 
 def test_unpaired_order_follows_trl_when_a_chosen_example_is_dropped(tok):

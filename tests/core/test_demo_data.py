@@ -25,7 +25,8 @@ def test_a_method_trains_on_its_demo_data_with_its_demo_settings():
     real, _ = load_config("toy", {"model": {"name_or_path": "some/model"}}, plugins=pm)
     assert real.data.train == "builtin:toy-sort" and real.train.learning_rate == 5e-5  # no demo settings
     theirs, _ = load_config("toy", {"data": {"train": "builtin:sort-chat"}}, plugins=pm)
-    assert theirs.data.train == "builtin:sort-chat" and theirs.train.learning_rate == DEMO_DEFAULTS["train.learning_rate"]
+    assert (theirs.data.train == "builtin:sort-chat"
+            and theirs.train.learning_rate == DEMO_DEFAULTS["train.learning_rate"])
 
 
 def test_a_method_without_demo_data_needs_data_train_before_anything_is_written(tmp_path):

@@ -100,7 +100,8 @@ def test_every_readme_figure_is_rendered_from_the_results_file():
             assert result["timing"]["command"].endswith(result["command"]) and result["timing"]["date"]
     assert {"machine", "threads"} <= set(figures)
     for name, (now, rendered) in readme_figures.rendered(figures).items():
-        assert now == rendered, f"{name} differs from docs/figures.json: run `python scripts/readme_figures.py --render`"
+        assert now == rendered, (f"{name} differs from docs/figures.json: "
+                                 "run `python scripts/readme_figures.py --render`")
     readmes = [ROOT / "README.md", *sorted((ROOT / "plugins").glob("*/README.md"))]
     assert {str(p.relative_to(ROOT)) for p in readmes} == set(readme_figures.BLOCKS)
 

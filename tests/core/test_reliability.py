@@ -311,5 +311,6 @@ def test_accelerate_config_files(tmp_path, name):
     for a, b in zip(rows_one, rows_two):
         key = "loss" if "loss" in a else "eval_loss"
         assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
-    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    wa, wb = (load_file(str(tmp_path / "one" / "model.safetensors")),
+              load_file(str(tmp_path / "two" / "model.safetensors")))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

@@ -139,8 +139,10 @@ def test_seed_methods(tok, tmp_path, dataset):
     assert answer["prompt_input_ids"] + answer["input_ids"] == tok(row["prompt"] + row["chosen"],
                                                                    add_special_tokens=False)["input_ids"]
     tokenized = t.tokenize_row(row)
-    assert tokenized["chosen_input_ids"][0] == tok.bos_token_id and tokenized["chosen_input_ids"][-1] == tok.eos_token_id
-    assert tokenized["chosen_labels"][: len(tokenized["prompt_input_ids"])] == [-100] * len(tokenized["prompt_input_ids"])
+    assert (tokenized["chosen_input_ids"][0] == tok.bos_token_id
+            and tokenized["chosen_input_ids"][-1] == tok.eos_token_id)
+    prompt_length = len(tokenized["prompt_input_ids"])
+    assert tokenized["chosen_labels"][:prompt_length] == [-100] * prompt_length
 
     rows = [t.tokenize_row(r) for r in ROWS[:2]]
     batch = {k: [r[k] for r in rows] for k in rows[0]}
@@ -299,7 +301,8 @@ def test_hf_argument_parser_reads_the_example_flags_without_warnings():
     assert overrides["train.optim"] == "rmsprop" and overrides["train.report_to"] == []
     lora = get_peft_config(model)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (16, 16, 0.05, "none")
-    assert get_peft_config(ModelConfig()) is None and ModelConfig(lora_target_modules=["q_proj"]).lora_target_modules == "q_proj"
+    assert (get_peft_config(ModelConfig()) is None
+            and ModelConfig(lora_target_modules=["q_proj"]).lora_target_modules == "q_proj")
 
 
 def test_epoch_strategies_and_the_best_model_at_the_end(tok, tmp_path, dataset):

@@ -70,7 +70,8 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     killed.wait()
     assert not (tmp_path / "run" / "model.safetensors").exists()
     cli(tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
+            load_file(str(tmp_path / "run" / "model.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert full[-1] == run[-1]
@@ -106,9 +107,11 @@ def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
     rows = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for first, second in (rows[0:2], rows[2:4]):  # the same completions and rewards, a moved policy
-        assert first["reward"] == second["reward"] and first["completions/mean_length"] == second["completions/mean_length"]
+        assert (first["reward"] == second["reward"]
+                and first["completions/mean_length"] == second["completions/mean_length"])
         assert first["kl"] != second["kl"]
-    assert rows[1]["reward"] != rows[2]["reward"] or rows[1]["completions/mean_length"] != rows[2]["completions/mean_length"]
+    assert (rows[1]["reward"] != rows[2]["reward"]
+            or rows[1]["completions/mean_length"] != rows[2]["completions/mean_length"])
     # checkpoints only between rollouts: after steps 2 and 4's rollout pairs, never mid-rollout
     assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
 

@@ -177,7 +177,8 @@ def test_rollout_samples_groups_scores_them_and_normalises_within_each_group(ite
     out = rollout.finish([rollout(prompt_batch(tok, rows), ctx=ctx)], ctx=ctx)[0]
     N = 8
     assert out["prompt_ids"].shape[0] == out["completion_ids"].shape[0] == N
-    assert out["prompt_ids"][0].tolist()[-len(tok(rows[0]["prompt"])["input_ids"]):] == tok(rows[0]["prompt"])["input_ids"]
+    prompt_ids = tok(rows[0]["prompt"])["input_ids"]
+    assert out["prompt_ids"][0].tolist()[-len(prompt_ids):] == prompt_ids
     texts = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
     for i, text in enumerate(texts):
         answer = rows[i // 4]["answer"]

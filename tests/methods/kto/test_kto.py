@@ -237,8 +237,9 @@ def test_paired_rows_become_two_examples_and_kl_pairs_rotate_in_trl_order():
         ("sort: 2 1 = 2 1</s>", False), ("sort: 4 3 = 4 3</s>", False)]
     for i, x in enumerate(examples):
         prev = examples[i - 1]
-        assert x["KL_completion_input_ids"] == x["prompt_input_ids"] + prev["completion_input_ids"][len(prev["prompt_input_ids"]):]
-        assert x["KL_completion_labels"][len(x["prompt_input_ids"]):] == prev["completion_labels"][len(prev["prompt_input_ids"]):]
+        prev_prompt = len(prev["prompt_input_ids"])
+        assert x["KL_completion_input_ids"] == x["prompt_input_ids"] + prev["completion_input_ids"][prev_prompt:]
+        assert x["KL_completion_labels"][len(x["prompt_input_ids"]):] == prev["completion_labels"][prev_prompt:]
 
 
 def test_unpaired_rows_and_bad_rows():
@@ -303,7 +304,8 @@ def test_paired_data_is_unpaired_and_trains(tmp_path):
     assert result.global_step == 2
     import math
 
-    assert math.isfinite(result.metrics["eval_rewards/chosen"]) and math.isfinite(result.metrics["eval_rewards/rejected"])
+    assert (math.isfinite(result.metrics["eval_rewards/chosen"])
+            and math.isfinite(result.metrics["eval_rewards/rejected"]))
 
 
 def test_precomputed_reference_gives_the_same_run(tmp_path):

@@ -180,7 +180,8 @@ def test_no_full_logits_are_kept_for_backward_and_the_head_runs_once(share):
         assert backward_reads(loss_implementation="plain")[0] >= rows * (width - 1) * vocab
     largest, calls = backward_reads(logits_chunk_size=64)  # whole pairs per chunk
     assert largest == 0
-    scored = int(((b["labels"][:, 1:] != -100) | ((b["attention_mask"][:, 1:] == 1) & (torch.arange(rows) < rows // 2)[:, None])).sum())
+    first_half = (torch.arange(rows) < rows // 2)[:, None]
+    scored = int(((b["labels"][:, 1:] != -100) | ((b["attention_mask"][:, 1:] == 1) & first_half)).sum())
     # the model's own head scores one position per row it runs (one per pair when shared); the split-off head
     # each scored position exactly once, plus check_head's one position per row the model ran
     ran = rows // 2 if share else rows

@@ -45,7 +45,8 @@ def test_generate_during_eval_writes_completions_and_leaves_training_unchanged(p
     without = alignkit.run("orpo", fast(tmp_path / "plain", max_steps=4, eval_steps=2), plugins=pm,
                            **{"method.max_length": 24, "method.max_prompt_length": 16})
     assert not (without.output_dir / "completions.jsonl").exists()
-    a, b = load_file(str(with_gen.output_dir / "model.safetensors")), load_file(str(without.output_dir / "model.safetensors"))
+    a, b = (load_file(str(with_gen.output_dir / "model.safetensors")),
+            load_file(str(without.output_dir / "model.safetensors")))
     assert all(torch.equal(a[k], b[k]) for k in a)  # sampling ran on a forked RNG
 
 

@@ -152,7 +152,8 @@ def test_template_rendering_the_prompt_differently_alone(tok):
     odd.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:\n{% endif %}")
     row = {"prompt": [chat("user", "hi")], "chosen": [chat("assistant", "yes")], "rejected": [chat("assistant", "no")]}
-    # alone: "user: hi\nassistant:\n"; in the conversation: "user: hi\nassistant: yes\n" -> shared "user: hi\nassistant:"
+    # alone: "user: hi\nassistant:\n"; in the conversation: "user: hi\nassistant: yes\n"
+    # -> shared "user: hi\nassistant:"
     assert formatter(odd).texts(row) == ("user: hi\nassistant:", " yes\n", " no\n")
 
 
