@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit import ConfigError, Loss, LossOutput
+from alignkit import Loss, LossOutput
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.fusedhead import fused_row_terms
-from alignkit.blocks.lmhead import LMHead, check_head, final_hidden_states
+from alignkit.blocks.lmhead import LMHead, final_hidden_states, require_head
 from alignkit.blocks.logps import TokenScorer, entropy_of
 from alignkit_kto.pairing import kl_pairs
 
@@ -105,11 +105,7 @@ class KTOLoss(Loss):
         with torch.no_grad():
             out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
                         use_cache=False)
-        if not check_head(head, out):
-            raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                              "its logits (a logit transform alignkit does not know?); set "
-                              "method.loss_implementation=plain")
-        self._checked.add(id(head))
+        require_head(head, out, self._checked)
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference log-probs of each completion and, for `kto`, of each example's KL pair."""
