@@ -159,6 +159,6 @@ def _eval_dir(cfg: RunConfig, method: Method, model_given: bool) -> Path:
         out = model_dir if own else Path(f"outputs/{method.name}-eval")
     beside_model = own and out.resolve() == model_dir.resolve()
     if not beside_model and any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
-        raise ConfigError(f"train.output_dir: {out} holds a training run; evaluation writes eval_results.json only beside "
-                          "the evaluated model or into a folder of its own: set train.output_dir")
+        raise ConfigError(f"train.output_dir: {out} holds a training run; evaluation writes eval_results.json only "
+                          "beside the evaluated model or into a folder of its own: set train.output_dir")
     return out

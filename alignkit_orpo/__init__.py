@@ -45,7 +45,8 @@ on_evaluate = generation.on_evaluate  # generate_during_eval, for the ORPO runs 
 
 
 #: the TRL-compatible names, from alignkit_orpo.trl, imported on first use (not by plugin discovery)
-TRL_NAMES = ("ORPOConfig", "ORPOTrainer", "ScriptArguments", "ModelConfig", "get_peft_config", "get_quantization_config",
+TRL_NAMES = ("ORPOConfig", "ORPOTrainer", "ScriptArguments", "ModelConfig", "get_peft_config",
+             "get_quantization_config",
              "get_kbit_device_map", "SIMPLE_CHAT_TEMPLATE")
 
 

@@ -17,9 +17,11 @@ class ORPOMethodConfig(PreferenceDataConfig):
     beta: float = Field(0.1, ge=0, description="Weight of the odds-ratio term (the paper's lambda, xfactlab's alpha).")
     disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the model.")
     generate_during_eval: bool = Field(
-        False, description="At each eval, sample completions for a few eval prompts into output_dir/completions.jsonl and table-capable trackers.")
+        False, description="At each eval, sample completions for a few eval prompts into output_dir/completions.jsonl "
+        "and table-capable trackers.")
     nll_scope: Literal["sequence", "completion"] = Field(
-        "sequence", description="Tokens the NLL term covers: the whole chosen sequence (TRL, paper) or its completion only.")
+        "sequence",
+        description="Tokens the NLL term covers: the whole chosen sequence (TRL, paper) or its completion only.")
     loss_implementation: Literal["chunked", "plain"] = Field(
         "chunked", description="chunked: the LM head runs only at scored positions, in checkpointed chunks, never "
         "holding all logits (less memory, same numbers); plain: the model's full logits, as TRL (for debugging).")

@@ -84,7 +84,8 @@ class ORPOLoss(Loss):
             return {"nll_tokens": s.nll[:m].sum(), "pairs": or_loss.sum()}
 
         s, aux, summed = self.scorer(model, batch, nll_targets, aux_loss=self.aux_loss_coef is not None,
-                                     terms=terms if fused else None, group_size=2, weights=count_weights(self.counts(batch), ctx))
+                                     terms=terms if fused else None, group_size=2,
+                                     weights=count_weights(self.counts(batch), ctx))
         seq_logps_B = s.logps / s.tokens
         # logits/* average every position [:, :-1] over the whole vocabulary
         logits_means = (s.rows(torch.arange(n)).logits_mean(), s.rows(torch.arange(n, 2 * n)).logits_mean())
@@ -100,7 +101,8 @@ class ORPOLoss(Loss):
             extra["decoder_input_ids"] = batch["decoder_input_ids"]
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
         logits_BTV = outputs.logits
-        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore, shift=not seq2seq)
+        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore,
+                                                        shift=not seq2seq)
         token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], ignore, shift=not seq2seq)
         seq_logps_B = token_logps_BT.sum(-1) / mask_BT.sum(-1)
         # logits/* average the positions that predict something: all but the last of a decoder-only row

@@ -49,7 +49,8 @@ def fused_terms(head: LMHead, hidden_BTH, targets_BT, select_BT, label_mask_BT, 
     def run(factors: dict[str, float]):
         """Terms, per-row stats and the gradients of sum_k factors[k] * term_k, chunk by chunk."""
         sums = {k: 0.0 for k in keys}
-        logps, nll = static["tokens"].new_zeros(rows, dtype=torch.float32), static["tokens"].new_zeros(rows, dtype=torch.float32)
+        logps, nll = (static["tokens"].new_zeros(rows, dtype=torch.float32),
+                      static["tokens"].new_zeros(rows, dtype=torch.float32))
         logits_sum = static["logits_sum"].clone()
         d_hidden = torch.zeros_like(hidden_NH)
         d_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -97,7 +98,8 @@ def fused_terms(head: LMHead, hidden_BTH, targets_BT, select_BT, label_mask_BT, 
                 for acc, grad in zip(d_params, grads[1:]):
                     if grad is not None:
                         acc += grad
-        values = torch.stack([at_least_fp32(torch.as_tensor(sums[k], device=lp.device)) for k in keys]) if keys else None
+        values = torch.stack([at_least_fp32(torch.as_tensor(sums[k], device=lp.device))
+                              for k in keys]) if keys else None
         stats = RowLogps(logps=logps, tokens=static["tokens"], nll=nll, nll_tokens=static["nll_tokens"],
                          logits_sum=logits_sum, last_logits_sum=last_B, positions=positions, vocab=vocab)
         return values, stats, d_hidden, d_params

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from alignkit.errors import ConfigError
 from alignkit.plugin.loss import at_least_fp32
 
 log = logging.getLogger(__name__)
@@ -136,3 +137,15 @@ def check_head(head: LMHead, outputs) -> bool:
         ours = head.logits(outputs.hidden_states[-1][:, -1])
         theirs = outputs.logits[:, -1]
         return ours.shape == theirs.shape and torch.allclose(ours.float(), theirs.float(), rtol=1e-3, atol=1e-3)
+
+
+def require_head(head: LMHead, outputs, checked: set[int]) -> None:
+    """Once per head (`checked` holds the ids of heads already seen to match): refuse, as a ConfigError naming
+    method.loss_implementation, a split-off head that does not reproduce the model's own logits (`check_head`)."""
+    if id(head) in checked:
+        return
+    if not check_head(head, outputs):
+        raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
+                          "its logits (a logit transform alignkit does not know?); set "
+                          "method.loss_implementation=plain")
+    checked.add(id(head))

@@ -22,7 +22,7 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.blocks.fusedhead import fused_terms, fused_token_terms
-from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, check_head, final_hidden_states, selected_token_logps
+from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, final_hidden_states, require_head, selected_token_logps
 from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, share_rows
 from alignkit.errors import ConfigError
 from alignkit.plugin.loss import at_least_fp32
@@ -65,7 +65,8 @@ class RowLogps:
         return self._map(lambda t: t[index])
 
     def _map(self, fn) -> "RowLogps":
-        return RowLogps(**{f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name not in ("positions", "vocab")},
+        return RowLogps(**{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                           if f.name not in ("positions", "vocab")},
                         positions=self.positions, vocab=self.vocab)
 
     def detach(self) -> "RowLogps":
@@ -177,11 +178,7 @@ class SequenceScorer:
 
     def _chunked(self, model, head, batch, nll_targets, extra, terms, group_size, weights):
         outputs, hidden_BTH = self._hidden(model, batch, extra, group_size)
-        if id(head) not in self._checked:
-            if not check_head(head, outputs):
-                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
-            self._checked.add(id(head))
+        require_head(head, outputs, self._checked)
         labels_BT = batch["labels"][:, 1:]
         label_mask_BT = labels_BT != self.ignore
         nll_BT = labels_BT if nll_targets is None else nll_targets[:, 1:]
@@ -202,7 +199,8 @@ class SequenceScorer:
             dtype = next(model.parameters()).dtype
             shared = share_rows(ids, mask, dtype if dtype.is_floating_point else torch.float32)
             outputs = model(input_ids=shared.input_ids, attention_mask=shared.attention_mask,
-                            position_ids=shared.position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+                            position_ids=shared.position_ids, output_hidden_states=True, logits_to_keep=1,
+                            use_cache=False)
             return outputs, shared.unshare(outputs.hidden_states[-1])
         return final_hidden_states(model, ids, mask, padding_free=self.padding_free, **extra)
 
@@ -223,7 +221,8 @@ class SequenceScorer:
             return logps_BTV.gather(-1, targets_BT.masked_fill(~mask, 0)[..., None]).squeeze(-1) * mask, mask
 
         logps_BT, label_mask_BT = gather(batch["labels"])
-        nll_logps_BT, nll_mask_BT = gather(nll_targets) if nll_targets is not None else (logps_BT, label_mask_BT & False)
+        nll_logps_BT, nll_mask_BT = (gather(nll_targets) if nll_targets is not None
+                                     else (logps_BT, label_mask_BT & False))
         with torch.no_grad():
             sums_BT = at_least_fp32(scored).sum(-1)
             last = at_least_fp32(logits_BTV[:, -1]).sum(-1) if not seq2seq else sums_BT.new_zeros(len(sums_BT))
@@ -313,11 +312,7 @@ class TokenScorer:
             return self._plain(model(**inputs, use_cache=False).logits[:, :-1], select_BT, targets_N, term, stats,
                                distribution)
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        if id(head) not in self._checked:
-            if not check_head(head, outputs):
-                raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                                  "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
-            self._checked.add(id(head))
+        require_head(head, outputs, self._checked)
         hidden_NH = outputs.hidden_states[-1][:, :-1][select_BT]
         entropy_stats = _with_entropy(stats)
         if term is not None or not (torch.is_grad_enabled() and hidden_NH.requires_grad):

@@ -24,7 +24,8 @@ def check_messages(column: str, messages: list[dict]) -> None:
     for i, m in enumerate(messages):
         for key in ("role", "content"):
             if key not in m or m[key] is None:
-                raise DataError(f"'{column}' message {i} has no '{key}' (it has {', '.join(map(repr, sorted(m))) or 'no keys'})")
+                raise DataError(f"'{column}' message {i} has no '{key}' (it has "
+                                f"{', '.join(map(repr, sorted(m))) or 'no keys'})")
             if not isinstance(m[key], str):
                 raise DataError(f"'{column}' message {i}: '{key}' must be a string, got {type(m[key]).__name__} "
                                 f"{str(m[key])[:40]!r}")
@@ -39,7 +40,8 @@ def column(example: dict[str, Any], name: str, expected: str = "") -> Any:
         raise DataError(f"missing column '{name}'{'; ' + expected if expected else ''}{row_has(example)}")
     value = example[name]
     if value is None or not (isinstance(value, str) or is_conversation(value)):
-        raise DataError(f"'{name}' must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
+        raise DataError(f"'{name}' must be a string or a list of {{role, content}} messages, "
+                        f"got {type(value).__name__}")
     if value == "":
         raise DataError(f"'{name}' is an empty string")
     if not isinstance(value, str):

@@ -213,12 +213,14 @@ def plot(output_dir, dest):
         click.echo(str(path))
 
 
-_model = click.option("--model", "model_dir", required=True, help="A run's output_dir, a LoRA adapter folder or a hub name.")
+_model = click.option("--model", "model_dir", required=True,
+                      help="A run's output_dir, a LoRA adapter folder or a hub name.")
 _sampling = [
     click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
                  help="At most this many new tokens (cut to what the model's context leaves after the prompt)."),
     click.option("--temperature", type=click.FloatRange(min=0),
-                 help="Sample at this temperature; 0 decodes greedily.  [default: as the model's generation_config.json "
+                 help="Sample at this temperature; 0 decodes greedily.  [default: as the model's "
+                 "generation_config.json "
                       "says: greedy for a run's model]"),
     click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1),
                  help="Nucleus sampling with --temperature."),
@@ -260,7 +262,8 @@ def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, s
         raise AlignkitError('PROMPT is empty; give the text to complete, e.g. '
                             f'alignkit generate --model {model_dir} "sort: 3 1 2 ="')
     model, tokenizer = load(model_dir)
-    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw, system=system,
+    generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw,
+             system=system,
              how=trained(model_dir, tokenizer))
     click.echo()
 

@@ -26,7 +26,8 @@ def show_examples(config: RunConfig, method: Method, count: int, color: bool = F
     raw = raw.select(range(min(count, len(raw))))
     formatted, report = prepare(raw, formatter, source)
     fields = formatter.token_fields() or infer_token_fields(formatted.column_names)
-    ignore = getattr(config.method, "label_pad_token_id", -100)  # the label that takes no loss (as alignkit.blocks.logps)
+    # the label that takes no loss (as alignkit.blocks.logps)
+    ignore = getattr(config.method, "label_pad_token_id", -100)
     lines = [f"{source}: {report.kept} shown, {report.truncated} truncated, {report.dropped} dropped "
              f"by the {method.name} formatter; {'green' if color else '[[bracketed]]'} tokens are labelled targets "
              f"(label != {ignore})", ""]

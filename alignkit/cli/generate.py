@@ -97,7 +97,8 @@ def _load_adapter(path: Path, tokenizer, dtype: str):
         try:
             seed = yaml.safe_load((path / "config.yaml").read_text())["train"]["seed"]
         except (OSError, yaml.YAMLError, KeyError, TypeError):
-            raise ConfigError(f"--model {path}: an adapter on {base} needs the run's config.yaml (train.seed)") from None
+            raise ConfigError(f"--model {path}: an adapter on {base} needs the run's config.yaml "
+                              "(train.seed)") from None
     try:
         model = load_model(ModelConfig(name_or_path=base, dtype=dtype), tokenizer, seed=seed)
     except ConfigError as e:
@@ -217,7 +218,8 @@ def _room(model, prompt_len: int, sampling: Sampling) -> int:
                           f"(max_position_embeddings): shorten the prompt (in a chat, /clear starts over)")
     if sampling.max_new_tokens > room and not sampling.cut_noticed:
         sampling.cut_noticed = True
-        log.warning("note: --max-new-tokens %d cut to %d: the model's context holds %d tokens (max_position_embeddings) "
+        log.warning("note: --max-new-tokens %d cut to %d: the model's context holds %d tokens "
+                    "(max_position_embeddings) "
                     "and the prompt takes %d", sampling.max_new_tokens, room, context, prompt_len)
     return min(sampling.max_new_tokens, room)
 

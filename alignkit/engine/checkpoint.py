@@ -95,7 +95,8 @@ def state_problem(state) -> str | None:
         return f"its {STATE_FILE} has step {state['step']}, past its max_steps {state['max_steps']}"
     window = state["window"]  # older versions wrote fewer sums: those present must be numbers
     if not isinstance(window, dict) or not isinstance(window.get("metrics", {}), dict) or not all(
-            isinstance(window[k], int | float) and not isinstance(window[k], bool) for k in _WINDOW_NUMBERS if k in window):
+            isinstance(window[k], int | float) and not isinstance(window[k], bool) for k in _WINDOW_NUMBERS
+            if k in window):
         return f"its {STATE_FILE} has a damaged window (the sums since the last log)"
     for key in ("seen", "environment"):
         if not isinstance(state.get(key, {}), dict):
@@ -198,7 +199,8 @@ def load(accelerator: Accelerator, path: Path, scheduler) -> dict:
         return json.loads((path / STATE_FILE).read_text())
     except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"train.resume_from_checkpoint: {path} cannot be loaded: {type(e).__name__}: {first}") from None
+        raise ConfigError(f"train.resume_from_checkpoint: {path} cannot be loaded: "
+                          f"{type(e).__name__}: {first}") from None
 
 
 _SHARED = re.compile(r"Removed shared tensor (\{.*?\}) while saving")

@@ -79,7 +79,8 @@ def _load_builtin(spec: str, split: str, builtins: Mapping[str, tuple[Callable, 
     loader, source = builtins[name]
     ds = loader(split)
     if not isinstance(ds, datasets.Dataset):
-        raise DataError(f"{spec}: the loader registered by {source} returned {type(ds).__name__}, not a datasets.Dataset")
+        raise DataError(f"{spec}: the loader registered by {source} returned {type(ds).__name__}, not a "
+                        "datasets.Dataset")
     return ds
 
 
@@ -246,7 +247,8 @@ class EpochSampler(torch.utils.data.Sampler):
     at once). Still a function of (seed, epoch) alone.
     """
 
-    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, group: int = 50) -> None:
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
+                 group: int = 50) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
         self.lengths, self.mega = lengths, batch_size * group
 

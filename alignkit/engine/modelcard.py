@@ -36,6 +36,7 @@ def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tag
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
     versions = "\n".join(f"- {name}: {_version(name)}" for name in LIBRARIES)
     resumed = "".join(f"\nR{n.removeprefix('# r')}." for n in notes)  # "# resumed at step ..." lines
+    held_out = f"held-out fraction {config.data.eval_fraction}" if config.data.eval_fraction else "none"
     citation = f"\n## Citation\n\n```bibtex\n{method.citation.strip()}\n```\n" if method.citation else ""
     return f"""{chr(10).join(front)}
 
@@ -47,7 +48,7 @@ Trained with [alignkit](https://github.com/alignkit/alignkit), method **{method.
 - model kind: {method.model_kind}{f' ({method.num_labels} labels)' if method.model_kind != 'causal-lm' else ''}, \
 loads with `{auto}.from_pretrained`
 - training data: `{config.data.train}` (split `{config.data.train_split}`)
-- eval data: `{config.data.eval or ('held-out fraction ' + str(config.data.eval_fraction) if config.data.eval_fraction else 'none')}`
+- eval data: `{config.data.eval or held_out}`
 
 ## Final metrics
 

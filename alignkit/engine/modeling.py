@@ -114,7 +114,8 @@ def _merged_adapter(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_label
 
     path = Path(cfg.name_or_path)
     if not (path / "adapter_model.safetensors").is_file():
-        raise ConfigError(f"model.name_or_path: {path} has no adapter_model.safetensors; alignkit loads safetensors only")
+        raise ConfigError(f"model.name_or_path: {path} has no adapter_model.safetensors; alignkit loads safetensors "
+                          "only")
     try:
         base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -129,7 +130,8 @@ def _load_failure(what: str, name: str, e: Exception) -> str:
     if "trust_remote_code" in str(e):
         return f"model.name_or_path: {name} needs custom code; set model.trust_remote_code=true only if you trust it"
     if not Path(name).exists():
-        return f"model.name_or_path: {name}: no such local folder, and the Hugging Face hub did not provide it ({first})"
+        return (f"model.name_or_path: {name}: no such local folder, and the Hugging Face hub did not provide it "
+                f"({first})")
     return f"model.name_or_path: cannot load the {what} from {name}: {first}"
 
 

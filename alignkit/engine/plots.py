@@ -123,7 +123,8 @@ def _save(fig, path: Path, description: str) -> None:
 
 def plot_metrics(output_dir: str | Path, dest: str | Path | None = None) -> list[Path]:
     """Write the charts of output_dir/metrics.jsonl; return the paths, overview.png last. Only files alignkit wrote
-    are replaced (alignkit.engine.ownership): a file of the user's or a link in the way is refused before any is written."""
+    are replaced (alignkit.engine.ownership): a file of the user's or a link in the way is refused before any is
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")

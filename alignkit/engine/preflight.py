@@ -12,7 +12,8 @@ def check_settings(config, method, eval_given: bool = False) -> None:
     t = config.train
     d = config.data
     if not (eval_given or d.eval is not None or d.eval_fraction is not None):
-        asked = [key for key, on in (("train.eval_steps", t.eval_steps), ("train.eval_on_start", t.eval_on_start)) if on]
+        asked = [key for key, on in (("train.eval_steps", t.eval_steps), ("train.eval_on_start", t.eval_on_start))
+                 if on]
         if asked:
             raise ConfigError(f"{' and '.join(asked)} ask for evaluation, but the run has no eval data: give data.eval="
                               "FILE or data.eval_fraction=0.1, or remove " + " and ".join(asked))
@@ -34,7 +35,8 @@ def validate_method(config, method) -> None:
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(f"method {method.name}: {str(e).strip().splitlines()[0] if str(e).strip() else 'invalid'}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise ConfigError(f"method {method.name}: {first}") from None
 
 
 def check_model(config, model, tokenizer) -> None:
@@ -44,12 +46,13 @@ def check_model(config, model, tokenizer) -> None:
         finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()  # one device sync
         if not all(finite):
             name = named[finite.index(False)][0]
-            raise ConfigError(f"model.name_or_path: {config.model.name_or_path}: parameter {name} holds NaN/inf values; "
-                              "the input model is damaged (train from a checkpoint with finite weights)")
+            raise ConfigError(f"model.name_or_path: {config.model.name_or_path}: parameter {name} holds NaN/inf "
+                              "values; the input model is damaged (train from a checkpoint with finite weights)")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and rows < len(tokenizer):
-        raise ConfigError(f"model.name_or_path: {config.model.name_or_path} has {rows} token embeddings but its tokenizer "
+        raise ConfigError(f"model.name_or_path: {config.model.name_or_path} has {rows} token embeddings but its "
+                          "tokenizer "
                           f"has {len(tokenizer)} tokens; ids >= {rows} would crash: use the model's own tokenizer "
                           "(model.tokenizer_name_or_path)")
 
@@ -101,5 +104,5 @@ def check_update(model, accelerator, step: int, loss: float, grad_norm: float) -
         return
     bad = next((n for n, p in named if not torch.isfinite(p.detach()).all()), "a parameter on another process")
     raise NonFiniteError(f"step {step}: the update made {bad} NaN/inf although the loss ({loss:.6g}) and gradient norm "
-                         f"({grad_norm:.6g}) were finite; nothing more is saved, the last checkpoint stays valid. Lower "
-                         "train.learning_rate, or train float32 weights")
+                         f"({grad_norm:.6g}) were finite; nothing more is saved, the last checkpoint stays valid. "
+                         "Lower train.learning_rate, or train float32 weights")

@@ -78,7 +78,8 @@ class Lock:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError(f"{key}: {folder} is in use by a running alignkit process, {_describe(_holder(path))}; "
+                raise ConfigError(f"{key}: {folder} is in use by a running alignkit process, "
+                                  f"{_describe(_holder(path))}; "
                                   "wait for it to end or choose another output_dir") from None
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -96,7 +97,8 @@ class Lock:
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(f"{key}: {self.folder} is in use by a running alignkit process, "
-                              f"{_describe(_holder(self.path))}; wait for it to end or choose another output_dir") from None
+                              f"{_describe(_holder(self.path))}; wait for it to end or choose another "
+                              "output_dir") from None
         previous = _holder(self.path)
         if previous:  # a clean end empties the file: this one's process died holding it
             log.warning("%s: taking over the lock left by %s, which is no longer running", self.folder,

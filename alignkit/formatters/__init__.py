@@ -10,7 +10,7 @@ built-in plugin (this module) under neutral names any method may use:
 | `prompt-only` | `prompt` and any other columns | `prompt_input_ids` and the row's columns |
 
 It also registers the preference methods' demo data, `builtin:sort` and `builtin:sort-chat` (alignkit.blocks.demo).
-"""
+"""  # noqa: E501 (a markdown table: its rows cannot wrap)
 
 from alignkit.blocks.demo import SORT_DATASETS, load_sort
 from alignkit.formatters.config import (
@@ -53,7 +53,8 @@ def register_datasets(register):
 
 
 __all__ = [
-    "FORMATTERS", "LanguageModelingFormatter", "PreferenceDataConfig", "PreferenceFormatter", "PromptCompletionFormatter", "PromptOnlyDataConfig",
+    "FORMATTERS", "LanguageModelingFormatter", "PreferenceDataConfig", "PreferenceFormatter",
+    "PromptCompletionFormatter", "PromptOnlyDataConfig",
     "PromptOnlyFormatter", "SequenceDataConfig", "SequenceFormatter", "TokenDataConfig", "UnpairedDataConfig",
     "UnpairedPreferenceFormatter", "prompt_completion_ids",
 ]

@@ -19,7 +19,8 @@ def assistant_tokens(tokenizer, messages: list[dict], encoder=None) -> tuple[lis
     if encoder is not None and encoder.is_long(render(tokenizer, messages)):
         ids, mask = _by_rendering(tokenizer, messages, encoder)
     elif GENERATION_BLOCK.search(tokenizer.chat_template or ""):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     else:
         ids, mask = _by_rendering(tokenizer, messages)

@@ -112,7 +112,8 @@ class PreferenceFormatter(DataFormatter):
             ("prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
         return datasets.Features({c: ids for c in columns})
 
-    def _assemble(self, prompt_c: list[int], answer_c: list[int], prompt_r: list[int], answer_r: list[int]) -> Formatted:
+    def _assemble(self, prompt_c: list[int], answer_c: list[int], prompt_r: list[int],
+                  answer_r: list[int]) -> Formatted:
         """BOS/EOS, truncation and labels for one pair's prompt and answer ids."""
         c = self.config
         if abs(len(prompt_c) - len(prompt_r)) > 1 or sum(a != b for a, b in zip(prompt_c, prompt_r)) > 1:
@@ -134,7 +135,8 @@ class PreferenceFormatter(DataFormatter):
     def _format_seq2seq(self, prompt: str, chosen: str, rejected: str) -> Formatted:
         """Prompt ids for the encoder, answer ids as decoder labels; each tokenized with its special tokens
         and truncated on its own (max_prompt_length, max_completion_length)."""
-        caps = (self.config.max_prompt_length, self.config.max_completion_length or 128, self.config.max_completion_length or 128)
+        caps = (self.config.max_prompt_length, self.config.max_completion_length or 128,
+                self.config.max_completion_length or 128)
         ids, truncated = [], False
         for text, cap in zip((prompt, chosen, rejected), caps):
             full = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -151,7 +153,8 @@ class PreferenceFormatter(DataFormatter):
         decoder_input_ids = torch.full_like(labels, self.decoder_start_token_id)
         decoder_input_ids[:, 1:] = labels[:, :-1]
         decoder_input_ids[decoder_input_ids == self.config.label_pad_token_id] = self.tokenizer.pad_token_id
-        return {"input_ids": pad_right(prompts, self.pad_id), "attention_mask": pad_right([[1] * len(p) for p in prompts], 0),
+        return {"input_ids": pad_right(prompts, self.pad_id),
+                "attention_mask": pad_right([[1] * len(p) for p in prompts], 0),
                 "labels": labels, "decoder_input_ids": decoder_input_ids}
 
     def collate(self, features: list[dict[str, Any]]) -> dict:

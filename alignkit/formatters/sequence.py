@@ -61,12 +61,10 @@ def prompt_completion_ids(tokenizer, encoder: Encoder, prompt, completion) -> tu
     return split_common(*encoder.texts([alone, full]))
 
 
-class SequenceFormatter(DataFormatter):
-    """Language-modeling or prompt-completion rows (each row's columns decide) -> `input_ids`, `labels`."""
-
-    config_class = SequenceDataConfig
-    #: the row types this formatter accepts
-    shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
+class EncodingFormatter(DataFormatter):
+    """Base of the formatters that encode standard text and chat-template renderings bounded by `max_length` (their
+    config has `dataset_num_proc`, `padding_value` and `max_length`): sets `num_proc`, `pad_id` and two encoders
+    that never encode a huge text whole, `_standard` (the tokenizer's special tokens) and `_rendered` (none)."""
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
@@ -75,6 +73,14 @@ class SequenceFormatter(DataFormatter):
         keep = None if config.max_length is None else config.max_length + 2
         self._standard = Encoder(tokenizer, keep, add_special_tokens=True)  # the tokenizer's own BOS/EOS rules
         self._rendered = Encoder(tokenizer, keep)  # chat-template text carries its own special tokens
+
+
+class SequenceFormatter(EncodingFormatter):
+    """Language-modeling or prompt-completion rows (each row's columns decide) -> `input_ids`, `labels`."""
+
+    config_class = SequenceDataConfig
+    #: the row types this formatter accepts
+    shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
 
     # ---- tokens --------------------------------------------------------------------------------------
 

@@ -84,8 +84,8 @@ class DataFormatter(ABC):
     def format_batch(self, examples: list[dict[str, Any]]) -> list["Formatted | list[Formatted] | Exception"]:
         """`format` over many rows, in order: one result per row, a Formatted, a list of them, or the
         DropExample/DataError it raised. An empty list means the row's content is carried by another row's
-        examples (packing): it is not counted as dropped. Override to tokenize a batch in one call (the results must equal
-        `format`'s) or to use context across rows."""
+        examples (packing): it is not counted as dropped. Override to tokenize a batch in one call (the results must
+        equal `format`'s) or to use context across rows."""
         results: list[Formatted | list[Formatted] | Exception] = []
         for example in examples:
             try:

@@ -118,7 +118,8 @@ class TrainerFlow(Schedule):
             return
         n = len(run.eval_dataset) if run.eval_dataset is not None else 0
         start = self._eval_start or time.time()
-        speed = speed_metrics("eval", start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
+        speed = speed_metrics("eval", start, num_samples=n,
+                              num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
         metrics = {"eval_loss": metrics["eval_loss"], **speed, **metrics}
         if self._best_metric(metrics, run) and self.args.save_strategy == "best":
             self._pending.checkpoint = True  # Trainer saves when the evaluation found a new best (carried out next)

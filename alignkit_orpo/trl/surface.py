@@ -25,7 +25,8 @@ class TrainerSurface:
 
         if not name.startswith("_") and hasattr(Trainer, name):
             raise AttributeError(f"ORPOTrainer.{name}: transformers.Trainer's {name} is not offered by alignkit's "
-                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the surface)")
+                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the "
+                                 "surface)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -138,7 +139,8 @@ class TrainerSurface:
                 ignore_patterns=["checkpoint-*", "checkpoints/*", "*.lock", ".*"])
         except Exception as e:
             raise ConnectionError(f"push_to_hub: uploading {self.args.output_dir} to {repo_id} failed "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+                                  ) from None
         return str(getattr(info, "commit_url", info))
 
     def hyperparameter_search(self, *args, **kwargs):

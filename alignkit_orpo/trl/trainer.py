@@ -77,7 +77,8 @@ class ORPOTrainer(V0152Methods, TrainerSurface):
         self.engine = Engine(self.config, method, self.pm, model=model, tokenizer=processing_class,
                              train_dataset=train_dataset, eval_dataset=eval_dataset, schedule=self._flow,
                              optimizer=self.create_optimizer,
-                             lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps, opt))
+                             lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps,
+                                                                                                opt))
         self.engine.load()  # TRL's trainer has its model, tokenizer and formatter from the start
         self.model, self.processing_class = self.engine.model, self.engine.tokenizer
         self.callback_handler.model = self.model
@@ -89,7 +90,8 @@ class ORPOTrainer(V0152Methods, TrainerSurface):
         self.label_pad_token_id, self.padding_value = self.args.label_pad_token_id, self.formatter.pad_id
         self.is_encoder_decoder, self.beta = self.formatter.is_encoder_decoder, self.args.beta
         a = self.args  # TRL's ORPOTrainer attributes, set as TRL sets them
-        self.max_length, self.max_prompt_length, self.truncation_mode = a.max_length, a.max_prompt_length, a.truncation_mode
+        self.max_length, self.max_prompt_length = a.max_length, a.max_prompt_length
+        self.truncation_mode = a.truncation_mode
         self.max_completion_length, self.generate_during_eval = a.max_completion_length, a.generate_during_eval
         self.use_dpo_data_collator, self.model_init = data_collator is None, model_init
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
@@ -152,7 +154,8 @@ class ORPOTrainer(V0152Methods, TrainerSurface):
             if not found:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             resume_from_checkpoint = str(found[-1])
-        self.engine.config.train.resume_from_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.engine.config.train.resume_from_checkpoint = (str(resume_from_checkpoint) if resume_from_checkpoint
+                                                           else None)
         start, self.is_in_train = time.time(), True
         try:
             self.engine.train()

@@ -23,11 +23,13 @@ class V0152Methods:
                           tags: str | list[str] | None = None) -> None:
         from alignkit import model_card
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = model_card(self.config, self.engine.method, self.state.log_history[-1] if self.state.log_history else {}, tags)
+        card = model_card(self.config, self.engine.method, self.state.log_history[-1] if self.state.log_history else {},
+                          tags)
         if model_name:
             card = card.replace(f"# {Path(self.config.train.output_dir).name}\n", f"# {model_name}\n", 1)
         if dataset_name:
-            card = card.replace("library_name: transformers", f"library_name: transformers\ndatasets:\n- {dataset_name}", 1)
+            card = card.replace("library_name: transformers",
+                                f"library_name: transformers\ndatasets:\n- {dataset_name}", 1)
         out = Path(self.args.output_dir or "trainer_output")
         out.mkdir(parents=True, exist_ok=True)
         self.engine.record(out / "README.md")  # in the folder's manifest: alignkit's to replace

@@ -58,7 +58,8 @@ def test_run_then_eval_reproduces_the_final_eval(tmp_path):
 
 
 def test_eval_without_eval_data_uses_train_data(tmp_path):
-    rows = [{"prompt": f"sort: {a} {b} =", "chosen": f" {min(a, b)} {max(a, b)}", "rejected": f" {max(a, b)} {min(a, b)}"}
+    rows = [{"prompt": f"sort: {a} {b} =", "chosen": f" {min(a, b)} {max(a, b)}",
+             "rejected": f" {max(a, b)} {min(a, b)}"}
             for a, b in [(3, 1), (5, 2), (9, 4)]]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -72,7 +73,8 @@ def test_eval_without_eval_data_uses_train_data(tmp_path):
     (["run", "-m", "orpo", "train.learnig_rate=1"], "unknown key 'train.learnig_rate' (did you mean 'learning_rate'?)"),
     (["run", "-m", "orpo", "max_steps"], "argument 'max_steps' must be KEY=VALUE"),
     (["run", "-m", "orpo", "data.train=missing.jsonl"], "missing.jsonl: no such file"),
-    (["eval", "-m", "orpo", "model.name_or_path=no_such_model"], "model.name_or_path: no_such_model: no such local folder, and the Hugging Face hub"),
+    (["eval", "-m", "orpo", "model.name_or_path=no_such_model"],
+     "model.name_or_path: no_such_model: no such local folder, and the Hugging Face hub"),
     (["config"], "no method given: pass --method NAME or set method.name; registered: orpo"),
     (["config", "-m", "orpo", "-c", "nope.yaml"], "config file nope.yaml does not exist"),
 ])

@@ -53,7 +53,8 @@ def test_plot_draws_one_panel_per_metric_family_with_train_and_eval(tmp_path):
     assert result.exit_code == 0
     files = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert files == ["acc.png", "loss.png", "overview.png", "score.png"]
-    assert result.output.split() == [str(tmp_path / "plots" / n) for n in ("loss.png", "score.png", "acc.png", "overview.png")]
+    assert result.output.split() == [str(tmp_path / "plots" / n)
+                                     for n in ("loss.png", "score.png", "acc.png", "overview.png")]
     assert png_description(tmp_path / "plots" / "overview.png") == "panels: loss, score, acc"
     assert png_description(tmp_path / "plots" / "score.png") == "panels: score"
 
@@ -61,7 +62,8 @@ def test_plot_draws_one_panel_per_metric_family_with_train_and_eval(tmp_path):
 def test_plot_errors_name_the_file(tmp_path):
     result = CliRunner().invoke(cli, ["plot", str(tmp_path)])
     assert result.exit_code == 2
-    assert result.output.strip() == f"alignkit: error: {tmp_path / 'metrics.jsonl'}: no such file; give the output_dir of an alignkit run"
+    assert result.output.strip() == (f"alignkit: error: {tmp_path / 'metrics.jsonl'}: no such file; give the "
+                                     "output_dir of an alignkit run")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2,\n')
     result = CliRunner().invoke(cli, ["plot", str(tmp_path)])  # a torn line (a crash mid-write) is skipped, counted
     assert result.exit_code == 0
@@ -76,7 +78,8 @@ def test_training_shows_progress_and_ends_with_charts(tmp_path):
     assert "training: 100%" in err and "4/4" in err and "loss=" in err and "rewards/accuracies=" in err
     assert "it/s" in err or "s/it" in err
     panels = png_description(tmp_path / "out" / "plots" / "overview.png").removeprefix("panels: ").split(", ")
-    assert {"loss", "rewards", "rewards/margins", "rewards/accuracies", "logps", "logits", "log_odds_chosen"} <= set(panels)
+    assert {"loss", "rewards", "rewards/margins", "rewards/accuracies", "logps", "logits",
+            "log_odds_chosen"} <= set(panels)
     assert len(list((tmp_path / "out" / "plots").glob("*.png"))) == len(panels) + 1
 
 
@@ -129,7 +132,8 @@ def greedy_reply(model_dir, messages, n):
 
 
 def test_generate_streams_the_greedy_completion(model_dir):
-    result = invoke("generate", "--model", str(model_dir), "--chat-template", "--temperature", "0", "--max-new-tokens", "8",
+    result = invoke("generate", "--model", str(model_dir), "--chat-template", "--temperature", "0", "--max-new-tokens",
+                    "8",
                     "sort: 3 1 =")
     assert result.exit_code == 0
     expected = greedy_reply(model_dir, [{"role": "user", "content": "sort: 3 1 ="}], 8)
@@ -142,7 +146,8 @@ def test_chat_keeps_history_and_obeys_commands(model_dir):
     assert result.exit_code == 0
     replies = [line.split("assistant: ", 1)[1] for line in result.stdout.splitlines() if "assistant: " in line]
     first = greedy_reply(model_dir, [{"role": "user", "content": "sort: 3 1 ="}], 6)
-    second = greedy_reply(model_dir, [{"role": "user", "content": "sort: 3 1 ="}, {"role": "assistant", "content": first},
+    second = greedy_reply(model_dir,
+                          [{"role": "user", "content": "sort: 3 1 ="}, {"role": "assistant", "content": first},
                            {"role": "user", "content": "sort: 9 4 ="}], 6)
     fresh = greedy_reply(model_dir, [{"role": "user", "content": "sort: 9 4 ="}], 6)
     assert first.strip() and replies == [first, second, fresh]

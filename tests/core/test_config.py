@@ -55,7 +55,8 @@ def test_yaml_file_then_overrides_then_interpolation(pm, tmp_path):
     ({"train.learning_rate": 0}, "train.learning_rate: Input should be greater than 0"),
     ({"train.max_steps": "ten"}, "train.max_steps: Input should be a valid integer"),
     ({"method.truncation_mode": "keep_middle"}, "method.truncation_mode: Input should be 'keep_end' or 'keep_start'"),
-    ({"method.max_prompt_length": 1024}, "method.max_prompt_length (1024) must be smaller than method.max_length (1024)"),
+    ({"method.max_prompt_length": 1024},
+     "method.max_prompt_length (1024) must be smaller than method.max_length (1024)"),
     ({"train.lr_scheduler_type": "cosin"}, "unknown schedule 'cosin' (did you mean 'cosine'?)"),
     ({"train.report_to": "tensorbord"}, "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),
     ({"train.bf16": True, "train.fp16": True}, "set train.bf16 or train.fp16, not both"),
@@ -111,7 +112,8 @@ def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.delenv("ALIGNKIT_LOAD_PLUGINS", raising=False)
     pm = get_plugin_manager()  # installed plugins, as the CLI sees them (CI installs plugins/*)
     first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("# ") and "alignkit run" in first_line and str(path.relative_to(path.parents[1])) in first_line
+    assert (first_line.startswith("# ") and "alignkit run" in first_line
+            and str(path.relative_to(path.parents[1])) in first_line)
     raw = yaml.safe_load(path.read_text())
     cfg, _ = load_config(None, path, plugins=pm)
     assert cfg.method.name == raw["method"]["name"]

@@ -39,7 +39,8 @@ LONG = " ".join(str(i % 10) for i in range(30))
 STANDARD_PC = [{"prompt": "sort: 3 1 =", "completion": " 1 3"}, {"prompt": "sort: ", "completion": "1 2"},
                {"prompt": f"sort: {LONG} =", "completion": " 0 0 1"}, {"prompt": "a", "completion": f" {LONG}</s>"}]
 CONV_PC = [{"prompt": [chat("user", "sort: 2 1")], "completion": [chat("assistant", "1 2")]},
-           {"prompt": [chat("system", "be brief"), chat("user", f"sort: {LONG}")], "completion": [chat("assistant", LONG)]},
+           {"prompt": [chat("system", "be brief"), chat("user", f"sort: {LONG}")],
+            "completion": [chat("assistant", LONG)]},
            {"prompt": [chat("user", "sort: 2 1"), chat("assistant", "1")], "completion": [chat("assistant", " 2")]}]
 STANDARD_LM = [{"text": "hello world"}, {"text": f"sort: {LONG}"}, {"text": "ends</s>"}]
 CONV_LM = [{"messages": r["prompt"] + r["completion"]} for r in CONV_PC]
@@ -72,7 +73,8 @@ def test_assistant_only_loss_equals_trl_with_generation_markers(tok):
     unmarked = copy.deepcopy(tok)
     unmarked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    assert formatted(make(SequenceFormatter, unmarked, assistant_only_loss=True, max_length=64), CONV_LM + CONV_PC) == ours
+    assert formatted(make(SequenceFormatter, unmarked, assistant_only_loss=True, max_length=64),
+                     CONV_LM + CONV_PC) == ours
     assert any(-100 in r["labels"] and set(r["labels"]) != {-100} for r in ours)
 
 
@@ -104,7 +106,8 @@ def test_unpaired_rows_and_kl_rotation_within_groups(tok):
     assert [r["label"] for r in out] == [True, False, True, False, True]
     batch = make(UnpairedPreferenceFormatter, tok).collate(out[:2])
     assert batch["label"].tolist() == [True, False] and batch["KL_input_ids"].shape[0] == 2
-    assert (batch["labels"][0] == -100).sum() == len(out[0]["prompt_input_ids"]) + batch["labels"].shape[1] - len(out[0]["completion_labels"])
+    assert (batch["labels"][0] == -100).sum() == (len(out[0]["prompt_input_ids"]) + batch["labels"].shape[1]
+                                                  - len(out[0]["completion_labels"]))
 
 
 def test_implicit_prompt_paired_rows_are_unpaired(tok):
@@ -166,15 +169,18 @@ def test_core_plugin_registers_the_formatters_without_naming_a_method():
 
 
 @pytest.mark.parametrize("cls, row, message", [
-    (LanguageModelingFormatter, {"prompt": "p", "completion": "c"}, "expected columns 'text' or 'messages'; the row has 'prompt', 'completion'"),
+    (LanguageModelingFormatter, {"prompt": "p", "completion": "c"},
+     "expected columns 'text' or 'messages'; the row has 'prompt', 'completion'"),
     (PromptCompletionFormatter, {"text": "t"}, "expected columns 'prompt' and 'completion'; the row has 'text'"),
     (PromptCompletionFormatter, {"prompt": "p"}, "missing column 'completion'"),
     (PromptCompletionFormatter, {"prompt": "p", "completion": 3}, "'completion' must be a string or a list of"),
-    (PromptCompletionFormatter, {"prompt": "p", "completion": [chat("assistant", "c")]}, "'prompt' and 'completion' must both be strings or both be conversations"),
+    (PromptCompletionFormatter, {"prompt": "p", "completion": [chat("assistant", "c")]},
+     "'prompt' and 'completion' must both be strings or both be conversations"),
     (LanguageModelingFormatter, {"text": ""}, "'text' is an empty string"),
     (LanguageModelingFormatter, {"messages": [chat("wizard", "x")]}, "'messages' message 0 has unknown role 'wizard'"),
     (UnpairedPreferenceFormatter, {"prompt": "p", "completion": "c"}, "missing column 'label'"),
-    (UnpairedPreferenceFormatter, {"prompt": "p", "completion": "c", "label": "yes"}, "'label' must be true or false, got 'yes'"),
+    (UnpairedPreferenceFormatter, {"prompt": "p", "completion": "c", "label": "yes"},
+     "'label' must be true or false, got 'yes'"),
     (UnpairedPreferenceFormatter, {"prompt": "p", "chosen": "c"}, "missing column 'rejected'"),
     (PromptOnlyFormatter, {"question": "q"}, "missing column 'prompt'; prompt-only data needs a 'prompt' column"),
 ])
@@ -188,7 +194,8 @@ def test_packing_through_prepare_counts_no_row_as_dropped(tok):
     from alignkit.engine.data import prepare
 
     rows = [{"text": f"sort: {i} {i + 1}"} for i in range(10)]
-    ds, report = prepare(datasets.Dataset.from_list(rows), make(SequenceFormatter, tok, packing=True, max_length=40), "t")
+    ds, report = prepare(datasets.Dataset.from_list(rows), make(SequenceFormatter, tok, packing=True, max_length=40),
+                         "t")
     assert report.dropped == 0 and report.kept == len(ds) < 10
     assert sorted(i for row in ds["input_ids"] for i in row) == \
         sorted(i for r in formatted(make(SequenceFormatter, tok), rows) for i in r["input_ids"])
@@ -205,7 +212,8 @@ def test_formatter_fingerprint_covers_the_blocks_it_uses():
 
     for cls in (SequenceFormatter, UnpairedPreferenceFormatter, PromptOnlyFormatter, PreferenceFormatter):
         sources = class_sources(cls)
-        assert inspect.getsource(alignkit.blocks.tokens) in sources and inspect.getsource(alignkit.blocks.text) in sources
+        assert (inspect.getsource(alignkit.blocks.tokens) in sources
+                and inspect.getsource(alignkit.blocks.text) in sources)
 
 
 def test_unpaired_order_follows_trl_when_a_chosen_example_is_dropped(tok):
@@ -215,7 +223,8 @@ def test_unpaired_order_follows_trl_when_a_chosen_example_is_dropped(tok):
     n = len(tok(prompt)["input_ids"])
     rows = [{"prompt": prompt, "chosen": " 9", "rejected": "9"}, {"prompt": "p =", "chosen": " a", "rejected": " b"}]
     out = formatted(make(UnpairedPreferenceFormatter, tok, max_length=n), rows)
-    assert [r["label"] for r in out] == [True, False, False]  # row 0's chosen (its whole prompt fills max_length) is dropped
+    # row 0's chosen (its whole prompt fills max_length) is dropped
+    assert [r["label"] for r in out] == [True, False, False]
     assert out[1]["completion_input_ids"][:n - 1] == tok(prompt)["input_ids"][:n - 1]
     kl = [r["KL_completion_input_ids"][len(r["prompt_input_ids"]):] for r in out]
     completions = [r["completion_input_ids"][len(r["prompt_input_ids"]):] for r in out]

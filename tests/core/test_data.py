@@ -82,7 +82,9 @@ def test_empty_file(tmp_path):
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(DataError, match="someone/some-dataset: no such local file or folder, and it cannot be loaded from the Hugging Face hub"):
+    with pytest.raises(DataError,
+                       match="someone/some-dataset: no such local file or folder, and it cannot be loaded from the "
+                       "Hugging Face hub"):
         load_data("someone/some-dataset", "train")
 
 

@@ -25,7 +25,8 @@ def test_a_method_trains_on_its_demo_data_with_its_demo_settings():
     real, _ = load_config("toy", {"model": {"name_or_path": "some/model"}}, plugins=pm)
     assert real.data.train == "builtin:toy-sort" and real.train.learning_rate == 5e-5  # no demo settings
     theirs, _ = load_config("toy", {"data": {"train": "builtin:sort-chat"}}, plugins=pm)
-    assert theirs.data.train == "builtin:sort-chat" and theirs.train.learning_rate == DEMO_DEFAULTS["train.learning_rate"]
+    assert (theirs.data.train == "builtin:sort-chat"
+            and theirs.train.learning_rate == DEMO_DEFAULTS["train.learning_rate"])
 
 
 def test_a_method_without_demo_data_needs_data_train_before_anything_is_written(tmp_path):
@@ -101,5 +102,6 @@ def test_a_loader_that_returns_no_dataset_is_named():
             register("broken", lambda split: [{"prompt": "x"}])
 
     builtins = build_registry(plugin_manager(Broken())).datasets
-    with pytest.raises(DataError, match="^builtin:broken: the loader registered by .* returned list, not a datasets.Dataset$"):
+    with pytest.raises(DataError,
+                       match="^builtin:broken: the loader registered by .* returned list, not a datasets.Dataset$"):
         load_data("builtin:broken", "train", builtins)

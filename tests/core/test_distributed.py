@@ -17,7 +17,8 @@ def test_two_processes_match_one(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {"ALIGNKIT_LOAD_PLUGINS": "alignkit", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": str(Path(sys.executable).parent)}
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "alignkit", *ARGS,
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "alignkit",
+                          *ARGS,
                           f"train.output_dir={tmp_path / 'two'}", "train.per_device_train_batch_size=4"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

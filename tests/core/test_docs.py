@@ -75,7 +75,8 @@ def test_writing_a_method_guide_runs(tmp_path, tok):
     config = SequenceDataConfig(name="t", max_length=12)
     row = {"question": "sort: 2 1", "answer": "1 2"}
     core = PromptCompletionFormatter(config, tok).format({"prompt": [{"role": "user", "content": row["question"]}],
-                                                         "completion": [{"role": "assistant", "content": row["answer"]}]})
+                                                         "completion": [{"role": "assistant",
+                                                                         "content": row["answer"]}]})
     ours = own["QuestionAnswerFormatter"](config, tok).format(row)
     assert ours.features == core.features and ours.truncated == core.truncated
 
@@ -99,7 +100,8 @@ def test_every_readme_figure_is_rendered_from_the_results_file():
             assert result["timing"]["command"].endswith(result["command"]) and result["timing"]["date"]
     assert {"machine", "threads"} <= set(figures)
     for name, (now, rendered) in readme_figures.rendered(figures).items():
-        assert now == rendered, f"{name} differs from docs/figures.json: run `python scripts/readme_figures.py --render`"
+        assert now == rendered, (f"{name} differs from docs/figures.json: "
+                                 "run `python scripts/readme_figures.py --render`")
     readmes = [ROOT / "README.md", *sorted((ROOT / "plugins").glob("*/README.md"))]
     assert {str(p.relative_to(ROOT)) for p in readmes} == set(readme_figures.BLOCKS)
 

@@ -178,7 +178,8 @@ def test_uninstalled_tracker_is_an_error_not_silence(pm, tmp_path):
 
     missing = next(t for t in ("swanlab", "aim", "clearml", "dvclive") if t not in
                    {str(getattr(x, "value", x)) for x in get_available_trackers()})
-    with pytest.raises(alignkit.ConfigError, match=f"train.report_to: {missing} is not installed here; pip install {missing}"):
+    with pytest.raises(alignkit.ConfigError,
+                       match=f"train.report_to: {missing} is not installed here; pip install {missing}"):
         alignkit.run("orpo", fast(tmp_path, report_to=[missing]), plugins=pm)
 
 
@@ -238,7 +239,8 @@ def test_data_report_is_logged_once(pm, tmp_path, caplog):
     import logging
 
     caplog.set_level(logging.WARNING)
-    alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm, **{"method.max_length": 10, "method.max_prompt_length": 6})
+    alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm,
+                 **{"method.max_length": 10, "method.max_prompt_length": 6})
     reports = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert len(reports) == 2 and reports[0].startswith("train data: 32 examples kept, ")
     assert reports[1].startswith("eval data: 8 examples kept, ")

@@ -34,7 +34,8 @@ def test_two_methods_sharing_a_config_field_see_only_their_own_hooks(tmp_path):
     assert [m for m, _ in toy.evaluations] == ["toy"]  # not called for the ORPO run
     assert watcher.methods == ["toy", "orpo"]
     # the engine's own observers watch every run: both wrote metrics.jsonl
-    assert (tmp_path / "toy" / "out" / "metrics.jsonl").exists() and (tmp_path / "orpo" / "out" / "metrics.jsonl").exists()
+    assert ((tmp_path / "toy" / "out" / "metrics.jsonl").exists()
+            and (tmp_path / "orpo" / "out" / "metrics.jsonl").exists())
 
 
 def test_a_method_plugin_may_watch_every_run(tmp_path):

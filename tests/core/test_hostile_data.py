@@ -15,7 +15,8 @@ ANSWER = [{"role": "assistant", "content": "1 2"}]
 
 
 def run_args(tmp_path, method, *extra):
-    return ["run", "-m", method, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", "data.max_train_samples=8",
+    return ["run", "-m", method, f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1",
+            "data.max_train_samples=8",
             "data.max_eval_samples=4", "train.save_steps=null", "train.plots=false", "train.disable_tqdm=true",
             "train.eval_on_start=false", "train.eval_steps=null", *extra]
 
@@ -79,7 +80,8 @@ def test_completion_only_loss_on_language_modeling_rows_is_refused(tmp_path):
     line = refused(*run_args(tmp_path, "sft", f"data.train={data}", "method.completion_only_loss=true"),
                    written=tmp_path / "out")
     assert ("row 0: method.completion_only_loss=true needs prompt-completion rows ('prompt' and 'completion'); this "
-            "row is language modeling ('text'), with no prompt to mask: set completion_only_loss to null or false") in line
+            "row is language modeling ('text'), with no prompt to mask: set completion_only_loss to null or false"
+            ) in line
 
 
 def test_a_file_mixing_text_rows_and_conversation_rows_trains(tmp_path):

@@ -131,7 +131,8 @@ def test_generate_decodes_as_the_model_folder_says_by_default(tmp_path, monkeypa
                                       "6", PROMPT]).stdout
     assert asked[:3] == [{}, {}, {}] and asked[3] == {"do_sample": False}
     assert outputs == {greedy}
-    CliRunner().invoke(cli, ["-q", "generate", "--model", folder, "--temperature", "0.5", "--max-new-tokens", "2", PROMPT])
+    CliRunner().invoke(cli, ["-q", "generate", "--model", folder, "--temperature", "0.5", "--max-new-tokens", "2",
+                             PROMPT])
     assert asked[4] == {"do_sample": True, "temperature": 0.5, "top_p": 0.95}
 
 

@@ -70,7 +70,8 @@ def test_score_names_the_reward_when_it_breaks_during_training():
     assert score([("s", sometimes)], ["p"], ["y"], {}).tolist() == [[0.0]]
     with pytest.raises(AlignkitError, match=r"reward 's' returned float 0.5, not a list"):
         score([("s", sometimes)], ["p"], ["x"], {})
-    with pytest.raises(AlignkitError, match=r"reward 'k' reads column 'gold', which the data lacks; it has: 'answer', 'prompt'"):
+    with pytest.raises(AlignkitError,
+                       match=r"reward 'k' reads column 'gold', which the data lacks; it has: 'answer', 'prompt'"):
         score([("k", lambda prompts, completions, **kw: kw["gold"])], ["p"], ["x"], {"answer": ["1"]})
 
 

@@ -45,7 +45,8 @@ def quick(out: Path) -> list[str]:
 
 @pytest.mark.parametrize("targets", ["[no_such_module]", "[q_proj,no_such_module]"])
 def test_a_lora_target_typo_names_the_module_and_valid_ones_before_any_write(tmp_path, targets):
-    line = refused(tmp_path, "run", "--method", "orpo", *quick(tmp_path / "out"), f"model.peft.target_modules={targets}")
+    line = refused(tmp_path, "run", "--method", "orpo", *quick(tmp_path / "out"),
+                   f"model.peft.target_modules={targets}")
     assert "model.peft.target_modules" in line and "no_such_module" in line
     assert "q_proj" in line and "v_proj" in line  # a few of the names that exist
     assert not (tmp_path / "out").exists()

@@ -28,7 +28,8 @@ def test_row_stats_equal_float64_full_logits():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
     logp = torch.log_softmax(logits[:, :-1], -1)
     for i in range(6):
-        labelled = [logp[i, t - 1, b["labels"][i, t]] for t in range(1, b["labels"].shape[1]) if b["labels"][i, t] != -100]
+        labelled = [logp[i, t - 1, b["labels"][i, t]] for t in range(1, b["labels"].shape[1])
+                    if b["labels"][i, t] != -100]
         targets = [-logp[i, t - 1, nll[i, t]] for t in range(1, nll.shape[1]) if nll[i, t] != -100]
         assert float(s.logps[i]) == pytest.approx(float(sum(labelled)), rel=1e-5)
         assert int(s.tokens[i]) == len(labelled) and int(s.nll_tokens[i]) == len(targets)
@@ -102,7 +103,8 @@ def test_chunked_equals_plain_tied_and_with_lora_on_the_head(method):
     import peft
 
     b = ragged_batch()
-    assert_same(run(method, tiny_model(), [b], logits_chunk_size=3), run(method, tiny_model(), [b], loss_implementation="plain"))
+    assert_same(run(method, tiny_model(), [b], logits_chunk_size=3),
+                run(method, tiny_model(), [b], loss_implementation="plain"))
     torch.manual_seed(0)
     lora = peft.get_peft_model(tiny_model(tie_word_embeddings=False), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
@@ -121,8 +123,10 @@ def test_label_pad_token_id_is_read_from_the_config(method):
 
 def test_cli_runs_dpo_with_another_label_pad_token_id(tmp_path):
     def metrics(name, *overrides):
-        result = CliRunner().invoke(cli, ["run", "--method", "dpo", f"train.output_dir={tmp_path / name}", "train.max_steps=2",
-                                          "data.max_train_samples=8", "data.max_eval_samples=4", "train.disable_tqdm=true",
+        result = CliRunner().invoke(cli, ["run", "--method", "dpo", f"train.output_dir={tmp_path / name}",
+                                          "train.max_steps=2",
+                                          "data.max_train_samples=8", "data.max_eval_samples=4",
+                                          "train.disable_tqdm=true",
                                           "train.plots=false", *overrides])
         assert result.exit_code == 0, result.output
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

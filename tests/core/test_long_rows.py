@@ -19,7 +19,8 @@ def words(n: int, seed: int) -> str:
 
 BIG, SMALL = words(20_000, 1), words(5, 2)
 PAIRED = [{"prompt": BIG, "chosen": SMALL, "rejected": " 1"}, {"prompt": "sort: ", "chosen": BIG, "rejected": SMALL},
-          {"prompt": BIG, "chosen": BIG + " 1", "rejected": words(20_000, 3)}, {"chosen": BIG + " x", "rejected": BIG + " y"},
+          {"prompt": BIG, "chosen": BIG + " 1", "rejected": words(20_000, 3)},
+          {"chosen": BIG + " x", "rejected": BIG + " y"},
           {"prompt": [chat("user", BIG)], "chosen": [chat("assistant", SMALL)], "rejected": [chat("assistant", BIG)]}]
 
 
@@ -50,7 +51,8 @@ def test_orpo_ids_on_huge_rows_equal_the_whole_text_path(tok, mode):
     (SequenceFormatter, [{"text": BIG}, {"prompt": BIG, "completion": SMALL}, {"prompt": SMALL, "completion": BIG},
                          {"messages": [chat("user", BIG), chat("assistant", BIG)]},
                          {"prompt": [chat("user", BIG)], "completion": [chat("assistant", SMALL)]}]),
-    (SequenceFormatter, [{"messages": [chat("user", BIG), chat("assistant", BIG), chat("user", "q"), chat("assistant", SMALL)]},
+    (SequenceFormatter,
+     [{"messages": [chat("user", BIG), chat("assistant", BIG), chat("user", "q"), chat("assistant", SMALL)]},
                          {"prompt": [chat("user", BIG)], "completion": [chat("assistant", BIG)]},
                          {"prompt": [chat("user", SMALL)], "completion": [chat("assistant", BIG)]}]),
     (UnpairedPreferenceFormatter, PAIRED + [{"prompt": SMALL, "completion": BIG, "label": False}]),

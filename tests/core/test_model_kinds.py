@@ -1,6 +1,6 @@
 """Issue 21, capability gaps 1 and 8: a method declares its model kind (here a sequence classifier, the reward model of
-tests/core/reward_head_method.py) and loading, LoRA, saving, `alignkit eval`, `generate` and the model card follow it; the
-core's `model:PATH` reward scores text exactly as that reward model was trained."""
+tests/core/reward_head_method.py) and loading, LoRA, saving, `alignkit eval`, `generate` and the model card follow it;
+the core's `model:PATH` reward scores text exactly as that reward model was trained."""
 
 import pytest
 import torch
@@ -30,7 +30,8 @@ def eval_pairs(pm, result):
     cfg, method = alignkit.load_config(None, str(result.output_dir / "config.yaml"), plugins=pm)
     from alignkit.plugins import registered_datasets
 
-    rows = registered_datasets(pm)[cfg.data.train.removeprefix("builtin:")][0]("test").select(range(cfg.data.max_eval_samples))
+    load = registered_datasets(pm)[cfg.data.train.removeprefix("builtin:")][0]
+    rows = load("test").select(range(cfg.data.max_eval_samples))
     tokenizer = alignkit.load_tokenizer(cfg.model)
     formatter = method.formatter(cfg.method, tokenizer)
     features = [formatter.format(r).features for r in rows]

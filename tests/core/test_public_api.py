@@ -48,7 +48,8 @@ def test_plugins_import_only_the_public_api():
         if module == "alignkit":
             if name not in alignkit.__all__:
                 wrong.append(f"{where}: alignkit.{name} is not in alignkit.__all__")
-        elif not (module in PUBLIC or module.startswith(tuple(p + "." for p in PUBLIC))) or any(part.startswith("_") for part in module.split(".")):
+        elif (not (module in PUBLIC or module.startswith(tuple(p + "." for p in PUBLIC)))
+              or any(part.startswith("_") for part in module.split("."))):
             wrong.append(f"{where}: {module} is not a public module")
         elif name.startswith("_"):
             wrong.append(f"{where}: {module}.{name} is private")

@@ -165,7 +165,8 @@ class NaNPlugin:
 
     @alignkit.hookimpl
     def register_methods(self, register):
-        register(alignkit.Method(name="nan-orpo", config=type("C", (ORPOMethodConfig,), {"__annotations__": {"name": str},
+        register(alignkit.Method(name="nan-orpo",
+                                 config=type("C", (ORPOMethodConfig,), {"__annotations__": {"name": str},
                                  "name": "nan-orpo"}), formatter="preference", loss=self.loss, description="test",
                                  demo_data="sort"))
 
@@ -259,7 +260,8 @@ def test_remote_code_is_refused_with_a_message_that_says_so(pm, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(
         {"model_type": "custom-x", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
-    with pytest.raises(alignkit.ConfigError, match="needs custom code; set model.trust_remote_code=true only if you trust it"):
+    with pytest.raises(alignkit.ConfigError,
+                       match="needs custom code; set model.trust_remote_code=true only if you trust it"):
         alignkit.evaluate("orpo", plugins=pm, **{"model.name_or_path": str(tmp_path / "m"),
                                                  "model.tokenizer_name_or_path": "builtin:tiny"})
 
@@ -276,7 +278,8 @@ def test_remote_code_is_refused_with_a_message_that_says_so(pm, tmp_path):
 def test_bad_data_is_one_line_exit_2_and_writes_nothing(tmp_path, line, message):
     (tmp_path / "bad.jsonl").write_text(line + "\n" if line else "")
     env = {"HF_HUB_OFFLINE": "1", "ALIGNKIT_LOAD_PLUGINS": "alignkit", "PATH": str(Path(sys.executable).parent)}
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "-m", "orpo", f"data.train={tmp_path / 'bad.jsonl'}",
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "-m", "orpo",
+                           f"data.train={tmp_path / 'bad.jsonl'}",
                            f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("alignkit:")]
@@ -293,10 +296,12 @@ def test_accelerate_config_files(tmp_path, name):
             "train.disable_tqdm=true", "train.logging_steps=1", "train.save_steps=1"]
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
               "--main_process_port", str(free_port())]
-    two = subprocess.run([*launch, *args, "train.per_device_train_batch_size=4", f"train.output_dir={tmp_path / 'two'}"],
+    two = subprocess.run([*launch, *args, "train.per_device_train_batch_size=4",
+                          f"train.output_dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "train.per_device_train_batch_size=8", f"train.output_dir={tmp_path / 'one'}"],
+    one = subprocess.run([sys.executable, *args, "train.per_device_train_batch_size=8",
+                          f"train.output_dir={tmp_path / 'one'}"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-1"
@@ -306,5 +311,6 @@ def test_accelerate_config_files(tmp_path, name):
     for a, b in zip(rows_one, rows_two):
         key = "loss" if "loss" in a else "eval_loss"
         assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
-    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    wa, wb = (load_file(str(tmp_path / "one" / "model.safetensors")),
+              load_file(str(tmp_path / "two" / "model.safetensors")))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

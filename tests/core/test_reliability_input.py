@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("only_installed_orpo")
 
 
 def run_args(tmp_path, *extra):
-    return ["run", "-m", "orpo", f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", "data.max_train_samples=8",
+    return ["run", "-m", "orpo", f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1",
+            "data.max_train_samples=8",
             "data.max_eval_samples=4", "train.save_steps=null", "train.plots=false", "train.disable_tqdm=true", *extra]
 
 
@@ -30,29 +31,37 @@ PAIR = {"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"}
     (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
     (["train.num_train_epochs=.inf"], "train.num_train_epochs: Input should be a finite number (got inf)"),
     (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number (got inf)"),
-    (["train.lr_scheduler_type=cosine_with_min_lr"], "do not fit schedule cosine_with_min_lr: One of min_lr or min_lr_rate"),
+    (["train.lr_scheduler_type=cosine_with_min_lr"],
+     "do not fit schedule cosine_with_min_lr: One of min_lr or min_lr_rate"),
     (["train.lr_scheduler_type=reduce_lr_on_plateau"], "reduce_lr_on_plateau steps on an eval metric"),
     (["train.lr_scheduler_kwargs={foo: 1}"], "unexpected keyword argument 'foo'"),
     (["train.report_to=[a,"], "argument train.report_to: value '[a,' cannot be parsed"),
-    (["model.init_kwargs={low_cpu_mem_usage: true}"], "model.init_kwargs: the built-in model builtin:tiny is built, not loaded"),
-    (["model.name_or_path=some/model", "model.init_kwargs={dtype: float16}"], "model.init_kwargs: dtype is set by model.dtype"),
+    (["model.init_kwargs={low_cpu_mem_usage: true}"],
+     "model.init_kwargs: the built-in model builtin:tiny is built, not loaded"),
+    (["model.name_or_path=some/model", "model.init_kwargs={dtype: float16}"],
+     "model.init_kwargs: dtype is set by model.dtype"),
     (["train.fp16=true", "train.use_cpu=true"], "train.fp16: float16 mixed precision needs a GPU"),
     (["model.ref_name_or_path=builtin:tiny"], "model.ref_name_or_path: method orpo uses no reference model"),
     (["model.dtype=float16"], "model.dtype: model.embed_tokens.weight and 19 other trained weights are float16, which "
                               "train.optim=adamw_torch cannot update"),
-    (["model.attn_implementation=nonsense"], "model.attn_implementation=nonsense: Specified `attn_implementation=\"nonsense\"`"),
+    (["model.attn_implementation=nonsense"],
+     "model.attn_implementation=nonsense: Specified `attn_implementation=\"nonsense\"`"),
     (["model.attn_implementation=flash_attention_2"], "model.attn_implementation=flash_attention_2 needs a CUDA GPU"),
-    (["method.padding_value=5000"], "method.padding_value is 5000: token id 5000 in input_ids is outside the model's vocabulary"),
-    (["data.train=someone/no-such-dataset"], "someone/no-such-dataset: no such local file or folder, and it cannot be loaded"),
+    (["method.padding_value=5000"],
+     "method.padding_value is 5000: token id 5000 in input_ids is outside the model's vocabulary"),
+    (["data.train=someone/no-such-dataset"],
+     "someone/no-such-dataset: no such local file or folder, and it cannot be loaded"),
 ])
 def test_config_mistakes(tmp_path, extra, message):
     assert message in refused(*run_args(tmp_path, *extra), written=tmp_path / "out")
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n', "bad.jsonl:1: not UTF-8 text (byte 0xff at column 13)"),
+    ("bad.jsonl", b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n',
+     "bad.jsonl:1: not UTF-8 text (byte 0xff at column 13)"),
     ("bad.csv", b"prompt,chosen,rejected\np,c,r\n\xfe,c,r\n", "bad.csv:3: not UTF-8 text (byte 0xfe at column 1)"),
-    ("bad.parquet", b"garbage, not parquet\n", "bad.parquet: cannot be read as parquet: ArrowInvalid: Parquet magic bytes"),
+    ("bad.parquet", b"garbage, not parquet\n",
+     "bad.parquet: cannot be read as parquet: ArrowInvalid: Parquet magic bytes"),
 ])
 def test_unreadable_data_files(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -61,7 +70,8 @@ def test_unreadable_data_files(tmp_path, name, content, message):
 
 @pytest.mark.parametrize("text, message", [
     ("train:\n\tmax_steps: 1\n", "c.yaml:2:1: not valid YAML: a tab character; YAML indents with spaces"),
-    ("train:\n  max_steps: 1\n  max_steps: 2\n", "c.yaml:3:3: not valid YAML: duplicate key max_steps (the mapping starts at line 2)"),
+    ("train:\n  max_steps: 1\n  max_steps: 2\n",
+     "c.yaml:3:3: not valid YAML: duplicate key max_steps (the mapping starts at line 2)"),
     ("train: {max_steps: 1\n", "c.yaml:2:1: not valid YAML: did not find expected ',' or '}'"),
     ("just a string\n", "c.yaml: must hold a mapping of sections (model, data, train, method), not a str"),
 ])
@@ -113,7 +123,8 @@ def test_plot_to_an_unwritable_place(tmp_path):
 
 def test_truncation_without_drops_says_nothing_was_dropped(pm, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    alignkit.run("orpo", {**fast(tmp_path, max_steps=1), "method": {"max_length": 16, "max_prompt_length": 8}}, plugins=pm)
+    alignkit.run("orpo", {**fast(tmp_path, max_steps=1), "method": {"max_length": 16, "max_prompt_length": 8}},
+                 plugins=pm)
     warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert warned and all("dropped" not in m and "nothing left" not in m for m in warned), warned
 
@@ -122,7 +133,8 @@ def test_an_infinite_update_is_stopped_before_it_is_accepted(pm, tmp_path):
     cfg, method = alignkit.load_config("orpo", fast(tmp_path, max_steps=3), plugins=pm)
     model = tiny_model()
     engine = Engine(cfg, method, pm, model=model, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=float("inf")))
-    with pytest.raises(alignkit.AlignkitError, match=r"^step 1: the update made .* NaN/inf although the loss \(.*\) and "
+    with pytest.raises(alignkit.AlignkitError,
+                       match=r"^step 1: the update made .* NaN/inf although the loss \(.*\) and "
                                                      r"gradient norm \(.*\) were finite"):
         engine.train()
     assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -163,7 +175,8 @@ def test_a_secret_inside_a_dict_setting_is_recorded_as_the_interpolation(pm, tmp
     result = alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm,
                           **{"model.name_or_path": str(model_dir), "model.init_kwargs.token": "${oc.env:HF_SECRET}"})
     assert result.config.model.init_kwargs["token"] == "hf_hunter2"
-    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix in (".yaml", ".md", ".json", ".jsonl")]
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()
+               and p.suffix in (".yaml", ".md", ".json", ".jsonl")]
     assert any("${oc.env:HF_SECRET}" in p.read_text() for p in written)
     assert not [p for p in written if "hunter2" in p.read_text()]
 

@@ -37,7 +37,8 @@ def test_a_folder_in_use_is_refused_naming_the_process_and_a_dead_owner_is_taken
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(alignkit.ConfigError, match=rf"is in use by a running alignkit process, pid {holder.pid} on "):
+        with pytest.raises(alignkit.ConfigError,
+                           match=rf"is in use by a running alignkit process, pid {holder.pid} on "):
             alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1), plugins=pm)  # the same command again
         assert snapshot(out) == before  # the live run's checkpoints and metrics untouched
     finally:
@@ -73,7 +74,8 @@ def test_resume_refuses_changed_settings_and_records_the_allowed_ones(pm, tmp_pa
                                       **{key: value}), plugins=pm)
     with pytest.raises(alignkit.ConfigError, match=r"cannot change mid-run: data.train \("):
         alignkit.run("orpo", {**fast(tmp_path, max_steps=3, save_steps=2, resume_from_checkpoint="auto"),
-                              "data": {"train": "builtin:sort-chat", "max_train_samples": 32, "max_eval_samples": 8}}, plugins=pm)
+                              "data": {"train": "builtin:sort-chat", "max_train_samples": 32, "max_eval_samples": 8}},
+                              plugins=pm)
     # a key added to a dict-valued setting is a change too (the schedule's kwargs, here)
     with pytest.raises(alignkit.ConfigError, match=r"cannot change mid-run: train.lr_scheduler_kwargs \(\{\} -> "):
         alignkit.run("orpo", fast(tmp_path, max_steps=3, save_steps=2, resume_from_checkpoint="auto",
@@ -187,7 +189,8 @@ def test_auto_falls_back_to_the_newest_intact_checkpoint(pm, tmp_path, caplog):
     damage("truncated model", root / "out" / "checkpoints" / "checkpoint-2")
     with pytest.raises(alignkit.ConfigError, match="checkpoint-2 cannot be resumed: model.safetensors has"):
         alignkit.run("orpo", fast(root, max_steps=3, save_steps=1,
-                                  resume_from_checkpoint=str(root / "out" / "checkpoints" / "checkpoint-2")), plugins=pm)
+                                  resume_from_checkpoint=str(root / "out" / "checkpoints" / "checkpoint-2")),
+                                  plugins=pm)
 
 
 def test_a_pickled_model_in_a_checkpoint_is_refused(pm, tmp_path):
@@ -195,7 +198,8 @@ def test_a_pickled_model_in_a_checkpoint_is_refused(pm, tmp_path):
     ckpt = out / "checkpoints" / "checkpoint-1"
     (ckpt / "pytorch_model.bin").write_bytes(b"not even a pickle")
     checkpoint.write_manifest(ckpt)
-    with pytest.raises(alignkit.ConfigError, match="pickled weights \\(pytorch_model.bin\\); alignkit loads safetensors only"):
+    with pytest.raises(alignkit.ConfigError,
+                       match="pickled weights \\(pytorch_model.bin\\); alignkit loads safetensors only"):
         alignkit.run("orpo", fast(tmp_path, max_steps=2, save_steps=1, resume_from_checkpoint=str(ckpt)), plugins=pm)
 
 
@@ -229,6 +233,7 @@ def test_the_lock_is_released_and_a_refused_run_leaves_no_folder(pm, tmp_path):
     alignkit.run("orpo", fast(tmp_path, max_steps=1), plugins=pm)
     assert (tmp_path / "out" / ".alignkit.lock").read_text() == ""  # released: no owner recorded
     with pytest.raises(alignkit.ConfigError, match="no-such-checkpoint cannot be resumed: no such folder"):
-        alignkit.run("orpo", fast(tmp_path / "new", max_steps=1, resume_from_checkpoint=str(tmp_path / "no-such-checkpoint")),
+        alignkit.run("orpo", fast(tmp_path / "new", max_steps=1,
+                                  resume_from_checkpoint=str(tmp_path / "no-such-checkpoint")),
                      plugins=pm)
     assert not (tmp_path / "new").exists()

@@ -49,8 +49,10 @@ def start(root: Path, *extra, slow_save=False):
     env = {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(root),
            "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-sloweval", **({"SLOW_SAVE": "1"} if slow_save else {})}
     cmd = [sys.executable, "-m", "alignkit", "-q", "run", "--method", "slow-orpo", f"train.output_dir={root / 'out'}",
-           "data.train=builtin:sort", "data.eval=builtin:sort", "data.max_train_samples=16", "data.max_eval_samples=40", "train.per_device_eval_batch_size=1",
-           "train.per_device_train_batch_size=4", "train.logging_steps=1", "train.disable_tqdm=true", "train.plots=false",
+           "data.train=builtin:sort", "data.eval=builtin:sort", "data.max_train_samples=16", "data.max_eval_samples=40",
+           "train.per_device_eval_batch_size=1",
+           "train.per_device_train_batch_size=4", "train.logging_steps=1", "train.disable_tqdm=true",
+           "train.plots=false",
            "train.eval_on_start=false", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

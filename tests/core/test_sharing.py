@@ -80,7 +80,8 @@ def test_on_by_default_where_supported_and_refused_where_not():
     loss = ORPOLoss(ORPOMethodConfig())
     loss.prepare_model(model)
     assert loss.scorer.share_prompt is False
-    with pytest.raises(ConfigError, match="method.share_prompt needs .* flash_attention_2.*set method.share_prompt=false"):
+    with pytest.raises(ConfigError,
+                       match="method.share_prompt needs .* flash_attention_2.*set method.share_prompt=false"):
         ORPOLoss(ORPOMethodConfig(share_prompt=True)).prepare_model(model)
     with pytest.raises(ConfigError, match="method.share_prompt"):
         ORPOLoss(ORPOMethodConfig(share_prompt=True, loss_implementation="plain")).prepare_model(tiny_model())

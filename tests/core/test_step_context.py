@@ -54,7 +54,8 @@ def test_the_engine_hands_each_stage_its_context(tmp_path):
     ToyLoss.seen = []
     try:
         alignkit.run("toy", fast(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                                 per_device_eval_batch_size=4, eval_steps=2), plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
+                                 per_device_eval_batch_size=4, eval_steps=2),
+                                 plugins=plugin_manager(alignkit_orpo, ToyPlugin()))
     finally:
         seen, ToyLoss.seen = ToyLoss.seen, None
     train = [(stage, c) for stage, c in seen if c.training]
@@ -88,7 +89,8 @@ def test_reference_gets_the_context_and_collective_losses_evaluate_in_lockstep(t
     class RefPlugin(ToyPlugin):
         @alignkit.hookimpl
         def register_methods(self, register):
-            register(alignkit.Method(name="toy-ref", config=alignkit.get_method("toy", plugin_manager(ToyPlugin())).config,
+            register(alignkit.Method(name="toy-ref",
+                                     config=alignkit.get_method("toy", plugin_manager(ToyPlugin())).config,
                                      formatter="toy", loss=RefLoss, description="toy with a reference"))
 
         @alignkit.hookimpl

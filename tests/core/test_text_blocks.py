@@ -111,7 +111,8 @@ def test_bounded_texts_give_the_whole_texts_ids_at_both_ends(tok, special):
 @pytest.mark.parametrize("split", [split_merged, split_common])
 def test_bounded_pairs_equal_the_unbounded_path_after_truncation(tok, split):
     bounded, whole = Encoder(tok, keep=30), Encoder(tok)
-    cases = [(huge_text(2000, 1), " 1 22 333"), ("sort: ", huge_text(2000, 2)), (huge_text(2000, 3), huge_text(2000, 4)),
+    cases = [(huge_text(2000, 1), " 1 22 333"), ("sort: ", huge_text(2000, 2)),
+             (huge_text(2000, 3), huge_text(2000, 4)),
              (huge_text(2000, 5) + " 1", "1 22 sky")]  # a merge across the boundary
     for prompt, completion in cases:
         (p, c), = bounded.pairs([(prompt, completion)], split=split)

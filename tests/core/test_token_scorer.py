@@ -50,8 +50,9 @@ def test_logps_and_entropy_at_a_temperature_equal_the_full_logits(implementation
 
 def jsd(student_logprobs, teacher_logprobs, beta=0.5):
     """Generalised Jensen-Shannon divergence per position (GKD's), summed over the vocabulary."""
-    mix = torch.logsumexp(torch.stack([student_logprobs + torch.log(torch.tensor(1 - beta, dtype=student_logprobs.dtype)),
-                                       teacher_logprobs + torch.log(torch.tensor(beta, dtype=student_logprobs.dtype))]), 0)
+    dtype = student_logprobs.dtype
+    mix = torch.logsumexp(torch.stack([student_logprobs + torch.log(torch.tensor(1 - beta, dtype=dtype)),
+                                       teacher_logprobs + torch.log(torch.tensor(beta, dtype=dtype))]), 0)
     kl_t = (teacher_logprobs.exp() * (teacher_logprobs - mix)).sum(-1)
     kl_s = (student_logprobs.exp() * (student_logprobs - mix)).sum(-1)
     return beta * kl_t + (1 - beta) * kl_s

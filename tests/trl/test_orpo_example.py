@@ -30,7 +30,8 @@ def run(*flags):
 def test_the_seeds_command(standins, tmp_path):
     model, zen = standins
     proc = run("--model_name_or_path", model, "--dataset_name", zen, "--dataset_config", "conversational_preference",
-               "--num_train_epochs", "1", "--logging_steps", "25", "--output_dir", tmp_path / "out", "--report_to", "none")
+               "--num_train_epochs", "1", "--logging_steps", "25", "--output_dir", tmp_path / "out", "--report_to",
+               "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     assert (out / "model.safetensors").is_file() and (out / "training_args.bin").is_file()

@@ -52,7 +52,8 @@ def test_seed_quick_start_runs_with_only_the_import_changed(tok, tmp_path):
     tok.save_pretrained(tmp_path / "model")
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sort_pairs(24, seed=1)))
     script = tmp_path / "train_orpo.py"
-    script.write_text(QUICK_START.format(model=tmp_path / "model", data=tmp_path / "data.jsonl", out=tmp_path / "Qwen2-0.5B-ORPO"))
+    script.write_text(QUICK_START.format(model=tmp_path / "model", data=tmp_path / "data.jsonl",
+                                         out=tmp_path / "Qwen2-0.5B-ORPO"))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
                           env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,7 +126,8 @@ def test_train_loss_is_the_mean_of_every_step_and_no_row_is_forced(tok, tmp_path
     assert [row["epoch"] for row in t.state.log_history] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 3 / 6])
     quiet = trainer(tok, tmp_path / "quiet", dataset, logging_steps=500, save_strategy="no")  # eval_strategy "no"
     quiet.train()
-    assert [sorted(r) for r in quiet.state.log_history] == [["epoch", "step", "total_flos", "train_loss", "train_runtime",
+    assert [sorted(r) for r in quiet.state.log_history] == [["epoch", "step", "total_flos", "train_loss",
+                                                             "train_runtime",
                                                              "train_samples_per_second", "train_steps_per_second"]]
     assert not list((tmp_path / "quiet").glob("checkpoint-*"))
 
@@ -134,10 +136,13 @@ def test_seed_methods(tok, tmp_path, dataset):
     t = trainer(tok, tmp_path, dataset)
     row = ROWS[0]
     answer = t.build_tokenized_answer(row["prompt"], row["chosen"])
-    assert answer["prompt_input_ids"] + answer["input_ids"] == tok(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"]
+    assert answer["prompt_input_ids"] + answer["input_ids"] == tok(row["prompt"] + row["chosen"],
+                                                                   add_special_tokens=False)["input_ids"]
     tokenized = t.tokenize_row(row)
-    assert tokenized["chosen_input_ids"][0] == tok.bos_token_id and tokenized["chosen_input_ids"][-1] == tok.eos_token_id
-    assert tokenized["chosen_labels"][: len(tokenized["prompt_input_ids"])] == [-100] * len(tokenized["prompt_input_ids"])
+    assert (tokenized["chosen_input_ids"][0] == tok.bos_token_id
+            and tokenized["chosen_input_ids"][-1] == tok.eos_token_id)
+    prompt_length = len(tokenized["prompt_input_ids"])
+    assert tokenized["chosen_labels"][:prompt_length] == [-100] * prompt_length
 
     rows = [t.tokenize_row(r) for r in ROWS[:2]]
     batch = {k: [r[k] for r in rows] for k in rows[0]}
@@ -179,7 +184,8 @@ def test_compute_metrics_works_in_eval(tok, tmp_path, dataset):
         seen["shape"] = pred.predictions.shape
         return {"chosen_wins": float((pred.predictions[:, 0] > pred.predictions[:, 1]).mean())}
 
-    t = ORPOTrainer(model=tiny_model(seed=1), processing_class=tok, eval_dataset=dataset, compute_metrics=compute_metrics,
+    t = ORPOTrainer(model=tiny_model(seed=1), processing_class=tok, eval_dataset=dataset,
+                    compute_metrics=compute_metrics,
                     args=ORPOConfig(output_dir=str(tmp_path), per_device_eval_batch_size=4))
     metrics = t.evaluate()
     assert seen["shape"] == (12, 2)
@@ -226,7 +232,8 @@ def test_custom_optimizer_collator_and_model_init(tok, tmp_path, dataset):
     assert "eval_loss" in t2.evaluate()
     tiny_model(seed=5).save_pretrained(tmp_path / "named")
     tok.save_pretrained(tmp_path / "named")
-    t3 = ORPOTrainer(model=str(tmp_path / "named"), eval_dataset=dataset, args=ORPOConfig(output_dir=str(tmp_path / "c")))
+    t3 = ORPOTrainer(model=str(tmp_path / "named"), eval_dataset=dataset,
+                     args=ORPOConfig(output_dir=str(tmp_path / "c")))
     assert t3.evaluate()["eval_loss"] == pytest.approx(t2.evaluate()["eval_loss"], rel=1e-6)
 
 
@@ -237,7 +244,8 @@ def test_config_fields_mapped_ignored_or_rejected(tok, tmp_path, dataset):
     assert mapped["method.truncation_mode"] == "keep_start"
     lean = ORPOConfig(output_dir="o", group_by_length=True, use_liger_kernel=True).to_alignkit()
     assert lean["train.group_by_length"] is True and lean["method.loss_implementation"] == "chunked"
-    with pytest.raises(ValueError, match="ORPOConfig.neftune_noise_alpha=5 is not supported by alignkit and would change"):
+    with pytest.raises(ValueError,
+                       match="ORPOConfig.neftune_noise_alpha=5 is not supported by alignkit and would change"):
         ORPOConfig(output_dir="o", neftune_noise_alpha=5).to_alignkit()
     assert ORPOConfig(output_dir="o", optim="rmsprop", optim_args="alpha=0.9").to_alignkit()["train.optim"] == "rmsprop"
     assert ORPOConfig(output_dir="o", adafactor=True).to_alignkit()["train.optim"] == "adafactor"
@@ -252,7 +260,8 @@ def test_peft_config_trains_adapters_that_peft_loads(tok, tmp_path, dataset):
     from peft import LoraConfig, PeftModel
 
     t = ORPOTrainer(model=tiny_model(seed=6), processing_class=tok, train_dataset=dataset,
-                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           task_type="CAUSAL_LM"),
                     args=ORPOConfig(output_dir=str(tmp_path / "lora"), max_steps=2, learning_rate=1e-2,
                                     per_device_train_batch_size=4))
     t.train()
@@ -285,13 +294,15 @@ def test_hf_argument_parser_reads_the_example_flags_without_warnings():
              "--no_remove_unused_columns", "--use_peft", "--lora_r=16", "--lora_alpha=16", "--report_to", "none"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. no "ORPOConfig.debug=None is ignored"
-        script, args, model = HfArgumentParser((ScriptArguments, ORPOConfig, ModelConfig)).parse_args_into_dataclasses(flags)
+        script, args, model = HfArgumentParser((ScriptArguments, ORPOConfig,
+                                                ModelConfig)).parse_args_into_dataclasses(flags)
         overrides = args.to_alignkit()
     assert script.dataset_name == "zen" and script.dataset_train_split == "train" and args.debug == ""
     assert overrides["train.optim"] == "rmsprop" and overrides["train.report_to"] == []
     lora = get_peft_config(model)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (16, 16, 0.05, "none")
-    assert get_peft_config(ModelConfig()) is None and ModelConfig(lora_target_modules=["q_proj"]).lora_target_modules == "q_proj"
+    assert (get_peft_config(ModelConfig()) is None
+            and ModelConfig(lora_target_modules=["q_proj"]).lora_target_modules == "q_proj")
 
 
 def test_epoch_strategies_and_the_best_model_at_the_end(tok, tmp_path, dataset):

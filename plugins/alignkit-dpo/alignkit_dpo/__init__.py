@@ -12,7 +12,8 @@ from alignkit.blocks.logps import LogpsOptions, SequenceScorer, pair_metrics
 class DPOConfig(LogpsOptions):
     name: str = "dpo"
     beta: float = Field(0.1, gt=0, description="Temperature of the implicit reward (deviation from the reference).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (cDPO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5,
+                                   description="Assumed probability that a preference label is flipped (cDPO).")
     precompute_ref_log_probs: bool = Field(False, description="Compute the reference log-probs once before training.")
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit import ConfigError, Loss, LossOutput
+from alignkit import Loss, LossOutput
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.fusedhead import fused_row_terms
-from alignkit.blocks.lmhead import LMHead, check_head, final_hidden_states
+from alignkit.blocks.lmhead import LMHead, final_hidden_states, require_head
 from alignkit.blocks.logps import TokenScorer, entropy_of
 from alignkit_kto.pairing import kl_pairs
 
@@ -105,10 +105,7 @@ class KTOLoss(Loss):
         with torch.no_grad():
             out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
                         use_cache=False)
-        if not check_head(head, out):
-            raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                              "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
-        self._checked.add(id(head))
+        require_head(head, out, self._checked)
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference log-probs of each completion and, for `kto`, of each example's KL pair."""
@@ -132,7 +129,8 @@ class KTOLoss(Loss):
         with torch.no_grad():
             rewards = c.beta * (policy.logps.detach() - ref["logps"].to(policy.logps))
             summed = torch.cat([kl_sum, _reduce_sum(ctx, torch.stack([
-                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(), (~desirable).sum().float()]))])
+                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(),
+                (~desirable).sum().float()]))])
         return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
 
     def _kl(self, model, batch, ref: dict, ctx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +153,9 @@ class KTOLoss(Loss):
         return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
 
     def _fused(self, model, head: LMHead, batch, ref: dict, desirable, kl) -> tuple[torch.Tensor, CompletionStats]:
-        """(the summed loss, the policy's completion stats) on the fused head (alignkit.blocks.fusedhead.fused_row_terms):
-        whole rows chunk by chunk, each chunk's head gradients computed in the forward."""
+        """(the summed loss, the policy's completion stats) on the fused head
+        (alignkit.blocks.fusedhead.fused_row_terms): whole rows chunk by chunk, each chunk's head gradients computed in
+        the forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         self._check(model, head, ids, mask)
         _, hidden_BTH = final_hidden_states(model, ids, mask)

@@ -35,7 +35,8 @@ def test_demo_learns_offline(tmp_path):
     the README's figures."""
     start = time.time()
     proc = subprocess.run([Path(sys.executable).parent / "alignkit", "run", "--method", "grpo"], cwd=tmp_path,
-                          env=readme_figures.demo_env(ENV, cache=tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+                          env=readme_figures.demo_env(ENV, cache=tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=600)
     elapsed = time.time() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / "grpo"
@@ -69,7 +70,8 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     killed.wait()
     assert not (tmp_path / "run" / "model.safetensors").exists()
     cli(tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
+            load_file(str(tmp_path / "run" / "model.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert full[-1] == run[-1]
@@ -77,7 +79,8 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
     args = ["train.max_steps=3", "train.save_steps=null", "method.scale_rewards=batch"]
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
     cli(tmp_path / "two", *args, "train.per_device_train_batch_size=2", launcher=torchrun)
     cli(tmp_path / "one", *args, "train.per_device_train_batch_size=4")
     one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
@@ -104,9 +107,11 @@ def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
     rows = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for first, second in (rows[0:2], rows[2:4]):  # the same completions and rewards, a moved policy
-        assert first["reward"] == second["reward"] and first["completions/mean_length"] == second["completions/mean_length"]
+        assert (first["reward"] == second["reward"]
+                and first["completions/mean_length"] == second["completions/mean_length"])
         assert first["kl"] != second["kl"]
-    assert rows[1]["reward"] != rows[2]["reward"] or rows[1]["completions/mean_length"] != rows[2]["completions/mean_length"]
+    assert (rows[1]["reward"] != rows[2]["reward"]
+            or rows[1]["completions/mean_length"] != rows[2]["completions/mean_length"])
     # checkpoints only between rollouts: after steps 2 and 4's rollout pairs, never mid-rollout
     assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
 
@@ -179,8 +184,10 @@ def test_fsdp2_on_two_processes_samples_and_trains_as_one(tmp_path):
 
 
 def test_an_unknown_reward_is_one_line_exit_2_and_writes_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "--method", "grpo", "method.reward_funcs=[exact-mach]",
-                           f"train.output_dir={tmp_path / 'out'}"], env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "--method", "grpo",
+                           "method.reward_funcs=[exact-mach]",
+                           f"train.output_dir={tmp_path / 'out'}"], env=ENV, capture_output=True, text=True,
+                           timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "alignkit: error: method.reward_funcs: no reward function 'exact-mach' (did you mean 'exact-match'?); "

@@ -51,7 +51,8 @@ def test_generation_is_reproducible_and_independent_of_batching():
 
 def test_generation_uses_the_lora_adapters():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = peft.get_peft_model(tiny_model(),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     tok = tiny_tokenizer()
     ids = tok("sort: 3 1 2 =")["input_ids"]
     with_adapter = generator(model).generate([ids], n=4, max_new_tokens=6, seed=3)
@@ -176,11 +177,13 @@ def test_rollout_samples_groups_scores_them_and_normalises_within_each_group(ite
     out = rollout.finish([rollout(prompt_batch(tok, rows), ctx=ctx)], ctx=ctx)[0]
     N = 8
     assert out["prompt_ids"].shape[0] == out["completion_ids"].shape[0] == N
-    assert out["prompt_ids"][0].tolist()[-len(tok(rows[0]["prompt"])["input_ids"]):] == tok(rows[0]["prompt"])["input_ids"]
+    prompt_ids = tok(rows[0]["prompt"])["input_ids"]
+    assert out["prompt_ids"][0].tolist()[-len(prompt_ids):] == prompt_ids
     texts = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
     for i, text in enumerate(texts):
         answer = rows[i // 4]["answer"]
-        expected = BUILTIN["sort-order"]([""], [text], answer=[answer])[0] + 0.5 * BUILTIN["digits-format"]([""], [text])[0]
+        expected = BUILTIN["sort-order"]([""], [text],
+                                         answer=[answer])[0] + 0.5 * BUILTIN["digits-format"]([""], [text])[0]
         assert out["rewards"][i].item() == pytest.approx(expected)
         assert out["is_truncated"][i].item() == (tok.eos_token_id not in out["completion_ids"][i].tolist())
         if out["is_truncated"][i]:

@@ -126,7 +126,8 @@ def test_kl_is_clamped_at_zero():
     loss = KTOLoss(KTOConfig(beta=0.5))
     out, total = run_loss(loss, policy, ref, batch_of(ROWS))
     assert hand(policy, ref, ROWS, 0.5, "kto", 1, 1)["kl"] == 0.0  # clamped
-    assert float(hand(policy, ref, ROWS, 0.5, "kto", 1, 1, kl=0.0)["loss"].detach()) == pytest.approx(float(total.detach()), rel=1e-6)
+    assert float(hand(policy, ref, ROWS, 0.5, "kto", 1, 1,
+                      kl=0.0)["loss"].detach()) == pytest.approx(float(total.detach()), rel=1e-6)
     assert value(out.metrics["kl"]) == 0.0
 
 
@@ -156,12 +157,16 @@ def test_kl_estimate_is_the_mean_over_processes_of_each_process_batch_mean():
     out_b, total_b = run_loss(loss, policy, ref, batch_of(b), TwoProcesses(1, record_a.seen))
     local = [batch_kl(policy, ref, rows) for rows in (a, b)]
     kl = (local[0] + local[1]) / 2
-    assert kl > 0 and abs(kl - batch_kl(policy, ref, ROWS)) > 0.1 and value(out_a.metrics["kl"]) == pytest.approx(kl, rel=1e-5)
+    assert kl > 0 and abs(kl - batch_kl(policy, ref,
+                                        ROWS)) > 0.1 and value(out_a.metrics["kl"]) == pytest.approx(kl, rel=1e-5)
     assert out_b.metrics["kl"][1] == 0  # counted once, on the main process
-    assert float(total_a.detach()) == pytest.approx(float(hand(policy, ref, a, 0.2, "kto", 1, 1, kl=kl)["loss"].detach()), rel=1e-6)
-    assert float(total_b.detach()) == pytest.approx(float(hand(policy, ref, b, 0.2, "kto", 1, 1, kl=kl)["loss"].detach()), rel=1e-6)
+    assert float(total_a.detach()) == pytest.approx(float(hand(policy, ref, a, 0.2, "kto", 1, 1,
+                                                               kl=kl)["loss"].detach()), rel=1e-6)
+    assert float(total_b.detach()) == pytest.approx(float(hand(policy, ref, b, 0.2, "kto", 1, 1,
+                                                               kl=kl)["loss"].detach()), rel=1e-6)
     # the batch margin is over both processes' rows: chosen mean minus rejected mean of all five
-    assert value(out_a.metrics["rewards/margins"]) == pytest.approx(hand(policy, ref, ROWS, 0.2, "kto", 1, 1)["rewards/margins"], rel=1e-5)
+    assert value(out_a.metrics["rewards/margins"]) == pytest.approx(hand(policy, ref, ROWS, 0.2, "kto", 1,
+                                                                         1)["rewards/margins"], rel=1e-5)
 
 
 @pytest.mark.parametrize("loss_type, lora", [("kto", False), ("apo_zero_unpaired", False), ("kto", True)])
@@ -232,13 +237,15 @@ def test_paired_rows_become_two_examples_and_kl_pairs_rotate_in_trl_order():
         ("sort: 2 1 = 2 1</s>", False), ("sort: 4 3 = 4 3</s>", False)]
     for i, x in enumerate(examples):
         prev = examples[i - 1]
-        assert x["KL_completion_input_ids"] == x["prompt_input_ids"] + prev["completion_input_ids"][len(prev["prompt_input_ids"]):]
-        assert x["KL_completion_labels"][len(x["prompt_input_ids"]):] == prev["completion_labels"][len(prev["prompt_input_ids"]):]
+        prev_prompt = len(prev["prompt_input_ids"])
+        assert x["KL_completion_input_ids"] == x["prompt_input_ids"] + prev["completion_input_ids"][prev_prompt:]
+        assert x["KL_completion_labels"][len(x["prompt_input_ids"]):] == prev["completion_labels"][prev_prompt:]
 
 
 def test_unpaired_rows_and_bad_rows():
     out = formatter().format_batch([{"prompt": "a", "completion": " b", "label": True},
-                                    {"prompt": "a", "completion": " c"}, {"prompt": "a", "completion": " c", "label": "yes"}])
+                                    {"prompt": "a", "completion": " c"},
+                                    {"prompt": "a", "completion": " c", "label": "yes"}])
     assert out[0][0].features["label"] is True
     assert "missing column 'label'" in str(out[1]) and "'label' must be true or false" in str(out[2])
 
@@ -257,7 +264,8 @@ def test_batch_pairing_rotates_the_batch_own_completions():
 
 
 def test_precompute_is_refused_when_the_pairs_depend_on_the_batching():
-    with pytest.raises(alignkit.ConfigError, match="^method.precompute_ref_log_probs=true needs method.kl_pairing=fixed"):
+    with pytest.raises(alignkit.ConfigError,
+                       match="^method.precompute_ref_log_probs=true needs method.kl_pairing=fixed"):
         alignkit.load_config("kto", {"method": {"precompute_ref_log_probs": True, "kl_pairing": "batch"}}, plugins=pm())
     cfg, _ = alignkit.load_config("kto", {"method": {"precompute_ref_log_probs": True, "kl_pairing": "batch",
                                                      "loss_type": "apo_zero_unpaired"}}, plugins=pm())  # no KL term
@@ -296,7 +304,8 @@ def test_paired_data_is_unpaired_and_trains(tmp_path):
     assert result.global_step == 2
     import math
 
-    assert math.isfinite(result.metrics["eval_rewards/chosen"]) and math.isfinite(result.metrics["eval_rewards/rejected"])
+    assert (math.isfinite(result.metrics["eval_rewards/chosen"])
+            and math.isfinite(result.metrics["eval_rewards/rejected"]))
 
 
 def test_precomputed_reference_gives_the_same_run(tmp_path):
@@ -323,7 +332,8 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
     batch = engine.formatter.collate([data[i] for i in range(4)])
     ref = engine.reference(engine.model, dict(batch))
     base = engine.loss.reference(tiny_model(seed=3), batch)
-    assert torch.allclose(ref["logps"], base["logps"], atol=1e-5) and torch.allclose(ref["KL_logps"], base["KL_logps"], atol=1e-5)
+    assert torch.allclose(ref["logps"], base["logps"], atol=1e-5) and torch.allclose(ref["KL_logps"], base["KL_logps"],
+                                                                                     atol=1e-5)
     with torch.no_grad():
         trained = engine.loss.reference(engine.model, batch)
     assert not torch.allclose(trained["logps"], base["logps"], atol=1e-5)  # the adapters did learn

@@ -29,7 +29,8 @@ def ragged_batch(pairs: int = 3, seed: int = 1) -> dict:
     width = max(len(r) for r in rows)
     ids = torch.stack([torch.cat([r, torch.zeros(width - len(r), dtype=torch.long)]) for r in rows])
     lab = torch.stack([torch.cat([r, torch.full((width - len(r),), -100)]) for r in labels])
-    return {"input_ids": ids, "attention_mask": (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
+    return {"input_ids": ids,
+            "attention_mask": (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
             "labels": lab}
 
 
@@ -95,7 +96,8 @@ def test_chunked_equals_plain_with_lora(targets):
 
     base = tiny_model(tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))
     b = ragged_batch()
     chunked = run(model, [b], logits_chunk_size=4)
     assert type(chunked[0].head.module) is not torch.nn.Linear or "lm_head" not in targets
@@ -178,7 +180,8 @@ def test_no_full_logits_are_kept_for_backward_and_the_head_runs_once(share):
         assert backward_reads(loss_implementation="plain")[0] >= rows * (width - 1) * vocab
     largest, calls = backward_reads(logits_chunk_size=64)  # whole pairs per chunk
     assert largest == 0
-    scored = int(((b["labels"][:, 1:] != -100) | ((b["attention_mask"][:, 1:] == 1) & (torch.arange(rows) < rows // 2)[:, None])).sum())
+    first_half = (torch.arange(rows) < rows // 2)[:, None]
+    scored = int(((b["labels"][:, 1:] != -100) | ((b["attention_mask"][:, 1:] == 1) & first_half)).sum())
     # the model's own head scores one position per row it runs (one per pair when shared); the split-off head
     # each scored position exactly once, plus check_head's one position per row the model ran
     ran = rows // 2 if share else rows

@@ -19,7 +19,8 @@ def test_lora_from_config_trains_only_adapters_and_saves_them(pm, tmp_path, chec
     before = {k: v.clone() for k, v in base.state_dict().items()}
     result = alignkit.run("orpo", fast(tmp_path, max_steps=6, learning_rate=1e-2, gradient_checkpointing=checkpointing,
                                        eval_on_start=True),
-                          plugins=pm, model=base, **{"model.peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
+                          plugins=pm, model=base,
+                          **{"model.peft": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
     out = result.output_dir
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     adapter = load_file(str(out / "adapter_model.safetensors"))
@@ -44,7 +45,8 @@ def test_generate_during_eval_writes_completions_and_leaves_training_unchanged(p
     without = alignkit.run("orpo", fast(tmp_path / "plain", max_steps=4, eval_steps=2), plugins=pm,
                            **{"method.max_length": 24, "method.max_prompt_length": 16})
     assert not (without.output_dir / "completions.jsonl").exists()
-    a, b = load_file(str(with_gen.output_dir / "model.safetensors")), load_file(str(without.output_dir / "model.safetensors"))
+    a, b = (load_file(str(with_gen.output_dir / "model.safetensors")),
+            load_file(str(without.output_dir / "model.safetensors")))
     assert all(torch.equal(a[k], b[k]) for k in a)  # sampling ran on a forked RNG
 
 

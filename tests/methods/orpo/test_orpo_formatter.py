@@ -152,7 +152,8 @@ def test_template_rendering_the_prompt_differently_alone(tok):
     odd.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant:\n{% endif %}")
     row = {"prompt": [chat("user", "hi")], "chosen": [chat("assistant", "yes")], "rejected": [chat("assistant", "no")]}
-    # alone: "user: hi\nassistant:\n"; in the conversation: "user: hi\nassistant: yes\n" -> shared "user: hi\nassistant:"
+    # alone: "user: hi\nassistant:\n"; in the conversation: "user: hi\nassistant: yes\n"
+    # -> shared "user: hi\nassistant:"
     assert formatter(odd).texts(row) == ("user: hi\nassistant:", " yes\n", " no\n")
 
 
@@ -241,7 +242,8 @@ def test_every_row_dropped_is_an_error(tok):
 
 
 def test_dataset_num_proc_gives_the_same_features(tok):
-    rows = [{"prompt": f"sort: {i} {i + 1} =", "chosen": f" {i} {i + 1}", "rejected": f" {i + 1} {i}"} for i in range(40)]
+    rows = [{"prompt": f"sort: {i} {i + 1} =", "chosen": f" {i} {i + 1}", "rejected": f" {i + 1} {i}"}
+            for i in range(40)]
     ds = datasets.Dataset.from_list(rows)
     one, _ = prepare(ds, formatter(tok), "t")
     two, report = prepare(ds, formatter(tok, dataset_num_proc=2), "t")
@@ -263,7 +265,8 @@ def test_formatted_data_is_cached_between_runs(tok, tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(f'{{"prompt": "sort: {i} 1 =", "chosen": " 1 {i}", "rejected": " {i} 1"}}\n' for i in range(30)))
+    path.write_text("".join(f'{{"prompt": "sort: {i} 1 =", "chosen": " 1 {i}", "rejected": " {i} 1"}}\n'
+                            for i in range(30)))
 
     def run(tokenizer=tok, **cfg):
         before = CountingFormatter.rows_formatted

@@ -27,13 +27,15 @@ def tiny_t5():
 def reference(model, tok, rows, batch_size, beta, max_prompt, max_completion):
     """TRL v0.15.2's encoder-decoder ORPO, written out in float64."""
     model = copy.deepcopy(model).double().eval()
-    enc = lambda text, cap: tok(text, truncation=True, max_length=cap, add_special_tokens=True)["input_ids"]  # noqa: E731
+    enc = lambda text, cap: tok(text, truncation=True, max_length=cap,  # noqa: E731
+                                add_special_tokens=True)["input_ids"]
     per_batch = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         n = len(chunk)
         prompts = [enc(r["prompt"], max_prompt) for r in chunk] * 2
-        answers = [enc(r["chosen"], max_completion) for r in chunk] + [enc(r["rejected"], max_completion) for r in chunk]
+        answers = [enc(r["chosen"], max_completion) for r in chunk] + [enc(r["rejected"], max_completion)
+                                                                       for r in chunk]
         P, L = max(map(len, prompts)), max(map(len, answers))
         ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts])
         mask = torch.tensor([[1] * len(p) + [0] * (P - len(p)) for p in prompts])
@@ -59,7 +61,8 @@ def reference(model, tok, rows, batch_size, beta, max_prompt, max_completion):
 def test_seq2seq_eval_equals_reference(tok, pm, tmp_path, dtype, rel):
     model = tiny_t5().to(dtype)
     expected = reference(model, tok, ROWS, batch_size=4, beta=0.1, max_prompt=12, max_completion=8)
-    got = alignkit.evaluate("orpo", plugins=pm, model=model, tokenizer=tok, eval_dataset=datasets.Dataset.from_list(ROWS),
+    got = alignkit.evaluate("orpo", plugins=pm, model=model, tokenizer=tok,
+                            eval_dataset=datasets.Dataset.from_list(ROWS),
                             **{"method.max_prompt_length": 12, "method.max_completion_length": 8,
                                "train.per_device_eval_batch_size": 4, "train.output_dir": str(tmp_path)})
     for key, value in expected.items():

@@ -45,7 +45,8 @@ def check(out, counts, expected):
 def test_cpo_sigmoid(pm, smoothing):
     torch.manual_seed(0)
     b, logits = two_pairs(), torch.randn(4, 5, 11)
-    loss = alignkit.get_method("cpo", pm).loss(alignkit_cpo.CPOConfig(beta=0.3, cpo_alpha=0.7, label_smoothing=smoothing))
+    loss = alignkit.get_method("cpo", pm).loss(alignkit_cpo.CPOConfig(beta=0.3, cpo_alpha=0.7,
+                                                                      label_smoothing=smoothing))
     rows = answer_logps(logits, b["labels"])
     c, r = [sum(x) for x in rows[:2]], [sum(x) for x in rows[2:]]
     pref = [-(logsig(0.3 * (ci - ri)) * (1 - smoothing) + logsig(-0.3 * (ci - ri)) * smoothing) for ci, ri in zip(c, r)]
@@ -130,7 +131,8 @@ def test_dpo_reference_is_the_frozen_initial_policy(pm, tmp_path):
 
 def test_dpo_reference_from_another_model(pm, tmp_path):
     tiny_model(seed=9).save_pretrained(tmp_path / "ref")
-    cfg, method = alignkit.load_config("dpo", fast(tmp_path, max_steps=1), {"model.ref_name_or_path": str(tmp_path / "ref")},
+    cfg, method = alignkit.load_config("dpo", fast(tmp_path, max_steps=1),
+                                       {"model.ref_name_or_path": str(tmp_path / "ref")},
                                        plugins=pm)
     engine = Engine(cfg, method, pm, model=tiny_model(seed=3)).load()
     key = "model.embed_tokens.weight"
@@ -187,5 +189,6 @@ def test_uninstalled_plugin_is_gone(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit,alignkit-dpo,alignkit-cpo")
     proc = subprocess.run([sys.executable, "-m", "alignkit", "methods"], capture_output=True, text=True)
     assert [line.split()[0] for line in proc.stdout.splitlines()] == ["cpo", "dpo", "orpo"]
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "--method", "simpo"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "--method", "simpo"], capture_output=True,
+                          text=True)
     assert proc.returncode == 2 and "unknown method 'simpo'" in proc.stderr

@@ -80,7 +80,8 @@ def test_fused_head_gradient_equals_plain(tok, head):
         m = tiny_model(seed=4, tie_word_embeddings=head == "tied")
         if head == "lora-on-head":
             torch.manual_seed(0)
-            m = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+            m = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                       init_lora_weights=False))
         loss = SFTLoss(SFTConfig(loss_implementation=implementation, logits_chunk_size=4))
         loss.prepare_model(m)
         assert (loss.head is None) == (implementation == "plain")
@@ -153,7 +154,8 @@ def test_assistant_only_loss_trains_assistant_turns(tok):
 
 
 def test_conversational_prompt_completion(tok):
-    row = {"prompt": [{"role": "user", "content": "sort: 2 1"}], "completion": [{"role": "assistant", "content": "1 2"}]}
+    row = {"prompt": [{"role": "user", "content": "sort: 2 1"}],
+           "completion": [{"role": "assistant", "content": "1 2"}]}
     _, (ex,) = formatted(tok, [row])
     assert tok.decode(ex["input_ids"]) == "<|user|>\nsort: 2 1<|end|>\n<|assistant|>\n1 2<|end|>\n"
     assert tok.decode([t for t in ex["labels"] if t != -100]) == "1 2<|end|>\n"

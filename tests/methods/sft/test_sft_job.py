@@ -73,8 +73,10 @@ def float64_reference(work, data, completion_only):
 def test_eval_metrics_are_exact_means_equal_to_float64_reference(work, completion_only):
     expected = float64_reference(work, "standard.jsonl", completion_only)
     for batch in (5, 2):  # one batch, and uneven batches of 2, 2, 1: the same numbers
-        got = alignkit.evaluate("sft", **{"model.name_or_path": str(work / "model"), "data.train": str(work / "standard.jsonl"),
-                                          "train.per_device_eval_batch_size": batch, "method.completion_only_loss": completion_only,
+        got = alignkit.evaluate("sft", **{"model.name_or_path": str(work / "model"),
+                                          "data.train": str(work / "standard.jsonl"),
+                                          "train.per_device_eval_batch_size": batch,
+                                          "method.completion_only_loss": completion_only,
                                           "train.output_dir": str(work / f"ak-{completion_only}-{batch}")})
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-5), (batch, key)
@@ -82,7 +84,8 @@ def test_eval_metrics_are_exact_means_equal_to_float64_reference(work, completio
 
 
 def test_eval_metrics_equal_trl(work):
-    cases = {k: compare_sft_with_trl.CASES[k] for k in ("standard-prompt-completion", "conversational-language-modeling")}
+    cases = {k: compare_sft_with_trl.CASES[k]
+             for k in ("standard-prompt-completion", "conversational-language-modeling")}
     ours = compare_sft_with_trl.alignkit_side(work, cases, batch=5)
     theirs = compare_sft_with_trl.trl_side(work, cases, batch=5)
     worst, _ = compare_sft_with_trl.compare(ours, theirs)
@@ -118,6 +121,7 @@ def test_num_tokens_survives_resume(tmp_path):
     first = alignkit.run("sft", config, **{"model.name_or_path": "builtin:tiny"})
     whole = [r["num_tokens"] for r in read_jsonl(first.output_dir / "metrics.jsonl") if "loss" in r]
     checkpoint = next((first.output_dir / "checkpoints").iterdir())
-    again = alignkit.run("sft", config, **{"model.name_or_path": "builtin:tiny", "train.resume_from_checkpoint": str(checkpoint)})
+    again = alignkit.run("sft", config,
+                         **{"model.name_or_path": "builtin:tiny", "train.resume_from_checkpoint": str(checkpoint)})
     resumed = [r["num_tokens"] for r in read_jsonl(again.output_dir / "metrics.jsonl") if "loss" in r]
     assert resumed == whole and whole[-1] > whole[3] > 0
