@@ -478,9 +478,11 @@ class Engine:
             else:  # another folder: a .tmp-model of the user's there is refused, not removed
                 files_in(out, [tmp.name], "output_dir")(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)  # before the other processes' save_pretrained, which lists it
         acc.wait_for_everyone()
         acc.unwrap_model(model).save_pretrained(tmp, is_main_process=acc.is_main_process,
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
+        acc.wait_for_everyone()  # every process is done with tmp before the main one empties it
         if acc.is_main_process:
             self.tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
