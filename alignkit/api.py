@@ -11,9 +11,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config import BUILTIN_MODEL, RunConfig, load_yaml, resolve, user_layer
+from alignkit.engine.ownership import files_in
 from alignkit.errors import ConfigError
-from alignkit.method import Method
-from alignkit.ownership import files_in
+from alignkit.plugin.method import Method
 from alignkit.plugins import PluginManager, build_registry, get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ def run(method: str | None = None, config: str | Path | Mapping | None = None, *
         eval_dataset=None, schedule=None, optimizer=None, lr_scheduler=None, **overrides: Any) -> RunResult:
     """Train `method`. Overrides use the CLI's dotted keys: run("NAME", **{"train.max_steps": 10}).
 
-    `schedule` (an alignkit.schedule.Schedule), `optimizer(model)` and `lr_scheduler(optimizer,
+    `schedule` (an alignkit.engine.schedule.Schedule), `optimizer(model)` and `lr_scheduler(optimizer,
     num_training_steps)` replace the ones the config describes."""
-    from alignkit.engine import Engine
+    from alignkit.engine.loop import Engine
 
     pm = plugins or get_plugin_manager()
     cfg, chosen = load_config(method, config, overrides, pm)
@@ -81,7 +81,7 @@ def evaluate(method: str | None = None, config: str | Path | Mapping | None = No
              **overrides: Any) -> dict[str, float]:
     """Evaluate model.name_or_path on data.eval (or data.train), in order; also writes eval_results.json into
     train.output_dir (by default: the evaluated model's folder, or outputs/NAME-eval), never into another run."""
-    from alignkit.engine import Engine
+    from alignkit.engine.loop import Engine
 
     pm = plugins or get_plugin_manager()
     method = method or (None if model is not None else _method_of_model_folder(config, overrides))
@@ -159,6 +159,6 @@ def _eval_dir(cfg: RunConfig, method: Method, model_given: bool) -> Path:
         out = model_dir if own else Path(f"outputs/{method.name}-eval")
     beside_model = own and out.resolve() == model_dir.resolve()
     if not beside_model and any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
-        raise ConfigError(f"train.output_dir: {out} holds a training run; evaluation writes eval_results.json only beside "
-                          "the evaluated model or into a folder of its own: set train.output_dir")
+        raise ConfigError(f"train.output_dir: {out} holds a training run; evaluation writes eval_results.json only "
+                          "beside the evaluated model or into a folder of its own: set train.output_dir")
     return out

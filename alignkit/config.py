@@ -26,7 +26,7 @@ from pydantic import (
 )
 from transformers import SchedulerType
 
-from alignkit.envvalues import (  # noqa: F401 (re-exported: recorded, environment_values, redact, resolve_env)
+from alignkit.engine.envvalues import (  # noqa: F401 (re-exported: recorded, environment_values, redact, resolve_env)
     env_interpolations,
     environment_values,
     recorded,
@@ -34,7 +34,7 @@ from alignkit.envvalues import (  # noqa: F401 (re-exported: recorded, environme
     resolve_env,
 )
 from alignkit.errors import ConfigError, did_you_mean
-from alignkit.method import Method, MethodConfig
+from alignkit.plugin.method import Method, MethodConfig
 
 BUILTIN_MODEL = "builtin:tiny"
 SCHEDULERS = sorted(s.value for s in SchedulerType)
@@ -66,15 +66,25 @@ FIXED_LOAD_ARGUMENTS = {"trust_remote_code": "model.trust_remote_code", "revisio
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field(BUILTIN_MODEL, description="Hub name or local folder of the model; builtin:tiny is an offline tiny Llama.")
+    name_or_path: str = Field(BUILTIN_MODEL,
+                              description="Hub name or local folder of the model; builtin:tiny is an offline tiny "
+                              "Llama.")
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to load; default: the model's.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the loaded weights.")
-    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32",
+                                                                     description="Dtype of the loaded weights.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you "
+                                    "trust it.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model and tokenizer.")
-    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...; default: transformers' choice.")
-    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for from_pretrained (TRL's model_init_kwargs).")
-    ref_name_or_path: str | None = Field(None, description="Reference model for losses that need one; default: a frozen copy of the policy's initial weights (with model.peft: the policy with adapters disabled). Used as given with model.peft too.")
-    peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. model.peft.r=8.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...; default: "
+                                            "transformers' choice.")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                        description="Extra keyword arguments for from_pretrained (TRL's "
+                                        "model_init_kwargs).")
+    ref_name_or_path: str | None = Field(None, description="Reference model for losses that need one; default: a "
+                                         "frozen copy of the policy's initial weights (with model.peft: the policy "
+                                         "with adapters disabled). Used as given with model.peft too.")
+    peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. "
+                                      "model.peft.r=8.")
 
 
     @model_validator(mode="after")
@@ -84,17 +94,23 @@ class ModelConfig(Section):
                              "loading arguments (remove model.init_kwargs)")
         fixed = sorted(set(self.init_kwargs) & set(FIXED_LOAD_ARGUMENTS))
         if fixed:
-            raise ValueError("model.init_kwargs: " + ", ".join(f"{k} is set by {FIXED_LOAD_ARGUMENTS[k]}" for k in fixed)
+            raise ValueError("model.init_kwargs: " + ", ".join(f"{k} is set by {FIXED_LOAD_ARGUMENTS[k]}"
+                                                               for k in fixed)
                              + "; set it there instead")
         return self
 
 
 class DataConfig(Section):
-    train: str | None = Field(None, description="Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder, a hub name, or builtin:NAME (a plugin's built-in data); default: the method's demo data.")
-    train_split: str = Field("train", description="Split of `train` to use (hub datasets, DatasetDict folders and built-ins).")
+    train: str | None = Field(None, description="Training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk "
+                              "folder, a hub name, or builtin:NAME (a plugin's built-in data); default: the method's "
+                              "demo data.")
+    train_split: str = Field("train", description="Split of `train` to use (hub datasets, DatasetDict folders and "
+                             "built-ins).")
     eval: str | None = Field(None, description="Evaluation data, in the same forms as `train`; optional.")
     eval_split: str = Field("test", description="Split of `eval` to use.")
-    eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of `train` (shuffled with train.seed) as the eval set.")
+    eval_fraction: float | None = Field(None, gt=0, lt=1,
+                                        description="Hold out this fraction of `train` (shuffled with train.seed) as "
+                                        "the eval set.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N eval examples.")
 
@@ -106,22 +122,30 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    output_dir: str = Field("outputs/run", description="Where the model, config.yaml, metrics.jsonl and checkpoints/ go (default outputs/<method>).")
+    output_dir: str = Field("outputs/run",
+                            description="Where the model, config.yaml, metrics.jsonl and checkpoints/ go (default "
+                            "outputs/<method>).")
     overwrite_output_dir: bool = Field(
         False, description="Start over in an output_dir that holds an earlier run or files alignkit did not write: "
                            "removes only what alignkit wrote there (listed in its .alignkit-manifest.json: model, "
                            "checkpoints, metrics, plots, ...) and keeps every other file.")
-    skip_nonfinite_steps: bool = Field(False, description="Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping.")
+    skip_nonfinite_steps: bool = Field(False, description="Skip an optimizer step whose loss or gradient is NaN/inf "
+                                       "instead of stopping.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    optim: str = Field("adamw_torch", description="Optimizer, by its transformers.Trainer name (adamw_torch, sgd, rmsprop, adafactor, ...).")
-    optim_args: str | None = Field(None, description="Extra optimizer arguments as transformers takes them, e.g. 'momentum=0.9,centered=true'.")
+    optim: str = Field("adamw_torch",
+                       description="Optimizer, by its transformers.Trainer name (adamw_torch, sgd, rmsprop, adafactor, "
+                       "...).")
+    optim_args: str | None = Field(None, description="Extra optimizer arguments as transformers takes them, e.g. "
+                                   "'momentum=0.9,centered=true'.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch on each process.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per eval batch on each process.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     num_train_epochs: float = Field(3.0, gt=0, description="Epochs to train when max_steps is not set.")
     max_steps: int = Field(-1, description="Optimizer steps to train; overrides num_train_epochs when > 0.")
-    lr_scheduler_type: str = Field("linear", description=f"Schedule from transformers.get_scheduler: {', '.join(SCHEDULERS)}.")
-    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments of the schedule, e.g. {num_cycles: 2}.")
+    lr_scheduler_type: str = Field("linear", description="Schedule from transformers.get_scheduler: "
+                                   f"{', '.join(SCHEDULERS)}.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                description="Extra arguments of the schedule, e.g. {num_cycles: 2}.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of the steps spent warming up.")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (not applied to biases and norm weights).")
@@ -129,24 +153,33 @@ class TrainConfig(Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables clipping.")
-    logging_steps: int = Field(10, gt=0, description="Write a metrics row every N optimizer steps (means over the window).")
+    logging_steps: int = Field(10, gt=0, description="Write a metrics row every N optimizer steps (means over the "
+                               "window).")
     logging_first_step: bool = Field(False, description="Also log after the first step.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; evaluation also runs at the end when there is eval data.")
+    eval_steps: int | None = Field(None, gt=0,
+                                   description="Evaluate every N steps; evaluation also runs at the end when there is "
+                                   "eval data.")
     eval_on_start: bool = Field(False, description="Evaluate once before training.")
     save_steps: int | None = Field(500, gt=0, description="Write a checkpoint every N steps; null for none.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most this many checkpoints (the newest).")
-    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or auto for the latest in output_dir/checkpoints.")
-    checkpoint_dir: str = Field("checkpoints", description="Folder of the checkpoint-N folders, relative to output_dir; '.' puts them in output_dir itself, as transformers.Trainer does.")
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or auto for the latest in "
+                                               "output_dir/checkpoints.")
+    checkpoint_dir: str = Field("checkpoints",
+                                description="Folder of the checkpoint-N folders, relative to output_dir; '.' puts them "
+                                "in output_dir itself, as transformers.Trainer does.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialisation, shuffling and dropout.")
     group_by_length: bool = Field(
         False, description="Shuffle in groups of similar length so micro-batches pad little (still set by the seed).")
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
     fp16: bool = Field(False, description="float16 mixed precision (GPU only).")
     use_cpu: bool = Field(False, description="Train on the CPU even when an accelerator is present.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    report_to: list[str] = Field(default_factory=list, description=f"Trackers through accelerate: {', '.join(TRACKERS)}.")
+    gradient_checkpointing: bool = Field(False,
+                                         description="Recompute activations in the backward pass to save memory.")
+    report_to: list[str] = Field(default_factory=list,
+                                 description=f"Trackers through accelerate: {', '.join(TRACKERS)}.")
     run_name: str | None = Field(None, description="Run name for trackers; default: the output_dir's name.")
-    plots: bool = Field(True, description="At the end, draw metrics.jsonl as PNG charts in output_dir/plots (needs matplotlib).")
+    plots: bool = Field(True, description="At the end, draw metrics.jsonl as PNG charts in output_dir/plots (needs "
+                        "matplotlib).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
 
@@ -162,13 +195,14 @@ class TrainConfig(Section):
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
         if v not in SCHEDULERS:
-            raise ValueError(f"unknown schedule {v!r}{did_you_mean(v, SCHEDULERS)}; choose from {', '.join(SCHEDULERS)}")
+            raise ValueError(f"unknown schedule {v!r}{did_you_mean(v, SCHEDULERS)}; "
+                             f"choose from {', '.join(SCHEDULERS)}")
         return v
 
     @field_validator("optim")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
-        from alignkit.optim import optimizer_names
+        from alignkit.engine.optim import optimizer_names
 
         if v not in (names := optimizer_names()):
             raise ValueError(f"unknown optimizer {v!r}{did_you_mean(v, names)}; choose from {', '.join(names)}")
@@ -181,7 +215,8 @@ class TrainConfig(Section):
         v = [] if v in (["none"], None) else v
         for name in v if isinstance(v, list) else []:
             if name not in TRACKERS:
-                raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; choose from {', '.join(TRACKERS)}")
+                raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; choose from "
+                                 f"{', '.join(TRACKERS)}")
         return v
 
     @model_validator(mode="after")
@@ -207,7 +242,8 @@ class TrainConfig(Section):
             scheduler.step()
         except Exception as e:  # TypeError for unknown kwargs, ValueError for missing ones
             raise ValueError(f"train.lr_scheduler_kwargs: {dict(self.lr_scheduler_kwargs)} do not fit schedule "
-                             f"{self.lr_scheduler_type}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                             f"{self.lr_scheduler_type}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         return self
 
 

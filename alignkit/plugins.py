@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from alignkit import hookspecs
 from alignkit.errors import PluginError, did_you_mean
-from alignkit.method import Method
+from alignkit.plugin import hookspecs
+from alignkit.plugin.method import Method
 
 ENTRY_POINT_GROUP = "alignkit"
 ALLOW_LIST_VAR = "ALIGNKIT_LOAD_PLUGINS"
@@ -50,7 +50,8 @@ class Registry:
         if name in table:
             raise PluginError(f"{kind[:-1]} {name!r} is registered twice: by {table[name][1]} and by {source}")
         if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {source} registered a {kind[:-1]} under the name {name!r}; names are non-empty strings")
+            raise PluginError(f"plugin {source} registered a {kind[:-1]} under the name {name!r}; names are non-empty "
+                              "strings")
         table[name] = (cls, source)
 
     def part(self, kind: str, name: str, wanted_by: str) -> type:
@@ -63,7 +64,8 @@ class Registry:
     def resolve(self, method: Method) -> Method:
         """The method with formatter and loss given by name replaced by their classes, and its config
         extended by the fields its formatter reads (the formatter's config_class)."""
-        formatter = self.part("formatters", method.formatter, method.name) if isinstance(method.formatter, str) else method.formatter
+        formatter = self.part("formatters", method.formatter, method.name) if isinstance(method.formatter,
+                                                                                         str) else method.formatter
         loss = self.part("losses", method.loss, method.name) if isinstance(method.loss, str) else method.loss
         needed = getattr(formatter, "config_class", None)
         config = method.config if needed is None else _with_fields(method.config, needed)
@@ -73,6 +75,10 @@ class Registry:
         if not isinstance(method, Method):
             raise PluginError(f"plugin {source} registered {type(method).__name__} {method!r}, not alignkit.Method")
         method = replace(method, source=source, version=version, plugin=plugin)
+        if method.rollout is not None:  # the Rollout Protocol (alignkit.online.rollout), checked here: one line
+            from alignkit.online.rollout import check_rollout
+
+            check_rollout(method.rollout, f"plugin {source or plugin}: method {method.name!r}")
         if method.name in self.methods:
             first = self.methods[method.name].source
             raise PluginError(

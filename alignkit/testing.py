@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from alignkit.modeling import BUILTIN_DIR, tiny_llama_config
+from alignkit.engine.modeling import BUILTIN_DIR, tiny_llama_config
 from alignkit.plugins import PluginManager, get_plugin_manager
 
 

@@ -1,9 +1,10 @@
 """alignkit_orpo: Odds Ratio Preference Optimization as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
-from alignkit_orpo import demo, generation
-from alignkit_orpo.config import ORPOMethodConfig, PreferenceDataConfig
-from alignkit_orpo.formatter import PreferenceFormatter
+from alignkit.blocks.demo import demo_defaults
+from alignkit.formatters import PreferenceDataConfig, PreferenceFormatter
+from alignkit_orpo import generation
+from alignkit_orpo.config import ORPOMethodConfig
 from alignkit_orpo.loss import ORPOLoss, odds_ratio_terms
 
 CITATION = """@article{hong2024orpo,
@@ -14,16 +15,12 @@ CITATION = """@article{hong2024orpo,
 }"""
 
 #: the demo's training settings (tiny built-in model on built-in data): it learns to sort in seconds
-DEMO_DEFAULTS = {
-    "train.learning_rate": 3e-3, "train.num_train_epochs": 2, "train.per_device_train_batch_size": 16,
-    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
-    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
-}
+DEMO_DEFAULTS = demo_defaults(num_train_epochs=2)
 
 METHOD = Method(
     name="orpo",
     config=ORPOMethodConfig,
-    formatter=PreferenceFormatter,
+    formatter=PreferenceFormatter,  # the core's (alignkit.formatters), as DPO, CPO and SimPO use it by name
     loss=ORPOLoss,
     description="Odds Ratio Preference Optimization: SFT plus an odds-ratio penalty, no reference model.",
     defaults={"train.learning_rate": 1e-6},
@@ -40,25 +37,16 @@ def register_methods(register):
 
 
 @hookimpl
-def register_formatters(register):
-    register("preference", PreferenceFormatter)
-
-
-@hookimpl
 def register_losses(register):
     register("orpo", ORPOLoss)
-
-
-@hookimpl
-def register_datasets(register):
-    demo.register(register)  # builtin:sort and builtin:sort-chat
 
 
 on_evaluate = generation.on_evaluate  # generate_during_eval, for the ORPO runs that ask for it
 
 
 #: the TRL-compatible names, from alignkit_orpo.trl, imported on first use (not by plugin discovery)
-TRL_NAMES = ("ORPOConfig", "ORPOTrainer", "ScriptArguments", "ModelConfig", "get_peft_config", "get_quantization_config",
+TRL_NAMES = ("ORPOConfig", "ORPOTrainer", "ScriptArguments", "ModelConfig", "get_peft_config",
+             "get_quantization_config",
              "get_kbit_device_map", "SIMPLE_CHAT_TEMPLATE")
 
 

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
-from alignkit.lmhead import LMHead
-from alignkit.logps import SequenceScorer, count_weights
-from alignkit.loss import at_least_fp32
-from alignkit.modeling import disable_dropout
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.lmhead import LMHead
+from alignkit.blocks.logps import SequenceScorer, count_weights
+from alignkit.plugin.loss import at_least_fp32
 
 
 def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float):
@@ -26,7 +26,7 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, b
 class ORPOLoss(Loss):
     """Runs one forward over [chosen; rejected] rows and returns the NLL and odds-ratio terms.
 
-    The chunked path (default) never materialises the logits: see alignkit.logps. The plain path
+    The chunked path (default) never materialises the logits: see alignkit.blocks.logps. The plain path
     takes the model's full [2B, T, V] logits, as TRL does; both compute the same numbers.
     """
 
@@ -69,7 +69,7 @@ class ORPOLoss(Loss):
         return self.forward_plain(model, batch)
 
     def forward_chunked(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> "ORPOForward":
-        """The LM head only at the positions a term reads, in chunks (alignkit.logps)."""
+        """The LM head only at the positions a term reads, in chunks (alignkit.blocks.logps)."""
         return self._chunked(model, batch, fused=False)[0]
 
     def _chunked(self, model, batch, fused: bool, ctx=None) -> "tuple[ORPOForward, dict | None]":
@@ -84,7 +84,8 @@ class ORPOLoss(Loss):
             return {"nll_tokens": s.nll[:m].sum(), "pairs": or_loss.sum()}
 
         s, aux, summed = self.scorer(model, batch, nll_targets, aux_loss=self.aux_loss_coef is not None,
-                                     terms=terms if fused else None, group_size=2, weights=count_weights(self.counts(batch), ctx))
+                                     terms=terms if fused else None, group_size=2,
+                                     weights=count_weights(self.counts(batch), ctx))
         seq_logps_B = s.logps / s.tokens
         # logits/* average every position [:, :-1] over the whole vocabulary
         logits_means = (s.rows(torch.arange(n)).logits_mean(), s.rows(torch.arange(n, 2 * n)).logits_mean())
@@ -100,7 +101,8 @@ class ORPOLoss(Loss):
             extra["decoder_input_ids"] = batch["decoder_input_ids"]
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
         logits_BTV = outputs.logits
-        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore, shift=not seq2seq)
+        nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore,
+                                                        shift=not seq2seq)
         token_logps_BT, mask_BT = shifted_token_logps(logits_BTV, batch["labels"], ignore, shift=not seq2seq)
         seq_logps_B = token_logps_BT.sum(-1) / mask_BT.sum(-1)
         # logits/* average the positions that predict something: all but the last of a decoder-only row

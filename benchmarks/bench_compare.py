@@ -84,7 +84,8 @@ def table(rows: list[dict], variants: list[str]) -> list[str]:
             cells = [c.get("data", "synthetic"), c["vocab"], c["seq"], c["pairs"], c["tokens"], v,
                      fmt(x.get("step_s"), ".2f") if ok else x.get("status", "-"), fmt(x.get("tokens_per_s"), ".0f"),
                      fmt(x.get("peak_mb"), ".0f"), fmt((x.get("losses") or [None])[0], ".4f"),
-                     ratio(x, trl, "step_s"), ratio(x, liger, "step_s"), ratio(x, trl, "peak_mb"), ratio(x, liger, "peak_mb")]
+                     ratio(x, trl, "step_s"), ratio(x, liger, "step_s"), ratio(x, trl, "peak_mb"),
+                     ratio(x, liger, "peak_mb")]
             if "MFU" in cols:
                 cells.append(fmt(x.get("mfu"), ".1%"))
             lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
@@ -148,7 +149,8 @@ def liger_version() -> str:
 
 def methods_table(results: list[dict], methods: list[str]) -> list[str]:
     """Peak memory and step time of other alignkit methods against alignkit's ORPO on the same case."""
-    lines = ["| vocab | seq | pairs | grad ckpt | method | s/step | peak MB | peak MB ORPO | memory vs ORPO | first losses |",
+    lines = ["| vocab | seq | pairs | grad ckpt | method | s/step | peak MB | peak MB ORPO | memory vs ORPO | first "
+             "losses |",
              "|" + "---|" * 10]
     for r in results:
         c, orpo = r["case"], r["alignkit"]
@@ -156,7 +158,9 @@ def methods_table(results: list[dict], methods: list[str]) -> list[str]:
             x = r.get(m, {})
             ok = x.get("status") == "ok" and orpo.get("status") == "ok"
             lines.append(f"| {c['vocab']} | {c['seq']} | {c['pairs']} | {'yes' if c['gc'] else 'no'} | {m} | "
-                         f"{fmt(x.get('step_s'), '.3f') if ok else x.get('status', '-')} | {fmt(x.get('peak_mb'), '.0f')} | "
-                         f"{fmt(orpo.get('peak_mb'), '.0f')} | {fmt(x['peak_mb'] / orpo['peak_mb'], '.2f') if ok else '-'} | "
+                         f"{fmt(x.get('step_s'), '.3f') if ok else x.get('status', '-')} | "
+                         f"{fmt(x.get('peak_mb'), '.0f')} | "
+                         f"{fmt(orpo.get('peak_mb'), '.0f')} | "
+                         f"{fmt(x['peak_mb'] / orpo['peak_mb'], '.2f') if ok else '-'} | "
                          f"{' '.join(f'{v:.4f}' for v in x.get('losses', []))} |")
     return lines

@@ -76,7 +76,8 @@ def synthetic_rows(n: int, seq: int, distinct: bool) -> list[dict]:
         return " ".join(str(rng.randrange(10)) for _ in range(k))
 
     def row():
-        return {"prompt": "sort: " + digits(seq // 2 - 4) + " =", "chosen": " " + digits(seq), "rejected": " " + digits(seq)}
+        return {"prompt": "sort: " + digits(seq // 2 - 4) + " =", "chosen": " " + digits(seq),
+                "rejected": " " + digits(seq)}
 
     one = row()
     return [row() if distinct else dict(one) for _ in range(n)]

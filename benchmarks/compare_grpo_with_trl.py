@@ -162,7 +162,7 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    from alignkit.rewards import RewardRegistry
+    from alignkit.online.rewards import RewardRegistry
 
     x = inputs(tok)
     prompt_rows = [row[m.bool()].tolist() for row, m in zip(x["prompt_ids"], x["prompt_mask"])]
@@ -178,7 +178,8 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
                      max_completion_length=MAX_NEW, scale_rewards=scale, per_device_train_batch_size=N_PROMPTS * N_GEN,
                      reward_weights=[1.0, 0.5], report_to=[], use_cpu=True, bf16=False, logging_steps=1)
     trainer = GRPOTrainer(model=path, reward_funcs=[reward_a, reward_b], args=args, processing_class=tok,
-                          train_dataset=Dataset.from_list([{"prompt": "p", "answer": "x"}] * 8), rollout_func=rollout_func)
+                          train_dataset=Dataset.from_list([{"prompt": "p", "answer": "x"}] * 8),
+                          rollout_func=rollout_func)
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     rows = [{"prompt": texts[i // N_GEN], "answer": answers[i // N_GEN]} for i in range(N_PROMPTS * N_GEN)]
@@ -203,8 +204,10 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
             return t
 
     width = max(map(len, prompt_rows))
-    batch = {"prompt_input_ids": torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in prompt_rows[::N_GEN]]),
-             "prompt_attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in prompt_rows[::N_GEN]]),
+    batch = {"prompt_input_ids": torch.tensor([r + [tok.pad_token_id] * (width - len(r))
+                                               for r in prompt_rows[::N_GEN]]),
+             "prompt_attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r))
+                                                    for r in prompt_rows[::N_GEN]]),
              "prompt": texts, "answer": answers}
     ours = rollout.finish([rollout(batch, ctx=Ctx)], ctx=Ctx)[0]
     adv_diff = float((ours["advantages"] - theirs["advantages"]).abs().max())
@@ -252,18 +255,23 @@ def main() -> int:
                              max_completion_length=MAX_NEW, temperature=0.7, epsilon=0.2, epsilon_high=0.28,
                              mask_truncated_completions=mask_truncated, use_bias_correction_kl=bias_correction)
             rows.append(compare(cfg, f"{tmp}/model", tok, f"{tmp}/trl"))
-        scoring = [compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", scale) for scale in ("group", "batch", "none")]
-    print(f"{'loss_type':9} {'beta':>5} {'iters':>5} {'mask_trunc':>10} {'kl_is':>5} {'alignkit loss':>14} {'TRL loss':>14} "
+        scoring = [compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", scale)
+                   for scale in ("group", "batch", "none")]
+    print(f"{'loss_type':9} {'beta':>5} {'iters':>5} {'mask_trunc':>10} {'kl_is':>5} {'alignkit loss':>14} "
+          f"{'TRL loss':>14} "
           f"{'loss rel':>9} {'grad rel':>9} {'metric rel':>10}")
     for r in rows:
-        print(f"{r['loss_type']:9} {r['beta']:5} {r['num_iterations']:5} {r['mask_truncated']!s:>10} {r['kl_bias_correction']!s:>5} "
+        print(f"{r['loss_type']:9} {r['beta']:5} {r['num_iterations']:5} {r['mask_truncated']!s:>10} "
+              f"{r['kl_bias_correction']!s:>5} "
               f"{r['alignkit_loss']:14.8f} {r['trl_loss']:14.8f} {r['loss_rel']:9.1e} {r['grad_rel_max']:9.1e} "
               f"{r['metrics_rel_max']:10.1e}")
     print()
     print("TRL's own rollout scoring (fixed completions via rollout_func, two reward functions, one None on a prompt):")
-    print(f"{'scale_rewards':13} {'adv abs diff':>12} {'metric rel':>10} {'alignkit loss':>14} {'TRL loss':>14} {'loss abs':>9} {'grad rel':>9}")
+    print(f"{'scale_rewards':13} {'adv abs diff':>12} {'metric rel':>10} {'alignkit loss':>14} {'TRL loss':>14} "
+          f"{'loss abs':>9} {'grad rel':>9}")
     for r in scoring:
-        print(f"{r['scale_rewards']:13} {r['advantage_abs_max']:12.1e} {r['metrics_rel_max']:10.1e} {r['alignkit_loss']:14.8f} "
+        print(f"{r['scale_rewards']:13} {r['advantage_abs_max']:12.1e} {r['metrics_rel_max']:10.1e} "
+              f"{r['alignkit_loss']:14.8f} "
               f"{r['trl_loss']:14.8f} {r['loss_abs']:9.1e} {r['grad_rel_max']:9.1e}")
     print("metrics compared:", ", ".join(sorted(scoring[0]["metrics"])))
     if args.json:
@@ -273,7 +281,8 @@ def main() -> int:
     bad = [r for r in rows + scoring if max(r.get("loss_rel", 0.0), r.get("loss_abs", 0.0), r["grad_rel_max"],
                                             r["metrics_rel_max"], r.get("advantage_abs_max", 0.0)) > TOL]
     total = len(rows) + len(scoring)
-    print(f"{total - len(bad)}/{total} cases within {TOL:g} (loss, every gradient, metrics relative; advantages and on-policy losses absolute)")
+    print(f"{total - len(bad)}/{total} cases within {TOL:g} (loss, every gradient, metrics relative; advantages and "
+          "on-policy losses absolute)")
     return 1 if bad else 0
 
 

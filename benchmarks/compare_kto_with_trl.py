@@ -56,12 +56,14 @@ def make_inputs(work: Path) -> None:
     rows = [r for r in everything if r["prompt"] in keep]  # both examples of LISTS lists, in the demo's shuffled order
     by_prompt: dict[str, dict] = {}
     for r in rows:
-        by_prompt.setdefault(r["prompt"], {"prompt": r["prompt"]})["chosen" if r["label"] else "rejected"] = r["completion"]
+        by_prompt.setdefault(r["prompt"],
+                             {"prompt": r["prompt"]})["chosen" if r["label"] else "rejected"] = r["completion"]
     paired = list(by_prompt.values())
     rows[0] = {**rows[0], "prompt": "sort: " + " ".join(["7"] * 9) + " ="}  # fills max_length 12: dropped there
     rows[1] = {**rows[1], "completion": " " + " ".join(["1"] * 9)}  # cut at max_length 12
     chat = [{"prompt": [{"role": "user", "content": r["prompt"].removesuffix(" =")}],
-             "completion": [{"role": "assistant", "content": r["completion"].strip()}], "label": r["label"]} for r in rows]
+             "completion": [{"role": "assistant", "content": r["completion"].strip()}], "label": r["label"]}
+             for r in rows]
     for name, data in (("unpaired.jsonl", rows), ("paired.jsonl", paired), ("chat.jsonl", chat)):
         (work / name).write_text("".join(json.dumps(r) + "\n" for r in data))
 
@@ -109,7 +111,8 @@ def trl_side(work: Path) -> dict:
             model = AutoModelForCausalLM.from_pretrained(work / "model")
         tok = AutoTokenizer.from_pretrained(work / "model")
         ds = load_dataset("json", data_files=str(work / data), split="train")
-        args = KTOConfig(output_dir=str(work / "trl" / case), per_device_eval_batch_size=n, per_device_train_batch_size=n,
+        args = KTOConfig(output_dir=str(work / "trl" / case), per_device_eval_batch_size=n,
+                         per_device_train_batch_size=n,
                          report_to=[], use_cpu=True, bf16=False, **settings)  # TRL's default bf16=True would
         # run its reference forwards (not the policy's) under bf16 autocast on the CPU: float32 on both sides
         trainer = KTOTrainer(model=model, ref_model=ref, args=args, processing_class=tok, train_dataset=ds,
@@ -128,15 +131,15 @@ def gradients_alignkit(work: Path, case: str) -> tuple[float, dict]:
     """Training-mode loss and policy gradients of one step on the whole data set as one batch."""
 
     import alignkit
-    from alignkit.engine import Engine
+    from alignkit.engine.loop import Engine
 
     data, settings, _ = CASES[case]
     overrides = {"model.name_or_path": str(work / "model"), "model.ref_name_or_path": str(work / "ref"),
                  "data.train": str(work / data), "train.output_dir": str(work / "akg" / case),
                  **{f"method.{k}": v for k, v in settings.items()}}
     cfg, method = alignkit.load_config("kto", None, overrides)
-    engine = Engine(cfg, method, alignkit.get_plugin_manager())
-    ds = engine._datasets(need_train=True)["train"]
+    engine = Engine(cfg, method, alignkit.get_plugin_manager()).load()
+    ds = engine.data.formatted(need_train=True)["train"]
     batch = engine.formatter.collate([ds[i] for i in range(len(ds))])
     engine.model.train()
     out = engine.loss(engine.model, batch, ref=engine.reference(engine.model, dict(batch)))
@@ -209,11 +212,13 @@ def main() -> None:
     grad_lines, grad_worst = compare_gradients(work)
     header = [
         "# KTO eval loss and metrics: alignkit vs TRL 1.16 KTOTrainer.evaluate()", "",
-        "Command: `python benchmarks/compare_kto_with_trl.py` (after `pip install -e \".[bench]\" -e plugins/alignkit-kto`)  ",
+        "Command: `python benchmarks/compare_kto_with_trl.py` (after `pip install -e \".[bench]\" -e "
+        "plugins/alignkit-kto`)  ",
         f"Date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
-        f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}.  ",
-        f"Models: tiny random Llamas with the built-in tokenizer: the policy (alignkit.testing.tiny_model(seed=11)) and "
-        f"the reference (seed 12, `model.ref_name_or_path` / TRL's `ref_model`); for *-lora the policy is the "
+        f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl "
+        f"{trl.__version__}.  ",
+        "Models: tiny random Llamas with the built-in tokenizer: the policy (alignkit.testing.tiny_model(seed=11)) "
+        f"and the reference (seed 12, `model.ref_name_or_path` / TRL's `ref_model`); for *-lora the policy is the "
         f"reference plus a LoRA adapter with random non-zero weights, and the reference is that policy with its "
         f"adapters disabled (alignkit) / the base model given as `ref_model` (TRL). Data: {LISTS} digit lists of the "
         f"sort-kto demo, unpaired ({2 * LISTS} examples), paired and conversational; one eval batch holding every "

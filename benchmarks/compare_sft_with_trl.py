@@ -35,7 +35,7 @@ METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_num_to
 
 def make_inputs(work: Path, rows: int = ROWS) -> None:
     """Save a tiny random Llama with the built-in tokenizer, and the datasets of every case."""
-    from alignkit.demo import digit_lists, prompt, words
+    from alignkit.blocks.demo import digit_lists, prompt, words
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     tiny_model(seed=11).save_pretrained(work / "model")
@@ -46,7 +46,8 @@ def make_inputs(work: Path, rows: int = ROWS) -> None:
              "completion": [{"role": "assistant", "content": r["completion"].strip()}]} for r in pc]
     text = [{"text": r["prompt"] + r["completion"]} for r in pc]
     messages = [{"messages": r["prompt"] + r["completion"]} for r in chat]
-    for name, data in (("standard.jsonl", pc), ("chat.jsonl", chat), ("text.jsonl", text), ("messages.jsonl", messages)):
+    for name, data in (("standard.jsonl", pc), ("chat.jsonl", chat), ("text.jsonl", text),
+                       ("messages.jsonl", messages)):
         (work / name).write_text("".join(json.dumps(r) + "\n" for r in data))
 
 
@@ -113,10 +114,13 @@ def main() -> None:
     lines = ["| case | metric | alignkit | TRL | relative difference |", "|---|---|---:|---:|---:|", *rows]
     header = [
         f"# SFT eval metrics: alignkit vs TRL {trl.__version__} SFTTrainer.evaluate()", "",
-        "Command: `python benchmarks/compare_sft_with_trl.py` (after `pip install -e \".[bench]\" -e plugins/alignkit-sft`)  ",
+        "Command: `python benchmarks/compare_sft_with_trl.py` (after `pip install -e \".[bench]\" -e "
+        "plugins/alignkit-sft`)  ",
         f"Date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
-        f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}.  ",
-        f"Model: a tiny random Llama (alignkit.testing.tiny_model(seed=11)) with the built-in tokenizer; {args.rows} rows "
+        f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl "
+        f"{trl.__version__}.  ",
+        f"Model: a tiny random Llama (alignkit.testing.tiny_model(seed=11)) with the built-in tokenizer; {args.rows} "
+        "rows "
         f"of sort data per case (prompt-completion, or joined as text / messages), one eval batch of {args.rows}.", "",
         f"**Largest relative difference: {worst:.1e}** (target 1e-5).", "",
         "eval_num_tokens is what TRL logs under that name: the number of input tokens seen in training so far (0 "

@@ -1,7 +1,8 @@
 """alignkit's ORPO eval metrics against TRL's ORPOTrainer.evaluate() on the same model and data.
 
 TRL v0.15.2 needs transformers 4.x, so it runs in its own environment:
-    python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.15.2 transformers==4.49.0 "accelerate<1.5" "datasets<4"
+    python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.15.2 transformers==4.49.0 \\
+        "accelerate<1.5" "datasets<4"
     python benchmarks/compare_with_trl.py --trl-python /tmp/trl/bin/python
 Writes benchmarks/trl-parity.md. Both sides run in float32 on the CPU.
 """
@@ -20,7 +21,8 @@ CASES = {  # name -> (data file, ORPO settings); cases named t5-* use the encode
     "standard-explicit": ("standard.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
     "t5-encoder-decoder": ("standard.jsonl", {"max_prompt_length": 12, "max_completion_length": 8}),
     "standard-truncated-keep_end": ("standard.jsonl", {"max_length": 14, "max_prompt_length": 8}),
-    "standard-truncated-keep_start": ("standard.jsonl", {"max_length": 14, "max_prompt_length": 8, "truncation_mode": "keep_start"}),
+    "standard-truncated-keep_start": ("standard.jsonl",
+                                      {"max_length": 14, "max_prompt_length": 8, "truncation_mode": "keep_start"}),
     "standard-implicit": ("implicit.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
     "conversational": ("chat.jsonl", {"max_length": 1024, "max_prompt_length": 512}),
     # alignkit's CPO and SimPO plugins against TRL's CPOTrainer (needs: pip install -e plugins/alignkit-cpo ...)
@@ -37,19 +39,21 @@ def make_inputs(work: Path) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from alignkit.blocks.demo import sort_pairs
     from alignkit.testing import tiny_model, tiny_tokenizer
-    from alignkit_orpo.demo import sort_pairs
 
     tiny_model(seed=11).save_pretrained(work / "model")
     tiny_tokenizer().save_pretrained(work / "model")
     torch.manual_seed(11)
     T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
-                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)).save_pretrained(work / "t5")
+                                        decoder_start_token_id=0, pad_token_id=0,
+                                        eos_token_id=2)).save_pretrained(work / "t5")
     tiny_tokenizer().save_pretrained(work / "t5")
     rows = sort_pairs(24, seed=5)
     rows[0]["prompt"] = "sort: " + " ".join(["7"] * 12) + " ="  # a prompt that overflows max_length 14
     rows[1]["chosen"] = " " + " ".join(["1"] * 12)  # an answer that overflows
-    chat = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+    chat = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     for name, data in (("standard.jsonl", rows), ("chat.jsonl", chat), ("implicit.jsonl", implicit)):
@@ -78,7 +82,8 @@ def trl_side(work: Path) -> dict:
     out = {}
     for case, (data, settings) in CASES.items():
         seq2seq = case.startswith("t5")
-        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(work / ("t5" if seq2seq else "model"))
+        model = (AutoModelForSeq2SeqLM if seq2seq
+                 else AutoModelForCausalLM).from_pretrained(work / ("t5" if seq2seq else "model"))
         # transformers 5 saves tokenizer_class "TokenizersBackend", unknown to 4.x: same tokenizer.json, same ids.
         tok = PreTrainedTokenizerFast(tokenizer_file=str(work / "model" / "tokenizer.json"), bos_token="<s>",
                                       eos_token="</s>", pad_token="<pad>")
@@ -125,7 +130,8 @@ def main() -> None:
             rel = abs(ours[key] - theirs[key]) / max(abs(theirs[key]), 1e-12)
             worst = max(worst, rel)
             lines.append(f"| {case} | {key} | {ours[key]:.9g} | {theirs[key]:.9g} | {rel:.1e} |")
-    versions = {side: subprocess.run([py, "-c", "import torch, transformers; print(torch.__version__, transformers.__version__)"],
+    versions = {side: subprocess.run([py, "-c", "import torch, transformers; print(torch.__version__, "
+                                      "transformers.__version__)"],
                                      capture_output=True, text=True).stdout.split()
                 for side, py in (("alignkit", sys.executable), ("trl", args.trl_python))}
     header = [

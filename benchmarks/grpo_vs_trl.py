@@ -116,9 +116,9 @@ def held_out_reward(model_dir: str) -> float:
     from transformers import AutoModelForCausalLM
 
     from alignkit.config import ModelConfig
-    from alignkit.generation import Generator
-    from alignkit.modeling import load_tokenizer
-    from alignkit.rewards import RewardRegistry, score
+    from alignkit.engine.modeling import load_tokenizer
+    from alignkit.online.generation import Generator
+    from alignkit.online.rewards import RewardRegistry, score
 
     tok = load_tokenizer(ModelConfig(name_or_path=model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)

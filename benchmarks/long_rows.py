@@ -1,6 +1,6 @@
 """Peak memory of training on a dataset whose one row holds 50 MB of text.
 
-Formatters encode only the ends of a huge text that truncation can keep (alignkit.tokens.Encoder), so memory does
+Formatters encode only the ends of a huge text that truncation can keep (alignkit.blocks.tokens.Encoder), so memory does
 not grow with the row (before: 21 GB for this row, killed). Writes the two datasets, then measures the peak RSS of
 
 1. `alignkit run --method orpo data.train=orpo-50mb.jsonl ...` (50 MB prompt, the preference formatter), and

@@ -51,7 +51,8 @@ def build(case: dict):
     from alignkit.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    config = Qwen2Config(vocab_size=case["vocab"], max_position_embeddings=max(4096, case["seq"]), tie_word_embeddings=True,
+    config = Qwen2Config(vocab_size=case["vocab"], max_position_embeddings=max(4096, case["seq"]),
+                         tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          **SIZES[case["size"]])
     torch.manual_seed(0)
@@ -177,7 +178,7 @@ def prep_worker(case: dict) -> dict:
     from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from alignkit.data import prepare
+    from alignkit.engine.data import prepare
     from alignkit_orpo import ORPOMethodConfig, PreferenceFormatter
 
     datasets.disable_caching()
@@ -238,7 +239,8 @@ def run_worker(lib: str, case: dict, mem_limit_gb: float, timeout_s: float) -> d
 def versions() -> str:
     import importlib.metadata as md
 
-    return ", ".join(f"{p} {md.version(p)}" for p in ("torch", "transformers", "accelerate", "datasets", "trl", "alignkit"))
+    return ", ".join(f"{p} {md.version(p)}"
+                     for p in ("torch", "transformers", "accelerate", "datasets", "trl", "alignkit"))
 
 
 def machine(device: str) -> str:
@@ -256,7 +258,8 @@ def fmt(value, spec: str) -> str:
 
 def table(results: list[dict]) -> list[str]:
     lines = ["| vocab | seq | pairs | grad ckpt | s/step alignkit | s/step TRL | time ratio | tokens/s alignkit | "
-             "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | first losses TRL |",
+             "tokens/s TRL | peak MB alignkit | peak MB TRL | memory ratio | first losses alignkit | "
+             "first losses TRL |",
              "|" + "---|" * 14]
     for r in results:
         c, a, t = r["case"], r["alignkit"], r.get("trl", {"status": "not run"})
@@ -273,7 +276,8 @@ def table(results: list[dict]) -> list[str]:
         lines.append(f"| {c['vocab']} | {c['seq']} | {c['pairs']} | {'yes' if c['gc'] else 'no'} | "
                      f"{side(a, 'step_s', '.3f')} | {side(t, 'step_s', '.3f')} | {time_ratio} | "
                      f"{side(a, 'tokens_per_s', '.0f')} | {side(t, 'tokens_per_s', '.0f')} | "
-                     f"{side(a, 'peak_mb', '.0f')} | {side(t, 'peak_mb', '.0f')} | {mem_ratio} | {losses(a)} | {losses(t)} |")
+                     f"{side(a, 'peak_mb', '.0f')} | {side(t, 'peak_mb', '.0f')} | {mem_ratio} | {losses(a)} | "
+                     f"{losses(t)} |")
     return lines
 
 
@@ -290,7 +294,8 @@ def compare(args) -> None:
     for vocab in args.vocab:
         for seq in args.seq:
             for pairs in args.pairs:
-                case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=args.gc == "yes", steps=args.steps, warmup=args.warmup,
+                case = dict(vocab=vocab, seq=seq, pairs=pairs, gc=args.gc == "yes", steps=args.steps,
+                            warmup=args.warmup,
                             size=args.size, device=args.device, data=args.data)
                 rows.append(run_rounds(case, args.libs, args.rounds, run_worker, args.mem_limit_gb, args.timeout))
                 print("\n".join(compare_table(rows[-1:], args.libs)), flush=True)
@@ -325,12 +330,14 @@ def main() -> None:
     p.add_argument("--libs", nargs="+", choices=list(VARIANTS), default=["alignkit", "trl"],
                    help="with --section: the variants to compare (bench_compare.py), else alignkit and/or trl")
     p.add_argument("--data", choices=["synthetic", "dialogue"], default="synthetic",
-                   help="synthetic: every side exactly seq tokens; dialogue: multi-turn rows, prompt over half (bench_data.py)")
+                   help="synthetic: every side exactly seq tokens; dialogue: multi-turn rows, prompt over half "
+                   "(bench_data.py)")
     p.add_argument("--rounds", type=int, default=1, help="with --section: interleaved rounds of all variants")
     p.add_argument("--section", help="head-to-head mode: write this section of --output (others kept)")
     p.add_argument("--note", default="", help="with --section: a line about the machine's load etc.")
     p.add_argument("--methods", nargs="+", default=[], metavar="METHOD",
-                   help="also run these alignkit methods (e.g. dpo cpo simpo) on each case: memory and time against ORPO")
+                   help="also run these alignkit methods (e.g. dpo cpo simpo) on each case: memory and time against "
+                   "ORPO")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--update", action="store_true",
@@ -355,12 +362,13 @@ def main() -> None:
                     for lib in args.libs:
                         row[lib] = run_worker(lib, case, args.mem_limit_gb, args.timeout)
                     for method in args.methods:
-                        row[method] = run_worker("alignkit", {**case, "method": method}, args.mem_limit_gb, args.timeout)
+                        row[method] = run_worker("alignkit", {**case, "method": method}, args.mem_limit_gb,
+                                                 args.timeout)
                     results.append(row)
                     print(table([row])[-1], flush=True)
                     if args.methods:
                         print(methods_table([row], args.methods)[-1], flush=True)
-    extra = ["## Other methods on the shared log-prob path (alignkit.logps), same batches", "",
+    extra = ["## Other methods on the shared log-prob path (alignkit.blocks.logps), same batches", "",
              *methods_table(results, args.methods), ""] if args.methods else []
     prep = None
     if args.prep:

@@ -1,7 +1,7 @@
 """Soak: 2,000 steps of the built-in model with eval and checkpoints every 100 steps, save_total_limit 2.
 
     python benchmarks/soak.py            # writes benchmarks/soak.md
-    pytest -m slow tests/test_soak.py    # the same run, with its assertions
+    pytest -m slow tests/core/test_soak.py    # the same run, with its assertions
 
 Records RSS after each eval/log window and the output_dir's size after each save, then resumes from
 every checkpoint that is left.
@@ -64,7 +64,8 @@ def run_soak(out: Path) -> dict:
         r = alignkit.run("orpo", plugins=plugin_manager(alignkit_orpo),
                          **{**overrides(copy), "train.resume_from_checkpoint": str(copy / "checkpoints" / ckpt.name)})
         resumed[ckpt.name] = {"final_step": r.global_step, "eval_loss": r.metrics["eval_loss"]}
-    return {"seconds": seconds, "rss_mb": probe.rss, "disk_mb": probe.disk, "final_eval_loss": result.metrics["eval_loss"],
+    return {"seconds": seconds, "rss_mb": probe.rss, "disk_mb": probe.disk,
+            "final_eval_loss": result.metrics["eval_loss"],
             "checkpoints_left": [p.name for p in left], "resumed": resumed}
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     rss, disk = figures["rss_mb"], figures["disk_mb"]
     lines = [
         "# Soak: 2,000 steps with eval and checkpoints every 100, save_total_limit 2", "",
-        "Command: `python benchmarks/soak.py` (the slow test `pytest -m slow tests/test_soak.py` runs the same).  ",
+        "Command: `python benchmarks/soak.py` (the slow test `pytest -m slow tests/core/test_soak.py` runs the "
+        "same).  ",
         f"Date: {datetime.date.today()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
         f"python {platform.python_version()}.  ",
         f"Wall time: {figures['seconds']:.0f} s; final eval_loss {figures['final_eval_loss']:.4f}; checkpoints left: "
@@ -84,7 +86,8 @@ def main() -> None:
         f"output_dir size (MB) after each save: min {min(disk.values()):.1f}, max {max(disk.values()):.1f} "
         f"(bounded: at most {figures['checkpoints_left'].__len__()} checkpoints are kept).", "",
         "Resuming from each checkpoint left:", "",
-        *[f"- {name}: reached step {r['final_step']}, eval_loss {r['eval_loss']:.4f}" for name, r in figures["resumed"].items()],
+        *[f"- {name}: reached step {r['final_step']}, eval_loss {r['eval_loss']:.4f}"
+          for name, r in figures["resumed"].items()],
         "", "Raw figures:", "", "```json", json.dumps({k: figures[k] for k in ("rss_mb", "disk_mb")}, indent=0), "```",
     ]
     (Path(__file__).parent / "soak.md").write_text("\n".join(lines) + "\n")

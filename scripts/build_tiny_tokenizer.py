@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from alignkit_orpo.demo import sort_pairs
+from alignkit.blocks.demo import sort_pairs
 
 OUT = Path(__file__).resolve().parents[1] / "alignkit" / "builtin" / "tokenizer"
 SPECIAL = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

@@ -9,7 +9,7 @@
 Each demo job is `alignkit -q run --method NAME` in an empty folder, offline, with torch's default thread count
 (OMP_NUM_THREADS unset, as CI runs). The held-out rows of its metrics.jsonl go to docs/figures.json with the
 command, date, machine and thread count. The READMEs' figures live between `<!-- figures:BLOCK -->` and
-`<!-- /figures -->` markers and are rendered from that file; tests/test_docs.py checks the READMEs equal the
+`<!-- /figures -->` markers and are rendered from that file; tests/core/test_docs.py checks the READMEs equal the
 rendering, and each demo-job test checks its run equals the file's figures (`assert_demo_matches`), so a change
 that moves a figure fails the suite until this script is run again. Timings are kept from the last run that
 measured them (`--timings`, `--suite`), each with its command and date.

@@ -5,10 +5,21 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
-import alignkit_orpo
-from alignkit.testing import plugin_manager, tiny_tokenizer
+# Tests are grouped by subject (core/, methods/<name>/, trl/) but import each other's support by module name
+# (`from test_orpo_chunked import ragged_batch`), as when the folder was flat: every folder that holds test
+# modules goes on sys.path (pytest's rootdir-less "prepend" mode puts only this folder and a test's own there).
+# Module names stay unique across folders for the same reason.
+for _folder in sorted({p.parent for p in Path(__file__).parent.rglob("*.py")}):
+    if str(_folder) not in sys.path:
+        sys.path.insert(1, str(_folder))
+
+import alignkit_orpo  # noqa: E402
+from alignkit.testing import plugin_manager, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +33,7 @@ def pm():
     return plugin_manager(alignkit_orpo)
 
 
+@pytest.fixture
+def only_installed_orpo(monkeypatch):
+    """Load only the installed `alignkit` entry point (the ORPO plugin), not every plugin in the environment."""
+    monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit")

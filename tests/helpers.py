@@ -1,10 +1,15 @@
-"""Helpers shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests in every folder (importable as `helpers`: tests/conftest.py is at the rootdir, so
+pytest puts tests/ on sys.path)."""
 
 import json
+from pathlib import Path
 
 import torch
 
 from alignkit.testing import FixedLogits  # noqa: F401 (the tests' stand-in model, public for plugin authors)
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def fast(tmp_path, **train) -> dict:
@@ -42,3 +47,21 @@ def two_pairs() -> dict:
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :2] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def chat(role, content) -> dict:
+    return {"role": role, "content": content}
+
+
+def refused(*args, written=None) -> str:
+    """Run the CLI; it must exit 2 with exactly one line on stderr (returned) and `written` must not exist."""
+    from click.testing import CliRunner
+
+    from alignkit.cli.commands import cli
+
+    result = CliRunner().invoke(cli, ["-q", *map(str, args)])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("alignkit: error: "), result.stderr
+    assert written is None or not written.exists(), sorted(p.name for p in written.rglob("*"))
+    return lines[0]

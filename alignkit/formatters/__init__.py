@@ -6,10 +6,21 @@ built-in plugin (this module) under neutral names any method may use:
 | `language-modeling` | `text` or `messages` | `input_ids`, `labels` (+ `position_ids` when packed) |
 | `prompt-completion` | `prompt`, `completion` | `input_ids`, `labels` (+ `position_ids` when packed) |
 | `unpaired-preference` | `prompt`, `completion`, `label`; or paired `chosen`/`rejected` | `prompt_input_ids`, `completion_input_ids`, `completion_labels`, `label`, `KL_completion_*` |
+| `preference` | `prompt`/`chosen`/`rejected` (explicit or implicit prompt) | `prompt_input_ids`, `chosen_input_ids`/`_labels`, `rejected_input_ids`/`_labels` |
 | `prompt-only` | `prompt` and any other columns | `prompt_input_ids` and the row's columns |
-"""
 
-from alignkit.formatters.config import PromptOnlyDataConfig, SequenceDataConfig, TokenDataConfig, UnpairedDataConfig
+It also registers the preference methods' demo data, `builtin:sort` and `builtin:sort-chat` (alignkit.blocks.demo).
+"""  # noqa: E501 (a markdown table: its rows cannot wrap)
+
+from alignkit.blocks.demo import SORT_DATASETS, load_sort
+from alignkit.formatters.config import (
+    PreferenceDataConfig,
+    PromptOnlyDataConfig,
+    SequenceDataConfig,
+    TokenDataConfig,
+    UnpairedDataConfig,
+)
+from alignkit.formatters.preference import PreferenceFormatter
 from alignkit.formatters.prompt_only import PromptOnlyFormatter
 from alignkit.formatters.sequence import (
     LanguageModelingFormatter,
@@ -18,13 +29,14 @@ from alignkit.formatters.sequence import (
     prompt_completion_ids,
 )
 from alignkit.formatters.unpaired import UnpairedPreferenceFormatter
-from alignkit.hookspecs import hookimpl
+from alignkit.plugin.hookspecs import hookimpl
 
 FORMATTERS = {
     "language-modeling": LanguageModelingFormatter,
     "prompt-completion": PromptCompletionFormatter,
     "unpaired-preference": UnpairedPreferenceFormatter,
     "prompt-only": PromptOnlyFormatter,
+    "preference": PreferenceFormatter,
 }
 
 
@@ -34,8 +46,15 @@ def register_formatters(register):
         register(name, formatter)
 
 
+@hookimpl
+def register_datasets(register):
+    for name in SORT_DATASETS:
+        register(name, lambda split, name=name: load_sort(name, split))
+
+
 __all__ = [
-    "FORMATTERS", "LanguageModelingFormatter", "PromptCompletionFormatter", "PromptOnlyDataConfig",
+    "FORMATTERS", "LanguageModelingFormatter", "PreferenceDataConfig", "PreferenceFormatter",
+    "PromptCompletionFormatter", "PromptOnlyDataConfig",
     "PromptOnlyFormatter", "SequenceDataConfig", "SequenceFormatter", "TokenDataConfig", "UnpairedDataConfig",
     "UnpairedPreferenceFormatter", "prompt_completion_ids",
 ]

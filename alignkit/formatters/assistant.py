@@ -2,8 +2,8 @@
 
 import re
 
+from alignkit.blocks.text import common_prefix, render
 from alignkit.errors import DataError
-from alignkit.text import common_prefix, render
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -14,12 +14,13 @@ def assistant_tokens(tokenizer, messages: list[dict], encoder=None) -> tuple[lis
     A chat template with `{% generation %}` blocks marks the turns itself (as TRL reads it); otherwise each
     assistant turn is found by rendering: it starts where the conversation up to it, rendered with a generation
     prompt, stops agreeing with the conversation including it, and ends where the latter ends. A conversation too
-    long for `encoder` (an `alignkit.tokens.Encoder` with `keep`) is marked by rendering, on its stand-in ids.
+    long for `encoder` (an `alignkit.blocks.tokens.Encoder` with `keep`) is marked by rendering, on its stand-in ids.
     """
     if encoder is not None and encoder.is_long(render(tokenizer, messages)):
         ids, mask = _by_rendering(tokenizer, messages, encoder)
     elif GENERATION_BLOCK.search(tokenizer.chat_template or ""):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     else:
         ids, mask = _by_rendering(tokenizer, messages)

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.method import MethodConfig
+from alignkit.plugin.method import MethodConfig
 
 
 class TokenDataConfig(MethodConfig):
@@ -15,12 +15,14 @@ class TokenDataConfig(MethodConfig):
     truncation_mode: Literal["keep_start", "keep_end"] = Field(
         "keep_start", description="Which end of an over-long example to keep.")
     label_pad_token_id: int = Field(-100, description="Label value that takes no loss.")
-    padding_value: int | None = Field(None, description="Pad id for input ids; null means the tokenizer's pad_token_id.")
+    padding_value: int | None = Field(None,
+                                      description="Pad id for input ids; null means the tokenizer's pad_token_id.")
     dataset_num_proc: int | None = Field(None, gt=0, description="Processes for dataset preprocessing.")
 
 
 class SequenceDataConfig(TokenDataConfig):
-    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x's rules)."""
+    """How language-modeling and prompt-completion rows are tokenized, masked, truncated and packed (TRL 1.x's
+    rules)."""
 
     dataset_text_field: str = Field("text", description="Column holding the text of standard language-modeling rows.")
     completion_only_loss: bool | None = Field(
@@ -53,3 +55,31 @@ class PromptOnlyDataConfig(TokenDataConfig):
     max_length: int | None = Field(None, gt=0, description="Maximum prompt tokens; null: no truncation.")
     truncation_mode: Literal["keep_start", "keep_end"] = Field(
         "keep_end", description="Which end of an over-long prompt to keep.")
+
+
+class PreferenceDataConfig(MethodConfig):
+    """How PreferenceFormatter tokenizes, truncates and pads preference pairs."""
+
+    max_length: int = Field(1024, gt=0, description="Maximum prompt + completion tokens.")
+    max_prompt_length: int = Field(512, gt=0,
+                                   description="Prompt cap, applied only when prompt + longer answer exceeds "
+                                   "max_length.")
+    max_completion_length: int | None = Field(None, gt=0,
+                                              description="Completion cap; used only for encoder-decoder models (null: "
+                                              "128, as TRL).")
+    truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end",
+                                                               description="Which end of an over-long prompt to keep.")
+    label_pad_token_id: int = Field(-100, description="Label value that takes no loss.")
+    padding_value: int | None = Field(None,
+                                      description="Pad id for input ids; null means the tokenizer's pad_token_id.")
+    dataset_num_proc: int | None = Field(None, gt=0, description="Processes for dataset preprocessing.")
+    is_encoder_decoder: bool | None = Field(None, description="Format for an encoder-decoder model; null: read it from "
+                                            "the model's config.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "PreferenceDataConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"method.max_prompt_length ({self.max_prompt_length}) must be smaller than method.max_length "
+                f"({self.max_length}), or no tokens are left for the answers")
+        return self

@@ -36,3 +36,37 @@ def pack(examples: list[dict[str, Any]], max_length: int, label_pad: int) -> lis
             positions += range(n)
         out.append(({"input_ids": ids, "labels": labels, "position_ids": positions}, cut))
     return out
+
+
+# ---- reading a batch of SequenceFormatter rows, packed (`position_ids`, no attention mask) or padded ----
+
+def model_inputs(batch: dict) -> dict:
+    """The forward's inputs: packed rows go in with their position ids and no attention mask (transformers then
+    keeps attention within each example: it starts a new one wherever the position ids restart)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def trained_labels(batch: dict, ignore: int = -100):
+    """The labels with `ignore` wherever nothing trains: in a packed row, the first token of each example is never
+    predicted from the example before it."""
+    if "position_ids" not in batch:
+        return batch["labels"]
+    return batch["labels"].masked_fill(batch["position_ids"] == 0, ignore)
+
+
+def input_tokens(batch: dict) -> int:
+    """Real (non-padding) input tokens of the batch. Packed rows carry no attention mask: padding there is position 0
+    not followed by position 1 (every packed example has at least two tokens, or it would train nothing)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    positions_BT = batch["position_ids"]
+    real_BT = positions_BT != 0
+    real_BT[:, :-1] |= positions_BT[:, 1:] == 1
+    return int(real_BT.sum())
+
+
+def trained_tokens(batch: dict, ignore: int = -100) -> int:
+    """How many positions of the batch train (the labels past the first token that are not `ignore`)."""
+    return int((trained_labels(batch, ignore)[:, 1:] != ignore).sum())

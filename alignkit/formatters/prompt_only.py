@@ -2,15 +2,14 @@
 
 from typing import Any
 
-from alignkit.data import pad_right
-from alignkit.formatter import DataFormatter, Formatted
+from alignkit.blocks.text import column, prompt_token_ids
+from alignkit.blocks.tokens import pad_right, truncate
 from alignkit.formatters.config import PromptOnlyDataConfig
-from alignkit.formatters.sequence import pad_id
-from alignkit.text import column, prompt_token_ids
-from alignkit.tokens import Encoder, truncate
+from alignkit.formatters.sequence import EncodingFormatter
+from alignkit.plugin.formatter import Formatted
 
 
-class PromptOnlyFormatter(DataFormatter):
+class PromptOnlyFormatter(EncodingFormatter):
     """`prompt` rows, standard or conversational. A string prompt is encoded with the tokenizer's own special
     tokens; a conversation is rendered with the chat template (a generation prompt after a user message, the final
     message continued after an assistant one). Over-long prompts keep `max_length` tokens (`truncation_mode`,
@@ -18,14 +17,6 @@ class PromptOnlyFormatter(DataFormatter):
     for a reward function."""
 
     config_class = PromptOnlyDataConfig
-
-    def __init__(self, config: Any, tokenizer: Any) -> None:
-        super().__init__(config, tokenizer)
-        self.num_proc = config.dataset_num_proc
-        self.pad_id = pad_id(config, tokenizer)
-        keep = None if config.max_length is None else config.max_length + 2
-        self._standard = Encoder(tokenizer, keep, add_special_tokens=True)
-        self._rendered = Encoder(tokenizer, keep)
 
     def prompt_ids(self, prompt) -> list[int]:
         """The shared prompt rendering, encoded bounded in memory (a huge prompt is never encoded whole)."""

@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from alignkit.data import pad_right
+from alignkit.blocks.text import column, common_prefix, is_conversation, render, same_format
+from alignkit.blocks.tokens import Encoder, common_prefix_length, labels_where, pad_right, split_common, truncate
 from alignkit.errors import DataError
-from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack
-from alignkit.text import column, common_prefix, is_conversation, render, same_format
-from alignkit.tokens import Encoder, common_prefix_length, labels_where, split_common, truncate
+from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 LANGUAGE_MODELING, PROMPT_COMPLETION = "language-modeling", "prompt-completion"
 
@@ -62,12 +61,10 @@ def prompt_completion_ids(tokenizer, encoder: Encoder, prompt, completion) -> tu
     return split_common(*encoder.texts([alone, full]))
 
 
-class SequenceFormatter(DataFormatter):
-    """Language-modeling or prompt-completion rows (each row's columns decide) -> `input_ids`, `labels`."""
-
-    config_class = SequenceDataConfig
-    #: the row types this formatter accepts
-    shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
+class EncodingFormatter(DataFormatter):
+    """Base of the formatters that encode standard text and chat-template renderings bounded by `max_length` (their
+    config has `dataset_num_proc`, `padding_value` and `max_length`): sets `num_proc`, `pad_id` and two encoders
+    that never encode a huge text whole, `_standard` (the tokenizer's special tokens) and `_rendered` (none)."""
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
@@ -76,6 +73,14 @@ class SequenceFormatter(DataFormatter):
         keep = None if config.max_length is None else config.max_length + 2
         self._standard = Encoder(tokenizer, keep, add_special_tokens=True)  # the tokenizer's own BOS/EOS rules
         self._rendered = Encoder(tokenizer, keep)  # chat-template text carries its own special tokens
+
+
+class SequenceFormatter(EncodingFormatter):
+    """Language-modeling or prompt-completion rows (each row's columns decide) -> `input_ids`, `labels`."""
+
+    config_class = SequenceDataConfig
+    #: the row types this formatter accepts
+    shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
 
     # ---- tokens --------------------------------------------------------------------------------------
 

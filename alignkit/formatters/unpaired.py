@@ -13,29 +13,20 @@ from typing import Any
 
 import torch
 
-from alignkit.data import pad_right
+from alignkit.blocks.text import column, extract_prompt, given_prompt, same_format
+from alignkit.blocks.tokens import masked_labels, pad_right, truncate
 from alignkit.errors import DataError
-from alignkit.formatter import DataFormatter, DropExample, Formatted
 from alignkit.formatters.config import UnpairedDataConfig
-from alignkit.formatters.sequence import pad_id, prompt_completion_ids
-from alignkit.text import column, extract_prompt, given_prompt, same_format
-from alignkit.tokens import Encoder, masked_labels, truncate
+from alignkit.formatters.sequence import EncodingFormatter, prompt_completion_ids
+from alignkit.plugin.formatter import DropExample, Formatted
 
 PAIRED = "expected 'prompt', 'completion' and 'label' (or paired 'chosen' and 'rejected', optionally with 'prompt')"
 
 
-class UnpairedPreferenceFormatter(DataFormatter):
+class UnpairedPreferenceFormatter(EncodingFormatter):
     """`prompt` + `completion` + `label` rows, or paired rows unpaired as TRL's unpair_preference_dataset does."""
 
     config_class = UnpairedDataConfig
-
-    def __init__(self, config: Any, tokenizer: Any) -> None:
-        super().__init__(config, tokenizer)
-        self.num_proc = config.dataset_num_proc
-        self.pad_id = pad_id(config, tokenizer)
-        keep = None if config.max_length is None else config.max_length + 2
-        self._standard = Encoder(tokenizer, keep, add_special_tokens=True)
-        self._rendered = Encoder(tokenizer, keep)
 
     def unpaired(self, example: dict[str, Any]) -> list[tuple[Any, Any, bool]]:
         """The (prompt, completion, label) rows of one raw row: one, or two for a paired row."""

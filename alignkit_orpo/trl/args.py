@@ -175,14 +175,16 @@ class ORPOConfig:
                 setattr(self, name, "")
         if self.evaluation_strategy is not None:  # the deprecated spelling, as TrainingArguments accepts it
             self.eval_strategy = self.evaluation_strategy
-        for name in ("eval_strategy", "save_strategy", "logging_strategy", "lr_scheduler_type", "optim", "hub_strategy"):
+        for name in ("eval_strategy", "save_strategy", "logging_strategy", "lr_scheduler_type", "optim",
+                     "hub_strategy"):
             value = getattr(self, name)
             setattr(self, name, getattr(value, "value", value))  # enums given by transformers users
         if self.adafactor:
             self.optim = "adafactor"
         if self.eval_strategy == "steps" and not self.eval_steps:
             if self.logging_steps <= 0:
-                raise ValueError(f"ORPOConfig: eval_strategy={self.eval_strategy!r} needs eval_steps or logging_steps > 0")
+                raise ValueError(f"ORPOConfig: eval_strategy={self.eval_strategy!r} needs eval_steps or logging_steps "
+                                 "> 0")
             self.eval_steps = self.logging_steps
         if self.load_best_model_at_end and self.save_strategy != "best":
             if self.eval_strategy != self.save_strategy:
@@ -276,8 +278,9 @@ def _report_to(value) -> dict[str, Any]:
     return {"train.report_to": [n for n in names if n not in ("none", "all")]}
 
 
-#: always passed, because alignkit's defaults differ from the seed's
-ALWAYS = {"output_dir", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size"}
+#: always passed, because alignkit's defaults differ from TRL v0.15.2's
+ALWAYS = {"output_dir", "learning_rate", "num_train_epochs", "per_device_train_batch_size",
+          "per_device_eval_batch_size"}
 #: carried out by the ORPOTrainer (its schedule follows transformers.Trainer's), not by alignkit keys
 BY_TRAINER = {"eval_strategy", "evaluation_strategy", "eval_steps", "eval_delay", "eval_on_start", "logging_strategy",
               "logging_steps", "logging_first_step", "save_strategy", "save_steps", "load_best_model_at_end",
@@ -311,7 +314,8 @@ MAPPED: dict[str, Any] = {
     "max_completion_length": "method.max_completion_length", "disable_dropout": "method.disable_dropout",
     "label_pad_token_id": "method.label_pad_token_id", "padding_value": "method.padding_value",
     "truncation_mode": "method.truncation_mode", "generate_during_eval": "method.generate_during_eval",
-    "dataset_num_proc": "method.dataset_num_proc", "is_encoder_decoder": "method.is_encoder_decoder", "model_init_kwargs": lambda v: {"model.init_kwargs": v or {}},
+    "dataset_num_proc": "method.dataset_num_proc", "is_encoder_decoder": "method.is_encoder_decoder",
+    "model_init_kwargs": lambda v: {"model.init_kwargs": v or {}},
 }
 
 _NO_EFFECT = "no effect on the trained weights"

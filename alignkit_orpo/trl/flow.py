@@ -15,8 +15,7 @@ import torch
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import speed_metrics
 
-from alignkit import hookimpl
-from alignkit.schedule import Actions, Schedule
+from alignkit import Actions, Schedule, hookimpl
 
 STATE_NAME, ARGS_NAME = "trainer_state.json", "training_args.bin"
 
@@ -119,7 +118,8 @@ class TrainerFlow(Schedule):
             return
         n = len(run.eval_dataset) if run.eval_dataset is not None else 0
         start = self._eval_start or time.time()
-        speed = speed_metrics("eval", start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
+        speed = speed_metrics("eval", start, num_samples=n,
+                              num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
         metrics = {"eval_loss": metrics["eval_loss"], **speed, **metrics}
         if self._best_metric(metrics, run) and self.args.save_strategy == "best":
             self._pending.checkpoint = True  # Trainer saves when the evaluation found a new best (carried out next)

@@ -16,10 +16,12 @@ class ScriptArguments:
     """The dataset arguments of TRL's scripts."""
 
     dataset_name: str = field(metadata={"help": "Dataset name (hub id or local folder)."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (`name` of load_dataset)."})
+    dataset_config: str | None = field(default=None,
+                                       metadata={"help": "Dataset configuration name (`name` of load_dataset)."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    gradient_checkpointing_use_reentrant: bool = field(default=False, metadata={"help": "use_reentrant for gradient checkpointing."})
+    gradient_checkpointing_use_reentrant: bool = field(default=False,
+                                                       metadata={"help": "use_reentrant for gradient checkpointing."})
     ignore_bias_buffers: bool = field(default=False, metadata={"help": "DDP work-around for boolean bias buffers."})
 
 
@@ -43,7 +45,8 @@ class ModelConfig:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8 bits (LoRA only)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (LoRA only)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type.", "choices": ["fp4", "nf4"]})
+    bnb_4bit_quant_type: str = field(default="nf4",
+                                     metadata={"help": "4-bit quantization type.", "choices": ["fp4", "nf4"]})
     use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested 4-bit quantization."})
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import log_metrics, metrics_format, save_metrics, save_state
 
-from alignkit.optim import build_optimizer, schedule
+from alignkit import build_lr_scheduler, build_optimizer
 
 
 class TrainerSurface:
@@ -25,7 +25,8 @@ class TrainerSurface:
 
         if not name.startswith("_") and hasattr(Trainer, name):
             raise AttributeError(f"ORPOTrainer.{name}: transformers.Trainer's {name} is not offered by alignkit's "
-                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the surface)")
+                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the "
+                                 "surface)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -71,7 +72,7 @@ class TrainerSurface:
     # ---- optimizer and schedule (the engine asks for them through these) ---------------------------
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """The optimizer ORPOConfig.optim names, built by transformers' own factory (alignkit.optim)."""
+        """The optimizer ORPOConfig.optim names, built by transformers' own factory (alignkit.engine.optim)."""
         if self.optimizer is None:
             self.optimizer = build_optimizer(model if model is not None else self.model, self.config.train)
         self.callback_handler.optimizer = self.optimizer
@@ -79,7 +80,7 @@ class TrainerSurface:
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = schedule(self.config.train, optimizer or self.optimizer, num_training_steps)
+            self.lr_scheduler = build_lr_scheduler(self.config.train, optimizer or self.optimizer, num_training_steps)
         self.callback_handler.lr_scheduler = self.lr_scheduler
         return self.lr_scheduler
 
@@ -138,7 +139,8 @@ class TrainerSurface:
                 ignore_patterns=["checkpoint-*", "checkpoints/*", "*.lock", ".*"])
         except Exception as e:
             raise ConnectionError(f"push_to_hub: uploading {self.args.output_dir} to {repo_id} failed "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+                                  ) from None
         return str(getattr(info, "commit_url", info))
 
     def hyperparameter_search(self, *args, **kwargs):

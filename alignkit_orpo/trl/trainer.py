@@ -15,20 +15,16 @@ from transformers import DefaultFlowCallback, PreTrainedModel, PrinterCallback, 
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOutput, speed_metrics
 
-from alignkit import load_config
-from alignkit.data import prepare
-from alignkit.engine import Engine
-from alignkit.modeling import apply_peft, load_model, load_tokenizer
-from alignkit.plugins import get_plugin_manager
+from alignkit import Engine, apply_peft, get_plugin_manager, load_config, load_model, load_tokenizer, prepare_dataset
 from alignkit_orpo.trl.args import ORPOConfig
 from alignkit_orpo.trl.flow import TrainerFlow
-from alignkit_orpo.trl.seed import SeedMethods
 from alignkit_orpo.trl.surface import TrainerSurface
+from alignkit_orpo.trl.v0152 import V0152Methods
 
 _TOKENIZED = "chosen_input_ids"  # a column only formatted (tokenized) preference rows have
 
 
-class ORPOTrainer(SeedMethods, TrainerSurface):
+class ORPOTrainer(V0152Methods, TrainerSurface):
     """TRL's ORPOTrainer surface on alignkit's engine, ORPO formatter and ORPO loss."""
 
     def __init__(self, model: PreTrainedModel | torch.nn.Module | str | None = None, args: ORPOConfig | None = None,
@@ -81,7 +77,9 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         self.engine = Engine(self.config, method, self.pm, model=model, tokenizer=processing_class,
                              train_dataset=train_dataset, eval_dataset=eval_dataset, schedule=self._flow,
                              optimizer=self.create_optimizer,
-                             lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps, opt))
+                             lr_scheduler=lambda opt, num_training_steps: self.create_scheduler(num_training_steps,
+                                                                                                opt))
+        self.engine.load()  # TRL's trainer has its model, tokenizer and formatter from the start
         self.model, self.processing_class = self.engine.model, self.engine.tokenizer
         self.callback_handler.model = self.model
         self.loss, self.formatter = self.engine.loss, self.engine.formatter
@@ -92,7 +90,8 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         self.label_pad_token_id, self.padding_value = self.args.label_pad_token_id, self.formatter.pad_id
         self.is_encoder_decoder, self.beta = self.formatter.is_encoder_decoder, self.args.beta
         a = self.args  # TRL's ORPOTrainer attributes, set as TRL sets them
-        self.max_length, self.max_prompt_length, self.truncation_mode = a.max_length, a.max_prompt_length, a.truncation_mode
+        self.max_length, self.max_prompt_length = a.max_length, a.max_prompt_length
+        self.truncation_mode = a.truncation_mode
         self.max_completion_length, self.generate_during_eval = a.max_completion_length, a.generate_during_eval
         self.use_dpo_data_collator, self.model_init = data_collator is None, model_init
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
@@ -119,7 +118,7 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
         if ds is None or _TOKENIZED in ds.column_names:
             return ds
         if id(ds) not in self._formatted:
-            self._formatted[id(ds)] = (ds, prepare(ds, self.formatter, "dataset passed to ORPOTrainer")[0])
+            self._formatted[id(ds)] = (ds, prepare_dataset(ds, self.formatter, "dataset passed to ORPOTrainer")[0])
         return self._formatted[id(ds)][1]
 
     def _raw_of(self, ds):
@@ -155,7 +154,8 @@ class ORPOTrainer(SeedMethods, TrainerSurface):
             if not found:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             resume_from_checkpoint = str(found[-1])
-        self.engine.config.train.resume_from_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.engine.config.train.resume_from_checkpoint = (str(resume_from_checkpoint) if resume_from_checkpoint
+                                                           else None)
         start, self.is_in_train = time.time(), True
         try:
             self.engine.train()

@@ -12,14 +12,17 @@ class GRPOConfig(alignkit.MethodConfig):
     # ---- sampling (the rollout) ----
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (one group).")
     max_completion_length: int = Field(256, gt=0, description="Most new tokens per completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the loss scores tokens at the same temperature.")
+    temperature: float = Field(1.0, gt=0,
+                               description="Sampling temperature; the loss scores tokens at the same temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens when sampling (0: all).")
     generation_backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="Sampler: transformers' generate, or vLLM colocated (pip install 'alignkit[vllm]').")
+        "transformers",
+        description="Sampler: transformers' generate, or vLLM colocated (pip install 'alignkit[vllm]').")
     # ---- rewards ----
     reward_funcs: list[str] = Field(default_factory=lambda: ["exact-match"], min_length=1,
-                                    description="Reward functions by name (registered by plugins), or model:PATH for a sequence-classification reward model.")
+                                    description="Reward functions by name (registered by plugins), or model:PATH for a "
+                                    "sequence-classification reward model.")
     reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the reward std of the group, of the whole batch, or not at all.")
@@ -27,7 +30,8 @@ class GRPOConfig(alignkit.MethodConfig):
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
         "dapo", description="Token normalisation: grpo (per completion, then mean), dapo (all tokens of the batch), "
                             "dr_grpo (sum / (completions x max_completion_length)).")
-    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL penalty to a frozen reference (0: no reference loaded).")
+    beta: float = Field(0.0, ge=0,
+                        description="Weight of the k3 KL penalty to a frozen reference (0: no reference loaded).")
     use_bias_correction_kl: bool = Field(True, description="Multiply the KL term by the importance ratio (unbiased "
                                                            "reverse-KL gradient, DeepSeek-V3.2; TRL 1.x default).")
     epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the importance ratio.")

@@ -7,13 +7,13 @@ import time
 import datasets
 import torch
 
-from alignkit import demo
+from alignkit.blocks import demo
 
 log = logging.getLogger(__name__)
 
 
 def rows(split: str) -> list[dict[str, str]]:
-    """`prompt` ("sort: 3 1 2 =") and `answer` (" 1 2 3") for the lists of `split` (alignkit.demo)."""
+    """`prompt` ("sort: 3 1 2 =") and `answer` (" 1 2 3") for the lists of `split` (alignkit.blocks.demo)."""
     return [{"prompt": demo.prompt(d), "answer": " " + demo.words(sorted(d))} for d in demo.split_lists(split)]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.data import cache_dir
+from alignkit import cache_dir
 from alignkit.formatters import PromptOnlyFormatter
 from alignkit_grpo.demo import sft_warmup
 
@@ -36,7 +36,7 @@ def _versions() -> str:
 def _fingerprint(model, steps: int) -> str:
     """The warm-up's cache key: the versions, the source of the warm-up code (this module, the demo and the core demo
     data it trains on), the model class, the steps and the starting weights."""
-    from alignkit import demo as core_demo
+    from alignkit.blocks import demo as core_demo
     from alignkit_grpo import demo
 
     h = hashlib.sha256(f"{_versions()}:{type(model).__name__}:{steps}".encode())
@@ -53,9 +53,9 @@ class GRPOFormatter(PromptOnlyFormatter):
 
     def check_data(self, dataset, source: str, pm=None, run=None) -> None:
         """The data has every column the configured rewards read, and each reward function returns what the
-        rollout accepts (alignkit.rewards.check_data): refused here, before anything is written."""
-        from alignkit.plugins import get_plugin_manager
-        from alignkit.rewards import MODEL_PREFIX, RewardRegistry, check_data
+        rollout accepts (alignkit.online.rewards.check_data): refused here, before anything is written."""
+        from alignkit import get_plugin_manager
+        from alignkit.online.rewards import MODEL_PREFIX, RewardRegistry, check_data
 
         names = [n for n in self.config.reward_funcs if not n.startswith(MODEL_PREFIX)]
         check_data(RewardRegistry.from_plugins(pm or get_plugin_manager()).select(names), dataset, source)

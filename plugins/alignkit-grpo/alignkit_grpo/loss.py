@@ -10,11 +10,11 @@ Every metric is an exact (sum, count) pair with TRL 1.x's name.
 import torch
 
 import alignkit
-from alignkit.fusedhead import fused_token_terms
-from alignkit.lmhead import LMHead
-from alignkit.modeling import disable_dropout
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.lmhead import LMHead
+from alignkit.blocks.logps import TokenScorer
 from alignkit_grpo.config import GRPOConfig
-from alignkit_grpo.logps import completion_hidden, completion_logps, entropy_of, unwrap
+from alignkit_grpo.logps import completion_inputs, completion_logps, per_completion_token
 
 
 def per_token_objective(logps, old_logps, advantages, config: GRPOConfig, ref_logps=None):
@@ -57,7 +57,11 @@ class GRPOLoss(alignkit.Loss):
     """Reads the rollout's batch: prompt/completion ids and masks, `advantages` [B], optional `old_logps` [B, C]
     (num_iterations > 1), and the rollout's reward statistics for the metrics."""
 
-    head: LMHead | None = None
+    head: LMHead | None = None  # the policy's split-off head: training runs the fused head; None: checkpointed chunks
+
+    def __init__(self, config: GRPOConfig) -> None:
+        super().__init__(config)
+        self.scorer = TokenScorer.from_config(config, temperature=config.temperature)
 
     @property
     def needs_reference_model(self) -> bool:  # beta == 0 loads no reference model
@@ -65,18 +69,18 @@ class GRPOLoss(alignkit.Loss):
 
     def prepare_model(self, model):
         disable_dropout(model)
-        self.head, _ = LMHead.of(model)
+        self.head = self.scorer.head_of(model)
 
     def counts(self, batch):
         if self.config.loss_type == "dapo":
             return {"tokens": int(batch["completion_mask"].sum())}
         return {"completions": int(batch["completion_ids"].shape[0])}
 
-    def _logps(self, model, batch, head=None):
-        return completion_logps(model, batch, self.config.temperature, self.config.logits_chunk_size, head)
+    def _logps(self, model, batch):
+        return completion_logps(model, batch, self.config.temperature, self.config.logits_chunk_size, self.scorer)
 
     def reference(self, ref_model, batch):
-        logps, _ = self._logps(ref_model, batch, LMHead.of(unwrap(ref_model))[0])
+        logps, _ = self._logps(ref_model, batch)
         return {"logps": logps}
 
     def __call__(self, model, batch, ref=None):
@@ -84,7 +88,7 @@ class GRPOLoss(alignkit.Loss):
         mask = batch["completion_mask"].to(torch.float32)
         if self.head is not None and torch.is_grad_enabled():
             return self._fused(model, batch, ref, mask)
-        logps, entropy = self._logps(model, batch, self.head)
+        logps, entropy = self._logps(model, batch)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
         per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
@@ -95,10 +99,9 @@ class GRPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms=terms, metrics=metrics)
 
     def _fused(self, model, batch, ref, mask):
-        """Training on the fused head (alignkit.fusedhead): the per-token objective's head gradients are computed
+        """Training on the fused head (alignkit.blocks.fusedhead): the per-token objective's head gradients are computed
         in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward."""
         cfg = self.config
-        _, hidden_NH, targets_N = completion_hidden(model, batch)
         select = mask.bool()
         unit, weights = token_weights(mask, cfg)
         w_N, adv_N = weights[select], batch["advantages"][:, None].expand_as(mask)[select]
@@ -112,15 +115,13 @@ class GRPOLoss(alignkit.Loss):
                                                   None if ref_N is None else ref_N[positions])
             return (w_N[positions] * per_token).sum()
 
-        total, logps_N, extra = fused_token_terms(self.head, hidden_NH, targets_N, cfg.logits_chunk_size, term,
-                                                  stats=entropy_of, temperature=cfg.temperature)
+        s = self.scorer(model, *completion_inputs(batch), term=term)
         with torch.no_grad():
-            logps = mask.new_zeros(mask.shape).masked_scatter(select, logps_N)
-            entropy = mask.new_zeros(mask.shape).masked_scatter(select, extra[0]) if extra else mask.new_zeros(mask.shape)
+            logps, entropy = per_completion_token(s, s.logps, batch), per_completion_token(s, s.entropy, batch)
             _, ratio, kl = per_token_objective(logps, logps if old is None else old, batch["advantages"], cfg,
                                                None if ref is None else ref["logps"])
             metrics = self._metrics(batch, mask, ratio, entropy, kl)
-        return alignkit.LossOutput(terms={unit: total}, metrics=metrics)
+        return alignkit.LossOutput(terms={unit: s.total}, metrics=metrics)
 
     def _metrics(self, batch, mask, ratio, entropy, kl) -> dict:
         cfg, tokens = self.config, mask.sum()

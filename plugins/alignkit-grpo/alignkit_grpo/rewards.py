@@ -1,16 +1,14 @@
-"""Built-in rewards: exact match against the row's `answer`, partial credit for the sorting demo, a format check.
+"""GRPO's demo rewards: partial credit for the sorting demo and its answer format. `exact-match` is the core's
+(alignkit.online.common_rewards), registered by the core for every online method; `BUILTIN` keeps all three by name.
 
 Each takes the prompts and completions as text and the prompt rows' columns; `answer` is the ground truth.
 """
 
 import re
 
+from alignkit.online.common_rewards import exact_match
+
 _DIGITS = re.compile(r"^ ?\d( \d)*$")
-
-
-def exact_match(prompts, completions, answer, **columns) -> list[float | None]:
-    """1.0 when the completion equals the row's `answer` (surrounding spaces ignored), else 0.0; None without one."""
-    return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def sort_order(prompts, completions, answer, **columns) -> list[float | None]:
@@ -30,4 +28,7 @@ def digits_format(prompts, completions, **columns) -> list[float]:
     return [float(bool(_DIGITS.match(c.rstrip()))) for c in completions]
 
 
-BUILTIN = {"exact-match": exact_match, "sort-order": sort_order, "digits-format": digits_format}
+#: the rewards GRPO registers (the sorting demo's)
+DEMO = {"sort-order": sort_order, "digits-format": digits_format}
+#: every reward the GRPO demo uses, by name (exact-match from the core)
+BUILTIN = {"exact-match": exact_match, **DEMO}

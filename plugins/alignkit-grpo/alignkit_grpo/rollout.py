@@ -15,8 +15,8 @@ hands the batches to the reference and the loss:
 
 import torch
 
-from alignkit.generation import mix_seed
-from alignkit.rewards import RewardRegistry, score
+from alignkit.online.generation import mix_seed
+from alignkit.online.rewards import RewardRegistry, score
 from alignkit_grpo.advantages import advantages, combine, std_from_sums
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.logps import completion_logps
@@ -49,7 +49,8 @@ class GRPORollout:
 
     def __call__(self, batch: dict, ctx) -> dict:
         cfg, tok, G = self.config, self.tokenizer, self.config.num_generations
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        prompts = [ids[mask.bool()].tolist()
+                   for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
         phase = ("train", ctx.step) if ctx.training else ("eval",)  # eval samples the same way at every evaluation
         groups = ctx.generator.generate(prompts, n=G, max_new_tokens=cfg.max_completion_length,
                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -60,7 +61,8 @@ class GRPORollout:
         prompt_ids, prompt_mask = _pad(prompts, tok.pad_token_id, left=True)
         completion_ids, completion_mask = _pad(completions, tok.pad_token_id, left=False)
         out = {"prompt_ids": prompt_ids.repeat_interleave(G, 0), "prompt_mask": prompt_mask.repeat_interleave(G, 0),
-               "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1), "is_truncated": truncated}
+               "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1),
+               "is_truncated": truncated}
         if cfg.mask_truncated_completions:
             completion_mask = completion_mask * (~truncated)[:, None].long()
         out["completion_mask"] = completion_mask

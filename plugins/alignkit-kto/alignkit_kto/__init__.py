@@ -1,6 +1,7 @@
 """alignkit_kto: KTO (Ethayarajh et al., arXiv 2402.01306) as an alignkit method plugin."""
 
 from alignkit import Method, hookimpl
+from alignkit.blocks.demo import demo_defaults
 from alignkit_kto import demo
 from alignkit_kto.config import KTOConfig
 from alignkit_kto.formatter import KTOFormatter
@@ -22,11 +23,7 @@ METHOD = Method(
     defaults={"train.learning_rate": 1e-6},
     citation=CITATION,
     demo_data=demo.NAME,
-    demo_defaults={
-        "train.learning_rate": 2e-3, "train.num_train_epochs": 1, "train.per_device_train_batch_size": 16,
-        "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
-        "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
-    },
+    demo_defaults=demo_defaults(learning_rate=2e-3),
     progress_metrics=("rewards/margins", "kl"),
 )
 

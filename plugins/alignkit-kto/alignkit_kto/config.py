@@ -17,7 +17,8 @@ class KTOConfig(MethodConfig):
         "kto", description="kto: the paper's loss, with the batch KL estimate as reference point; apo_zero_unpaired: "
         "the unpaired APO-zero loss (no KL term).")
     desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable (label true) examples' losses.")
-    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable (label false) examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0,
+                                      description="Weight of the undesirable (label false) examples' losses.")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probs (completions and KL pairs) once before training.")
     kl_pairing: Literal["fixed", "batch"] = Field(
@@ -39,6 +40,7 @@ class KTOConfig(MethodConfig):
     def _precompute_needs_fixed_pairs(self) -> "KTOConfig":
         if self.precompute_ref_log_probs and self.uses_kl and self.kl_pairing == "batch":
             raise ValueError(
-                "method.precompute_ref_log_probs=true needs method.kl_pairing=fixed: with kl_pairing=batch the KL pairs "
+                "method.precompute_ref_log_probs=true needs method.kl_pairing=fixed: with kl_pairing=batch the KL "
+                "pairs "
                 "depend on how examples are batched, so reference log-probs computed before training cannot match them")
         return self

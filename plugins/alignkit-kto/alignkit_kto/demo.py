@@ -1,6 +1,6 @@
 """KTO's built-in demo data `builtin:sort-kto`: unpaired examples for sorting digits.
 
-Each list of digits (alignkit.demo) gives two examples: the sorted answer (desirable, label true) and the
+Each list of digits (alignkit.blocks.demo) gives two examples: the sorted answer (desirable, label true) and the
 same digits in a wrong order (undesirable, label false). The examples are shuffled with a fixed seed, so
 that neighbours (the KL pairs) almost always have different prompts. Train and test lists never overlap.
 """
@@ -9,7 +9,7 @@ import random
 
 import datasets
 
-from alignkit.demo import prompt, split_lists, words, wrong_order
+from alignkit.blocks.demo import prompt, split_lists, words, wrong_order
 
 NAME = "sort-kto"
 

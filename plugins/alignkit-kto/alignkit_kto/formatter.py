@@ -1,6 +1,6 @@
 """KTO's data: the core's unpaired-preference rows, with the checks KTO's own settings need."""
 
-from alignkit.errors import ConfigError
+from alignkit import ConfigError
 from alignkit.formatters import UnpairedPreferenceFormatter
 
 

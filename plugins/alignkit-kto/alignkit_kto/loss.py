@@ -12,18 +12,32 @@ another example's completion, fixed when the data is formatted), detached, avera
 sigmoid(beta * logratio), with no KL term. Metrics are TRL 1.16 KTOTrainer's names.
 """
 
-import logging
+from dataclasses import dataclass
 
 import torch
 
-from alignkit import ConfigError, Loss, LossOutput
-from alignkit.fusedhead import fused_row_terms
-from alignkit.lmhead import LMHead, check_head, final_hidden_states
-from alignkit.modeling import disable_dropout
-from alignkit_kto.logps import CompletionStats, chunked_stats, mean_and_entropy, per_row, plain_stats
+from alignkit import Loss, LossOutput
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.fusedhead import fused_row_terms
+from alignkit.blocks.lmhead import LMHead, final_hidden_states, require_head
+from alignkit.blocks.logps import TokenScorer, entropy_of
 from alignkit_kto.pairing import kl_pairs
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class CompletionStats:
+    """Per row [B]: summed completion log-probs (differentiable when the model is), completion tokens,
+    and (details only, no grad) the sums over completion positions of the vocab-mean logit and the entropy."""
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    logits_sum: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
+
+
+def vocab_mean(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor]:
+    """The vocab-mean logit of each position (no grad), as the logits/* metrics read it."""
+    return (logits.mean(-1),)
 
 
 def kto_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, kl: torch.Tensor, beta: float,
@@ -50,7 +64,7 @@ class KTOLoss(Loss):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._heads: dict[int, LMHead | None] = {}
+        self.scorer = TokenScorer.from_config(config)  # completion log-probs of any model (its head found once)
         self._checked: set[int] = set()
 
     @property
@@ -72,23 +86,17 @@ class KTOLoss(Loss):
 
     def _head(self, model: torch.nn.Module) -> LMHead | None:
         """The split-off LM head of `model` (the chunked path), or None for the plain path."""
-        inner = getattr(model, "module", model)  # DDP and friends
-        key = id(inner)
-        if key not in self._heads:
-            head, why = LMHead.of(inner) if self.config.loss_implementation == "chunked" else (None, "")
-            if head is None and why:
-                log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
-            self._heads[key] = head
-        return self._heads[key]
+        return self.scorer.head_of(model)
 
     def stats(self, model: torch.nn.Module, batch: dict, prefix: str, details: bool = False) -> CompletionStats:
-        """Completion statistics of the `{prefix}input_ids` rows: the completions (prefix "") or the KL pairs ("KL_")."""
-        ids, mask, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
-        head = self._head(model)
-        if head is None:
-            return plain_stats(model, ids, mask, labels, self.ignore, details)
-        self._check(model, head, ids, mask)
-        return chunked_stats(model, head, ids, mask, labels, self.ignore, self.config.logits_chunk_size, details)
+        """Completion statistics of the `{prefix}input_ids` rows: the completions (prefix "") or the KL pairs ("KL_"),
+        through the shared TokenScorer (alignkit.blocks.logps)."""
+        inputs = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+        s = self.scorer(model, inputs, batch[f"{prefix}labels"], stats=vocab_mean if details else None)
+        stats = CompletionStats(s.per_row(), s.select.sum(-1))
+        if details:
+            stats.logits_sum, stats.entropy_sum = s.per_row(s.extra[0] if s.extra else s.entropy), s.per_row(s.entropy)
+        return stats
 
     def _check(self, model, head: LMHead, ids, mask) -> None:
         """Once per head: the split-off head reproduces the model's own logits."""
@@ -97,10 +105,7 @@ class KTOLoss(Loss):
         with torch.no_grad():
             out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
                         use_cache=False)
-        if not check_head(head, out):
-            raise ConfigError("method.loss_implementation=chunked: the model's output embedding does not reproduce "
-                              "its logits (a logit transform alignkit does not know?); set method.loss_implementation=plain")
-        self._checked.add(id(head))
+        require_head(head, out, self._checked)
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference log-probs of each completion and, for `kto`, of each example's KL pair."""
@@ -124,7 +129,8 @@ class KTOLoss(Loss):
         with torch.no_grad():
             rewards = c.beta * (policy.logps.detach() - ref["logps"].to(policy.logps))
             summed = torch.cat([kl_sum, _reduce_sum(ctx, torch.stack([
-                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(), (~desirable).sum().float()]))])
+                rewards[desirable].sum(), desirable.sum().float(), rewards[~desirable].sum(),
+                (~desirable).sum().float()]))])
         return LossOutput(terms={"examples": total}, metrics=self._metrics(policy, rewards, desirable, kl, summed, ctx))
 
     def _kl(self, model, batch, ref: dict, ctx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +153,9 @@ class KTOLoss(Loss):
         return c.desirable_weight * chosen.sum() + c.undesirable_weight * rejected.sum()
 
     def _fused(self, model, head: LMHead, batch, ref: dict, desirable, kl) -> tuple[torch.Tensor, CompletionStats]:
-        """(the summed loss, the policy's completion stats) on the fused head (alignkit.fusedhead.fused_row_terms):
-        whole rows chunk by chunk, each chunk's head gradients computed in the forward."""
+        """(the summed loss, the policy's completion stats) on the fused head
+        (alignkit.blocks.fusedhead.fused_row_terms): whole rows chunk by chunk, each chunk's head gradients computed in
+        the forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         self._check(model, head, ids, mask)
         _, hidden_BTH = final_hidden_states(model, ids, mask)
@@ -159,9 +166,12 @@ class KTOLoss(Loss):
         total, logps, extra = fused_row_terms(
             head, hidden_BTH[:, :-1][select_BT], targets_BT[select_BT], rows_N, len(ids), self.config.logits_chunk_size,
             lambda sums, rows: self._weighted(sums - ref_logps[rows].to(sums), desirable[rows], kl),
-            stats=mean_and_entropy)
+            stats=lambda logits, targets: (logits.mean(-1), entropy_of(logits)))
         with torch.no_grad():
-            means, entropies = (per_row(select_BT, x) for x in extra) if extra else (logps.new_zeros(len(ids)),) * 2
+            def per_row(values_N):
+                return values_N.new_zeros(select_BT.shape).masked_scatter(select_BT, values_N).sum(-1)
+
+            means, entropies = (per_row(x) for x in extra) if extra else (logps.new_zeros(len(ids)),) * 2
         return total, CompletionStats(logps, select_BT.sum(-1), means, entropies)
 
     def _metrics(self, policy: CompletionStats, rewards, desirable, kl, summed, ctx) -> dict:

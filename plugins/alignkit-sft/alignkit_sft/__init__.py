@@ -4,6 +4,7 @@ The data side is the core's SequenceFormatter: each row's columns decide whether
 (`text` / `messages`) or a prompt-completion row."""
 
 import alignkit
+from alignkit.blocks.demo import demo_defaults
 from alignkit.formatters import SequenceFormatter
 from alignkit_sft.config import SFTConfig
 from alignkit_sft.data import DATASETS
@@ -12,11 +13,7 @@ from alignkit_sft.loss import SFTLoss
 __all__ = ["DEMO_DEFAULTS", "SFTConfig", "SFTLoss"]
 
 #: the demo's training settings (tiny built-in model on builtin:sort-sft): it learns to sort in seconds
-DEMO_DEFAULTS = {
-    "train.learning_rate": 3e-3, "train.num_train_epochs": 2, "train.per_device_train_batch_size": 16,
-    "train.per_device_eval_batch_size": 50, "train.warmup_ratio": 0.05, "train.logging_steps": 10,
-    "train.eval_steps": 50, "train.save_steps": 100, "train.save_total_limit": 2, "train.eval_on_start": True,
-}
+DEMO_DEFAULTS = demo_defaults(num_train_epochs=2)
 
 
 @alignkit.hookimpl

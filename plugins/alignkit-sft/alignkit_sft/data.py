@@ -6,7 +6,7 @@ held-out test splits that never share a prompt.
 
 import datasets
 
-from alignkit.demo import prompt, split_lists, words
+from alignkit.blocks.demo import prompt, split_lists, words
 
 
 def _rows(split: str) -> list[dict[str, str]]:

@@ -1,0 +1,44 @@
+"""`alignkit format`: the formatter's output as a person reads it, for any method."""
+
+from alignkit.config import RunConfig, train_data
+from alignkit.engine.data import load_data, prepare
+from alignkit.engine.modeling import load_tokenizer
+from alignkit.plugin.formatter import infer_token_fields
+from alignkit.plugin.method import Method
+
+
+def _render(tokenizer, ids: list[int], labels: list[int] | None, ignore: int, color: bool) -> str:
+    """Tokens in order; those whose label is trained (not `ignore`) are [[marked]] (or green)."""
+    out = []
+    for i, token in enumerate(ids):
+        text = tokenizer.decode([token])
+        trained = labels is not None and i < len(labels) and labels[i] != ignore
+        out.append((f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]") if trained else text)
+    return "".join(out)
+
+
+def show_examples(config: RunConfig, method: Method, count: int, color: bool = False) -> str:
+    """The first `count` training examples: each formatted sequence, what takes loss, lengths, truncation."""
+    tokenizer = load_tokenizer(config.model)
+    formatter = method.formatter(config.method, tokenizer)
+    source = train_data(config)
+    raw = load_data(source, config.data.train_split)
+    raw = raw.select(range(min(count, len(raw))))
+    formatted, report = prepare(raw, formatter, source)
+    fields = formatter.token_fields() or infer_token_fields(formatted.column_names)
+    # the label that takes no loss (as alignkit.blocks.logps)
+    ignore = getattr(config.method, "label_pad_token_id", -100)
+    lines = [f"{source}: {report.kept} shown, {report.truncated} truncated, {report.dropped} dropped "
+             f"by the {method.name} formatter; {'green' if color else '[[bracketed]]'} tokens are labelled targets "
+             f"(label != {ignore})", ""]
+    for index, features in enumerate(formatted):
+        lines.append(f"--- example {index}")
+        lines += formatter.describe(features)
+        for key, labels_key in fields:
+            labels = features.get(labels_key) if labels_key else None
+            trained = sum(1 for x in (labels or []) if x != ignore)
+            name = key.removesuffix("input_ids").removesuffix("_") or "input"
+            lines.append(f"{name} ({len(features[key])} tokens, {trained} labelled):")
+            lines.append("  " + _render(tokenizer, features[key], labels, ignore, color).replace("\n", "\n  "))
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,187 @@
+"""Load the model and tokenizer named by the `model` config section (or build the built-in tiny one)."""
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+)
+
+from alignkit.config import ModelConfig
+from alignkit.engine.data import quiet_hub
+from alignkit.engine.envvalues import resolve_env
+from alignkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent.parent / "builtin"
+BUILTIN = "builtin:tiny"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    """The built-in model's architecture: a 2-layer Llama of about 0.4M parameters."""
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaConfig(**{**kwargs, **overrides})
+
+
+def load_tokenizer(cfg: ModelConfig):
+    name = cfg.tokenizer_name_or_path or cfg.name_or_path
+    if name == "builtin:tiny":
+        return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
+    try:
+        with quiet_hub():
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except Exception as e:
+        raise ConfigError(_load_failure("tokenizer", name, e)) from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"model.tokenizer_name_or_path: {name} has neither a pad nor an eos token")
+        log.warning("tokenizer %s has no pad token; using its eos token %r for padding", name, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+CLASSIFIER = "sequence-classifier"
+
+
+def is_classifier(model) -> bool:
+    """Whether `model` (or the model a LoRA wrapper holds) is a sequence classifier, not a generative model."""
+    config = getattr(model, "config", None)
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []) or \
+        type(getattr(model, "base_model", model)).__name__.endswith("ForSequenceClassification") or \
+        type(model).__name__.endswith("ForSequenceClassification")
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", num_labels: int = 1) -> PreTrainedModel:
+    """The policy, in `cfg.dtype`; the built-in model is randomly initialised from `seed`. `kind` is the method's
+    model kind (Method.model_kind): a "sequence-classifier" is an AutoModelForSequenceClassification with `num_labels`
+    outputs and the tokenizer's pad token (it scores each row at its last non-pad token)."""
+    dtype = DTYPES[cfg.dtype]
+    classifier = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id} if kind == CLASSIFIER else None
+    if (cfg.attn_implementation or "").startswith("flash_attention") and not torch.cuda.is_available():
+        raise ConfigError(f"model.attn_implementation={cfg.attn_implementation} needs a CUDA GPU; on this machine use "
+                          "sdpa or eager")
+    if (Path(cfg.name_or_path) / "adapter_config.json").is_file():
+        return _merged_adapter(cfg, tokenizer, seed, kind, num_labels)
+    if cfg.name_or_path == "builtin:tiny":
+        torch.manual_seed(seed)
+        config = tiny_llama_config(len(tokenizer), **(classifier or {}))
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        try:
+            model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+        except (ValueError, ImportError) as e:  # an unknown or uninstalled attention implementation
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first}") from None
+        model.name_or_path = BUILTIN  # what a LoRA adapter records as its base (peft reads this attribute)
+        return model
+    # Weights load from safetensors only (no pickle) unless init_kwargs says use_safetensors: false.
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype,
+                  **{"use_safetensors": True, **cfg.init_kwargs})
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        with quiet_hub():
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                                revision=cfg.revision)
+            if classifier:
+                return AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, **classifier, **kwargs)
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            return auto.from_pretrained(cfg.name_or_path, **kwargs)
+    except Exception as e:
+        raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
+
+
+def _merged_adapter(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) -> PreTrainedModel:
+    """A LoRA adapter folder (a run with model.peft) as its base model with the adapter merged in, of the method's
+    kind (a classifier's saved head included): `alignkit eval` and further training read it like any model. The
+    built-in base is rebuilt from `seed` (the run's train.seed); weights load from safetensors only."""
+    import json
+
+    from peft import PeftModel
+
+    path = Path(cfg.name_or_path)
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"model.name_or_path: {path} has no adapter_model.safetensors; alignkit loads safetensors "
+                          "only")
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.name_or_path: {path}/adapter_config.json names no base model ({e})") from None
+    base = resolve_env(base, f"model.name_or_path: {path}: its base model")
+    model = load_model(cfg.model_copy(update={"name_or_path": base, "peft": None}), tokenizer, seed, kind, num_labels)
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+def _load_failure(what: str, name: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return f"model.name_or_path: {name} needs custom code; set model.trust_remote_code=true only if you trust it"
+    if not Path(name).exists():
+        return (f"model.name_or_path: {name}: no such local folder, and the Hugging Face hub did not provide it "
+                f"({first})")
+    return f"model.name_or_path: cannot load the {what} from {name}: {first}"
+
+
+def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
+    """Wrap `model` with LoRA adapters from `model.peft` settings or a peft config object. A sequence classifier's
+    head (`score`, or `classifier`) is trained in full and saved with the adapter (peft's SEQ_CLS task)."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.peft needs the peft package: pip install peft") from None
+    if isinstance(settings, peft.PeftConfig):
+        config = settings
+    else:
+        check_peft_targets(model, settings.target_modules, "model.peft.target_modules")
+        check_peft_targets(model, settings.modules_to_save or [], "model.peft.modules_to_save")
+        config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                 target_modules=settings.target_modules, bias=settings.bias,
+                                 modules_to_save=settings.modules_to_save,
+                                 task_type="SEQ_CLS" if is_classifier(model) else "CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError) as e:  # peft's own refusals (NoMatchingPeftModuleError is a ValueError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.peft: {first}") from None
+
+
+def _adaptable(model: torch.nn.Module) -> list[str]:
+    """The distinct short names of the modules LoRA can adapt (linear, embedding, convolution), in model order."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    names = {n.rsplit(".", 1)[-1]: None for n, m in model.named_modules()
+             if n and (isinstance(m, kinds) or type(m).__name__ == "Conv1D")}
+    return list(names)
+
+
+def check_peft_targets(model: torch.nn.Module, targets: list[str] | str, key: str) -> None:
+    """Every name in `targets` must match a module of `model` as peft matches them (the full name or its last
+    parts; a single string is a regular expression over full names, or all-linear): peft itself refuses only
+    when nothing matches, so a typo beside a valid name would go unnoticed."""
+    import re
+
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        if targets == "all-linear" or any(re.fullmatch(targets, n) for n in names):
+            return
+        missing = [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        valid = _adaptable(model)
+        shown = ", ".join(valid[:10]) + (", ..." if len(valid) > 10 else "")
+        raise ConfigError(f"{key}: {', '.join(map(repr, missing))} names no module of the model; its adaptable "
+                          f"modules are {shown}" + (" (or all-linear)" if key.endswith("target_modules") else ""))
+

@@ -1,0 +1,104 @@
+"""The frozen reference model that a loss may declare it needs (Loss.needs_reference_model)."""
+
+import copy
+
+import torch
+
+from alignkit.engine.modeling import load_model
+from alignkit.plugin.context import call
+
+PREFIX = "__ref_"
+
+
+class Reference:
+    """Builds the reference once and computes the loss's reference outputs for a batch.
+
+    The reference is `model.ref_name_or_path` when given (with or without LoRA on the policy), else, for a
+    PEFT policy, the policy itself with its adapters disabled (no second copy), else a frozen copy of the
+    policy's initial weights."""
+
+    def __init__(self, loss, policy, config, tokenizer, accelerator) -> None:
+        self.loss, self.accelerator, self.model = loss, accelerator, None
+        name = config.model.ref_name_or_path
+        if not loss.needs_reference_model or (hasattr(policy, "disable_adapter") and not name):
+            return
+        if name:
+            ref = load_model(config.model.model_copy(update={"name_or_path": name, "peft": None}), tokenizer,
+                             config.train.seed)
+        else:
+            ref = copy.deepcopy(policy)
+        ref.eval().requires_grad_(False)
+        self.model = accelerator.prepare_model(ref, evaluation_mode=True)
+
+    @property
+    def precomputed(self) -> bool:
+        """The loss asks for its reference outputs once, before training, instead of every step."""
+        return self.loss.needs_reference_model and self.loss.precompute_reference
+
+    def for_generation(self, policy) -> dict:
+        """{"reference": (model, adapters_off)} for the generation handle when the loss has a reference: the loaded
+        reference, or the PEFT policy with its adapters disabled; {} otherwise."""
+        if not self.loss.needs_reference_model:
+            return {}
+        return {"reference": (self.model, False) if self.model is not None else (policy, True)}
+
+    def __call__(self, policy, batch: dict, ctx=None) -> dict | None:
+        """Precomputed outputs from the batch, or the reference (or adapter-free policy) run on it."""
+        if not self.loss.needs_reference_model:
+            return None
+        if "__ref" in batch:
+            return batch.pop("__ref")
+        with torch.no_grad():
+            if self.model is not None:
+                return call(self.loss.reference, self.model, batch, ctx=ctx)
+            with self.accelerator.unwrap_model(policy).disable_adapter():
+                return call(self.loss.reference, policy, batch, ctx=ctx)
+
+    def precompute(self, ds, policy, collate, batch_size: int, context=None):
+        """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order).
+        `context(index, count)` makes the StepContext of each batch (for a `reference` that takes `ctx`).
+
+        An output may be a row scalar [B] or a per-token tensor [B, T, ...] along the batch's right-padded sequences:
+        each row's values are stored trimmed to that row's own length (see `trim_rows`), and padded back with zeros
+        to the width of each training batch (`collate_with_reference`)."""
+        columns: dict[str, list] = {}
+        starts = range(0, len(ds), batch_size)
+        for index, start in enumerate(starts):
+            rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+            batch = {k: v.to(self.accelerator.device) for k, v in collate(rows).items()}
+            ctx = context(index, len(starts)) if context is not None else None
+            for key, value in self(policy, batch, ctx).items():
+                columns.setdefault(PREFIX + key, []).extend(trim_rows(value, rows))
+        for key, values in columns.items():
+            ds = ds.add_column(key, values)
+        return ds
+
+
+def row_length(row: dict) -> int:
+    """A formatted example's length: its longest token list (what its batch is right-padded to)."""
+    return max((len(v) for v in row.values() if isinstance(v, list)), default=0)
+
+
+def trim_rows(value: torch.Tensor, rows: list[dict]) -> list:
+    """Each row's value: a scalar, or the per-token values [T, ...] trimmed to the row's own length. The time axis
+    (dim 1) may be offset from the batch's padded length by a constant (e.g. T - 1 for shifted log-probs): row i keeps
+    its first length_i - (padded length - T) positions."""
+    if value.dim() < 2:
+        return value.tolist()
+    offset = max(map(row_length, rows)) - value.shape[1]
+    return [v[:max(0, row_length(row) - offset)].tolist() for v, row in zip(value, rows)]
+
+
+def collate_with_reference(collate, features: list[dict]) -> dict:
+    """`collate` of the features, plus their precomputed reference outputs under `__ref` (per-token values
+    right-padded with zeros to the longest in the batch)."""
+    keys = [k for k in features[0] if k.startswith(PREFIX)]
+    refs = {k.removeprefix(PREFIX): _stack([f[k] for f in features]) for k in keys}
+    batch = collate([{k: v for k, v in f.items() if k not in keys} for f in features])
+    return {**batch, "__ref": refs} if refs else batch
+
+
+def _stack(values: list) -> torch.Tensor:
+    if not values or not isinstance(values[0], list):
+        return torch.tensor(values)
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(v) for v in values], batch_first=True)

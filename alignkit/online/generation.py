@@ -1,0 +1,205 @@
+"""The generation handle online methods sample with (`StepContext.generator`), and its backends.
+
+`Generator.generate(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed)` takes
+care of what a rollout should not: the policy is unwrapped from its distributed wrapper, put in eval mode
+(and back), sampled with the KV cache, with its LoRA adapters on, and under FSDP its sharded parameters are
+gathered for the duration. Each prompt is sampled on its own from a generator seeded by (the run's seed,
+`seed`, the prompt's tokens), so the completions do not depend on how prompts are batched or split over processes, and a
+resumed run samples exactly what the uninterrupted one did.
+
+The handle samples the policy by default, and any other model the run loaded under its name: `model="reference"`
+(the reference or teacher, `model.ref_name_or_path`, when the loss needs one; with LoRA and no explicit reference,
+the policy with its adapters disabled), or a model a rollout adds itself with `add_model(name, model)`.
+`generator.for_model(name)` is the same handle bound to one of them. Other models are always sampled with
+transformers' `generate` (the seeds, eval mode and parameter gathering as for the policy).
+
+The default backend is transformers' `generate`. Another backend (e.g. vLLM, `pip install alignkit[vllm]`)
+implements `GenerationBackend`: `generate(...)` with the same arguments and result, and `sync_weights(model)`,
+which the engine calls after every optimizer step so that the backend samples from the current policy.
+"""
+
+import contextlib
+import hashlib
+from typing import Protocol
+
+import torch
+
+from alignkit.errors import ConfigError, PluginError
+
+#: completions of each prompt: [prompt][sample] -> token ids (the stop token included when one was sampled)
+Completions = list[list[list[int]]]
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, stop_token_ids: list[int], seed: int) -> Completions: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from any hashable parts, the same in every process and every Python run."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module):
+    """Sharded (FSDP, ZeRO-3) parameters gathered on every rank while generating; nothing to do otherwise."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # a torch without distributed support
+        FSDP = None
+    if FSDP is not None and isinstance(model, FSDP):
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield
+    elif hasattr(model, "unshard") and hasattr(model, "set_reshard_after_forward"):  # FSDP2 (fully_shard)
+        # Gather every group once and keep it gathered through all of generate's forwards: the ranks
+        # sample different numbers of tokens, so no forward may run a collective.
+        groups = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+        for m in groups:
+            m.unshard()
+        model.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            model.set_reshard_after_forward(True)
+            for m in groups:
+                m.reshard()
+    elif any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 (not tested here: no DeepSpeed)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def base_named_weights(model: torch.nn.Module):
+    """(name, tensor) of the policy's weights under the base model's own names, for a backend that keeps its own
+    copy: a PEFT model's adapters must be merged first (its LoRA matrices are skipped, modules_to_save renamed)."""
+    peft_prefix = getattr(model, "prefix", None) if hasattr(model, "get_base_model") else None
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if (peft_prefix and peft_prefix in name) or "original_module" in name:
+            continue
+        yield name.replace("modules_to_save.default.", ""), param.data
+
+
+class TransformersBackend:
+    """transformers' `generate` on the policy itself (no weights to sync)."""
+
+    def __init__(self, model: torch.nn.Module, unwrap, pad_token_id: int, adapters_off: bool = False) -> None:
+        self.model, self.unwrap, self.pad_token_id = model, unwrap, pad_token_id
+        self.adapters_off = adapters_off  # sample the PEFT model's base (the implicit reference)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        pass
+
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed) -> Completions:
+        policy = self.unwrap(self.model)
+        device = next(policy.parameters()).device
+        devices = [device] if device.type == "cuda" else []
+        was_training = policy.training
+        policy.eval()
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None}
+        if temperature == 0:
+            sampling = {"do_sample": False}
+        out: Completions = []
+        try:
+            with full_parameters(self.model), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+                    (policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()):
+                seen: dict[tuple, int] = {}
+                for ids in prompt_ids:
+                    key = tuple(ids)
+                    seen[key] = seen.get(key, -1) + 1  # a repeated prompt gets its own samples
+                    torch.manual_seed(mix_seed(seed, key, seen[key]))
+                    inputs = torch.tensor([ids] * n, device=device)
+                    sequences = policy.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                                                max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids),
+                                                pad_token_id=self.pad_token_id, use_cache=True, **sampling)
+                    out.append([_until_stop(row[len(ids):].tolist(), stop_token_ids) for row in sequences])
+        finally:
+            policy.train(was_training)
+        return out
+
+
+def _until_stop(tokens: list[int], stop: list[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[:i + 1]
+    return tokens
+
+
+POLICY = "policy"
+
+
+class Generator:
+    """The handle the engine puts in `StepContext.generator` for methods with a rollout stage."""
+
+    def __init__(self, model: torch.nn.Module, accelerator, tokenizer, seed: int,
+                 backend: GenerationBackend | None = None) -> None:
+        self.model, self.accelerator, self.tokenizer, self.seed = model, accelerator, tokenizer, seed
+        self.backend = backend or TransformersBackend(model, accelerator.unwrap_model, tokenizer.pad_token_id)
+        self.backends: dict[str, GenerationBackend] = {POLICY: self.backend}
+
+    @property
+    def models(self) -> list[str]:
+        """The names `generate(model=...)` and `for_model` accept: "policy" first, then the others loaded."""
+        return list(self.backends)
+
+    def add_model(self, name: str, model: torch.nn.Module, adapters_off: bool = False) -> None:
+        """Make `model` sampleable as `model=name` (e.g. a teacher a rollout loads itself); `adapters_off`: sample a
+        PEFT model with its adapters disabled."""
+        if not isinstance(name, str) or not name or name == POLICY:
+            raise PluginError(f"generator.add_model: {name!r} is not a free model name (not {POLICY!r}, not empty)")
+        self.backends[name] = TransformersBackend(model, self.accelerator.unwrap_model, self.tokenizer.pad_token_id,
+                                                  adapters_off)
+
+    def for_model(self, name: str) -> "BoundGenerator":
+        """This handle bound to one model: `for_model("reference").generate(prompt_ids, ...)`."""
+        self._backend(name)
+        return BoundGenerator(self, name)
+
+    def _backend(self, name: str) -> GenerationBackend:
+        if name not in self.backends:
+            raise PluginError(f"generator: no model {name!r} to sample; loaded: {', '.join(self.backends)} (a method "
+                              "gets \"reference\" when its loss needs a reference model, e.g. model.ref_name_or_path)")
+        return self.backends[name]
+
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
+                 seed: int = 0, model: str = POLICY) -> Completions:
+        """`n` completions of each prompt (token ids without padding), sampled reproducibly from `seed`, from the
+        policy or the loaded model named `model` (see `models`)."""
+        backend = self._backend(model)
+        stop = list(stop_token_ids) if stop_token_ids is not None else [self.tokenizer.eos_token_id]
+        return backend.generate([list(map(int, p)) for p in prompt_ids], n, max_new_tokens, temperature, top_p,
+                                top_k, stop, mix_seed(self.seed, seed))
+
+    def sync_weights(self) -> None:
+        """After an optimizer step: the backend samples from the updated policy."""
+        self.backend.sync_weights(self.accelerator.unwrap_model(self.model))
+
+
+class BoundGenerator:
+    """`Generator.for_model(name)`: `generate(...)` samples that model."""
+
+    def __init__(self, generator: Generator, name: str) -> None:
+        self.generator, self.name = generator, name
+
+    def generate(self, prompt_ids: list[list[int]], **kwargs) -> Completions:
+        return self.generator.generate(prompt_ids, **kwargs, model=self.name)
+
+
+def backend_for(name: str, model, accelerator, tokenizer) -> GenerationBackend | None:
+    """The backend a config names: "transformers" (None: the default) or "vllm" (the optional extra)."""
+    if name == "transformers":
+        return None
+    if name == "vllm":
+        try:
+            from alignkit.online.vllm import VLLMBackend
+        except ImportError as e:
+            raise ConfigError(f"generation backend vllm needs vLLM: pip install 'alignkit[vllm]' ({e})") from None
+        return VLLMBackend(accelerator.unwrap_model(model), tokenizer, accelerator.process_index)
+    raise ConfigError(f"generation backend {name!r} is not known; choose transformers or vllm")

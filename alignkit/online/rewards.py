@@ -1,0 +1,241 @@
+"""Reward functions for online methods: found by name among the plugins, scored with checks.
+
+A plugin registers rewards with the `register_rewards(register)` hook: `register(name, fn)`, where
+`fn(prompts, completions, **row_columns) -> list[float | None]` gets the prompts and completions as text
+(one entry per completion, each prompt repeated for its samples) and every other column of the prompt
+rows (e.g. `answer=[...]`), and returns one reward per completion (None: not applicable to that one).
+A config selects rewards by name; `model:PATH` uses a sequence-classification checkpoint as a reward. The core
+registers the common rewards itself (alignkit.online.common_rewards: exact-match, regex-match, length-penalty).
+
+Public: `RewardRegistry` (the rewards by name), `score` (every reward of a batch, checked), `call_reward` (one
+reward, checked: one finite number or None per completion, the reward named in any error), `check_data`.
+"""
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from alignkit.blocks.tokens import pad_right, with_bos, with_eos
+from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError, did_you_mean
+
+RewardFn = Callable[..., list]
+MODEL_PREFIX = "model:"
+
+
+class RewardRegistry:
+    """Reward functions by name, and which plugin distribution registered each."""
+
+    def __init__(self, pm=None) -> None:
+        self.functions: dict[str, tuple[RewardFn, str]] = {}
+        self.pm = pm  # the plugins a `model:PATH` reward's training run is read with (its method's formatter)
+
+    @classmethod
+    def from_plugins(cls, pm) -> "RewardRegistry":
+        """The core's common rewards (alignkit.online.common_rewards), then every plugin's."""
+        from alignkit.online.common_rewards import COMMON
+
+        registry = cls(pm)
+        for name, fn in COMMON.items():
+            registry.add(name, fn, "alignkit")
+        for impl in pm.hook.register_rewards.get_hookimpls():
+            source = getattr(pm, "sources", {}).get(impl.plugin_name, (impl.plugin_name, ""))[0]
+            impl.function(register=lambda name, fn, s=source: registry.add(name, fn, s))
+        return registry
+
+    def add(self, name: str, fn: RewardFn, source: str = "") -> None:
+        if not callable(fn):
+            raise PluginError(f"plugin {source} registered reward {name!r} as {type(fn).__name__}, not a function")
+        if name in self.functions:
+            raise PluginError(f"reward {name!r} is registered twice: by {self.functions[name][1]} and by {source}")
+        if name.startswith(MODEL_PREFIX):
+            raise PluginError(f"plugin {source}: reward names may not start with {MODEL_PREFIX!r} ({name!r})")
+        self.functions[name] = (fn, source)
+
+    def select(self, names: Sequence[str], key: str = "method.reward_funcs") -> list[tuple[str, RewardFn]]:
+        """(name, function) for each configured name; `model:PATH` loads that reward model."""
+        out = []
+        for name in names:
+            if name.startswith(MODEL_PREFIX):
+                out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX), pm=self.pm)))
+            elif name in self.functions:
+                out.append((name, self.functions[name][0]))
+            else:
+                known = ", ".join(sorted(self.functions)) or "none"
+                raise ConfigError(f"{key}: no reward function {name!r}{did_you_mean(name, self.functions)}; "
+                                  f"registered: {known}, or model:PATH for a reward model")
+        return out
+
+
+def columns_read(fn: RewardFn) -> list[str]:
+    """The row columns a reward function names as parameters (besides prompts and completions) with no default: the
+    data must have each. A parameter with a default is optional (TRL passes every column as a keyword)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name not in ("prompts", "completions")
+            and p.default is p.empty]
+
+
+def _lacks(name: str, column: str, columns) -> str:
+    have = ", ".join(repr(c) for c in sorted(columns)) or "none"
+    return (f"reward {name!r} reads column {column!r}, which the data lacks; it has: {have} (add the column, or "
+            "choose other method.reward_funcs)")
+
+
+def call_reward(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> list:
+    """`fn`'s rewards, one number or None per completion; a PluginError naming the reward when it reads a column the
+    data lacks or returns anything else."""
+    for column in columns_read(fn):
+        if column not in columns:
+            raise PluginError(_lacks(name, column, {"prompt", *columns}))
+    try:
+        values = fn(prompts=prompts, completions=completions, **columns)
+    except KeyError as e:  # a function reading **columns by key
+        key = e.args[0] if len(e.args) == 1 else None
+        if isinstance(key, str) and key not in columns:
+            raise PluginError(_lacks(name, key, {"prompt", *columns})) from None
+        raise
+    if hasattr(values, "tolist") and getattr(values, "ndim", 0) > 0:  # a tensor or an array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise PluginError(f"reward {name!r} returned {type(values).__name__} {str(values)[:40]}, not a list; return "
+                          f"one reward per completion ({len(completions)} here, None where it does not apply)")
+    if len(values) != len(completions):
+        raise PluginError(f"reward {name!r} returned {len(values)} rewards for {len(completions)} completions; "
+                          "return one per completion (None where it does not apply)")
+    return [None if v is None else _number(name, v, i, prompts, completions) for i, v in enumerate(values)]
+
+
+def _number(name: str, v, i: int, prompts: list, completions: list) -> float:
+    try:
+        v = float(v)
+    except OverflowError:
+        digits = len(str(v))
+        raise PluginError(f"reward {name!r} returned an integer too large for a float ({str(v)[:12]}..., "
+                          f"{digits} digits) for row {i} (prompt {prompts[i]!r}); rewards must be finite") from None
+    except (TypeError, ValueError):
+        raise PluginError(f"reward {name!r} returned {v!r} for row {i} (prompt {prompts[i]!r}); "
+                          "rewards are numbers or None") from None
+    if not math.isfinite(v):
+        raise PluginError(f"reward {name!r} returned {v} for row {i} (prompt {prompts[i]!r}, completion "
+                          f"{completions[i]!r}); rewards must be finite (None where it does not apply)")
+    return v
+
+
+def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions: list[str],
+          columns: dict[str, list]) -> torch.Tensor:
+    """Rewards [completions, functions] (float32, NaN where a function returned None).
+
+    A function that reads a column the data lacks, returns something other than one number (or None) per completion,
+    or a NaN/inf reward, is an error naming it (and the row)."""
+    out = torch.full((len(completions), len(functions)), float("nan"))
+    for j, (name, fn) in enumerate(functions):
+        for i, v in enumerate(call_reward(name, fn, prompts, completions, columns)):
+            if v is not None:
+                out[i, j] = v
+    return out
+
+
+def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, probe: int = 4) -> None:
+    """Before training: every column each reward reads is in `dataset` (prompt rows), and each reward function (not
+    a reward model) returns what `score` accepts for the first `probe` rows with empty completions. A DataError
+    naming the data and the reward otherwise."""
+    for name, fn in functions:
+        for column in columns_read(fn):
+            feature = dataset.features.get(column)
+            if getattr(feature, "dtype", None) == "null":  # datasets' type of a column that is null in every row
+                raise DataError(f"{source}: reward {name!r} reads column {column!r}, which is null in every row; fill "
+                                "it in, or choose other method.reward_funcs")
+    rows = dataset.select(range(min(probe, len(dataset))))[:]
+    prompts = rows.pop("prompt", [""] * len(next(iter(rows.values()), [])))
+    for name, fn in functions:
+        if isinstance(fn, RewardModel):
+            continue
+        try:
+            call_reward(name, fn, prompts, [""] * len(prompts), rows)
+        except (PluginError, DataError) as e:  # a reward refusing a row's value (e.g. a bad pattern) as well
+            raise DataError(f"{source}: {e}") from None
+        except Exception:  # noqa: S110 (the function's own failure on an empty completion: training reports it)
+            pass
+
+
+class RewardModel:
+    """A sequence-classification checkpoint as a reward: the first logit of prompt + completion.
+
+    A model trained by alignkit (its folder has the run's config.yaml) reads each text exactly as its formatter
+    produced the training rows: the prompt's special tokens as that formatter puts them (BOS first for the preference
+    formatters), the chat template for conversations, and EOS after the completion. Any other checkpoint reads the
+    text as its tokenizer encodes it without special tokens (a conversation with its chat template), as TRL does."""
+
+    def __init__(self, path: str, batch_size: int = 32, pm=None) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"method.reward_funcs: model:{path} is not a loadable sequence-classification "
+                              f"checkpoint ({first})") from None
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.trained = _trained_formatter(Path(path), self.tokenizer, pm)
+
+    def _text(self, prompt, completion) -> str:
+        """prompt + completion as the reward model reads it: a conversation (a list of messages) with the completion
+        as the assistant's turn is rendered with the reward model's chat template, as TRL does."""
+        if isinstance(prompt, str):
+            return prompt + (completion if isinstance(completion, str) else completion[-1]["content"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"method.reward_funcs: the reward model's tokenizer ({self.tokenizer.name_or_path}) has "
+                              "no chat template, so it cannot read conversational prompts")
+        turn = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return self.tokenizer.apply_chat_template(list(prompt) + turn, tokenize=False)
+
+    def ids(self, prompt, completion) -> list[int]:
+        """The token ids the reward model scores for prompt + completion."""
+        text, tok = self._text(prompt, completion), self.tokenizer
+        if self.trained is None:
+            return tok(text, add_special_tokens=False)["input_ids"]
+        bos_first = bool(getattr(self.trained, "bos_first", False))
+        if isinstance(prompt, str):  # the formatter's own rule for a string prompt (`prompt_token_ids`)
+            ids = tok(text, add_special_tokens=not bos_first)["input_ids"]
+        else:  # the chat template writes its own special tokens
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        return with_eos(with_bos(list(ids), tok.bos_token_id) if bos_first else list(ids), tok.eos_token_id)
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        rows = [self.ids(p, c) for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start:start + self.batch_size]
+                ids = pad_right(batch, self.tokenizer.pad_token_id).to(device)
+                mask = pad_right([[1] * len(r) for r in batch], 0).to(device)
+                out += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+        return out
+
+
+def _trained_formatter(path: Path, tokenizer, pm):
+    """The formatter of the alignkit run that trained the model in `path` (from its config.yaml), or None for a
+    model trained elsewhere; a config.yaml that cannot be read here is a ConfigError (scoring would silently
+    differ from training)."""
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        return None
+    from alignkit.api import load_config  # the host's config reader (a lazy import: online/ sits below it)
+
+    try:
+        cfg, method = load_config(None, str(saved), plugins=pm)
+        return method.formatter(cfg.method, tokenizer)
+    except AlignkitError as e:
+        raise ConfigError(f"method.reward_funcs: model:{path}: cannot tell from {saved} how it was trained ({e}); "
+                          "install the plugin that trained it") from None
