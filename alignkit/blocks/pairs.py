@@ -45,7 +45,7 @@ class PairLoss(Loss):
 
 def reference_free_metrics(s: RowLogps, chosen: torch.Tensor, rejected: torch.Tensor, beta: float,
                            nll: bool = True) -> dict[str, torch.Tensor]:
-    """TRL's metrics of a reference-free pairwise loss (CPO, SimPO) from the scored [chosen; rejected] rows `s` and
+    """TRL's metrics of a reference-free pairwise loss from the scored [chosen; rejected] rows `s` and
     the per-pair values the loss rewards (`chosen`, `rejected`: summed or mean log-probs) at scale `beta`:
     rewards/chosen, /rejected, /accuracies, /margins, logps/chosen, /rejected, logits/chosen, /rejected and nll_loss
     (the chosen rows' mean token NLL; 0 with `nll=False`, as TRL logs it when the NLL is not part of the loss)."""
