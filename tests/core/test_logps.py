@@ -10,7 +10,7 @@ import alignkit_simpo
 import pytest
 import torch
 from click.testing import CliRunner
-from test_orpo_chunked import RTOL, ragged_batch
+from test_orpo_chunked import RTOL, assert_same, ragged_batch
 
 from alignkit.blocks.logps import SequenceScorer
 from alignkit.cli.commands import cli
@@ -72,20 +72,6 @@ def run(method, model, batches, label_pad=-100, **options):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss_fn, torch.stack(losses), metrics, grads
 
-
-def assert_same(a, b):
-    _, loss_a, metrics_a, grads_a = a
-    _, loss_b, metrics_b, grads_b = b
-    torch.testing.assert_close(loss_a, loss_b, rtol=RTOL, atol=0)
-    for ma, mb in zip(metrics_a, metrics_b):
-        assert ma.keys() == mb.keys()
-        for k in ma:
-            atol = 1e-8 if k.startswith("logits/") else RTOL * max(1.0, abs(ma["logps/chosen"].item()))
-            torch.testing.assert_close(ma[k], mb[k], rtol=RTOL, atol=atol, msg=k)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for n in grads_a:
-        error = (grads_a[n] - grads_b[n]).norm() / grads_b[n].norm()
-        assert error <= RTOL, f"{n}: relative gradient difference {error:.2e}"
 
 
 @pytest.mark.parametrize("method", METHODS)
