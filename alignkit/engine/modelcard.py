@@ -5,11 +5,9 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 
 from alignkit.config import RunConfig, recorded, redact, to_yaml
+from alignkit.engine.modeling import KINDS
 from alignkit.plugin.method import Method
 
-#: the Hugging Face pipeline of each model kind (Method.model_kind), and the class that loads a saved folder
-PIPELINES = {"causal-lm": ("text-generation", "AutoModelForCausalLM"),
-             "sequence-classifier": ("text-classification", "AutoModelForSequenceClassification")}
 LIBRARIES = ("alignkit", "torch", "transformers", "accelerate", "datasets", "peft")
 
 
@@ -28,7 +26,9 @@ def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tag
     config = recorded(config)
     all_tags = ["alignkit", method.name, *[t for t in tags if t not in ("alignkit", method.name)]]
     datasets = [d for d in (config.data.train, config.data.eval) if d and not d.startswith("builtin:")]
-    pipeline, auto = PIPELINES[method.model_kind]
+    kind = KINDS[method.model_kind]
+    pipeline, auto = kind.pipeline, kind.auto.__name__ + (" (the value head: keys v_head.summary.*)"
+                                                           if kind.value_head else "")
     front = ["---", f"base_model: {json.dumps(config.model.name_or_path)}", "library_name: transformers",
              f"pipeline_tag: {pipeline}", "tags:", *[f"- {t}" for t in all_tags]]
     front += ["datasets:", *[f"- {json.dumps(d)}" for d in dict.fromkeys(datasets)]] if datasets else []
@@ -45,7 +45,7 @@ def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tag
 Trained with [alignkit](https://github.com/alignkit/alignkit), method **{method.name}**: {method.description}
 
 - base model: `{config.model.name_or_path}`
-- model kind: {method.model_kind}{f' ({method.num_labels} labels)' if method.model_kind != 'causal-lm' else ''}, \
+- model kind: {method.model_kind}{f' ({method.num_labels} labels)' if kind.labels else ''}, \
 loads with `{auto}.from_pretrained`
 - training data: `{config.data.train}` (split `{config.data.train_split}`)
 - eval data: `{config.data.eval or held_out}`

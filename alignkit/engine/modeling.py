@@ -1,6 +1,7 @@
 """Load the model and tokenizer named by the `model` config section (or build the built-in tiny one)."""
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,11 +10,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     LlamaConfig,
     PreTrainedModel,
 )
 
+from alignkit.blocks.valuehead import VALUE_HEAD, ValueHead
 from alignkit.config import ModelConfig
 from alignkit.engine.data import quiet_hub
 from alignkit.engine.envvalues import resolve_env
@@ -53,23 +56,53 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-CLASSIFIER = "sequence-classifier"
+@dataclass(frozen=True)
+class ModelKind:
+    """How the core loads, adapts and saves the model of one kind (Method.model_kind)."""
+
+    auto: type  # the transformers class that loads the saved folder
+    peft_task: str  # peft's task type: a classifier's head is trained in full and saved with the adapter
+    pipeline: str  # the Hugging Face pipeline the model card names
+    labels: bool = False  # built with the method's num_labels and the tokenizer's pad token
+    value_head: bool = False  # a ValueHead under model.v_head, saved in the same safetensors
 
 
-def is_classifier(model) -> bool:
-    """Whether `model` (or the model a LoRA wrapper holds) is a sequence classifier, not a generative model."""
-    config = getattr(model, "config", None)
-    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []) or \
-        type(getattr(model, "base_model", model)).__name__.endswith("ForSequenceClassification") or \
-        type(model).__name__.endswith("ForSequenceClassification")
+KINDS = {
+    "causal-lm": ModelKind(AutoModelForCausalLM, "CAUSAL_LM", "text-generation"),
+    "sequence-classifier": ModelKind(AutoModelForSequenceClassification, "SEQ_CLS", "text-classification", True),
+    "token-classifier": ModelKind(AutoModelForTokenClassification, "TOKEN_CLS", "token-classification", True),
+    "causal-lm-value-head": ModelKind(AutoModelForCausalLM, "CAUSAL_LM", "text-generation", value_head=True),
+}
+
+
+def kind_of(model) -> str:
+    """The model kind of a loaded `model` (also under a LoRA wrapper): its value head or its class says it."""
+    if any(n.rsplit(".", 1)[-1] == VALUE_HEAD for n, _ in model.named_modules()):
+        return "causal-lm-value-head"
+    names = [type(model).__name__, type(getattr(model, "base_model", model)).__name__,
+             *(getattr(getattr(model, "config", None), "architectures", None) or [])]
+    for suffix, kind in (("ForSequenceClassification", "sequence-classifier"),
+                         ("ForTokenClassification", "token-classifier")):
+        if any(isinstance(n, str) and n.endswith(suffix) for n in names):
+            return kind
+    return "causal-lm"
 
 
 def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", num_labels: int = 1) -> PreTrainedModel:
     """The policy, in `cfg.dtype`; the built-in model is randomly initialised from `seed`. `kind` is the method's
-    model kind (Method.model_kind): a "sequence-classifier" is an AutoModelForSequenceClassification with `num_labels`
-    outputs and the tokenizer's pad token (it scores each row at its last non-pad token)."""
+    model kind (Method.model_kind, the table KINDS): a classifier has `num_labels` outputs and the tokenizer's pad
+    token (a sequence classifier scores each row at its last non-pad token, a token classifier every token); a
+    causal LM with a value head gets a ValueHead under `model.v_head`, read back from the folder that saved one."""
+    model = _load(cfg, tokenizer, seed, kind, num_labels)
+    if KINDS[kind].value_head and not hasattr(model, VALUE_HEAD):
+        _attach_value_head(model, cfg.name_or_path)
+    return model
+
+
+def _load(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) -> PreTrainedModel:
     dtype = DTYPES[cfg.dtype]
-    classifier = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id} if kind == CLASSIFIER else None
+    labelled = KINDS[kind].labels
+    classifier = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id} if labelled else None
     if (cfg.attn_implementation or "").startswith("flash_attention") and not torch.cuda.is_available():
         raise ConfigError(f"model.attn_implementation={cfg.attn_implementation} needs a CUDA GPU; on this machine use "
                           "sdpa or eager")
@@ -79,7 +112,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", 
         torch.manual_seed(seed)
         config = tiny_llama_config(len(tokenizer), **(classifier or {}))
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        auto = KINDS[kind].auto
         try:
             model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
         except (ValueError, ImportError) as e:  # an unknown or uninstalled attention implementation
@@ -97,11 +130,46 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", 
             config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
                                                 revision=cfg.revision)
             if classifier:
-                return AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, **classifier, **kwargs)
+                return KINDS[kind].auto.from_pretrained(cfg.name_or_path, **classifier, **kwargs)
             auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
             return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
+
+
+def _attach_value_head(model: PreTrainedModel, name_or_path: str) -> None:
+    """A ValueHead in the model's dtype under model.v_head: the one saved in the folder's safetensors (the keys
+    v_head.summary.*, as alignkit and TRL save it), else a fresh one from the current random state."""
+    head = ValueHead(model.config.get_text_config().hidden_size).to(model.dtype)
+    saved = _saved_tensors(Path(name_or_path), VALUE_HEAD + ".")
+    if saved:
+        try:
+            head.load_state_dict(saved)
+        except RuntimeError as e:
+            raise ConfigError(f"model.name_or_path: {name_or_path}: its saved value head does not fit the model "
+                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+    model.add_module(VALUE_HEAD, head)
+
+
+def _saved_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix` in a local folder's model.safetensors (or its shards), the prefix
+    removed; empty for a hub name or a folder without them."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) \
+            if index.is_file() else ["model.safetensors"]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"model.name_or_path: {index} is unreadable ({e})") from None
+    found = {}
+    for name in files:
+        if (folder / name).is_file():
+            with safe_open(folder / name, framework="pt") as f:
+                found.update({k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+    return found
 
 
 def _merged_adapter(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) -> PreTrainedModel:
@@ -137,7 +205,7 @@ def _load_failure(what: str, name: str, e: Exception) -> str:
 
 def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
     """Wrap `model` with LoRA adapters from `model.peft` settings or a peft config object. A sequence classifier's
-    head (`score`, or `classifier`) is trained in full and saved with the adapter (peft's SEQ_CLS task)."""
+    head (`score`, or `classifier`) and a value head are trained in full and saved with the adapter."""
     try:
         import peft
     except ImportError:
@@ -145,12 +213,13 @@ def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
     if isinstance(settings, peft.PeftConfig):
         config = settings
     else:
+        kind = kind_of(model)
         check_peft_targets(model, settings.target_modules, "model.peft.target_modules")
         check_peft_targets(model, settings.modules_to_save or [], "model.peft.modules_to_save")
+        keep = list(settings.modules_to_save or []) + ([VALUE_HEAD] if KINDS[kind].value_head else [])
         config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                                  target_modules=settings.target_modules, bias=settings.bias,
-                                 modules_to_save=settings.modules_to_save,
-                                 task_type="SEQ_CLS" if is_classifier(model) else "CAUSAL_LM")
+                                 modules_to_save=list(dict.fromkeys(keep)) or None, task_type=KINDS[kind].peft_task)
     try:
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError, KeyError) as e:  # peft's own refusals (NoMatchingPeftModuleError is a ValueError)

@@ -81,8 +81,8 @@ def base_named_weights(model: torch.nn.Module):
     peft_prefix = getattr(model, "prefix", None) if hasattr(model, "get_base_model") else None
     for name, param in model.named_parameters():
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        if (peft_prefix and peft_prefix in name) or "original_module" in name:
-            continue
+        if (peft_prefix and peft_prefix in name) or "original_module" in name or name.startswith("v_head."):
+            continue  # LoRA matrices, the frozen copy of a module trained in full, a value head (not the generator's)
         yield name.replace("modules_to_save.default.", ""), param.data
 
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 #: the model kinds a method may declare (Method.model_kind)
-MODEL_KINDS = ("causal-lm", "sequence-classifier")
+MODEL_KINDS = ("causal-lm", "sequence-classifier", "token-classifier", "causal-lm-value-head")
 
 
 class MethodConfig(BaseModel):
@@ -43,8 +43,11 @@ class Method:
     line naming the key, shown as `alignkit: error: ...`, exit code 2). See docs/writing-a-method.md.
 
     `model_kind` is the model the core loads, trains (LoRA included) and saves for this method: "causal-lm" (the
-    default), or "sequence-classifier" (AutoModelForSequenceClassification with `num_labels` outputs; with LoRA its
-    head is trained in full and saved with the adapter; `alignkit generate` and `chat` refuse it).
+    default); "sequence-classifier" (AutoModelForSequenceClassification with `num_labels` outputs, e.g. a reward
+    model) or "token-classifier" (AutoModelForTokenClassification, e.g. a process reward model): with LoRA their head
+    is trained in full and saved with the adapter, and `alignkit generate` and `chat` refuse them; or
+    "causal-lm-value-head" (a causal LM with alignkit.blocks.ValueHead under `model.v_head`, one value per token,
+    read with alignkit.blocks.value_head(model); saved as v_head.summary.* in the same safetensors).
 
     `source` and `version` (the plugin's distribution) and `plugin` (the pluggy name of the plugin that
     registered it, whose lifecycle hooks run for this method's runs) are filled in by the registry.

@@ -120,7 +120,8 @@ def test_a_model_reward_scores_text_exactly_as_the_reward_model_was_trained(tmp_
 
 
 @pytest.mark.parametrize(("kind", "labels", "message"), [
-    ("value-head", 1, "model_kind 'value-head' is not one of causal-lm, sequence-classifier"),
+    ("value-head", 1, "model_kind 'value-head' is not one of causal-lm, sequence-classifier, token-classifier, "
+                      "causal-lm-value-head"),
     ("sequence-classifier", 0, "num_labels must be a positive integer, got 0"),
 ])
 def test_an_unknown_model_kind_or_label_count_is_refused_where_the_method_is_declared(kind, labels, message):
@@ -150,3 +151,106 @@ def test_eval_reads_a_causal_lm_adapter_folder_too(tmp_path):
     with pytest.raises(alignkit.ConfigError, match="has no adapter_model.safetensors; alignkit loads safetensors only"):
         alignkit.evaluate(None, plugins=pm, **{"model.name_or_path": str(result.output_dir),
                                                "train.output_dir": str(tmp_path / "eval2")})
+
+
+def test_every_declarable_model_kind_is_one_the_core_can_load():
+    from alignkit.engine.modeling import KINDS
+    from alignkit.plugin.method import MODEL_KINDS
+
+    assert tuple(KINDS) == MODEL_KINDS
+
+
+def train_kind(tmp_path, method, **model):
+    from head_kinds_method import HeadKindsPlugin
+
+    pm = plugin_manager(alignkit_orpo, HeadKindsPlugin())
+    config = fast(tmp_path, max_steps=12, learning_rate=3e-3)
+    config["data"] = {"train": "builtin:sort", "max_train_samples": 64, "max_eval_samples": 16}
+    config["model"] = model
+    return pm, alignkit.run(method, config, plugins=pm)
+
+
+def evaluated_again(pm, folder, tmp_path):
+    return alignkit.evaluate(None, plugins=pm, **{"model.name_or_path": str(folder),
+                                                   "train.output_dir": str(tmp_path / "eval")})
+
+
+@pytest.mark.parametrize("peft", [None, {"r": 4, "target_modules": ["q_proj", "v_proj"]}])
+def test_a_token_classifier_method_saves_a_token_classifier_with_its_head(tmp_path, peft):
+    """A process reward model's shape: per-token labels from AutoModelForTokenClassification."""
+    from transformers import AutoModelForTokenClassification
+
+    pm, result = train_kind(tmp_path, "token-judge", **({"peft": peft} if peft else {}))
+    out = result.output_dir
+    if peft:
+        with safe_open(out / "adapter_model.safetensors", "pt") as f:
+            assert any("score" in k for k in f.keys()), "the adapter holds no score head"
+        what = "a LoRA adapter for TOKEN_CLS"
+    else:
+        model = AutoModelForTokenClassification.from_pretrained(out)
+        assert type(model).__name__ == "LlamaForTokenClassification" and model.config.num_labels == 2
+        card = (out / "README.md").read_text()
+        assert "pipeline_tag: token-classification" in card and "AutoModelForTokenClassification" in card
+        assert "model kind: token-classifier (2 labels)" in card
+        what = "LlamaForTokenClassification"
+    evaluated = evaluated_again(pm, out, tmp_path)  # the trained head came back, with LoRA merged in
+    for key in ("eval_loss", "eval_token_accuracy"):
+        assert evaluated[key] == pytest.approx(result.metrics[key], rel=1e-5, abs=1e-6), key
+    run = CliRunner().invoke(cli, ["generate", "--model", str(out), "sort: 3 1 ="])
+    assert run.exit_code == 2 and f"the model is {what}, which scores text" in run.output, run.output
+
+
+def test_a_value_head_method_saves_a_causal_lm_whose_safetensors_hold_the_trained_head(tmp_path):
+    from head_kinds_method import values_at_last_token
+    from transformers import AutoModelForCausalLM
+
+    pm, result = train_kind(tmp_path, "value-fit")
+    out = result.output_dir
+    with safe_open(out / "model.safetensors", "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys() if k.startswith("v_head.")}
+    assert sorted(saved) == ["v_head.summary.bias", "v_head.summary.weight"]  # TRL's value-head layout
+    assert AutoModelForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
+    cfg, _ = alignkit.load_config(None, str(out / "config.yaml"), plugins=pm)
+    tokenizer = alignkit.load_tokenizer(cfg.model)
+    fresh = alignkit.load_model(cfg.model, tokenizer, cfg.train.seed, "causal-lm-value-head")
+    reloaded = alignkit.load_model(cfg.model.model_copy(update={"name_or_path": str(out)}), tokenizer, 0,
+                                   "causal-lm-value-head").eval()
+    torch.testing.assert_close(reloaded.v_head.summary.weight, saved["v_head.summary.weight"])
+    assert not torch.equal(fresh.v_head.summary.weight, saved["v_head.summary.weight"])  # it trained
+    _, features = eval_pairs(pm, result)
+    rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
+    with torch.no_grad():
+        values = values_at_last_token(reloaded, ids, mask)
+    assert values.mean().item() == pytest.approx(result.metrics["eval_value"], rel=1e-4)
+    evaluated = evaluated_again(pm, out, tmp_path)
+    for key in ("eval_loss", "eval_value", "eval_value_accuracy"):
+        assert evaluated[key] == pytest.approx(result.metrics[key], rel=1e-5), key
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "v_head.summary" in card
+    run = CliRunner().invoke(cli, ["generate", "--model", str(out), "--max-new-tokens", "4", "sort: 3 1 ="])
+    assert run.exit_code == 0, run.output  # it is still a language model
+
+
+def test_with_lora_a_value_head_is_trained_in_full_and_saved_with_the_adapter(tmp_path):
+    pm, result = train_kind(tmp_path, "value-fit", peft={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    out = result.output_dir
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        head = [k for k in f.keys() if "v_head" in k]
+    assert sorted(head) == ["base_model.model.v_head.summary.bias", "base_model.model.v_head.summary.weight"]
+    evaluated = evaluated_again(pm, out, tmp_path)  # the adapter and its head merged into the base
+    for key in ("eval_loss", "eval_value", "eval_value_accuracy"):
+        assert evaluated[key] == pytest.approx(result.metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_saved_value_head_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pm, result = train_kind(tmp_path, "value-fit")
+    out = result.output_dir
+    weights = load_file(out / "model.safetensors")
+    weights["v_head.summary.weight"] = torch.zeros(1, 7)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(alignkit.ConfigError, match=f"model.name_or_path: {out}: its saved value head does not fit"):
+        evaluated_again(pm, out, tmp_path)
