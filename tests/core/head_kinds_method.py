@@ -71,6 +71,7 @@ class HeadKindsPlugin:
     def register_methods(self, register):
         common = dict(formatter="preference", demo_data="sort", demo_defaults={"train.learning_rate": 3e-3})
         register(alignkit.Method(name="token-judge", config=TokenJudgeConfig, loss=TokenJudgeLoss,
-                                 description="Token labels (tests).", model_kind="token-classifier", num_labels=2, **common))
+                                 description="Token labels (tests).", model_kind="token-classifier", num_labels=2,
+                                 **common))
         register(alignkit.Method(name="value-fit", config=ValueFitConfig, loss=ValueFitLoss,
                                  description="Value regression (tests).", model_kind="causal-lm-value-head", **common))
