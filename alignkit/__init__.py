@@ -21,7 +21,7 @@ from alignkit.engine.schedule import Actions, Schedule
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError
 from alignkit.plugin.context import StepContext
 from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
-from alignkit.plugin.hookspecs import hookimpl
+from alignkit.plugin.hookspecs import hookimpl, registers
 from alignkit.plugin.loss import Loss, LossOutput, log1mexp, shifted_token_logps
 from alignkit.plugin.method import Method, MethodConfig
 from alignkit.plugins import get_plugin_manager
@@ -35,7 +35,7 @@ __all__ = [
     "AlignkitError", "ConfigError", "DataError", "PluginError",
     # writing a method (also under alignkit.plugin)
     "DataFormatter", "DropExample", "Formatted", "Loss", "LossOutput", "Method", "MethodConfig", "StepContext",
-    "hookimpl",
+    "hookimpl", "registers",
     # building blocks (also under alignkit.blocks)
     "RowLogps", "SequenceScorer", "log1mexp", "pad_right", "shifted_token_logps",
     # the wings and block modules

@@ -20,6 +20,8 @@ from alignkit.plugin.method import Method
 ENTRY_POINT_GROUP = "alignkit"
 ALLOW_LIST_VAR = "ALIGNKIT_LOAD_PLUGINS"
 CORE_PLUGIN = "alignkit-core"
+#: the singular of each part table's name, for messages
+ONE = {"formatters": "formatter", "losses": "loss", "datasets": "dataset"}
 
 
 def _canonical(dist_name: str) -> str:
@@ -48,16 +50,16 @@ class Registry:
     def add_part(self, kind: str, name: str, cls: type, source: str) -> None:
         table = getattr(self, kind)
         if name in table:
-            raise PluginError(f"{kind[:-1]} {name!r} is registered twice: by {table[name][1]} and by {source}")
+            raise PluginError(f"{ONE[kind]} {name!r} is registered twice: by {table[name][1]} and by {source}")
         if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {source} registered a {kind[:-1]} under the name {name!r}; names are non-empty "
+            raise PluginError(f"plugin {source} registered a {ONE[kind]} under the name {name!r}; names are non-empty "
                               "strings")
         table[name] = (cls, source)
 
     def part(self, kind: str, name: str, wanted_by: str) -> type:
         table = getattr(self, kind)
         if name not in table:
-            raise PluginError(f"method {wanted_by!r} uses {kind[:-1]} {name!r}{did_you_mean(name, table)}, which no "
+            raise PluginError(f"method {wanted_by!r} uses {ONE[kind]} {name!r}{did_you_mean(name, table)}, which no "
                               f"plugin registers; registered {kind}: {', '.join(sorted(table)) or 'none'}")
         return table[name][0]
 

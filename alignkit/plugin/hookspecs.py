@@ -11,6 +11,18 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+def registers(*methods):
+    """A `register_methods` implementation that registers `methods` (alignkit.Method objects), for a plugin module
+    whose hook would only do that: `register_methods = alignkit.registers(alignkit.Method(...))`."""
+
+    @hookimpl
+    def register_methods(register):
+        for method in methods:
+            register(method)
+
+    return register_methods
+
+
 @hookspec
 def register_methods(register):
     """Register training methods by calling register(Method(...)) once per method."""

@@ -64,6 +64,19 @@ def test_in_process_registration_with_fresh_manager():
     assert build_registry(plugin_manager()).methods == {}
 
 
+def test_registers_is_a_register_methods_hook_for_the_methods_it_is_given():
+    class Config(MethodConfig):
+        name: str = "gamma"
+
+    methods = [Method(name=n, config=Config, formatter="preference", loss="orpo", description=n)
+               for n in ("gamma", "delta")]
+    plugin = type(sys)("alignkit_registers_mod")
+    plugin.register_methods = alignkit.registers(*methods)
+    registry = build_registry(plugin_manager(alignkit_orpo, plugin))
+    assert sorted(registry.methods) == ["delta", "gamma", "orpo"]
+    assert registry.get("gamma").description == "gamma" and registry.get("gamma").plugin == "alignkit_registers_mod"
+
+
 def test_orpo_is_registered_through_its_entry_point(monkeypatch):
     monkeypatch.delenv("ALIGNKIT_LOAD_PLUGINS", raising=False)
     method = build_registry(get_plugin_manager()).get("orpo")
@@ -169,3 +182,16 @@ def test_duplicate_formatter_name_names_both_sources():
 
     with pytest.raises(PluginError, match="formatter 'preference' is registered twice: by alignkit and by"):
         build_registry(plugin_manager(alignkit_orpo, Again()))
+
+
+@pytest.mark.parametrize(("part", "said"), [("loss", "loss 'nope', which no plugin registers; registered losses: orpo"),
+                                            ("formatter", "formatter 'nope', which no plugin registers")])
+def test_a_method_naming_an_unregistered_part_says_which_part_in_words(part, said):
+    class Config(MethodConfig):
+        name: str = "gamma"
+
+    parts = {"formatter": "preference", "loss": "orpo", part: "nope"}
+    plugin = type(sys)("alignkit_parts_mod")
+    plugin.register_methods = alignkit.registers(Method(name="gamma", config=Config, description="g", **parts))
+    with pytest.raises(PluginError, match=f"method 'gamma' uses {said}"):
+        build_registry(plugin_manager(alignkit_orpo, plugin)).get("gamma")

@@ -30,10 +30,9 @@ class CPOLoss(PairLoss):
         return reference_free_metrics(s, s.logps[:n], s.logps[n:], self.config.beta)
 
 
-@alignkit.hookimpl
-def register_methods(register):
-    register(preference_method(
-        name="cpo", config=CPOConfig, loss=CPOLoss,
-        description="Contrastive Preference Optimization: sigmoid preference loss plus NLL, no reference.",
-        citation="@article{xu2024cpo, title={Contrastive Preference Optimization: Pushing the Boundaries of LLM "
-                 "Performance in Machine Translation}, journal={arXiv:2401.08417}, year={2024}}"))
+register_methods = alignkit.registers(preference_method(
+    name="cpo", config=CPOConfig, loss=CPOLoss,
+    description="Contrastive Preference Optimization: sigmoid preference loss plus NLL, no reference.",
+    citation="@article{xu2024cpo, title={Contrastive Preference Optimization: Pushing the Boundaries of LLM "
+             "Performance in Machine Translation}, journal={arXiv:2401.08417}, year={2024}}",
+))

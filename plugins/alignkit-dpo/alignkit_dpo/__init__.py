@@ -49,11 +49,10 @@ class DPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms=summed, metrics=metrics)
 
 
-@alignkit.hookimpl
-def register_methods(register):
-    register(alignkit.Method(
-        name="dpo", config=DPOConfig, formatter="preference", loss=DPOLoss, defaults={"train.learning_rate": 1e-6},
-        description="Direct Preference Optimization: sigmoid loss against a frozen reference.", demo_data="sort",
-        demo_defaults=demo_defaults(), progress_metrics=("rewards/accuracies",),
-        citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language Model is Secretly a "
-                 "Reward Model}, journal={arXiv:2305.18290}, year={2023}}"))
+register_methods = alignkit.registers(alignkit.Method(
+    name="dpo", config=DPOConfig, formatter="preference", loss=DPOLoss, defaults={"train.learning_rate": 1e-6},
+    description="Direct Preference Optimization: sigmoid loss against a frozen reference.", demo_data="sort",
+    demo_defaults=demo_defaults(), progress_metrics=("rewards/accuracies",),
+    citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language Model is Secretly a "
+             "Reward Model}, journal={arXiv:2305.18290}, year={2023}}",
+))

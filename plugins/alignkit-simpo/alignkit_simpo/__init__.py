@@ -38,10 +38,9 @@ class SimPOLoss(PairLoss):
                                       nll=bool(self.config.cpo_alpha))
 
 
-@alignkit.hookimpl
-def register_methods(register):
-    register(preference_method(
-        name="simpo", config=SimPOConfig, loss=SimPOLoss,
-        description="Simple Preference Optimization: length-normalised rewards with a margin, no reference.",
-        citation="@article{meng2024simpo, title={SimPO: Simple Preference Optimization with a Reference-Free Reward}, "
-                 "journal={arXiv:2405.14734}, year={2024}}"))
+register_methods = alignkit.registers(preference_method(
+    name="simpo", config=SimPOConfig, loss=SimPOLoss,
+    description="Simple Preference Optimization: length-normalised rewards with a margin, no reference.",
+    citation="@article{meng2024simpo, title={SimPO: Simple Preference Optimization with a Reference-Free Reward}, "
+             "journal={arXiv:2405.14734}, year={2024}}",
+))
