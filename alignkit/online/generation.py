@@ -3,9 +3,10 @@
 `Generator.generate(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed)` takes
 care of what a rollout should not: the policy is unwrapped from its distributed wrapper, put in eval mode
 (and back), sampled with the KV cache, with its LoRA adapters on, and under FSDP its sharded parameters are
-gathered for the duration. Each prompt is sampled on its own from a generator seeded by (the run's seed,
-`seed`, the prompt's tokens), so the completions do not depend on how prompts are batched or split over processes, and a
-resumed run samples exactly what the uninterrupted one did.
+gathered for the duration. All completions of a call are sampled together (left-padded, in batches of up to
+`max_batch_rows`), each from its own generator seeded by (the run's seed, `seed`, the prompt's tokens, the sample's
+index) (alignkit.online.sampling), so the completions do not depend on how prompts are batched or split over
+processes, and a resumed run samples exactly what the uninterrupted one did.
 
 The handle samples the policy by default, and any other model the run loaded under its name: `model="reference"`
 (the reference or teacher, `model.ref_name_or_path`, when the loss needs one; with LoRA and no explicit reference,
@@ -25,6 +26,7 @@ from typing import Protocol
 import torch
 
 from alignkit.errors import ConfigError, PluginError
+from alignkit.online.sampling import sample
 
 #: completions of each prompt: [prompt][sample] -> token ids (the stop token included when one was sampled)
 Completions = list[list[list[int]]]
@@ -89,46 +91,36 @@ def base_named_weights(model: torch.nn.Module):
 class TransformersBackend:
     """transformers' `generate` on the policy itself (no weights to sync)."""
 
-    def __init__(self, model: torch.nn.Module, unwrap, pad_token_id: int, adapters_off: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, unwrap, pad_token_id: int, adapters_off: bool = False,
+                 max_batch_rows: int = 256) -> None:
         self.model, self.unwrap, self.pad_token_id = model, unwrap, pad_token_id
         self.adapters_off = adapters_off  # sample the PEFT model's base (the implicit reference)
+        self.max_batch_rows = max_batch_rows  # completions per generate call (memory against speed)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         pass
 
     def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed) -> Completions:
         policy = self.unwrap(self.model)
-        device = next(policy.parameters()).device
-        devices = [device] if device.type == "cuda" else []
         was_training = policy.training
         policy.eval()
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None}
-        if temperature == 0:
-            sampling = {"do_sample": False}
-        out: Completions = []
+        rows, seeds, seen = [], [], {}
+        for ids in prompt_ids:
+            key = tuple(ids)
+            seen[key] = seen.get(key, -1) + 1  # a repeated prompt gets its own samples
+            rows += [ids] * n
+            seeds += [mix_seed(seed, key, seen[key], j) for j in range(n)]
         try:
-            with full_parameters(self.model), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+            with full_parameters(self.model), torch.no_grad(), \
                     (policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()):
-                seen: dict[tuple, int] = {}
-                for ids in prompt_ids:
-                    key = tuple(ids)
-                    seen[key] = seen.get(key, -1) + 1  # a repeated prompt gets its own samples
-                    torch.manual_seed(mix_seed(seed, key, seen[key]))
-                    inputs = torch.tensor([ids] * n, device=device)
-                    sequences = policy.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                                max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids),
-                                                pad_token_id=self.pad_token_id, use_cache=True, **sampling)
-                    out.append([_until_stop(row[len(ids):].tolist(), stop_token_ids) for row in sequences])
+                flat = []
+                for start in range(0, len(rows), self.max_batch_rows):
+                    stop = start + self.max_batch_rows
+                    flat += sample(policy, rows[start:stop], seeds[start:stop], max_new_tokens, temperature, top_p,
+                                   top_k, stop_token_ids, self.pad_token_id)
         finally:
             policy.train(was_training)
-        return out
-
-
-def _until_stop(tokens: list[int], stop: list[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in stop:
-            return tokens[:i + 1]
-    return tokens
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
 
 POLICY = "policy"
