@@ -118,9 +118,10 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: int | None, scheduler,
-         files: dict[str, str] | None = None, folder=None) -> Path:
+         files: dict[str, str] | None = None, folder=None, process_files: dict[str, bytes] | None = None) -> Path:
     """Write the accelerate state, the scheduler, `state` and `files` (name -> text) to a temporary folder,
-    then the manifest, then rename it into place. `folder` (alignkit.engine.ownership.RunFolder) records each checkpoint
+    then the manifest, then rename it into place. `process_files` (name -> bytes) are written by each process
+    (their names differ by process). `folder` (alignkit.engine.ownership.RunFolder) records each checkpoint
     in the run's manifest before it is written; only checkpoints it records are replaced or rotated away."""
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
     owns = folder.owns if folder is not None else (lambda path: True)
@@ -134,6 +135,8 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, limit: in
     accelerator.wait_for_everyone()
     with tied_weights_expected(accelerator._models):
         accelerator.save_state(str(tmp))
+    for name, data in (process_files or {}).items():
+        (tmp / name).write_bytes(data)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)  # plain data: loads with weights_only=True

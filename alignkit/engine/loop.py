@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
 from alignkit.engine import checkpoint, optim, preflight, resume, rundir
+from alignkit.engine.ahead import RolloutsAhead
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
 from alignkit.engine.modelcard import model_card
@@ -195,6 +196,9 @@ class Engine:
         if self.rollout is not None:
             self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed,
                                                  self.reference.for_generation(model))
+            if self.rollout.max_staleness > 0:  # async rollouts: sampled ahead in a worker thread
+                self.rollout.ahead = RolloutsAhead(self.rollout, self.rollout.max_staleness, model, self.accelerator,
+                                                   self.tokenizer, self.config.train.seed)
 
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
@@ -210,6 +214,8 @@ class Engine:
         self.lock, self.folder, self.notes = started.lock, started.folder, started.notes
         if started.resumed is not None:
             started.resumed.apply(self.state)
+            if self._ahead is not None:
+                self._ahead.restore(started.resumed.path)
             self.eval_redo_at = started.resumed.step if started.resumed.eval_pending else None
         return started.window
 
@@ -234,6 +240,8 @@ class Engine:
             with self._observers(), self.signals.installed():
                 return self._loop(run)
         finally:
+            if self._ahead is not None:
+                self._ahead.close()
             self.lock.release()
 
     def _loop(self, run: Prepared) -> dict[str, float]:
@@ -244,7 +252,10 @@ class Engine:
             done.eval = self._evaluate_and_report(model, run.eval_dl)
         self._stop_if_asked(done.window)  # asked during that evaluation: stop before the first step
         model.train()
-        windows = self.data.step_batches(run.train_dl, state)
+        if self._ahead is not None:
+            windows = self._ahead.windows(self.data.step_batches, run.train_dl, state, self._contexts)
+        else:
+            windows = self.data.step_batches(run.train_dl, state)
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(run, micro_batches)
             state.step += 1
@@ -316,6 +327,11 @@ class Engine:
         if self.state.skipped_steps:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", self.state.skipped_steps,
                         self.state.step)
+
+    @property
+    def _ahead(self):
+        """The async rollouts (alignkit.engine.ahead), when the rollout samples ahead."""
+        return getattr(self.rollout, "ahead", None)
 
     def _between_rollouts(self) -> bool:
         """No rollout waits for more optimisation passes (checkpoints are written only here)."""
@@ -420,6 +436,8 @@ class Engine:
             acc.even_batches = even
 
     def _evaluate_and_report(self, model, eval_dl) -> dict[str, float]:
+        if self._ahead is not None:
+            self._ahead.wait()  # the worker idle while the evaluation samples
         if not self.lockstep:  # uneven batch counts per process: no collective may run in the forward
             model = self.accelerator.unwrap_model(model)
         context = functools.partial(self._context, False)
@@ -458,7 +476,8 @@ class Engine:
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,
                                self.config.train.save_total_limit, self.prepared.scheduler,
-                               files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)}, folder=self.folder)
+                               files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)}, folder=self.folder,
+                               process_files=self._ahead.saved() if self._ahead is not None else None)
         self.hooks.on_save(run=s, step=s.step, path=path)
         return path
 

@@ -32,7 +32,10 @@ class Rollout(Protocol):
 
     Optional members: `finish(batches, ctx)` (once per step, with all its rolled-out micro-batches),
     `iterations: int` (optimisation passes per rollout, default 1), `generation_backend: str` ("transformers" or
-    "vllm")."""
+    "vllm"), `max_staleness: int` (default 0: sample each step's rollout when the step starts; k > 0: the rollouts
+    of the next k steps are sampled in a worker thread by a copy of the policy while the current step trains, so a
+    rollout is up to k optimizer steps old; `__call__` then runs in that thread and may not call `ctx.reduce`, and
+    `ctx.generator.model` is the copy that samples: see alignkit.engine.ahead)."""
 
     def __call__(self, batch: dict, ctx: StepContext) -> dict: ...
 
@@ -82,7 +85,9 @@ class RolloutStage:
     def __init__(self, rollout) -> None:
         self.rollout = rollout
         self.iterations = int(getattr(rollout, "iterations", 1))
+        self.max_staleness = int(getattr(rollout, "max_staleness", 0))
         self.generator: Generator | None = None
+        self.ahead = None  # the engine's async rollouts (alignkit.engine.ahead) when max_staleness > 0
         self._kept: tuple[list, list] | None = None  # (prompt micro-batches, their rollout)
         self._passes_left = 0
 
@@ -102,6 +107,9 @@ class RolloutStage:
         if self._kept is not None and self._kept[0] is batches and self._passes_left > 0:
             self._passes_left -= 1
             return self._kept[1]
+        if self.ahead is not None:  # sampled ahead in a worker thread; its step-wide stage runs here
+            with torch.no_grad():
+                return self._finish(self.ahead.take(ctxs[0].step), ctxs[0])
         with torch.no_grad():
             rolled = self._finish([call(self.rollout, batch, ctx=ctx) for batch, ctx in zip(batches, ctxs)], ctxs[0])
         self._kept, self._passes_left = (batches, rolled), self.iterations - 1

@@ -19,6 +19,9 @@ class GRPOConfig(alignkit.MethodConfig):
     generation_backend: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="Sampler: transformers' generate, or vLLM colocated (pip install 'alignkit[vllm]').")
+    max_staleness: int = Field(0, ge=0, description="Async rollouts: the next k steps' completions are sampled by a "
+                               "copy of the policy while the current step trains, so they are up to k optimizer steps "
+                               "old (0: sampled when the step starts, synchronous).")
     # ---- rewards ----
     reward_funcs: list[str] = Field(default_factory=lambda: ["exact-match"], min_length=1,
                                     description="Reward functions by name (registered by plugins), or model:PATH for a "
@@ -44,6 +47,16 @@ class GRPOConfig(alignkit.MethodConfig):
                                   "the result is cached under $XDG_CACHE_HOME/alignkit/grpo-warmup, by default "
                                   "~/.cache/alignkit/grpo-warmup, keyed by the starting weights, the warm-up code "
                                   "and the versions).")
+
+    @model_validator(mode="after")
+    def _async_settings(self):
+        if self.max_staleness and self.num_iterations > 1:
+            raise ValueError(f"method.max_staleness={self.max_staleness} trains each rollout once; it cannot be "
+                             f"combined with method.num_iterations={self.num_iterations} (set one of them back)")
+        if self.max_staleness and self.generation_backend != "transformers":
+            raise ValueError(f"method.max_staleness={self.max_staleness} samples with transformers' generate; use "
+                             "method.generation_backend=transformers or max_staleness=0")
+        return self
 
     @model_validator(mode="after")
     def _weights_match(self):

@@ -43,6 +43,11 @@ class GRPORollout:
         return self.config.generation_backend
 
     @property
+    def max_staleness(self) -> int:
+        """Steps a rollout may be sampled ahead of the step that trains it (async rollouts)."""
+        return self.config.max_staleness
+
+    @property
     def iterations(self) -> int:
         """Optimisation passes over each rollout (GRPO's num_iterations)."""
         return self.config.num_iterations
@@ -70,6 +75,9 @@ class GRPORollout:
         out = {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         if self.iterations > 1 and ctx.training:
             out["old_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature, cfg.logits_chunk_size)[0]
+        if cfg.max_staleness and ctx.training:  # the sampling policy's log-probs, for the importance weights
+            out["sampling_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature,
+                                                     cfg.logits_chunk_size)[0]
         return out
 
     def _score(self, batch: dict, completions: list[list[int]], ctx) -> dict:
