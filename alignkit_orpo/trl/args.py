@@ -1,5 +1,8 @@
 """ORPOConfig: every field of TRL v0.15.2's ORPOConfig, with its defaults, for `HfArgumentParser` and scripts.
 
+The fields, their types and defaults are a table of TRL's (orpo_config_v0152.tsv, in TRL's order); the dataclass is
+built from it, with the behaviour below.
+
 Each field set to a non-default value is mapped to an alignkit key, carried out by the ORPOTrainer
 itself (logging, evaluation and save strategies, best model, hub), ignored with a warning (only where
 ignoring it cannot change the trained weights), or rejected with a message saying what to do instead.
@@ -7,10 +10,12 @@ As TrainingArguments does, construction fills the derived values (eval_steps fro
 metric for the best model, ...).
 """
 
+import ast
 import dataclasses
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
+from pathlib import Path
 from typing import Any
 
 from alignkit_orpo.trl.help import with_help
@@ -18,155 +23,31 @@ from alignkit_orpo.trl.help import with_help
 log = logging.getLogger(__name__)
 
 
-@with_help  # each flag's --help text: TrainingArguments' or alignkit's description
-@dataclass
-class ORPOConfig:
-    """TRL v0.15.2's ORPOConfig fields and defaults (learning_rate 1e-6, beta 0.1, max_length 1024, ...)."""
+#: the names the field table's types are written with
+TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list, "None": None, "Any": Any}
 
-    output_dir: str | None = None
-    overwrite_output_dir: bool = False
-    do_train: bool = False
-    do_eval: bool = False
-    do_predict: bool = False
-    eval_strategy: str | str = 'no'
-    prediction_loss_only: bool = False
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    per_gpu_train_batch_size: int | None = None
-    per_gpu_eval_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
-    eval_accumulation_steps: int | None = None
-    eval_delay: float | None = 0
-    torch_empty_cache_steps: int | None = None
-    learning_rate: float = 1e-06
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-08
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    lr_scheduler_type: str | str = 'linear'
-    lr_scheduler_kwargs: dict | str | None = field(default_factory=dict)
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    log_level: str | None = 'passive'
-    log_level_replica: str | None = 'warning'
-    log_on_each_node: bool = True
-    logging_dir: str | None = None
-    logging_strategy: str | str = 'steps'
-    logging_first_step: bool = False
-    logging_steps: float = 500
-    logging_nan_inf_filter: bool = True
-    save_strategy: str | str = 'steps'
-    save_steps: float = 500
-    save_total_limit: int | None = None
-    save_safetensors: bool | None = True
-    save_on_each_node: bool = False
-    save_only_model: bool = False
-    restore_callback_states_from_checkpoint: bool = False
-    no_cuda: bool = False
-    use_cpu: bool = False
-    use_mps_device: bool = False
-    seed: int = 42
-    data_seed: int | None = None
-    jit_mode_eval: bool = False
-    use_ipex: bool = False
-    bf16: bool = False
-    fp16: bool = False
-    fp16_opt_level: str = 'O1'
-    half_precision_backend: str = 'auto'
-    bf16_full_eval: bool = False
-    fp16_full_eval: bool = False
-    tf32: bool | None = None
-    local_rank: int = -1
-    ddp_backend: str | None = None
-    tpu_num_cores: int | None = None
-    tpu_metrics_debug: bool = False
-    debug: str | list[str] = ''
-    dataloader_drop_last: bool = False
-    eval_steps: float | None = None
-    dataloader_num_workers: int = 0
-    dataloader_prefetch_factor: int | None = None
-    past_index: int = -1
-    run_name: str | None = None
-    disable_tqdm: bool | None = None
-    remove_unused_columns: bool | None = True
-    label_names: list[str] | None = None
-    load_best_model_at_end: bool | None = False
-    metric_for_best_model: str | None = None
-    greater_is_better: bool | None = None
-    ignore_data_skip: bool = False
-    fsdp: list[str] | str | None = ''
-    fsdp_min_num_params: int = 0
-    fsdp_config: dict | str | None = None
-    tp_size: int | None = 0
-    fsdp_transformer_layer_cls_to_wrap: str | None = None
-    accelerator_config: dict | str | None = None
-    deepspeed: dict | str | None = None
-    label_smoothing_factor: float = 0.0
-    optim: str | str = 'adamw_torch'
-    optim_args: str | None = None
-    adafactor: bool = False
-    group_by_length: bool = False
-    length_column_name: str | None = 'length'
-    report_to: None | str | list[str] = None
-    ddp_find_unused_parameters: bool | None = None
-    ddp_bucket_cap_mb: int | None = None
-    ddp_broadcast_buffers: bool | None = None
-    dataloader_pin_memory: bool = True
-    dataloader_persistent_workers: bool = False
-    skip_memory_metrics: bool = True
-    use_legacy_prediction_loop: bool = False
-    push_to_hub: bool = False
-    resume_from_checkpoint: str | None = None
-    hub_model_id: str | None = None
-    hub_strategy: str | str = 'every_save'
-    hub_token: str | None = None
-    hub_private_repo: bool | None = None
-    hub_always_push: bool = False
-    gradient_checkpointing: bool = False
-    gradient_checkpointing_kwargs: dict | str | None = None
-    include_inputs_for_metrics: bool = False
-    include_for_metrics: list[str] = field(default_factory=list)
-    eval_do_concat_batches: bool = True
-    fp16_backend: str = 'auto'
-    evaluation_strategy: str | str = None
-    push_to_hub_model_id: str | None = None
-    push_to_hub_organization: str | None = None
-    push_to_hub_token: str | None = None
-    mp_parameters: str = ''
-    auto_find_batch_size: bool = False
-    full_determinism: bool = False
-    torchdynamo: str | None = None
-    ray_scope: str | None = 'last'
-    ddp_timeout: int | None = 1800
-    torch_compile: bool = False
-    torch_compile_backend: str | None = None
-    torch_compile_mode: str | None = None
-    dispatch_batches: bool | None = None
-    split_batches: bool | None = None
-    include_tokens_per_second: bool | None = False
-    include_num_input_tokens_seen: bool | None = False
-    neftune_noise_alpha: float | None = None
-    optim_target_modules: None | str | list[str] = None
-    batch_eval_metrics: bool = False
-    eval_on_start: bool = False
-    use_liger_kernel: bool | None = False
-    eval_use_gather_object: bool | None = False
-    average_tokens_across_devices: bool | None = False
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
-    max_completion_length: int | None = None
-    beta: float = 0.1
-    disable_dropout: bool = True
-    label_pad_token_id: int = -100
-    padding_value: int | None = None
-    truncation_mode: str = 'keep_end'
-    generate_during_eval: bool = False
-    is_encoder_decoder: bool | None = None
-    model_init_kwargs: dict[str, Any] | None = None
-    dataset_num_proc: int | None = None
+
+def table_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """(name, type, field) of each row of orpo_config_v0152.tsv: TRL v0.15.2's ORPOConfig fields in its order, with
+    their types and defaults (`factory:NAME`: a new NAME() for each config)."""
+    rows = Path(__file__).with_name("orpo_config_v0152.tsv").read_text(encoding="utf-8").splitlines()
+    out = []
+    for row in rows:
+        if not row or row.startswith("#"):
+            continue
+        name, annotation, default = row.split("\t")
+        kind = eval(annotation, {"__builtins__": {}}, TYPES)  # our own table: type names and | only
+        if default.startswith("factory:"):
+            spec = field(default_factory=TYPES[default.removeprefix("factory:")])
+        else:
+            spec = field(default=ast.literal_eval(default))
+        out.append((name, kind, spec))
+    return out
+
+
+class _ORPOConfigBehaviour:
+    """What ORPOConfig does beyond holding its fields: TrainingArguments' derived values and the mapping to
+    alignkit keys."""
 
     def __post_init__(self) -> None:
         # HfArgumentParser gives None for fields typed `str | list[str]`; TrainingArguments' defaults are meant
@@ -262,6 +143,12 @@ class ORPOConfig:
             else:
                 _reject(f.name, value)
         return out
+
+
+
+ORPOConfig = with_help(make_dataclass("ORPOConfig", table_fields(), bases=(_ORPOConfigBehaviour,)))
+ORPOConfig.__module__ = __name__
+ORPOConfig.__doc__ = "TRL v0.15.2's ORPOConfig fields and defaults (learning_rate 1e-6, beta 0.1, max_length 1024...)."
 
 
 def _default(f: dataclasses.Field) -> Any:
