@@ -194,7 +194,7 @@ class Engine:
         """Online methods sample from the prepared policy through the core's generation handle."""
         if self.rollout is not None:
             self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed,
-                                                 self.reference.for_generation(model))
+                                                 self.reference.for_generation(model), self.config.generation)
 
     def _setup_schedule(self, optimizer, train_dl):
         """The run's length in steps and the learning-rate schedule over it."""
