@@ -318,3 +318,10 @@ def test_grpo_method_generation_backend_still_selects_vllm(tmp_path):
         config["method"]["generation_backend"] = "vllm"
         run(config)
         assert "G" in server.engine.events()
+
+
+def test_generation_settings_for_a_method_that_samples_nothing_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit")
+    out = tmp_path / "out"
+    line = refused("run", "--method", "orpo", f"train.output_dir={out}", "generation.backend=vllm", written=out)
+    assert "generation.backend" in line and "orpo" in line and "samples nothing" in line
