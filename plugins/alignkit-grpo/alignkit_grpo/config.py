@@ -18,7 +18,8 @@ class GRPOConfig(alignkit.MethodConfig):
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens when sampling (0: all).")
     generation_backend: Literal["transformers", "vllm"] = Field(
         "transformers",
-        description="Sampler: transformers' generate, or vLLM colocated (pip install 'alignkit[vllm]').")
+        description="Sampler: transformers' generate, or vLLM (as generation.backend=vllm; generation.vllm_mode "
+                    "chooses colocate or server, docs/online.md).")
     # ---- rewards ----
     reward_funcs: list[str] = Field(default_factory=lambda: ["exact-match"], min_length=1,
                                     description="Reward functions by name (registered by plugins), or model:PATH for a "
