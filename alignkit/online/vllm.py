@@ -38,7 +38,8 @@ def vllm_generate(llm, prompt_ids, n, max_new_tokens, temperature, top_p, top_k,
     seen: dict[tuple, int] = {}
     params = []
     for ids in prompt_ids:  # one seed per prompt (and repeat), as TransformersBackend
-        seen[key] = seen.get(key := tuple(ids), -1) + 1
+        key = tuple(ids)
+        seen[key] = seen.get(key, -1) + 1
         params.append(SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      top_k=top_k or -1, stop_token_ids=list(stop_token_ids),
                                      seed=mix_seed(seed, key, seen[key]) % 2**31))
@@ -96,9 +97,16 @@ class VLLMEngine:
 
     def __init__(self, model_name: str, dtype: str = "auto", tokenizer_name: str | None = None,
                  gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False, seed: int = 0) -> None:
+        import os
+
+        # one process, the model in it (as colocate): load_weights reaches it directly
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29531"}.items():
+            os.environ.setdefault(key, value)
         self.llm = LLM(model=model_name, tokenizer=tokenizer_name or model_name, dtype=dtype,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-                       trust_remote_code=trust_remote_code, seed=seed)
+                       distributed_executor_backend="external_launcher", trust_remote_code=trust_remote_code,
+                       seed=seed)
 
     def generate(self, prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed):
         return vllm_generate(self.llm, prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed)

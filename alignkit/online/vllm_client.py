@@ -78,6 +78,8 @@ class ServerClient:
         deadline = time.monotonic() + self.timeout
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
+            conn.connect()
+            conn.sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # sending counts against the same limit
             conn.request(method, path, body=body, headers=headers)
             conn.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
             response = conn.getresponse()
