@@ -253,8 +253,8 @@ class GenerationConfig(Section):
     server (docs/online.md)."""
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="Sampler of online methods: transformers' generate in each training process, or "
-        "vLLM (pip install 'alignkit[vllm]'; see vllm_mode). A method's own setting (GRPO's "
-        "method.generation_backend=vllm) selects vllm too.")
+        "vLLM (pip install 'alignkit[vllm]'; see vllm_mode). A method setting that asks for vllm (a rollout's "
+        "generation_backend) selects it too.")
     vllm_mode: Literal["colocate", "server"] = Field(
         "colocate", description="colocate: vLLM inside each training process; server: a generation server started "
         "with `alignkit vllm-serve MODEL` at server_host:server_port.")

@@ -325,3 +325,11 @@ def test_generation_settings_for_a_method_that_samples_nothing_are_refused(tmp_p
     out = tmp_path / "out"
     line = refused("run", "--method", "orpo", f"train.output_dir={out}", "generation.backend=vllm", written=out)
     assert "generation.backend" in line and "orpo" in line and "samples nothing" in line
+
+
+def test_a_generation_section_that_is_not_a_mapping_is_one_line(tmp_path, grpo_entry_point):
+    config = tmp_path / "c.yaml"
+    config.write_text("generation: vllm\n")
+    out = tmp_path / "out"
+    line = refused("run", "--method", "grpo", "-c", config, f"train.output_dir={out}", written=out)
+    assert "'generation'" in line and "mapping" in line
