@@ -1,4 +1,4 @@
-"""The run config: `model`, `data` and `train` (the core's) plus `method` (validated by the plugin).
+"""The run config: `model`, `data`, `train` and `generation` (the core's) plus `method` (validated by the plugin).
 
 Layers, lowest first: field defaults < the method's demo data (data.train=builtin:<demo_data>) < the
 method's `defaults` < the built-in presets < the YAML file < `key=value` overrides. Built-in data brings
@@ -247,10 +247,35 @@ class TrainConfig(Section):
         return self
 
 
+
+class GenerationConfig(Section):
+    """How online methods sample (any method with a rollout): transformers in-process, or vLLM colocated or as a
+    server (docs/online.md)."""
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Sampler of online methods: transformers' generate in each training process, or "
+        "vLLM (pip install 'alignkit[vllm]'; see vllm_mode). A method setting that asks for vllm (a rollout's "
+        "generation_backend) selects it too.")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: vLLM inside each training process; server: a generation server started "
+        "with `alignkit vllm-serve MODEL` at server_host:server_port.")
+    server_host: str = Field("127.0.0.1", min_length=1, description="Host of the generation server (server mode).")
+    server_port: int = Field(8000, gt=0, lt=65536, description="Port of the generation server (server mode).")
+    server_timeout: float = Field(
+        240.0, gt=0, description="Seconds any wait on the server may take (health check, generation, each weight "
+        "chunk); past it the run ends with one line naming the server and what it waited for.")
+    server_chunk_mb: float = Field(64.0, gt=0, description="Weight sync to the server: megabytes of safetensors per "
+                                   "request.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Colocate: fraction of the GPU memory vLLM "
+                                          "may take (the rest is the trainer's).")
+    enable_sleep_mode: bool = Field(False, description="Colocate: vLLM sleeps (frees its weights and KV cache) "
+                                    "between generations, waking before each one.")
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     method: MethodConfig
     #: dotted key -> the `${oc.env:...}` interpolation it was given as: written files record that, not the value
     _recorded: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -291,7 +316,7 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
 
 
 #: the top-level sections of a config; each is a mapping of keys
-SECTIONS = ("model", "data", "train", "method")
+SECTIONS = ("model", "data", "train", "generation", "method")
 
 
 def _check_sections(data: dict, where: str) -> None:
@@ -356,7 +381,7 @@ def load_yaml(path: Path) -> DictConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must hold a mapping of sections (model, data, train, method), not a "
+        raise ConfigError(f"{path}: must hold a mapping of sections ({', '.join(SECTIONS)}), not a "
                           f"{type(data).__name__}")
     _check_sections(data, str(path))
     try:

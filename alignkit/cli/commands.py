@@ -302,6 +302,11 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system, how=how)
 
 
+from alignkit.cli.vllm_serve import vllm_serve  # noqa: E402 (registered after the group exists)
+
+cli.add_command(vllm_serve)
+
+
 def _dotlist(overrides: tuple[str, ...]) -> dict:
     out = {}
     for item in overrides:

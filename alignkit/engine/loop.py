@@ -195,7 +195,7 @@ class Engine:
         """Online methods sample from the prepared policy through the core's generation handle."""
         if self.rollout is not None:
             self.generator = self.rollout.attach(model, self.accelerator, self.tokenizer, self.config.train.seed,
-                                                 self.reference.for_generation(model))
+                                                 self.reference.for_generation(model), self.config.generation)
             if self.rollout.max_staleness > 0:  # async rollouts: sampled ahead in a worker thread
                 self.rollout.ahead = RolloutsAhead(self.rollout, self.rollout.max_staleness, model, self.accelerator,
                                                    self.tokenizer, self.config.train.seed)

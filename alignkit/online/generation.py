@@ -184,14 +184,25 @@ class BoundGenerator:
         return self.generator.generate(prompt_ids, **kwargs, model=self.name)
 
 
-def backend_for(name: str, model, accelerator, tokenizer) -> GenerationBackend | None:
-    """The backend a config names: "transformers" (None: the default) or "vllm" (the optional extra)."""
-    if name == "transformers":
+def backend_for(name: str, model, accelerator, tokenizer, settings=None) -> GenerationBackend | None:
+    """The policy's backend: None (transformers' generate, the default) unless `name` (the rollout's
+    `generation_backend`) or `settings` (the run's `generation` block) says "vllm"; then vLLM colocated (the
+    optional extra) or the generation server's client, as `settings.vllm_mode` says."""
+    if name not in ("transformers", "vllm"):
+        raise ConfigError(f"generation backend {name!r} is not known; choose transformers or vllm")
+    if settings is None:
+        from alignkit.config import GenerationConfig
+
+        settings = GenerationConfig()
+    if "vllm" not in (name, settings.backend):
         return None
-    if name == "vllm":
-        try:
-            from alignkit.online.vllm import VLLMBackend
-        except ImportError as e:
-            raise ConfigError(f"generation backend vllm needs vLLM: pip install 'alignkit[vllm]' ({e})") from None
-        return VLLMBackend(accelerator.unwrap_model(model), tokenizer, accelerator.process_index)
-    raise ConfigError(f"generation backend {name!r} is not known; choose transformers or vllm")
+    if settings.vllm_mode == "server":
+        from alignkit.online.vllm_client import ServerBackend
+
+        return ServerBackend(model, accelerator, settings)
+    try:
+        from alignkit.online.vllm import VLLMBackend
+    except ImportError as e:
+        raise ConfigError(f"generation.backend=vllm (colocate) needs vLLM: pip install 'alignkit[vllm]' ({e}); or "
+                          "use generation.vllm_mode=server with a server started by `alignkit vllm-serve`") from None
+    return VLLMBackend(accelerator.unwrap_model(model), tokenizer, accelerator.process_index, settings)

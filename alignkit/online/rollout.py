@@ -91,13 +91,14 @@ class RolloutStage:
         self._kept: tuple[list, list] | None = None  # (prompt micro-batches, their rollout)
         self._passes_left = 0
 
-    def attach(self, model, accelerator, tokenizer, seed: int, models: dict | None = None) -> Generator:
-        """The generation handle for `model` (the prepared policy); StepContext.generator from now on. The
-        rollout chooses the backend with its `generation_backend` attribute ("transformers" by default).
+    def attach(self, model, accelerator, tokenizer, seed: int, models: dict | None = None,
+               settings=None) -> Generator:
+        """The generation handle for `model` (the prepared policy); StepContext.generator from now on. The backend:
+        the run's `generation` block (`settings`), or vllm when the rollout's `generation_backend` attribute says so.
         `models`: the run's other models by name, as (model, adapters_off), sampleable with `generate(model=name)`."""
         backend = getattr(self.rollout, "generation_backend", "transformers")
         self.generator = Generator(model, accelerator, tokenizer, seed,
-                                   backend_for(backend, model, accelerator, tokenizer))
+                                   backend_for(backend, model, accelerator, tokenizer, settings))
         for name, (other, adapters_off) in (models or {}).items():
             self.generator.add_model(name, other, adapters_off)
         return self.generator

@@ -18,7 +18,8 @@ class GRPOConfig(alignkit.MethodConfig):
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens when sampling (0: all).")
     generation_backend: Literal["transformers", "vllm"] = Field(
         "transformers",
-        description="Sampler: transformers' generate, or vLLM colocated (pip install 'alignkit[vllm]').")
+        description="Sampler: transformers' generate, or vLLM (as generation.backend=vllm; generation.vllm_mode "
+                    "chooses colocate or server, docs/online.md).")
     max_staleness: int = Field(0, ge=0, description="Async rollouts: the next k steps' completions are sampled by a "
                                "copy of the policy while the current step trains, so they are up to k optimizer steps "
                                "old (0: sampled when the step starts, synchronous).")
