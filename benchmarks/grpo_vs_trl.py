@@ -6,6 +6,8 @@ dapo loss, beta 0, lr 3e-4 linear decay, no dropout) with the same rewards (sort
 each in its own process. Reported: seconds per optimizer step (mean over the steps after the first),
 peak resident memory of the process (ru_maxrss), and the held-out reward of the final model, scored by
 one shared evaluator (64 test prompts x 8 samples, fixed seed) so both are measured the same way.
+"alignkit-async" is alignkit with method.max_staleness=1: the next step's completions are sampled in a worker thread
+while the current step trains (with OMP_NUM_THREADS=1, on a second core).
 
     pip install -e ".[bench]" -e plugins/alignkit-grpo
     OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --steps 30          # writes benchmarks/grpo-vs-trl.md
@@ -28,6 +30,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 PROMPTS, GENERATIONS, MAX_NEW, LR = 16, 8, 14, 3e-4
 REWARDS = ["sort-order", "exact-match"]
+#: alignkit synchronous, alignkit with async rollouts (method.max_staleness=1), TRL
+SIDES = ("alignkit", "alignkit-async", "trl")
 
 
 def start_model(folder: Path) -> None:
@@ -71,7 +75,7 @@ def run_trl(model_dir: str, out: str, steps: int) -> None:
     report(out, times)
 
 
-def run_alignkit(model_dir: str, out: str, steps: int) -> None:
+def run_alignkit(model_dir: str, out: str, steps: int, max_staleness: int = 0) -> None:
     import alignkit
 
     times = []
@@ -93,7 +97,8 @@ def run_alignkit(model_dir: str, out: str, steps: int) -> None:
         "model": {"name_or_path": model_dir},
         "data": {"train": "builtin:sort-prompts"},
         "method": {"num_generations": GENERATIONS, "max_completion_length": MAX_NEW, "temperature": 1.0,
-                   "loss_type": "dapo", "beta": 0.0, "reward_funcs": REWARDS, "sft_warmup_steps": 0},
+                   "loss_type": "dapo", "beta": 0.0, "reward_funcs": REWARDS, "sft_warmup_steps": 0,
+                   "max_staleness": max_staleness},
         "train": {"output_dir": out + "/final", "per_device_train_batch_size": PROMPTS, "learning_rate": LR,
                   "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "max_steps": steps, "logging_steps": 1,
                   "save_steps": None, "eval_steps": None, "eval_on_start": False, "disable_tqdm": True,
@@ -141,18 +146,22 @@ def held_out_reward(model_dir: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--side", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side:
-        (run_trl if args.side == "trl" else run_alignkit)(args.model, args.out, args.steps)
+    if args.side == "trl":
+        run_trl(args.model, args.out, args.steps)
         return 0
+    if args.side:
+        run_alignkit(args.model, args.out, args.steps, max_staleness=int(args.side == "alignkit-async"))
+        return 0
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start_model(Path(tmp, "start"))
         start = held_out_reward(f"{tmp}/start")
-        for side in ("alignkit", "trl"):
+        for side in SIDES:
             out = f"{tmp}/{side}"
             t0 = time.time()
             subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--model",
@@ -172,7 +181,8 @@ def main() -> int:
     (HERE / "grpo-vs-trl.md").write_text(
         f"# GRPO: alignkit vs TRL {__import__('trl').__version__} GRPOTrainer on this CPU\n\n"
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --steps {args.steps}`\n\n"
-        f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}. Date: {date.today()}.\n\n"
+        f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}. Date: {date.today()}. Load average "
+        f"(1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after.\n\n"
         + __doc__.split("\n\n")[1].replace("\n", " ") + "\n\n" + table + "\n")
     return 0
 
