@@ -173,7 +173,7 @@ def reward_b(prompts, completions, answer=None, **kw):
     return [None if a == "skip" else float(len(c) % 2 == 0) for c, a in zip(completions, answer)]
 
 
-def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
+def compare_scoring(path: str, tok, tmp: str, scale: str, aggregation: str = "sum_then_normalize") -> dict:
     """TRL's own scoring of fixed completions (a rollout_func returns them) against alignkit's rollout stage:
     advantages, reward metrics, then each side's loss and gradients on its own batch."""
     from alignkit_grpo.rollout import GRPORollout
@@ -194,6 +194,7 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     reward_a.__name__, reward_b.__name__ = "reward_a", "reward_b"
     args = TRLConfig(output_dir=tmp, loss_type="grpo", beta=0.0, temperature=0.7, num_generations=N_GEN,
                      max_completion_length=MAX_NEW, scale_rewards=scale, per_device_train_batch_size=N_PROMPTS * N_GEN,
+                     multi_objective_aggregation=aggregation,
                      reward_weights=[1.0, 0.5], report_to=[], use_cpu=True, bf16=False, logging_steps=1)
     trainer = GRPOTrainer(model=path, reward_funcs=[reward_a, reward_b], args=args, processing_class=tok,
                           train_dataset=Dataset.from_list([{"prompt": "p", "answer": "x"}] * 8),
@@ -207,7 +208,8 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     registry.add("reward_a", reward_a)
     registry.add("reward_b", reward_b)
     cfg = GRPOConfig(loss_type="grpo", num_generations=N_GEN, max_completion_length=MAX_NEW, temperature=0.7,
-                     scale_rewards=scale, reward_funcs=["reward_a", "reward_b"], reward_weights=[1.0, 0.5])
+                     scale_rewards=scale, reward_funcs=["reward_a", "reward_b"], reward_weights=[1.0, 0.5],
+                     multi_objective_aggregation=aggregation)
     rollout = GRPORollout(cfg, tok, rewards=registry)
 
     class Fixed:  # stands in for the generation handle: returns the same completions
@@ -249,7 +251,7 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     theirs_params = dict(trainer.model.named_parameters())
     worst = max(float((p.grad - theirs_params[n].grad).abs().max() / theirs_params[n].grad.abs().max().clamp(min=1e-12))
                 for n, p in ours_model.named_parameters())
-    return {"scale_rewards": scale, "advantage_abs_max": adv_diff,
+    return {"scale_rewards": scale, "aggregation": aggregation, "advantage_abs_max": adv_diff,
             "metrics": {k: v for k, v in metrics.items()},
             "metrics_rel_max": max(abs(a - b) / max(abs(b), 1e-12) for a, b in metrics.values()),
             "alignkit_loss": our_loss.item(), "trl_loss": trl_loss.item(),
@@ -316,6 +318,7 @@ def main() -> int:
             rows.append(compare(cfg, f"{tmp}/model", tok, f"{tmp}/trl"))
         scoring = [compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", scale)
                    for scale in ("group", "batch", "none")]
+        scoring.append(compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", "group", "normalize_then_sum"))
     print(f"{'loss_type':9} {'beta':>5} {'iters':>5} {'mask_trunc':>10} {'kl_is':>5} {'alignkit loss':>14} "
           f"{'TRL loss':>14} "
           f"{'loss rel':>9} {'grad rel':>9} {'metric rel':>10}  knobs (|loss change| without them)")
@@ -328,10 +331,11 @@ def main() -> int:
     print("objective metrics compared (where the loss type logs them):", ", ".join(METRICS))
     print()
     print("TRL's own rollout scoring (fixed completions via rollout_func, two reward functions, one None on a prompt):")
-    print(f"{'scale_rewards':13} {'adv abs diff':>12} {'metric rel':>10} {'alignkit loss':>14} {'TRL loss':>14} "
+    print(f"{'scale_rewards':18} {'adv abs diff':>12} {'metric rel':>10} {'alignkit loss':>14} {'TRL loss':>14} "
           f"{'loss abs':>9} {'grad rel':>9}")
     for r in scoring:
-        print(f"{r['scale_rewards']:13} {r['advantage_abs_max']:12.1e} {r['metrics_rel_max']:10.1e} "
+        label = r["scale_rewards"] if r["aggregation"] == "sum_then_normalize" else r["aggregation"]
+        print(f"{label:18} {r['advantage_abs_max']:12.1e} {r['metrics_rel_max']:10.1e} "
               f"{r['alignkit_loss']:14.8f} "
               f"{r['trl_loss']:14.8f} {r['loss_abs']:9.1e} {r['grad_rel_max']:9.1e}")
     print("metrics compared:", ", ".join(sorted(scoring[0]["metrics"])))

@@ -32,6 +32,9 @@ class GRPOConfig(alignkit.MethodConfig):
     reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the reward std of the group, of the whole batch, or not at all.")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize", description="Several reward functions: weighted sum, then scale_rewards; or (GDPO) each "
+        "function normalised within its group, then the weighted sum normalised over the step's completions.")
     # ---- the objective ----
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = Field(
         "dapo", description="The objective and its normalisation (TRL 1.16's loss_type): grpo (per completion, then "
@@ -88,6 +91,10 @@ class GRPOConfig(alignkit.MethodConfig):
             if getattr(self, key) != type(self).model_fields[key].default and self.loss_type not in types:
                 raise ValueError(f"method.{key} is read only by loss_type {' / '.join(types)}, not "
                                  f"{self.loss_type}; drop it or choose one of those loss types")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
+            raise ValueError(f"method.scale_rewards={self.scale_rewards} is ignored with multi_objective_aggregation "
+                             "normalize_then_sum (it normalises per group, then over the step); leave it at group or "
+                             "use sum_then_normalize")
         if self.loss_type == "cispo" and self.epsilon_high is None:
             raise ValueError("method.epsilon_high must be set with loss_type cispo: it caps the IS weight itself "
                              "(without it the cap would be epsilon, e.g. 0.2; ScaleRL recommends 5.0)")

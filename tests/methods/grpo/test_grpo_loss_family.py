@@ -156,6 +156,8 @@ def test_entropy_quantile_spans_every_process():
     (["method.loss_type=gspo"], "method.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', "
                                 "'sapo', 'luspo' or 'vespo'"),
     (["method.top_entropy_quantile=1.5"], "method.top_entropy_quantile"),
+    (["method.multi_objective_aggregation=normalize_then_sum", "method.scale_rewards=none"],
+     "method.scale_rewards=none is ignored with multi_objective_aggregation normalize_then_sum"),
 ])
 def test_a_knob_the_loss_type_ignores_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"
@@ -178,3 +180,15 @@ def test_a_short_run_with_sequence_ratios_and_token_masks_logs_trl_metrics(tmp_p
     rows = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert all(0.0 <= r["clip_ratio/region_mean"] <= 1.0 and "entropy" in r for r in rows), rows
+
+
+def test_normalize_then_sum_scores_as_trl(saved_model, tmp_path):
+    """multi_objective_aggregation=normalize_then_sum (GDPO): each reward function normalised within its group,
+    the weighted sum normalised over the step; TRL's own scoring of the same fixed completions (one function
+    returning None on a prompt): advantages, reward metrics, loss and gradients."""
+    path, tok = saved_model
+    row = cmp.compare_scoring(str(path), tok, str(tmp_path / "trl"), "group", "normalize_then_sum")
+    assert row["advantage_abs_max"] <= 1e-5 and row["metrics_rel_max"] <= 1e-5, row
+    assert row["loss_abs"] <= 1e-5 and row["grad_rel_max"] <= 1e-5, row
+    plain = cmp.compare_scoring(str(path), tok, str(tmp_path / "trl-sum"), "group")
+    assert plain["advantage_abs_max"] <= 1e-5 and plain["grad_rel_max"] <= 1e-5, plain
