@@ -192,3 +192,37 @@ def test_normalize_then_sum_scores_as_trl(saved_model, tmp_path):
     assert row["loss_abs"] <= 1e-5 and row["grad_rel_max"] <= 1e-5, row
     plain = cmp.compare_scoring(str(path), tok, str(tmp_path / "trl-sum"), "group")
     assert plain["advantage_abs_max"] <= 1e-5 and plain["grad_rel_max"] <= 1e-5, plain
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_entropy_quantile_and_gdpo(tmp_path):
+    """The entropy quantile spans the micro-batch on every process and normalize_then_sum the step's completions
+    on every process: two processes of 2 prompts equal one of 4 (torchrun; the subprocesses get this PYTHONPATH)."""
+    import os
+    import subprocess
+
+    from helpers import free_port
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo", "PATH": os.path.dirname(sys.executable),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))}
+    args = ["method.num_generations=4", "method.max_completion_length=8", "data.max_train_samples=48",
+            "data.max_eval_samples=8", "train.per_device_eval_batch_size=8", "train.logging_steps=1",
+            "train.disable_tqdm=true", "train.plots=false", "train.eval_steps=2", "train.max_steps=2",
+            "train.save_steps=null", "method.loss_type=luspo", "method.importance_sampling_level=sequence",
+            "method.top_entropy_quantile=0.5", "method.multi_objective_aggregation=normalize_then_sum"]
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                "--master_port", str(free_port())]
+    for name, launcher, batch in (("two", torchrun, 2), ("one", [sys.executable], 4)):
+        out = tmp_path / name
+        proc = subprocess.run([*launcher, "-m", "alignkit", "-q", "run", "--method", "grpo", *args,
+                               f"train.per_device_train_batch_size={batch}", f"train.output_dir={out}"],
+                              env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] and any("loss" in r for r in one)
+    for a, b in zip(one, two):
+        for key in ("loss", "reward", "entropy", "clip_ratio/region_mean", "frac_reward_zero_std", "eval_reward"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
