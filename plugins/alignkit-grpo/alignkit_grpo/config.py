@@ -10,7 +10,7 @@ import alignkit
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 OBJECTIVE_KNOBS = {"delta": CLIPPED, "sapo_temperature_pos": ("sapo",), "sapo_temperature_neg": ("sapo",),
                    "vespo_k_pos": ("vespo",), "vespo_lambda_pos": ("vespo",), "vespo_k_neg": ("vespo",),
-                   "vespo_lambda_neg": ("vespo",), "epsilon_high": (*CLIPPED, "cispo")}
+                   "vespo_lambda_neg": ("vespo",), "epsilon": CLIPPED, "epsilon_high": (*CLIPPED, "cispo")}
 
 
 class GRPOConfig(alignkit.MethodConfig):

@@ -150,6 +150,8 @@ def test_entropy_quantile_spans_every_process():
     (["method.loss_type=dapo", "method.sapo_temperature_neg=2"], "method.sapo_temperature_neg is read only by "
                                                                  "loss_type sapo, not dapo"),
     (["method.loss_type=cispo"], "method.epsilon_high must be set with loss_type cispo"),
+    (["method.loss_type=cispo", "method.epsilon_high=5", "method.epsilon=0.1"],
+     "method.epsilon is read only by loss_type grpo / bnpo / dr_grpo / dapo / luspo, not cispo"),
     (["method.loss_type=luspo"], "method.importance_sampling_level must be 'sequence' with loss_type luspo"),
     (["method.loss_type=vespo", "method.importance_sampling_level=sequence"],
      "method.importance_sampling_level must be 'token' with loss_type vespo"),
