@@ -37,10 +37,10 @@ TOL = 1e-5
 #: the objective's settings, named alike on both sides (handed from alignkit's config to TRL's)
 OBJECTIVE = ("loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
              "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
-             "top_entropy_quantile", "off_policy_mask_threshold")
+             "top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef")
 #: TRL's metrics of the objective compared (where both sides log them)
 METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-           "cispo_clip_ratio", "vespo/phi_seq_mean")
+           "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss", "entropy_coef")
 N_PROMPTS, N_GEN, MAX_NEW = 3, 4, 7
 
 
@@ -291,13 +291,17 @@ FAMILY += [
     dict(loss_type="dapo", num_iterations=2, off_policy_mask_threshold=0.005, **CLIP),
     dict(loss_type="grpo", beta=0.04, num_iterations=2, off_policy_mask_threshold=0.005, top_entropy_quantile=0.5,
          **CLIP),
+    dict(loss_type="dapo", num_iterations=1, entropy_coef=0.05, **CLIP),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, entropy_coef=0.05, **CLIP),
+    dict(loss_type="bnpo", num_iterations=2, entropy_coef=-0.1, delta=1.05, epsilon=0.02, epsilon_high=0.03),
+    dict(loss_type="cispo", epsilon_high=1.02, num_iterations=2, entropy_coef=0.05),
 ]
 CASES += FAMILY
 
 
 def describe(knobs: dict) -> str:
     short = {"importance_sampling_level": "is_level", "top_entropy_quantile": "top_entropy",
-             "off_policy_mask_threshold": "opm"}
+             "off_policy_mask_threshold": "opm", "entropy_coef": "ent_coef"}
     return " ".join(f"{short.get(k, k)}={v}" for k, v in knobs.items())
 
 

@@ -67,6 +67,8 @@ class GRPOConfig(alignkit.MethodConfig):
     off_policy_mask_threshold: float | None = Field(
         None, gt=0, description="Drop completions with a negative advantage whose mean KL(old || policy) exceeds "
                                 "this (DeepSeek-V3.2's delta; None: off).")
+    entropy_coef: float = Field(0.0, description="Entropy bonus (Skywork-OR1): the loss minus entropy_coef x the mean "
+                                "entropy of each micro-batch's counted tokens (0: off). Token-local objectives only.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes per rollout (old log-probs are stored).")
     mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length get no loss.")
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed).")
@@ -95,6 +97,10 @@ class GRPOConfig(alignkit.MethodConfig):
             raise ValueError(f"method.scale_rewards={self.scale_rewards} is ignored with multi_objective_aggregation "
                              "normalize_then_sum (it normalises per group, then over the step); leave it at group or "
                              "use sum_then_normalize")
+        if self.entropy_coef != 0.0 and not self.token_local:
+            raise ValueError("method.entropy_coef needs a token-local objective (its gradient is taken on the fused "
+                             "head): not with importance_sampling_level=sequence, loss_type luspo or vespo, "
+                             "top_entropy_quantile < 1 or off_policy_mask_threshold")
         if self.loss_type == "cispo" and self.epsilon_high is None:
             raise ValueError("method.epsilon_high must be set with loss_type cispo: it caps the IS weight itself "
                              "(without it the cap would be epsilon, e.g. 0.2; ScaleRL recommends 5.0)")

@@ -60,7 +60,8 @@ class GRPOLoss(alignkit.Loss):
         return self.config.top_entropy_quantile < 1.0
 
     def counts(self, batch):
-        return unit_counts(batch["completion_mask"], self.config)
+        counts = unit_counts(batch["completion_mask"], self.config)
+        return {**counts, "micro_batches": 1} if self.config.entropy_coef else counts
 
     def _logps(self, model, batch):
         return completion_logps(model, batch, self.config.temperature, self.config.logits_chunk_size, self.scorer)
@@ -72,8 +73,8 @@ class GRPOLoss(alignkit.Loss):
     def __call__(self, model, batch, ref=None, ctx=None):
         cfg = self.config
         mask = batch["completion_mask"].to(torch.float32)
-        if self.head is not None and torch.is_grad_enabled() and cfg.token_local:
-            return self._fused(model, batch, ref, mask)
+        if torch.is_grad_enabled() and cfg.token_local and (self.head is not None or cfg.entropy_coef):
+            return self._fused(model, batch, ref, mask, ctx)
         logps, entropy = self._logps(model, batch)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
@@ -81,6 +82,9 @@ class GRPOLoss(alignkit.Loss):
         per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
                                                    None if ref is None else ref["logps"], mask=mask, keep=keep)
         terms = reduce_terms(per_token, mask, cfg)
+        if cfg.entropy_coef:  # here without gradient (evaluation): entropy_coef needs a token-local objective
+            bonus = cfg.entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+            terms["micro_batches"] = terms.get("micro_batches", 0.0) - bonus
         with torch.no_grad():
             metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
         return alignkit.LossOutput(terms=terms, metrics=metrics)
@@ -96,9 +100,12 @@ class GRPOLoss(alignkit.Loss):
             keep = opm if keep is None else keep * opm
         return keep
 
-    def _fused(self, model, batch, ref, mask):
+    def _fused(self, model, batch, ref, mask, ctx=None):
         """Training on the fused head (alignkit.blocks.fusedhead): the per-token objective's head gradients are computed
-        in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward."""
+        in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward.
+
+        The entropy bonus (a "micro_batches" term) joins the objective's term, rescaled by the ratio of the two
+        units' step totals, so the one summed term the fused head differentiates is divided as both should be."""
         cfg = self.config
         select = mask.bool()
         unit, weights = token_weights(mask, cfg)
@@ -106,19 +113,31 @@ class GRPOLoss(alignkit.Loss):
         old = batch.get("old_logps")
         old_N = None if old is None else old[select]
         ref_N = None if ref is None else ref["logps"][select]
+        bonus_N = None
+        if cfg.entropy_coef:
+            totals = getattr(ctx, "totals", None) or self.counts(batch)
+            scale = cfg.entropy_coef * totals[unit] / totals["micro_batches"]
+            bonus_N = (mask / mask.sum().clamp(min=1.0))[select] * scale
 
-        def term(lp, positions):
+        def term(lp, positions, logprobs=None):
             o = lp.detach() if old_N is None else old_N[positions]
             per_token, _, _ = per_token_objective(lp, o, adv_N[positions], cfg,
                                                   None if ref_N is None else ref_N[positions])
-            return (w_N[positions] * per_token).sum()
+            value = (w_N[positions] * per_token).sum()
+            if logprobs is not None:  # the entropy of each position's distribution, differentiable
+                value = value + (bonus_N[positions] * (logprobs.exp() * logprobs).sum(-1)).sum()
+            return value
 
-        s = self.scorer(model, *completion_inputs(batch), term=term)
+        s = self.scorer(model, *completion_inputs(batch), term=term, distribution=bonus_N is not None)
         with torch.no_grad():
             logps, entropy = per_completion_token(s, s.logps, batch), per_completion_token(s, s.entropy, batch)
-            _, ratio, kl = per_token_objective(logps, logps if old is None else old, batch["advantages"], cfg,
-                                               None if ref is None else ref["logps"])
-            metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, logps if old is None else old)
+            old = logps if old is None else old
+            per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
+                                                       None if ref is None else ref["logps"])
+            metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
+            if bonus_N is not None:  # TRL's names: the objective without the bonus, and the coefficient
+                metrics["policy_loss"] = (reduce_terms(per_token, mask, cfg)[unit], unit_counts(mask, cfg)[unit])
+                metrics["entropy_coef"] = (cfg.entropy_coef, 1)
         return alignkit.LossOutput(terms={unit: s.total}, metrics=metrics)
 
     def _metrics(self, batch, mask, ratio, entropy, kl, logps, old) -> dict:

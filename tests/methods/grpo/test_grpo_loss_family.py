@@ -33,6 +33,9 @@ CASES = {
     "top-entropy": dict(loss_type="dapo", num_iterations=2, top_entropy_quantile=0.2, **CLIP),
     "off-policy-mask": dict(loss_type="grpo", beta=0.04, num_iterations=2, off_policy_mask_threshold=0.005,
                             top_entropy_quantile=0.5, **CLIP),
+    "entropy-bonus": dict(loss_type="bnpo", num_iterations=2, entropy_coef=-0.1, delta=1.05, epsilon=0.02,
+                          epsilon_high=0.03),
+    "entropy-bonus-kl": dict(loss_type="grpo", beta=0.04, num_iterations=2, entropy_coef=0.05, **CLIP),
 }
 #: the metric each loss type logs beside entropy (TRL's name)
 OWN_METRIC = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "sapo": None}
@@ -57,6 +60,8 @@ def test_loss_gradients_and_metrics_equal_trl(label, saved_model, tmp_path):
     assert row["metrics_rel_max"] <= 1e-5, row["metrics"]
     metric = OWN_METRIC.get(cfg.loss_type, "clip_ratio/region_mean")
     assert "entropy" in row["metrics"] and (metric is None or metric in row["metrics"]), row["metrics"]
+    if cfg.entropy_coef:
+        assert {"policy_loss", "entropy_coef"} <= row["metrics"].keys(), row["metrics"]
     if row["knobs"]:  # the knobs change the loss on these inputs: the comparison covers them
         assert row["knob_effect"] > 1e-3, row
 
@@ -95,6 +100,50 @@ def test_fused_head_equals_the_checkpointed_path(case):
     assert terms_a == pytest.approx(terms_b, rel=1e-5, abs=1e-6) and grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_b:
         error = (grads_a[name] - grads_b[name]).norm() / grads_b[name].norm().clamp(min=1e-12)
+        assert error <= 1e-5, f"{name}: relative gradient difference {error:.2e}"
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+def test_the_entropy_bonus_is_each_micro_batch_mean_within_the_step(loss_type):
+    """Within a step of several micro-batches (ctx.totals) the fused term carries the entropy bonus divided by the
+    step's micro-batches while the objective keeps its own unit: gradients equal a float64 full-logits reference."""
+    g = torch.Generator().manual_seed(5)
+    batch = batch_of(g)
+    batch.pop("old_logps")  # on-policy: ratio 1, the surrogate's gradient is -A grad log p
+    cfg = GRPOConfig(loss_type=loss_type, entropy_coef=0.3, logits_chunk_size=3, max_completion_length=4,
+                     temperature=0.7)
+    mask = batch["completion_mask"].double()
+    unit = {"dapo": "tokens", "grpo": "completions", "bnpo": "micro_batches"}[loss_type]
+    totals = {unit: {"tokens": 23.0, "completions": 7.0, "micro_batches": 3.0}[unit], "micro_batches": 3.0}
+
+    class Ctx:
+        num_processes, process_index = 1, 0
+
+    Ctx.totals = totals
+    grads = []
+    for ours in (True, False):
+        model = tiny_model(seed=4, tie_word_embeddings=False)
+        if ours:
+            loss = GRPOLoss(cfg)
+            loss.prepare_model(model)
+            out = loss(model, batch, ctx=Ctx)
+            out.normalized(totals).backward()
+        else:
+            model = model.double()
+            ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+            logits = model(input_ids=ids, attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]],
+                                                                    1)).logits[:, 3:-1] / 0.7
+            logprobs = logits.log_softmax(-1)
+            lp = logprobs.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+            adv = batch["advantages"].double()[:, None]
+            per_token = -torch.exp(lp - lp.detach()) * adv * mask
+            policy = {"dapo": per_token.sum(), "bnpo": per_token.sum() / mask.sum(),
+                      "grpo": (per_token.sum(-1) / mask.sum(-1)).sum()}[loss_type] / totals[unit]
+            (policy - 0.3 * (entropy * mask).sum() / mask.sum() / totals["micro_batches"]).backward()
+        grads.append({n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None})
+    for name, ref in grads[1].items():
+        error = (grads[0][name] - ref).norm() / ref.norm().clamp(min=1e-12)
         assert error <= 1e-5, f"{name}: relative gradient difference {error:.2e}"
 
 
@@ -158,6 +207,7 @@ def test_entropy_quantile_spans_every_process():
     (["method.loss_type=gspo"], "method.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', "
                                 "'sapo', 'luspo' or 'vespo'"),
     (["method.top_entropy_quantile=1.5"], "method.top_entropy_quantile"),
+    (["method.entropy_coef=0.01", "method.top_entropy_quantile=0.2"], "method.entropy_coef needs a token-local"),
     (["method.multi_objective_aggregation=normalize_then_sum", "method.scale_rewards=none"],
      "method.scale_rewards=none is ignored with multi_objective_aggregation normalize_then_sum"),
 ])
@@ -167,21 +217,27 @@ def test_a_knob_the_loss_type_ignores_is_one_line_exit_2_and_writes_nothing(tmp_
     assert message in line, line
 
 
-def test_a_short_run_with_sequence_ratios_and_token_masks_logs_trl_metrics(tmp_path):
-    """Two optimizer steps of luspo (sequence-level ratio, two passes per rollout) with the entropy and off-policy
-    masks through the engine: finite losses and TRL's clipping metrics, per completion."""
-    method = {"num_generations": 4, "max_completion_length": 6, "sft_warmup_steps": 0, "loss_type": "luspo",
-              "importance_sampling_level": "sequence", "num_iterations": 2, "top_entropy_quantile": 0.5,
-              "off_policy_mask_threshold": 0.01, "reward_funcs": ["sort-order"]}
-    result = alignkit.run("grpo", {"method": method, "data": {"max_train_samples": 8},
+@pytest.mark.parametrize("method, logged", [
+    ({"loss_type": "luspo", "importance_sampling_level": "sequence", "num_iterations": 2, "top_entropy_quantile": 0.5,
+      "off_policy_mask_threshold": 0.01}, "clip_ratio/region_mean"),
+    ({"loss_type": "bnpo", "entropy_coef": 0.01}, "policy_loss"),
+])
+def test_a_short_run_logs_trl_metrics_and_evaluates(tmp_path, method, logged):
+    """Two optimizer steps through the engine and an evaluation: luspo (sequence-level ratio, two passes per
+    rollout) with the entropy and off-policy masks; bnpo with the entropy bonus (its eval loss without gradient)."""
+    method = {"num_generations": 4, "max_completion_length": 6, "sft_warmup_steps": 0, "reward_funcs": ["sort-order"],
+              **method}
+    result = alignkit.run("grpo", {"method": method, "data": {"max_train_samples": 8, "max_eval_samples": 4},
                                    "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2,
-                                             "per_device_train_batch_size": 2, "logging_steps": 1,
-                                             "save_steps": None, "eval_steps": None, "eval_on_start": False,
-                                             "disable_tqdm": True, "plots": False}},
+                                             "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+                                             "logging_steps": 1, "save_steps": None, "eval_steps": None,
+                                             "eval_on_start": True, "disable_tqdm": True, "plots": False}},
                           plugins=plugin_manager(alignkit_grpo))
-    rows = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
-    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    assert all(0.0 <= r["clip_ratio/region_mean"] <= 1.0 and "entropy" in r for r in rows), rows
+    rows = read_jsonl(result.output_dir / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert all(logged in r and "entropy" in r for r in train), train
+    assert any("eval_loss" in r and torch.isfinite(torch.tensor(r["eval_loss"])) for r in rows), rows
 
 
 def test_normalize_then_sum_scores_as_trl(saved_model, tmp_path):
