@@ -34,6 +34,13 @@ from datasets import Dataset
 from alignkit.testing import tiny_model, tiny_tokenizer
 
 TOL = 1e-5
+#: the objective's settings, named alike on both sides (handed from alignkit's config to TRL's)
+OBJECTIVE = ("loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
+             "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+             "top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef")
+#: TRL's metrics of the objective compared (where both sides log them)
+METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+           "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss", "entropy_coef")
 N_PROMPTS, N_GEN, MAX_NEW = 3, 4, 7
 
 
@@ -72,8 +79,8 @@ def trl_trainer(path: str, tok, cfg: GRPOConfig, out: str):
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    args = TRLConfig(output_dir=out, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
-                     epsilon_high=cfg.epsilon_high, temperature=cfg.temperature, num_generations=N_GEN,
+    knobs = {k: getattr(cfg, k) for k in OBJECTIVE}
+    args = TRLConfig(output_dir=out, **knobs, beta=cfg.beta, temperature=cfg.temperature, num_generations=N_GEN,
                      max_completion_length=MAX_NEW, num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards,
                      per_device_train_batch_size=N_GEN, report_to=[], use_cpu=True, logging_steps=1, bf16=False,
                      mask_truncated_completions=cfg.mask_truncated_completions,
@@ -133,12 +140,23 @@ def compare(cfg: GRPOConfig, path: str, tok, tmp: str) -> dict:
         g1, g2 = p.grad, theirs[name].grad
         worst = max(worst, float((g1 - g2).abs().max() / g2.abs().max().clamp(min=1e-12)))
     metrics = {}
-    for key in ("entropy", "kl", "clip_ratio/region_mean"):
+    for key in METRICS:
         if key in out.metrics and trainer._metrics["train"].get(key):
             s, c = out.metrics[key]
             metrics[key] = (float(s / c), trainer._metrics["train"][key][-1])
     rel = abs(our_loss.item() - trl_loss.item()) / max(abs(trl_loss.item()), 1e-12)
-    return {"loss_type": cfg.loss_type, "beta": cfg.beta, "num_iterations": cfg.num_iterations,
+    defaults = GRPOConfig()
+    knobs = {k: getattr(cfg, k) for k in OBJECTIVE[1:] if k not in ("epsilon", "epsilon_high")
+             and getattr(cfg, k) != getattr(defaults, k)}
+    effect = 0.0  # how much the case's knobs move the loss: each knob below is not a no-op on these inputs
+    if knobs:
+        plain = GRPOLoss(cfg.model_copy(update={k: getattr(defaults, k) for k in knobs}))
+        with torch.no_grad():
+            other = plain(ours, batch, ref=ref) if ref is not None else plain(ours, batch)
+            effect = abs(float(other.normalized({u: float(c) for u, c in plain.counts(batch).items()})) -
+                         our_loss.item())
+    return {"loss_type": cfg.loss_type, "beta": cfg.beta, "num_iterations": cfg.num_iterations, "knobs": knobs,
+            "knob_effect": effect, "metrics": metrics,
             "mask_truncated": cfg.mask_truncated_completions,
             "kl_bias_correction": cfg.use_bias_correction_kl, "alignkit_loss": our_loss.item(),
             "trl_loss": trl_loss.item(), "loss_rel": rel, "grad_rel_max": worst,
@@ -155,7 +173,7 @@ def reward_b(prompts, completions, answer=None, **kw):
     return [None if a == "skip" else float(len(c) % 2 == 0) for c, a in zip(completions, answer)]
 
 
-def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
+def compare_scoring(path: str, tok, tmp: str, scale: str, aggregation: str = "sum_then_normalize") -> dict:
     """TRL's own scoring of fixed completions (a rollout_func returns them) against alignkit's rollout stage:
     advantages, reward metrics, then each side's loss and gradients on its own batch."""
     from alignkit_grpo.rollout import GRPORollout
@@ -176,6 +194,7 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     reward_a.__name__, reward_b.__name__ = "reward_a", "reward_b"
     args = TRLConfig(output_dir=tmp, loss_type="grpo", beta=0.0, temperature=0.7, num_generations=N_GEN,
                      max_completion_length=MAX_NEW, scale_rewards=scale, per_device_train_batch_size=N_PROMPTS * N_GEN,
+                     multi_objective_aggregation=aggregation,
                      reward_weights=[1.0, 0.5], report_to=[], use_cpu=True, bf16=False, logging_steps=1)
     trainer = GRPOTrainer(model=path, reward_funcs=[reward_a, reward_b], args=args, processing_class=tok,
                           train_dataset=Dataset.from_list([{"prompt": "p", "answer": "x"}] * 8),
@@ -189,7 +208,8 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     registry.add("reward_a", reward_a)
     registry.add("reward_b", reward_b)
     cfg = GRPOConfig(loss_type="grpo", num_generations=N_GEN, max_completion_length=MAX_NEW, temperature=0.7,
-                     scale_rewards=scale, reward_funcs=["reward_a", "reward_b"], reward_weights=[1.0, 0.5])
+                     scale_rewards=scale, reward_funcs=["reward_a", "reward_b"], reward_weights=[1.0, 0.5],
+                     multi_objective_aggregation=aggregation)
     rollout = GRPORollout(cfg, tok, rewards=registry)
 
     class Fixed:  # stands in for the generation handle: returns the same completions
@@ -231,16 +251,65 @@ def compare_scoring(path: str, tok, tmp: str, scale: str) -> dict:
     theirs_params = dict(trainer.model.named_parameters())
     worst = max(float((p.grad - theirs_params[n].grad).abs().max() / theirs_params[n].grad.abs().max().clamp(min=1e-12))
                 for n, p in ours_model.named_parameters())
-    return {"scale_rewards": scale, "advantage_abs_max": adv_diff,
+    return {"scale_rewards": scale, "aggregation": aggregation, "advantage_abs_max": adv_diff,
             "metrics": {k: v for k, v in metrics.items()},
             "metrics_rel_max": max(abs(a - b) / max(abs(b), 1e-12) for a, b in metrics.values()),
             "alignkit_loss": our_loss.item(), "trl_loss": trl_loss.item(),
             "loss_abs": abs(our_loss.item() - trl_loss.item()), "grad_rel_max": worst}
 
 
+CLIP = {"epsilon": 0.2, "epsilon_high": 0.28}
+SEQ = {"importance_sampling_level": "sequence"}
+#: grpo / dapo / dr_grpo, beta 0 and > 0, one and two passes, then a truncated row masked, the KL uncorrected
+CASES = [dict(loss_type=t, beta=b, num_iterations=i, **CLIP)
+         for t, b, i in itertools.product(["grpo", "dapo", "dr_grpo"], [0.0, 0.04], [1, 2])]
+CASES += [dict(loss_type="dapo", beta=0.04, num_iterations=2, mask_truncated_completions=True, **CLIP),
+          dict(loss_type="grpo", beta=0.04, num_iterations=2, use_bias_correction_kl=False, **CLIP)]
+#: the rest of TRL 1.16's loss family and its knobs (two passes: ratios away from 1, so caps and gates act)
+FAMILY = [dict(loss_type="bnpo", beta=b, num_iterations=i, **CLIP) for b, i in itertools.product([0.0, 0.04], [1, 2])]
+FAMILY += [
+    dict(loss_type="cispo", epsilon_high=5.0, beta=0.04, num_iterations=2),
+    dict(loss_type="cispo", epsilon_high=1.02, num_iterations=2, mask_truncated_completions=True),
+    dict(loss_type="sapo", num_iterations=1),
+    dict(loss_type="sapo", beta=0.04, num_iterations=2),
+    dict(loss_type="sapo", num_iterations=2, sapo_temperature_pos=0.5, sapo_temperature_neg=8.0),
+    dict(loss_type="luspo", num_iterations=1, **SEQ, **CLIP),
+    dict(loss_type="luspo", beta=0.04, num_iterations=2, **SEQ, epsilon=0.01, epsilon_high=0.02),
+    dict(loss_type="vespo", num_iterations=1),
+    dict(loss_type="vespo", beta=0.04, num_iterations=2),
+    dict(loss_type="vespo", num_iterations=2, vespo_k_pos=1.0, vespo_lambda_pos=8.0, vespo_k_neg=6.0,
+         vespo_lambda_neg=0.5),
+    dict(loss_type="grpo", num_iterations=2, **SEQ, **CLIP),  # GSPO
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, **SEQ, epsilon=0.01, epsilon_high=0.02),
+    dict(loss_type="dapo", num_iterations=2, **SEQ, epsilon=0.01, epsilon_high=0.02),
+    dict(loss_type="dapo", num_iterations=2, epsilon=0.02, epsilon_high=0.03, delta=1.05),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, epsilon=0.02, epsilon_high=0.03, delta=1.05, **SEQ),
+    dict(loss_type="dapo", num_iterations=2, top_entropy_quantile=0.2, **CLIP),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, top_entropy_quantile=0.5, mask_truncated_completions=True,
+         **CLIP),
+    dict(loss_type="dapo", num_iterations=1, top_entropy_quantile=0.0, **CLIP),
+    dict(loss_type="dapo", num_iterations=2, off_policy_mask_threshold=0.005, **CLIP),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, off_policy_mask_threshold=0.005, top_entropy_quantile=0.5,
+         **CLIP),
+    dict(loss_type="dapo", num_iterations=1, entropy_coef=0.05, **CLIP),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, entropy_coef=0.05, **CLIP),
+    dict(loss_type="bnpo", num_iterations=2, entropy_coef=-0.1, delta=1.05, epsilon=0.02, epsilon_high=0.03),
+    dict(loss_type="cispo", epsilon_high=1.02, num_iterations=2, entropy_coef=0.05),
+]
+CASES += FAMILY
+
+
+def describe(knobs: dict) -> str:
+    short = {"importance_sampling_level": "is_level", "top_entropy_quantile": "top_entropy",
+             "off_policy_mask_threshold": "opm", "entropy_coef": "ent_coef"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in knobs.items())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--family-only", action="store_true",
+                        help="only the loss-family cases (bnpo, cispo, sapo, luspo, vespo, GSPO, delta, masks)")
     args = parser.parse_args()
     torch.manual_seed(0)
     tok = tiny_tokenizer()
@@ -248,29 +317,29 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tiny_model().save_pretrained(f"{tmp}/model")
         tok.save_pretrained(f"{tmp}/model")
-        cases = list(itertools.product(["grpo", "dapo", "dr_grpo"], [0.0, 0.04], [1, 2]))
-        cases = [(*c, False, True) for c in cases] + [("dapo", 0.04, 2, True, True), ("grpo", 0.04, 2, False, False)]
-        for loss_type, beta, iterations, mask_truncated, bias_correction in cases:
-            cfg = GRPOConfig(loss_type=loss_type, beta=beta, num_iterations=iterations, num_generations=N_GEN,
-                             max_completion_length=MAX_NEW, temperature=0.7, epsilon=0.2, epsilon_high=0.28,
-                             mask_truncated_completions=mask_truncated, use_bias_correction_kl=bias_correction)
+        for case in FAMILY if args.family_only else CASES:
+            cfg = GRPOConfig(num_generations=N_GEN, max_completion_length=MAX_NEW, temperature=0.7, **case)
             rows.append(compare(cfg, f"{tmp}/model", tok, f"{tmp}/trl"))
         scoring = [compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", scale)
                    for scale in ("group", "batch", "none")]
+        scoring.append(compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", "group", "normalize_then_sum"))
     print(f"{'loss_type':9} {'beta':>5} {'iters':>5} {'mask_trunc':>10} {'kl_is':>5} {'alignkit loss':>14} "
           f"{'TRL loss':>14} "
-          f"{'loss rel':>9} {'grad rel':>9} {'metric rel':>10}")
+          f"{'loss rel':>9} {'grad rel':>9} {'metric rel':>10}  knobs (|loss change| without them)")
     for r in rows:
         print(f"{r['loss_type']:9} {r['beta']:5} {r['num_iterations']:5} {r['mask_truncated']!s:>10} "
               f"{r['kl_bias_correction']!s:>5} "
               f"{r['alignkit_loss']:14.8f} {r['trl_loss']:14.8f} {r['loss_rel']:9.1e} {r['grad_rel_max']:9.1e} "
-              f"{r['metrics_rel_max']:10.1e}")
+              f"{r['metrics_rel_max']:10.1e}  {describe(r['knobs'])}"
+              + (f" ({r['knob_effect']:.1e})" if r["knobs"] else ""))
+    print("objective metrics compared (where the loss type logs them):", ", ".join(METRICS))
     print()
     print("TRL's own rollout scoring (fixed completions via rollout_func, two reward functions, one None on a prompt):")
-    print(f"{'scale_rewards':13} {'adv abs diff':>12} {'metric rel':>10} {'alignkit loss':>14} {'TRL loss':>14} "
+    print(f"{'scale_rewards':18} {'adv abs diff':>12} {'metric rel':>10} {'alignkit loss':>14} {'TRL loss':>14} "
           f"{'loss abs':>9} {'grad rel':>9}")
     for r in scoring:
-        print(f"{r['scale_rewards']:13} {r['advantage_abs_max']:12.1e} {r['metrics_rel_max']:10.1e} "
+        label = r["scale_rewards"] if r["aggregation"] == "sum_then_normalize" else r["aggregation"]
+        print(f"{label:18} {r['advantage_abs_max']:12.1e} {r['metrics_rel_max']:10.1e} "
               f"{r['alignkit_loss']:14.8f} "
               f"{r['trl_loss']:14.8f} {r['loss_abs']:9.1e} {r['grad_rel_max']:9.1e}")
     print("metrics compared:", ", ".join(sorted(scoring[0]["metrics"])))

@@ -1,4 +1,4 @@
-"""GRPO (Shao et al., arXiv 2402.03300) with the DAPO and Dr. GRPO token normalisations, as an alignkit method."""
+"""GRPO (Shao et al., arXiv 2402.03300) with TRL 1.16's loss family (alignkit_grpo.objective), as an alignkit method."""
 
 import alignkit
 from alignkit.blocks.demo import demo_defaults
@@ -20,7 +20,7 @@ DEMO_DEFAULTS = demo_defaults(
 
 METHOD = alignkit.Method(
     name="grpo", config=GRPOConfig, formatter=GRPOFormatter, loss=GRPOLoss, rollout=GRPORollout,
-    description="Group Relative Policy Optimization: online RL with group-normalised rewards (grpo/dapo/dr_grpo).",
+    description="Group Relative Policy Optimization: online RL with group-normalised rewards (TRL 1.16's loss types).",
     demo_data="sort-prompts", demo_defaults=DEMO_DEFAULTS, progress_metrics=("reward",),
     citation="@article{shao2024deepseekmath, title={DeepSeekMath: Pushing the Limits of Mathematical Reasoning in "
              "Open Language Models}, journal={arXiv:2402.03300}, year={2024}}",

@@ -20,6 +20,18 @@ def combine(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:
     return total.masked_fill(torch.isnan(rewards_NF).all(-1), float("nan"))
 
 
+def normalize_then_sum(rewards_NF: torch.Tensor, n: int, weights: list[float]) -> torch.Tensor:
+    """GDPO's aggregation: each function's rewards normalised within each group of `n` ((r - mean) / (std + EPS),
+    NaN where the function did not apply or applied to fewer than two of the group), then their weighted sum over
+    the functions that gave a value; NaN where no function applied."""
+    groups = rewards_NF.view(-1, n, rewards_NF.shape[-1])
+    mean = torch.nanmean(groups, dim=1, keepdim=True)
+    normalised = ((groups - mean) / (nan_std(groups, dim=1, keepdim=True) + EPS)).view_as(rewards_NF)
+    w = torch.tensor(weights, dtype=rewards_NF.dtype, device=rewards_NF.device)
+    total = (normalised * w).nansum(-1)
+    return total.masked_fill(torch.isnan(rewards_NF).all(-1), float("nan"))
+
+
 def nan_std(x: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     """Sample standard deviation (Bessel-corrected) over the non-NaN values; NaN with fewer than two."""
     count = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
@@ -27,6 +39,12 @@ def nan_std(x: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) if dim is not None else torch.nansum((x - mean) ** 2)
     std = torch.where(count > 1, var / (count - 1).clamp(min=1), torch.full_like(var, float("nan"))).sqrt()
     return std if keepdim or dim is None else std.squeeze(dim)
+
+
+def sums(x: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares, count) of the non-NaN values, in float64, to pool over micro-batches and processes."""
+    v = x.nan_to_num(0.0).double()
+    return torch.stack([v.sum(), (v * v).sum(), (~torch.isnan(x)).sum().double()])
 
 
 def std_from_sums(total: float, squares: float, count: float) -> float:

@@ -1,10 +1,6 @@
-"""The GRPO objective on a rolled-out batch: clipped surrogate, k3 KL to a reference, token normalisation.
-
-Loss units (the engine divides each summed term by its count over the whole step and all processes):
-  grpo     "completions": each completion's mean token loss, summed; / completions in the step.
-  dr_grpo  "completions": each completion's summed token loss / max_completion_length; / completions.
-  dapo     "tokens": every counted token's loss, summed; / counted tokens in the step.
-Every metric is an exact (sum, count) pair with TRL 1.x's name.
+"""The GRPO loss on a rolled-out batch: TRL 1.16's loss family (alignkit_grpo.objective: the per-token objectives,
+their masks and normalisation units), the k3 KL to a reference, on the fused LM head where each token's loss is
+its own. Every metric is an exact (sum, count) pair with TRL 1.x's name.
 """
 
 import torch
@@ -15,42 +11,30 @@ from alignkit.blocks.lmhead import LMHead
 from alignkit.blocks.logps import TokenScorer
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.logps import completion_inputs, completion_logps, per_completion_token
+from alignkit_grpo.objective import (
+    clip_metrics,
+    high_entropy_mask,
+    off_policy_keep,
+    per_token_objective,
+    reduce_terms,
+    token_weights,
+    unit_counts,
+)
+
+__all__ = ["GRPOLoss", "per_token_objective", "reduce_terms", "rollout_metrics", "token_weights"]
 
 
-def per_token_objective(logps, old_logps, advantages, config: GRPOConfig, ref_logps=None):
-    """(per-token loss [B, C], ratio [B, C], k3 KL [B, C] or None). `advantages` is [B] (one per completion) or
-    shaped like `logps` (one per token)."""
-    adv = advantages if advantages.shape == logps.shape else advantages[:, None]
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - config.epsilon, 1 + config.epsilon_upper)
-    loss = -torch.min(ratio * adv, clipped * adv)
-    kl = None
-    if config.beta != 0.0:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        if config.use_bias_correction_kl:
-            kl = kl * ratio
-        loss = loss + config.beta * kl
-    return loss, ratio, kl
-
-
-def reduce_terms(per_token_loss, mask, config: GRPOConfig) -> dict[str, torch.Tensor]:
-    """The summed loss term of each unit for this micro-batch (see the module docstring)."""
-    masked = per_token_loss * mask
-    if config.loss_type == "grpo":
-        return {"completions": (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()}
-    if config.loss_type == "dr_grpo":
-        return {"completions": masked.sum() / config.max_completion_length}
-    return {"tokens": masked.sum()}
-
-
-def token_weights(mask, config: GRPOConfig) -> tuple[str, torch.Tensor]:
-    """(unit, per-token weights [B, C]) with sum(weights * per_token_loss) equal to `reduce_terms`' term."""
-    if config.loss_type == "grpo":
-        return "completions", mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    if config.loss_type == "dr_grpo":
-        return "completions", mask / config.max_completion_length
-    return "tokens", mask
+def gather_over_processes(values: torch.Tensor, ctx) -> torch.Tensor:
+    """A 1-D tensor concatenated over all processes in process order, with two sums (ctx.reduce)."""
+    if ctx is None or ctx.num_processes == 1:
+        return values
+    sizes = torch.zeros(ctx.num_processes, dtype=torch.float64, device=values.device)
+    sizes[ctx.process_index] = values.numel()
+    sizes = ctx.reduce(sizes, "sum").long().tolist()
+    start = sum(sizes[:ctx.process_index])
+    out = torch.zeros(sum(sizes), dtype=values.dtype, device=values.device)
+    out[start:start + values.numel()] = values
+    return ctx.reduce(out, "sum").to(values.device)
 
 
 class GRPOLoss(alignkit.Loss):
@@ -71,10 +55,13 @@ class GRPOLoss(alignkit.Loss):
         disable_dropout(model)
         self.head = self.scorer.head_of(model)
 
+    @property
+    def collective(self) -> bool:  # the entropy quantile spans the micro-batch's tokens on every process
+        return self.config.top_entropy_quantile < 1.0
+
     def counts(self, batch):
-        if self.config.loss_type == "dapo":
-            return {"tokens": int(batch["completion_mask"].sum())}
-        return {"completions": int(batch["completion_ids"].shape[0])}
+        counts = unit_counts(batch["completion_mask"], self.config)
+        return {**counts, "micro_batches": 1} if self.config.entropy_coef else counts
 
     def _logps(self, model, batch):
         return completion_logps(model, batch, self.config.temperature, self.config.logits_chunk_size, self.scorer)
@@ -83,24 +70,42 @@ class GRPOLoss(alignkit.Loss):
         logps, _ = self._logps(ref_model, batch)
         return {"logps": logps}
 
-    def __call__(self, model, batch, ref=None):
+    def __call__(self, model, batch, ref=None, ctx=None):
         cfg = self.config
         mask = batch["completion_mask"].to(torch.float32)
-        if self.head is not None and torch.is_grad_enabled():
-            return self._fused(model, batch, ref, mask)
+        if torch.is_grad_enabled() and cfg.token_local and (self.head is not None or cfg.entropy_coef):
+            return self._fused(model, batch, ref, mask, ctx)
         logps, entropy = self._logps(model, batch)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
+        keep = self._keep(batch, logps, old, entropy, mask, ctx)
         per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
-                                                   None if ref is None else ref["logps"])
+                                                   None if ref is None else ref["logps"], mask=mask, keep=keep)
         terms = reduce_terms(per_token, mask, cfg)
+        if cfg.entropy_coef:  # here without gradient (evaluation): entropy_coef needs a token-local objective
+            bonus = cfg.entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+            terms["micro_batches"] = terms.get("micro_batches", 0.0) - bonus
         with torch.no_grad():
-            metrics = self._metrics(batch, mask, ratio, entropy, kl)
+            metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
         return alignkit.LossOutput(terms=terms, metrics=metrics)
 
-    def _fused(self, model, batch, ref, mask):
+    def _keep(self, batch, logps, old, entropy, mask, ctx):
+        """The policy term's token mask: the top entropy quantile and the off-policy sequence mask (None: all)."""
+        cfg, keep = self.config, None
+        if cfg.top_entropy_quantile < 1.0:
+            gather = None if ctx is None else (lambda v: gather_over_processes(v, ctx))
+            keep = high_entropy_mask(entropy, mask, cfg.top_entropy_quantile, gather).to(mask.dtype)
+        if cfg.off_policy_mask_threshold is not None:
+            opm = off_policy_keep(batch["advantages"], logps, old, mask, cfg.off_policy_mask_threshold)
+            keep = opm if keep is None else keep * opm
+        return keep
+
+    def _fused(self, model, batch, ref, mask, ctx=None):
         """Training on the fused head (alignkit.blocks.fusedhead): the per-token objective's head gradients are computed
-        in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward."""
+        in the forward, chunk by chunk over the counted tokens; nothing is recomputed in the backward.
+
+        The entropy bonus (a "micro_batches" term) joins the objective's term, rescaled by the ratio of the two
+        units' step totals, so the one summed term the fused head differentiates is divided as both should be."""
         cfg = self.config
         select = mask.bool()
         unit, weights = token_weights(mask, cfg)
@@ -108,29 +113,37 @@ class GRPOLoss(alignkit.Loss):
         old = batch.get("old_logps")
         old_N = None if old is None else old[select]
         ref_N = None if ref is None else ref["logps"][select]
+        bonus_N = None
+        if cfg.entropy_coef:
+            totals = getattr(ctx, "totals", None) or self.counts(batch)
+            scale = cfg.entropy_coef * totals[unit] / totals["micro_batches"]
+            bonus_N = (mask / mask.sum().clamp(min=1.0))[select] * scale
 
-        def term(lp, positions):
+        def term(lp, positions, logprobs=None):
             o = lp.detach() if old_N is None else old_N[positions]
             per_token, _, _ = per_token_objective(lp, o, adv_N[positions], cfg,
                                                   None if ref_N is None else ref_N[positions])
-            return (w_N[positions] * per_token).sum()
+            value = (w_N[positions] * per_token).sum()
+            if logprobs is not None:  # the entropy of each position's distribution, differentiable
+                value = value + (bonus_N[positions] * (logprobs.exp() * logprobs).sum(-1)).sum()
+            return value
 
-        s = self.scorer(model, *completion_inputs(batch), term=term)
+        s = self.scorer(model, *completion_inputs(batch), term=term, distribution=bonus_N is not None)
         with torch.no_grad():
             logps, entropy = per_completion_token(s, s.logps, batch), per_completion_token(s, s.entropy, batch)
-            _, ratio, kl = per_token_objective(logps, logps if old is None else old, batch["advantages"], cfg,
-                                               None if ref is None else ref["logps"])
-            metrics = self._metrics(batch, mask, ratio, entropy, kl)
+            old = logps if old is None else old
+            per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
+                                                       None if ref is None else ref["logps"])
+            metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
+            if bonus_N is not None:  # TRL's names: the objective without the bonus, and the coefficient
+                metrics["policy_loss"] = (reduce_terms(per_token, mask, cfg)[unit], unit_counts(mask, cfg)[unit])
+                metrics["entropy_coef"] = (cfg.entropy_coef, 1)
         return alignkit.LossOutput(terms={unit: s.total}, metrics=metrics)
 
-    def _metrics(self, batch, mask, ratio, entropy, kl) -> dict:
-        cfg, tokens = self.config, mask.sum()
-        adv = batch["advantages"][:, None]
-        low = ((ratio < 1 - cfg.epsilon) & (adv < 0)).float() * mask
-        high = ((ratio > 1 + cfg.epsilon_upper) & (adv > 0)).float() * mask
+    def _metrics(self, batch, mask, ratio, entropy, kl, logps, old) -> dict:
+        tokens = mask.sum()
         metrics = {"entropy": ((entropy * mask).sum(), tokens),
-                   "clip_ratio/low_mean": (low.sum(), tokens), "clip_ratio/high_mean": (high.sum(), tokens),
-                   "clip_ratio/region_mean": ((low + high).clamp(max=1).sum(), tokens)}
+                   **clip_metrics(ratio, batch["advantages"], mask, self.config, logps, old)}
         if kl is not None:
             metrics["kl"] = ((kl * mask).sum(), tokens)
         metrics.update(rollout_metrics(batch))

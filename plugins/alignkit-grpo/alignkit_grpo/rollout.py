@@ -17,7 +17,7 @@ import torch
 
 from alignkit.online.generation import mix_seed
 from alignkit.online.rewards import RewardRegistry, score
-from alignkit_grpo.advantages import advantages, combine, std_from_sums
+from alignkit_grpo.advantages import EPS, advantages, combine, normalize_then_sum, std_from_sums, sums
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.logps import completion_logps
 
@@ -94,17 +94,30 @@ class GRPORollout:
     def finish(self, batches: list[dict], ctx) -> list[dict]:
         """Advantages, once every micro-batch of the step is rolled out: the batch std (scale_rewards=batch,
         and the logged reward_std) spans all of the step's completions on every process, as TRL's generation
-        batch does (at eval, each batch on its own: processes may hold different numbers of eval batches)."""
+        batch does (at eval, each batch on its own: processes may hold different numbers of eval batches).
+        normalize_then_sum normalises each function's rewards within groups, then their weighted sum over the
+        step (mean and std over the same span)."""
         cfg = self.config
-        totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+        gdpo = cfg.multi_objective_aggregation == "normalize_then_sum"
+        if gdpo:
+            for b in batches:
+                b["aggregated"] = normalize_then_sum(b["rewards_per_func"], cfg.num_generations, self.weights)
+        keys = ("rewards", "aggregated") if gdpo else ("rewards",)
+        totals = torch.zeros(3 * len(keys), dtype=torch.float64, device=ctx.device)
         for b in batches:
-            r = b["rewards"].nan_to_num(0.0).double()
-            totals += torch.stack([r.sum(), (r * r).sum(), (~torch.isnan(b["rewards"])).sum().double()])
+            totals += torch.cat([sums(b[k]) for k in keys])
         if ctx.training:
             totals = ctx.reduce(totals, "sum")
-        batch_std = std_from_sums(*totals.tolist())
+        batch_std = std_from_sums(*totals[:3].tolist())
+        if gdpo:
+            total, _, count = totals[3:].tolist()
+            mean, std = total / count if count else float("nan"), std_from_sums(*totals[3:].tolist())
         for b in batches:
-            adv, std = advantages(b["rewards"], cfg.num_generations, cfg.scale_rewards, batch_std)
+            if gdpo:
+                adv = ((b.pop("aggregated") - mean) / (std + EPS)).nan_to_num(0.0)
+                zero = torch.full_like(b["rewards"], std)
+            else:
+                adv, zero = advantages(b["rewards"], cfg.num_generations, cfg.scale_rewards, batch_std)
             b.update(advantages=adv.float(), reward_std=torch.full_like(b["rewards"], batch_std),
-                     zero_std=torch.isclose(std, torch.zeros_like(std)))
+                     zero_std=torch.isclose(zero, torch.zeros_like(zero)))
         return batches
