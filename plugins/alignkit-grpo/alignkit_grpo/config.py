@@ -71,6 +71,15 @@ class GRPOConfig(alignkit.MethodConfig):
     off_policy_mask_threshold: float | None = Field(
         None, gt=0, description="Drop completions with a negative advantage whose mean KL(old || policy) exceeds "
                                 "this (DeepSeek-V3.2's delta; None: off).")
+    importance_sampling_correction: bool = Field(
+        True, description="With max_staleness > 0: weight each token's policy loss by the importance ratio between the "
+                          "policy that trains and the older copy that sampled (TRL's vllm_importance_sampling_*).")
+    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "sequence_mask", description="Per-token or per-completion ratio (the sum of token log-ratios), clipped to "
+                                     "[clip_min, clip_max] (truncate) or zeroed outside it (mask).")
+    importance_sampling_clip_max: float | None = Field(3.0, gt=0, description="Upper bound of the importance ratio.")
+    importance_sampling_clip_min: float | None = Field(None, ge=0,
+                                                       description="Lower bound of the importance ratio (None: 0).")
     entropy_coef: float = Field(0.0, description="Entropy bonus (Skywork-OR1): the loss minus entropy_coef x the mean "
                                 "entropy of each micro-batch's counted tokens (0: off). Token-local objectives only.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes per rollout (old log-probs are stored).")
@@ -87,6 +96,10 @@ class GRPOConfig(alignkit.MethodConfig):
         if self.max_staleness and self.num_iterations > 1:
             raise ValueError(f"method.max_staleness={self.max_staleness} trains each rollout once; it cannot be "
                              f"combined with method.num_iterations={self.num_iterations} (set one of them back)")
+        if self.max_staleness and self.importance_sampling_correction and self.loss_type == "vespo":
+            raise ValueError("method.importance_sampling_correction with max_staleness > 0 is not built for loss_type "
+                             "vespo (TRL folds it into vespo's own weight); set importance_sampling_correction=false "
+                             "or choose another loss_type")
         if self.max_staleness and self.generation_backend != "transformers":
             raise ValueError(f"method.max_staleness={self.max_staleness} samples with transformers' generate; use "
                              "method.generation_backend=transformers or max_staleness=0")
@@ -131,7 +144,13 @@ class GRPOConfig(alignkit.MethodConfig):
         """Whether each token's loss depends on that token alone (the fused head may then compute it chunk by
         chunk): no sequence-level ratio or weight, no mask that needs the whole micro-batch first."""
         return (self.importance_sampling_level == "token" and self.loss_type != "vespo"
-                and self.top_entropy_quantile == 1.0 and self.off_policy_mask_threshold is None)
+                and self.top_entropy_quantile == 1.0 and self.off_policy_mask_threshold is None
+                and not (self.corrects_staleness and self.importance_sampling_mode.startswith("sequence")))
+
+    @property
+    def corrects_staleness(self) -> bool:
+        """The loss weights the policy term by the importance ratio to the copy that sampled (async rollouts)."""
+        return bool(self.max_staleness) and self.importance_sampling_correction
 
     @property
     def epsilon_upper(self) -> float:

@@ -17,6 +17,7 @@ from alignkit_grpo.objective import (
     off_policy_keep,
     per_token_objective,
     reduce_terms,
+    sampling_correction,
     token_weights,
     unit_counts,
 )
@@ -87,17 +88,35 @@ class GRPOLoss(alignkit.Loss):
             terms["micro_batches"] = terms.get("micro_batches", 0.0) - bonus
         with torch.no_grad():
             metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
+            if cfg.corrects_staleness and "sampling_logps" in batch:
+                metrics.update(self._correction_metrics(logps, batch["sampling_logps"], mask))
         return alignkit.LossOutput(terms=terms, metrics=metrics)
 
+    def _correction_metrics(self, logps, sampled, mask) -> dict:
+        """TRL's sampling/importance_sampling_ratio/mean (per token, or per completion in sequence modes) and the
+        mean |log-prob difference| between the training policy and the copy that sampled, over counted tokens."""
+        weights = sampling_correction(logps, sampled, mask, self.config)
+        tokens = mask.sum()
+        mean = (weights.sum(), weights.shape[0]) if weights.shape[1] == 1 else ((weights * mask).sum(), tokens)
+        return {"sampling/importance_sampling_ratio/mean": mean,
+                "sampling/sampling_logp_difference/mean": (((logps - sampled).abs() * mask).sum(), tokens)}
+
     def _keep(self, batch, logps, old, entropy, mask, ctx):
-        """The policy term's token mask: the top entropy quantile and the off-policy sequence mask (None: all)."""
+        """What multiplies the policy term per token (None: nothing): the top entropy quantile, the off-policy
+        sequence mask (against the sampling copy's log-probs when the rollout was sampled ahead, else the old
+        ones), and the importance weights to that copy (TRL's order)."""
         cfg, keep = self.config, None
+        sampled = batch.get("sampling_logps")
         if cfg.top_entropy_quantile < 1.0:
             gather = None if ctx is None else (lambda v: gather_over_processes(v, ctx))
             keep = high_entropy_mask(entropy, mask, cfg.top_entropy_quantile, gather).to(mask.dtype)
         if cfg.off_policy_mask_threshold is not None:
-            opm = off_policy_keep(batch["advantages"], logps, old, mask, cfg.off_policy_mask_threshold)
+            opm = off_policy_keep(batch["advantages"], logps, old if sampled is None else sampled, mask,
+                                  cfg.off_policy_mask_threshold)
             keep = opm if keep is None else keep * opm
+        if cfg.corrects_staleness and sampled is not None:
+            weights = sampling_correction(logps, sampled, mask, cfg)
+            keep = weights if keep is None else keep * weights
         return keep
 
     def _fused(self, model, batch, ref, mask, ctx=None):
@@ -113,6 +132,8 @@ class GRPOLoss(alignkit.Loss):
         old = batch.get("old_logps")
         old_N = None if old is None else old[select]
         ref_N = None if ref is None else ref["logps"][select]
+        sampled = batch.get("sampling_logps") if cfg.corrects_staleness else None
+        sampled_N = None if sampled is None else sampled[select]  # token-level weights only (token_local)
         bonus_N = None
         if cfg.entropy_coef:
             totals = getattr(ctx, "totals", None) or self.counts(batch)
@@ -121,8 +142,9 @@ class GRPOLoss(alignkit.Loss):
 
         def term(lp, positions, logprobs=None):
             o = lp.detach() if old_N is None else old_N[positions]
+            keep = None if sampled_N is None else sampling_correction(lp, sampled_N[positions], 1.0, cfg)
             per_token, _, _ = per_token_objective(lp, o, adv_N[positions], cfg,
-                                                  None if ref_N is None else ref_N[positions])
+                                                  None if ref_N is None else ref_N[positions], keep=keep)
             value = (w_N[positions] * per_token).sum()
             if logprobs is not None:  # the entropy of each position's distribution, differentiable
                 value = value + (bonus_N[positions] * (logprobs.exp() * logprobs).sum(-1)).sum()
@@ -135,6 +157,8 @@ class GRPOLoss(alignkit.Loss):
             per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
                                                        None if ref is None else ref["logps"])
             metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
+            if sampled is not None:
+                metrics.update(self._correction_metrics(logps, sampled, mask))
             if bonus_N is not None:  # TRL's names: the objective without the bonus, and the coefficient
                 metrics["policy_loss"] = (reduce_terms(per_token, mask, cfg)[unit], unit_counts(mask, cfg)[unit])
                 metrics["entropy_coef"] = (cfg.entropy_coef, 1)

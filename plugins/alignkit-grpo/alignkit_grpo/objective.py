@@ -108,6 +108,22 @@ def per_token_objective(logps, old_logps, advantages, config: GRPOConfig, ref_lo
     return loss, ratio, kl
 
 
+@torch.no_grad()
+def sampling_correction(logps, sampling_logps, mask, config: GRPOConfig) -> torch.Tensor:
+    """TRL's importance weights between the policy that trains (`logps`, taken without gradient) and the older
+    copy that sampled: per token [B, C] or per completion [B, 1] (the exp of the summed log-ratios), clipped to
+    [clip_min, clip_max] (*_truncate) or zero outside it (*_mask)."""
+    diff = ((logps.detach() - sampling_logps) * mask).nan_to_num(0.0)
+    if config.importance_sampling_mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    low, high = config.importance_sampling_clip_min, config.importance_sampling_clip_max
+    if config.importance_sampling_mode.endswith("truncate"):
+        return ratio.clamp(min=low, max=high)
+    outside = (ratio < (-math.inf if low is None else low)) | (ratio > (math.inf if high is None else high))
+    return ratio.masked_fill(outside, 0.0)
+
+
 def high_entropy_mask(entropy, mask, quantile: float, gather=None) -> torch.Tensor:
     """Counted tokens whose entropy is at least the (1 - quantile) quantile of the counted tokens' entropies
     (of every process: `gather` concatenates a 1-D tensor over processes)."""
