@@ -83,6 +83,9 @@ class ModelConfig(Section):
     ref_name_or_path: str | None = Field(None, description="Reference model for losses that need one; default: a "
                                          "frozen copy of the policy's initial weights (with model.peft: the policy "
                                          "with adapters disabled). Used as given with model.peft too.")
+    ref_offload: bool = Field(False, description="Keep the reference model's weights in CPU memory and move them to "
+                              "the device only for its own forwards: the policy's forward and backward have the "
+                              "device to themselves, at the cost of two transfers per reference call.")
     peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. "
                                       "model.peft.r=8.")
 

@@ -24,6 +24,11 @@ def check_settings(config, method, eval_given: bool = False) -> None:
     loss = method.loss if isinstance(method.loss, type) else type(method.loss)
     if config.model.ref_name_or_path and not getattr(loss, "needs_reference_model", False):
         raise ConfigError(f"model.ref_name_or_path: method {method.name} uses no reference model; remove the key")
+    if config.model.ref_offload and not getattr(loss, "needs_reference_model", False):
+        raise ConfigError(f"model.ref_offload: method {method.name} uses no reference model; remove the key")
+    if config.model.ref_offload and config.model.peft is not None and not config.model.ref_name_or_path:
+        raise ConfigError("model.ref_offload: with model.peft and no model.ref_name_or_path the reference is the "
+                          "policy itself with its adapters off (no second copy to offload); remove the key")
     if method.rollout is None and config.generation.backend != "transformers":
         raise ConfigError(f"generation.backend={config.generation.backend}: method {method.name} samples nothing (it "
                           "has no rollout); remove the key")

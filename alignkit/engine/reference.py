@@ -1,5 +1,6 @@
 """The frozen reference model that a loss may declare it needs (Loss.needs_reference_model)."""
 
+import contextlib
 import copy
 
 import torch
@@ -15,10 +16,11 @@ class Reference:
 
     The reference is `model.ref_name_or_path` when given (with or without LoRA on the policy), else, for a
     PEFT policy, the policy itself with its adapters disabled (no second copy), else a frozen copy of the
-    policy's initial weights."""
+    policy's initial weights. With `model.ref_offload` a loaded reference keeps its weights in CPU memory and visits
+    the device only for its own forwards."""
 
     def __init__(self, loss, policy, config, tokenizer, accelerator) -> None:
-        self.loss, self.accelerator, self.model = loss, accelerator, None
+        self.loss, self.accelerator, self.model, self.offload = loss, accelerator, None, False
         name = config.model.ref_name_or_path
         if not loss.needs_reference_model or (hasattr(policy, "disable_adapter") and not name):
             return
@@ -28,7 +30,8 @@ class Reference:
         else:
             ref = copy.deepcopy(policy)
         ref.eval().requires_grad_(False)
-        self.model = accelerator.prepare_model(ref, evaluation_mode=True)
+        self.offload = config.model.ref_offload  # kept in CPU memory, on the device only for its own forwards
+        self.model = ref.to("cpu") if self.offload else accelerator.prepare_model(ref, evaluation_mode=True)
 
     @property
     def precomputed(self) -> bool:
@@ -50,9 +53,23 @@ class Reference:
             return batch.pop("__ref")
         with torch.no_grad():
             if self.model is not None:
-                return call(self.loss.reference, self.model, batch, ctx=ctx)
+                with self.on_device():
+                    return call(self.loss.reference, self.model, batch, ctx=ctx)
             with self.accelerator.unwrap_model(policy).disable_adapter():
                 return call(self.loss.reference, policy, batch, ctx=ctx)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """The reference on the run's device for the duration (with model.ref_offload: moved there and back to CPU
+        memory, so that the policy's forward and backward never share the device with it)."""
+        if not self.offload:
+            yield
+            return
+        self.model.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            self.model.to("cpu")
 
     def precompute(self, ds, policy, collate, batch_size: int, context=None):
         """`ds` with the reference outputs of every example added as `__ref_*` columns (once, in order).
