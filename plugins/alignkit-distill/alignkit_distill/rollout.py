@@ -8,8 +8,6 @@ more processes train on exactly the same completions."""
 
 import random
 
-import torch
-
 from alignkit.blocks.tokens import pad_right
 from alignkit.online.generation import mix_seed
 from alignkit_distill.config import DistillConfig
