@@ -28,6 +28,7 @@ class Reference:
         else:
             ref = copy.deepcopy(policy)
         ref.eval().requires_grad_(False)
+        loss.prepare_reference(ref, policy)
         self.model = accelerator.prepare_model(ref, evaluation_mode=True)
 
     @property

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from alignkit import Loss, LossOutput
+from alignkit import ConfigError, Loss, LossOutput
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.lmhead import require_head
 from alignkit.blocks.logps import TokenScorer
@@ -50,6 +50,14 @@ class DistillLoss(Loss):
             disable_dropout(model)
         self.scorer.prepare(model)
 
+    def prepare_reference(self, ref_model: torch.nn.Module, policy: torch.nn.Module) -> None:
+        """The teacher scores the student's token ids over the same vocabulary (as TRL's GKDTrainer requires)."""
+        teacher, student = _vocab_size(ref_model), _vocab_size(policy)
+        if teacher != student:
+            raise ConfigError(f"model.ref_name_or_path: the teacher's vocabulary has {teacher} tokens, the student's "
+                              f"(model.name_or_path) {student}; distill compares next-token distributions over one "
+                              "vocabulary: use a teacher of the student's tokenizer family")
+
     def counts(self, batch: dict) -> dict[str, int]:
         return {"tokens": int((batch["labels"][:, 1:] != self.config.label_pad_token_id).sum())}
 
@@ -86,3 +94,11 @@ class DistillLoss(Loss):
         kl, agree = torch.stack(sums).sum(0) if sums else torch.zeros(2, device=s.total.device)
         metrics = {"kl_teacher_student": (kl, n), "token_agreement": (agree, n)}
         return LossOutput(terms={"tokens": s.total}, metrics=metrics)
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    """The rows of the model's output embedding (its config's vocab_size where the head is not found)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(base.config.get_text_config().vocab_size)
