@@ -19,9 +19,14 @@ def install_entry_point(folder: Path) -> Path:
     return folder
 
 
-def save_teacher(folder: Path, seed: int = 5, vocab_size: int | None = None) -> str:
-    """A tiny random Llama (the built-in tokenizer's vocabulary unless `vocab_size` is given) saved to `folder`."""
+def save_teacher(folder: Path, seed: int = 5, vocab_size: int | None = None, sharpen: float = 1.0) -> str:
+    """A tiny random Llama (the built-in tokenizer's vocabulary unless `vocab_size` is given) saved to `folder`;
+    `sharpen` scales its (tied) output embedding, so that its next-token distributions are far from uniform."""
+    import torch
+
     model = tiny_model(seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpen)
     if vocab_size is not None:
         from transformers import AutoModelForCausalLM
 
