@@ -24,4 +24,5 @@ class DistillConfig(SequenceDataConfig):
     loss_implementation: Literal["chunked", "plain"] = Field(
         "chunked", description="chunked: both models' LM heads run only at trained positions, a chunk of positions "
         "at a time, never holding [batch, seq, vocab] logits; plain: the models' full logits.")
-    logits_chunk_size: int = Field(1024, gt=0, description="Token positions per LM-head chunk of the chunked path.")
+    logits_chunk_size: int = Field(256, gt=0, description="Token positions per LM-head chunk of the chunked path (the "
+                                   "divergence holds a few [chunk, vocab] tensors of both models at a time).")

@@ -10,6 +10,7 @@ teacher's own head. A model whose head cannot be split off (`loss_implementation
 import math
 
 import torch
+import torch.nn.functional as F
 
 from alignkit import ConfigError, Loss, LossOutput
 from alignkit.blocks.dropout import disable_dropout
@@ -25,13 +26,13 @@ def generalized_jsd(student_nV: torch.Tensor, teacher_nV: torch.Tensor, beta: fl
         return _kl(teacher_nV, student_nV)
     if beta == 1:
         return _kl(student_nV, teacher_nV)
-    mixture = torch.logsumexp(torch.stack([student_nV + math.log1p(-beta), teacher_nV + math.log(beta)]), 0)
+    mixture = torch.logaddexp(student_nV + math.log1p(-beta), teacher_nV + math.log(beta))
     return beta * _kl(teacher_nV, mixture) + (1 - beta) * _kl(student_nV, mixture)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position from log-probs, 0 where p is 0 (as torch's kl_div with log targets)."""
-    return torch.where(p_log > -math.inf, p_log.exp() * (p_log - q_log), 0.0).sum(-1)
+    """KL(p || q) per position from log-probs [n, V] (torch's kl_div with log targets, as TRL computes it)."""
+    return F.kl_div(q_log, p_log, reduction="none", log_target=True).sum(-1)
 
 
 class DistillLoss(Loss):

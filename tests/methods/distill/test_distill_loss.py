@@ -85,7 +85,7 @@ def test_loss_and_gradients_equal_full_logits(beta, implementation):
     expected.backward()
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     for (name, p), q in zip(student.named_parameters(), expected_student.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max().item()), name
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max(), name  # the parity scripts' measure
     kl, n = out.metrics["kl_teacher_student"]
     assert n.item() == 9 and kl.item() / 9 == pytest.approx(full_logits_loss(student, teacher, b, 0.0).item(),
                                                             rel=1e-5)
