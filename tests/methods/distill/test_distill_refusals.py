@@ -1,5 +1,5 @@
 """Every distill mistake is one line on stderr, exit code 2, before anything is written: no teacher, a teacher with
-another vocabulary, a trained prompt, packed rows, out-of-range settings."""
+another vocabulary, a trained prompt, packed rows, out-of-range settings; and `alignkit format` shows what trains."""
 
 import pytest
 from distill_support import install_entry_point, save_teacher
@@ -34,3 +34,14 @@ def test_settings(tmp_path, setting, key):
     line = refused("run", "--method", "distill", f"model.ref_name_or_path={teacher}", setting,
                    f"train.output_dir={tmp_path / 'out'}", written=tmp_path / "out")
     assert key in line
+
+
+def test_format_shows_the_completion_trained(tmp_path):
+    from click.testing import CliRunner
+
+    from alignkit.cli.commands import cli
+
+    teacher = save_teacher(tmp_path / "teacher")
+    result = CliRunner().invoke(cli, ["-q", "format", "--method", "distill", f"model.ref_name_or_path={teacher}"])
+    assert result.exit_code == 0, result.output
+    assert "sort: 6 0 4 8 7 6 =[[ 0]][[ 4]][[ 6]][[ 6]][[ 7]][[ 8]][[</s>]]" in result.output  # the prompt untrained
