@@ -30,6 +30,7 @@ class Reference:
         else:
             ref = copy.deepcopy(policy)
         ref.eval().requires_grad_(False)
+        loss.prepare_reference(ref, policy)
         self.offload = config.model.ref_offload  # kept in CPU memory, on the device only for its own forwards
         self.model = ref.to("cpu") if self.offload else accelerator.prepare_model(ref, evaluation_mode=True)
 

@@ -65,6 +65,13 @@ class Loss(ABC):
         """Called once with the unwrapped policy before training or evaluation: adjust it (e.g. disable
         dropout) or read what the loss needs from it. `__call__` may get a distributed wrapper instead."""
 
+    def prepare_reference(self, ref_model: torch.nn.Module, policy: torch.nn.Module) -> None:
+        """Called once with a reference model the engine loaded (`model.ref_name_or_path`, or a frozen copy of the
+        policy) and the unwrapped policy, before any data is formatted or anything written: check that the two fit
+        together (raise alignkit.ConfigError naming model.ref_name_or_path, e.g. for another vocabulary) or read
+        what the loss needs from the reference. Not called for a LoRA policy whose reference is itself with its
+        adapters disabled."""
+
     @abstractmethod
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """How many of each normalising unit this micro-batch holds, from the batch alone (may take `ctx`)."""
