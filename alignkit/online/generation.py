@@ -159,6 +159,19 @@ class Generator:
                               "gets \"reference\" when its loss needs a reference model, e.g. model.ref_name_or_path)")
         return self.backends[name]
 
+    @contextlib.contextmanager
+    def scoring(self, name: str = POLICY):
+        """The model named `name` (see `models`) to run a forward on, e.g. a rollout's log-probs under the reference:
+        the policy as the engine prepared it, a loaded model, or the PEFT policy with its adapters disabled (the
+        implicit reference) for the duration. The caller sets no_grad (a rollout runs under it)."""
+        if name == POLICY:
+            yield self.model
+            return
+        backend = self._backend(name)
+        off = getattr(backend, "adapters_off", False)
+        with (self.accelerator.unwrap_model(backend.model).disable_adapter() if off else contextlib.nullcontext()):
+            yield backend.model
+
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
                  seed: int = 0, model: str = POLICY) -> Completions:
