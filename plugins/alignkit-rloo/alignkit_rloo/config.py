@@ -42,8 +42,8 @@ class RLOOConfig(alignkit.MethodConfig):
     @classmethod
     def _at_least_two(cls, value: int) -> int:
         if value < 2:
-            raise ValueError(f"method.num_generations={value}: RLOO's leave-one-out baseline needs at least 2 "
-                             "completions per prompt; set method.num_generations to 2 or more")
+            raise ValueError("RLOO's leave-one-out baseline needs at least 2 completions per prompt; set it to 2 "
+                             "or more")
         return value
 
     @model_validator(mode="after")

@@ -85,11 +85,6 @@ class RLOOLoss(alignkit.Loss):
                                               rows_N, rows, self.config.logits_chunk_size, term,
                                               stats=lambda logits, targets: (entropy_of(logits),),
                                               temperature=self.config.temperature)
-        empty = ~select_BT.any(-1)  # completions with no counted token: their loss is a constant, no gradient
-        if bool(empty.any()):
-            zero = logps[empty]
-            total = total + per_sequence_loss(zero, zero if old is None else old[empty], adv[empty],
-                                              self.config)[0].sum()
         entropy = extra[0].sum() if extra else logps.new_zeros(())
         return total, logps, entropy
 
