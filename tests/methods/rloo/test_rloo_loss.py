@@ -175,3 +175,28 @@ def test_rollout_scores_policy_and_reference_once_and_stores_what_later_passes_n
             lp[name] = (tok_lp * out["completion_mask"]).sum(-1)
     assert out["old_logps"].tolist() == pytest.approx(lp["policy"].tolist(), rel=1e-5)
     assert out["kl_sum"].tolist() == pytest.approx((lp["policy"] - lp["reference"]).tolist(), rel=1e-4, abs=1e-5)
+
+
+def test_the_generation_handle_scores_the_implicit_lora_reference_with_its_adapters_off():
+    """Generator.scoring("reference") on a LoRA policy with no explicit reference: the base model's logits; the
+    policy's own scoring keeps the adapters."""
+    import peft
+    from accelerate import Accelerator
+
+    from alignkit.online import Generator
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = tiny_model(seed=4)
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits.clone()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    gen = Generator(model, Accelerator(cpu=True), tiny_tokenizer(), seed=0)
+    gen.add_model("reference", model, adapters_off=True)
+    with torch.no_grad():
+        with gen.scoring("reference") as ref:
+            off = ref(input_ids=ids).logits
+        with gen.scoring() as policy:
+            on = policy(input_ids=ids).logits
+    assert torch.allclose(off, expected, atol=1e-6)
+    assert not torch.allclose(on, expected, atol=1e-3)
