@@ -36,7 +36,7 @@ class RLOOConfig(alignkit.MethodConfig):
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed).")
     # ---- the built-in demo ----
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised steps on the demo task before RL (the demo sets "
-                                  "it; the result is cached under $XDG_CACHE_HOME/alignkit/rloo-warmup).")
+                                  "it; a few seconds, seeded, at every start, before any checkpoint is loaded).")
 
     @field_validator("num_generations")
     @classmethod

@@ -8,10 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import alignkit_rloo
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import alignkit
+from alignkit.testing import plugin_manager
 from helpers import free_port, read_jsonl
 
 # the subprocesses import this checkout (not another installed copy) and find the plugin by its entry point
@@ -85,3 +88,22 @@ def test_two_processes_match_one(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
                 checked += 1
     assert checked >= 10
+
+
+def test_num_iterations_reuses_one_rollout_for_several_steps(tmp_path):
+    """Two passes per rollout: the same completions, rewards and KL (scored once, at sampling time) for two optimizer
+    steps, the second pass on a moved policy (ratio != 1); checkpoints only between rollouts."""
+    config = {"method": {"num_generations": 4, "max_completion_length": 8, "num_iterations": 2, "beta": 0.05},
+              "data": {"max_train_samples": 32, "max_eval_samples": 4},
+              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
+                        "logging_steps": 1, "save_steps": 1, "eval_steps": None, "eval_on_start": False,
+                        "disable_tqdm": True, "plots": False, "learning_rate": 1e-2}}
+    result = alignkit.run("rloo", config, plugins=plugin_manager(alignkit_rloo))
+    rows = [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for first, second in (rows[0:2], rows[2:4]):
+        assert (first["reward"], first["kl"], first["completions/mean_length"]) == \
+            (second["reward"], second["kl"], second["completions/mean_length"])
+        assert first["loss"] != second["loss"]
+    assert rows[1]["kl"] != rows[2]["kl"]  # a fresh rollout
+    assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]
