@@ -200,3 +200,14 @@ def test_the_generation_handle_scores_the_implicit_lora_reference_with_its_adapt
             on = policy(input_ids=ids).logits
     assert torch.allclose(off, expected, atol=1e-6)
     assert not torch.allclose(on, expected, atol=1e-3)
+
+
+def test_a_reward_model_path_that_is_not_a_classifier_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    """model:PATH naming a causal LM (no classification head: it would score with a random one) is refused."""
+    tiny_model().save_pretrained(tmp_path / "causal")
+    tiny_tokenizer().save_pretrained(tmp_path / "causal")
+    line = refused("run", "--method", "rloo", f"method.reward_funcs=[model:{tmp_path / 'causal'}]",
+                   f"train.output_dir={tmp_path / 'out'}", written=tmp_path / "out")
+    assert line.startswith(f"alignkit: error: method.reward_funcs: model:{tmp_path / 'causal'} is not a sequence "
+                           "classifier"), line
+    assert "LlamaForCausalLM" in line or "ForCausalLM" in line, line
