@@ -54,7 +54,7 @@ def cli(out, *extra, wait=True, launcher=()):
 
 
 def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
-    args = ["train.max_steps=6", "train.save_steps=2", "train.per_device_train_batch_size=4"]
+    args = ["train.max_steps=4", "train.save_steps=2", "train.per_device_train_batch_size=4"]
     cli(tmp_path / "full", *args)
     killed = cli(tmp_path / "run", *args, wait=False)
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
@@ -74,7 +74,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
     """normalize_advantages and the logged reward std span the step's completions on both processes."""
-    args = ["train.max_steps=3", "train.save_steps=null", "method.normalize_advantages=true"]
+    args = ["train.max_steps=2", "train.save_steps=null", "method.normalize_advantages=true"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
                 str(free_port())]
     cli(tmp_path / "two", *args, "train.per_device_train_batch_size=2", launcher=torchrun)
