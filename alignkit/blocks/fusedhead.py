@@ -221,7 +221,7 @@ def fused_token_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Te
 
 
 def fused_row_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int,
-                    chunk_size: int, term, stats=None):
+                    chunk_size: int, term, stats=None, temperature: float = 1.0):
     """A loss on per-row log-prob sums, on the fused head: (its summed term, the rows' log-prob sums [n_rows]
     without gradient, and `stats(logits, targets)` of each chunk concatenated, without gradient).
 
@@ -229,7 +229,8 @@ def fused_row_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tens
     `term(row_logps_m, rows_m)` is the summed term of some whole rows, given fixed side inputs indexed by `rows_m`
     (e.g. a reference's log-probs); the sum of row terms, so whole rows run chunk by chunk and the head's
     gradients are computed in the forward. A row over `chunk_size` positions runs its head twice (a pass
-    without gradient for the row's sum, then one sub-chunk at a time with gradient), as checkpointing would."""
+    without gradient for the row's sum, then one sub-chunk at a time with gradient), as checkpointing would.
+    Logits are divided by `temperature` (a sampler's), also those `stats` receives."""
     params, grad, d_hidden, d_params = _gradients(head, hidden_NH)
     counts = torch.bincount(rows_N, minlength=n_rows).tolist()
     row_logps = hidden_NH.new_zeros(n_rows, dtype=torch.float32)
@@ -237,7 +238,7 @@ def fused_row_terms(head: LMHead, hidden_NH: torch.Tensor, targets_N: torch.Tens
     parts, start = [], 0
 
     def chunk(positions, with_grad, keep_stats=True):
-        h, logits, lp = _chunk_logits(head, hidden_NH[positions], targets_N[positions], with_grad)
+        h, logits, lp = _chunk_logits(head, hidden_NH[positions], targets_N[positions], with_grad, temperature)
         if stats is not None and keep_stats:
             with torch.no_grad():
                 parts.append(stats(logits.detach(), targets_N[positions]))

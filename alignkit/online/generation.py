@@ -159,6 +159,19 @@ class Generator:
                               "gets \"reference\" when its loss needs a reference model, e.g. model.ref_name_or_path)")
         return self.backends[name]
 
+    @contextlib.contextmanager
+    def scoring(self, name: str = POLICY):
+        """The model named `name` (see `models`) to run a forward on without gradient, e.g. a rollout's log-probs
+        under the reference: unwrapped from its distributed wrapper with its sharded parameters gathered (so no
+        forward runs a collective: the processes may run different numbers of them), for the implicit reference
+        the PEFT policy with its adapters disabled, for the duration. The caller sets no_grad (a rollout runs under
+        it)."""
+        model = self.model if name == POLICY else self._backend(name).model
+        off = name != POLICY and getattr(self._backend(name), "adapters_off", False)
+        inner = self.accelerator.unwrap_model(model)
+        with full_parameters(model), (inner.disable_adapter() if off else contextlib.nullcontext()):
+            yield inner
+
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
                  seed: int = 0, model: str = POLICY) -> Completions:

@@ -59,6 +59,7 @@ class RewardRegistry:
         out = []
         for name in names:
             if name.startswith(MODEL_PREFIX):
+                require_classifier(name.removeprefix(MODEL_PREFIX), key)
                 out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX), pm=self.pm)))
             elif name in self.functions:
                 out.append((name, self.functions[name][0]))
@@ -239,3 +240,19 @@ def _trained_formatter(path: Path, tokenizer, pm):
     except AlignkitError as e:
         raise ConfigError(f"method.reward_funcs: model:{path}: cannot tell from {saved} how it was trained ({e}); "
                           "install the plugin that trained it") from None
+
+
+def require_classifier(path: str, key: str = "method.reward_funcs") -> None:
+    """A ConfigError unless the checkpoint at `path` declares a sequence-classification architecture (a causal LM
+    would load with a freshly initialised, random head and score noise). A folder without a readable config (a LoRA
+    adapter, a missing path) is left to the loader, which says what is wrong with it."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except Exception:
+        return
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ConfigError(f"{key}: model:{path} is not a sequence classifier (its config.json: "
+                          f"{', '.join(architectures)}); give a sequence-classification checkpoint with one label, "
+                          "e.g. a trained reward model")
