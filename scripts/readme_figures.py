@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
-METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo")
+METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill")
 SUITE_COMMAND = "ruff check . && pytest -q"
 #: relative and absolute tolerance of a demo job's metrics against the file's (the same thread count and CPU give
 #: the same numbers; this leaves room for another CPU's instruction set, not for a change of the code)
@@ -235,6 +235,17 @@ def grpo(f):
     return f"{table(f, 'grpo', metrics)}\n\n{made_by(f, 'grpo')} {timing(f, 'grpo')}"
 
 
+def rloo(f):
+    metrics = [("eval_reward", "`eval_reward` (exact-match, max 1)")]
+    return f"{table(f, 'rloo', metrics)}\n\n{made_by(f, 'rloo')} {timing(f, 'rloo')}"
+
+
+def distill(f):
+    metrics = [("eval_kl_teacher_student", "`eval_kl_teacher_student`"),
+               ("eval_token_agreement", "`eval_token_agreement`")]
+    return f"{table(f, 'distill', metrics)}\n\n{made_by(f, 'distill')} {timing(f, 'distill')}"
+
+
 def suite(f):
     s = f.get("suite")
     if s is None:
@@ -252,6 +263,8 @@ BLOCKS = {
     "plugins/alignkit-sft/README.md": {"sft": sft},
     "plugins/alignkit-kto/README.md": {"kto": kto},
     "plugins/alignkit-grpo/README.md": {"grpo": grpo},
+    "plugins/alignkit-rloo/README.md": {"rloo": rloo},
+    "plugins/alignkit-distill/README.md": {"distill": distill},
 }
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.S)
 

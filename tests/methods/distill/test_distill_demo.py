@@ -12,13 +12,16 @@ from distill_support import PLUGIN_DIR, install_entry_point
 
 from helpers import ROOT, read_jsonl
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_figures  # noqa: E402
+
 
 def test_default_job_learns_offline(tmp_path):
     exe = Path(sys.executable).parent / "alignkit"
     site = install_entry_point(tmp_path / "site")
     path = [str(site), str(ROOT), *(str(p) for p in sorted((ROOT / "plugins").glob("alignkit-*"))), str(PLUGIN_DIR)]
-    env = {**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-distill", "PYTHONPATH": os.pathsep.join(path),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = readme_figures.demo_env({**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-distill",
+                                   "PYTHONPATH": os.pathsep.join(path)}, cache=tmp_path / "cache")
     proc = subprocess.run([exe, "run", "--method", "distill"], cwd=tmp_path / "site", env=env, capture_output=True,
                           text=True, timeout=1200)  # the teacher is built once per cache (about 15 s of CPU)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -29,3 +32,4 @@ def test_default_job_learns_offline(tmp_path):
     assert kl[-1] <= 0.5 * kl[0], kl
     assert agree[-1] > agree[0], agree
     assert json.loads(proc.stdout)["eval_kl_teacher_student"] == kl[-1]
+    readme_figures.assert_demo_matches("distill", tmp_path / "site" / "outputs" / "distill" / "metrics.jsonl")

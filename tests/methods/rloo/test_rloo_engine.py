@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 
 import alignkit
 from alignkit.testing import plugin_manager
-from helpers import free_port, read_jsonl
+from helpers import ROOT, free_port, read_jsonl
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_figures  # noqa: E402
 
 # the subprocesses import this checkout (not another installed copy) and find the plugin by its entry point
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -28,18 +31,19 @@ SMALL = ["method.num_generations=4", "method.max_completion_length=8", "data.max
          "method.beta=0.05"]
 
 
-@pytest.mark.slow
 def test_demo_learns_offline(tmp_path):
     """`alignkit run --method rloo`, no config: held-out mean reward up by >= 0.15 (the README's figures)."""
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "run", "--method", "rloo"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "run", "--method", "rloo"], cwd=tmp_path,
+                          env=readme_figures.demo_env(ENV, cache=tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=600)
     elapsed = time.time() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / "rloo"
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_reward" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 120
     assert evals[-1]["eval_reward"] - evals[0]["eval_reward"] >= 0.15, [e["eval_reward"] for e in evals]
+    readme_figures.assert_demo_matches("rloo", out / "metrics.jsonl")
     assert elapsed < 300 or os.getloadavg()[0] > 3, elapsed
 
 
