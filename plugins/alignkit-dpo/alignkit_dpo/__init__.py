@@ -63,6 +63,9 @@ class DPOConfig(LogpsOptions):
         if self.use_weighting and types & SORTED:
             raise ValueError("method.use_weighting: aot and aot_unpaired sort the pairs, so per-pair weights do not "
                              "apply; set method.use_weighting=false")
+        if self.use_weighting and "sft" in types:  # TRL 1.16 fails there (an in-place product on an expanded mean)
+            raise ValueError("method.use_weighting does not apply to loss_type sft (the chosen answers' token mean); "
+                             "remove sft or set method.use_weighting=false")
         if "exo_pair" in types and self.label_smoothing == 0:
             raise ValueError("method.label_smoothing must be > 0 for loss_type exo_pair (the EXO paper: 1e-3)")
         if self.label_smoothing and not types & SMOOTHED:
@@ -81,9 +84,7 @@ class DPOLoss(alignkit.Loss):
     def __init__(self, config):
         super().__init__(config)
         self.scorer = SequenceScorer.from_config(config)
-        types = set(config.loss_type)
-        # sorting the batch's pairs (aot) or WPO-weighting sft's batch mean: not a sum of per-pair terms
-        self.scorer.fused = not (types & SORTED or (config.use_weighting and "sft" in types))
+        self.scorer.fused = not set(config.loss_type) & SORTED  # aot sorts the batch: not a sum of per-pair terms
         self.tokens = TokenScorer.from_config(config) if config.use_weighting else None
         self.precompute_reference = config.precompute_ref_log_probs
         self.weights = dict(zip(config.loss_type, config.loss_weights or [1.0] * len(config.loss_type)))
@@ -98,13 +99,9 @@ class DPOLoss(alignkit.Loss):
     def counts(self, batch):
         n = batch["input_ids"].shape[0] // 2
         counts = {"pairs": n}
-        if "sft" in self.weights and "sft" not in self._pair_terms():
+        if "sft" in self.weights:
             counts["chosen_tokens"] = int((batch["labels"][:n, 1:] != self.scorer.ignore).sum())
         return counts
-
-    def _pair_terms(self) -> set[str]:
-        """The loss types whose term is in pairs (all but sft, unless WPO weights sft's batch mean)."""
-        return {t for t in self.weights if t != "sft" or self.config.use_weighting}
 
     def _scored(self, batch):
         """(batch, nll targets): with ld_alpha, labels cut to the shorter answer's length and NLL targets all
@@ -143,7 +140,8 @@ class DPOLoss(alignkit.Loss):
         return chosen * rejected
 
     def __call__(self, model, batch, ref, ctx=None):
-        c, weights, pair_terms = self.config, self.weights, self._pair_terms()
+        c, weights = self.config, self.weights
+        pair_terms = [t for t in weights if t != "sft"]
         wpo = self._wpo_weights(model, batch) if c.use_weighting else None
 
         def terms(s, groups):  # the chosen rows of `groups`, then their rejected rows
@@ -151,10 +149,9 @@ class DPOLoss(alignkit.Loss):
             logps, full, tokens = self._answer_logps(s)
             pair = Pair(logps[:m], logps[m:], ref["chosen"][groups], ref["rejected"][groups], tokens[:m], tokens[m:],
                         c.f_divergence_type, c.f_alpha_divergence_coef)
-            per_pair = sum(weights[t] * (LOSSES[t](pair, c) if t != "sft" else -full[:m].sum() / tokens[:m].sum())
-                           for t in pair_terms)
+            per_pair = sum(weights[t] * LOSSES[t](pair, c) for t in pair_terms)
             out = {"pairs": (per_pair * (wpo[groups] if wpo is not None else 1)).sum()} if pair_terms else {}
-            if "sft" in weights and "sft" not in pair_terms:
+            if "sft" in weights:  # the chosen answers' token-mean NLL
                 out["chosen_tokens"] = -weights["sft"] * full[:m].sum()
             return out
 
