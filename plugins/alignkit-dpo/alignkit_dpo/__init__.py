@@ -164,10 +164,17 @@ class DPOLoss(alignkit.Loss):
         return alignkit.LossOutput(terms=summed, metrics=metrics)
 
 
+def full_weights_for_sync(config):
+    if config.method.sync_ref_model and config.model.peft is not None:  # as TRL: no reference model to mix into
+        raise alignkit.ConfigError("method.sync_ref_model mixes the policy into a separate reference model, which "
+                                   "needs full fine-tuning; remove model.peft or set method.sync_ref_model=false")
+
+
 register_methods = alignkit.registers(alignkit.Method(
     name="dpo", config=DPOConfig, formatter=DPOFormatter, loss=DPOLoss, defaults={"train.learning_rate": 1e-6},
     description="Direct Preference Optimization and TRL 1.16's DPO loss family, against a frozen reference.",
     demo_data="sort", demo_defaults=demo_defaults(), progress_metrics=("rewards/accuracies",),
+    validate=full_weights_for_sync,
     citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language Model is Secretly a "
              "Reward Model}, journal={arXiv:2305.18290}, year={2023}}",
 ))
