@@ -87,7 +87,9 @@ class DPOLoss(alignkit.Loss):
         self.scorer.fused = not set(config.loss_type) & SORTED  # aot sorts the batch: not a sum of per-pair terms
         self.tokens = TokenScorer.from_config(config) if config.use_weighting else None
         self.precompute_reference = config.precompute_ref_log_probs
-        self.weights = dict(zip(config.loss_type, config.loss_weights or [1.0] * len(config.loss_type)))
+        parts = list(zip(config.loss_type, config.loss_weights or [1.0] * len(config.loss_type)))
+        self.pair_losses = [(t, w) for t, w in parts if t != "sft"]  # a type listed twice counts twice, as in TRL
+        self.sft_weight = sum(w for t, w in parts if t == "sft") if "sft" in config.loss_type else None
         if config.sync_ref_model:
             self.reference_sync = (config.ref_model_sync_steps, config.ref_model_mixup_alpha)
 
@@ -99,7 +101,7 @@ class DPOLoss(alignkit.Loss):
     def counts(self, batch):
         n = batch["input_ids"].shape[0] // 2
         counts = {"pairs": n}
-        if "sft" in self.weights:
+        if self.sft_weight is not None:
             counts["chosen_tokens"] = int((batch["labels"][:n, 1:] != self.scorer.ignore).sum())
         return counts
 
@@ -140,8 +142,7 @@ class DPOLoss(alignkit.Loss):
         return chosen * rejected
 
     def __call__(self, model, batch, ref, ctx=None):
-        c, weights = self.config, self.weights
-        pair_terms = [t for t in weights if t != "sft"]
+        c = self.config
         wpo = self._wpo_weights(model, batch) if c.use_weighting else None
 
         def terms(s, groups):  # the chosen rows of `groups`, then their rejected rows
@@ -149,10 +150,10 @@ class DPOLoss(alignkit.Loss):
             logps, full, tokens = self._answer_logps(s)
             pair = Pair(logps[:m], logps[m:], ref["chosen"][groups], ref["rejected"][groups], tokens[:m], tokens[m:],
                         c.f_divergence_type, c.f_alpha_divergence_coef)
-            per_pair = sum(weights[t] * LOSSES[t](pair, c) for t in pair_terms)
-            out = {"pairs": (per_pair * (wpo[groups] if wpo is not None else 1)).sum()} if pair_terms else {}
-            if "sft" in weights:  # the chosen answers' token-mean NLL
-                out["chosen_tokens"] = -weights["sft"] * full[:m].sum()
+            per_pair = sum(w * LOSSES[t](pair, c) for t, w in self.pair_losses)
+            out = {"pairs": (per_pair * (wpo[groups] if wpo is not None else 1)).sum()} if self.pair_losses else {}
+            if self.sft_weight is not None:  # the chosen answers' token-mean NLL
+                out["chosen_tokens"] = -self.sft_weight * full[:m].sum()
             return out
 
         scored, targets = self._scored(batch)

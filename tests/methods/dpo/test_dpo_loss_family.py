@@ -123,3 +123,24 @@ def test_each_loss_type_learns_the_demo(tmp_path, loss_type):
     evals = [m for m in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "eval_rewards/accuracies" in m]
     first, last = evals[0]["eval_rewards/accuracies"], evals[-1]["eval_rewards/accuracies"]
     assert last >= 0.75 and last > first, (first, last)
+
+
+def test_a_loss_type_listed_twice_counts_twice(tmp_path):
+    """As TRL sums over the list: [sigmoid, sigmoid] with weights [0.3, 0.9] is 1.2 x sigmoid (and sft likewise)."""
+    from helpers import two_pairs
+
+    batch = two_pairs()
+    torch.manual_seed(5)
+    policy, reference = torch.randn(4, 5, 11), torch.randn(4, 5, 11)
+
+    def loss_of(**settings):
+        config = alignkit_dpo.DPOConfig(**settings)
+        object.__setattr__(config, "label_pad_token_id", -100)
+        loss = alignkit_dpo.DPOLoss(config)
+        out = loss(FixedLogits(policy), batch, ref=loss.reference(FixedLogits(reference), batch))
+        return float(out.normalized({u: float(n) for u, n in loss.counts(batch).items()}).detach())
+
+    assert loss_of(loss_type=["sigmoid", "sigmoid"], loss_weights=[0.3, 0.9]) == pytest.approx(
+        1.2 * loss_of(loss_type="sigmoid"), rel=1e-6)
+    assert loss_of(loss_type=["sft", "sft"], loss_weights=[0.5, 1.0]) == pytest.approx(
+        1.5 * loss_of(loss_type="sft"), rel=1e-6)
