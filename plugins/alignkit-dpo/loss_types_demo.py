@@ -25,7 +25,8 @@ def command(loss_type: str, steps: int, out: Path) -> list[str]:
     method = extra if loss_type == "sft" else [f"method.loss_type={loss_type}", *extra]
     return ["-q", "run", "--method", "dpo", *method,
             *(["method.label_smoothing=0.1"] if loss_type in SMOOTHED else []), f"train.max_steps={steps}",
-            f"train.eval_steps={steps}", "data.max_eval_samples=64", "train.plots=false", f"train.output_dir={out}"]
+            f"train.eval_steps={steps}", "data.max_eval_samples=64", "train.plots=false",
+            f"train.output_dir={out / 'run'}"]
 
 
 def main() -> None:
@@ -46,7 +47,8 @@ def main() -> None:
         if status:
             sys.exit((out / "stderr.txt").read_text()[-2000:])
         rss = usage.ru_maxrss / 1024  # MiB
-        evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+        lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
+        evals = [r for r in map(json.loads, lines) if "eval_loss" in r]
         a, b = evals[0], evals[-1]
         shown = " ".join(c for c in cmd if not c.startswith(("-q", "train.output_dir", "train.plots")))
         rows.append(f"| `{loss_type}` | {a['eval_rewards/accuracies']:.3f} -> {b['eval_rewards/accuracies']:.3f} | "
