@@ -259,6 +259,7 @@ class Engine:
         for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
             loss, totals, grad_norm = self._optimizer_step(run, micro_batches)
             state.step += 1
+            self.reference.after_step(model, state.step)  # a reference synced with the policy (Loss.reference_sync)
             done.window.add(loss, grad_norm, totals, len(micro_batches))
             hooks.on_step_end(run=state, step=state.step, metrics={"loss": loss, **means(totals)})
             stop = self._do(self.schedule.after_step(state), done, run)

@@ -6,6 +6,7 @@ import copy
 import torch
 
 from alignkit.engine.modeling import load_model
+from alignkit.errors import ConfigError
 from alignkit.plugin.context import call
 
 PREFIX = "__ref_"
@@ -22,6 +23,10 @@ class Reference:
     def __init__(self, loss, policy, config, tokenizer, accelerator) -> None:
         self.loss, self.accelerator, self.model, self.offload = loss, accelerator, None, False
         name = config.model.ref_name_or_path
+        self.sync = loss.reference_sync if loss.needs_reference_model else None
+        if self.sync is not None and hasattr(policy, "disable_adapter"):  # adapters: other parameters than a reference
+            raise ConfigError("model.peft: this method mixes the policy's weights into its reference model "
+                              "(Loss.reference_sync), which needs full fine-tuning; remove model.peft")
         if not loss.needs_reference_model or (hasattr(policy, "disable_adapter") and not name):
             return
         if name:
@@ -33,6 +38,17 @@ class Reference:
         loss.prepare_reference(ref, policy)
         self.offload = config.model.ref_offload  # kept in CPU memory, on the device only for its own forwards
         self.model = ref.to("cpu") if self.offload else accelerator.prepare_model(ref, evaluation_mode=True)
+
+    def after_step(self, policy, step: int) -> None:
+        """After optimizer step `step`: with the loss's `reference_sync` (k, alpha), every k steps the reference
+        becomes alpha * policy + (1 - alpha) * reference, parameter by parameter."""
+        if self.sync is None or step % self.sync[0]:
+            return
+        alpha = self.sync[1]
+        ref, policy = self.accelerator.unwrap_model(self.model), self.accelerator.unwrap_model(policy)
+        with torch.no_grad():
+            for r, p in zip(ref.parameters(), policy.parameters(), strict=True):
+                r.mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
 
     @property
     def precomputed(self) -> bool:

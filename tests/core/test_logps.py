@@ -40,7 +40,7 @@ def test_row_stats_equal_float64_full_logits():
 
 
 METHODS = {
-    "dpo": (alignkit_dpo.DPOLoss, alignkit_dpo.DPOConfig, dict(beta=0.5, label_smoothing=0.1)),
+    "dpo": (alignkit_dpo.DPOLoss, alignkit_dpo.DPOConfig, dict(beta=0.5, loss_type="robust", label_smoothing=0.1)),
     "cpo": (alignkit_cpo.CPOLoss, alignkit_cpo.CPOConfig, dict(beta=0.3, cpo_alpha=0.7)),
     "simpo": (alignkit_simpo.SimPOLoss, alignkit_simpo.SimPOConfig, dict(cpo_alpha=0.4)),
 }
