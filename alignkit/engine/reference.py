@@ -27,6 +27,10 @@ class Reference:
         if self.sync is not None and hasattr(policy, "disable_adapter"):  # adapters: other parameters than a reference
             raise ConfigError("model.peft: this method mixes the policy's weights into its reference model "
                               "(Loss.reference_sync), which needs full fine-tuning; remove model.peft")
+        if self.sync is not None and config.model.ref_offload:  # a synced reference is checkpointed with the run
+            raise ConfigError("model.ref_offload: this method mixes the policy's weights into its reference model "
+                              "(Loss.reference_sync), which then stays on the device to be saved in each checkpoint; "
+                              "remove model.ref_offload")
         if not loss.needs_reference_model or (hasattr(policy, "disable_adapter") and not name):
             return
         if name:

@@ -48,6 +48,8 @@ def test_the_offloaded_reference_lives_in_cpu_memory_between_its_forwards(tmp_pa
     ("orpo", [], "model.ref_offload: method orpo uses no reference model; remove the key"),
     ("dpo", ["model.peft.r=4"], "model.ref_offload: with model.peft and no model.ref_name_or_path the reference is "
                                 "the policy itself"),
+    ("dpo", ["method.sync_ref_model=true"], "model.ref_offload: this method mixes the policy's weights into its "
+                                            "reference model"),
 ])
 def test_nothing_to_offload_is_refused_in_one_line(tmp_path, method, extra, said):
     out = tmp_path / "out"
