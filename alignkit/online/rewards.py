@@ -168,8 +168,10 @@ class RewardModel:
     """A sequence-classification checkpoint as a reward: the first logit of prompt + completion.
 
     A model trained by alignkit (its folder has the run's config.yaml) reads each text exactly as its formatter
-    produced the training rows: the prompt's special tokens as that formatter puts them (BOS first for the preference
-    formatters), the chat template for conversations, and EOS after the completion. Any other checkpoint reads the
+    produced the training rows: the formatter's own `sequence_ids(prompt, completion)` where it has one (a reward
+    model's formatter that tokenizes each sequence whole), else the prompt's special tokens as that formatter puts
+    them (BOS first for the preference formatters), the chat template for conversations, and EOS after the
+    completion. Any other checkpoint reads the
     text as its tokenizer encodes it without special tokens (a conversation with its chat template), as TRL does."""
 
     def __init__(self, path: str, batch_size: int = 32, pm=None) -> None:
@@ -201,6 +203,9 @@ class RewardModel:
 
     def ids(self, prompt, completion) -> list[int]:
         """The token ids the reward model scores for prompt + completion."""
+        own = None if self.trained is None else self.trained.sequence_ids(prompt, completion)
+        if own is not None:  # the trained formatter's own rule for a whole scored sequence
+            return list(own)
         text, tok = self._text(prompt, completion), self.tokenizer
         if self.trained is None:
             return tok(text, add_special_tokens=False)["input_ids"]
