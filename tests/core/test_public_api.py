@@ -38,7 +38,8 @@ def plugin_imports() -> list[tuple[str, str, str]]:
 
 def test_the_scan_sees_every_shipped_plugin():
     assert {p.name for p in PLUGIN_SOURCES} >= {"alignkit_orpo", "alignkit_dpo", "alignkit_cpo", "alignkit_simpo",
-                                                "alignkit_sft", "alignkit_kto", "alignkit_grpo"}
+                                                "alignkit_sft", "alignkit_kto", "alignkit_grpo",
+                                                "alignkit_reward"}
     assert len(plugin_imports()) > 30
 
 

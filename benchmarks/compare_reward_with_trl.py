@@ -1,0 +1,225 @@
+"""alignkit's reward method against TRL 1.16's RewardTrainer on the same model and rows: eval loss and metrics
+(`RewardTrainer.evaluate()`) and one training step's loss and gradients (`compute_loss` + `backward()`).
+
+    pip install -e ".[bench]" -e plugins/alignkit-reward
+    python benchmarks/compare_reward_with_trl.py
+
+Writes benchmarks/reward-parity.md. Both sides run in float32 on the CPU, offline. Each case holds every pair in
+one eval batch (and one training batch), so TRL's mean of per-batch values and alignkit's exact (sum, count)
+means are the same quantity. The model is a tiny random Llama saved as a one-label sequence classifier (its score
+head drawn once), so both sides start from the very same weights.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+#: name -> (data file, reward settings)
+CASES = {
+    "standard": ("standard.jsonl", {}),
+    "implicit-prompt": ("implicit.jsonl", {}),
+    "conversational": ("chat.jsonl", {}),
+    "margin": ("margin.jsonl", {}),
+    "center-rewards": ("standard.jsonl", {"center_rewards_coefficient": 0.01}),
+    "max-length": ("standard.jsonl", {"max_length": 14}),
+    "conversational-margin-center": ("chat-margin.jsonl", {"center_rewards_coefficient": 0.05}),
+}
+GRADIENT_CASES = ("standard", "conversational", "margin", "center-rewards")
+PAIRS = 16
+
+
+def make_inputs(work: Path) -> None:
+    """The classifier (tiny Llama + a score head) and the data sets: PAIRS pairs of the sort demo's test split."""
+    import random
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.blocks.demo import N_TEST, N_TRAIN, load_sort
+    from alignkit.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_model(seed=11).save_pretrained(work / "lm")
+    torch.manual_seed(12)
+    model = AutoModelForSequenceClassification.from_pretrained(work / "lm", num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)  # scores of a few units: the loss is far from log 2
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    assert N_TEST >= PAIRS and N_TRAIN
+    rows = list(load_sort("sort", "test").select(range(PAIRS)))
+    rows[0] = {**rows[0], "prompt": "sort: " + " ".join(["7"] * 9) + " ="}  # longer than max-length 14: dropped
+    chat = list(load_sort("sort-chat", "test").select(range(PAIRS)))
+    rng = random.Random(5)
+    data = {
+        "standard.jsonl": rows,
+        "implicit.jsonl": [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                           for r in rows],
+        "chat.jsonl": chat,
+        "margin.jsonl": [{**r, "margin": round(rng.uniform(-1, 2), 3)} for r in rows],
+        "chat-margin.jsonl": [{**r, "margin": round(rng.uniform(-1, 2), 3)} for r in chat],
+    }
+    for name, items in data.items():
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in items))
+
+
+def pairs(work: Path, data: str) -> int:
+    return len((work / data).read_text().splitlines())
+
+
+def alignkit_side(work: Path) -> dict:
+    import alignkit
+
+    out = {}
+    for case, (data, settings) in CASES.items():
+        overrides = {"model.name_or_path": str(work / "model"), "data.train": str(work / data),
+                     "train.per_device_eval_batch_size": pairs(work, data),
+                     "train.output_dir": str(work / "ak" / case)}
+        overrides.update({f"method.{k}": v for k, v in settings.items()})
+        out[case] = alignkit.evaluate("reward", **overrides)
+    return out
+
+
+def _trainer(work: Path, case: str, folder: str, eval_data: bool):
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    data, settings = CASES[case]
+    n = pairs(work, data)
+    ds = load_dataset("json", data_files=str(work / data), split="train")
+    args = RewardConfig(output_dir=str(work / folder / case), per_device_eval_batch_size=n,
+                        per_device_train_batch_size=n, report_to=[], use_cpu=True, bf16=False,
+                        gradient_checkpointing=False, **settings)  # float32 on both sides
+    return RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(work / "model"), args=args,
+                         processing_class=AutoTokenizer.from_pretrained(work / "model"), train_dataset=ds,
+                         eval_dataset=ds if eval_data else None)
+
+
+def trl_side(work: Path) -> dict:
+    out = {}
+    for case in CASES:
+        metrics = _trainer(work, case, "trl", True).evaluate()
+        out[case] = {k: v for k, v in metrics.items() if k.startswith("eval_") and k not in
+                     ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+                      "eval_model_preparation_time")}
+    return out
+
+
+def gradients_alignkit(work: Path, case: str) -> tuple[float, dict]:
+    """Training-mode loss and gradients of one step on the whole data set as one batch."""
+    import alignkit
+    from alignkit import Engine
+
+    data, settings = CASES[case]
+    overrides = {"model.name_or_path": str(work / "model"), "data.train": str(work / data),
+                 "train.output_dir": str(work / "akg" / case), **{f"method.{k}": v for k, v in settings.items()}}
+    cfg, method = alignkit.load_config("reward", None, overrides)
+    engine = Engine(cfg, method, alignkit.get_plugin_manager()).load()
+    ds = engine.data.formatted(need_train=True)["train"]
+    batch = engine.formatter.collate([ds[i] for i in range(len(ds))])
+    engine.model.train()
+    out = engine.loss(engine.model, batch)
+    loss = out.normalized({u: float(c) for u, c in engine.loss.counts(batch).items()})
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+
+
+def gradients_trl(work: Path, case: str) -> tuple[float, dict]:
+    from torch.utils.data import SequentialSampler
+
+    trainer = _trainer(work, case, "trlg", False)
+    # the rows in file order, as alignkit's batch holds them: the same sums in the same order (shuffled, the
+    # gradients differ by float32 rounding of the reordered sums, up to ~2e-5 of a tensor's largest entry)
+    trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def compare_gradients(work: Path) -> tuple[list[str], float]:
+    lines, worst = [], 0.0
+    for case in GRADIENT_CASES:
+        (ours, g1), (theirs, g2) = gradients_alignkit(work, case), gradients_trl(work, case)
+        assert g1.keys() == g2.keys(), set(g1) ^ set(g2)
+        grad = max(float((g1[k] - g2[k]).abs().max() / g2[k].abs().max().clamp(min=1e-30)) for k in g1)
+        rel = abs(ours - theirs) / abs(theirs)
+        worst = max(worst, rel, grad)
+        lines.append(f"| {case} | {ours:.9g} | {theirs:.9g} | {rel:.1e} | {grad:.1e} |")
+    return lines, worst
+
+
+def compare(ours: dict, theirs: dict) -> tuple[list[str], float, set[str], set[str]]:
+    """Table lines, the largest relative difference over the metrics both report, and the names only one reports."""
+    lines, worst, only_trl, only_ours = [], 0.0, set(), set()
+    for case in CASES:
+        a, b = ours[case], theirs[case]
+        only_trl |= set(b) - set(a)
+        only_ours |= set(a) - set(b)
+        for key in sorted(set(a) & set(b)):
+            rel = 0.0 if abs(a[key] - b[key]) < 1e-9 else abs(a[key] - b[key]) / max(abs(b[key]), 1e-12)
+            worst = max(worst, rel)
+            lines.append(f"| {case} | {key} | {a[key]:.9g} | {b[key]:.9g} | {rel:.1e} |")
+    return lines, worst, only_trl, only_ours
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", help="folder for the model and data (default: a new temporary one)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+    import transformers
+    import trl
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="reward-parity-"))
+    make_inputs(work)
+    lines, worst, only_trl, only_ours = compare(alignkit_side(work), trl_side(work))
+    grad_lines, grad_worst = compare_gradients(work)
+    header = [
+        "# Reward model: alignkit vs TRL 1.16 RewardTrainer", "",
+        "Command: `python benchmarks/compare_reward_with_trl.py` (after `pip install -e \".[bench]\" -e "
+        "plugins/alignkit-reward`)  ",
+        f"Date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
+        f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl "
+        f"{trl.__version__}.  ",
+        "Model: a tiny random Llama (alignkit.testing.tiny_model(seed=11)) loaded as a one-label "
+        "LlamaForSequenceClassification with a score head drawn N(0, 0.5), saved once and loaded by both sides. "
+        f"Data: {PAIRS} pairs of the sort demo's test split (one prompt lengthened to 9 digits, which max_length 14 "
+        "drops on both sides): standard with an explicit prompt, standard with the prompt inside each answer "
+        "(implicit), conversational (the built-in chat template), and both with a random `margin` column. Every "
+        "pair in one eval batch and in one training batch.", "",
+        f"**Largest relative difference: {worst:.1e}** (target 1e-5; differences below 1e-9 absolute count as 0). "
+        f"Reported by TRL only: {', '.join(sorted(only_trl)) or 'none'} (min/max reward are per-batch extremes, "
+        "averaged over batches: not an exact mean, so alignkit does not log them). Reported by alignkit only: "
+        f"{', '.join(sorted(only_ours)) or 'none'}.", "",
+        "| case | metric | alignkit | TRL 1.16 | relative difference |", "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        "", "## One training step", "",
+        "The training-mode loss (`RewardTrainer.compute_loss` on its train dataloader's batch, which holds every "
+        "pair, in file order as alignkit's batch) and the gradient of every parameter after `backward()`, against "
+        "alignkit's loss on the same pairs. "
+        "Gradient difference: the largest over parameters of max|g_alignkit - g_TRL| / max|g_TRL|. "
+        f"**Largest difference: {grad_worst:.1e}.**", "",
+        "| case | loss (alignkit) | loss (TRL 1.16) | relative difference | gradient difference |",
+        "|---|---:|---:|---:|---:|", *grad_lines,
+    ]
+    worst = max(worst, grad_worst)
+    out = Path(__file__).with_name("reward-parity.md")
+    out.write_text("\n".join(header + lines) + "\n")
+    print(f"largest relative difference (metrics and gradients): {worst:.2e}; wrote {out}")
+    sys.exit(0 if worst <= 1e-5 else 1)
+
+
+if __name__ == "__main__":
+    main()
