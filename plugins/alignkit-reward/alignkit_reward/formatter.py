@@ -68,7 +68,8 @@ class RewardFormatter(DataFormatter):
 
     def describe(self, features: dict[str, Any]) -> list[str]:
         lines = super().describe(features)
-        return lines + ["every token is read; the reward is the score at each sequence's last token"]
+        return lines + ["no token is a label: the classifier reads every token, and its score at each sequence's last "
+                        "token is that sequence's reward"]
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
