@@ -33,6 +33,7 @@ def cli(out, *extra, wait=True, launcher=()):
     return proc
 
 
+@pytest.mark.slow  # three runs of 40 steps in subprocesses: about 40 s on 2 CPU cores
 def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     args = ["train.max_steps=40", "train.save_steps=2", "train.per_device_train_batch_size=8"]
     cli(tmp_path / "full", *args)
