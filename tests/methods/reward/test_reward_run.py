@@ -54,3 +54,14 @@ def test_format_shows_each_sequence_and_its_margin(tmp_path, monkeypatch):
     assert "chosen (8 tokens, 0 labelled):\n  sort: 3 1 = 1 3</s>\n" in run.output
     assert "rejected (8 tokens, 0 labelled):\n  sort: 3 1 = 3 1</s>\n" in run.output and "margin: 1.5" in run.output
     assert "its score at each sequence's last token is that sequence's reward" in run.output
+
+
+def test_the_recipe_trains(tmp_path):
+    from helpers import ROOT
+
+    result = alignkit.run(None, str(ROOT / "configs" / "reward.yaml"), plugins=reward_pm(), **{
+        "train.output_dir": str(tmp_path / "out"), "train.max_steps": 3, "data.max_train_samples": 48,
+        "data.max_eval_samples": 16, "train.eval_on_start": False, "train.plots": False, "train.save_steps": None})
+    assert result.global_step == 3 and 0 <= result.metrics["eval_accuracy"] <= 1
+    cfg, _ = alignkit.load_config(None, str(result.output_dir / "config.yaml"), plugins=reward_pm())
+    assert cfg.method.center_rewards_coefficient == 0.01
