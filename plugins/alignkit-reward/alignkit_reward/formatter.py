@@ -16,6 +16,7 @@ import torch
 
 from alignkit import DataError, DataFormatter, DropExample, Formatted, pad_right
 from alignkit.blocks.text import column, given_prompt, is_conversation, same_format
+from alignkit.blocks.tokens import Encoder
 
 NEEDS = "reward rows need 'chosen' and 'rejected' (and optionally 'prompt' and 'margin')"
 
@@ -31,22 +32,37 @@ class RewardFormatter(DataFormatter):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise DataError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        # bounds memory on huge rows: a text with more characters than max_length + 2 tokens can span is dropped
+        self._bound = Encoder(tokenizer, keep=config.max_length + 2) if config.max_length is not None else None
 
     def sequence_ids(self, prompt, completion, row: dict | None = None) -> list[int]:
         """The ids of prompt + completion as one scored sequence (prompt None: an implicit prompt, already in the
         completion). A conversational completion may be a string: it is then the assistant's turn."""
-        tok = self.tokenizer
+        return self._encode(*self._source(prompt, completion, row or {}))
+
+    def _source(self, prompt, completion, row: dict) -> tuple[str | list, dict | None]:
+        """(the text, None) of a standard sequence, or (its messages, the chat template's keywords)."""
         if isinstance(completion, str) and (prompt is None or isinstance(prompt, str)):
-            eos = tok.eos_token
-            text = (prompt or "") + completion + (eos if eos and not completion.endswith(eos) else "")
-            return list(tok(text)["input_ids"])
+            eos = self.tokenizer.eos_token
+            return (prompt or "") + completion + (eos if eos and not completion.endswith(eos) else ""), None
         turn = completion if is_conversation(completion) else [{"role": "assistant", "content": completion}]
-        row = row or {}
         tools = row.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
-        kwargs = {"tools": tools, **(row.get("chat_template_kwargs") or {})}
-        out = tok.apply_chat_template(list(prompt or []) + list(turn), tokenize=True, return_dict=True, **kwargs)
+        return list(prompt or []) + list(turn), {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+
+    def _encode(self, source: str | list, chat_kwargs: dict | None) -> list[int]:
+        if chat_kwargs is None:
+            return list(self.tokenizer(source)["input_ids"])
+        out = self.tokenizer.apply_chat_template(source, tokenize=True, return_dict=True, **chat_kwargs)
         return list(out["input_ids"])
+
+    def _too_long(self, source: str | list, chat_kwargs: dict | None) -> bool:
+        """Whether the sequence has more characters than max_length tokens can hold (then it is not encoded)."""
+        if self._bound is None:
+            return False
+        text = source if chat_kwargs is None else self.tokenizer.apply_chat_template(source, tokenize=False,
+                                                                                     **chat_kwargs)
+        return self._bound.is_long(text)
 
     def format(self, example: dict[str, Any]) -> Formatted:
         chosen, rejected = column(example, "chosen", NEEDS), column(example, "rejected", NEEDS)
@@ -54,9 +70,11 @@ class RewardFormatter(DataFormatter):
         prompt = given_prompt(example, "chosen", chosen)
         if prompt is not None and not isinstance(prompt, str):
             prompt = column(example, "prompt")  # the messages checked
-        features = {f"{side}_input_ids": self.sequence_ids(prompt, answer, example)
-                    for side, answer in (("chosen", chosen), ("rejected", rejected))}
         limit = self.config.max_length
+        sources = [self._source(prompt, answer, example) for answer in (chosen, rejected)]
+        if any(self._too_long(*source) for source in sources):  # a huge text is never encoded whole
+            raise DropExample(f"a sequence longer than method.max_length={limit}")
+        features = {f"{side}_input_ids": self._encode(*source) for side, source in zip(("chosen", "rejected"), sources)}
         if limit is not None and max(len(ids) for ids in features.values()) > limit:
             raise DropExample(f"a sequence longer than method.max_length={limit}")
         if "margin" in example:
