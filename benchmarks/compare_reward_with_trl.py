@@ -171,10 +171,111 @@ def compare(ours: dict, theirs: dict) -> tuple[list[str], float, set[str], set[s
     return lines, worst, only_trl, only_ours
 
 
+# ---- speed and memory (--speed N): each side in its own process, the same model, rows and settings ----------------
+
+SPEED_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 4}
+SPEED_PAIRS, SPEED_BATCH = 256, 16
+
+
+def speed_inputs(work: Path) -> None:
+    """A larger random Llama classifier and SPEED_PAIRS pairs of about 100 tokens (sort prompts of 40 digits)."""
+    import random
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.testing import tiny_model, tiny_tokenizer
+
+    tiny_model(seed=21, **SPEED_MODEL).save_pretrained(work / "speed-lm")
+    torch.manual_seed(22)
+    model = AutoModelForSequenceClassification.from_pretrained(work / "speed-lm", num_labels=1)
+    model.config.pad_token_id = tiny_tokenizer().pad_token_id
+    model.save_pretrained(work / "speed-model")
+    tiny_tokenizer().save_pretrained(work / "speed-model")
+    rng = random.Random(3)
+    rows = []
+    for _ in range(SPEED_PAIRS):
+        digits = [rng.randrange(10) for _ in range(rng.randrange(30, 41))]
+        wrong = digits[:]
+        rng.shuffle(wrong)
+        rows.append({"prompt": "sort: " + " ".join(map(str, digits)) + " =",
+                     "chosen": " " + " ".join(map(str, sorted(digits))), "rejected": " " + " ".join(map(str, wrong))})
+    (work / "speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _timed_run(side: str, work: Path, steps: int) -> float:
+    """Wall seconds of `steps` optimizer steps of SPEED_BATCH pairs (setup included; the caller subtracts a 1-step
+    run), learning rate 1e-4, float32, no gradient checkpointing, no evaluation or saving."""
+    import time
+
+    start = time.perf_counter()
+    if side == "alignkit":
+        import alignkit
+
+        alignkit.run("reward", **{
+            "model.name_or_path": str(work / "speed-model"), "data.train": str(work / "speed.jsonl"),
+            "train.output_dir": str(work / f"speed-ak-{steps}"), "train.max_steps": steps,
+            "train.per_device_train_batch_size": SPEED_BATCH, "train.learning_rate": 1e-4, "train.save_steps": None,
+            "train.eval_steps": None, "train.eval_on_start": False, "train.plots": False, "train.disable_tqdm": True,
+            "train.logging_steps": steps})
+    else:
+        from datasets import load_dataset
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from trl import RewardConfig, RewardTrainer
+
+        args = RewardConfig(output_dir=str(work / f"speed-trl-{steps}"), per_device_train_batch_size=SPEED_BATCH,
+                            max_steps=steps, learning_rate=1e-4, report_to=[], use_cpu=True, bf16=False,
+                            gradient_checkpointing=False, save_strategy="no", logging_steps=steps, disable_tqdm=True)
+        RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(work / "speed-model"), args=args,
+                      processing_class=AutoTokenizer.from_pretrained(work / "speed-model"),
+                      train_dataset=load_dataset("json", data_files=str(work / "speed.jsonl"), split="train")).train()
+    return time.perf_counter() - start
+
+
+def speed_side(side: str, work: Path, steps: int) -> None:
+    """Printed as JSON: seconds per step (an N-step run less a 1-step run, over N - 1), this process's peak RSS."""
+    import resource
+
+    one = _timed_run(side, work, 1)
+    many = _timed_run(side, work, steps)
+    print(json.dumps({"step_s": (many - one) / (steps - 1),
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def compare_speed(work: Path, steps: int) -> list[str]:
+    import subprocess
+
+    speed_inputs(work)
+    got = {}
+    for side in ("alignkit", "trl"):
+        proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--speed-side", side, "--speed",
+                               str(steps)], capture_output=True, text=True, check=True)
+        got[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    a, t = got["alignkit"], got["trl"]
+    return [
+        "", "## Speed and memory", "",
+        f"`python benchmarks/compare_reward_with_trl.py --speed {steps}`: a random Llama classifier "
+        f"({SPEED_MODEL['num_hidden_layers']} layers, hidden {SPEED_MODEL['hidden_size']}), {SPEED_PAIRS} pairs of "
+        f"about 100 tokens per sequence, {SPEED_BATCH} pairs per step, float32, no gradient checkpointing (TRL's "
+        "default is on), no evaluation; each side in its own process. Seconds per optimizer step: an N-step run less "
+        "a 1-step run, over N - 1; peak RSS of the process. Both run the same classifier forward and backward on the "
+        "same padded batches (there is no LM head to fuse), so the ratio measures the loop's overhead only.", "",
+        "| | alignkit | TRL 1.16 | ratio |", "|---|---:|---:|---:|",
+        f"| seconds per step | {a['step_s']:.3f} | {t['step_s']:.3f} | {a['step_s'] / t['step_s']:.2f} |",
+        f"| peak RSS (MiB) | {a['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | "
+        f"{a['peak_rss_mib'] / t['peak_rss_mib']:.2f} |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", help="folder for the model and data (default: a new temporary one)")
+    parser.add_argument("--speed", type=int, default=0, help="also time N training steps of each side")
+    parser.add_argument("--speed-side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.speed_side:
+        return speed_side(args.speed_side, Path(args.work), args.speed)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import torch
@@ -215,6 +316,8 @@ def main() -> None:
         "|---|---:|---:|---:|---:|", *grad_lines,
     ]
     worst = max(worst, grad_worst)
+    if args.speed:
+        lines += compare_speed(work, args.speed)
     out = Path(__file__).with_name("reward-parity.md")
     out.write_text("\n".join(header + lines) + "\n")
     print(f"largest relative difference (metrics and gradients): {worst:.2e}; wrote {out}")
