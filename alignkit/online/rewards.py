@@ -179,7 +179,12 @@ class RewardModel:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+            if (Path(path) / "adapter_config.json").is_file():  # a LoRA run's folder: its base with the adapter
+                self.model = _merged_adapter(Path(path), self.tokenizer, pm).eval()
+            else:
+                self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        except ConfigError:
+            raise
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"method.reward_funcs: model:{path} is not a loadable sequence-classification "
@@ -227,6 +232,25 @@ class RewardModel:
                 mask = pad_right([[1] * len(r) for r in batch], 0).to(device)
                 out += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return out
+
+
+def _merged_adapter(path: Path, tokenizer, pm):
+    """A LoRA adapter folder of an alignkit run as its base classifier with the adapter (and the trained head) merged
+    in, the base rebuilt as that run built it (its model settings and seed, from its config.yaml)."""
+    from alignkit.api import load_config
+    from alignkit.engine.modeling import load_model
+
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"method.reward_funcs: model:{path} is a LoRA adapter without the config.yaml of the run "
+                          "that trained it; merge it into its base model first (or give the run's folder)")
+    try:
+        cfg, method = load_config(None, str(saved), plugins=pm)
+    except AlignkitError as e:
+        raise ConfigError(f"method.reward_funcs: model:{path}: cannot tell from {saved} how it was trained ({e}); "
+                          "install the plugin that trained it") from None
+    model = cfg.model.model_copy(update={"name_or_path": str(path), "peft": None})
+    return load_model(model, tokenizer, cfg.train.seed, "sequence-classifier", method.num_labels)
 
 
 def _trained_formatter(path: Path, tokenizer, pm):

@@ -58,3 +58,14 @@ def test_grpo_trains_with_the_reward_folder_as_its_reward(tmp_path):
 
 def test_the_test_split_is_the_demo_data():
     assert isinstance(_test_split("builtin:sort-reward"), datasets.Dataset)
+
+
+def test_a_lora_reward_folder_serves_as_a_model_reward_too(tmp_path):
+    pm, result = train(tmp_path, model={"peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    assert (result.output_dir / "adapter_config.json").is_file()
+    rows, _ = eval_rows(pm, result)
+    [(_, reward)] = RewardRegistry.from_plugins(reward_pm(alignkit_grpo)).select([f"model:{result.output_dir}"])
+    chosen = torch.tensor(reward(list(rows["prompt"]), list(rows["chosen"])))
+    rejected = torch.tensor(reward(list(rows["prompt"]), list(rows["rejected"])))
+    assert (chosen > rejected).float().mean().item() == pytest.approx(result.metrics["eval_accuracy"])
+    assert (chosen - rejected).mean().item() == pytest.approx(result.metrics["eval_margin"], rel=1e-4, abs=1e-5)
