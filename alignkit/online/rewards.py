@@ -237,8 +237,8 @@ class RewardModel:
 def _merged_adapter(path: Path, tokenizer, pm):
     """A LoRA adapter folder of an alignkit run as its base classifier with the adapter (and the trained head) merged
     in, the base rebuilt as that run built it (its model settings and seed, from its config.yaml)."""
+    from alignkit import load_model  # the host's loader (a lazy import: online/ sits below it)
     from alignkit.api import load_config
-    from alignkit.engine.modeling import load_model
 
     saved = path / "config.yaml"
     if not saved.is_file():
