@@ -182,6 +182,7 @@ class RewardModel:
             if (Path(path) / "adapter_config.json").is_file():  # a LoRA run's folder: its base with the adapter
                 self.model = _merged_adapter(Path(path), self.tokenizer, pm).eval()
             else:
+                _require_classifier(path)
                 self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
         except ConfigError:
             raise
@@ -232,6 +233,18 @@ class RewardModel:
                 mask = pad_right([[1] * len(r) for r in batch], 0).to(device)
                 out += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return out
+
+
+def _require_classifier(path: str) -> None:
+    """A checkpoint whose architecture is not a sequence classifier (a causal LM, say) would load with a random
+    score head and reward noise: refused."""
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ConfigError(f"method.reward_funcs: model:{path} is a {architectures[0]}, not a sequence classifier: its "
+                          "score head would be random (train a reward model first, e.g. with alignkit run --method "
+                          "reward)")
 
 
 def _merged_adapter(path: Path, tokenizer, pm):

@@ -69,3 +69,17 @@ def test_a_lora_reward_folder_serves_as_a_model_reward_too(tmp_path):
     rejected = torch.tensor(reward(list(rows["prompt"]), list(rows["rejected"])))
     assert (chosen > rejected).float().mean().item() == pytest.approx(result.metrics["eval_accuracy"])
     assert (chosen - rejected).mean().item() == pytest.approx(result.metrics["eval_margin"], rel=1e-4, abs=1e-5)
+
+
+def test_a_model_reward_that_is_not_a_classifier_is_one_line(tmp_path):
+    from alignkit.testing import tiny_model, tiny_tokenizer
+    from helpers import refused
+
+    tiny_model(seed=1).save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    out = tmp_path / "out"
+    line = refused("run", "--method", "grpo", f"method.reward_funcs=[model:{tmp_path / 'lm'}]",
+                   f"train.output_dir={out}", written=out)
+    assert line == (f"alignkit: error: method.reward_funcs: model:{tmp_path / 'lm'} is a LlamaForCausalLM, not a "
+                    "sequence classifier: its score head would be random (train a reward model first, e.g. with "
+                    "alignkit run --method reward)")
