@@ -28,6 +28,7 @@ CASES = {
     "center-rewards": ("standard.jsonl", {"center_rewards_coefficient": 0.01}),
     "max-length": ("standard.jsonl", {"max_length": 14}),
     "conversational-margin-center": ("chat-margin.jsonl", {"center_rewards_coefficient": 0.05}),
+    "lora": ("standard.jsonl", {}),  # the classifier plus a LoRA adapter (random non-zero weights, its own head)
 }
 GRADIENT_CASES = ("standard", "conversational", "margin", "center-rewards")
 PAIRS = 16
@@ -52,6 +53,16 @@ def make_inputs(work: Path) -> None:
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["score"], task_type="SEQ_CLS"))
+    torch.manual_seed(13)
+    with torch.no_grad():  # a trained-looking adapter and head: the model differs from its base
+        for name, p in lora.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.2)
+    lora.save_pretrained(work / "lora")
     assert N_TEST >= PAIRS and N_TRAIN
     rows = list(load_sort("sort", "test").select(range(PAIRS)))
     rows[0] = {**rows[0], "prompt": "sort: " + " ".join(["7"] * 9) + " ="}  # longer than max-length 14: dropped
@@ -82,13 +93,22 @@ def alignkit_side(work: Path) -> dict:
                      "train.per_device_eval_batch_size": pairs(work, data),
                      "train.output_dir": str(work / "ak" / case)}
         overrides.update({f"method.{k}": v for k, v in settings.items()})
-        out[case] = alignkit.evaluate("reward", **overrides)
+        out[case] = alignkit.evaluate("reward", model=_model(work, case), **overrides)
     return out
+
+
+def _model(work: Path, case: str):
+    """The model of a case: the classifier, or (lora) the classifier with the adapter on."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(work / "model")
+    return PeftModel.from_pretrained(model, work / "lora") if case == "lora" else model
 
 
 def _trainer(work: Path, case: str, folder: str, eval_data: bool):
     from datasets import load_dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     data, settings = CASES[case]
@@ -97,7 +117,7 @@ def _trainer(work: Path, case: str, folder: str, eval_data: bool):
     args = RewardConfig(output_dir=str(work / folder / case), per_device_eval_batch_size=n,
                         per_device_train_batch_size=n, report_to=[], use_cpu=True, bf16=False,
                         gradient_checkpointing=False, **settings)  # float32 on both sides
-    return RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(work / "model"), args=args,
+    return RewardTrainer(model=_model(work, case), args=args,
                          processing_class=AutoTokenizer.from_pretrained(work / "model"), train_dataset=ds,
                          eval_dataset=ds if eval_data else None)
 
@@ -175,7 +195,7 @@ def compare(ours: dict, theirs: dict) -> tuple[list[str], float, set[str], set[s
 
 SPEED_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4}
-SPEED_PAIRS, SPEED_BATCH = 256, 16
+SPEED_PAIRS, SPEED_BATCH, ROUNDS = 256, 16, 3
 
 
 def speed_inputs(work: Path) -> None:
@@ -218,7 +238,7 @@ def _timed_run(side: str, work: Path, steps: int) -> float:
             "train.output_dir": str(work / f"speed-ak-{steps}"), "train.max_steps": steps,
             "train.per_device_train_batch_size": SPEED_BATCH, "train.learning_rate": 1e-4, "train.save_steps": None,
             "train.eval_steps": None, "train.eval_on_start": False, "train.plots": False, "train.disable_tqdm": True,
-            "train.logging_steps": steps})
+            "train.logging_steps": steps, "train.overwrite_output_dir": True})
     else:
         from datasets import load_dataset
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -247,12 +267,14 @@ def compare_speed(work: Path, steps: int) -> list[str]:
     import subprocess
 
     speed_inputs(work)
-    got = {}
-    for side in ("alignkit", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--speed-side", side, "--speed",
-                               str(steps)], capture_output=True, text=True, check=True)
-        got[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    a, t = got["alignkit"], got["trl"]
+    got = {"alignkit": [], "trl": []}
+    for _ in range(ROUNDS):  # alternating, so that a shared machine's load falls on both sides alike
+        for side in got:
+            proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--speed-side", side, "--speed",
+                                   str(steps)], capture_output=True, text=True, check=True)
+            got[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    a, t = ({key: min(r[key] for r in runs) for key in runs[0]} for runs in got.values())
+    spread = {side: [round(r["step_s"], 3) for r in runs] for side, runs in got.items()}
     return [
         "", "## Speed and memory", "",
         f"`python benchmarks/compare_reward_with_trl.py --speed {steps}`: a random Llama classifier "
@@ -260,7 +282,9 @@ def compare_speed(work: Path, steps: int) -> list[str]:
         f"about 100 tokens per sequence, {SPEED_BATCH} pairs per step, float32, no gradient checkpointing (TRL's "
         "default is on), no evaluation; each side in its own process. Seconds per optimizer step: an N-step run less "
         "a 1-step run, over N - 1; peak RSS of the process. Both run the same classifier forward and backward on the "
-        "same padded batches (there is no LM head to fuse), so the ratio measures the loop's overhead only.", "",
+        "same padded batches (there is no LM head to fuse), so the ratio measures the loop's overhead only. "
+        f"{ROUNDS} rounds, alternating, the fastest of each side shown (all rounds, seconds per step: alignkit "
+        f"{spread['alignkit']}, TRL {spread['trl']}: on a shared machine single runs vary by tens of percent).", "",
         "| | alignkit | TRL 1.16 | ratio |", "|---|---:|---:|---:|",
         f"| seconds per step | {a['step_s']:.3f} | {t['step_s']:.3f} | {a['step_s'] / t['step_s']:.2f} |",
         f"| peak RSS (MiB) | {a['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | "
@@ -297,7 +321,8 @@ def main() -> None:
         "LlamaForSequenceClassification with a score head drawn N(0, 0.5), saved once and loaded by both sides. "
         f"Data: {PAIRS} pairs of the sort demo's test split (one prompt lengthened to 9 digits, which max_length 14 "
         "drops on both sides): standard with an explicit prompt, standard with the prompt inside each answer "
-        "(implicit), conversational (the built-in chat template), and both with a random `margin` column. Every "
+        "(implicit), conversational (the built-in chat template), both with a random `margin` column, and (lora) the "
+        "classifier with a LoRA adapter of random non-zero weights and its own score head (`modules_to_save`). Every "
         "pair in one eval batch and in one training batch.", "",
         f"**Largest relative difference: {worst:.1e}** (target 1e-5; differences below 1e-9 absolute count as 0). "
         f"Reported by TRL only: {', '.join(sorted(only_trl)) or 'none'} (min/max reward are per-batch extremes, "
