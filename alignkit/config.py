@@ -454,7 +454,10 @@ def format_validation_error(e: ValidationError, cls: type[BaseModel]) -> str:
         loc = tuple(str(x) for x in err["loc"])
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            hint = did_you_mean(loc[-1], _fields_at(cls, loc[:-1])) or _elsewhere(cls, loc)
+            valid = _fields_at(cls, loc[:-1])
+            hint = did_you_mean(loc[-1], valid) or _elsewhere(cls, loc)
+            if not hint and valid:  # no likely typo: name the keys there are
+                hint = f" ({'.'.join(loc[:-1]) or 'the config'} has: {', '.join(valid)})"
             parts.append(f"unknown key '{key}'{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")

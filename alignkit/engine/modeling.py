@@ -130,11 +130,24 @@ def _load(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) ->
             config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
                                                 revision=cfg.revision)
             if classifier:
+                _check_labels(cfg.name_or_path, config, num_labels)
                 return KINDS[kind].auto.from_pretrained(cfg.name_or_path, **classifier, **kwargs)
             auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
             return auto.from_pretrained(cfg.name_or_path, **kwargs)
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(_load_failure("model", cfg.name_or_path, e)) from None
+
+
+def _check_labels(name_or_path: str, config, num_labels: int) -> None:
+    """A classifier checkpoint with another number of labels than the method's model is refused (its head cannot
+    load); any other checkpoint (a base or causal LM) gets a fresh head."""
+    classifiers = [a for a in getattr(config, "architectures", None) or () if a.endswith("Classification")]
+    if classifiers and getattr(config, "num_labels", num_labels) != num_labels:
+        raise ConfigError(f"model.name_or_path: {name_or_path} is a {classifiers[0]} with {config.num_labels} labels, "
+                          f"and this method's model has {num_labels} (start from a classifier with {num_labels}, or "
+                          "from a base or causal language model, which gets a fresh head)")
 
 
 def _attach_value_head(model: PreTrainedModel, name_or_path: str) -> None:

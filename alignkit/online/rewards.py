@@ -169,8 +169,10 @@ class RewardModel:
     """A sequence-classification checkpoint as a reward: the first logit of prompt + completion.
 
     A model trained by alignkit (its folder has the run's config.yaml) reads each text exactly as its formatter
-    produced the training rows: the prompt's special tokens as that formatter puts them (BOS first for the preference
-    formatters), the chat template for conversations, and EOS after the completion. Any other checkpoint reads the
+    produced the training rows: the formatter's own `sequence_ids(prompt, completion)` where it has one (a reward
+    model's formatter that tokenizes each sequence whole), else the prompt's special tokens as that formatter puts
+    them (BOS first for the preference formatters), the chat template for conversations, and EOS after the
+    completion. Any other checkpoint reads the
     text as its tokenizer encodes it without special tokens (a conversation with its chat template), as TRL does."""
 
     def __init__(self, path: str, batch_size: int = 32, pm=None) -> None:
@@ -178,7 +180,13 @@ class RewardModel:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+            if (Path(path) / "adapter_config.json").is_file():  # a LoRA run's folder: its base with the adapter
+                self.model = _merged_adapter(Path(path), self.tokenizer, pm).eval()
+            else:
+                require_classifier(path)
+                self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        except ConfigError:
+            raise
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"method.reward_funcs: model:{path} is not a loadable sequence-classification "
@@ -202,6 +210,9 @@ class RewardModel:
 
     def ids(self, prompt, completion) -> list[int]:
         """The token ids the reward model scores for prompt + completion."""
+        own = None if self.trained is None else self.trained.sequence_ids(prompt, completion)
+        if own is not None:  # the trained formatter's own rule for a whole scored sequence
+            return list(own)
         text, tok = self._text(prompt, completion), self.tokenizer
         if self.trained is None:
             return tok(text, add_special_tokens=False)["input_ids"]
@@ -225,6 +236,25 @@ class RewardModel:
         return out
 
 
+def _merged_adapter(path: Path, tokenizer, pm):
+    """A LoRA adapter folder of an alignkit run as its base classifier with the adapter (and the trained head) merged
+    in, the base rebuilt as that run built it (its model settings and seed, from its config.yaml)."""
+    from alignkit import load_model  # the host's loader (a lazy import: online/ sits below it)
+    from alignkit.api import load_config
+
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"method.reward_funcs: model:{path} is a LoRA adapter without the config.yaml of the run "
+                          "that trained it; merge it into its base model first (or give the run's folder)")
+    try:
+        cfg, method = load_config(None, str(saved), plugins=pm)
+    except AlignkitError as e:
+        raise ConfigError(f"method.reward_funcs: model:{path}: cannot tell from {saved} how it was trained ({e}); "
+                          "install the plugin that trained it") from None
+    model = cfg.model.model_copy(update={"name_or_path": str(path), "peft": None})
+    return load_model(model, tokenizer, cfg.train.seed, "sequence-classifier", method.num_labels)
+
+
 def _trained_formatter(path: Path, tokenizer, pm):
     """The formatter of the alignkit run that trained the model in `path` (from its config.yaml), or None for a
     model trained elsewhere; a config.yaml that cannot be read here is a ConfigError (scoring would silently
@@ -244,8 +274,8 @@ def _trained_formatter(path: Path, tokenizer, pm):
 
 def require_classifier(path: str, key: str = "method.reward_funcs") -> None:
     """A ConfigError unless the checkpoint at `path` declares a sequence-classification architecture (a causal LM
-    would load with a freshly initialised, random head and score noise). A folder without a readable config (a LoRA
-    adapter, a missing path) is left to the loader, which says what is wrong with it."""
+    would load with a freshly initialised, random score head and reward noise). A folder without a readable config
+    (a LoRA adapter, a missing path) is left to the loader, which says what is wrong with it."""
     from transformers import AutoConfig
 
     try:
@@ -253,6 +283,6 @@ def require_classifier(path: str, key: str = "method.reward_funcs") -> None:
     except Exception:
         return
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ConfigError(f"{key}: model:{path} is not a sequence classifier (its config.json: "
-                          f"{', '.join(architectures)}); give a sequence-classification checkpoint with one label, "
-                          "e.g. a trained reward model")
+        raise ConfigError(f"{key}: model:{path} is a {architectures[0]}, not a sequence classifier: its score head "
+                          "would be random (give a trained reward model: a sequence-classification checkpoint with "
+                          "one label)")

@@ -63,6 +63,12 @@ class DataFormatter(ABC):
         default, which every formatter's prompt follows (declare `bos_first` rather than overriding this)."""
         return prompt_token_ids(self.tokenizer, prompt, self.bos_first)
 
+    def sequence_ids(self, prompt, completion) -> list[int] | None:
+        """The ids a model trained with this formatter reads for prompt + completion as one scored sequence (a reward
+        model's rule, used by `model:PATH` rewards); None (the default): `prompt_ids` followed by the completion's ids
+        and EOS."""
+        return None
+
     def prepare_model(self, model) -> None:  # noqa: B027 (optional)
         """Called once with the unwrapped model before any data is formatted: read what the format depends
         on (e.g. whether the model is an encoder-decoder). Default: nothing."""

@@ -39,7 +39,7 @@ def plugin_imports() -> list[tuple[str, str, str]]:
 def test_the_scan_sees_every_shipped_plugin():
     assert {p.name for p in PLUGIN_SOURCES} >= {"alignkit_orpo", "alignkit_dpo", "alignkit_cpo", "alignkit_simpo",
                                                 "alignkit_sft", "alignkit_kto", "alignkit_grpo",
-                                                "alignkit_distill", "alignkit_rloo"}
+                                                "alignkit_distill", "alignkit_rloo", "alignkit_reward"}
     assert len(plugin_imports()) > 30
 
 
