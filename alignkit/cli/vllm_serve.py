@@ -27,7 +27,7 @@ def vllm_serve(model, host, port, engine, tokenizer, dtype, gpu_memory_utilizati
     \b
     alignkit vllm-serve Qwen/Qwen2-0.5B --port 8000
     alignkit vllm-serve builtin:tiny --engine transformers --port 8000     (CPU)
-    alignkit run --method grpo generation.backend=vllm generation.vllm_mode=server generation.server_port=8000
+    alignkit run --method NAME generation.backend=vllm generation.vllm_mode=server generation.server_port=8000
     """
     from alignkit.online import vllm_server
 

@@ -240,9 +240,7 @@ class Engine:
             with self._observers(), self.signals.installed():
                 return self._loop(run)
         finally:
-            if self._ahead is not None:
-                self._ahead.close()
-            self.lock.release()
+            self._release()
 
     def _loop(self, run: Prepared) -> dict[str, float]:
         state, hooks, model, done = self.state, self.hooks, run.model, Done(run.window)
@@ -252,11 +250,7 @@ class Engine:
             done.eval = self._evaluate_and_report(model, run.eval_dl)
         self._stop_if_asked(done.window)  # asked during that evaluation: stop before the first step
         model.train()
-        if self._ahead is not None:
-            windows = self._ahead.windows(self.data.step_batches, run.train_dl, state, self._contexts)
-        else:
-            windows = self.data.step_batches(run.train_dl, state)
-        for micro_batches in self.rollout.windows(windows) if self.rollout is not None else windows:
+        for micro_batches in self._windows(run):
             loss, totals, grad_norm = self._optimizer_step(run, micro_batches)
             state.step += 1
             self.reference.after_step(model, state.step)  # a reference synced with the policy (Loss.reference_sync)
@@ -328,6 +322,21 @@ class Engine:
         if self.state.skipped_steps:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", self.state.skipped_steps,
                         self.state.step)
+
+    def _windows(self, run: Prepared):
+        """Each optimizer step's micro-batches from the resume point: looked ahead for async rollouts
+        (alignkit.engine.ahead), each repeated for a rollout's optimisation passes."""
+        if self._ahead is not None:
+            windows = self._ahead.windows(self.data.step_batches, run.train_dl, self.state, self._contexts)
+        else:
+            windows = self.data.step_batches(run.train_dl, self.state)
+        return self.rollout.windows(windows) if self.rollout is not None else windows
+
+    def _release(self) -> None:
+        """The end of train(), however it ends: the rollout worker stopped, the output folder's lock released."""
+        if self._ahead is not None:
+            self._ahead.close()
+        self.lock.release()
 
     @property
     def _ahead(self):

@@ -48,7 +48,8 @@ class Loss(ABC):
     #: with a reference model: compute `reference` once over the dataset before training
     precompute_reference: bool = False
     #: with a reference model: (k, alpha) moves the reference toward the policy every k optimizer steps,
-    #: reference <- alpha * policy + (1 - alpha) * reference (TR-DPO; TRL's SyncRefModelCallback); None: frozen.
+    #: reference <- alpha * policy + (1 - alpha) * reference (a trust-region reference; TRL's
+    #: SyncRefModelCallback); None: frozen.
     #: The reference is then a trained state: it is saved in each checkpoint and restored on resume.
     reference_sync: tuple[int, float] | None = None
     #: eval_loss as the mean of per-batch normalised losses (TRL's way; depends on the eval batch size).
