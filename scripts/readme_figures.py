@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
-METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill")
+METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill", "reward")
 SUITE_COMMAND = "ruff check . && pytest -q"
 #: relative and absolute tolerance of a demo job's metrics against the file's (the same thread count and CPU give
 #: the same numbers; this leaves room for another CPU's instruction set, not for a change of the code)
@@ -246,6 +246,12 @@ def distill(f):
     return f"{table(f, 'distill', metrics)}\n\n{made_by(f, 'distill')} {timing(f, 'distill')}"
 
 
+def reward(f):
+    metrics = [("eval_loss", "`eval_loss`"), ("eval_accuracy", "`eval_accuracy` (pairs ranked right)"),
+               ("eval_margin", "`eval_margin`")]
+    return f"{table(f, 'reward', metrics)}\n\n{made_by(f, 'reward')} {timing(f, 'reward')}"
+
+
 def suite(f):
     s = f.get("suite")
     if s is None:
@@ -265,6 +271,7 @@ BLOCKS = {
     "plugins/alignkit-grpo/README.md": {"grpo": grpo},
     "plugins/alignkit-rloo/README.md": {"rloo": rloo},
     "plugins/alignkit-distill/README.md": {"distill": distill},
+    "plugins/alignkit-reward/README.md": {"reward": reward},
 }
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.S)
 

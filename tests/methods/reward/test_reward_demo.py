@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import read_jsonl
+from helpers import ROOT, read_jsonl
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_figures  # noqa: E402
 
 
 def test_default_job_learns_offline(tmp_path):
     exe = Path(sys.executable).parent / "alignkit"
-    env = {**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-reward", "OMP_NUM_THREADS": "1"}
+    env = readme_figures.demo_env({**os.environ, "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-reward"},
+                                  cache=tmp_path / "cache")
     proc = subprocess.run([exe, "run", "--method", "reward"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)  # generous: wall time grows with a shared machine's load
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -21,3 +25,4 @@ def test_default_job_learns_offline(tmp_path):
     assert rows[0]["step"] == 0 and len(accuracy) >= 3
     assert accuracy[0] < 0.7 and accuracy[-1] >= 0.9
     assert json.loads(proc.stdout)["eval_accuracy"] == accuracy[-1]
+    readme_figures.assert_demo_matches("reward", tmp_path / "outputs" / "reward" / "metrics.jsonl")
