@@ -35,8 +35,7 @@ SIDES = ("alignkit", "alignkit-async", "trl")
 
 
 def start_model(folder: Path) -> None:
-    from alignkit_grpo.demo import sft_warmup
-
+    from alignkit.blocks.demo import sft_warmup
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     tok, model = tiny_tokenizer(), tiny_model()
@@ -46,9 +45,10 @@ def start_model(folder: Path) -> None:
 
 
 def run_trl(model_dir: str, out: str, steps: int) -> None:
-    from alignkit_grpo.demo import load
     from alignkit_grpo.rewards import BUILTIN
     from trl import GRPOConfig, GRPOTrainer
+
+    from alignkit.blocks.demo import load_sort_prompts as load
 
     args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
                       max_completion_length=MAX_NEW, temperature=1.0, learning_rate=LR, lr_scheduler_type="linear",
@@ -116,10 +116,10 @@ def report(out: str, times: list[float]) -> None:
 def held_out_reward(model_dir: str) -> float:
     """Mean summed reward of 8 samples for each of 64 test prompts, one fixed seed (the same for both)."""
     from alignkit_grpo.advantages import combine
-    from alignkit_grpo.demo import rows
     from alignkit_grpo.rewards import BUILTIN
     from transformers import AutoModelForCausalLM
 
+    from alignkit.blocks.demo import prompt_answer_rows as rows
     from alignkit.config import ModelConfig
     from alignkit.engine.modeling import load_tokenizer
     from alignkit.online.generation import Generator

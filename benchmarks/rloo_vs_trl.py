@@ -32,8 +32,7 @@ BETA = 0.05
 
 
 def start_model(folder: Path) -> None:
-    from alignkit_rloo.demo import sft_warmup
-
+    from alignkit.blocks.demo import sft_warmup
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     tok, model = tiny_tokenizer(), tiny_model()
@@ -43,8 +42,9 @@ def start_model(folder: Path) -> None:
 
 
 def run_trl(model_dir: str, out: str, steps: int) -> None:
-    from alignkit_rloo.demo import load
     from trl import RLOOConfig, RLOOTrainer
+
+    from alignkit.blocks.demo import load_sort_prompts as load
 
     args = RLOOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
                       max_completion_length=MAX_NEW, temperature=1.0, learning_rate=LR, lr_scheduler_type="linear",
@@ -91,7 +91,7 @@ def run_alignkit(model_dir: str, out: str, steps: int) -> None:
     clock.alignkit_all_runs = True
     alignkit.run("rloo", {
         "model": {"name_or_path": model_dir},
-        "data": {"train": "builtin:rloo-sort"},
+        "data": {"train": "builtin:sort-prompts"},
         "method": {"num_generations": GENERATIONS, "max_completion_length": MAX_NEW, "temperature": 1.0,
                    "beta": BETA, "reward_funcs": REWARDS, "sft_warmup_steps": 0},
         "train": {"output_dir": out + "/final", "per_device_train_batch_size": PROMPTS, "learning_rate": LR,
@@ -110,10 +110,10 @@ def report(out: str, times: list[float]) -> None:
 
 def held_out_reward(model_dir: str) -> float:
     """Mean summed reward of 8 samples for each of 64 test prompts, one fixed seed (the same for both)."""
-    from alignkit_rloo.demo import rows
     from alignkit_rloo.rollout import combine
     from transformers import AutoModelForCausalLM
 
+    from alignkit.blocks.demo import prompt_answer_rows as rows
     from alignkit.config import ModelConfig
     from alignkit.engine.modeling import load_tokenizer
     from alignkit.online import exact_match

@@ -5,7 +5,11 @@ data shape that method trains on; a plugin builds its rows from these lists and 
 `register_datasets` hook. Train and test lists never overlap.
 """
 
+import logging
 import random
+import time
+
+log = logging.getLogger(__name__)
 
 #: lists in the train split and the test split (the test lists follow the train lists in one stream)
 N_TRAIN, N_TEST = 2000, 200
@@ -28,6 +32,17 @@ def demo_defaults(learning_rate: float = 3e-3, num_train_epochs: int | None = 1,
     out = {**DEMO_TRAIN, "train.learning_rate": learning_rate, "train.num_train_epochs": num_train_epochs}
     out.update(settings)
     return {key: value for key, value in out.items() if not (key == "train.num_train_epochs" and value is None)}
+
+
+def online_demo_defaults(**settings) -> dict:
+    """`Method.demo_defaults` of an online method's demo on `builtin:sort-prompts`: 150 supervised warm-up steps, then
+    120 RL steps of 16 prompts x 8 completions of up to 14 tokens at learning rate 3e-4, evaluated every 40 steps on
+    64 held-out prompts; `settings` (dotted keys, e.g. the rewards) add or replace."""
+    return demo_defaults(3e-4, None, **{
+        "method.sft_warmup_steps": 150, "method.num_generations": 8, "method.max_completion_length": 14,
+        "train.per_device_eval_batch_size": 64, "train.max_steps": 120, "train.warmup_ratio": 0.0,
+        "train.logging_steps": 5, "train.eval_steps": 40, "train.save_steps": 40, "data.max_eval_samples": 64,
+        **settings})
 
 
 def digit_lists(n: int, seed: int = 0) -> list[list[int]]:
@@ -109,3 +124,51 @@ def load_sort(name: str, split: str):
 
 #: the built-in preference datasets the core registers (alignkit.formatters' register_datasets)
 SORT_DATASETS = ("sort", "sort-chat")
+#: the built-in prompt dataset for online methods the core registers: `prompt` and the `answer` column
+SORT_PROMPTS = "sort-prompts"
+
+
+def prompt_answer_rows(split: str) -> list[dict[str, str]]:
+    """`prompt` ("sort: 3 1 2 =") and `answer` (" 1 2 3") for the lists of `split`: an online method's demo
+    prompts, the answer for rewards such as exact-match."""
+    return [{"prompt": prompt(d), "answer": " " + words(sorted(d))} for d in split_lists(split)]
+
+
+def load_sort_prompts(split: str):
+    """`builtin:sort-prompts`, split `train` or `test` (prompt_answer_rows as a datasets.Dataset)."""
+    import datasets
+
+    return datasets.Dataset.from_list(prompt_answer_rows(split))
+
+
+def sft_warmup(model, tokenizer, steps: int, lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> None:
+    """`steps` of next-token training on the demo's prompt + answer + EOS (loss on the answer only), in place, from
+    its own seeded generator (the same start in every process and after a resume): an online method's demo starts
+    RL from a model that sometimes gets the task right."""
+    import torch
+
+    start = time.time()
+    g = torch.Generator().manual_seed(seed)
+    data = prompt_answer_rows("train")
+    encoded = []
+    for r in data:
+        p = tokenizer(r["prompt"])["input_ids"]
+        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append((p + a, [-100] * len(p) + a))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    was_training = model.training
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.tensor([encoded[i][0] + [tokenizer.pad_token_id] * (width - len(encoded[i][0])) for i in idx])
+        labels = torch.tensor([encoded[i][1] + [-100] * (width - len(encoded[i][1])) for i in idx])
+        mask = (ids != tokenizer.pad_token_id).long()
+        loss = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                     labels=labels.to(model.device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.train(was_training)
+    log.info("demo warm-up: %d supervised steps in %.1fs (last loss %.3f)", steps, time.time() - start, loss.item())
+

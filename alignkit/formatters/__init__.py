@@ -12,7 +12,7 @@ built-in plugin (this module) under neutral names any method may use:
 It also registers the preference methods' demo data, `builtin:sort` and `builtin:sort-chat` (alignkit.blocks.demo).
 """  # noqa: E501 (a markdown table: its rows cannot wrap)
 
-from alignkit.blocks.demo import SORT_DATASETS, load_sort
+from alignkit.blocks.demo import SORT_DATASETS, SORT_PROMPTS, load_sort, load_sort_prompts
 from alignkit.formatters.config import (
     PreferenceDataConfig,
     PromptOnlyDataConfig,
@@ -50,6 +50,7 @@ def register_formatters(register):
 def register_datasets(register):
     for name in SORT_DATASETS:
         register(name, lambda split, name=name: load_sort(name, split))
+    register(SORT_PROMPTS, load_sort_prompts)
 
 
 __all__ = [

@@ -1,22 +1,17 @@
 """GRPO (Shao et al., arXiv 2402.03300) with TRL 1.16's loss family (alignkit_grpo.objective), as an alignkit method."""
 
 import alignkit
-from alignkit.blocks.demo import demo_defaults
-from alignkit_grpo import demo
+from alignkit.blocks.demo import online_demo_defaults
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.formatter import GRPOFormatter
 from alignkit_grpo.loss import GRPOLoss
 from alignkit_grpo.rewards import DEMO as DEMO_REWARDS
 from alignkit_grpo.rollout import GRPORollout
 
-#: the built-in demo (tiny model, builtin:sort-prompts): a few seconds of supervised warm-up, then RL that
+#: the built-in demo (tiny model, the core's builtin:sort-prompts): a few seconds of supervised warm-up, then RL that
 #: raises the held-out reward within a few minutes on a laptop CPU
-DEMO_DEFAULTS = demo_defaults(
-    3e-4, None, **{"method.sft_warmup_steps": 150, "method.num_generations": 8, "method.max_completion_length": 14,
-                   "method.reward_funcs": ["sort-order", "exact-match"], "method.temperature": 1.0,
-                   "train.per_device_eval_batch_size": 64, "train.max_steps": 120, "train.warmup_ratio": 0.0,
-                   "train.logging_steps": 5, "train.eval_steps": 40, "train.save_steps": 40,
-                   "data.max_eval_samples": 64})
+DEMO_DEFAULTS = online_demo_defaults(**{"method.reward_funcs": ["sort-order", "exact-match"],
+                                         "method.temperature": 1.0})
 
 METHOD = alignkit.Method(
     name="grpo", config=GRPOConfig, formatter=GRPOFormatter, loss=GRPOLoss, rollout=GRPORollout,
@@ -27,20 +22,13 @@ METHOD = alignkit.Method(
 )
 
 
-@alignkit.hookimpl
-def register_methods(register):
-    register(METHOD)
+register_methods = alignkit.registers(METHOD)
 
 
 @alignkit.hookimpl
 def register_rewards(register):
     for name, fn in DEMO_REWARDS.items():
         register(name, fn)
-
-
-@alignkit.hookimpl
-def register_datasets(register):
-    register("sort-prompts", demo.load)
 
 
 __all__ = ["DEMO_DEFAULTS", "METHOD", "GRPOConfig", "GRPOFormatter", "GRPOLoss", "GRPORollout"]

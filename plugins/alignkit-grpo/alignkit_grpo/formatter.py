@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from alignkit import cache_dir
+from alignkit.blocks.demo import sft_warmup
 from alignkit.formatters import PromptOnlyFormatter
-from alignkit_grpo.demo import sft_warmup
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,12 @@ def _versions() -> str:
 
 
 def _fingerprint(model, steps: int) -> str:
-    """The warm-up's cache key: the versions, the source of the warm-up code (this module, the demo and the core demo
-    data it trains on), the model class, the steps and the starting weights."""
-    from alignkit.blocks import demo as core_demo
-    from alignkit_grpo import demo
+    """The warm-up's cache key: the versions, the source of the warm-up code (this module, and the core's demo module:
+    its data and warm-up), the model class, the steps and the starting weights."""
+    from alignkit.blocks import demo
 
     h = hashlib.sha256(f"{_versions()}:{type(model).__name__}:{steps}".encode())
-    for module in (sys.modules[__name__], demo, core_demo):
+    for module in (sys.modules[__name__], demo):
         h.update(inspect.getsource(module).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())

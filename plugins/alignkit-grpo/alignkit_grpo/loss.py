@@ -9,8 +9,8 @@ import alignkit
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.lmhead import LMHead
 from alignkit.blocks.logps import TokenScorer
+from alignkit.online.completions import completion_inputs, completion_logps, per_completion_token
 from alignkit_grpo.config import GRPOConfig
-from alignkit_grpo.logps import completion_inputs, completion_logps, per_completion_token
 from alignkit_grpo.objective import (
     clip_metrics,
     high_entropy_mask,

@@ -15,18 +15,11 @@ hands the batches to the reference and the loss:
 
 import torch
 
+from alignkit.online.completions import completion_logps, pad_rows
 from alignkit.online.generation import mix_seed
 from alignkit.online.rewards import RewardRegistry, score
 from alignkit_grpo.advantages import EPS, advantages, combine, normalize_then_sum, std_from_sums, sums
 from alignkit_grpo.config import GRPOConfig
-from alignkit_grpo.logps import completion_logps
-
-
-def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(map(len, rows)))
-    ids = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r))) for r in rows]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 class GRPORollout:
@@ -63,8 +56,8 @@ class GRPORollout:
         completions = [c for group in groups for c in group]
         stop = {tok.eos_token_id, tok.pad_token_id}
         truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
-        prompt_ids, prompt_mask = _pad(prompts, tok.pad_token_id, left=True)
-        completion_ids, completion_mask = _pad(completions, tok.pad_token_id, left=False)
+        prompt_ids, prompt_mask = pad_rows(prompts, tok.pad_token_id, left=True)
+        completion_ids, completion_mask = pad_rows(completions, tok.pad_token_id, left=False)
         out = {"prompt_ids": prompt_ids.repeat_interleave(G, 0), "prompt_mask": prompt_mask.repeat_interleave(G, 0),
                "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1),
                "is_truncated": truncated}

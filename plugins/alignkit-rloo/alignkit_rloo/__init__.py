@@ -3,39 +3,26 @@ RLOOTrainer: k completions per prompt, each one's baseline the mean reward of th
 reference in the reward, a sequence-level clipped surrogate, num_iterations passes, on the fused head."""
 
 import alignkit
-from alignkit.blocks.demo import demo_defaults
-from alignkit_rloo import demo
+from alignkit.blocks.demo import online_demo_defaults
 from alignkit_rloo.config import RLOOConfig
 from alignkit_rloo.demo import RLOOFormatter
 from alignkit_rloo.loss import RLOOLoss
 from alignkit_rloo.rollout import RLOORollout
 
-#: the built-in demo (tiny model, builtin:rloo-sort): a few seconds of supervised warm-up, then RL that raises the
-#: held-out reward within a few minutes on a laptop CPU
-DEMO_DEFAULTS = demo_defaults(
-    3e-4, None, **{"method.sft_warmup_steps": 150, "method.num_generations": 8, "method.max_completion_length": 14,
-                   "method.reward_funcs": ["exact-match"], "method.beta": 0.0,
-                   "train.per_device_eval_batch_size": 64, "train.max_steps": 120, "train.warmup_ratio": 0.0,
-                   "train.logging_steps": 5, "train.eval_steps": 40, "train.save_steps": 40,
-                   "data.max_eval_samples": 64})
+#: the built-in demo (tiny model, the core's builtin:sort-prompts): a few seconds of supervised warm-up, then RL that
+#: raises the held-out reward within a few minutes on a laptop CPU
+DEMO_DEFAULTS = online_demo_defaults(**{"method.reward_funcs": ["exact-match"], "method.beta": 0.0})
 
 METHOD = alignkit.Method(
     name="rloo", config=RLOOConfig, formatter=RLOOFormatter, loss=RLOOLoss, rollout=RLOORollout,
     description="REINFORCE leave-one-out: online RL, each completion's baseline the mean reward of its siblings.",
-    demo_data="rloo-sort", demo_defaults=DEMO_DEFAULTS, progress_metrics=("reward",),
+    demo_data="sort-prompts", demo_defaults=DEMO_DEFAULTS, progress_metrics=("reward",),
     citation="@inproceedings{ahmadian2024back, title={Back to Basics: Revisiting REINFORCE Style Optimization for "
              "Learning from Human Feedback in LLMs}, booktitle={ACL}, year={2024}}",
 )
 
 
-@alignkit.hookimpl
-def register_methods(register):
-    register(METHOD)
-
-
-@alignkit.hookimpl
-def register_datasets(register):
-    register("rloo-sort", demo.load)
+register_methods = alignkit.registers(METHOD)
 
 
 __all__ = ["DEMO_DEFAULTS", "METHOD", "RLOOConfig", "RLOOFormatter", "RLOOLoss", "RLOORollout"]

@@ -12,8 +12,8 @@ from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.fusedhead import fused_row_terms
 from alignkit.blocks.lmhead import LMHead, final_hidden_states, require_head
 from alignkit.blocks.logps import TokenScorer, entropy_of
+from alignkit.online.completions import completion_inputs
 from alignkit_rloo.config import RLOOConfig
-from alignkit_rloo.logps import completion_inputs
 
 
 def per_sequence_loss(logps, old_logps, advantages, config: RLOOConfig):

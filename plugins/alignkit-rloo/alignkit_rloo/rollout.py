@@ -19,17 +19,10 @@ import math
 
 import torch
 
+from alignkit.online.completions import completion_logps, pad_rows
 from alignkit.online.generation import mix_seed
 from alignkit.online.rewards import RewardRegistry, score
 from alignkit_rloo.config import RLOOConfig
-from alignkit_rloo.logps import token_logps
-
-
-def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(map(len, rows)))
-    ids = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r))) for r in rows]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 def combine(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -86,8 +79,8 @@ class RLOORollout:
         completions = [c for group in groups for c in group]
         stop = {tok.eos_token_id, tok.pad_token_id}
         truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
-        prompt_ids, prompt_mask = _pad(prompts, tok.pad_token_id, left=True)
-        completion_ids, completion_mask = _pad(completions, tok.pad_token_id, left=False)
+        prompt_ids, prompt_mask = pad_rows(prompts, tok.pad_token_id, left=True)
+        completion_ids, completion_mask = pad_rows(completions, tok.pad_token_id, left=False)
         out = {"prompt_ids": prompt_ids.repeat_interleave(k, 0), "prompt_mask": prompt_mask.repeat_interleave(k, 0),
                "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1),
                "is_truncated": truncated}
@@ -98,12 +91,12 @@ class RLOORollout:
         out = {key: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for key, v in out.items()}
         if cfg.beta != 0.0 or (self.iterations > 1 and ctx.training):
             with ctx.generator.scoring() as policy:
-                old = token_logps(policy, out, cfg.temperature, cfg.logits_chunk_size)
+                old = completion_logps(policy, out, cfg.temperature, cfg.logits_chunk_size)[0]
             if self.iterations > 1 and ctx.training:
                 out["old_logps"] = old.sum(-1)
             if cfg.beta != 0.0:
                 with ctx.generator.scoring("reference") as reference:
-                    ref = token_logps(reference, out, cfg.temperature, cfg.logits_chunk_size)
+                    ref = completion_logps(reference, out, cfg.temperature, cfg.logits_chunk_size)[0]
                 out["kl_sum"] = ((old - ref) * out["completion_mask"]).sum(-1)
         return out
 

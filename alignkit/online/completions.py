@@ -1,5 +1,6 @@
-"""Per-token log-probs (and entropies) of sampled completions at the sampling temperature (logits / temperature,
-as the sampler saw them), through the core's TokenScorer (alignkit.blocks.logps): the model runs once on prompt +
+"""Sampled completions as online losses score them: prompts left-padded, completions right-padded, and the
+per-token log-probs (and entropies) of the completion tokens at the sampling temperature (logits / temperature, as
+the sampler saw them), through the core's TokenScorer (alignkit.blocks.logps): the model runs once on prompt +
 completion and its head only at the counted completion tokens, in chunks, never holding [rows, T, vocab] logits."""
 
 import torch
@@ -7,9 +8,18 @@ import torch
 from alignkit.blocks.logps import TokenScorer, TokenScores
 
 
+def pad_rows(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [len(rows), longest] of token lists padded with `value` on the left or the right (at least one
+    column, for a batch of empty completions)."""
+    width = max(1, max(map(len, rows)))
+    ids = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r))) for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
 def completion_inputs(batch: dict, ignore: int = -100) -> tuple[dict, torch.Tensor]:
-    """(model inputs, labels) of left-padded prompts + right-padded completions: the labels are the counted
-    completion tokens, `ignore` elsewhere."""
+    """(model inputs, labels) of left-padded prompts + right-padded completions (`prompt_ids`, `prompt_mask`,
+    `completion_ids`, `completion_mask`): the labels are the counted completion tokens, `ignore` elsewhere."""
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
     inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], 1),
               "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)}
