@@ -25,12 +25,13 @@ import sys
 import tempfile
 
 import torch
-from alignkit_grpo.advantages import advantages, combine
+from alignkit_grpo.advantages import advantages
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.loss import GRPOLoss
 from datasets import Dataset
 
 from alignkit.online.completions import completion_logps
+from alignkit.online.groups import combine
 from alignkit.testing import tiny_model, tiny_tokenizer
 
 TOL = 1e-5

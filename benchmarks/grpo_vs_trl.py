@@ -115,7 +115,6 @@ def report(out: str, times: list[float]) -> None:
 
 def held_out_reward(model_dir: str) -> float:
     """Mean summed reward of 8 samples for each of 64 test prompts, one fixed seed (the same for both)."""
-    from alignkit_grpo.advantages import combine
     from alignkit_grpo.rewards import BUILTIN
     from transformers import AutoModelForCausalLM
 
@@ -123,6 +122,7 @@ def held_out_reward(model_dir: str) -> float:
     from alignkit.config import ModelConfig
     from alignkit.engine.modeling import load_tokenizer
     from alignkit.online.generation import Generator
+    from alignkit.online.groups import combine
     from alignkit.online.rewards import RewardRegistry, score
 
     tok = load_tokenizer(ModelConfig(name_or_path=model_dir))

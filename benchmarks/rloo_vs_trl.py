@@ -110,7 +110,6 @@ def report(out: str, times: list[float]) -> None:
 
 def held_out_reward(model_dir: str) -> float:
     """Mean summed reward of 8 samples for each of 64 test prompts, one fixed seed (the same for both)."""
-    from alignkit_rloo.rollout import combine
     from transformers import AutoModelForCausalLM
 
     from alignkit.blocks.demo import prompt_answer_rows as rows
@@ -118,6 +117,7 @@ def held_out_reward(model_dir: str) -> float:
     from alignkit.engine.modeling import load_tokenizer
     from alignkit.online import exact_match
     from alignkit.online.generation import Generator
+    from alignkit.online.groups import combine
     from alignkit.online.rewards import RewardRegistry, score
 
     tok = load_tokenizer(ModelConfig(name_or_path=model_dir))

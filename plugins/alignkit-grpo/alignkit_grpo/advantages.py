@@ -6,18 +6,9 @@ holds the `n` consecutive completions of one prompt. An unscorable completion (N
 group's statistics and gets advantage 0.
 """
 
-import math
-
 import torch
 
 EPS = 1e-4  # added to the std before dividing (TRL's value)
-
-
-def combine(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Weighted sum over the reward functions that applied; NaN where none did."""
-    w = torch.tensor(weights, dtype=rewards_NF.dtype, device=rewards_NF.device)
-    total = (rewards_NF.nan_to_num(0.0) * w).sum(-1)
-    return total.masked_fill(torch.isnan(rewards_NF).all(-1), float("nan"))
 
 
 def normalize_then_sum(rewards_NF: torch.Tensor, n: int, weights: list[float]) -> torch.Tensor:
@@ -39,20 +30,6 @@ def nan_std(x: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) if dim is not None else torch.nansum((x - mean) ** 2)
     std = torch.where(count > 1, var / (count - 1).clamp(min=1), torch.full_like(var, float("nan"))).sqrt()
     return std if keepdim or dim is None else std.squeeze(dim)
-
-
-def sums(x: torch.Tensor) -> torch.Tensor:
-    """(sum, sum of squares, count) of the non-NaN values, in float64, to pool over micro-batches and processes."""
-    v = x.nan_to_num(0.0).double()
-    return torch.stack([v.sum(), (v * v).sum(), (~torch.isnan(x)).sum().double()])
-
-
-def std_from_sums(total: float, squares: float, count: float) -> float:
-    """Sample std from a sum, a sum of squares and a count (pooled over micro-batches and processes)."""
-    if count < 2:
-        return float("nan")
-    mean = total / count
-    return math.sqrt(max(squares - count * mean * mean, 0.0) / (count - 1))
 
 
 def advantages(rewards_N: torch.Tensor, n: int, scale: str, batch_std: float | None = None):

@@ -15,74 +15,29 @@ hands the batches to the reference and the loss:
 
 import torch
 
-from alignkit.online.completions import completion_logps, pad_rows
-from alignkit.online.generation import mix_seed
-from alignkit.online.rewards import RewardRegistry, score
-from alignkit_grpo.advantages import EPS, advantages, combine, normalize_then_sum, std_from_sums, sums
-from alignkit_grpo.config import GRPOConfig
+from alignkit.online.completions import completion_logps
+from alignkit.online.groups import GroupRollout, std_from_sums, sums
+from alignkit_grpo.advantages import EPS, advantages, normalize_then_sum
 
 
-class GRPORollout:
-    """Built once per run as `GRPORollout(config, tokenizer, rewards=registry)`."""
-
-    def __init__(self, config: GRPOConfig, tokenizer, rewards: RewardRegistry | None = None) -> None:
-        self.config, self.tokenizer = config, tokenizer
-        self.rewards = (rewards or RewardRegistry()).select(config.reward_funcs)
-        self.weights = config.reward_weights or [1.0] * len(self.rewards)
+class GRPORollout(GroupRollout):
+    """Built once per run as `GRPORollout(config, tokenizer, rewards=registry)`: the core's group sampling and
+    scoring (alignkit.online.groups), log-probs for later passes or a stale sampler, group advantages in `finish`."""
 
     @property
     def generation_backend(self) -> str:
         """The sampler the engine's generation handle uses (method.generation_backend)."""
         return self.config.generation_backend
 
-    @property
-    def max_staleness(self) -> int:
-        """Steps a rollout may be sampled ahead of the step that trains it (async rollouts)."""
-        return self.config.max_staleness
-
-    @property
-    def iterations(self) -> int:
-        """Optimisation passes over each rollout (GRPO's num_iterations)."""
-        return self.config.num_iterations
-
     def __call__(self, batch: dict, ctx) -> dict:
-        cfg, tok, G = self.config, self.tokenizer, self.config.num_generations
-        prompts = [ids[mask.bool()].tolist()
-                   for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        phase = ("train", ctx.step) if ctx.training else ("eval",)  # eval samples the same way at every evaluation
-        groups = ctx.generator.generate(prompts, n=G, max_new_tokens=cfg.max_completion_length,
-                                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed(*phase))
-        completions = [c for group in groups for c in group]
-        stop = {tok.eos_token_id, tok.pad_token_id}
-        truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
-        prompt_ids, prompt_mask = pad_rows(prompts, tok.pad_token_id, left=True)
-        completion_ids, completion_mask = pad_rows(completions, tok.pad_token_id, left=False)
-        out = {"prompt_ids": prompt_ids.repeat_interleave(G, 0), "prompt_mask": prompt_mask.repeat_interleave(G, 0),
-               "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1),
-               "is_truncated": truncated}
-        if cfg.mask_truncated_completions:
-            completion_mask = completion_mask * (~truncated)[:, None].long()
-        out["completion_mask"] = completion_mask
-        out.update(self._score(batch, completions, ctx))
-        out = {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        cfg = self.config
+        out = self.sample_and_score(batch, ctx)
         if self.iterations > 1 and ctx.training:
             out["old_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature, cfg.logits_chunk_size)[0]
         if cfg.max_staleness and ctx.training:  # the sampling policy's log-probs, for the importance weights
             out["sampling_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature,
                                                      cfg.logits_chunk_size)[0]
         return out
-
-    def _score(self, batch: dict, completions: list[list[int]], ctx) -> dict:
-        """Each completion's rewards (per function, and their weighted sum)."""
-        G = self.config.num_generations
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
-        columns = {k: [v for v in values for _ in range(G)] for k, values in batch.items() if k not in skip}
-        prompts = [p for p in batch["prompt"] for _ in range(G)]
-        per_func = score(self.rewards, prompts, texts, columns)
-        return {"rewards": combine(per_func, self.weights), "rewards_per_func": per_func,
-                "reward_names": [name for name, _ in self.rewards]}
 
     def finish(self, batches: list[dict], ctx) -> list[dict]:
         """Advantages, once every micro-batch of the step is rolled out: the batch std (scale_rewards=batch,

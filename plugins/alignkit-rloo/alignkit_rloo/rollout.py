@@ -15,21 +15,10 @@ beta x the completion's summed first-order KL log(pi_old / pi_ref); a completion
 the other scorable completions of its prompt; an unscorable completion (no function applied) gets advantage 0.
 """
 
-import math
-
 import torch
 
-from alignkit.online.completions import completion_logps, pad_rows
-from alignkit.online.generation import mix_seed
-from alignkit.online.rewards import RewardRegistry, score
-from alignkit_rloo.config import RLOOConfig
-
-
-def combine(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Weighted sum over the reward functions that applied; NaN where none did."""
-    w = torch.tensor(weights, dtype=rewards_NF.dtype, device=rewards_NF.device)
-    total = (rewards_NF.nan_to_num(0.0) * w).sum(-1)
-    return total.masked_fill(torch.isnan(rewards_NF).all(-1), float("nan"))
+from alignkit.online.completions import completion_logps
+from alignkit.online.groups import GroupRollout, std_from_sums, sums
 
 
 def leave_one_out(rewards_N: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,55 +29,15 @@ def leave_one_out(rewards_N: torch.Tensor, k: int) -> torch.Tensor:
     return (groups - (total - groups) / (scorable - 1)).reshape(-1)
 
 
-def std_from_sums(total: float, squares: float, count: float) -> float:
-    """Sample std (Bessel) from a sum, a sum of squares and a count; NaN with fewer than two values."""
-    if count < 2:
-        return float("nan")
-    mean = total / count
-    return math.sqrt(max(squares - count * mean * mean, 0.0) / (count - 1))
+class RLOORollout(GroupRollout):
+    """Built once per run as `RLOORollout(config, tokenizer, rewards=registry)`: the core's group sampling and
+    scoring (alignkit.online.groups), the KL to the reference, leave-one-out advantages in `finish`."""
 
-
-def _sums(x: torch.Tensor) -> torch.Tensor:
-    """(sum, sum of squares, count) of the non-NaN values, float64."""
-    ok = ~torch.isnan(x)
-    v = x.nan_to_num(0.0).double()
-    return torch.stack([v.sum(), (v * v).sum(), ok.sum().double()])
-
-
-class RLOORollout:
-    """Built once per run as `RLOORollout(config, tokenizer, rewards=registry)`."""
-
-    def __init__(self, config: RLOOConfig, tokenizer, rewards: RewardRegistry | None = None) -> None:
-        self.config, self.tokenizer = config, tokenizer
-        self.rewards = (rewards or RewardRegistry()).select(config.reward_funcs)
-        self.weights = config.reward_weights or [1.0] * len(self.rewards)
-
-    @property
-    def iterations(self) -> int:
-        """Optimisation passes over each rollout (num_iterations)."""
-        return self.config.num_iterations
+    seed_tag = ("rloo",)
 
     def __call__(self, batch: dict, ctx) -> dict:
-        cfg, tok, k = self.config, self.tokenizer, self.config.num_generations
-        prompts = [ids[mask.bool()].tolist()
-                   for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        phase = ("train", ctx.step) if ctx.training else ("eval",)  # eval samples the same way at every evaluation
-        groups = ctx.generator.generate(prompts, n=k, max_new_tokens=cfg.max_completion_length,
-                                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed("rloo", *phase))
-        completions = [c for group in groups for c in group]
-        stop = {tok.eos_token_id, tok.pad_token_id}
-        truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
-        prompt_ids, prompt_mask = pad_rows(prompts, tok.pad_token_id, left=True)
-        completion_ids, completion_mask = pad_rows(completions, tok.pad_token_id, left=False)
-        out = {"prompt_ids": prompt_ids.repeat_interleave(k, 0), "prompt_mask": prompt_mask.repeat_interleave(k, 0),
-               "completion_ids": completion_ids, "completion_length": completion_mask.sum(-1),
-               "is_truncated": truncated}
-        if cfg.mask_truncated_completions:
-            completion_mask = completion_mask * (~truncated)[:, None].long()
-        out["completion_mask"] = completion_mask
-        out.update(self._score(batch, completions))
-        out = {key: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for key, v in out.items()}
+        cfg = self.config
+        out = self.sample_and_score(batch, ctx)
         if cfg.beta != 0.0 or (self.iterations > 1 and ctx.training):
             with ctx.generator.scoring() as policy:
                 old = completion_logps(policy, out, cfg.temperature, cfg.logits_chunk_size)[0]
@@ -99,17 +48,6 @@ class RLOORollout:
                     ref = completion_logps(reference, out, cfg.temperature, cfg.logits_chunk_size)[0]
                 out["kl_sum"] = ((old - ref) * out["completion_mask"]).sum(-1)
         return out
-
-    def _score(self, batch: dict, completions: list[list[int]]) -> dict:
-        """Each completion's rewards (per function, and their weighted sum)."""
-        k = self.config.num_generations
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
-        columns = {key: [v for v in values for _ in range(k)] for key, values in batch.items() if key not in skip}
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        per_func = score(self.rewards, prompts, texts, columns)
-        return {"rewards": combine(per_func, self.weights), "rewards_per_func": per_func,
-                "reward_names": [name for name, _ in self.rewards]}
 
     def finish(self, batches: list[dict], ctx) -> list[dict]:
         """Advantages once every micro-batch of the step is rolled out: the logged reward std and
@@ -123,8 +61,8 @@ class RLOORollout:
                 r = r.clamp(*cfg.reward_clip_range)
             penalised.append(r - cfg.beta * b["kl_sum"] if "kl_sum" in b else r)
         advantages = [leave_one_out(r, k) for r in penalised]
-        totals = torch.stack([torch.cat([_sums(b["rewards"]) for b in batches]).view(-1, 3).sum(0),
-                              torch.cat([_sums(a) for a in advantages]).view(-1, 3).sum(0)])
+        totals = torch.stack([torch.cat([sums(b["rewards"]) for b in batches]).view(-1, 3).sum(0),
+                              torch.cat([sums(a) for a in advantages]).view(-1, 3).sum(0)])
         if ctx.training:
             totals = ctx.reduce(totals, "sum")
         reward_std = std_from_sums(*totals[0].tolist())

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from alignkit_grpo.advantages import advantages, combine, std_from_sums
+from alignkit_grpo.advantages import advantages
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.loss import GRPOLoss, per_token_objective, reduce_terms
 
 from alignkit.online.completions import completion_logps
+from alignkit.online.groups import combine, std_from_sums
 from alignkit.testing import tiny_model
 
 

@@ -1,0 +1,102 @@
+"""A rollout's common part for methods that sample a group of completions per prompt and score them with rewards
+(GRPO, RLOO, ...): subclass `GroupRollout`, call `sample_and_score(batch, ctx)` in `__call__`, and add what the loss
+needs (log-probs, advantages in `finish`).
+
+It reads these fields of the method's config (TRL's names): `num_generations`, `max_completion_length`,
+`temperature`, `top_p`, `top_k`, `reward_funcs`, `reward_weights` (None: all 1) and, when present,
+`mask_truncated_completions`, `num_iterations` and `max_staleness`.
+"""
+
+import math
+
+import torch
+
+from alignkit.online.completions import pad_rows
+from alignkit.online.generation import mix_seed
+from alignkit.online.rewards import RewardRegistry, score
+
+
+def combine(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Weighted sum over the reward functions that applied; NaN where none did."""
+    w = torch.tensor(weights, dtype=rewards_NF.dtype, device=rewards_NF.device)
+    total = (rewards_NF.nan_to_num(0.0) * w).sum(-1)
+    return total.masked_fill(torch.isnan(rewards_NF).all(-1), float("nan"))
+
+
+def sums(x: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares, count) of the non-NaN values, float64: summed over micro-batches and processes, they
+    give the step's mean and std (`std_from_sums`)."""
+    ok = ~torch.isnan(x)
+    v = x.nan_to_num(0.0).double()
+    return torch.stack([v.sum(), (v * v).sum(), ok.sum().double()])
+
+
+def std_from_sums(total: float, squares: float, count: float) -> float:
+    """Sample std (Bessel) from a sum, a sum of squares and a count; NaN with fewer than two values."""
+    if count < 2:
+        return float("nan")
+    mean = total / count
+    return math.sqrt(max(squares - count * mean * mean, 0.0) / (count - 1))
+
+
+class GroupRollout:
+    """Built once per run as `Rollout(config, tokenizer, rewards=registry)` (the engine passes the registry)."""
+
+    #: mixed into every sampling seed (a method may keep its own stream of samples)
+    seed_tag: tuple = ()
+
+    def __init__(self, config, tokenizer, rewards: RewardRegistry | None = None) -> None:
+        self.config, self.tokenizer = config, tokenizer
+        self.rewards = (rewards or RewardRegistry()).select(config.reward_funcs)
+        self.weights = config.reward_weights or [1.0] * len(self.rewards)
+
+    @property
+    def iterations(self) -> int:
+        """Optimisation passes over each rollout (num_iterations)."""
+        return getattr(self.config, "num_iterations", 1)
+
+    @property
+    def max_staleness(self) -> int:
+        """Steps a rollout may be sampled ahead of the step that trains it (async rollouts)."""
+        return getattr(self.config, "max_staleness", 0)
+
+    def sample_and_score(self, batch: dict, ctx) -> dict:
+        """`num_generations` completions of each prompt row, sampled reproducibly from (the step, the prompt), and
+        their rewards, on `ctx.device`:
+
+          prompt_ids / prompt_mask          [N, P] left-padded, N = rows x num_generations (each prompt repeated)
+          completion_ids / completion_mask  [N, C] right-padded (mask zero on truncated rows with
+                                            mask_truncated_completions)
+          completion_length [N], is_truncated [N], rewards [N] (the weighted sum; NaN where no function applied),
+          rewards_per_func [N, F], reward_names
+        """
+        cfg, tok, n = self.config, self.tokenizer, self.config.num_generations
+        prompts = [ids[mask.bool()].tolist()
+                   for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        phase = ("train", ctx.step) if ctx.training else ("eval",)  # eval samples the same way at every evaluation
+        groups = ctx.generator.generate(prompts, n=n, max_new_tokens=cfg.max_completion_length,
+                                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed(*self.seed_tag, *phase))
+        completions = [c for group in groups for c in group]
+        stop = {tok.eos_token_id, tok.pad_token_id}
+        truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
+        prompt_ids, prompt_mask = pad_rows(prompts, tok.pad_token_id, left=True)
+        completion_ids, completion_mask = pad_rows(completions, tok.pad_token_id, left=False)
+        if getattr(cfg, "mask_truncated_completions", False):
+            completion_mask = completion_mask * (~truncated)[:, None].long()
+        out = {"prompt_ids": prompt_ids.repeat_interleave(n, 0), "prompt_mask": prompt_mask.repeat_interleave(n, 0),
+               "completion_ids": completion_ids, "completion_mask": completion_mask,
+               "completion_length": torch.tensor([len(c) for c in completions]), "is_truncated": truncated,
+               **self.score(batch, completions)}
+        return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    def score(self, batch: dict, completions: list[list[int]]) -> dict:
+        """Each completion's rewards (per function, and their weighted sum), the prompt row's columns passed on."""
+        n = self.config.num_generations
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
+        columns = {key: [v for v in values for _ in range(n)] for key, values in batch.items() if key not in skip}
+        prompts = [p for p in batch["prompt"] for _ in range(n)]
+        per_func = score(self.rewards, prompts, texts, columns)
+        return {"rewards": combine(per_func, self.weights), "rewards_per_func": per_func,
+                "reward_names": [name for name, _ in self.rewards]}
