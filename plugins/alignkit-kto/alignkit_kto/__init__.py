@@ -1,6 +1,6 @@
 """alignkit_kto: KTO (Ethayarajh et al., arXiv 2402.01306) as an alignkit method plugin."""
 
-from alignkit import Method, hookimpl
+from alignkit import Method, hookimpl, registers
 from alignkit.blocks.demo import demo_defaults
 from alignkit_kto import demo
 from alignkit_kto.config import KTOConfig
@@ -28,9 +28,7 @@ METHOD = Method(
 )
 
 
-@hookimpl
-def register_methods(register):
-    register(METHOD)
+register_methods = registers(METHOD)
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """alignkit_reward: reward-model training (TRL's RewardTrainer) as an alignkit method plugin."""
 
-from alignkit import Method, hookimpl
+from alignkit import Method, hookimpl, registers
 from alignkit.blocks.demo import demo_defaults
 from alignkit_reward import demo
 from alignkit_reward.config import RewardConfig
@@ -23,9 +23,7 @@ METHOD = Method(
 )
 
 
-@hookimpl
-def register_methods(register):
-    register(METHOD)
+register_methods = registers(METHOD)
 
 
 @hookimpl
