@@ -1,5 +1,5 @@
 """A rollout's common part for methods that sample a group of completions per prompt and score them with rewards
-(GRPO, RLOO, ...): subclass `GroupRollout`, call `sample_and_score(batch, ctx)` in `__call__`, and add what the loss
+(group-relative policy optimisation, leave-one-out REINFORCE, ...): subclass `GroupRollout`, call `sample_and_score(batch, ctx)` in `__call__`, and add what the loss
 needs (log-probs, advantages in `finish`).
 
 It reads these fields of the method's config (TRL's names): `num_generations`, `max_completion_length`,
