@@ -1,6 +1,6 @@
 """A rollout's common part for methods that sample a group of completions per prompt and score them with rewards
-(group-relative policy optimisation, leave-one-out REINFORCE, ...): subclass `GroupRollout`, call `sample_and_score(batch, ctx)` in `__call__`, and add what the loss
-needs (log-probs, advantages in `finish`).
+(group-relative policy optimisation, leave-one-out REINFORCE, ...): subclass `GroupRollout`, call
+`sample_and_score(batch, ctx)` in `__call__`, and add what the loss needs (log-probs, advantages in `finish`).
 
 It reads these fields of the method's config (TRL's names): `num_generations`, `max_completion_length`,
 `temperature`, `top_p`, `top_k`, `reward_funcs`, `reward_weights` (None: all 1) and, when present,
