@@ -64,6 +64,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(setup, tmp_path):
     assert full[-1] == run[-1]
 
 
+@pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores
 def test_two_processes_match_one(setup, tmp_path):
     args = ["train.max_steps=4", "train.save_steps=null"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",

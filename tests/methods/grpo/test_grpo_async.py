@@ -62,6 +62,7 @@ def test_sigkill_then_resume_with_rollouts_ahead_gives_bit_identical_weights(tmp
     assert read_jsonl(tmp_path / "full" / "metrics.jsonl")[-1] == read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
 
 
+@pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores
 def test_two_processes_with_rollouts_ahead_match_one(tmp_path):
     args = ["train.max_steps=3", "train.save_steps=null", "method.scale_rewards=batch", "method.max_staleness=1"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",

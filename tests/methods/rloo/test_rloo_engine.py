@@ -76,6 +76,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     assert full[-1] == run[-1]
 
 
+@pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores
 def test_two_processes_match_one(tmp_path):
     """normalize_advantages and the logged reward std span the step's completions on both processes."""
     args = ["train.max_steps=2", "train.save_steps=null", "method.normalize_advantages=true"]
