@@ -54,7 +54,8 @@ def cli(out, *extra, wait=True, launcher=()):
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent)
     if wait:
         _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+        # both ends of stderr: a rank that aborts (SIGABRT) prints its cause first, the launcher's report last
+        assert proc.returncode == 0, err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
     return proc
 
 
