@@ -65,3 +65,34 @@ def refused(*args, written=None) -> str:
     assert len(lines) == 1 and lines[0].startswith("alignkit: error: "), result.stderr
     assert written is None or not written.exists(), sorted(p.name for p in written.rglob("*"))
     return lines[0]
+
+
+def kill_at_checkpoint_then_resume(tmp_path, cli, args, after_kill=None) -> dict:
+    """A run of `cli(out, *args, wait=...)` (a subprocess runner returning its Popen) in tmp_path/full, and the same
+    run in tmp_path/run SIGKILLed once checkpoint-2 is written, then resumed with resume_from_checkpoint=auto: the
+    final weights are bit-identical and the last metrics rows equal. `after_kill(checkpoint)` may inspect the
+    checkpoint the kill left. Returns the last metrics row."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    cli(tmp_path / "full", *args)
+    killed = cli(tmp_path / "run", *args, wait=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    while not (ckpt / "alignkit_state.json").exists():
+        assert killed.poll() is None, killed.stderr.read()[-3000:]
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    if after_kill is not None:
+        after_kill(ckpt)
+    cli(tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
+    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
+            load_file(str(tmp_path / "run" / "model.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert full[-1] == run[-1]
+    return full[-1]

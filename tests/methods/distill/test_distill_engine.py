@@ -3,18 +3,14 @@ worktree's code on PYTHONPATH): resume after SIGKILL is bit-identical and two pr
 student's samples, the teacher's samples (seq_kd) and both mixed."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from distill_support import PLUGIN_DIR, install_entry_point, save_teacher
-from safetensors.torch import load_file
 
-from helpers import ROOT, free_port, read_jsonl
+from helpers import ROOT, free_port, kill_at_checkpoint_then_resume, read_jsonl
 
 SMALL = ["method.max_new_tokens=6", "method.lmbda=0.5", "method.seq_kd=true", "data.max_train_samples=48",
          "data.max_eval_samples=8", "train.per_device_eval_batch_size=8", "train.logging_steps=1",
@@ -47,21 +43,7 @@ def cli(setup, out, *extra, wait=True, launcher=()):
 
 def test_sigkill_then_resume_gives_bit_identical_weights(setup, tmp_path):
     args = ["train.max_steps=6", "train.save_steps=2", "train.per_device_train_batch_size=4"]
-    cli(setup, tmp_path / "full", *args)
-    killed = cli(setup, tmp_path / "run", *args, wait=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
-    while not ckpt.exists():
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "run" / "model.safetensors").exists()
-    cli(setup, tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
-    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
-            load_file(str(tmp_path / "run" / "model.safetensors")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert full[-1] == run[-1]
+    kill_at_checkpoint_then_resume(tmp_path, lambda out, *a, **kw: cli(setup, out, *a, **kw), args)
 
 
 @pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores

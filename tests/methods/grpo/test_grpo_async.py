@@ -3,17 +3,14 @@ the policy in a worker thread while the current step trains. A run is reproducib
 resume give bit-identical weights (the rollouts requested but not trained are kept in the checkpoint), two
 processes match one."""
 
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_grpo_engine import ENV, cli
 
-from helpers import free_port, read_jsonl
+from helpers import free_port, kill_at_checkpoint_then_resume, read_jsonl
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
@@ -46,20 +43,9 @@ def test_staleness_one_trains_on_the_previous_policys_samples(tmp_path):
 def test_sigkill_then_resume_with_rollouts_ahead_gives_bit_identical_weights(tmp_path):
     args = ["train.max_steps=6", "train.save_steps=2", "train.per_device_train_batch_size=4",
             "method.max_staleness=2"]
-    cli(tmp_path / "full", *args)
-    killed = cli(tmp_path / "run", *args, wait=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
-    while not ckpt.exists():
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert (ckpt.parent / "rollouts-ahead-0.pt").is_file()
-    cli(tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
-    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
-            load_file(str(tmp_path / "run" / "model.safetensors")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert read_jsonl(tmp_path / "full" / "metrics.jsonl")[-1] == read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    kill_at_checkpoint_then_resume(tmp_path, cli, args,
+                                   after_kill=lambda ckpt: (ckpt / "rollouts-ahead-0.pt").is_file() or pytest.fail(
+                                       f"{ckpt} keeps no rollouts requested ahead"))
 
 
 @pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores

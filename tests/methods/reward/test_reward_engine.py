@@ -2,17 +2,13 @@
 one. The subprocesses import the code the test runs with (PYTHONPATH passed on: a worktree's, or the installed)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from helpers import free_port, read_jsonl
+from helpers import free_port, kill_at_checkpoint_then_resume, read_jsonl
 
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-reward", "PATH": str(Path(sys.executable).parent),
@@ -36,21 +32,7 @@ def cli(out, *extra, wait=True, launcher=()):
 @pytest.mark.slow  # three runs of 40 steps in subprocesses: about 40 s on 2 CPU cores
 def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     args = ["train.max_steps=40", "train.save_steps=2", "train.per_device_train_batch_size=8"]
-    cli(tmp_path / "full", *args)
-    killed = cli(tmp_path / "run", *args, wait=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
-    while not ckpt.exists():
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "run" / "model.safetensors").exists()
-    cli(tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
-    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
-            load_file(str(tmp_path / "run" / "model.safetensors")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert full[-1] == run[-1] and full[-1]["eval_accuracy"] > 0.5
+    assert kill_at_checkpoint_then_resume(tmp_path, cli, args)["eval_accuracy"] > 0.5
 
 
 def test_two_processes_match_one(tmp_path):

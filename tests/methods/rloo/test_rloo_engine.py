@@ -2,7 +2,6 @@
 and num_iterations reuses one rollout for several optimizer steps."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,12 +9,10 @@ from pathlib import Path
 
 import alignkit_rloo
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import alignkit
 from alignkit.testing import plugin_manager
-from helpers import ROOT, free_port, read_jsonl
+from helpers import ROOT, free_port, kill_at_checkpoint_then_resume, read_jsonl
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import readme_figures  # noqa: E402
@@ -59,21 +56,7 @@ def cli(out, *extra, wait=True, launcher=()):
 
 def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     args = ["train.max_steps=4", "train.save_steps=2", "train.per_device_train_batch_size=4"]
-    cli(tmp_path / "full", *args)
-    killed = cli(tmp_path / "run", *args, wait=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "alignkit_state.json"
-    while not ckpt.exists():
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "run" / "model.safetensors").exists()
-    cli(tmp_path / "run", *args, "train.resume_from_checkpoint=auto")
-    a, b = (load_file(str(tmp_path / "full" / "model.safetensors")),
-            load_file(str(tmp_path / "run" / "model.safetensors")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert full[-1] == run[-1]
+    kill_at_checkpoint_then_resume(tmp_path, cli, args)
 
 
 @pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores
