@@ -272,6 +272,10 @@ class GenerationConfig(Section):
                                           "may take (the rest is the trainer's).")
     enable_sleep_mode: bool = Field(False, description="Colocate: vLLM sleeps (frees its weights and KV cache) "
                                     "between generations, waking before each one.")
+    lora_sync: Literal["merged", "adapter"] = Field(
+        "merged", description="With model.peft: merged sends the base weights with the LoRA adapters merged in after "
+        "every step; adapter sends the base weights once and then only the adapter (vLLM serves it as a LoRA; "
+        "`alignkit vllm-serve --enable-lora`).")
 
 
 class RunConfig(Section):
@@ -280,6 +284,18 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     method: MethodConfig
+    @model_validator(mode="after")
+    def _adapter_sync_needs_an_adapter(self):
+        if self.generation.lora_sync == "adapter":
+            if self.model.peft is None:
+                raise ValueError("generation.lora_sync=adapter needs LoRA adapters (model.peft); without them use "
+                                 "generation.lora_sync=merged")
+            if self.model.peft.modules_to_save:
+                raise ValueError("generation.lora_sync=adapter sends LoRA matrices only; model.peft.modules_to_save "
+                                 f"{self.model.peft.modules_to_save} are trained in full: use generation.lora_sync="
+                                 "merged")
+        return self
+
     #: dotted key -> the `${oc.env:...}` interpolation it was given as: written files record that, not the value
     _recorded: dict[str, str] = PrivateAttr(default_factory=dict)
     #: this run's random key for the hashes of those values in checkpoints, made at first use (environment_values)

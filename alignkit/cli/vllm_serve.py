@@ -20,7 +20,11 @@ from alignkit.errors import AlignkitError
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="vllm: fraction of the GPU memory it may take.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code from the model repository to run.")
-def vllm_serve(model, host, port, engine, tokenizer, dtype, gpu_memory_utilization, trust_remote_code):
+@click.option("--max-lora-rank", default=0, show_default=True, type=click.IntRange(0),
+              help="vllm: serve LoRA adapters up to this rank (generation.lora_sync=adapter); 0: off. The transformers "
+              "engine takes any adapter.")
+def vllm_serve(model, host, port, engine, tokenizer, dtype, gpu_memory_utilization, trust_remote_code,
+               max_lora_rank):
     """Serve MODEL for online training (generation.backend=vllm generation.vllm_mode=server): the trainer sends
     token ids and gets completions, and sends its weights after every optimizer step.
 
@@ -39,7 +43,8 @@ def vllm_serve(model, host, port, engine, tokenizer, dtype, gpu_memory_utilizati
         except ImportError as e:
             raise AlignkitError(f"--engine vllm needs vLLM: pip install 'alignkit[vllm]' ({e}); or serve with "
                                 "--engine transformers") from None
-        served = VLLMEngine(model, dtype or "auto", tokenizer, gpu_memory_utilization, trust_remote_code)
+        served = VLLMEngine(model, dtype or "auto", tokenizer, gpu_memory_utilization, trust_remote_code,
+                            max_lora_rank=max_lora_rank)
     try:
         server = vllm_server.GenerationServer(served, host, port, model_name=model)
     except OSError as e:

@@ -4,10 +4,13 @@ alignkit.online.vllm_server) at generation.server_host:server_port.
 - Before training (when the backend is built, before the run writes anything) the server's health is checked: a
   server that does not answer, or speaks another protocol version, ends the run in one line naming host:port.
 - The policy's weights are sent before the first generation and after every optimizer step, as safetensors chunks
-  of generation.server_chunk_mb each, then the server's prefix cache is reset. LoRA adapters are merged into their
-  base weights for the copy (and unmerged again): the server receives full weights under the base model's names;
-  sending the adapter alone is not implemented. With several training processes the main process sends them
-  (sharded parameters are gathered on every process for it) and the others wait for its outcome.
+  of generation.server_chunk_mb each, then the server's prefix cache is reset. LoRA adapters: with
+  generation.lora_sync=merged (the default) they are merged into their base weights for the copy (and unmerged
+  again), and the server receives full weights under the base model's names; with generation.lora_sync=adapter the
+  base weights go once, at the first sync, and every sync after sends only the adapter (its config and LoRA
+  matrices, peft's names: a fraction of the bytes), which the server applies as a LoRA adapter. With several
+  training processes the main process sends them (sharded parameters are gathered on every process for it) and the
+  others wait for its outcome.
 - Every wait (connecting, sending, the answer) is bounded by generation.server_timeout seconds; past it, a refused
   or dropped connection, an error answer, or an answer of the wrong shape end the run with one
   `GenerationServerError` line naming the server and what it waited for: never a hang. The step that met it
@@ -42,6 +45,15 @@ def merged_weights(model: torch.nn.Module):
     finally:
         if peft:
             model.unmerge_adapter()
+
+
+def adapter_payload(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    """A PEFT model's active adapter: its config as JSON and its weights under peft's saved names."""
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[model.active_adapter].to_dict()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return json.dumps(config, default=sorted), weights
 
 
 def chunks(named, limit_bytes: int):
@@ -142,6 +154,15 @@ class ServerClient:
         self.request("POST", "/reset_prefix_cache", "the prefix-cache reset after the weight update")
         return sent
 
+    def update_adapter(self, config_json: str, weights: dict[str, torch.Tensor]) -> int:
+        """Send a LoRA adapter (one request: adapters are small), then reset the prefix cache."""
+        from safetensors.torch import save
+
+        self.request("POST", "/update_adapter", f"the adapter update ({len(weights)} tensors)",
+                     body=save(weights, metadata={"adapter_config": config_json}))
+        self.request("POST", "/reset_prefix_cache", "the prefix-cache reset after the adapter update")
+        return len(weights)
+
     def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed) -> Completions:
         what = f"completions of {len(prompt_ids)} prompts x {n}"
         answer = self.request("POST", "/generate", what, json_body={
@@ -179,6 +200,7 @@ class ServerBackend:
         self.model, self.accelerator = model, accelerator  # the prepared (wrapped) policy
         self.client = ServerClient(settings.server_host, settings.server_port, settings.server_timeout)
         self.chunk_bytes = int(settings.server_chunk_mb * 2**20)
+        self.adapter_only = getattr(settings, "lora_sync", "merged") == "adapter"
         self.client.health()  # before the run writes anything
         self._synced = False  # the weights are sent before the first generation (a resumed run's, by then)
 
@@ -187,14 +209,22 @@ class ServerBackend:
         with full_parameters(self.model):
             if self.accelerator.is_main_process:
                 try:
-                    with merged_weights(model) as named:
-                        self.client.update_weights(named, self.chunk_bytes)
+                    self._send(model)
                 except GenerationServerError as e:
                     problem = str(e)
         problem = self._everyone(problem)
         if problem:
             raise GenerationServerError(problem)
         self._synced = True
+
+    def _send(self, model: torch.nn.Module) -> None:
+        if not self.adapter_only:
+            with merged_weights(model) as named:
+                self.client.update_weights(named, self.chunk_bytes)
+            return
+        if not self._synced:  # the base once (unmerged: the adapter is applied on top of it by the server)
+            self.client.update_weights(base_named_weights(model), self.chunk_bytes)
+        self.client.update_adapter(*adapter_payload(model))
 
     def _everyone(self, problem: str | None) -> str | None:
         """The main process's outcome on every process (the others must not wait for a sync that failed)."""

@@ -13,6 +13,9 @@ error comes back as JSON `{"error": message}` with a 4xx/5xx status):
                             seed} -> {"completions": [prompt][sample] -> ids} (the stop token included)
   POST /update_weights      body: safetensors bytes of some of the policy's named weights (a sync is several
                             such chunks; the names are the base model's) -> {"loaded": count}
+  POST /update_adapter      body: safetensors bytes of a LoRA adapter's weights (peft's names), its peft config as
+                            JSON in the metadata key "adapter_config" -> {"loaded": count}; generations after it
+                            apply the adapter on the base weights (generation.lora_sync=adapter)
   POST /reset_prefix_cache  -> {"status": "ok"} (after a sync: cached prefixes were computed with the old weights)
   POST /close               -> {"status": "closing"}; the server stops
 
@@ -50,6 +53,8 @@ class ServerEngine(Protocol):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
 
+    def load_adapter(self, config: dict, weights: dict[str, torch.Tensor]) -> None: ...
+
     def reset_prefix_cache(self) -> None: ...
 
 
@@ -59,7 +64,7 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
-        self.model = model
+        self.model, self.adapter = model, None
         self.backend = TransformersBackend(model, lambda m: m, pad_token_id)
 
     def generate(self, prompts, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed) -> Completions:
@@ -79,12 +84,38 @@ class TransformersEngine:
             for name, value in weights.items():
                 own[name].copy_(value)
 
+    def load_adapter(self, config: dict, weights: dict[str, torch.Tensor]) -> None:
+        """The first adapter wraps the served model with it (peft); later ones replace its weights."""
+        import peft
+
+        if self.adapter is None:
+            try:
+                lora = peft.LoraConfig(**{k: v for k, v in config.items() if k in peft.LoraConfig.__dataclass_fields__
+                                          and k not in ("peft_type", "task_type", "base_model_name_or_path")})
+            except (TypeError, ValueError) as e:
+                raise RequestError(f"/update_adapter: not a LoRA config ({e})") from None
+            self.adapter = peft.get_peft_model(self.model, lora)
+            self.backend.model = self.adapter
+        own = peft.get_peft_model_state_dict(self.adapter)
+        unknown = sorted(set(weights) - set(own))
+        wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
+        if unknown or wrong or set(own) - set(weights):
+            raise RequestError(f"/update_adapter: the adapter does not fit the served one (unknown {unknown[:3]}, "
+                               f"other shapes {wrong[:3]}, missing {sorted(set(own) - set(weights))[:3]})")
+        peft.set_peft_model_state_dict(self.adapter, weights)
+
     def reset_prefix_cache(self) -> None:
         pass  # transformers keeps no cache between calls
 
 
 class RequestError(ValueError):
     """A request the server refuses (answered with 400 and the message)."""
+
+
+def safetensors_metadata(body: bytes) -> dict:
+    """The `__metadata__` of safetensors bytes (8 bytes of header length, then the JSON header)."""
+    size = int.from_bytes(body[:8], "little")
+    return json.loads(body[8:8 + size]).get("__metadata__") or {}
 
 
 def check_generate(request) -> dict:
@@ -144,7 +175,8 @@ class Handler(BaseHTTPRequestHandler):
     @property
     def _routes_post(self) -> dict:
         return {"/generate": self.generate, "/update_weights": self.update_weights,
-                "/reset_prefix_cache": self.reset_prefix_cache, "/close": self.close}
+                "/update_adapter": self.update_adapter, "/reset_prefix_cache": self.reset_prefix_cache,
+                "/close": self.close}
 
     def _answer(self, routes: dict) -> None:
         try:
@@ -201,6 +233,20 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"/update_weights: the body is not safetensors ({e})") from None
         with self.server.lock:
             self.server.engine.load_weights(weights)
+        return {"loaded": len(weights)}
+
+    def update_adapter(self, body: bytes) -> dict:
+        from safetensors.torch import load
+
+        try:
+            weights, meta = load(body), safetensors_metadata(body)
+            config = json.loads(meta["adapter_config"])
+        except Exception as e:
+            raise RequestError(f"/update_adapter: the body is not safetensors with an adapter_config ({e})") from None
+        if not isinstance(config, dict):
+            raise RequestError("/update_adapter: adapter_config is not a JSON object")
+        with self.server.lock:
+            self.server.engine.load_adapter(config, weights)
         return {"loaded": len(weights)}
 
     def reset_prefix_cache(self, body: bytes) -> dict:

@@ -45,12 +45,16 @@ class Recording:
         self.calls.append(("load", sorted(weights)))
         self.engine.load_weights(weights)
 
+    def load_adapter(self, config, weights):
+        self.calls.append(("adapter", sorted(weights)))
+        self.engine.load_adapter(config, weights)
+
     def reset_prefix_cache(self):
         self.calls.append(("reset",))
 
     def events(self) -> str:
         """S: a whole sync (its chunks then the cache reset), G: a generation."""
-        text = "".join({"load": "l", "reset": "S", "generate": "G"}[c[0]] for c in self.calls)
+        text = "".join({"load": "l", "adapter": "l", "reset": "S", "generate": "G"}[c[0]] for c in self.calls)
         return text.replace("l", "")
 
 
@@ -270,6 +274,12 @@ def test_the_api_answers_errors_as_json_naming_the_problem():
         assert status == 400 and "no weight lm_head.bias" in answer["error"]
         status, answer = call(port, "POST", "/update_weights", b"not safetensors")
         assert status == 400 and "not safetensors" in answer["error"]
+        status, answer = call(port, "POST", "/update_adapter", save({"x": torch.zeros(3)}))
+        assert status == 400 and "not safetensors with an adapter_config" in answer["error"]
+        lora = json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]})
+        status, answer = call(port, "POST", "/update_adapter", save({"nope.lora_A.weight": torch.zeros(2, 3)},
+                                                                    metadata={"adapter_config": lora}))
+        assert status == 400 and "does not fit the served one" in answer["error"]
         status, answer = call(port, "POST", "/nowhere")
         assert status == 400 and "no endpoint POST /nowhere" in answer["error"]
         assert call(port, "POST", "/reset_prefix_cache") == (200, {"status": "ok"})
@@ -333,3 +343,39 @@ def test_a_generation_section_that_is_not_a_mapping_is_one_line(tmp_path, grpo_e
     out = tmp_path / "out"
     line = refused("run", "--method", "grpo", "-c", config, f"train.output_dir={out}", written=out)
     assert "'generation'" in line and "mapping" in line
+
+
+def test_lora_adapter_sync_sends_the_base_once_then_only_the_adapter_and_samples_as_merged(tmp_path):
+    """generation.lora_sync=adapter: the same completions and metrics as the merged sync, a fraction of the bytes."""
+    engines = {mode: Recording(transformers_engine("builtin:tiny", seed=123)) for mode in ("merged", "adapter")}
+    for mode, engine in engines.items():
+        with serving(engine) as server:
+            config = grpo_config(tmp_path, server.server_address[1], max_steps=3, name=mode)
+            config["model"] = {"peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+            config["generation"]["lora_sync"] = mode
+            config["train"]["learning_rate"] = 5e-2
+            run(config)
+    merged, adapter = (read_jsonl(tmp_path / m / "metrics.jsonl") for m in ("merged", "adapter"))
+    assert len(merged) == 3 and any(r["grad_norm"] > 0 for r in merged)
+    for a, b in zip(adapter, merged):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a), (a, b)
+    calls = engines["adapter"].calls
+    base_loads = [c for c in calls if c[0] == "load"]
+    adapter_loads = [c for c in calls if c[0] == "adapter"]
+    # the base weights once (before the first generation), then an adapter before every generation and at the end
+    assert {n for c in base_loads for n in c[1]} == set(dict(tiny_model().named_parameters()))
+    assert calls.index(base_loads[-1]) < calls.index(adapter_loads[0])
+    assert len(adapter_loads) == 4 and all(n.endswith(("lora_A.weight", "lora_B.weight")) for c in adapter_loads
+                                           for n in c[1])
+    assert len(adapter_loads[0][1]) == 2 * 2 * tiny_model().config.num_hidden_layers  # q and v, A and B
+
+
+def test_adapter_sync_without_an_adapter_is_one_line(tmp_path, grpo_entry_point):
+    with Silent() as port:
+        config = grpo_config(tmp_path, port)
+        config["generation"]["lora_sync"] = "adapter"
+        args = ["-q", "run", "--method", "grpo", *(f"{s}.{k}={json.dumps(v)}" for s, keys in config.items()
+                                                   for k, v in keys.items())]
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "generation.lora_sync=adapter needs LoRA adapters (model.peft)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
