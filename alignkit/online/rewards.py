@@ -3,7 +3,8 @@
 A plugin registers rewards with the `register_rewards(register)` hook: `register(name, fn)`, where
 `fn(prompts, completions, **row_columns) -> list[float | None]` gets the prompts and completions as text
 (one entry per completion, each prompt repeated for its samples) and every other column of the prompt
-rows (e.g. `answer=[...]`), and returns one reward per completion (None: not applicable to that one).
+rows (e.g. `answer=[...]`), and returns one reward per completion (None: not applicable to that one). `fn` may be
+a coroutine function (`async def`, as TRL allows): the async rewards of a scoring call are awaited concurrently.
 A config selects rewards by name; `model:PATH` uses a sequence-classification checkpoint as a reward. The core
 registers the common rewards itself (alignkit.online.common_rewards: exact-match, regex-match, length-penalty).
 
@@ -11,9 +12,11 @@ Public: `RewardRegistry` (the rewards by name), `score` (every reward of a batch
 reward, checked: one finite number or None per completion, the reward named in any error), `check_data`.
 """
 
+import asyncio
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,19 +91,55 @@ def _lacks(name: str, column: str, columns) -> str:
             "choose other method.reward_funcs)")
 
 
-def call_reward(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> list:
-    """`fn`'s rewards, one number or None per completion; a PluginError naming the reward when it reads a column the
-    data lacks or returns anything else."""
+def _start(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]):
+    """`fn` called on the batch (the columns it names checked first): its values, or an awaitable (a coroutine
+    function's call) that gives them."""
     for column in columns_read(fn):
         if column not in columns:
             raise PluginError(_lacks(name, column, {"prompt", *columns}))
     try:
-        values = fn(prompts=prompts, completions=completions, **columns)
+        return fn(prompts=prompts, completions=completions, **columns)
     except KeyError as e:  # a function reading **columns by key
-        key = e.args[0] if len(e.args) == 1 else None
-        if isinstance(key, str) and key not in columns:
-            raise PluginError(_lacks(name, key, {"prompt", *columns})) from None
-        raise
+        raise _missing(name, e, columns) from None
+
+
+def _missing(name: str, e: KeyError, columns: dict) -> Exception:
+    key = e.args[0] if len(e.args) == 1 else None
+    return PluginError(_lacks(name, key, {"prompt", *columns})) if isinstance(key, str) and key not in columns else e
+
+
+async def _finish(name: str, pending, columns: dict):
+    try:
+        return await pending
+    except KeyError as e:
+        raise _missing(name, e, columns) from None
+
+
+def run_async(awaitables: list) -> list:
+    """The results of `awaitables`, run concurrently on one event loop made for this call and closed after it (so
+    none is left behind; any thread may call this). Inside a running loop (a notebook) the new loop runs in a
+    thread of its own."""
+    async def gather():
+        return await asyncio.gather(*awaitables)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    with ThreadPoolExecutor(1, thread_name_prefix="alignkit-rewards") as pool:
+        return pool.submit(asyncio.run, gather()).result()
+
+
+def call_reward(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> list:
+    """`fn`'s rewards, one number or None per completion (a coroutine function is awaited); a PluginError naming the
+    reward when it reads a column the data lacks or returns anything else."""
+    values = _start(name, fn, prompts, completions, columns)
+    if inspect.isawaitable(values):
+        values = run_async([_finish(name, values, columns)])[0]
+    return _checked(name, values, prompts, completions)
+
+
+def _checked(name: str, values, prompts: list, completions: list) -> list:
     if hasattr(values, "tolist") and getattr(values, "ndim", 0) > 0:  # a tensor or an array
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
@@ -130,13 +169,25 @@ def _number(name: str, v, i: int, prompts: list, completions: list) -> float:
 
 def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions: list[str],
           columns: dict[str, list]) -> torch.Tensor:
-    """Rewards [completions, functions] (float32, NaN where a function returned None).
+    """Rewards [completions, functions] (float32, NaN where a function returned None). The async rewards (coroutine
+    functions) are awaited concurrently, on one event loop for this call (`run_async`).
 
     A function that reads a column the data lacks, returns something other than one number (or None) per completion,
     or a NaN/inf reward, is an error naming it (and the row)."""
     out = torch.full((len(completions), len(functions)), float("nan"))
-    for j, (name, fn) in enumerate(functions):
-        for i, v in enumerate(call_reward(name, fn, prompts, completions, columns)):
+    values, pending = {}, {}
+    try:
+        for j, (name, fn) in enumerate(functions):
+            v = _start(name, fn, prompts, completions, columns)
+            (pending if inspect.isawaitable(v) else values)[j] = v
+    except BaseException:
+        for v in pending.values():  # never awaited: closed, so no warning follows the error
+            getattr(v, "close", lambda: None)()
+        raise
+    if pending:  # the async rewards (coroutine functions, remote rewards) all at once
+        values.update(zip(pending, run_async([_finish(functions[j][0], v, columns) for j, v in pending.items()])))
+    for j, (name, _) in enumerate(functions):
+        for i, v in enumerate(_checked(name, values[j], prompts, completions)):
             if v is not None:
                 out[i, j] = v
     return out
