@@ -23,24 +23,27 @@ import torch
 
 from alignkit.blocks.tokens import pad_right, with_bos, with_eos
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError, did_you_mean
+from alignkit.online.remote_rewards import URL_PREFIX, RemoteReward
 
 RewardFn = Callable[..., list]
 MODEL_PREFIX = "model:"
+PREFIXES = (MODEL_PREFIX, URL_PREFIX)  # what a configured name starting with them is, not a registered name
 
 
 class RewardRegistry:
     """Reward functions by name, and which plugin distribution registered each."""
 
-    def __init__(self, pm=None) -> None:
+    def __init__(self, pm=None, settings=None) -> None:
         self.functions: dict[str, tuple[RewardFn, str]] = {}
         self.pm = pm  # the plugins a `model:PATH` reward's training run is read with (its method's formatter)
+        self.settings = settings  # the run's `rewards:` block (alignkit.config.RewardsConfig; None: its defaults)
 
     @classmethod
-    def from_plugins(cls, pm) -> "RewardRegistry":
+    def from_plugins(cls, pm, settings=None) -> "RewardRegistry":
         """The core's common rewards (alignkit.online.common_rewards), then every plugin's."""
         from alignkit.online.common_rewards import COMMON
 
-        registry = cls(pm)
+        registry = cls(pm, settings)
         for name, fn in COMMON.items():
             registry.add(name, fn, "alignkit")
         for impl in pm.hook.register_rewards.get_hookimpls():
@@ -53,15 +56,19 @@ class RewardRegistry:
             raise PluginError(f"plugin {source} registered reward {name!r} as {type(fn).__name__}, not a function")
         if name in self.functions:
             raise PluginError(f"reward {name!r} is registered twice: by {self.functions[name][1]} and by {source}")
-        if name.startswith(MODEL_PREFIX):
-            raise PluginError(f"plugin {source}: reward names may not start with {MODEL_PREFIX!r} ({name!r})")
+        if name.startswith(PREFIXES):
+            raise PluginError(f"plugin {source}: reward names may not start with {', '.join(map(repr, PREFIXES))} "
+                              f"({name!r})")
         self.functions[name] = (fn, source)
 
     def select(self, names: Sequence[str], key: str = "method.reward_funcs") -> list[tuple[str, RewardFn]]:
-        """(name, function) for each configured name; `model:PATH` loads that reward model."""
+        """(name, function) for each configured name; `model:PATH` loads that reward model, `url:URL` is a remote
+        reward (alignkit.online.remote_rewards)."""
         out = []
         for name in names:
-            if name.startswith(MODEL_PREFIX):
+            if name.startswith(URL_PREFIX):
+                out.append((name, RemoteReward(name, self.settings)))
+            elif name.startswith(MODEL_PREFIX):
                 require_classifier(name.removeprefix(MODEL_PREFIX), key)
                 out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX), pm=self.pm)))
             elif name in self.functions:
@@ -69,7 +76,7 @@ class RewardRegistry:
             else:
                 known = ", ".join(sorted(self.functions)) or "none"
                 raise ConfigError(f"{key}: no reward function {name!r}{did_you_mean(name, self.functions)}; "
-                                  f"registered: {known}, or model:PATH for a reward model")
+                                  f"registered: {known}, or model:PATH for a reward model, url:URL for a remote one")
         return out
 
 
@@ -206,7 +213,7 @@ def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, prob
     rows = dataset.select(range(min(probe, len(dataset))))[:]
     prompts = rows.pop("prompt", [""] * len(next(iter(rows.values()), [])))
     for name, fn in functions:
-        if isinstance(fn, RewardModel):
+        if not getattr(fn, "probe_before_training", True):  # a reward model, a remote reward: no call before training
             continue
         try:
             call_reward(name, fn, prompts, [""] * len(prompts), rows)
@@ -225,6 +232,8 @@ class RewardModel:
     them (BOS first for the preference formatters), the chat template for conversations, and EOS after the
     completion. Any other checkpoint reads the
     text as its tokenizer encodes it without special tokens (a conversation with its chat template), as TRL does."""
+
+    probe_before_training = False  # check_data does not run it
 
     def __init__(self, path: str, batch_size: int = 32, pm=None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
