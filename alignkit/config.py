@@ -288,10 +288,10 @@ class RewardsConfig(Section):
     remote_batch_size: int = Field(64, ge=1, description="Completions per request to a url: reward.")
     judge_template: str | None = Field(
         None, description="A judge: reward's prompt, with {prompt} and {completion}; the judge's next token after it "
-        "scores 0-9 (None: alignkit.online.judge.SCORE_TEMPLATE).")
+        "scores 0-9 (None: alignkit.online.Judge.SCORE_TEMPLATE).")
     judge_pairwise_template: str | None = Field(
         None, description="The pairwise judge's prompt, with {prompt}, {first} and {second}; its next token says A or "
-        "B (None: alignkit.online.judge.PAIR_TEMPLATE).")
+        "B (None: alignkit.online.Judge.PAIR_TEMPLATE).")
 
     @field_validator("judge_template", "judge_pairwise_template")
     @classmethod

@@ -23,11 +23,12 @@ import torch
 
 from alignkit.blocks.tokens import pad_right, with_bos, with_eos
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError, did_you_mean
+from alignkit.online.judge import JUDGE_PREFIX, JudgeReward
 from alignkit.online.remote_rewards import URL_PREFIX, RemoteReward
 
 RewardFn = Callable[..., list]
 MODEL_PREFIX = "model:"
-PREFIXES = (MODEL_PREFIX, URL_PREFIX)  # what a configured name starting with them is, not a registered name
+PREFIXES = (MODEL_PREFIX, URL_PREFIX, JUDGE_PREFIX)  # configured names with these are not registered names
 
 
 class RewardRegistry:
@@ -63,11 +64,13 @@ class RewardRegistry:
 
     def select(self, names: Sequence[str], key: str = "method.reward_funcs") -> list[tuple[str, RewardFn]]:
         """(name, function) for each configured name; `model:PATH` loads that reward model, `url:URL` is a remote
-        reward (alignkit.online.remote_rewards)."""
+        reward (alignkit.online.remote_rewards), `judge:MODEL` an LLM judge (alignkit.online.judge)."""
         out = []
         for name in names:
             if name.startswith(URL_PREFIX):
                 out.append((name, RemoteReward(name, self.settings)))
+            elif name.startswith(JUDGE_PREFIX):
+                out.append((name, JudgeReward(name, self.settings)))
             elif name.startswith(MODEL_PREFIX):
                 require_classifier(name.removeprefix(MODEL_PREFIX), key)
                 out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX), pm=self.pm)))
@@ -76,7 +79,8 @@ class RewardRegistry:
             else:
                 known = ", ".join(sorted(self.functions)) or "none"
                 raise ConfigError(f"{key}: no reward function {name!r}{did_you_mean(name, self.functions)}; "
-                                  f"registered: {known}, or model:PATH for a reward model, url:URL for a remote one")
+                                  f"registered: {known}, or model:PATH for a reward model, url:URL for a remote one, "
+                                  "judge:MODEL for an LLM judge")
         return out
 
 
