@@ -206,7 +206,8 @@ def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions
 
 def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, probe: int = 4) -> None:
     """Before training: every column each reward reads is in `dataset` (prompt rows), and each reward function (not
-    a reward model) returns what `score` accepts for the first `probe` rows with empty completions. A DataError
+    a reward model, a remote reward or a judge: `probe_before_training = False`) returns what `score` accepts for the
+    first `probe` rows with empty completions. A DataError
     naming the data and the reward otherwise."""
     for name, fn in functions:
         for column in columns_read(fn):

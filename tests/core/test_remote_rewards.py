@@ -211,9 +211,10 @@ def test_a_grpo_run_whose_server_fails_ends_in_one_line_with_its_last_checkpoint
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-1"], checkpoints
     assert not (out / "model.safetensors").exists()
-    server.mode = "ok"  # the server is back: the run resumes from that checkpoint and finishes
+    server.mode = "ok"  # the server is back: the run resumes from that checkpoint (waiting longer) and finishes
     try:
-        _grpo(out, server, **{"train.resume_from_checkpoint": "auto"})
+        _grpo(out, server, **{"train.resume_from_checkpoint": "auto", "rewards.remote_timeout": 2.0,
+                              "rewards.remote_retries": 3})
     except AlignkitError as e:
         pytest.fail(str(e))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
