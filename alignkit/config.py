@@ -8,6 +8,7 @@ its held-out split as eval set; built-in data with the built-in model also bring
 
 import functools
 import json
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -278,11 +279,46 @@ class GenerationConfig(Section):
         "`alignkit vllm-serve --enable-lora`).")
 
 
+class RewardsConfig(Section):
+    """Rewards that are not local functions (docs/online.md, "Rewards"): remote ones (`url:http://host:port/path` in
+    method.reward_funcs) and LLM judges (`judge:MODEL`)."""
+    remote_timeout: float = Field(30.0, gt=0, description="Seconds a url: reward's server may take to answer one "
+                                  "request (connect, then each read); past it the request is tried again.")
+    remote_retries: int = Field(3, ge=0, description="Tries after the first for a request that got no answer, a "
+                                "broken connection, HTTP 429 or 5xx; after the last the run ends with one line "
+                                "naming the URL (the last checkpoint stays as it was).")
+    remote_backoff: float = Field(1.0, ge=0, description="Seconds before the first retry, doubled before each next.")
+    remote_concurrency: int = Field(4, ge=1, description="Requests in flight at once to each url: reward.")
+    remote_batch_size: int = Field(64, ge=1, description="Completions per request to a url: reward.")
+    judge_template: str | None = Field(
+        None, description="A judge: reward's prompt, with {prompt} and {completion}; the judge's next token after it "
+        "scores 0-9 (None: alignkit.online.Judge.SCORE_TEMPLATE).")
+    judge_pairwise_template: str | None = Field(
+        None, description="The pairwise judge's prompt, with {prompt}, {first} and {second}; its next token says A or "
+        "B (None: alignkit.online.Judge.PAIR_TEMPLATE).")
+
+    @field_validator("judge_template", "judge_pairwise_template")
+    @classmethod
+    def _fields_known(cls, value, info):
+        if value is None:
+            return value
+        needed = {"judge_template": {"prompt", "completion"}}.get(info.field_name, {"prompt", "first", "second"})
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"is not a template ({e}); write literal braces as {{{{ and }}}}") from None
+        if used != needed:
+            raise ValueError(f"must use exactly the fields {', '.join('{' + f + '}' for f in sorted(needed))}; it "
+                             f"uses {', '.join('{' + f + '}' for f in sorted(used)) or 'none'}")
+        return value
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     method: MethodConfig
     @model_validator(mode="after")
     def _adapter_sync_needs_an_adapter(self):
@@ -335,7 +371,7 @@ def user_layer(config: str | Path | Mapping | None, overrides: Mapping[str, Any]
 
 
 #: the top-level sections of a config; each is a mapping of keys
-SECTIONS = ("model", "data", "train", "generation", "method")
+SECTIONS = ("model", "data", "train", "generation", "rewards", "method")
 
 
 def _check_sections(data: dict, where: str) -> None:

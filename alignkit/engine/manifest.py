@@ -197,8 +197,8 @@ def written_config(path: Path) -> bool:
         tree = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError):
         return False
-    core = {"model", "data", "train", "method"}  # and "generation" since it exists (older runs lack it)
-    return (isinstance(tree, dict) and core <= set(tree) <= core | {"generation"}
+    core = {"model", "data", "train", "method"}  # and "generation", "rewards" since they exist (older runs lack them)
+    return (isinstance(tree, dict) and core <= set(tree) <= core | {"generation", "rewards"}
             and all(isinstance(v, dict) for v in tree.values()) and "name" in tree["method"]
             and {"output_dir", "checkpoint_dir", "seed"} <= set(tree["train"]))
 

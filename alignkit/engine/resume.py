@@ -30,6 +30,8 @@ CHANGEABLE = frozenset({
     # where the generation server is and how long to wait for it; memory settings of colocated vLLM
     "generation.server_host", "generation.server_port", "generation.server_timeout", "generation.server_chunk_mb",
     "generation.gpu_memory_utilization", "generation.enable_sleep_mode",
+    # how a remote reward's server is waited for (not what it scores)
+    "rewards.remote_timeout", "rewards.remote_retries", "rewards.remote_backoff", "rewards.remote_concurrency",
 })
 #: the comment lines config.yaml carries for each resume with changed settings
 NOTE_PREFIX = "# resumed "

@@ -3,7 +3,8 @@
 A plugin registers rewards with the `register_rewards(register)` hook: `register(name, fn)`, where
 `fn(prompts, completions, **row_columns) -> list[float | None]` gets the prompts and completions as text
 (one entry per completion, each prompt repeated for its samples) and every other column of the prompt
-rows (e.g. `answer=[...]`), and returns one reward per completion (None: not applicable to that one).
+rows (e.g. `answer=[...]`), and returns one reward per completion (None: not applicable to that one). `fn` may be
+a coroutine function (`async def`, as TRL allows): the async rewards of a scoring call are awaited concurrently.
 A config selects rewards by name; `model:PATH` uses a sequence-classification checkpoint as a reward. The core
 registers the common rewards itself (alignkit.online.common_rewards: exact-match, regex-match, length-penalty).
 
@@ -11,33 +12,39 @@ Public: `RewardRegistry` (the rewards by name), `score` (every reward of a batch
 reward, checked: one finite number or None per completion, the reward named in any error), `check_data`.
 """
 
+import asyncio
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from alignkit.blocks.tokens import pad_right, with_bos, with_eos
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError, did_you_mean
+from alignkit.online.judge import JUDGE_PREFIX, JudgeReward
+from alignkit.online.remote_rewards import URL_PREFIX, RemoteReward
 
 RewardFn = Callable[..., list]
 MODEL_PREFIX = "model:"
+PREFIXES = (MODEL_PREFIX, URL_PREFIX, JUDGE_PREFIX)  # configured names with these are not registered names
 
 
 class RewardRegistry:
     """Reward functions by name, and which plugin distribution registered each."""
 
-    def __init__(self, pm=None) -> None:
+    def __init__(self, pm=None, settings=None) -> None:
         self.functions: dict[str, tuple[RewardFn, str]] = {}
         self.pm = pm  # the plugins a `model:PATH` reward's training run is read with (its method's formatter)
+        self.settings = settings  # the run's `rewards:` block (alignkit.config.RewardsConfig; None: its defaults)
 
     @classmethod
-    def from_plugins(cls, pm) -> "RewardRegistry":
+    def from_plugins(cls, pm, settings=None) -> "RewardRegistry":
         """The core's common rewards (alignkit.online.common_rewards), then every plugin's."""
         from alignkit.online.common_rewards import COMMON
 
-        registry = cls(pm)
+        registry = cls(pm, settings)
         for name, fn in COMMON.items():
             registry.add(name, fn, "alignkit")
         for impl in pm.hook.register_rewards.get_hookimpls():
@@ -50,15 +57,21 @@ class RewardRegistry:
             raise PluginError(f"plugin {source} registered reward {name!r} as {type(fn).__name__}, not a function")
         if name in self.functions:
             raise PluginError(f"reward {name!r} is registered twice: by {self.functions[name][1]} and by {source}")
-        if name.startswith(MODEL_PREFIX):
-            raise PluginError(f"plugin {source}: reward names may not start with {MODEL_PREFIX!r} ({name!r})")
+        if name.startswith(PREFIXES):
+            raise PluginError(f"plugin {source}: reward names may not start with {', '.join(map(repr, PREFIXES))} "
+                              f"({name!r})")
         self.functions[name] = (fn, source)
 
     def select(self, names: Sequence[str], key: str = "method.reward_funcs") -> list[tuple[str, RewardFn]]:
-        """(name, function) for each configured name; `model:PATH` loads that reward model."""
+        """(name, function) for each configured name; `model:PATH` loads that reward model, `url:URL` is a remote
+        reward (alignkit.online.remote_rewards), `judge:MODEL` an LLM judge (alignkit.online.judge)."""
         out = []
         for name in names:
-            if name.startswith(MODEL_PREFIX):
+            if name.startswith(URL_PREFIX):
+                out.append((name, RemoteReward(name, self.settings)))
+            elif name.startswith(JUDGE_PREFIX):
+                out.append((name, JudgeReward(name, self.settings)))
+            elif name.startswith(MODEL_PREFIX):
                 require_classifier(name.removeprefix(MODEL_PREFIX), key)
                 out.append((name, RewardModel(name.removeprefix(MODEL_PREFIX), pm=self.pm)))
             elif name in self.functions:
@@ -66,7 +79,8 @@ class RewardRegistry:
             else:
                 known = ", ".join(sorted(self.functions)) or "none"
                 raise ConfigError(f"{key}: no reward function {name!r}{did_you_mean(name, self.functions)}; "
-                                  f"registered: {known}, or model:PATH for a reward model")
+                                  f"registered: {known}, or model:PATH for a reward model, url:URL for a remote one, "
+                                  "judge:MODEL for an LLM judge")
         return out
 
 
@@ -88,19 +102,55 @@ def _lacks(name: str, column: str, columns) -> str:
             "choose other method.reward_funcs)")
 
 
-def call_reward(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> list:
-    """`fn`'s rewards, one number or None per completion; a PluginError naming the reward when it reads a column the
-    data lacks or returns anything else."""
+def _start(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]):
+    """`fn` called on the batch (the columns it names checked first): its values, or an awaitable (a coroutine
+    function's call) that gives them."""
     for column in columns_read(fn):
         if column not in columns:
             raise PluginError(_lacks(name, column, {"prompt", *columns}))
     try:
-        values = fn(prompts=prompts, completions=completions, **columns)
+        return fn(prompts=prompts, completions=completions, **columns)
     except KeyError as e:  # a function reading **columns by key
-        key = e.args[0] if len(e.args) == 1 else None
-        if isinstance(key, str) and key not in columns:
-            raise PluginError(_lacks(name, key, {"prompt", *columns})) from None
-        raise
+        raise _missing(name, e, columns) from None
+
+
+def _missing(name: str, e: KeyError, columns: dict) -> Exception:
+    key = e.args[0] if len(e.args) == 1 else None
+    return PluginError(_lacks(name, key, {"prompt", *columns})) if isinstance(key, str) and key not in columns else e
+
+
+async def _finish(name: str, pending, columns: dict):
+    try:
+        return await pending
+    except KeyError as e:
+        raise _missing(name, e, columns) from None
+
+
+def run_async(awaitables: list) -> list:
+    """The results of `awaitables`, run concurrently on one event loop made for this call and closed after it (so
+    none is left behind; any thread may call this). Inside a running loop (a notebook) the new loop runs in a
+    thread of its own."""
+    async def gather():
+        return await asyncio.gather(*awaitables)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    with ThreadPoolExecutor(1, thread_name_prefix="alignkit-rewards") as pool:
+        return pool.submit(asyncio.run, gather()).result()
+
+
+def call_reward(name: str, fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> list:
+    """`fn`'s rewards, one number or None per completion (a coroutine function is awaited); a PluginError naming the
+    reward when it reads a column the data lacks or returns anything else."""
+    values = _start(name, fn, prompts, completions, columns)
+    if inspect.isawaitable(values):
+        values = run_async([_finish(name, values, columns)])[0]
+    return _checked(name, values, prompts, completions)
+
+
+def _checked(name: str, values, prompts: list, completions: list) -> list:
     if hasattr(values, "tolist") and getattr(values, "ndim", 0) > 0:  # a tensor or an array
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
@@ -130,13 +180,25 @@ def _number(name: str, v, i: int, prompts: list, completions: list) -> float:
 
 def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions: list[str],
           columns: dict[str, list]) -> torch.Tensor:
-    """Rewards [completions, functions] (float32, NaN where a function returned None).
+    """Rewards [completions, functions] (float32, NaN where a function returned None). The async rewards (coroutine
+    functions) are awaited concurrently, on one event loop for this call (`run_async`).
 
     A function that reads a column the data lacks, returns something other than one number (or None) per completion,
     or a NaN/inf reward, is an error naming it (and the row)."""
     out = torch.full((len(completions), len(functions)), float("nan"))
-    for j, (name, fn) in enumerate(functions):
-        for i, v in enumerate(call_reward(name, fn, prompts, completions, columns)):
+    values, pending = {}, {}
+    try:
+        for j, (name, fn) in enumerate(functions):
+            v = _start(name, fn, prompts, completions, columns)
+            (pending if inspect.isawaitable(v) else values)[j] = v
+    except BaseException:
+        for v in pending.values():  # never awaited: closed, so no warning follows the error
+            getattr(v, "close", lambda: None)()
+        raise
+    if pending:  # the async rewards (coroutine functions, remote rewards) all at once
+        values.update(zip(pending, run_async([_finish(functions[j][0], v, columns) for j, v in pending.items()])))
+    for j, (name, _) in enumerate(functions):
+        for i, v in enumerate(_checked(name, values[j], prompts, completions)):
             if v is not None:
                 out[i, j] = v
     return out
@@ -144,7 +206,8 @@ def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions
 
 def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, probe: int = 4) -> None:
     """Before training: every column each reward reads is in `dataset` (prompt rows), and each reward function (not
-    a reward model) returns what `score` accepts for the first `probe` rows with empty completions. A DataError
+    a reward model, a remote reward or a judge: `probe_before_training = False`) returns what `score` accepts for the
+    first `probe` rows with empty completions. A DataError
     naming the data and the reward otherwise."""
     for name, fn in functions:
         for column in columns_read(fn):
@@ -155,7 +218,7 @@ def check_data(functions: list[tuple[str, RewardFn]], dataset, source: str, prob
     rows = dataset.select(range(min(probe, len(dataset))))[:]
     prompts = rows.pop("prompt", [""] * len(next(iter(rows.values()), [])))
     for name, fn in functions:
-        if isinstance(fn, RewardModel):
+        if not getattr(fn, "probe_before_training", True):  # a reward model, a remote reward: no call before training
             continue
         try:
             call_reward(name, fn, prompts, [""] * len(prompts), rows)
@@ -174,6 +237,8 @@ class RewardModel:
     them (BOS first for the preference formatters), the chat template for conversations, and EOS after the
     completion. Any other checkpoint reads the
     text as its tokenizer encodes it without special tokens (a conversation with its chat template), as TRL does."""
+
+    probe_before_training = False  # check_data does not run it
 
     def __init__(self, path: str, batch_size: int = 32, pm=None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

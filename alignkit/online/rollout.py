@@ -75,7 +75,7 @@ def build_rollout(method, config, tokenizer, pm):
         return None
     kwargs = {}
     if "rewards" in inspect.signature(method.rollout).parameters:
-        kwargs["rewards"] = RewardRegistry.from_plugins(pm)
+        kwargs["rewards"] = RewardRegistry.from_plugins(pm, getattr(config, "rewards", None))
     return method.rollout(config.method, tokenizer, **kwargs)
 
 

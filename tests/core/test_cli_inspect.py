@@ -23,7 +23,7 @@ def run(*args):
 
 def test_schema_has_every_field_with_its_description():
     schema = json.loads(run("config", "--method", "orpo", "--schema"))
-    assert list(schema["properties"]) == ["model", "data", "train", "generation", "method"]
+    assert list(schema["properties"]) == ["model", "data", "train", "generation", "rewards", "method"]
     beta = schema["$defs"]["ORPOMethodConfig"]["properties"]["beta"]
     assert beta["default"] == 0.1 and "odds-ratio" in beta["description"]
     lr = schema["$defs"]["TrainConfig"]["properties"]["learning_rate"]
