@@ -211,10 +211,10 @@ WORKERS = {"alignkit": alignkit_worker, "trl": trl_worker, "liger": liger_worker
 
 # ---- the driver ------------------------------------------------------------------------------------------
 
-def run_worker(lib: str, case: dict, mem_limit_gb: float, timeout_s: float) -> dict:
+def run_worker(lib: str, case: dict, mem_limit_gb: float, timeout_s: float, script: str = __file__) -> dict:
     """Run one worker process, stopping it above the memory limit; its JSON result or a status."""
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", lib, "--case", json.dumps(case)],
+    proc = subprocess.Popen([sys.executable, script, "--worker", lib, "--case", json.dumps(case)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     start, peak = time.monotonic(), 0.0
     while proc.poll() is None:
