@@ -109,9 +109,11 @@ def online_metrics(batch: dict, metrics: dict, ref: dict, beta: float) -> dict:
     return out
 
 
-#: the built-in demo: the online methods' sorting task (builtin:sort-prompts) after a supervised warm-up
+#: the built-in demo: the online methods' sorting task (builtin:sort-prompts) after a supervised warm-up; 64 prompts
+#: x 2 samples per step, the 128 completions of the RLOO and GRPO demos' 16 prompts x 8
 DEMO_DEFAULTS = {k: v for k, v in online_demo_defaults(**{
     "method.reward_funcs": ["exact-match"], "method.max_new_tokens": 14, "method.temperature": 1.0,
+    "train.per_device_train_batch_size": 64,
 }).items() if k not in ("method.num_generations", "method.max_completion_length")}
 
 ONLINE_DPO = alignkit.Method(
