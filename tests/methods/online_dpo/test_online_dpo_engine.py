@@ -62,6 +62,7 @@ def test_two_processes_match_one(tmp_path):
     assert checked >= 10
 
 
+@pytest.mark.slow  # about 50 s of sampling and training on an idle 2-core CPU, 160 s on a busy one
 def test_demo_learns_offline(tmp_path):
     """`alignkit run --method online-dpo`, no config: held-out mean reward up by >= 0.15 (the README's figures)."""
     env = readme_figures.demo_env(ENV, cache=tmp_path / "cache")
