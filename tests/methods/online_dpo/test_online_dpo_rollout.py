@@ -107,3 +107,13 @@ def test_format_shows_the_prompts_it_trains_on():
     result = CliRunner().invoke(cli, ["-q", "format", "--method", "online-dpo", "-n", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.count("--- example") == 2 and "sort:" in result.output
+
+
+def test_a_reward_model_path_that_is_not_a_classifier_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    from alignkit.testing import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "causal")
+    tiny_tokenizer().save_pretrained(tmp_path / "causal")
+    line = refused("run", "--method", "online-dpo", f"method.reward_funcs=[model:{tmp_path / 'causal'}]",
+                   f"train.output_dir={tmp_path / 'out'}", written=tmp_path / "out")
+    assert "is a LlamaForCausalLM, not a sequence classifier" in line, line
