@@ -1,7 +1,8 @@
 """DPO (Rafailov et al., arXiv 2305.18290) and every loss type of TRL 1.16's DPOTrainer (alignkit_dpo.losses), against
 a reference model, on the summed answer log-probs of [chosen; rejected] rows through the shared log-prob path
 (alignkit.blocks.logps): loss lists with weights (MPO), LD-DPO's `ld_alpha`, WPO's `use_weighting`, f-DPO's
-divergences and TR-DPO's reference sync."""
+divergences and TR-DPO's reference sync. The same loss serves the plugin's second method, `online-dpo`
+(alignkit_dpo.online: TRL 1.16's OnlineDPOTrainer)."""
 
 from typing import Literal
 
