@@ -1,7 +1,8 @@
 """DPO (Rafailov et al., arXiv 2305.18290) and every loss type of TRL 1.16's DPOTrainer (alignkit_dpo.losses), against
 a reference model, on the summed answer log-probs of [chosen; rejected] rows through the shared log-prob path
 (alignkit.blocks.logps): loss lists with weights (MPO), LD-DPO's `ld_alpha`, WPO's `use_weighting`, f-DPO's
-divergences and TR-DPO's reference sync."""
+divergences and TR-DPO's reference sync. The same loss serves the plugin's second method, `online-dpo`
+(alignkit_dpo.online: TRL 1.16's OnlineDPOTrainer)."""
 
 from typing import Literal
 
@@ -80,6 +81,7 @@ class DPOConfig(LogpsOptions):
 class DPOLoss(alignkit.Loss):
     eval_loss_per_batch = True  # eval_loss: the mean of per-batch losses, as TRL computes it
     needs_reference_model = True
+    losses = LOSSES  # loss_type -> per-pair loss (a subclass may replace one, e.g. Online DPO's ipo)
 
     def __init__(self, config):
         super().__init__(config)
@@ -150,7 +152,7 @@ class DPOLoss(alignkit.Loss):
             logps, full, tokens = self._answer_logps(s)
             pair = Pair(logps[:m], logps[m:], ref["chosen"][groups], ref["rejected"][groups], tokens[:m], tokens[m:],
                         c.f_divergence_type, c.f_alpha_divergence_coef)
-            per_pair = sum(w * LOSSES[t](pair, c) for t, w in self.pair_losses)
+            per_pair = sum(w * self.losses[t](pair, c) for t, w in self.pair_losses)
             out = {"pairs": (per_pair * (wpo[groups] if wpo is not None else 1)).sum()} if self.pair_losses else {}
             if self.sft_weight is not None:  # the chosen answers' token-mean NLL
                 out["chosen_tokens"] = -self.sft_weight * full[:m].sum()
@@ -171,11 +173,15 @@ def full_weights_for_sync(config):
                                    "needs full fine-tuning; remove model.peft or set method.sync_ref_model=false")
 
 
-register_methods = alignkit.registers(alignkit.Method(
+DPO = alignkit.Method(
     name="dpo", config=DPOConfig, formatter=DPOFormatter, loss=DPOLoss, defaults={"train.learning_rate": 1e-6},
     description="Direct Preference Optimization and TRL 1.16's DPO loss family, against a frozen reference.",
     demo_data="sort", demo_defaults=demo_defaults(), progress_metrics=("rewards/accuracies",),
     validate=full_weights_for_sync,
     citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language Model is Secretly a "
              "Reward Model}, journal={arXiv:2305.18290}, year={2023}}",
-))
+)
+
+from alignkit_dpo.online import ONLINE_DPO  # noqa: E402 (it builds on DPOConfig and DPOLoss above)
+
+register_methods = alignkit.registers(DPO, ONLINE_DPO)

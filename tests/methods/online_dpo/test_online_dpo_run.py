@@ -1,0 +1,50 @@
+"""Online DPO runs in-process through the engine with the DPO loss family (a weighted list of loss types with
+sft) and with LoRA (the reference: the policy with its adapters off)."""
+
+import alignkit_dpo
+import pytest
+
+import alignkit
+from alignkit.testing import plugin_manager
+from helpers import fast, read_jsonl
+
+
+def _run(tmp_path, method: dict, **extra):
+    config = fast(tmp_path, max_steps=2, learning_rate=1e-3)
+    config["method"] = {"reward_funcs": ["exact-match"], "max_new_tokens": 6, "missing_eos_penalty": 0.5,
+                        "sft_warmup_steps": 0, **method}  # the demo's warm-up would train the adapters before step 1
+    config.update(extra)
+    result = alignkit.run("online-dpo", config, plugins=plugin_manager(alignkit_dpo))
+    return [r for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_weighted_list_of_dpo_loss_types_trains_online(tmp_path):
+    rows = _run(tmp_path, {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]})
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["loss"] > 0 and r["objective/scores_margin"] >= 0  # the chosen sample never scores lower
+        assert 0 <= r["val/contain_eos_token"] <= 1 and r["completions/mean_length"] <= 6
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the first step: the policy is its reference
+    assert rows[1]["objective/kl"] != pytest.approx(0.0, abs=1e-5)
+
+
+def test_lora_trains_against_the_policy_with_its_adapters_off(tmp_path):
+    """LoRA's dropout (0.05) is off as TRL's disable_dropout does: at step 1 the policy scores as its reference."""
+    rows = _run(tmp_path, {}, model={"peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[1]["objective/kl"] != pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_turns_off_every_dropout_lora_included(disable):
+    import peft
+    import torch
+    from alignkit_dpo.online import OnlineDPOConfig, OnlineDPOLoss
+
+    from alignkit.testing import tiny_model
+
+    model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_dropout=0.05, target_modules=["q_proj"]))
+    OnlineDPOLoss(OnlineDPOConfig(reward_funcs=["exact-match"], disable_dropout=disable)).prepare_model(model)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.0} if disable else {0.05})
