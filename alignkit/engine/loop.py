@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
-from alignkit.engine import checkpoint, optim, preflight, resume, rundir
+from alignkit.engine import checkpoint, hub, optim, preflight, resume, rundir
 from alignkit.engine.ahead import RolloutsAhead
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
@@ -78,6 +78,7 @@ class Engine:
         self.eval_cut_at: int | None = None
         self.eval_redo_at: int | None = None
         self.prepared: Prepared | None = None  # what setup() made for the loop
+        self.hub: hub.HubPush | None = None  # train.push_to_hub: the pushes' worker (alignkit.engine.hub)
 
     # ---- setup: every check that can refuse comes before the first write (resume.start) --------------
 
@@ -111,6 +112,7 @@ class Engine:
     def _setup_accelerator(self) -> None:
         t = self.config.train
         check_trackers(t.report_to)
+        hub.check(t)
         preflight.check_settings(self.config, self.method, eval_given=self._given_data[1] is not None)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
@@ -212,6 +214,9 @@ class Engine:
         logging window to continue."""
         started = resume.start(self, scheduler)
         self.lock, self.folder, self.notes = started.lock, started.folder, started.notes
+        if self.config.train.push_to_hub:  # after the first write: the folder is the run's
+            self.hub = hub.HubPush(self.config.train, self.output_dir, self.config.train.checkpoint_dir,
+                                   self.accelerator.is_main_process)
         if started.resumed is not None:
             started.resumed.apply(self.state)
             if self._ahead is not None:
@@ -269,6 +274,8 @@ class Engine:
             self.save_model(model, done.final)
             self._stop_at_the_end(done.window, saved_model=True)
         hooks.on_train_end(run=state, metrics=done.final)
+        if self.hub is not None and end.save_model:
+            self.hub.at_end(state.step)
         return done.final
 
     def _do(self, act: Actions, done: Done, run: Prepared) -> bool:
@@ -336,6 +343,8 @@ class Engine:
         """The end of train(), however it ends: the rollout worker stopped, the output folder's lock released."""
         if self._ahead is not None:
             self._ahead.close()
+        if self.hub is not None:
+            self.hub.close()
         self.lock.release()
 
     @property
@@ -489,6 +498,8 @@ class Engine:
                                files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)}, folder=self.folder,
                                process_files=self._ahead.saved() if self._ahead is not None else None)
         self.hooks.on_save(run=s, step=s.step, path=path)
+        if self.hub is not None:
+            self.hub.at_save(self, path, s.step)
         return path
 
     def save_model(self, model=None, metrics: dict | None = None, output_dir: Path | None = None,
