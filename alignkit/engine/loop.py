@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
@@ -117,9 +117,15 @@ class Engine:
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
+        cpu = t.use_cpu or not torch.accelerator.is_available()
+        if cpu and not t.use_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # DeepSpeed on CPUs: accelerate drops DeepSpeed for cpu=True, and without it counts one process; with
+            # gloo named it keeps DeepSpeed's process group (its CPU accelerator)
+            PartialState(cpu=False, backend="gloo")
+            cpu = False
         self.accelerator = Accelerator(
             # Without cpu=True accelerate ignores torchrun's process group on a machine with no accelerator.
-            cpu=t.use_cpu or not torch.accelerator.is_available(),
+            cpu=cpu,
             mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
