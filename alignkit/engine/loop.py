@@ -129,6 +129,11 @@ class Engine:
             mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and t.gradient_accumulation_steps > 1:
+            # accelerate steps DeepSpeed's optimizer in every backward (the loop accumulates micro-batches itself)
+            raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} under DeepSpeed: "
+                              "its optimizer would step after every micro-batch, not once per batch; use 1 with a "
+                              "larger train.per_device_train_batch_size, or DDP/FSDP for accumulation")
 
     def _setup_folder_checks(self) -> None:
         """Before any work: nothing is loaded for a run that cannot write (or, training, may not clean) its folder."""

@@ -62,3 +62,19 @@ def test_zero_on_two_cpu_processes_matches_one_process(tmp_path, stage):
     # differences into weight differences up to ~2e-5 (a wrong step would differ by the order of lr, 1e-3)
     worst = max(wa, key=lambda k: float((wa[k] - wb[k]).abs().max()))
     assert torch.allclose(wa[worst], wb[worst], atol=5e-5), (worst, float((wa[worst] - wb[worst]).abs().max()))
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_deepspeed_is_refused_before_any_write(tmp_path):
+    """accelerate steps DeepSpeed's optimizer at every micro-batch of alignkit's loop (which accumulates itself):
+    with 2 micro-batches a step the run silently trained differently from its batch. Refused instead."""
+    config = ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml"
+    launch = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--main_process_port", str(free_port())]
+    two = subprocess.run([*launch, *ARGS, "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2",
+                          f"train.output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=ENV, timeout=900)
+    assert two.returncode != 0
+    lines = {ln for ln in two.stderr.splitlines() if ln.startswith("alignkit: error:")}  # each rank says it
+    assert len(lines) == 1 and "train.gradient_accumulation_steps" in lines.pop()
+    assert "[rank0]: Traceback" not in two.stderr  # the launcher reports the ranks' exit; the ranks print one line
+    assert not (tmp_path / "two").exists()
