@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import ConfigError
+from alignkit.plugin.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,11 @@ class _Job:
 
 
 class HubPush:
-    """The run's pushes (main process); `at_save` and `at_end` are called on every process (the model snapshot is
-    a collective save), `close` at the end of train(), however it ends."""
+    """The run's pushes (main process); `at_save` is called on every process (the model snapshot is a collective
+    save), `on_train_end` (a lifecycle hook: registered for the run) after the final save, `close` at the end of
+    train(), however it ends."""
+
+    alignkit_all_runs = True  # observes every run, whatever the method's plugin (alignkit.plugins)
 
     def __init__(self, train, output_dir: Path, checkpoint_dir: str, is_main: bool) -> None:
         self.train, self.output_dir, self.checkpoint_dir = train, Path(output_dir), checkpoint_dir
@@ -87,8 +91,10 @@ class HubPush:
             jobs.append(_Job(copy, name, message + ", checkpoint", step, remove=True))
         self._put(jobs)
 
-    def at_end(self, step: int) -> None:
+    @hookimpl
+    def on_train_end(self, run, metrics) -> None:
         """After the final model and the run's files are written: the run folder (not its checkpoints)."""
+        step = run.step
         if self.is_main:
             ignore = (".*", "**/.*", f"{self.checkpoint_dir.strip('/')}/**" if self.checkpoint_dir != "." else "",
                       "checkpoint-*/**", STAGING + "/**")

@@ -228,6 +228,7 @@ class Engine:
         if self.config.train.push_to_hub:  # after the first write: the folder is the run's
             self.hub = hub.HubPush(self.config.train, self.output_dir, self.config.train.checkpoint_dir,
                                    self.accelerator.is_main_process)
+            self.pm.register(self.hub)  # its on_train_end pushes the finished run folder
         if started.resumed is not None:
             started.resumed.apply(self.state)
             if self._ahead is not None:
@@ -285,8 +286,6 @@ class Engine:
             self.save_model(model, done.final)
             self._stop_at_the_end(done.window, saved_model=True)
         hooks.on_train_end(run=state, metrics=done.final)
-        if self.hub is not None and end.save_model:
-            self.hub.at_end(state.step)
         return done.final
 
     def _do(self, act: Actions, done: Done, run: Prepared) -> bool:
@@ -355,6 +354,7 @@ class Engine:
         if self._ahead is not None:
             self._ahead.close()
         if self.hub is not None:
+            self.pm.unregister(self.hub)
             self.hub.close()
         self.lock.release()
 
