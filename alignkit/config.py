@@ -186,6 +186,37 @@ class TrainConfig(Section):
                         "matplotlib).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
+    # the hub, as transformers.Trainer pushes (alignkit.engine.hub): in a worker thread, never stopping training
+    push_to_hub: bool = Field(False, description="Push the model to the Hugging Face Hub (train.hub_model_id) in the "
+                              "background, as train.hub_strategy says, and at the end.")
+    hub_model_id: str | None = Field(None, description="Hub repository (owner/name or name) to push to; default: "
+                                     "output_dir's name.")
+    hub_strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = Field(
+        "every_save", description="end: push at the end only; every_save: also the model at each checkpoint; "
+        "checkpoint: also the latest checkpoint as last-checkpoint/ (resumable); all_checkpoints: also each "
+        "checkpoint as checkpoint-N/.")
+    hub_token: str | None = Field(None, exclude=True, repr=False,
+                                  description="Hub token; default: HF_TOKEN or the saved login. Never written to any "
+                                  "file (config.yaml shows null): give it as ${oc.env:NAME} or leave it unset.")
+    hub_private_repo: bool | None = Field(None, description="Create the repository private; default: the account's "
+                                          "default.")
+    hub_always_push: bool = Field(False, description="Push every save; default: a save made while a push is still "
+                              "running is skipped (the next one carries the newer model), as transformers does.")
+    hub_endpoint: str | None = Field(None, description="Hub address, e.g. a private mirror; default: HF_ENDPOINT or "
+                                     "https://huggingface.co.")
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        if v is not None:
+            try:
+                validate_repo_id(v)
+            except HFValidationError as e:
+                raise ValueError(f"not a hub repository id ({str(e).strip().splitlines()[0]}); write owner/name or "
+                                 "name") from None
+        return v
 
     @field_validator("run_name")
     @classmethod
@@ -531,7 +562,7 @@ def to_yaml(config: RunConfig, comments: bool = True) -> str:
         for name, info in type(value).model_fields.items():
             if comments and info.description:
                 lines.append(f"  # {info.description}")
-            lines.append(f"  {name}: {json.dumps(dumped[name])}")
+            lines.append(f"  {name}: {json.dumps(dumped.get(name))}")  # a secret (exclude=True) is written null
     return "\n".join(lines) + "\n"
 
 

@@ -302,8 +302,10 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system, how=how)
 
 
-from alignkit.cli.vllm_serve import vllm_serve  # noqa: E402 (registered after the group exists)
+from alignkit.cli.merge import merge  # noqa: E402 (registered after the group exists)
+from alignkit.cli.vllm_serve import vllm_serve  # noqa: E402
 
+cli.add_command(merge)
 cli.add_command(vllm_serve)
 
 

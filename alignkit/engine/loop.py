@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
-from alignkit.engine import checkpoint, optim, preflight, resume, rundir
+from alignkit.engine import checkpoint, hub, optim, preflight, resume, rundir
 from alignkit.engine.ahead import RolloutsAhead
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
@@ -78,6 +78,7 @@ class Engine:
         self.eval_cut_at: int | None = None
         self.eval_redo_at: int | None = None
         self.prepared: Prepared | None = None  # what setup() made for the loop
+        self.hub: hub.HubPush | None = None  # train.push_to_hub: the pushes' worker (alignkit.engine.hub)
 
     # ---- setup: every check that can refuse comes before the first write (resume.start) --------------
 
@@ -111,16 +112,28 @@ class Engine:
     def _setup_accelerator(self) -> None:
         t = self.config.train
         check_trackers(t.report_to)
+        hub.check(t)
         preflight.check_settings(self.config, self.method, eval_given=self._given_data[1] is not None)
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
+        cpu = t.use_cpu or not torch.accelerator.is_available()
+        if cpu and not t.use_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # DeepSpeed on CPUs: accelerate drops DeepSpeed for cpu=True, and without it counts one process; with
+            # gloo named it keeps DeepSpeed's process group (its CPU accelerator)
+            PartialState(cpu=False, backend="gloo")
+            cpu = False
         self.accelerator = Accelerator(
             # Without cpu=True accelerate ignores torchrun's process group on a machine with no accelerator.
-            cpu=t.use_cpu or not torch.accelerator.is_available(),
+            cpu=cpu,
             mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and t.gradient_accumulation_steps > 1:
+            # accelerate steps DeepSpeed's optimizer in every backward (the loop accumulates micro-batches itself)
+            raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} under DeepSpeed: "
+                              "its optimizer would step after every micro-batch, not once per batch; use 1 with a "
+                              "larger train.per_device_train_batch_size, or DDP/FSDP for accumulation")
 
     def _setup_folder_checks(self) -> None:
         """Before any work: nothing is loaded for a run that cannot write (or, training, may not clean) its folder."""
@@ -212,6 +225,10 @@ class Engine:
         logging window to continue."""
         started = resume.start(self, scheduler)
         self.lock, self.folder, self.notes = started.lock, started.folder, started.notes
+        if self.config.train.push_to_hub:  # after the first write: the folder is the run's
+            self.hub = hub.HubPush(self.config.train, self.output_dir, self.config.train.checkpoint_dir,
+                                   self.accelerator.is_main_process)
+            self.pm.register(self.hub)  # its on_train_end pushes the finished run folder
         if started.resumed is not None:
             started.resumed.apply(self.state)
             if self._ahead is not None:
@@ -336,6 +353,9 @@ class Engine:
         """The end of train(), however it ends: the rollout worker stopped, the output folder's lock released."""
         if self._ahead is not None:
             self._ahead.close()
+        if self.hub is not None:
+            self.pm.unregister(self.hub)
+            self.hub.close()
         self.lock.release()
 
     @property
@@ -489,6 +509,8 @@ class Engine:
                                files={checkpoint.CONFIG_FILE: to_yaml(self.config, comments=False)}, folder=self.folder,
                                process_files=self._ahead.saved() if self._ahead is not None else None)
         self.hooks.on_save(run=s, step=s.step, path=path)
+        if self.hub is not None:
+            self.hub.at_save(self, path, s.step)
         return path
 
     def save_model(self, model=None, metrics: dict | None = None, output_dir: Path | None = None,

@@ -27,6 +27,9 @@ CHANGEABLE = frozenset({
     "train.eval_on_start", "train.report_to", "train.run_name", "train.disable_tqdm", "train.plots",
     "train.dataloader_num_workers", "train.per_device_eval_batch_size", "train.skip_nonfinite_steps",
     "train.gradient_checkpointing", "data.eval", "data.eval_split", "data.max_eval_samples",
+    # where and how the run is pushed to the hub (alignkit.engine.hub)
+    "train.push_to_hub", "train.hub_model_id", "train.hub_strategy", "train.hub_private_repo", "train.hub_always_push",
+    "train.hub_endpoint",
     # where the generation server is and how long to wait for it; memory settings of colocated vLLM
     "generation.server_host", "generation.server_port", "generation.server_timeout", "generation.server_chunk_mb",
     "generation.gpu_memory_utilization", "generation.enable_sleep_mode",
