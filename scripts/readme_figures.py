@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
-METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill", "reward")
+METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill", "reward", "online-dpo")
 SUITE_COMMAND = "ruff check . && pytest -q"
 #: relative and absolute tolerance of a demo job's metrics against the file's (the same thread count and CPU give
 #: the same numbers; this leaves room for another CPU's instruction set, not for a change of the code)
@@ -240,6 +240,12 @@ def rloo(f):
     return f"{table(f, 'rloo', metrics)}\n\n{made_by(f, 'rloo')} {timing(f, 'rloo')}"
 
 
+def online_dpo(f):
+    metrics = [("eval_reward", "`eval_reward` (held-out mean exact-match)"), ("eval_loss", "`eval_loss`"),
+               ("eval_objective/kl", "`eval_objective/kl`")]
+    return f"{table(f, 'online-dpo', metrics)}\n\n{made_by(f, 'online-dpo')} {timing(f, 'online-dpo')}"
+
+
 def distill(f):
     metrics = [("eval_kl_teacher_student", "`eval_kl_teacher_student`"),
                ("eval_token_agreement", "`eval_token_agreement`")]
@@ -263,7 +269,7 @@ def suite(f):
 #: README file -> block name -> renderer
 BLOCKS = {
     "README.md": {"orpo": pairwise("orpo"), "sft-line": sft_line, "grpo": grpo, "suite": suite},
-    "plugins/alignkit-dpo/README.md": {"dpo": pairwise("dpo")},
+    "plugins/alignkit-dpo/README.md": {"dpo": pairwise("dpo"), "online-dpo": online_dpo},
     "plugins/alignkit-cpo/README.md": {"cpo": pairwise("cpo")},
     "plugins/alignkit-simpo/README.md": {"simpo": pairwise("simpo")},
     "plugins/alignkit-sft/README.md": {"sft": sft},

@@ -23,7 +23,7 @@ def merge(model_dir, out):
     AutoModelForCausalLM.from_pretrained, vLLM or `alignkit generate` (no peft needed).
 
     \b
-    alignkit merge --model outputs/sft-lora --out outputs/sft-merged
+    alignkit merge --model outputs/my-lora-run --out outputs/my-merged-model
     """
     adapter, out = Path(model_dir), Path(out)
     check(adapter, out)

@@ -2,8 +2,9 @@
 CPU accelerator, gloo), give the run of one process with the same global batch.
 
 DeepSpeed is not a dependency: the launches use the Python in ALIGNKIT_DEEPSPEED_PYTHON (default: this one), which
-must have `pip install deepspeed`; e.g. a scratch venv that sees this one's packages. Slow: DeepSpeed builds its CPU
-communication op on first use."""
+must have `pip install deepspeed`; e.g. a scratch venv that sees this one's packages. Marked `deepspeed`, outside
+the default run: `ALIGNKIT_DEEPSPEED_PYTHON=PYTHON pytest -m deepspeed tests/core/test_deepspeed.py`. DeepSpeed
+builds its CPU communication op on first use."""
 
 import os
 import subprocess
@@ -23,7 +24,7 @@ ARGS = ["-m", "alignkit", "-q", "run", "--method", "orpo", "train.max_steps=2", 
         "train.per_device_eval_batch_size=4"]
 
 
-@pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_two_cpu_processes_matches_one_process(tmp_path, stage):
     found = subprocess.run([PYTHON, "-c", "import deepspeed"], capture_output=True, text=True, env=ENV)
@@ -64,7 +65,7 @@ def test_zero_on_two_cpu_processes_matches_one_process(tmp_path, stage):
     assert torch.allclose(wa[worst], wb[worst], atol=5e-5), (worst, float((wa[worst] - wb[worst]).abs().max()))
 
 
-@pytest.mark.slow
+@pytest.mark.deepspeed
 def test_gradient_accumulation_under_deepspeed_is_refused_before_any_write(tmp_path):
     """accelerate steps DeepSpeed's optimizer at every micro-batch of alignkit's loop (which accumulates itself):
     with 2 micro-batches a step the run silently trained differently from its batch. Refused instead."""

@@ -1,5 +1,6 @@
 """Online DPO (Guo et al., arXiv 2402.04792), as TRL 1.16's experimental OnlineDPOTrainer: two samples per prompt
-from the policy, ranked by reward functions or reward models (alignkit_dpo.online_rollout), then the DPO loss
+from the policy, ranked by reward functions, reward models or a pairwise judge (alignkit_dpo.online_rollout), then
+the DPO loss
 against the reference with every loss type, loss list and option of this plugin's DPO (alignkit_dpo.DPOLoss).
 
 `ipo` is OnlineDPOTrainer's: (summed log-ratio difference - 1 / (2 beta))^2, not DPOTrainer's per-token means.
@@ -37,6 +38,10 @@ class OnlineDPOConfig(DPOConfig):
     reward_funcs: list[str] = Field(default_factory=list, description="Reward functions by name (registered by "
                                     "plugins), or model:PATH for a sequence-classification reward model; required.")
     reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1).")
+    judge: str | None = Field(None, description="A pairwise judge that picks the better sample of each pair instead "
+                              "of the rewards (TRL's OnlineDPOTrainer(judge=...)): judge:MODEL, MODEL a causal LM "
+                              "folder, a hub name or builtin:tiny; its prompt is rewards.judge_pairwise_template. "
+                              "reward_funcs, if any, are then only logged.")
     # ---- the built-in demo ----
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised steps on the demo task before training (the demo "
                                   "sets it; seeded, at every start, before the reference is copied).")
@@ -50,6 +55,13 @@ class OnlineDPOConfig(DPOConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"method.reward_weights has {len(self.reward_weights)} entries, method.reward_funcs "
                              f"{len(self.reward_funcs)}; give one weight per reward function")
+        if self.judge is not None:
+            from alignkit.online.judge import JUDGE_PREFIX, check_judge
+
+            if not self.judge.startswith(JUDGE_PREFIX):
+                raise ValueError(f"method.judge={self.judge!r}: write judge:MODEL (e.g. judge:builtin:tiny or "
+                                 "judge:path/to/causal-lm)")
+            check_judge(self.judge, "method.judge")
         if self.precompute_ref_log_probs:
             raise ValueError("method.precompute_ref_log_probs: Online DPO samples new completions every step, so "
                              "the reference log-probs cannot be computed before training; set it to false")

@@ -54,13 +54,35 @@ class OnlineDPORollout(GroupRollout):
     seed_tag = ("online-dpo",)
 
     def __init__(self, config, tokenizer, rewards=None) -> None:
-        if not config.reward_funcs:
+        self.judge = None  # method.judge: loaded at the first step, with the run's rewards: block's templates
+        self.rewards_settings = getattr(rewards, "settings", None)
+        if not config.reward_funcs and not config.judge:
             known = ", ".join(sorted(rewards.functions)) if rewards is not None else "none"
             raise ConfigError("method.reward_funcs is empty: Online DPO ranks its two samples per prompt by reward; "
-                              f"give reward functions by name (registered: {known}) or model:PATH")
+                              f"give reward functions by name (registered: {known}) or model:PATH, or a pairwise "
+                              "judge (method.judge=judge:MODEL)")
         super().__init__(config, tokenizer, rewards=rewards)
 
     def __call__(self, batch: dict, ctx) -> dict:
         out = self.sample_and_score(batch, ctx)
-        scores, order = rank_pairs(out["rewards"], ~out["is_truncated"], self.config.missing_eos_penalty)
+        if self.config.judge:  # as TRL: the judge's pick decides; missing_eos_penalty applies to reward scores only
+            scores, order = rank_pairs(self.judged(batch, out), ~out["is_truncated"], None)
+        else:
+            scores, order = rank_pairs(out["rewards"], ~out["is_truncated"], self.config.missing_eos_penalty)
         return pair_batch(out, scores, order, self.config.max_length)
+
+    def judged(self, batch: dict, out: dict) -> torch.Tensor:
+        """[N] the judge's probability that each sample is the better of its pair (first: p, second: 1 - p)."""
+        from alignkit.online import Judge
+
+        if self.judge is None:
+            settings = self.rewards_settings
+            self.judge = Judge.load(self.config.judge.removeprefix("judge:").removeprefix("model:"),
+                                    getattr(settings, "judge_template", None),
+                                    getattr(settings, "judge_pairwise_template", None))
+        texts = self.tokenizer.batch_decode([ids[mask.bool()].tolist() for ids, mask in
+                                             zip(out["completion_ids"], out["completion_mask"])],
+                                            skip_special_tokens=True)
+        first = torch.tensor(self.judge.compare(list(batch["prompt"]), texts[0::2], texts[1::2]),
+                             dtype=torch.float32, device=out["completion_ids"].device)
+        return torch.stack([first, 1 - first], 1).reshape(-1)

@@ -74,6 +74,7 @@ def test_demo_learns_offline(tmp_path):
     evals = [r for r in read_jsonl(tmp_path / "outputs" / "online-dpo" / "metrics.jsonl") if "eval_reward" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == DEMO_STEPS
     assert evals[-1]["eval_reward"] - evals[0]["eval_reward"] >= 0.15, [e["eval_reward"] for e in evals]
+    readme_figures.assert_demo_matches("online-dpo", tmp_path / "outputs" / "online-dpo" / "metrics.jsonl")
     assert elapsed < 300 or os.getloadavg()[0] > 3, elapsed
 
 

@@ -94,6 +94,8 @@ def test_an_empty_reward_list_is_refused_naming_the_registered_rewards():
     (["method.loss_type=dpo_nope"], "is not a loss type"),
     (["method.precompute_ref_log_probs=true"], "method.precompute_ref_log_probs"),
     (["method.missing_eos_penalty=-1"], "missing_eos_penalty"),
+    (["method.judge=builtin:tiny"], "method.judge='builtin:tiny': write judge:MODEL"),
+    (["method.judge=judge:/no/such/judge"], "method.judge: judge:/no/such/judge: no such model folder"),
 ])
 def test_user_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, setting, says):
     out = tmp_path / "out"
@@ -117,3 +119,22 @@ def test_a_reward_model_path_that_is_not_a_classifier_is_one_line_exit_2_and_wri
     line = refused("run", "--method", "online-dpo", f"method.reward_funcs=[model:{tmp_path / 'causal'}]",
                    f"train.output_dir={tmp_path / 'out'}", written=tmp_path / "out")
     assert "is a LlamaForCausalLM, not a sequence classifier" in line, line
+
+
+def test_a_pairwise_judge_ranks_each_pair_by_its_preference():
+    """method.judge: the judge's P(first is better) for each pair (first: p, second: 1 - p) decides the chosen row."""
+    from alignkit.online import Judge
+    from alignkit.online.completions import pad_rows
+
+    tok = tiny_tokenizer()
+    rollout = OnlineDPORollout(OnlineDPOConfig(judge="judge:builtin:tiny"), tok)
+    texts = ["one two three", "3 2 1", "nine", "seven eight"]
+    ids, mask = pad_rows([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id, left=False)
+    batch = {"prompt": ["sort: 3 1 2 =", "sort: 9 8 7 ="]}
+    p = rollout.judged(batch, {"completion_ids": ids, "completion_mask": mask})
+    decoded = tok.batch_decode([i[m.bool()].tolist() for i, m in zip(ids, mask)], skip_special_tokens=True)
+    want = Judge.load("builtin:tiny").compare(batch["prompt"], decoded[0::2], decoded[1::2])
+    assert p[0::2].tolist() == pytest.approx(want, abs=1e-6) and torch.allclose(p[0::2] + p[1::2], torch.ones(2))
+    assert len(set(round(x, 4) for x in want)) == 2  # the two pairs get different preferences: the texts reach it
+    _, order = rank_pairs(p, torch.tensor([False, True, True, False]), None)
+    assert order.tolist()[:2] == [0 if want[0] >= 0.5 else 1, 2 if want[1] >= 0.5 else 3]

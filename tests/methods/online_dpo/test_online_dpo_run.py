@@ -28,6 +28,13 @@ def test_a_weighted_list_of_dpo_loss_types_trains_online(tmp_path):
     assert rows[1]["objective/kl"] != pytest.approx(0.0, abs=1e-5)
 
 
+def test_a_pairwise_judge_replaces_the_rewards(tmp_path):
+    rows = _run(tmp_path, {"judge": "judge:builtin:tiny", "reward_funcs": [], "missing_eos_penalty": None})
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    # the ranking scores are the judge's probabilities: in [0, 1], chosen >= rejected, each pair summing to 1
+    assert all(r["objective/scores_margin"] >= 0 and r["objective/scores"] == pytest.approx(0.5) for r in rows)
+
+
 def test_lora_trains_against_the_policy_with_its_adapters_off(tmp_path):
     """LoRA's dropout (0.05) is off as TRL's disable_dropout does: at step 1 the policy scores as its reference."""
     rows = _run(tmp_path, {}, model={"peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
