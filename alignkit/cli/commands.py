@@ -85,6 +85,7 @@ def cli(quiet: bool, verbose: bool) -> None:
 
     \b
     alignkit methods                              list the installed methods
+    alignkit environments                         list the environments for multi-turn rollouts
     alignkit run --method NAME                    the built-in demo: tiny model, offline, seconds on a CPU
     alignkit run --method NAME -c my.yaml train.max_steps=100
     alignkit config --method NAME > my.yaml       every key, with its default and description
@@ -153,6 +154,23 @@ def methods():
         click.echo(f"(broken)     {b.dist}: {b.error}", err=True)
     if not registry.methods:
         click.echo("no methods installed", err=True)
+
+
+@cli.command()
+def environments():
+    """List the environments for multi-turn rollouts (method.environment=NAME) with their distribution and tools.
+
+    \b
+    alignkit environments
+    alignkit run --method grpo method.environment=calculator
+    """
+    from alignkit.online.environments import EnvironmentRegistry
+
+    registry = EnvironmentRegistry.from_plugins(get_plugin_manager())
+    for name, (factory, source) in sorted(registry.factories.items()):
+        tools = [getattr(fn, "__name__", "?") for fn in getattr(factory, "tools", ()) or ()]
+        listed = f" (tools: {', '.join(tools)})" if tools else ""
+        click.echo(f"{name:<12} {source}  {registry.describe(name)}{listed}")
 
 
 @cli.command(context_settings=_passthrough)
