@@ -51,6 +51,8 @@ class EnvironmentConfig(MethodConfig):
                                                 description="The environment's own options (its options_class).")
     max_turns: int = Field(4, gt=0, description="With an environment: most model turns per episode (the episode's "
                            "tokens are also bounded by max_completion_length).")
+    max_turn_length: int | None = Field(None, gt=0, description="With an environment: most new tokens per model "
+                                        "turn (null: what is left of max_completion_length).")
 
 
 async def _value(x):

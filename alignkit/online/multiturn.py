@@ -97,6 +97,7 @@ def run_episodes(spec: EnvironmentSpec, rows: list[dict], prompts: list[list[int
     episodes = [Episode(env, row, renderer.prompt(first) if first else list(ids))
                 for (env, row, ids), first in zip(episodes, firsts)]
     budget = config.max_completion_length
+    per_turn = getattr(config, "max_turn_length", None) or budget
     sampling = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
                 "stop_token_ids": renderer.stop_ids}
     for turn in range(max_turns):
@@ -105,10 +106,10 @@ def run_episodes(spec: EnvironmentSpec, rows: list[dict], prompts: list[list[int
             break
         if turn == 0:  # each prompt's group, as a single-turn rollout samples it
             firsts = [active[i].context() for i in range(0, len(active), n)]
-            samples = [c for group in generator.generate(firsts, n=n, max_new_tokens=budget, seed=seed, **sampling)
-                       for c in group]
+            samples = [c for group in generator.generate(firsts, n=n, max_new_tokens=min(per_turn, budget), seed=seed,
+                                                         **sampling) for c in group]
         else:
-            room = max(budget - len(e.ids) for e in active)
+            room = min(per_turn, max(budget - len(e.ids) for e in active))
             samples = [g[0] for g in generator.generate([e.context() for e in active], n=1, max_new_tokens=room,
                                                         seed=hash_turn(seed, turn), **sampling)]
         for e, sample in zip(active, samples):

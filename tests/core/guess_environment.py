@@ -29,7 +29,7 @@ class GuessEnvironment:
     async def reset(self, row):
         await asyncio.sleep(0)
         GuessEnvironment.resets.append(row["prompt"])
-        return [{"role": "user", "content": "guess a digit"}]
+        return [{"role": "user", "content": f"guess a digit ({row['prompt']})"}]
 
     async def step(self, message):
         await asyncio.sleep(0)

@@ -55,7 +55,7 @@ def test_registering_a_name_twice_names_both_sources():
 def test_async_reset_and_step_are_awaited_together():
     env = guess_environment.GuessEnvironment(guess_environment.GuessOptions(secret=3))
     first, = resolve_all([env.reset({"prompt": "p"})])
-    assert first == [{"role": "user", "content": "guess a digit"}]
+    assert first == [{"role": "user", "content": "guess a digit (p)"}]
     a, b = resolve_all([env.step({"role": "assistant", "content": "1"}), env.step({"role": "assistant",
                                                                                   "content": "3"})])
     assert a == ([{"role": "user", "content": "higher"}], {"hit": 0.0}, False) and b == (None, {"hit": 1.0}, True)
