@@ -160,3 +160,51 @@ def test_environment_tokens_are_never_trained(fused):
     assert kl_a == kl_b
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.allclose(a[n], c[n]) for n in a)
+
+
+SMALL = ["method.num_generations=2", "method.max_completion_length=48", "method.max_turn_length=6",
+         "method.max_turns=3", "method.sft_warmup_steps=0", "method.environment=guess",
+         "method.environment_options={secret: 7}", "train.per_device_train_batch_size=2", "data.max_train_samples=16",
+         "data.max_eval_samples=2", "train.per_device_eval_batch_size=2", "train.eval_steps=null",
+         "train.logging_steps=1", "train.disable_tqdm=true", "train.plots=false"]
+
+
+def guess_cli(site):
+    """A runner of `alignkit run -m grpo` in a subprocess that imports this tree (not the installed one) and the
+    guess plugin through its entry point."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    info = site / "alignkit_guess-0.1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: alignkit-guess\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[alignkit]\nguess = guess_environment\n")
+    path = [str(site), str(ROOT / "tests" / "core"), str(ROOT), *map(str, sorted((ROOT / "plugins").glob("*/")))]
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ":".join(path),
+           "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo,alignkit-guess", "PATH": os.environ.get("PATH", ""),
+           "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))}
+
+    def cli(out, *args, wait=True):
+        proc = subprocess.Popen([sys.executable, "-m", "alignkit", "-q", "run", "-m", "grpo",
+                                 f"train.output_dir={out}", *SMALL, *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if wait:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+        return proc
+
+    return cli
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_bit_identical_weights(tmp_path):
+    """Episodes of several turns (the guess environment answers every wrong guess) resume exactly after a SIGKILL."""
+    from helpers import kill_at_checkpoint_then_resume, read_jsonl
+
+    last = kill_at_checkpoint_then_resume(tmp_path, guess_cli(tmp_path / "site"),
+                                          ["train.max_steps=4", "train.save_steps=2"])
+    turns = [r["episodes/turns/mean"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    assert last["step"] == 4 and len(turns) == 4 and max(turns) > 1, turns
