@@ -208,3 +208,34 @@ def test_sigkill_mid_run_then_resume_gives_bit_identical_weights(tmp_path):
                                           ["train.max_steps=4", "train.save_steps=2"])
     turns = [r["episodes/turns/mean"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
     assert last["step"] == 4 and len(turns) == 4 and max(turns) > 1, turns
+
+
+def test_rollout_command_shows_each_turn_and_which_tokens_are_trained(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from alignkit.cli.commands import cli
+    from helpers import ROOT
+
+    info = tmp_path / "alignkit_guess-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: alignkit-guess\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[alignkit]\nguess = guess_environment\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "core"))
+    monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit,alignkit-grpo,alignkit-guess")
+    result = CliRunner().invoke(cli, ["-q", "rollout", "-m", "grpo", "-n", "1", *SMALL[:-4]])
+    assert result.exit_code == 0, (result.output, result.exception)
+    text = result.stdout
+    assert text.count("--- sample ") == 2 and "model turn 1 (" in text and "model turn 2 (" in text, text
+    env_parts = text.split("environment (")[1:]
+    assert env_parts and all("not trained):\n" in p for p in env_parts)
+    hints = [p.split("\nmodel turn")[0].split("\n---")[0].split(":\n", 1)[1] for p in env_parts]
+    assert all("[[" not in h and ("higher" in h or "lower" in h) for h in hints), hints
+    model = text.split("model turn 1 (")[1].split("\n")[1]
+    assert model.strip().startswith("[[") and model.strip().endswith("]]"), model
+
+
+def test_rollout_command_refuses_a_method_without_a_rollout():
+    from helpers import refused
+
+    assert "method 'orpo' has no rollout" in refused("rollout", "-m", "orpo")
