@@ -42,9 +42,11 @@ class Scripted:
         return [[list(turn) for _ in range(n)] for _ in prompt_ids]
 
 
-def rollout(pm=None, **settings):
-    pm = pm or plugin_manager(alignkit_grpo)
-    method = build_registry(pm).get("grpo")  # its config with the rollout's environment keys
+def rollout(pm=None, method="grpo", **settings):
+    import alignkit_rloo
+
+    pm = pm or plugin_manager(alignkit_grpo, alignkit_rloo)
+    method = build_registry(pm).get(method)  # its config with the rollout's environment keys
     config = method.config(**{"num_generations": 2, "max_completion_length": 120, "reward_funcs": ["exact-match"],
                               "environment": "calculator", "max_turns": 3, **settings})
     return method.rollout(config, tiny_tokenizer(), rewards=RewardRegistry.from_plugins(pm))
@@ -65,13 +67,15 @@ def spelled(text):
     return [tok.convert_tokens_to_ids(c) for c in text]
 
 
-def test_the_completion_is_the_sampled_ids_and_the_templates_rendering_of_the_tool_result():
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_the_completion_is_the_sampled_ids_and_the_templates_rendering_of_the_tool_result(method):
     tok = tiny_tokenizer()
     end = tok.convert_tokens_to_ids("<|end|>")
     first, second = spelled(CALL) + [end], spelled("42") + [end]
     assert first[:-1] != tok(CALL, add_special_tokens=False)["input_ids"]  # re-tokenizing would change them
     gen = Scripted([first, second])
-    out = rollout()(prompt_batch(["What is 6*7?"], ["42"]), Ctx(gen))
+    beta = {"beta": 0.0} if method == "rloo" else {}  # (the KL in RLOO's reward needs a model to score with)
+    out = rollout(method=method, **beta)(prompt_batch(["What is 6*7?"], ["42"]), Ctx(gen))
     env = tok("\n<|user|>\n<tool_response>42</tool_response><|end|>\n<|assistant|>\n",
               add_special_tokens=False)["input_ids"]
     expected = first + env + second
