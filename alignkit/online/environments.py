@@ -186,6 +186,8 @@ class ToolOptions(BaseModel):
     tools: list[str] | None = Field(None, description="The tools offered, by function name (null: all).")
     timeout: float = Field(5.0, gt=0, description="Seconds a tool call may run; past it the model reads an error.")
     max_calls: int = Field(4, gt=0, description="Tool calls run per model turn (later ones are errors).")
+    describe_tools: bool = Field(True, description="Give the chat template the tools' schemas (tools=) in the "
+                                 "prompt; false: the model knows them from training (shorter prompts).")
 
 
 class ToolEnvironment:
@@ -207,7 +209,8 @@ class ToolEnvironment:
 
     @property
     def tool_schemas(self) -> list[dict]:
-        return [tool_schema(fn) for fn in self.functions.values()]
+        """The schemas the chat template gets as `tools=` (none with describe_tools false)."""
+        return [tool_schema(fn) for fn in self.functions.values()] if self.options.describe_tools else []
 
     def reset(self, row: dict) -> Messages:
         prompt = row["prompt"]

@@ -178,6 +178,8 @@ def episode_batch(episodes: list[Episode], pad_id: int, reward_names: list[str])
     for key in ("calls", "well_formed", "errors"):
         if all(hasattr(e.env, key) for e in episodes):
             stats[f"tool_{key}"] = [getattr(e.env, key) for e in episodes]
+    if "tool_well_formed" in stats:  # the share of episodes with a well-formed call of a tool
+        stats["tool_used"] = [float(w > 0) for w in stats["tool_well_formed"]]
     errors = [line for e in episodes for line in getattr(e.env, "log", [])]
     if errors:
         log.info("environment: %d tool call errors this rollout (first: %s)", len(errors), errors[0])
