@@ -186,25 +186,29 @@ class ToolOptions(BaseModel):
     tools: list[str] | None = Field(None, description="The tools offered, by function name (null: all).")
     timeout: float = Field(5.0, gt=0, description="Seconds a tool call may run; past it the model reads an error.")
     max_calls: int = Field(4, gt=0, description="Tool calls run per model turn (later ones are errors).")
+    call_reward: float = Field(0.0, description="Reward part tool_call (column env/tool_call): this much for the "
+                               "first tool call of an episode that runs without error (0: tool use is not rewarded).")
     describe_tools: bool = Field(True, description="Give the chat template the tools' schemas (tools=) in the "
                                  "prompt; false: the model knows them from training (shorter prompts).")
 
 
 class ToolEnvironment:
     """An environment of plain Python functions (subclass it and list them in `tools`). Each model turn's tool calls
-    are run, their results returned as `tool` messages; a turn without a tool call ends the episode. Counts per
+    are run, their results returned as `tool` messages; a turn without a tool call ends the episode. Its reward part
+    `tool_call` is `call_reward` for the episode's first call that ran without error (0 by default). Counts per
     episode: `calls`, `well_formed` (parsed and naming a tool) and `errors` (malformed, unknown tool, raised, timed
     out or non-text)."""
 
     tools: tuple = ()
     options_class = ToolOptions
-    reward_names: tuple = ()
+    reward_names: tuple = ("tool_call",)
     convention = QWEN
 
     def __init__(self, options: ToolOptions | None = None) -> None:
         self.options = options or self.options_class()
         self.functions = {fn.__name__: fn for fn in selected_tools(type(self), self.options)}
         self.calls = self.well_formed = self.errors = 0
+        self.rewarded = False  # a call ran without error (call_reward is given once)
         self.log: list[str] = []
 
     @property
@@ -219,8 +223,8 @@ class ToolEnvironment:
     def step(self, message: dict) -> tuple[Messages | None, dict, bool]:
         calls = parse_tool_calls(message.get("content") or "", self.convention)
         if not calls:
-            return None, {}, True
-        out = []
+            return None, {"tool_call": 0.0}, True
+        out, rewarded = [], self.rewarded
         for i, call in enumerate(calls):
             self.calls += 1
             if call.error:
@@ -236,9 +240,12 @@ class ToolEnvironment:
                 if ran.error:
                     self.errors += 1
                     self.log.append(f"{call.name}: {ran.error}")
+                else:
+                    self.rewarded = True
                 out.append({"role": "tool", "name": call.name, "content": result})
                 continue
             self.errors += 1
             self.log.append(result)
             out.append({"role": "tool", "name": call.name or "unknown", "content": result})
-        return out, {}, False
+        first = self.rewarded and not rewarded
+        return out, {"tool_call": self.options.call_reward if first else 0.0}, False

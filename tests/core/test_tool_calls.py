@@ -115,16 +115,19 @@ def test_tool_environment_counts_calls_errors_and_ends_on_a_plain_answer():
     class Env(ToolEnvironment):
         tools = (add, hang)
 
-    env = Env(ToolOptions(timeout=0.2))
+    env = Env(ToolOptions(timeout=0.2, call_reward=0.5))
     assert env.reset({"prompt": "1+2?"}) == [{"role": "user", "content": "1+2?"}]
     turn = ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
             '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>oops</tool_call>'
             '<tool_call>{"name": "hang", "arguments": {"a": 1}}</tool_call>')
     observation, parts, done = env.step({"role": "assistant", "content": turn})
-    assert not done and parts == {}
+    assert not done and parts == {"tool_call": 0.5}  # the first call that ran
     assert [m["content"] for m in observation][0] == "3"
     assert all(m["role"] == "tool" for m in observation) and len(observation) == 4
     assert "no tool 'nope'" in observation[1]["content"] and "malformed" in observation[2]["content"]
     assert "timed out" in observation[3]["content"]
     assert (env.calls, env.well_formed, env.errors) == (4, 2, 3)
-    assert env.step({"role": "assistant", "content": "3"}) == (None, {}, True)
+    again = env.step({"role": "assistant", "content": '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}'
+                                                      '</tool_call>'})
+    assert again == ([{"role": "tool", "name": "add", "content": "2"}], {"tool_call": 0.0}, False)  # rewarded once
+    assert env.step({"role": "assistant", "content": "3"}) == (None, {"tool_call": 0.0}, True)

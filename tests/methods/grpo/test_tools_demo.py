@@ -33,7 +33,7 @@ def test_worked_episodes_call_the_tool_or_guess_wrong():
         assert observation == [result] and not done and answer["content"] == result["content"]
         assert answer["content"] == calculate(user["content"].removeprefix("what is ").removesuffix("?"))
     guesses = [e for e in episodes if len(e) == 2]
-    assert all(CalculatorEnvironment().step(a) == (None, {}, True) for _, a in guesses[:20])
+    assert all(CalculatorEnvironment().step(a) == (None, {"tool_call": 0.0}, True) for _, a in guesses[:20])
 
 
 def test_without_tool_descriptions_the_prompt_is_only_the_conversation(tok):
