@@ -182,7 +182,7 @@ def episode_batch(episodes: list[Episode], pad_id: int, reward_names: list[str])
         stats["tool_used"] = [float(w > 0) for w in stats["tool_well_formed"]]
     errors = [line for e in episodes for line in getattr(e.env, "log", [])]
     if errors:
-        log.info("environment: %d tool call errors this rollout (first: %s)", len(errors), errors[0])
+        log.debug("environment: %d tool call errors this rollout (first: %s)", len(errors), errors[0])
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
             "completion_mask": trained, "completion_attention_mask": attention,
             "completion_length": torch.tensor([len(e.ids) for e in episodes]),
