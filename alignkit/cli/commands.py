@@ -163,7 +163,7 @@ def environments():
 
     \b
     alignkit environments
-    alignkit run --method grpo method.environment=calculator
+    alignkit run --method NAME method.environment=calculator
     """
     from alignkit.online.environments import EnvironmentRegistry
 
@@ -224,8 +224,8 @@ def rollout(method, config_file, count, overrides):
     Trained tokens (the model's own) are [[bracketed]] (green on a terminal); the environment's are plain.
 
     \b
-    alignkit rollout --method grpo -n 2
-    alignkit rollout --method grpo method.environment=calculator data.train=builtin:arithmetic
+    alignkit rollout --method NAME -n 2
+    alignkit rollout --method NAME method.environment=calculator data.train=builtin:arithmetic
     """
     from alignkit.cli.rollout_view import show_rollout
 

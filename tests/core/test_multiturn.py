@@ -191,8 +191,8 @@ def guess_cli(site):
            "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo,alignkit-guess", "PATH": os.environ.get("PATH", ""),
            "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))}
 
-    def cli(out, *args, wait=True):
-        proc = subprocess.Popen([sys.executable, "-m", "alignkit", "-q", "run", "-m", "grpo",
+    def cli(out, *args, wait=True, launcher=()):
+        proc = subprocess.Popen([*(launcher or [sys.executable]), "-m", "alignkit", "-q", "run", "-m", "grpo",
                                  f"train.output_dir={out}", *SMALL, *args], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         if wait:
@@ -243,3 +243,25 @@ def test_rollout_command_refuses_a_method_without_a_rollout():
     from helpers import refused
 
     assert "method 'orpo' has no rollout" in refused("rollout", "-m", "orpo")
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_same_episodes_as_one(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port, read_jsonl
+
+    cli = guess_cli(tmp_path / "site")
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
+    args = ["train.max_steps=2", "train.save_steps=null", "method.scale_rewards=batch"]
+    cli(tmp_path / "two", *args, "train.per_device_train_batch_size=1", launcher=[*torchrun, "--no-python",
+                                                                                   sys.executable])
+    cli(tmp_path / "one", *args, "train.per_device_train_batch_size=2")
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "reward", "episodes/turns/mean", "completions/mean_length", "rewards/env/hit/mean"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
