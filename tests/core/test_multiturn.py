@@ -261,6 +261,7 @@ def test_two_processes_run_the_same_episodes_as_one(tmp_path):
     cli(tmp_path / "one", *args, "train.per_device_train_batch_size=2")
     one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in one] == [r["step"] for r in two]
+    assert max(r.get("episodes/turns/mean", 0) for r in one) > 1  # episodes of several turns
     for a, b in zip(one, two):
         for key in ("loss", "reward", "episodes/turns/mean", "completions/mean_length", "rewards/env/hit/mean"):
             if key in a:
