@@ -3,10 +3,10 @@
 A tool is a function with typed parameters and a Google-style docstring; `tool_schema(fn)` turns it into the JSON
 schema chat templates take as `tools=` (transformers' `get_json_schema`; a function whose signature cannot become a
 schema is a ConfigError naming it). The model's tool calls are parsed from its text by the chat template's
-convention (`tool_call_convention(tokenizer)`; Qwen-style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-which the built-in tokenizer's template also uses), and run by `run_tool` with a timeout: a tool that raises, hangs
-past its timeout or returns anything but text gives an error text for the model instead (`ToolResult.error`), never
-a crash. `ToolEnvironment` (alignkit.online.environments) puts these together.
+convention (Qwen-style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, which the built-in tokenizer's
+template also describes; a ToolEnvironment's `convention` attribute names another), and run by `run_tool` with a
+timeout: a tool that raises, hangs past its timeout or returns anything but text gives an error text for the model
+instead (`ToolResult.error`), never a crash. `ToolEnvironment` (alignkit.online.environments) puts these together.
 """
 
 import json
@@ -37,12 +37,6 @@ def tool_schema(fn: Callable, where: str = "tool") -> dict:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(f"{where} {name!r} cannot become a tool schema ({reason}); give every parameter a type hint "
                           "and a Google-style docstring with an Args: line per parameter") from None
-
-
-def tool_call_convention(tokenizer) -> tuple[str, str, str]:
-    """The tool-call convention of the tokenizer's chat template: Qwen-style when the template writes
-    `<tool_call>` (or has no template of its own rendering of tool calls: alignkit's default)."""
-    return QWEN
 
 
 @dataclass
