@@ -65,12 +65,14 @@ class Registry:
 
     def resolve(self, method: Method) -> Method:
         """The method with formatter and loss given by name replaced by their classes, and its config
-        extended by the fields its formatter reads (the formatter's config_class)."""
+        extended by the fields its formatter and its rollout read (their config_class)."""
         formatter = self.part("formatters", method.formatter, method.name) if isinstance(method.formatter,
                                                                                          str) else method.formatter
         loss = self.part("losses", method.loss, method.name) if isinstance(method.loss, str) else method.loss
-        needed = getattr(formatter, "config_class", None)
-        config = method.config if needed is None else _with_fields(method.config, needed)
+        config = method.config
+        for part in (formatter, method.rollout):  # the fields each part reads (e.g. a rollout's environment keys)
+            needed = getattr(part, "config_class", None)
+            config = config if needed is None else _with_fields(config, needed)
         return replace(method, formatter=formatter, loss=loss, config=config)
 
     def add(self, method: Method, source: str = "", version: str = "", plugin: str = "") -> None:

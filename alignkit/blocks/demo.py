@@ -172,3 +172,38 @@ def sft_warmup(model, tokenizer, steps: int, lr: float = 3e-3, batch_size: int =
     model.train(was_training)
     log.info("demo warm-up: %d supervised steps in %.1fs (last loss %.3f)", steps, time.time() - start, loss.item())
 
+
+
+def sft_warmup_conversations(model, tokenizer, conversations: list[list[dict]], steps: int, tools=None,
+                             lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> None:
+    """`steps` of next-token training on worked episodes (conversations rendered with the chat template and
+    `tools`, loss on the assistant turns only: the template's generation markers), in place, from its own seeded
+    generator: a multi-turn demo (e.g. the calculator's) starts RL from a model that knows the tool-call format."""
+    import torch
+
+    start = time.time()
+    g = torch.Generator().manual_seed(seed)
+    encoded = []
+    for messages in conversations:
+        r = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+        ids = list(r["input_ids"])
+        encoded.append((ids, [t if m else -100 for t, m in zip(ids, r["assistant_masks"])]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    was_training = model.training
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.tensor([encoded[i][0] + [tokenizer.pad_token_id] * (width - len(encoded[i][0])) for i in idx])
+        labels = torch.tensor([encoded[i][1] + [-100] * (width - len(encoded[i][1])) for i in idx])
+        mask = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in idx])
+        loss = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                     labels=labels.to(model.device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.train(was_training)
+    log.info("demo warm-up: %d supervised steps on worked episodes in %.1fs (last loss %.3f)", steps,
+             time.time() - start, loss.item())

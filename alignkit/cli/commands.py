@@ -85,10 +85,12 @@ def cli(quiet: bool, verbose: bool) -> None:
 
     \b
     alignkit methods                              list the installed methods
+    alignkit environments                         list the environments for multi-turn rollouts
     alignkit run --method NAME                    the built-in demo: tiny model, offline, seconds on a CPU
     alignkit run --method NAME -c my.yaml train.max_steps=100
     alignkit config --method NAME > my.yaml       every key, with its default and description
     alignkit format --method NAME                 how the training examples are tokenized
+    alignkit rollout --method NAME -n 2           an online method's samples, turn by turn
     alignkit plot outputs/NAME                    charts of a run's metrics
     alignkit chat --model outputs/NAME            talk to the trained model
     """
@@ -155,6 +157,23 @@ def methods():
         click.echo("no methods installed", err=True)
 
 
+@cli.command()
+def environments():
+    """List the environments for multi-turn rollouts (method.environment=NAME) with their distribution and tools.
+
+    \b
+    alignkit environments
+    alignkit run --method NAME method.environment=calculator
+    """
+    from alignkit.online.environments import EnvironmentRegistry
+
+    registry = EnvironmentRegistry.from_plugins(get_plugin_manager())
+    for name, (factory, source) in sorted(registry.factories.items()):
+        tools = [getattr(fn, "__name__", "?") for fn in getattr(factory, "tools", ()) or ()]
+        listed = f" (tools: {', '.join(tools)})" if tools else ""
+        click.echo(f"{name:<12} {source}  {registry.describe(name)}{listed}")
+
+
 @cli.command(context_settings=_passthrough)
 @_method
 @_config
@@ -192,6 +211,26 @@ def format_(method, config_file, count, overrides):
 
     cfg, chosen = api.load_config(method, config_file, _dotlist(overrides))
     click.echo(show_examples(cfg, chosen, count, color=sys.stdout.isatty()), nl=False)
+
+
+@cli.command(context_settings=_passthrough)
+@_method
+@_config
+@click.option("-n", "--n", "count", default=2, show_default=True, help="How many training prompts to roll out.")
+@_overrides
+def rollout(method, config_file, count, overrides):
+    """Show one rollout of an online method: each sample turn by turn, which tokens are trained, its rewards.
+
+    Trained tokens (the model's own) are [[bracketed]] (green on a terminal); the environment's are plain.
+
+    \b
+    alignkit rollout --method NAME -n 2
+    alignkit rollout --method NAME method.environment=calculator data.train=builtin:arithmetic
+    """
+    from alignkit.cli.rollout_view import show_rollout
+
+    cfg, chosen = api.load_config(method, config_file, _dotlist(overrides))
+    click.echo(show_rollout(cfg, chosen, count, get_plugin_manager(), color=sys.stdout.isatty()), nl=False)
 
 
 @cli.command()

@@ -51,6 +51,9 @@ def register_datasets(register):
     for name in SORT_DATASETS:
         register(name, lambda split, name=name: load_sort(name, split))
     register(SORT_PROMPTS, load_sort_prompts)
+    from alignkit.online.calculator import ARITHMETIC, load_arithmetic  # the calculator environment's demo data
+
+    register(ARITHMETIC, load_arithmetic)
 
 
 __all__ = [

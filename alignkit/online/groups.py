@@ -4,7 +4,9 @@
 
 It reads these fields of the method's config (TRL's names): `num_generations`, `max_completion_length`,
 `temperature`, `top_p`, `top_k`, `reward_funcs`, `reward_weights` (None: all 1) and, when present,
-`mask_truncated_completions`, `num_iterations` and `max_staleness`.
+`mask_truncated_completions`, `num_iterations` and `max_staleness`; and its own keys (`config_class`, added to the
+method's config): `environment` (multi-turn rollouts in a registered environment, alignkit.online.multiturn),
+`environment_options`, `max_turns`.
 """
 
 import math
@@ -12,6 +14,7 @@ import math
 import torch
 
 from alignkit.online.completions import pad_rows
+from alignkit.online.environments import EnvironmentConfig, EnvironmentRegistry
 from alignkit.online.generation import mix_seed
 from alignkit.online.rewards import RewardRegistry, score
 
@@ -44,11 +47,19 @@ class GroupRollout:
 
     #: mixed into every sampling seed (a method may keep its own stream of samples)
     seed_tag: tuple = ()
+    #: the method config's keys this rollout adds (the environment of multi-turn rollouts)
+    config_class = EnvironmentConfig
 
     def __init__(self, config, tokenizer, rewards: RewardRegistry | None = None) -> None:
         self.config, self.tokenizer = config, tokenizer
-        self.rewards = (rewards or RewardRegistry()).select(config.reward_funcs)
+        registry = rewards or RewardRegistry()
+        self.rewards = registry.select(config.reward_funcs)
         self.weights = config.reward_weights or [1.0] * len(self.rewards)
+        self.environment = None
+        if getattr(config, "environment", None):  # checked here, before any work: one line for a wrong name
+            self.environment = EnvironmentRegistry.from_plugins(registry.pm).select(config.environment,
+                                                                                   config.environment_options)
+            self.weights = [*self.weights, *[1.0] * len(self.environment.reward_names)]
 
     @property
     def iterations(self) -> int:
@@ -74,6 +85,9 @@ class GroupRollout:
         prompts = [ids[mask.bool()].tolist()
                    for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
         phase = ("train", ctx.step) if ctx.training else ("eval",)  # eval samples the same way at every evaluation
+        if self.environment is not None:
+            out = self.episodes(batch, prompts, ctx, mix_seed(*self.seed_tag, *phase))
+            return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         groups = ctx.generator.generate(prompts, n=n, max_new_tokens=cfg.max_completion_length,
                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                         stop_token_ids=[tok.eos_token_id], seed=mix_seed(*self.seed_tag, *phase))
@@ -90,6 +104,27 @@ class GroupRollout:
                **self.score(batch, completions)}
         return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
+    def episodes(self, batch: dict, prompts: list[list[int]], ctx, seed: int) -> dict:
+        """Multi-turn rollouts in the configured environment (alignkit.online.multiturn): the keys of
+        `sample_and_score`, with `completion_mask` 1 on the model's tokens only, `completion_attention_mask` 1 on
+        every token, the environment's reward parts as more reward columns (`env/NAME`, weight 1, summed over
+        the turns) and `episode_stats` (turns, tool calls per episode). Rewards score the last model turn."""
+        from alignkit.online.multiturn import episode_batch, run_episodes
+
+        cfg, n = self.config, self.config.num_generations
+        rows = [{k: batch[k][i] for k in batch if k not in ("prompt_input_ids", "prompt_attention_mask")}
+                for i in range(len(prompts))]
+        episodes = run_episodes(self.environment, rows, prompts, n, self.tokenizer, ctx.generator, cfg, seed,
+                                cfg.max_turns)
+        out = episode_batch(episodes, self.tokenizer.pad_token_id, self.environment.reward_names)
+        if getattr(cfg, "mask_truncated_completions", False):
+            out["completion_mask"] = out["completion_mask"] * (~out["is_truncated"])[:, None].long()
+        scored = self.score(batch, [e.last_turn for e in episodes])
+        per_func = torch.cat([scored["rewards_per_func"], out.pop("env_rewards")], 1)
+        names = scored["reward_names"] + [f"env/{k}" for k in self.environment.reward_names]
+        return {**out, "rewards": combine(per_func, self.weights), "rewards_per_func": per_func,
+                "reward_names": names}
+
     def score(self, batch: dict, completions: list[list[int]]) -> dict:
         """Each completion's rewards (per function, and their weighted sum), the prompt row's columns passed on."""
         n = self.config.num_generations
@@ -98,5 +133,5 @@ class GroupRollout:
         columns = {key: [v for v in values for _ in range(n)] for key, values in batch.items() if key not in skip}
         prompts = [p for p in batch["prompt"] for _ in range(n)]
         per_func = score(self.rewards, prompts, texts, columns)
-        return {"rewards": combine(per_func, self.weights), "rewards_per_func": per_func,
+        return {"rewards": combine(per_func, self.weights[:len(self.rewards)]), "rewards_per_func": per_func,
                 "reward_names": [name for name, _ in self.rewards]}

@@ -78,3 +78,9 @@ def on_train_end(run, metrics):
 def register_rewards(register):
     """Register reward functions for online methods by calling register(name, fn);
     fn(prompts, completions, **row_columns) returns one float (or None) per completion."""
+
+
+@hookspec
+def register_environments(register):
+    """Register environments for multi-turn rollouts by calling register(name, factory); factory(options) (or
+    factory() without an `options_class`) builds one environment per episode (alignkit.online.environments)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from alignkit import cache_dir
-from alignkit.blocks.demo import sft_warmup
+from alignkit.blocks.demo import sft_warmup, sft_warmup_conversations
 from alignkit.formatters import PromptOnlyFormatter
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,12 @@ def _versions() -> str:
     return f"{alignkit.__version__}:{plugin}"
 
 
-def _fingerprint(model, steps: int) -> str:
+def _fingerprint(model, steps: int, extra: str = "") -> str:
     """The warm-up's cache key: the versions, the source of the warm-up code (this module, and the core's demo module:
     its data and warm-up), the model class, the steps and the starting weights."""
     from alignkit.blocks import demo
 
-    h = hashlib.sha256(f"{_versions()}:{type(model).__name__}:{steps}".encode())
+    h = hashlib.sha256(f"{_versions()}:{type(model).__name__}:{steps}{extra}".encode())
     for module in (sys.modules[__name__], demo):
         h.update(inspect.getsource(module).encode())
     for name, p in sorted(model.state_dict().items()):
@@ -59,6 +59,22 @@ class GRPOFormatter(PromptOnlyFormatter):
         names = [n for n in self.config.reward_funcs if not n.startswith(MODEL_PREFIX)]
         check_data(RewardRegistry.from_plugins(pm or get_plugin_manager()).select(names), dataset, source)
 
+    def _episodes(self):
+        """(worked episodes, tool schemas, source digest) of the configured environment when it offers
+        `demonstrations()` (the calculator does), else None (the sorting demo's warm-up)."""
+        name = getattr(self.config, "environment", None)
+        if not name:
+            return None
+        from alignkit import get_plugin_manager
+        from alignkit.online.environments import EnvironmentRegistry
+
+        spec = EnvironmentRegistry.from_plugins(get_plugin_manager()).select(name, self.config.environment_options)
+        demos = getattr(spec.factory, "demonstrations", None)
+        if demos is None:
+            return None
+        source = hashlib.sha256(inspect.getsource(sys.modules[spec.factory.__module__]).encode()).hexdigest()[:16]
+        return demos(), getattr(spec.build(), "tool_schemas", None) or None, source
+
     def prepare_model(self, model) -> None:
         """With method.sft_warmup_steps (the demo sets it): that many supervised steps on the demo task before
         RL, cached (under $XDG_CACHE_HOME/alignkit/grpo-warmup) by the starting weights, the warm-up code and the
@@ -68,13 +84,18 @@ class GRPOFormatter(PromptOnlyFormatter):
             return
         from safetensors.torch import load_file, save_file
 
-        path = _cache_dir() / f"{_fingerprint(model, steps)}.safetensors"
+        episodes = self._episodes()  # a multi-turn demo: the environment's worked episodes (and its source)
+        extra = "" if episodes is None else f":{self.config.environment}:{episodes[2]}"
+        path = _cache_dir() / f"{_fingerprint(model, steps, extra)}.safetensors"
         if path.is_file():
             model.load_state_dict(load_file(str(path)), strict=False)
             log.info("demo warm-up: loaded the supervised start from %s", path)
             return
         with torch.random.fork_rng():
-            sft_warmup(model, self.tokenizer, steps)
+            if episodes is None:
+                sft_warmup(model, self.tokenizer, steps)
+            else:
+                sft_warmup_conversations(model, self.tokenizer, episodes[0], steps, tools=episodes[1])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
