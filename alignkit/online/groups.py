@@ -13,10 +13,14 @@ import math
 
 import torch
 
+from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.lmhead import LMHead
+from alignkit.blocks.logps import TokenScorer
 from alignkit.online.completions import pad_rows
 from alignkit.online.environments import EnvironmentConfig, EnvironmentRegistry
 from alignkit.online.generation import mix_seed
 from alignkit.online.rewards import RewardRegistry, score
+from alignkit.plugin.loss import Loss
 
 
 def combine(rewards_NF: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -135,3 +139,23 @@ class GroupRollout:
         per_func = score(self.rewards, prompts, texts, columns)
         return {"rewards": combine(per_func, self.weights[:len(self.rewards)]), "rewards_per_func": per_func,
                 "reward_names": [name for name, _ in self.rewards]}
+
+
+class GroupLoss(Loss):
+    """The common part of a group method's loss: dropout off, the policy's LM head split off for the fused head in
+    training (`head`; None: checkpointed chunks), a token scorer at the sampling temperature (`scorer`), and a
+    reference model only when `beta` != 0."""
+
+    head: LMHead | None = None
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.scorer = TokenScorer.from_config(config, temperature=config.temperature)
+
+    @property
+    def needs_reference_model(self) -> bool:  # beta == 0 loads no reference model
+        return self.config.beta != 0.0
+
+    def prepare_model(self, model) -> None:
+        disable_dropout(model)
+        self.head = self.scorer.head_of(model)

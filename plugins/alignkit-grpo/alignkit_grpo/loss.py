@@ -6,10 +6,8 @@ its own. Every metric is an exact (sum, count) pair with TRL 1.x's name.
 import torch
 
 import alignkit
-from alignkit.blocks.dropout import disable_dropout
-from alignkit.blocks.lmhead import LMHead
-from alignkit.blocks.logps import TokenScorer
 from alignkit.online.completions import completion_inputs, completion_logps, per_completion_token
+from alignkit.online.groups import GroupLoss
 from alignkit_grpo.config import GRPOConfig
 from alignkit_grpo.objective import (
     clip_metrics,
@@ -38,23 +36,11 @@ def gather_over_processes(values: torch.Tensor, ctx) -> torch.Tensor:
     return ctx.reduce(out, "sum").to(values.device)
 
 
-class GRPOLoss(alignkit.Loss):
+class GRPOLoss(GroupLoss):
     """Reads the rollout's batch: prompt/completion ids and masks, `advantages` [B], optional `old_logps` [B, C]
     (num_iterations > 1), and the rollout's reward statistics for the metrics."""
 
-    head: LMHead | None = None  # the policy's split-off head: training runs the fused head; None: checkpointed chunks
-
-    def __init__(self, config: GRPOConfig) -> None:
-        super().__init__(config)
-        self.scorer = TokenScorer.from_config(config, temperature=config.temperature)
-
-    @property
-    def needs_reference_model(self) -> bool:  # beta == 0 loads no reference model
-        return self.config.beta != 0.0
-
-    def prepare_model(self, model):
-        disable_dropout(model)
-        self.head = self.scorer.head_of(model)
+    config: GRPOConfig
 
     @property
     def collective(self) -> bool:  # the entropy quantile spans the micro-batch's tokens on every process

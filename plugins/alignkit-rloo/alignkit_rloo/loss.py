@@ -8,11 +8,11 @@ in the forward. Every metric is an exact (sum, count) pair with TRL's name."""
 import torch
 
 import alignkit
-from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.fusedhead import fused_row_terms
-from alignkit.blocks.lmhead import LMHead, final_hidden_states, require_head
-from alignkit.blocks.logps import TokenScorer, entropy_of
+from alignkit.blocks.lmhead import final_hidden_states, require_head
+from alignkit.blocks.logps import entropy_of
 from alignkit.online.completions import completion_inputs
+from alignkit.online.groups import GroupLoss
 from alignkit_rloo.config import RLOOConfig
 
 
@@ -23,24 +23,15 @@ def per_sequence_loss(logps, old_logps, advantages, config: RLOOConfig):
     return -torch.min(ratio * advantages, clipped * advantages), ratio
 
 
-class RLOOLoss(alignkit.Loss):
+class RLOOLoss(GroupLoss):
     """Reads the rollout's batch: prompt/completion ids and masks, `advantages` [B], optional `old_logps` [B]
     (num_iterations > 1), and the rollout's reward statistics for the metrics."""
 
-    head: LMHead | None = None  # the policy's split-off head: training runs the fused head; None: checkpointed chunks
+    config: RLOOConfig
 
     def __init__(self, config: RLOOConfig) -> None:
         super().__init__(config)
-        self.scorer = TokenScorer.from_config(config, temperature=config.temperature)
         self._checked: set[int] = set()
-
-    @property
-    def needs_reference_model(self) -> bool:  # beta == 0 loads no reference model
-        return self.config.beta != 0.0
-
-    def prepare_model(self, model):
-        disable_dropout(model)
-        self.head = self.scorer.head_of(model)
 
     def counts(self, batch):
         return {"completions": int(batch["completion_ids"].shape[0])}

@@ -176,7 +176,7 @@ def test_an_unknown_reward_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "alignkit: error: method.reward_funcs: no reward function 'exact-mach' (did you mean 'exact-match'?); "
         "registered: digits-format, exact-match, length-penalty, regex-match, sort-order, or model:PATH for a reward "
-        "model"]
+        "model, url:URL for a remote one, judge:MODEL for an LLM judge"]
     assert not (tmp_path / "out").exists()
 
 
