@@ -32,7 +32,7 @@ class GumbelNoise(LogitsProcessor):
         for row, g in zip(gumbel, self.generators):
             torch.rand(scores.shape[-1], generator=g, dtype=torch.float64, out=row)
         gumbel.clamp_(1e-300, 1 - 1e-16).log_().neg_().log_().neg_()
-        return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
+        return gumbel.to(device=scores.device, dtype=torch.float32).add_(scores.float())  # a + b == b + a exactly
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
