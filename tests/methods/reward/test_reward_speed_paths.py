@@ -10,7 +10,7 @@ from reward_support import train
 
 from alignkit import ConfigError
 from alignkit.testing import FixedLogits
-from helpers import read_jsonl
+from helpers import read_jsonl, refused
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -118,3 +118,12 @@ def test_a_run_shares_by_default_and_logs_the_unshared_losses(tmp_path):
         logged[name] = [r["loss"] for r in read_jsonl(result.output_dir / "metrics.jsonl") if "loss" in r]
     assert len(logged["shared"]) == 3
     assert logged["shared"] == pytest.approx(logged["padded"], rel=1e-4)
+
+
+def test_share_prompt_true_with_an_attention_that_cannot_share_is_one_line_before_any_write(tmp_path):
+    out = tmp_path / "out"
+    line = refused("run", "--method", "reward", "method.share_prompt=true", "model.attn_implementation=flex_attention",
+                   f"train.output_dir={out}", written=out)
+    assert line == ("alignkit: error: method.share_prompt needs a transformers sequence classifier with a pad token "
+                    "and an attention implementation in sdpa, eager (this model: LlamaForSequenceClassification, "
+                    "flex_attention); set method.share_prompt=false")
