@@ -96,6 +96,7 @@ def alignkit_worker(case: dict) -> dict:
     method_cfg = {"max_length": case["seq"]}
     if method == "distill":
         method_cfg.update(lmbda=0.0, seq_kd=False, beta=0.5)
+    method_cfg.update(case.get("method_options") or {})
     model_cfg = {"name_or_path": str(folder / "model")}
     if method == "distill":
         model_cfg["ref_name_or_path"] = str(folder / "teacher")
@@ -208,6 +209,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2x as many single rows)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="alignkit method options (YAML values), e.g. share_prompt=false to profile a path")
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--note", default="", help="a line about the machine's load")
@@ -217,6 +220,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.case))), flush=True)
         return
+    import yaml
+
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -224,7 +230,7 @@ def main() -> None:
                 for seq in args.seq:
                     folder = Path(tmp, f"{method}-{vocab}-{seq}")
                     case = dict(method=method, vocab=vocab, seq=seq, pairs=args.pairs, gc=args.gc, steps=args.steps,
-                                warmup=1, size="small", device="cpu", folder=str(folder),
+                                warmup=1, size="small", device="cpu", folder=str(folder), method_options=options,
                                 batch=args.pairs if method in ("dpo", "reward") else 2 * args.pairs)
                     save_models(case, folder)
                     row = {"case": case}

@@ -10,6 +10,9 @@ original rows, padding included, gets the hidden state it would get in the padde
 gathers them back into the [2 * pairs, T, H] layout.
 
 Needs an attention implementation that takes a custom 4D mask (sdpa, eager).
+
+A sequence classifier (e.g. a reward model) reads one position per row: `shared_scores` runs its pairs shared
+and applies its score head to the hidden state of each original row's pooled token only.
 """
 
 from dataclasses import dataclass
@@ -69,3 +72,40 @@ def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: tor
     second_index = g * total + torch.where(tt < prefix[:, None], tt, width + tt - prefix[:, None])
     del lengths
     return SharedRows(ids, pos, mask[:, None], torch.cat([first_index, second_index]))
+
+
+def sequence_classifier(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformers sequence classifier inside `model` (DDP / accelerate / PEFT wrappers) that `shared_scores`
+    can serve: a generic one (its `score` head read at each row's rightmost non-pad token, a pad token set) with an
+    attention implementation in SHARING_ATTENTION; else None."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if not isinstance(inner, GenericForSequenceClassification):
+        return None
+    config = inner.config.get_text_config()
+    ok = config.pad_token_id is not None and inner.config._attn_implementation in SHARING_ATTENTION
+    return inner if ok else None
+
+
+def shared_scores(model: torch.nn.Module, classifier: torch.nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """The pooled logits [2 * pairs, labels] of a right-padded [first; second] batch, as `model` gives them for
+    the padded batch, with each pair's common prefix run once (`classifier`: sequence_classifier(model)).
+
+    The forward goes through `model` (its wrappers' hooks run); the row's pooled token is chosen by the
+    classifier's own rule (the rightmost token that is not the pad id) on the original rows."""
+    pad = classifier.config.get_text_config().pad_token_id
+    width = input_ids.shape[1]
+    last = (torch.arange(width, device=input_ids.device) * (input_ids != pad)).argmax(-1)  # [2n]
+    dtype = next(classifier.parameters()).dtype
+    shared = share_rows(input_ids, attention_mask, dtype if dtype.is_floating_point else torch.float32)
+    outputs = model(input_ids=shared.input_ids, attention_mask=shared.attention_mask,
+                    position_ids=shared.position_ids, output_hidden_states=True, use_cache=False)
+    hidden_PLH = outputs.hidden_states[-1]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    pooled = hidden_PLH.reshape(-1, hidden_PLH.shape[-1])[shared.index[rows, last]]  # [2n, H]
+    return classifier.score(pooled)

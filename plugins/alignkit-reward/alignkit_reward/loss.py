@@ -14,8 +14,9 @@ column), `mean_reward` (every sequence), and the mean chosen and rejected reward
 import torch
 import torch.nn.functional as F
 
-from alignkit import Loss, LossOutput
+from alignkit import ConfigError, Loss, LossOutput
 from alignkit.blocks.dropout import disable_dropout
+from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, sequence_classifier, shared_scores
 from alignkit.plugin.loss import at_least_fp32
 
 
@@ -30,7 +31,8 @@ def reward_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 
 class RewardLoss(Loss):
-    """One forward of the classifier over the B chosen then the B rejected sequences."""
+    """One forward of the classifier over the B chosen then the B rejected sequences: each pair as one row, their
+    common prefix (the prompt) run once, where `share_prompt` allows and the model supports it."""
 
     #: TRL's num_tokens: the input tokens (chosen and rejected) trained on so far
     running_totals = {"num_tokens": "input_tokens"}
@@ -38,13 +40,24 @@ class RewardLoss(Loss):
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
+        if getattr(self.config, "share_prompt", None) and sequence_classifier(model) is None:
+            raise ConfigError(
+                f"method.share_prompt needs a transformers sequence classifier with a pad token and an attention "
+                f"implementation in {', '.join(SHARING_ATTENTION)} (this model: {type(model).__name__}, "
+                f"{getattr(getattr(model, 'config', None), '_attn_implementation', None)}); set "
+                f"method.share_prompt=false")
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"pairs": batch["input_ids"].shape[0] // 2, "input_tokens": int(batch["attention_mask"].sum())}
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        rewards = at_least_fp32(out.logits[:, 0])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        classifier = sequence_classifier(model) if getattr(self.config, "share_prompt", None) is not False else None
+        if classifier is not None and int(common_prefix(ids, mask).min()) > 0:
+            logits = shared_scores(model, classifier, ids, mask)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        rewards = at_least_fp32(logits[:, 0])
         n = rewards.shape[0] // 2
         chosen, rejected = rewards[:n], rewards[n:]
         losses = reward_losses(chosen, rejected, batch.get("margin"), self.config.center_rewards_coefficient)

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import refused, write_jsonl
 
-KEYS = ("center_rewards_coefficient, max_length, disable_dropout, dataset_num_proc")
+KEYS = ("center_rewards_coefficient, max_length, disable_dropout, share_prompt, dataset_num_proc")
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -22,4 +22,6 @@ def test_eval_metrics_and_gradients_equal_trl(tmp_path, monkeypatch):
         assert {"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} <= set(ours[case])
         assert abs(theirs[case]["eval_loss"] - 0.6931) > 0.01
     _, grad_worst = cmp.compare_gradients(tmp_path)
-    assert grad_worst <= 1e-5
+    # pairs share their prompt (method.share_prompt): the same sums over other shapes, float32 rounding of the
+    # gradients up to ~2e-5 of a tensor's largest entry, as reordered rows give (compare_reward_with_trl.py)
+    assert grad_worst <= 5e-5
