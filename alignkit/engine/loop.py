@@ -37,6 +37,7 @@ from alignkit.engine.rundata import RunData
 from alignkit.engine.schedule import Actions, Schedule
 from alignkit.engine.signals import StopSignals
 from alignkit.engine.state import Done, Prepared, RunState, Window
+from alignkit.engine.vision import save_processing
 from alignkit.errors import ConfigError, NonFiniteError
 from alignkit.online.rollout import RolloutStage, build_rollout
 from alignkit.plugin.context import StepContext, call
@@ -513,7 +514,7 @@ class Engine:
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
         acc.wait_for_everyone()  # every process is done with tmp before the main one empties it
         if acc.is_main_process:
-            self.tokenizer.save_pretrained(tmp)
+            save_processing(self.tokenizer, tmp)  # a vision-language model's processor too
             (tmp / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
                                                       notes=self.notes))
             names = sorted(p.name for p in tmp.iterdir())
