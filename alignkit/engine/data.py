@@ -13,6 +13,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from alignkit.errors import DataError
+from alignkit.formatters.vision import resolve_paths
 from alignkit.plugin.formatter import DataFormatter, DropExample
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def load_data(spec: str, split: str, builtins: Mapping[str, tuple[Callable, str]
         if path.is_dir():
             ds = _load_from_disk(path, split)
         elif path.suffix in FILE_LOADERS:
-            ds = _load_file(path)
+            ds = resolve_paths(_load_file(path), path.parent)  # image paths are relative to the data file
         elif path.exists():
             raise DataError(f"{spec}: unsupported file type; use one of {', '.join(FILE_LOADERS)}")
         else:
