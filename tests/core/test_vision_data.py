@@ -174,3 +174,15 @@ def test_a_vlm_folder_without_its_processor_is_refused_by_the_cli(tmp_path):
     write_images(tmp_path / "pics", ["red"])
     line = refused(*bad_args(tmp_path, image_rows(("red",)), model=tmp_path / "model"), written=tmp_path / "out")
     assert "is a vision-language model (Idefics3ForConditionalGeneration) without its processor" in line
+
+
+def test_alignkit_format_shows_each_images_placeholder_and_the_trained_tokens(tmp_path):
+    write_images(tmp_path / "pics")
+    data = write_jsonl(tmp_path / "train.jsonl", image_rows(("red",)))
+    result = CliRunner().invoke(cli, ["-q", "format", "-m", "sft", f"data.train={data}", f"model.name_or_path={VLM}",
+                                      "-n", "1"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    # one image: its 4 image tokens shown as one placeholder; the completion bracketed as trained
+    assert "<|user|>\n  <fake_token_around_image><global-img>[image: 4 tokens]<fake_token_around_image>which colour?" \
+        in result.output
+    assert "[[re]][[d]]" in result.output and "input: 1 image\n" in result.output
