@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from alignkit.blocks.valuehead import VALUE_HEAD, ValueHead
-from alignkit.builtin.vlm import tiny_vlm_config
+from alignkit.builtin.vlm import tiny_vlm_config, tiny_vlm_processor
 from alignkit.config import ModelConfig
 from alignkit.engine.data import quiet_hub
 from alignkit.engine.envvalues import resolve_env
@@ -134,7 +134,7 @@ def _load(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) ->
     if cfg.name_or_path in (BUILTIN, VLM):
         torch.manual_seed(seed)
         config = (tiny_llama_config(len(tokenizer), **(classifier or {})) if cfg.name_or_path == BUILTIN
-                  else tiny_vlm_config(tokenizer.processor))
+                  else tiny_vlm_config(getattr(tokenizer, "processor", None) or tiny_vlm_processor()))
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         auto = KINDS[kind].auto
         try:

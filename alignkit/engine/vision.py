@@ -31,14 +31,16 @@ def _local_config(name: str) -> dict | None:
 
 
 def load_processor(name: str, cfg):
-    """The processor of `name` when it is a vision-language model (the built-in one, or a local folder whose config
-    has a vision config), else None. A vision-language model folder without its processor is refused."""
+    """The processor of `name` when it is a vision-language model (the built-in one, or a local folder with a saved
+    processor or whose config has a vision config), else None. A vision-language model folder without its processor
+    is refused."""
     if name == VLM:
         return builtin_vlm.tiny_vlm_processor()
     config = _local_config(name)
-    if not is_vision_model(config):
+    saved = any((Path(name) / f).is_file() for f in PROCESSOR_FILES)  # also a LoRA adapter folder of such a model
+    if not saved and not is_vision_model(config):
         return None
-    if not any((Path(name) / f).is_file() for f in PROCESSOR_FILES):
+    if not saved:
         archs = ", ".join(config.get("architectures") or []) or config.get("model_type", "vision-language")
         key = "model.tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "model.name_or_path"
         raise ConfigError(f"{key}: {name} is a vision-language model ({archs}) without its processor (none of "

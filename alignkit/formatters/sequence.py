@@ -65,7 +65,8 @@ def prompt_completion_ids(tokenizer, encoder: Encoder, prompt, completion) -> tu
 class EncodingFormatter(DataFormatter):
     """Base of the formatters that encode standard text and chat-template renderings bounded by `max_length` (their
     config has `dataset_num_proc`, `padding_value` and `max_length`): sets `num_proc`, `pad_id` and two encoders
-    that never encode a huge text whole, `_standard` (the tokenizer's special tokens) and `_rendered` (none)."""
+    that never encode a huge text whole, `_standard` (the tokenizer's special tokens) and `_rendered` (none); with a
+    vision-language model's processor, `_vision` (alignkit.formatters.vision) for rows with images."""
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
@@ -74,6 +75,9 @@ class EncodingFormatter(DataFormatter):
         keep = None if config.max_length is None else config.max_length + 2
         self._standard = Encoder(tokenizer, keep, add_special_tokens=True)  # the tokenizer's own BOS/EOS rules
         self._rendered = Encoder(tokenizer, keep)  # chat-template text carries its own special tokens
+        processor = processor_of(tokenizer)  # a vision-language model's: rows with images (alignkit.formatters.vision)
+        self._vision = VisionRows(processor) if processor is not None else None
+        self.image_processor = processor.image_processor.to_json_string() if processor is not None else None
 
 
 class SequenceFormatter(EncodingFormatter):
@@ -82,12 +86,6 @@ class SequenceFormatter(EncodingFormatter):
     config_class = SequenceDataConfig
     #: the row types this formatter accepts
     shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
-
-    def __init__(self, config: Any, tokenizer: Any) -> None:
-        super().__init__(config, tokenizer)
-        processor = processor_of(tokenizer)  # a vision-language model's: rows with images (alignkit.formatters.vision)
-        self._vision = VisionRows(processor) if processor is not None else None
-        self.image_processor = processor.image_processor.to_json_string() if processor is not None else None
 
     def check_data(self, dataset, source: str, pm=None, run=None) -> None:
         if self.config.packing and IMAGES in dataset.column_names and any(dataset[IMAGES]):

@@ -222,3 +222,27 @@ def sequence_tokens(fmt, example: dict[str, Any]) -> tuple[list[int], list[int],
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     trained = [int(c.completion_only_loss is False)] * len(prompt_ids) + [1] * len(completion_ids)
     return prompt_ids + completion_ids, trained, features
+
+
+def pair_tokens(fmt, example: dict[str, Any]) -> tuple[list[int], list[int], list[int], dict[str, list]]:
+    """(prompt ids, chosen ids, rejected ids, image features) of a conversational preference row with images for the
+    EncodingFormatter `fmt`: the prompt rendered with its images through the processor, each answer's rendered text
+    after it encoded on its own."""
+    from alignkit.blocks.text import check_messages, column, render_split
+
+    vision, tokenizer = fmt._vision, fmt.tokenizer
+    if vision is None:
+        raise text_only_model(len(example[IMAGES]))
+    needs = "preference rows with images need 'prompt', 'chosen' and 'rejected' conversations"
+    prompt, chosen, rejected = (column(example, k, needs) for k in ("prompt", "chosen", "rejected"))
+    if any(isinstance(v, str) for v in (prompt, chosen, rejected)):
+        raise DataError("preference rows with images need conversational 'prompt', 'chosen' and 'rejected' (lists "
+                        "of messages)")
+    check_messages("prompt", prompt)
+    images = vision.images(example)
+    prompt = with_image_parts(prompt, len(images))
+    vision.check_count([prompt, chosen, rejected], len(images))
+    prompt_text, answers = render_split(tokenizer, prompt, chosen, rejected)
+    prompt_ids, features = vision.encode(prompt_text, images)
+    chosen_ids, rejected_ids = (tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers)
+    return prompt_ids, chosen_ids, rejected_ids, features

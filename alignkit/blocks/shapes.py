@@ -1,0 +1,63 @@
+"""A neutral generator for vision-language demo data: pictures of coloured shapes drawn with Pillow at run time, with
+questions about their colour, shape and count (answers of one word or digit).
+
+Each 32x32 picture holds 1 to 3 shapes of one kind and one colour, each in its own 16x16 quadrant, on a white
+ground. Train and test pictures come from separate random streams. Plugins build their rows from `questions` and
+register them with the `register_datasets` hook (SFT: prompt-completion, DPO: preference pairs).
+"""
+
+import random
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = (1, 2, 3)
+QUESTIONS = {"colour": "What colour are the shapes?", "shape": "Which shape is drawn?",
+             "count": "How many shapes are there?"}
+N_TRAIN, N_TEST = 1500, 200
+SIZE = 32
+
+
+def picture(colour: str, shape: str, count: int, rng: random.Random):
+    """A white 32x32 picture with `count` shapes, each in a random quadrant at a small random offset."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for q in rng.sample(range(4), count):
+        x0, y0 = (q % 2) * 16 + rng.randint(1, 4), (q // 2) * 16 + rng.randint(1, 4)
+        box = (x0, y0, x0 + 10, y0 + 10)
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + 5, y0), (x0, y0 + 10), (x0 + 10, y0 + 10)], fill=fill)
+    return image
+
+
+def answers(kind: str) -> list[str]:
+    return list(COLOURS) if kind == "colour" else list(SHAPES) if kind == "shape" else [str(c) for c in COUNTS]
+
+
+def questions(split: str) -> list[dict]:
+    """Rows {image, question, answer, wrong} of a split: `wrong` is another answer to the same question."""
+    rng = random.Random(1 if split == "train" else 2)
+    rows = []
+    for _ in range(N_TRAIN if split == "train" else N_TEST):
+        colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(COUNTS)
+        kind = rng.choice(list(QUESTIONS))
+        answer = {"colour": colour, "shape": shape, "count": str(count)}[kind]
+        wrong = rng.choice([a for a in answers(kind) if a != answer])
+        rows.append({"image": picture(colour, shape, count, rng), "question": QUESTIONS[kind], "answer": answer,
+                     "wrong": wrong})
+    return rows
+
+
+def user_turn(question: str) -> list[dict]:
+    """The prompt conversation of a row: one user turn with the picture and the question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def assistant_turn(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
