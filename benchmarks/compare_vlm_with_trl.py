@@ -26,14 +26,15 @@ SFT_METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy")
 
 
 def make_inputs(work: Path, rows: int = ROWS) -> None:
-    """The tiny VLM with its processor in work/model; the pictures as PNG files; sft.jsonl and dpo.jsonl naming them
-    by absolute path."""
+    """The tiny VLM with its processor in work/model (DPO's reference in work/ref); the pictures as PNG files;
+    sft.jsonl and dpo.jsonl naming them by absolute path."""
     from alignkit.blocks.shapes import assistant_turn, questions, user_turn
     from alignkit.testing import tiny_vlm, tiny_vlm_processor
 
     processor = tiny_vlm_processor()
-    tiny_vlm(seed=11, processor=processor).save_pretrained(work / "model")
-    processor.save_pretrained(work / "model")
+    for name, seed in (("model", 11), ("ref", 12)):  # DPO's reference: another random model, rewards are not 0
+        tiny_vlm(seed=seed, processor=processor).save_pretrained(work / name)
+        processor.save_pretrained(work / name)
     (work / "pics").mkdir()
     sft, dpo = [], []
     for i, r in enumerate(questions("test")[:rows]):
@@ -50,7 +51,8 @@ def make_inputs(work: Path, rows: int = ROWS) -> None:
 def _overrides(work: Path, case: str, folder: str, rows: int) -> dict:
     return {"model.name_or_path": str(work / "model"), "model.freeze_vision_tower": False,
             "data.train": str(work / CASES[case]), "train.per_device_eval_batch_size": rows,
-            "train.output_dir": str(work / folder / case)}
+            "train.output_dir": str(work / folder / case),
+            **({"model.ref_name_or_path": str(work / "ref")} if case == "dpo" else {})}
 
 
 def _metrics(metrics: dict) -> dict:
@@ -83,8 +85,8 @@ def trainer(work: Path, case: str, folder: str, rows: int):
                           eval_dataset=ds)
     from trl import DPOConfig, DPOTrainer
 
-    return DPOTrainer(model=model, args=DPOConfig(**common), processing_class=processor, train_dataset=ds,
-                      eval_dataset=ds)
+    return DPOTrainer(model=model, ref_model=AutoModelForImageTextToText.from_pretrained(work / "ref"),
+                      args=DPOConfig(**common), processing_class=processor, train_dataset=ds, eval_dataset=ds)
 
 
 def trl_eval(work: Path, case: str, rows: int) -> dict:
@@ -177,7 +179,9 @@ def main() -> None:
         f"cores, no GPU; float32; torch {torch.__version__}, transformers {transformers.__version__}, trl "
         f"{trl.__version__}.  ",
         f"Model: builtin:tiny-vlm's architecture (Idefics3: 2-layer vision tower, 2-layer Llama; random weights, seed "
-        f"11) with its processor; {args.rows} rows of builtin:shapes pictures with questions, one batch.", "",
+        f"11; DPO's reference: seed 12) with its processor; {args.rows} rows of builtin:shapes pictures with "
+        "questions, one batch. alignkit's DPO does not compute TRL's eval_entropy, eval_logits/* and "
+        "eval_mean_token_accuracy (marked not computed).", "",
         f"**Largest relative difference: {worst:.1e}** (target 1e-5).", "",
         "## Eval metrics (evaluate())", "",
         "| case | metric | alignkit | TRL | relative difference |", "|---|---|---:|---:|---:|", *metric_rows, "",
