@@ -1,9 +1,10 @@
 """A neutral generator for vision-language demo data: pictures of coloured shapes drawn with Pillow at run time, with
 questions about their colour, shape and count (answers of one word or digit).
 
-Each 32x32 picture holds 1 to 3 shapes of one kind and one colour, each in its own 16x16 quadrant, on a white
-ground. Train and test pictures come from separate random streams. Plugins build their rows from `questions` and
-register them with the `register_datasets` hook (SFT: prompt-completion, DPO: preference pairs).
+Each 32x32 picture holds 1 to 3 shapes of one kind and one colour, each in its own 16x16 quadrant (13x13 pixels,
+nearly filling it), on a white ground. Train and test pictures come from separate random streams. Plugins build
+their rows from `questions` and register them with the `register_datasets` hook (SFT: prompt-completion, DPO:
+preference pairs).
 """
 
 import random
@@ -18,21 +19,21 @@ SIZE = 32
 
 
 def picture(colour: str, shape: str, count: int, rng: random.Random):
-    """A white 32x32 picture with `count` shapes, each in a random quadrant at a small random offset."""
+    """A white 32x32 picture with `count` shapes, each in a random quadrant at an offset of 1 or 2 pixels."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for q in rng.sample(range(4), count):
-        x0, y0 = (q % 2) * 16 + rng.randint(1, 4), (q // 2) * 16 + rng.randint(1, 4)
-        box = (x0, y0, x0 + 10, y0 + 10)
+        x0, y0 = (q % 2) * 16 + rng.randint(1, 2), (q // 2) * 16 + rng.randint(1, 2)
+        box = (x0, y0, x0 + 12, y0 + 12)
         fill = COLOURS[colour]
         if shape == "circle":
             draw.ellipse(box, fill=fill)
         elif shape == "square":
             draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([(x0 + 5, y0), (x0, y0 + 10), (x0 + 10, y0 + 10)], fill=fill)
+            draw.polygon([(x0 + 6, y0), (x0, y0 + 12), (x0 + 12, y0 + 12)], fill=fill)
     return image
 
 
