@@ -38,8 +38,9 @@ def has_images(example: dict[str, Any]) -> bool:
 
 def resolve_paths(ds, base: Path):
     """A loaded data file's `images` paths made absolute, relative to the file's folder `base`."""
-    if IMAGES not in ds.column_names or not any(isinstance(v, str) for r in ds[IMAGES][:1] or [] for v in r or []):
-        return ds
+    feature = ds.features.get(IMAGES)
+    if getattr(getattr(feature, "feature", feature), "dtype", None) not in ("string", "large_string"):
+        return ds  # no column of paths (PIL images, datasets.Image values, no images)
 
     def absolute(row):
         return {IMAGES: [str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v

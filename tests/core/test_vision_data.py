@@ -186,3 +186,14 @@ def test_alignkit_format_shows_each_images_placeholder_and_the_trained_tokens(tm
     assert "<|user|>\n  <fake_token_around_image><global-img>[image: 4 tokens]<fake_token_around_image>which colour?" \
         in result.output
     assert "[[re]][[d]]" in result.output and "input: 1 image\n" in result.output
+
+
+def test_relative_image_paths_resolve_when_the_first_row_has_no_image(tmp_path):
+    write_images(tmp_path / "pics", ["red"])
+    text_row = {"images": [], "prompt": [{"role": "user", "content": "hi"}],
+                "completion": [{"role": "assistant", "content": "yo"}]}
+    data = write_jsonl(tmp_path / "train.jsonl", [text_row, *image_rows(("red",))])
+    from alignkit.engine.data import load_data
+
+    ds = load_data(data, "train")
+    assert ds[1]["images"] == [str(tmp_path / "pics" / "red.png")] and ds[0]["images"] == []
