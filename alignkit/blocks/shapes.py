@@ -3,8 +3,8 @@ questions about their colour, shape and count (answers of one word or digit).
 
 Each 32x32 picture holds 1 to 3 shapes of one kind and one colour, each in its own 16x16 quadrant (13x13 pixels,
 nearly filling it), on a white ground. Train and test pictures come from separate random streams. Plugins build
-their rows from `questions` and register them with the `register_datasets` hook (SFT: prompt-completion, DPO:
-preference pairs).
+their rows from `questions` (e.g. prompt-completion rows, or preference pairs of a right and a wrong answer) and
+register them with the `register_datasets` hook.
 """
 
 import random
