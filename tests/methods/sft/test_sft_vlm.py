@@ -39,6 +39,8 @@ def test_sft_with_lora_on_images_saves_an_adapter_with_the_processor_that_evalua
     result = alignkit.run("sft", config)
     out = result.output_dir
     assert (out / "adapter_model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    card = (out / "README.md").read_text()  # the model card names the kind the folder loads as
+    assert "pipeline_tag: image-text-to-text" in card and "loads with `AutoModelForImageTextToText" in card
     again = alignkit.evaluate(None, **{"model.name_or_path": str(out), "train.output_dir": str(tmp_path / "eval")})
     assert again["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
 
