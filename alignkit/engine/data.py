@@ -13,7 +13,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from alignkit.errors import DataError
-from alignkit.formatters.vision import resolve_paths
+from alignkit.formatters.vision import holds_images, resolve_paths
 from alignkit.plugin.formatter import DataFormatter, DropExample
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,11 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None
 
     from alignkit import __version__
 
+    if holds_images(ds) and not formatter.reads_images:
+        name = f"the {run.method.name} method's" if run is not None else "the"
+        raise DataError(f"{source}: the rows have images, and {name} formatter ({type(formatter).__name__}) does not "
+                        "read them: it would train on the text alone; use a method whose formatter reads images "
+                        "(reads_images) or drop the 'images' column")
     formatter.check_data(ds, source, pm, run)
     n = len(ds)
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))

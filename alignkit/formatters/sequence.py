@@ -84,6 +84,7 @@ class SequenceFormatter(EncodingFormatter):
     """Language-modeling or prompt-completion rows (each row's columns decide) -> `input_ids`, `labels`."""
 
     config_class = SequenceDataConfig
+    reads_images = True
     #: the row types this formatter accepts
     shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
 

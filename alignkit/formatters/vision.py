@@ -36,6 +36,13 @@ def has_images(example: dict[str, Any]) -> bool:
     return bool(example.get(IMAGES))
 
 
+def holds_images(ds) -> bool:
+    """Whether a dataset's `images` column can hold images (its type is not all-null), read from its features."""
+    feature = ds.features.get(IMAGES)
+    inner = getattr(feature, "feature", feature)
+    return feature is not None and getattr(inner, "dtype", None) != "null"
+
+
 def resolve_paths(ds, base: Path):
     """A loaded data file's `images` paths made absolute, relative to the file's folder `base`."""
     feature = ds.features.get(IMAGES)

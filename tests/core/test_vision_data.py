@@ -197,3 +197,13 @@ def test_relative_image_paths_resolve_when_the_first_row_has_no_image(tmp_path):
 
     ds = load_data(data, "train")
     assert ds[1]["images"] == [str(tmp_path / "pics" / "red.png")] and ds[0]["images"] == []
+
+
+def test_rows_with_images_for_a_formatter_that_does_not_read_them_are_refused(tmp_path):
+    """A method whose formatter reads no images (here KTO's unpaired rows) would train on the text alone."""
+    write_images(tmp_path / "pics", ["red"])
+    rows = [{"images": ["pics/red.png"], "prompt": question(), "completion": answer("red"), "label": True}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    line = refused("run", "-m", "kto", f"data.train={data}", f"model.name_or_path={VLM}",
+                   f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", written=tmp_path / "out")
+    assert "the rows have images, and the kto method's formatter" in line and "does not read them" in line

@@ -26,6 +26,7 @@ class DPOFormatter(EncodingFormatter):
 
     config_class = DPODataConfig
     is_encoder_decoder = False
+    reads_images = True  # conversational rows with images (alignkit.formatters.vision.pair_tokens)
 
     def collate(self, features: list[dict[str, Any]]) -> dict:
         batch = PreferenceFormatter.collate(self, features)
