@@ -62,3 +62,16 @@ def user_turn(question: str) -> list[dict]:
 
 def assistant_turn(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+#: the preference demo data the core registers: the right answer chosen, another answer to the question rejected
+SHAPES_PAIRS = "shapes-pairs"
+
+
+def load_shapes_pairs(split: str):
+    """`builtin:shapes-pairs`: conversational preference rows with an `images` column."""
+    import datasets
+
+    return datasets.Dataset.from_list([{"images": [r["image"]], "prompt": user_turn(r["question"]),
+                                        "chosen": assistant_turn(r["answer"]), "rejected": assistant_turn(r["wrong"])}
+                                       for r in questions(split)])

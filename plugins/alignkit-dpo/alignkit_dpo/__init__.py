@@ -12,7 +12,6 @@ import alignkit
 from alignkit.blocks.demo import demo_defaults
 from alignkit.blocks.logps import LogpsOptions, SequenceScorer, TokenScorer, count_weights, pair_metrics
 from alignkit.formatters.packing import model_inputs
-from alignkit_dpo.data import DATASETS
 from alignkit_dpo.formatter import DPOFormatter
 from alignkit_dpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SMOOTHED, SORTED, Pair
 
@@ -182,8 +181,3 @@ register_methods = alignkit.registers(alignkit.Method(
              "Reward Model}, journal={arXiv:2305.18290}, year={2023}}",
 ))
 
-
-@alignkit.hookimpl
-def register_datasets(register):
-    for name, loader in DATASETS.items():
-        register(name, loader)

@@ -25,20 +25,10 @@ class DPOFormatter(EncodingFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt) -> TRL 1.16's ids."""
 
     config_class = DPODataConfig
+    collate = PreferenceFormatter.collate  # with each pair's images (alignkit.formatters.vision)
+    output_features = PreferenceFormatter.output_features
     is_encoder_decoder = False
     reads_images = True  # conversational rows with images (alignkit.formatters.vision.pair_tokens)
-
-    def collate(self, features: list[dict[str, Any]]) -> dict:
-        batch = PreferenceFormatter.collate(self, features)
-        if self._vision is not None:  # each pair's images for its chosen row and again for its rejected row
-            batch.update(self._vision.collate(features, repeat=2))
-        return batch
-
-    def output_features(self):
-        import datasets
-
-        features = PreferenceFormatter.output_features(self)
-        return datasets.Features({**features, **(self._vision.output_features() if self._vision else {})})
 
     def format(self, example: dict[str, Any]) -> Formatted:
         if has_images(example):

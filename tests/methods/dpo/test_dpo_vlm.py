@@ -1,4 +1,4 @@
-"""Issue 25, item 3: DPO of the built-in tiny vision-language model on builtin:shapes-dpo: each pair's images reach
+"""Issue 25, item 3: DPO of the built-in tiny vision-language model on builtin:shapes-pairs: each pair's images reach
 the policy's and the reference's forward for both its chosen and its rejected row, prefix sharing steps aside for
 rows with images (one notice), and configs/dpo-vlm-demo.yaml (after the SFT demo) learns offline to held-out
 accuracy >= 0.9."""
@@ -53,7 +53,7 @@ def test_a_preference_row_with_an_image_is_the_prompt_through_the_processor_then
 
 def test_dpo_trains_on_images_with_one_notice_that_prompts_are_not_shared(tmp_path, caplog):
     config = fast(tmp_path, max_steps=2, learning_rate=1e-3, eval_on_start=True)
-    config["data"] = {"train": "builtin:shapes-dpo", "max_train_samples": 8, "max_eval_samples": 8}
+    config["data"] = {"train": "builtin:shapes-pairs", "max_train_samples": 8, "max_eval_samples": 8}
     config["model"] = {"name_or_path": VLM}
     with caplog.at_level(logging.WARNING):
         result = alignkit.run("dpo", config)
@@ -69,7 +69,7 @@ def test_dpo_trains_on_images_with_one_notice_that_prompts_are_not_shared(tmp_pa
 
 
 def test_shapes_dpo_pairs_a_right_and_a_wrong_answer_to_one_question():
-    ds = load_data("builtin:shapes-dpo", "test")
+    ds = load_data("builtin:shapes-pairs", "test")
     for r in ds.select(range(20)):
         chosen, rejected = r["chosen"][0]["content"][0]["text"], r["rejected"][0]["content"][0]["text"]
         assert chosen != rejected and len(r["images"]) == 1
