@@ -24,11 +24,11 @@ from alignkit.engine.data import quiet_hub
 from alignkit.engine.envvalues import resolve_env
 from alignkit.engine.vision import (
     VLM,
-    _local_config,
     freeze_vision_tower,
     is_vision_model,
     language_model_linears,
     load_processor,
+    local_config,
     with_processor,
 )
 from alignkit.errors import ConfigError
@@ -112,7 +112,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", 
     model kind (Method.model_kind, the table KINDS): a classifier has `num_labels` outputs and the tokenizer's pad
     token (a sequence classifier scores each row at its last non-pad token, a token classifier every token); a
     causal LM with a value head gets a ValueHead under `model.v_head`, read back from the folder that saved one."""
-    if kind == "causal-lm" and (cfg.name_or_path == VLM or is_vision_model(_local_config(cfg.name_or_path))):
+    if kind == "causal-lm" and (cfg.name_or_path == VLM or is_vision_model(local_config(cfg.name_or_path))):
         kind = "image-text-to-text"  # the model decides: a vision-language model loads as one
     model = _load(cfg, tokenizer, seed, kind, num_labels)
     if kind == "image-text-to-text" and cfg.freeze_vision_tower:

@@ -21,7 +21,7 @@ def is_vision_model(config: dict | None) -> bool:
     return bool(config) and isinstance(config.get("vision_config"), dict)
 
 
-def _local_config(name: str) -> dict | None:
+def local_config(name: str) -> dict | None:
     """The config.json of a local model folder as a dict (None for a hub name or a folder without one)."""
     path = Path(name) / "config.json"
     try:
@@ -36,7 +36,7 @@ def load_processor(name: str, cfg):
     is refused."""
     if name == VLM:
         return builtin_vlm.tiny_vlm_processor()
-    config = _local_config(name)
+    config = local_config(name)
     saved = any((Path(name) / f).is_file() for f in PROCESSOR_FILES)  # also a LoRA adapter folder of such a model
     if not saved and not is_vision_model(config):
         return None
