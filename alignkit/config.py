@@ -38,6 +38,7 @@ from alignkit.errors import ConfigError, did_you_mean
 from alignkit.plugin.method import Method, MethodConfig
 
 BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_VLM = "builtin:tiny-vlm"  # a tiny vision-language model (alignkit.builtin.vlm)
 SCHEDULERS = sorted(s.value for s in SchedulerType)
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
 
@@ -69,7 +70,7 @@ FIXED_LOAD_ARGUMENTS = {"trust_remote_code": "model.trust_remote_code", "revisio
 class ModelConfig(Section):
     name_or_path: str = Field(BUILTIN_MODEL,
                               description="Hub name or local folder of the model; builtin:tiny is an offline tiny "
-                              "Llama.")
+                              "Llama, builtin:tiny-vlm an offline tiny vision-language model.")
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to load; default: the model's.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32",
                                                                      description="Dtype of the loaded weights.")
@@ -89,13 +90,15 @@ class ModelConfig(Section):
                               "device to themselves, at the cost of two transfers per reference call.")
     peft: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (needs peft); e.g. "
                                       "model.peft.r=8.")
+    freeze_vision_tower: bool = Field(True, description="A vision-language model's vision tower takes no gradient "
+                                      "(and no LoRA adapters: those go to the language model).")
 
 
     @model_validator(mode="after")
     def _loading_arguments(self) -> "ModelConfig":
-        if self.name_or_path == BUILTIN_MODEL and self.init_kwargs:
-            raise ValueError(f"model.init_kwargs: the built-in model {BUILTIN_MODEL} is built, not loaded; it takes no "
-                             "loading arguments (remove model.init_kwargs)")
+        if self.name_or_path in (BUILTIN_MODEL, BUILTIN_VLM) and self.init_kwargs:
+            raise ValueError(f"model.init_kwargs: the built-in model {self.name_or_path} is built, not loaded; "
+                             "it takes no loading arguments (remove model.init_kwargs)")
         fixed = sorted(set(self.init_kwargs) & set(FIXED_LOAD_ARGUMENTS))
         if fixed:
             raise ValueError("model.init_kwargs: " + ", ".join(f"{k} is set by {FIXED_LOAD_ARGUMENTS[k]}"

@@ -1,5 +1,5 @@
-"""Helpers for tests, including plugin authors' tests: a tiny model and tokenizer, a fixed-logits stand-in model,
-a fresh plugin manager."""
+"""Helpers for tests, including plugin authors' tests: a tiny model and tokenizer, a tiny vision-language model and
+its processor, a fixed-logits stand-in model, a fresh plugin manager."""
 
 from collections.abc import Iterable
 from types import SimpleNamespace
@@ -23,6 +23,24 @@ def tiny_model(seed: int = 0, **config_overrides):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_llama_config(len(tiny_tokenizer()), **config_overrides))
+
+
+def tiny_vlm_processor():
+    """The built-in vision-language model's processor (`builtin:tiny-vlm`): the built-in tokenizer plus the image
+    tokens, 32x32 images of 4 image tokens each."""
+    from alignkit.builtin.vlm import tiny_vlm_processor as build
+
+    return build()
+
+
+def tiny_vlm(seed: int = 0, processor=None):
+    """A randomly initialised `builtin:tiny-vlm` (an Idefics3 architecture) matching `tiny_vlm_processor()`."""
+    from transformers import AutoModelForImageTextToText
+
+    from alignkit.builtin.vlm import tiny_vlm_config
+
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(tiny_vlm_config(processor or tiny_vlm_processor()))
 
 
 def plugin_manager(*plugins: object, entry_points: bool = False, also: Iterable[object] = ()) -> PluginManager:

@@ -25,6 +25,7 @@ from alignkit.blocks.fusedhead import fused_terms, fused_token_terms
 from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, final_hidden_states, require_head, selected_token_logps
 from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, share_rows
 from alignkit.errors import ConfigError
+from alignkit.formatters.vision import vision_inputs
 from alignkit.plugin.loss import at_least_fp32
 from alignkit.plugin.method import MethodConfig
 
@@ -106,6 +107,7 @@ class SequenceScorer:
         self.head: LMHead | None = None
         self._heads: dict[int, LMHead | None] = {}
         self._checked: set[int] = set()
+        self._told_images = False  # the one-time notice that rows with images run unshared
 
     @classmethod
     def from_config(cls, config) -> "SequenceScorer":
@@ -194,22 +196,27 @@ class SequenceScorer:
 
     def _hidden(self, model, batch, extra, group_size):
         """(outputs, final hidden states [R, T, H]): pairs sharing their common prefix where that is on."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.share_prompt and group_size == 2 and not extra and int(common_prefix(ids, mask).min()) > 0:
+        ids, mask, images = batch["input_ids"], batch["attention_mask"], vision_inputs(batch)
+        if self.share_prompt and group_size == 2 and images and not self._told_images:
+            log.warning("method.share_prompt: rows with images run unshared (each row reads its own images)")
+            self._told_images = True
+        if (self.share_prompt and group_size == 2 and not extra and not images
+                and int(common_prefix(ids, mask).min()) > 0):
             dtype = next(model.parameters()).dtype
             shared = share_rows(ids, mask, dtype if dtype.is_floating_point else torch.float32)
             outputs = model(input_ids=shared.input_ids, attention_mask=shared.attention_mask,
                             position_ids=shared.position_ids, output_hidden_states=True, logits_to_keep=1,
                             use_cache=False)
             return outputs, shared.unshare(outputs.hidden_states[-1])
-        return final_hidden_states(model, ids, mask, padding_free=self.padding_free, **extra)
+        return final_hidden_states(model, ids, mask, padding_free=self.padding_free, **extra, **images)
 
     def _plain(self, model, batch, nll_targets, extra):
         """Full logits (the model's own head): [R, T, V] exist at once."""
         seq2seq = "decoder_input_ids" in batch
         if seq2seq:
             extra["decoder_input_ids"] = batch["decoder_input_ids"]
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                        **vision_inputs(batch), **extra)
         logits_BTV = outputs.logits
         scored = logits_BTV if seq2seq else logits_BTV[:, :-1]
         logps_BTV = torch.log_softmax(at_least_fp32(scored), -1)

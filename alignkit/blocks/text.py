@@ -19,13 +19,23 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
 
 
+def is_content_parts(content: Any) -> bool:
+    """Multimodal content: a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts (TRL's shape)."""
+    def part(p) -> bool:
+        return isinstance(p, dict) and (p.get("type") == "image" or
+                                        (p.get("type") == "text" and isinstance(p.get("text"), str)))
+    return isinstance(content, list) and all(part(p) for p in content)
+
+
 def check_messages(column: str, messages: list[dict]) -> None:
-    """Each message needs string `role` (one of ROLES) and `content`."""
+    """Each message needs string `role` (one of ROLES) and `content` (a string, or a list of text and image parts)."""
     for i, m in enumerate(messages):
         for key in ("role", "content"):
             if key not in m or m[key] is None:
                 raise DataError(f"'{column}' message {i} has no '{key}' (it has "
                                 f"{', '.join(map(repr, sorted(m))) or 'no keys'})")
+            if key == "content" and is_content_parts(m[key]):
+                continue
             if not isinstance(m[key], str):
                 raise DataError(f"'{column}' message {i}: '{key}' must be a string, got {type(m[key]).__name__} "
                                 f"{str(m[key])[:40]!r}")

@@ -13,6 +13,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from alignkit.errors import DataError
+from alignkit.formatters.vision import holds_images, resolve_paths
 from alignkit.plugin.formatter import DataFormatter, DropExample
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def load_data(spec: str, split: str, builtins: Mapping[str, tuple[Callable, str]
         if path.is_dir():
             ds = _load_from_disk(path, split)
         elif path.suffix in FILE_LOADERS:
-            ds = _load_file(path)
+            ds = resolve_paths(_load_file(path), path.parent)  # image paths are relative to the data file
         elif path.exists():
             raise DataError(f"{spec}: unsupported file type; use one of {', '.join(FILE_LOADERS)}")
         else:
@@ -194,6 +195,11 @@ def prepare(ds: datasets.Dataset, formatter: DataFormatter, source: str, pm=None
 
     from alignkit import __version__
 
+    if holds_images(ds) and not formatter.reads_images:
+        name = f"the {run.method.name} method's" if run is not None else "the"
+        raise DataError(f"{source}: the rows have images, and {name} formatter ({type(formatter).__name__}) does not "
+                        "read them: it would train on the text alone; use a method whose formatter reads images "
+                        "(reads_images) or drop the 'images' column")
     formatter.check_data(ds, source, pm, run)
     n = len(ds)
     fingerprint = Hasher.hash((ds._fingerprint, formatter.fingerprint(), __version__))

@@ -29,7 +29,7 @@ from alignkit.engine.ahead import RolloutsAhead
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
 from alignkit.engine.modelcard import model_card
-from alignkit.engine.modeling import apply_peft, load_model, load_tokenizer
+from alignkit.engine.modeling import apply_peft, kind_of, load_model, load_tokenizer
 from alignkit.engine.ownership import files_in
 from alignkit.engine.reference import Reference
 from alignkit.engine.reporting import check_trackers, observers
@@ -37,6 +37,7 @@ from alignkit.engine.rundata import RunData
 from alignkit.engine.schedule import Actions, Schedule
 from alignkit.engine.signals import StopSignals
 from alignkit.engine.state import Done, Prepared, RunState, Window
+from alignkit.engine.vision import save_processing
 from alignkit.errors import ConfigError, NonFiniteError
 from alignkit.online.rollout import RolloutStage, build_rollout
 from alignkit.plugin.context import StepContext, call
@@ -535,9 +536,10 @@ class Engine:
                                                 save_function=acc.save, state_dict=acc.get_state_dict(model))
         acc.wait_for_everyone()  # every process is done with tmp before the main one empties it
         if acc.is_main_process:
-            self.tokenizer.save_pretrained(tmp)
+            save_processing(self.tokenizer, tmp)  # a vision-language model's processor too
+            kind = "image-text-to-text" if kind_of(acc.unwrap_model(model)) == "image-text-to-text" else None
             (tmp / "README.md").write_text(model_card(self.config, self.method, metrics or {}, list(tags),
-                                                      notes=self.notes))
+                                                      notes=self.notes, kind=kind))
             names = sorted(p.name for p in tmp.iterdir())
             record = (lambda path: self.folder.record(path)) if own else files_in(out, names, "output_dir")
             theirs = [n for n in names if own and ((out / n).exists() or (out / n).is_symlink())

@@ -30,7 +30,7 @@ MODEL_FILES = frozenset({
     "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
-    "tokenizer.model", "README.md"})
+    "tokenizer.model", "README.md", "processor_config.json", "preprocessor_config.json"})
 SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 #: the names a run writes in its output_dir (besides model files, checkpoints and its tracker folder)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "plots", "eval_results.json")

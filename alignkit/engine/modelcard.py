@@ -19,14 +19,16 @@ def _version(name: str) -> str:
 
 
 def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tags: list[str] = (),
-               notes: list[str] = ()) -> str:
+               notes: list[str] = (), kind: str | None = None) -> str:
     """Markdown with front matter: base model, data, method and citation, config, final metrics, versions.
-    Values given as `${oc.env:...}` appear as that interpolation, in metric names too."""
+    Values given as `${oc.env:...}` appear as that interpolation, in metric names too. `kind`: the saved model's
+    kind where the model decides it (a vision-language model); default: the method's."""
     metrics = {redact(k, config): v for k, v in metrics.items()}
     config = recorded(config)
     all_tags = ["alignkit", method.name, *[t for t in tags if t not in ("alignkit", method.name)]]
     datasets = [d for d in (config.data.train, config.data.eval) if d and not d.startswith("builtin:")]
-    kind = KINDS[method.model_kind]
+    kind_name = kind or method.model_kind
+    kind = KINDS[kind_name]
     pipeline, auto = kind.pipeline, kind.auto.__name__ + (" (the value head: keys v_head.summary.*)"
                                                            if kind.value_head else "")
     front = ["---", f"base_model: {json.dumps(config.model.name_or_path)}", "library_name: transformers",
@@ -45,7 +47,7 @@ def model_card(config: RunConfig, method: Method, metrics: dict[str, float], tag
 Trained with [alignkit](https://github.com/alignkit/alignkit), method **{method.name}**: {method.description}
 
 - base model: `{config.model.name_or_path}`
-- model kind: {method.model_kind}{f' ({method.num_labels} labels)' if kind.labels else ''}, \
+- model kind: {kind_name}{f' ({method.num_labels} labels)' if kind.labels else ''}, \
 loads with `{auto}.from_pretrained`
 - training data: `{config.data.train}` (split `{config.data.train_split}`)
 - eval data: `{config.data.eval or held_out}`

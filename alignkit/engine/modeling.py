@@ -8,6 +8,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -17,9 +18,19 @@ from transformers import (
 )
 
 from alignkit.blocks.valuehead import VALUE_HEAD, ValueHead
+from alignkit.builtin.vlm import tiny_vlm_config, tiny_vlm_processor
 from alignkit.config import ModelConfig
 from alignkit.engine.data import quiet_hub
 from alignkit.engine.envvalues import resolve_env
+from alignkit.engine.vision import (
+    VLM,
+    freeze_vision_tower,
+    is_vision_model,
+    language_model_linears,
+    load_processor,
+    local_config,
+    with_processor,
+)
 from alignkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,9 +51,14 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
 
 
 def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer; a vision-language model's carries its processor as `tokenizer.processor`
+    (alignkit.engine.vision), which the formatters use for rows with images."""
     name = cfg.tokenizer_name_or_path or cfg.name_or_path
     if name == "builtin:tiny":
         return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
+    processor = load_processor(name, cfg)
+    if processor is not None:
+        return with_processor(processor)
     try:
         with quiet_hub():
             tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
@@ -72,6 +88,7 @@ KINDS = {
     "sequence-classifier": ModelKind(AutoModelForSequenceClassification, "SEQ_CLS", "text-classification", True),
     "token-classifier": ModelKind(AutoModelForTokenClassification, "TOKEN_CLS", "token-classification", True),
     "causal-lm-value-head": ModelKind(AutoModelForCausalLM, "CAUSAL_LM", "text-generation", value_head=True),
+    "image-text-to-text": ModelKind(AutoModelForImageTextToText, "CAUSAL_LM", "image-text-to-text"),
 }
 
 
@@ -81,6 +98,8 @@ def kind_of(model) -> str:
         return "causal-lm-value-head"
     names = [type(model).__name__, type(getattr(model, "base_model", model)).__name__,
              *(getattr(getattr(model, "config", None), "architectures", None) or [])]
+    if is_vision_model(getattr(getattr(model, "config", None), "to_dict", dict)()):
+        return "image-text-to-text"
     for suffix, kind in (("ForSequenceClassification", "sequence-classifier"),
                          ("ForTokenClassification", "token-classifier")):
         if any(isinstance(n, str) and n.endswith(suffix) for n in names):
@@ -93,7 +112,11 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, kind: str = "causal-lm", 
     model kind (Method.model_kind, the table KINDS): a classifier has `num_labels` outputs and the tokenizer's pad
     token (a sequence classifier scores each row at its last non-pad token, a token classifier every token); a
     causal LM with a value head gets a ValueHead under `model.v_head`, read back from the folder that saved one."""
+    if kind == "causal-lm" and (cfg.name_or_path == VLM or is_vision_model(local_config(cfg.name_or_path))):
+        kind = "image-text-to-text"  # the model decides: a vision-language model loads as one
     model = _load(cfg, tokenizer, seed, kind, num_labels)
+    if kind == "image-text-to-text" and cfg.freeze_vision_tower:
+        freeze_vision_tower(model)
     if KINDS[kind].value_head and not hasattr(model, VALUE_HEAD):
         _attach_value_head(model, cfg.name_or_path)
     return model
@@ -108,9 +131,10 @@ def _load(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) ->
                           "sdpa or eager")
     if (Path(cfg.name_or_path) / "adapter_config.json").is_file():
         return _merged_adapter(cfg, tokenizer, seed, kind, num_labels)
-    if cfg.name_or_path == "builtin:tiny":
+    if cfg.name_or_path in (BUILTIN, VLM):
         torch.manual_seed(seed)
-        config = tiny_llama_config(len(tokenizer), **(classifier or {}))
+        config = (tiny_llama_config(len(tokenizer), **(classifier or {})) if cfg.name_or_path == BUILTIN
+                  else tiny_vlm_config(getattr(tokenizer, "processor", None) or tiny_vlm_processor()))
         extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         auto = KINDS[kind].auto
         try:
@@ -118,7 +142,7 @@ def _load(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) ->
         except (ValueError, ImportError) as e:  # an unknown or uninstalled attention implementation
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first}") from None
-        model.name_or_path = BUILTIN  # what a LoRA adapter records as its base (peft reads this attribute)
+        model.name_or_path = cfg.name_or_path  # what a LoRA adapter records as its base (peft reads this attribute)
         return model
     # Weights load from safetensors only (no pickle) unless init_kwargs says use_safetensors: false.
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype,
@@ -132,7 +156,8 @@ def _load(cfg: ModelConfig, tokenizer, seed: int, kind: str, num_labels: int) ->
             if classifier:
                 _check_labels(cfg.name_or_path, config, num_labels)
                 return KINDS[kind].auto.from_pretrained(cfg.name_or_path, **classifier, **kwargs)
-            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            auto = (AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else
+                    KINDS[kind].auto if kind == "image-text-to-text" else AutoModelForCausalLM)
             return auto.from_pretrained(cfg.name_or_path, **kwargs)
     except ConfigError:
         raise
@@ -228,6 +253,8 @@ def apply_peft(model: PreTrainedModel, settings) -> PreTrainedModel:
     else:
         kind = kind_of(model)
         check_peft_targets(model, settings.target_modules, "model.peft.target_modules")
+        if kind == "image-text-to-text" and settings.target_modules == "all-linear":  # the language model only
+            settings = settings.model_copy(update={"target_modules": language_model_linears(model)})
         check_peft_targets(model, settings.modules_to_save or [], "model.peft.modules_to_save")
         keep = list(settings.modules_to_save or []) + ([VALUE_HEAD] if KINDS[kind].value_head else [])
         config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

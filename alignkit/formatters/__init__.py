@@ -9,10 +9,12 @@ built-in plugin (this module) under neutral names any method may use:
 | `preference` | `prompt`/`chosen`/`rejected` (explicit or implicit prompt) | `prompt_input_ids`, `chosen_input_ids`/`_labels`, `rejected_input_ids`/`_labels` |
 | `prompt-only` | `prompt` and any other columns | `prompt_input_ids` and the row's columns |
 
-It also registers the preference methods' demo data, `builtin:sort` and `builtin:sort-chat` (alignkit.blocks.demo).
+It also registers the preference methods' demo data, `builtin:sort` and `builtin:sort-chat` (alignkit.blocks.demo), and
+the vision-language preference demo data `builtin:shapes-pairs` (alignkit.blocks.shapes).
 """  # noqa: E501 (a markdown table: its rows cannot wrap)
 
 from alignkit.blocks.demo import SORT_DATASETS, SORT_PROMPTS, load_sort, load_sort_prompts
+from alignkit.blocks.shapes import SHAPES_PAIRS, load_shapes_pairs
 from alignkit.formatters.config import (
     PreferenceDataConfig,
     PromptOnlyDataConfig,
@@ -54,6 +56,7 @@ def register_datasets(register):
     from alignkit.online.calculator import ARITHMETIC, load_arithmetic  # the calculator environment's demo data
 
     register(ARITHMETIC, load_arithmetic)
+    register(SHAPES_PAIRS, load_shapes_pairs)
 
 
 __all__ = [

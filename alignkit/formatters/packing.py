@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from alignkit.formatters.vision import vision_inputs
+
 
 def pack(examples: list[dict[str, Any]], max_length: int, label_pad: int) -> list[tuple[dict[str, list[int]], bool]]:
     """Best fit decreasing: longest example first, each into the row with the least room that still holds it.
@@ -42,10 +44,11 @@ def pack(examples: list[dict[str, Any]], max_length: int, label_pad: int) -> lis
 
 def model_inputs(batch: dict) -> dict:
     """The forward's inputs: packed rows go in with their position ids and no attention mask (transformers then
-    keeps attention within each example: it starts a new one wherever the position ids restart)."""
+    keeps attention within each example: it starts a new one wherever the position ids restart); rows with images
+    bring their image inputs (alignkit.formatters.vision)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **vision_inputs(batch)}
 
 
 def trained_labels(batch: dict, ignore: int = -100):

@@ -110,7 +110,8 @@ class PreferenceFormatter(DataFormatter):
         ids = datasets.Sequence(datasets.Value("int64"))
         columns = ("prompt_input_ids", "chosen_labels", "rejected_labels") if self.is_encoder_decoder else \
             ("prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-        return datasets.Features({c: ids for c in columns})
+        vision = getattr(self, "_vision", None)  # an EncodingFormatter's, with a vision-language model's processor
+        return datasets.Features({**{c: ids for c in columns}, **(vision.output_features() if vision else {})})
 
     def _assemble(self, prompt_c: list[int], answer_c: list[int], prompt_r: list[int],
                   answer_r: list[int]) -> Formatted:
@@ -165,8 +166,10 @@ class PreferenceFormatter(DataFormatter):
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         length = max(len(r) for r in rows)
-        return {
+        batch = {
             "input_ids": pad_right(rows, self.pad_id, length),
             "attention_mask": pad_right([[1] * len(r) for r in rows], 0, length),
             "labels": pad_right(labels, self.config.label_pad_token_id, length),
         }
+        vision = getattr(self, "_vision", None)  # each pair's images for its chosen and again its rejected row
+        return {**batch, **vision.collate(features, repeat=2)} if vision else batch

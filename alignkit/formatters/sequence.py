@@ -25,6 +25,7 @@ from alignkit.errors import DataError
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack
+from alignkit.formatters.vision import IMAGES, VisionRows, has_images, processor_of, sequence_tokens
 from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 LANGUAGE_MODELING, PROMPT_COMPLETION = "language-modeling", "prompt-completion"
@@ -64,7 +65,8 @@ def prompt_completion_ids(tokenizer, encoder: Encoder, prompt, completion) -> tu
 class EncodingFormatter(DataFormatter):
     """Base of the formatters that encode standard text and chat-template renderings bounded by `max_length` (their
     config has `dataset_num_proc`, `padding_value` and `max_length`): sets `num_proc`, `pad_id` and two encoders
-    that never encode a huge text whole, `_standard` (the tokenizer's special tokens) and `_rendered` (none)."""
+    that never encode a huge text whole, `_standard` (the tokenizer's special tokens) and `_rendered` (none); with a
+    vision-language model's processor, `_vision` (alignkit.formatters.vision) for rows with images."""
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
@@ -73,14 +75,23 @@ class EncodingFormatter(DataFormatter):
         keep = None if config.max_length is None else config.max_length + 2
         self._standard = Encoder(tokenizer, keep, add_special_tokens=True)  # the tokenizer's own BOS/EOS rules
         self._rendered = Encoder(tokenizer, keep)  # chat-template text carries its own special tokens
+        processor = processor_of(tokenizer)  # a vision-language model's: rows with images (alignkit.formatters.vision)
+        self._vision = VisionRows(processor) if processor is not None else None
+        self.image_processor = processor.image_processor.to_json_string() if processor is not None else None
 
 
 class SequenceFormatter(EncodingFormatter):
     """Language-modeling or prompt-completion rows (each row's columns decide) -> `input_ids`, `labels`."""
 
     config_class = SequenceDataConfig
+    reads_images = True
     #: the row types this formatter accepts
     shapes: tuple[str, ...] = (LANGUAGE_MODELING, PROMPT_COMPLETION)
+
+    def check_data(self, dataset, source: str, pm=None, run=None) -> None:
+        if self.config.packing and IMAGES in dataset.column_names and any(dataset[IMAGES]):
+            raise DataError(f"{source}: method.packing=true cannot pack rows with images (each row's images belong to "
+                            "its own positions); set method.packing=false")
 
     # ---- tokens --------------------------------------------------------------------------------------
 
@@ -159,16 +170,24 @@ class SequenceFormatter(EncodingFormatter):
 
     def format(self, example: dict[str, Any]) -> Formatted:
         c = self.config
-        ids, mask = self.tokens(example)
+        images = {}
+        if has_images(example):
+            ids, mask, images = sequence_tokens(self, example)
+        else:
+            ids, mask = self.tokens(example)
+            images = self._vision.features(None) if self._vision is not None else {}
         labels = labels_where(ids, mask, c.label_pad_token_id)
-        truncated = False
+        truncated, full_ids = False, ids
         if not c.packing:
             ids, truncated = truncate(ids, c.max_length, c.truncation_mode)
             labels, _ = truncate(labels, c.max_length, c.truncation_mode)
         kept = labels[1:c.max_length] if c.packing else labels[1:]  # packing keeps an example's first max_length
         if all(label == c.label_pad_token_id for label in kept):
             raise DropExample("no trained token left")
-        return Formatted({"input_ids": ids, "labels": labels}, truncated)
+        if truncated and images and self._vision.image_tokens(ids) != self._vision.image_tokens(full_ids):
+            raise DataError(f"the row's image tokens do not fit in method.max_length={c.max_length} (it has "
+                            f"{len(full_ids)} tokens); raise method.max_length")
+        return Formatted({"input_ids": ids, "labels": labels, **images}, truncated)
 
     def format_batch(self, examples: list[dict[str, Any]]) -> list:
         results = super().format_batch(examples)
@@ -187,7 +206,8 @@ class SequenceFormatter(EncodingFormatter):
 
         ids = datasets.Sequence(datasets.Value("int64"))
         names = ("input_ids", "labels", "position_ids") if self.config.packing else ("input_ids", "labels")
-        return datasets.Features({n: ids for n in names})
+        images = self._vision.output_features() if self._vision is not None else {}
+        return datasets.Features({**{n: ids for n in names}, **images})
 
     def token_fields(self) -> list[tuple[str, str | None]]:
         return [("input_ids", "labels")]
@@ -202,6 +222,8 @@ class SequenceFormatter(EncodingFormatter):
             batch["position_ids"] = pad_right([f["position_ids"] for f in features], 0)
         else:
             batch["attention_mask"] = pad_right([[1] * len(f["input_ids"]) for f in features], 0)
+        if self._vision is not None:
+            batch.update(self._vision.collate(features))
         return batch
 
 

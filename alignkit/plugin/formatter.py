@@ -57,6 +57,10 @@ class DataFormatter(ABC):
     #: the prompt starts with BOS whatever the tokenizer's own rules (TRL's preference trainers do so)
     bos_first: bool = False
 
+    #: rows with images (an `images` column, alignkit.formatters.vision) are read; a formatter that does not read them
+    #: is refused such rows rather than training on their text alone
+    reads_images: bool = False
+
     def prompt_ids(self, prompt) -> list[int]:
         """The ids this formatter's examples hold before a completion of `prompt` (a string or a conversation):
         what `alignkit generate` and `chat` feed a model trained with it. `alignkit.blocks.text.prompt_token_ids` by

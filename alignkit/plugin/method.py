@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 #: the model kinds a method may declare (Method.model_kind)
-MODEL_KINDS = ("causal-lm", "sequence-classifier", "token-classifier", "causal-lm-value-head")
+MODEL_KINDS = ("causal-lm", "sequence-classifier", "token-classifier", "causal-lm-value-head", "image-text-to-text")
 
 
 class MethodConfig(BaseModel):

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 import alignkit
 from alignkit.blocks.demo import demo_defaults
 from alignkit.blocks.logps import LogpsOptions, SequenceScorer, TokenScorer, count_weights, pair_metrics
+from alignkit.formatters.packing import model_inputs
 from alignkit_dpo.formatter import DPOFormatter
 from alignkit_dpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SMOOTHED, SORTED, Pair
 
@@ -137,7 +138,7 @@ class DPOLoss(alignkit.Loss):
         """WPO's per-pair weight [n] (no gradient): the product of both answers' exp(mean over answer tokens of
         log p(token) - log sum_v p(v)^2) under the policy."""
         with torch.no_grad():
-            t = self.tokens(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            t = self.tokens(model, model_inputs(batch),
                             batch["labels"], stats=lambda logits, _: (torch.logsumexp(2 * logits.log_softmax(-1), -1),))
             weights = torch.exp(t.per_row(t.logps - t.extra[0]) / t.select.sum(-1).clamp(min=1))
         chosen, rejected = weights.chunk(2)

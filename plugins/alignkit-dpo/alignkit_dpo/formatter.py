@@ -13,6 +13,7 @@ from alignkit.blocks.tokens import masked_labels, truncate
 from alignkit.formatters import PreferenceFormatter
 from alignkit.formatters.config import TokenDataConfig
 from alignkit.formatters.sequence import EncodingFormatter, prompt_completion_ids
+from alignkit.formatters.vision import has_images, pair_tokens
 
 
 class DPODataConfig(TokenDataConfig):
@@ -24,11 +25,19 @@ class DPOFormatter(EncodingFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt) -> TRL 1.16's ids."""
 
     config_class = DPODataConfig
-    collate = PreferenceFormatter.collate
+    collate = PreferenceFormatter.collate  # with each pair's images (alignkit.formatters.vision)
     output_features = PreferenceFormatter.output_features
     is_encoder_decoder = False
+    reads_images = True  # conversational rows with images (alignkit.formatters.vision.pair_tokens)
 
     def format(self, example: dict[str, Any]) -> Formatted:
+        if has_images(example):
+            pc, ac, ar, images = pair_tokens(self, example)
+            return self._assemble(pc, ac, pc, ar, images)
+        pc, ac, pr, ar = self._pair_ids(example)
+        return self._assemble(pc, ac, pr, ar, self._vision.features(None) if self._vision else {})
+
+    def _pair_ids(self, example: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[int]]:
         needs = "preference rows need 'chosen' and 'rejected' (and optionally 'prompt')"
         chosen, rejected = column(example, "chosen", needs), column(example, "rejected", needs)
         same_format(("chosen", chosen), ("rejected", rejected))
@@ -43,6 +52,9 @@ class DPOFormatter(EncodingFormatter):
             check_messages("prompt", prompt)
         encoder = self._standard if isinstance(prompt, str) else self._rendered
         (pc, ac), (pr, ar) = (prompt_completion_ids(self.tokenizer, encoder, prompt, a) for a in (chosen, rejected))
+        return pc, ac, pr, ar
+
+    def _assemble(self, pc, ac, pr, ar, images: dict[str, list]) -> Formatted:
         n = min(len(pc), len(pr))  # TRL: the answers start where either stops agreeing with the prompt's ids
         c = self.config
         if c.max_length is not None and c.truncation_mode == "keep_start" and n >= c.max_length:
@@ -54,4 +66,7 @@ class DPOFormatter(EncodingFormatter):
             features[f"{side}_labels"] = truncate(masked_labels(n, full, c.label_pad_token_id), c.max_length,
                                                   c.truncation_mode)[0]
             cut |= cut_here
-        return Formatted(features, cut)
+        if cut and images and any(self._vision.image_tokens(features[f"{side}_input_ids"]) !=
+                                  self._vision.image_tokens(pc) for side in ("chosen", "rejected")):
+            raise DataError(f"the row's image tokens do not fit in method.max_length={c.max_length}; raise it")
+        return Formatted({**features, **images}, cut)

@@ -25,4 +25,13 @@ def sort_sft_chat(split: str) -> datasets.Dataset:
          "completion": [{"role": "assistant", "content": r["completion"].strip()}]} for r in _rows(split)])
 
 
-DATASETS = {"sort-sft": sort_sft, "sort-sft-chat": sort_sft_chat}
+def shapes_sft(split: str) -> datasets.Dataset:
+    """`builtin:shapes-sft`: a picture of coloured shapes and a question about it, answered in one word or digit
+    (conversational prompt-completion rows with an `images` column; for vision-language models)."""
+    from alignkit.blocks.shapes import assistant_turn, questions, user_turn
+
+    return datasets.Dataset.from_list([{"images": [r["image"]], "prompt": user_turn(r["question"]),
+                                        "completion": assistant_turn(r["answer"])} for r in questions(split)])
+
+
+DATASETS = {"sort-sft": sort_sft, "sort-sft-chat": sort_sft_chat, "shapes-sft": shapes_sft}
