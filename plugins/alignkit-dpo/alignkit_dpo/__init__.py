@@ -1,8 +1,6 @@
-"""DPO (Rafailov et al., arXiv 2305.18290) and every loss type of TRL 1.16's DPOTrainer (alignkit_dpo.losses), against
-a reference model, on the summed answer log-probs of [chosen; rejected] rows through the shared log-prob path
-(alignkit.blocks.logps): loss lists with weights (MPO), LD-DPO's `ld_alpha`, WPO's `use_weighting`, f-DPO's
-divergences and TR-DPO's reference sync. The same loss serves the plugin's second method, `online-dpo`
-(alignkit_dpo.online: TRL 1.16's OnlineDPOTrainer)."""
+"""DPO (arXiv 2305.18290) and every loss type of TRL 1.16's DPOTrainer (alignkit_dpo.losses) on the summed answer
+log-probs of [chosen; rejected] rows (alignkit.blocks.logps): loss lists with weights (MPO), LD-DPO's `ld_alpha`, WPO's
+`use_weighting`, f-DPO's divergences, TR-DPO's reference sync. It also serves `online-dpo` (alignkit_dpo.online)."""
 
 from typing import Literal
 
@@ -182,7 +180,6 @@ DPO = alignkit.Method(
     citation="@article{rafailov2023dpo, title={Direct Preference Optimization: Your Language Model is Secretly a "
              "Reward Model}, journal={arXiv:2305.18290}, year={2023}}",
 )
-
 from alignkit_dpo.online import ONLINE_DPO  # noqa: E402 (it builds on DPOConfig and DPOLoss above)
 
 register_methods = alignkit.registers(DPO, ONLINE_DPO)
