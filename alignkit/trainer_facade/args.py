@@ -22,8 +22,23 @@ def _report_to(value) -> dict[str, Any]:
     return {"train.report_to": [n for n in names if n not in ("none", "all")]}
 
 
+def _model_init_kwargs(value) -> dict[str, Any]:
+    """TRL's model_init_kwargs: the keys alignkit's `model` section has go there, the rest to model.init_kwargs."""
+    own = {"revision": "model.revision", "dtype": "model.dtype", "torch_dtype": "model.dtype",
+           "attn_implementation": "model.attn_implementation", "trust_remote_code": "model.trust_remote_code"}
+    out, rest = {}, {}
+    for key, x in (value or {}).items():
+        if x is None:
+            continue
+        if key in own:
+            out[own[key]] = str(x).removeprefix("torch.") if key in ("dtype", "torch_dtype") else x
+        else:
+            rest[key] = x
+    return {**out, "model.init_kwargs": rest}
+
+
 def _sampling(value) -> dict[str, Any]:
-    return {"train.group_by_length": value == "group_by_length"}
+    return {"train.group_by_length": value == "group_by_length", "train.shuffle": value != "sequential"}
 
 
 #: TrainingArguments field -> alignkit key (or a function of the value giving overrides); always passed
@@ -39,11 +54,13 @@ TRAIN: dict[str, Any] = {
     "warmup_steps": lambda v: {"train.warmup_ratio": v, "train.warmup_steps": 0} if 0 < v < 1
     else {"train.warmup_steps": int(v), "train.warmup_ratio": 0.0},  # transformers 5: a float < 1 is a ratio
     "save_total_limit": "train.save_total_limit", "seed": "train.seed", "bf16": lambda v: {"train.bf16": bool(v)},
-    "fp16": "train.fp16", "use_cpu": "train.use_cpu", "gradient_checkpointing": "train.gradient_checkpointing",
+    "fp16": "train.fp16", "use_cpu": "train.use_cpu",
+    "gradient_checkpointing": lambda v: {"train.gradient_checkpointing": bool(v)},
+    "activation_checkpointing": lambda v: {"train.gradient_checkpointing": bool(v)},  # transformers 5's name
     "optim": lambda v: {"train.optim": getattr(v, "value", v)}, "optim_args": "train.optim_args",
     "report_to": _report_to, "run_name": "train.run_name", "dataloader_num_workers": "train.dataloader_num_workers",
     "train_sampling_strategy": _sampling,
-    "model_init_kwargs": lambda v: {"model.init_kwargs": {k: x for k, x in (v or {}).items() if x is not None}},
+    "model_init_kwargs": _model_init_kwargs,
     "trust_remote_code": "model.trust_remote_code",
 }
 
@@ -64,9 +81,10 @@ IGNORED: dict[str, str] = {name: _NO_EFFECT for name in (
     "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
     "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "dataloader_multiprocessing_context", "dataloader_in_order", "label_names", "length_column_name",
-    "skip_memory_metrics", "full_determinism", "gradient_checkpointing_kwargs", "use_cache", "torch_compile",
+    "skip_memory_metrics", "full_determinism", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs",
+    "use_cache", "torch_compile",
     "torch_compile_backend", "torch_compile_mode", "average_tokens_across_devices", "activation_offloading",
-    "dataset_num_proc")}
+    "dataset_num_proc", "pad_to_multiple_of")}
 IGNORED["average_tokens_across_devices"] = "alignkit always normalises token losses across devices"
 IGNORED["activation_offloading"] = "a memory saving only; alignkit keeps activations on the device"
 
@@ -85,8 +103,6 @@ REJECTED: dict[str, str] = {
     "ignore_data_skip": "alignkit always resumes at the exact data position",
     "optim_target_modules": "not supported",
     "label_smoothing_factor": "alignkit's losses do not smooth labels",
-    "activation_checkpointing": "use gradient_checkpointing",
-    "activation_checkpointing_kwargs": "use gradient_checkpointing",
     "use_liger_kernel": "Liger kernels are not supported (alignkit's chunked loss already never materialises the "
                         "logits)",
     "liger_kernel_config": "Liger kernels are not supported",
@@ -97,8 +113,8 @@ REJECTED: dict[str, str] = {
 class TrainingArgumentsBridge(TrainingArguments):
     """TRL 1.x's base config over transformers.TrainingArguments, mapped to alignkit by `to_alignkit()`."""
 
-    #: the alignkit method config (pydantic) whose fields a same-named dataclass field goes to
-    method_config: ClassVar[type | None] = None
+    #: the plugin module that registers the method (its config's fields take same-named dataclass fields)
+    method_plugin: ClassVar[Any] = None
     #: a field whose alignkit key has another name (or a function of the value giving overrides)
     method_keys: ClassVar[dict[str, Any]] = {}
     #: a method field alignkit cannot honour -> the reason (refused when set away from its default)
@@ -117,13 +133,16 @@ class TrainingArgumentsBridge(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if getattr(self, "pad_to_multiple_of", None) == "auto":
+            self.pad_to_multiple_of = None  # TRL: 128 on Neuron (AWS Trainium) only
         super().__post_init__()
 
     def to_alignkit(self) -> dict[str, Any]:
         """alignkit dotted overrides; warns for what is ignored and raises ValueError for what is refused."""
         cls = type(self)
-        method_fields = set(cls.method_config.model_fields) if cls.method_config is not None else set()
+        method_fields = set(method_config(cls.method_plugin).model_fields) if cls.method_plugin is not None else set()
         out: dict[str, Any] = {}
+        reference = _resolved_defaults(cls)
         for f in dataclasses.fields(self):
             name, value = f.name, getattr(self, f.name)
             if name in BY_TRAINER:
@@ -134,8 +153,8 @@ class TrainingArgumentsBridge(TrainingArguments):
                 out.update(_mapped(cls.method_keys[name], value))
             elif name in method_fields and name not in cls.unsupported:
                 out[f"method.{name}"] = value
-            elif value == _default(f):
-                continue
+            elif value in (_default(f), reference.get(name, _default(f))):
+                continue  # (the reference: a default instance after __post_init__, which fills some fields)
             elif name in cls.ignored or name in IGNORED:
                 reason = cls.ignored.get(name) or IGNORED[name]
                 warnings.warn(f"{cls.__name__}.{name}={value!r} is ignored by alignkit ({reason})", stacklevel=3)
@@ -146,8 +165,47 @@ class TrainingArgumentsBridge(TrainingArguments):
         return out
 
 
+def table_config(name: str, rows: list[tuple[str, Any, Any]], plugin, module: str, doc: str,
+                 **class_vars) -> type:
+    """A TrainingArgumentsBridge dataclass `name` with a field per (field name, type, default) row (a list or dict
+    default is copied per instance), its help from the method config's description; `class_vars` set
+    unsupported / ignored / method_keys."""
+    descriptions = {k: f.description for k, f in method_config(plugin).model_fields.items() if f.description}
+    fields = []
+    for fname, kind, default in rows:
+        meta = {"help": descriptions.get(fname, f"As TRL 1.16's {name}.{fname}.")}
+        spec = (field(default_factory=lambda d=default: type(d)(d), metadata=meta) if isinstance(default, list | dict)
+                else field(default=default, metadata=meta))
+        fields.append((fname, kind, spec))
+    cls = dataclasses.make_dataclass(name, fields, bases=(TrainingArgumentsBridge,))
+    cls.__module__, cls.__doc__, cls.method_plugin = module, doc, plugin
+    for key, value in class_vars.items():
+        setattr(cls, key, value)
+    return cls
+
+
+def method_config(plugin) -> type:
+    """The config class of the method `plugin` (a module with a register_methods hook) registers."""
+    found = []
+    plugin.register_methods(register=found.append)
+    return found[0].config
+
+
 def _mapped(spec, value) -> dict[str, Any]:
     return spec(value) if callable(spec) else {spec: value}
+
+
+_RESOLVED: dict[type, dict[str, Any]] = {}
+
+
+def _resolved_defaults(cls: type) -> dict[str, Any]:
+    """The field values of a default instance after __post_init__ (which fills some, e.g. accelerator_config)."""
+    if cls not in _RESOLVED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            default = cls(output_dir="trainer_output", bf16=False, fp16=False)  # bf16 is always mapped anyway
+        _RESOLVED[cls] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+    return _RESOLVED[cls]
 
 
 def _default(f: dataclasses.Field) -> Any:

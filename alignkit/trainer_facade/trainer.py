@@ -26,6 +26,41 @@ class FacadeTrainer(TrainerSurface):
     #: a column only rows this method's formatter produced have (rows that have it are not formatted again)
     tokenized_column: str | None = None
 
+    def _args(self, args, config_cls: type, default_output_dir: str):
+        """`args` as `config_cls` (TRL converts a plain TrainingArguments the same way); a default one when None."""
+        if args is None:
+            return config_cls(output_dir=default_output_dir)
+        if isinstance(args, config_cls):
+            return args
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in names}
+        return config_cls(**given)
+
+    @staticmethod
+    def _model_name(model) -> str:
+        return model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+
+    def _ref_model_overrides(self, ref_model, model) -> dict:
+        """A reference model object as alignkit's model.ref_name_or_path: the checkpoint it was loaded from."""
+        if ref_model is None:
+            return {}
+        if ref_model is model:
+            raise ValueError(f"{type(self).__name__}: `model` and `ref_model` cannot be the same object; pass "
+                             "ref_model=None for a frozen copy of the model")
+        path = ref_model if isinstance(ref_model, str) else getattr(ref_model.config, "_name_or_path", "")
+        if not path:
+            raise ValueError(f"{type(self).__name__}(ref_model=...): alignkit loads the reference itself; pass a "
+                             "model loaded with from_pretrained (its name or folder), a name, or None")
+        return {"model.ref_name_or_path": path}
+
+    def _refuse(self, **given) -> None:
+        """A ValueError for each constructor argument (name -> (value, reason)) alignkit cannot honour."""
+        for name, (value, reason) in given.items():
+            if value is not None:
+                raise ValueError(f"{type(self).__name__}({name}=...) is not supported by alignkit: {reason}")
+
     def _start(self, method_name: str, plugins: list, model, args, train_dataset, eval_dataset, processing_class,
                model_init: Callable | None, callbacks, optimizers, peft_config, formatter_wrapper=None,
                overrides: dict | None = None) -> None:
@@ -53,6 +88,10 @@ class FacadeTrainer(TrainerSurface):
         if isinstance(model, str):  # loaded as alignkit loads it (the method's model kind, model_init_kwargs)
             model = load_model(self.config.model, processing_class, self.config.train.seed,
                                kind=method.model_kind, num_labels=method.num_labels)
+        if getattr(args, "disable_dropout", False) and "disable_dropout" not in type(self.config.method).model_fields:
+            from alignkit.blocks.dropout import disable_dropout
+
+            disable_dropout(model)  # TRL's trainers do it to the model they are given when the method does not
         if peft_config is not None:
             model = apply_peft(model, peft_config)
 
