@@ -142,7 +142,7 @@ class TrainingArgumentsBridge(TrainingArguments):
         cls = type(self)
         method_fields = set(method_config(cls.method_plugin).model_fields) if cls.method_plugin is not None else set()
         out: dict[str, Any] = {}
-        reference = _resolved_defaults(cls)
+        reference = _resolved_defaults(cls, self.use_cpu)
         for f in dataclasses.fields(self):
             name, value = f.name, getattr(self, f.name)
             if name in BY_TRAINER:
@@ -195,17 +195,18 @@ def _mapped(spec, value) -> dict[str, Any]:
     return spec(value) if callable(spec) else {spec: value}
 
 
-_RESOLVED: dict[type, dict[str, Any]] = {}
+_RESOLVED: dict[tuple[type, bool], dict[str, Any]] = {}
 
 
-def _resolved_defaults(cls: type) -> dict[str, Any]:
-    """The field values of a default instance after __post_init__ (which fills some, e.g. accelerator_config)."""
-    if cls not in _RESOLVED:
+def _resolved_defaults(cls: type, use_cpu: bool) -> dict[str, Any]:
+    """The field values of a default instance after __post_init__ (which fills some: accelerator_config, and
+    dataloader_pin_memory off with use_cpu)."""
+    if (cls, use_cpu) not in _RESOLVED:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            default = cls(output_dir="trainer_output", bf16=False, fp16=False)  # bf16 is always mapped anyway
-        _RESOLVED[cls] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
-    return _RESOLVED[cls]
+            default = cls(output_dir="trainer_output", bf16=False, fp16=False, use_cpu=use_cpu)  # bf16: always mapped
+        _RESOLVED[cls, use_cpu] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+    return _RESOLVED[cls, use_cpu]
 
 
 def _default(f: dataclasses.Field) -> Any:
