@@ -13,7 +13,7 @@ import pytest
 import trl
 from alignkit_trl import DatasetMixtureConfig, get_dataset
 
-CONFIGS = ["SFTConfig", "DPOConfig", "KTOConfig", "GRPOConfig"]
+CONFIGS = ["SFTConfig", "DPOConfig", "KTOConfig", "GRPOConfig", "RLOOConfig", "RewardConfig"]
 
 
 def default(f: dataclasses.Field):
@@ -105,7 +105,7 @@ def test_formatting_func_turns_rows_into_text(tmp_path):
 
 
 def test_grpo_reward_funcs_as_trl_takes_them():
-    from alignkit_grpo.trl import reward_names
+    from alignkit.trainer_facade.online import reward_names
 
     def mine(prompts, completions, **kw):
         return [0.0] * len(completions)

@@ -107,3 +107,25 @@ def test_grpo_trainer_trains_as_alignkit_run(tmp_path, as_callable):
     names = ("sort_order", "exact_match") if as_callable else ("sort-order", "exact-match")
     for mine, theirs in zip(names, ("sort-order", "exact-match")):  # TRL logs rewards/<function name>/mean
         assert [r[f"rewards/{mine}/mean"] for r in facade] == [r[f"rewards/{theirs}/mean"] for r in run]
+
+
+def test_rloo_trainer_trains_as_alignkit_run(tmp_path):
+    from alignkit_trl import RLOOConfig, RLOOTrainer
+
+    trainer = RLOOTrainer("builtin:tiny", reward_funcs=["sort-order"], train_dataset=builtin("sort-prompts"),
+                          args=RLOOConfig(**common_args(tmp_path), **GRPO_ARGS))
+    facade = facade_rows(trainer)
+    run = alignkit_run(tmp_path, "rloo", "sort-prompts", **{  # TRL's RLOO: beta 0.05, max_completion_length 512
+        "method.reward_funcs": ["sort-order"], "method.num_generations": 4, "method.max_completion_length": 8,
+        "method.beta": 0.05, "method.sft_warmup_steps": 0, "train.learning_rate": 1e-4})
+    assert_same(facade, run, COMPARED + ("reward",))
+
+
+def test_reward_trainer_trains_as_alignkit_run(tmp_path):
+    from alignkit_trl import RewardConfig, RewardTrainer
+
+    trainer = RewardTrainer("builtin:tiny", args=RewardConfig(**common_args(tmp_path)),
+                            train_dataset=builtin("sort-reward"))
+    facade = facade_rows(trainer)
+    run = alignkit_run(tmp_path, "reward", "sort-reward", **{"train.learning_rate": 1e-4})  # TRL's RewardConfig
+    assert_same(facade, run, COMPARED + ("accuracy",))

@@ -39,12 +39,13 @@ def run_script(name: str, tmp_path: Path, data: str, *flags: str, **settings) ->
 
 
 @pytest.mark.parametrize(("script", "data"), [("sft", "builtin:sort-sft"), ("dpo", "builtin:sort"),
-                                              ("kto", "builtin:sort-kto")])
+                                              ("kto", "builtin:sort-kto"), ("reward", "builtin:sort-reward")])
 def test_trl_script_runs_with_the_import_changed(tmp_path, script, data):
     out = run_script(script, tmp_path, data)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()  # saved at the end, as Trainer does
 
 
-def test_trl_grpo_script_runs_with_a_dotted_reward_and_trls_format_reward(tmp_path):
-    run_script("grpo", tmp_path, "builtin:sort-prompts", "--reward_funcs", "alignkit_grpo.rewards.sort_order",
+@pytest.mark.parametrize("script", ["grpo", "rloo"])
+def test_trl_online_script_runs_with_a_dotted_reward_and_trls_format_reward(tmp_path, script):
+    run_script(script, tmp_path, "builtin:sort-prompts", "--reward_funcs", "alignkit_grpo.rewards.sort_order",
                "think_format_reward", num_generations=4, max_completion_length=8)
