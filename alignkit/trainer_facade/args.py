@@ -132,7 +132,11 @@ class TrainingArgumentsBridge(TrainingArguments):
     torch_empty_cache_steps: int | None = field(default=None, metadata={"help": "Steps between empty_cache calls."})
 
     def __post_init__(self) -> None:
-        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if self.bf16 is None:  # TRL 1.16: on unless fp16 (and it then refuses a machine without bf16 but use_cpu);
+            # here, as TRL's later releases, also off where neither use_cpu nor the accelerator offers bf16
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            self.bf16 = not self.fp16 and (self.use_cpu or is_torch_bf16_gpu_available())
         if getattr(self, "pad_to_multiple_of", None) == "auto":
             self.pad_to_multiple_of = None  # TRL: 128 on Neuron (AWS Trainium) only
         super().__post_init__()

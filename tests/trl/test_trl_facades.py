@@ -134,3 +134,17 @@ def test_nothing_is_imported_until_a_name_is_used():
 def test_an_unknown_name_lists_what_alignkit_offers():
     with pytest.raises(AttributeError, match="has no attribute 'PPOTrainer' .*SFTTrainer"):
         alignkit_trl.PPOTrainer  # noqa: B018
+
+
+def test_bf16_defaults_on_where_the_machine_offers_it(tmp_path):
+    """TRL 1.16 turns bf16 on unless fp16 (and then refuses a CPU-only machine unless use_cpu); alignkit_trl's
+    configs are on where TRL's are and off (fp32) where TRL's would refuse to start."""
+    import torch
+    from alignkit_trl import SFTConfig
+
+    assert SFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True
+    assert SFTConfig(output_dir=str(tmp_path), fp16=False, bf16=False).bf16 is False
+    if not torch.cuda.is_available():
+        assert SFTConfig(output_dir=str(tmp_path)).bf16 is False
+        with pytest.raises(ValueError, match="bf16/gpu"):
+            trl.SFTConfig(output_dir=str(tmp_path))
