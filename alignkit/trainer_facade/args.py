@@ -10,6 +10,7 @@ weights, or refused with the reason; a method field goes to the `method.` key of
 """
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -188,11 +189,16 @@ def table_config(name: str, rows: list[tuple[str, Any, Any]], plugin, module: st
     return cls
 
 
+@functools.cache
 def method_config(plugin) -> type:
-    """The config class of the method `plugin` (a module with a register_methods hook) registers."""
+    """The config class of the method `plugin` (a module with a register_methods hook) registers, with the fields
+    of its formatter's data config (as `alignkit run` resolves it)."""
+    from alignkit import get_plugin_manager, load_config
+
     found = []
     plugin.register_methods(register=found.append)
-    return found[0].config
+    pm = get_plugin_manager(load_entrypoints=False, plugins=[plugin])
+    return load_config(found[0].name, {}, {}, plugins=pm)[1].config
 
 
 def _mapped(spec, value) -> dict[str, Any]:

@@ -148,3 +148,12 @@ def test_bf16_defaults_on_where_the_machine_offers_it(tmp_path):
         assert SFTConfig(output_dir=str(tmp_path)).bf16 is False
         with pytest.raises(ValueError, match="bf16/gpu"):
             trl.SFTConfig(output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(("name", "field", "value"), [("KTOConfig", "max_length", 6),
+                                                      ("DPOConfig", "truncation_mode", "keep_end"),
+                                                      ("GRPOConfig", "max_completion_length", 7)])
+def test_a_data_field_of_the_methods_formatter_reaches_the_method(name, field, value):
+    """Fields of the formatter's data config (the method config as `alignkit run` resolves it) are method keys."""
+    out = getattr(alignkit_trl, name)(output_dir="x", use_cpu=True, **{field: value}).to_alignkit()
+    assert out[f"method.{field}"] == value
