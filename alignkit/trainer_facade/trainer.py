@@ -25,6 +25,10 @@ from alignkit.trainer_facade.surface import TrainerSurface
 class FacadeTrainer(TrainerSurface):
     #: a column only rows this method's formatter produced have (rows that have it are not formatted again)
     tokenized_column: str | None = None
+    #: the model tags TRL's trainer adds (model.add_model_tags), e.g. ["trl", "sft"]
+    _tag_names: list[str] = []
+    #: TRL 1.x's trainers refuse to start without a train_dataset
+    requires_train_dataset: bool = True
 
     def _args(self, args, config_cls: type, default_output_dir: str):
         """`args` as `config_cls` (TRL converts a plain TrainingArguments the same way); a default one when None."""
@@ -69,8 +73,15 @@ class FacadeTrainer(TrainerSurface):
         name = type(self).__name__
         if args.save_strategy == "best" and args.metric_for_best_model is None:
             raise ValueError(f"{type(args).__name__}.metric_for_best_model must be set when save_strategy='best'")
-        if isinstance(eval_dataset, dict):
-            raise ValueError(f"{name}: alignkit evaluates one eval_dataset; pass a single datasets.Dataset")
+        if train_dataset is None and self.requires_train_dataset:
+            raise ValueError("`train_dataset` is required")
+        train_dataset, eval_dataset = _finite(train_dataset), _finite(eval_dataset)
+        self._eval_datasets = None
+        if isinstance(eval_dataset, dict):  # Trainer evaluates each, as eval_<name>_<metric>
+            if args.eval_strategy != "no":
+                raise ValueError(f"{name}: alignkit evaluates one eval_dataset during training; pass a single "
+                                 "datasets.Dataset, or evaluate each with trainer.evaluate() after training")
+            self._eval_datasets, eval_dataset = {k: _finite(v) for k, v in eval_dataset.items()}, None
         overrides = {**args.to_alignkit(), **(overrides or {}), "train.disable_tqdm": True, "train.plots": False,
                      "train.overwrite_output_dir": True, "train.checkpoint_dir": "."}  # Trainer's output_dir layout
         if model is None:
@@ -117,6 +128,8 @@ class FacadeTrainer(TrainerSurface):
         self.engine.load()  # TRL's trainer has its model, tokenizer and formatter from the start
         self.model, self.processing_class = self.engine.model, self.engine.tokenizer
         self.callback_handler.model = self.model
+        if self._tag_names and hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
         self.loss, self.formatter = self.engine.loss, self.engine.formatter
         self._raw = {"train": train_dataset, "eval": eval_dataset}
         self._formatted: dict[int, tuple] = {}  # id(raw dataset) -> (raw, tokenized)
@@ -197,7 +210,16 @@ class FacadeTrainer(TrainerSurface):
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        """The engine's eval metrics (plus compute_metrics), with Trainer's runtime fields; logged as a row."""
+        """The engine's eval metrics (plus compute_metrics), with Trainer's runtime fields; logged as a row. A dict
+        of datasets: each evaluated, its metrics prefixed `eval_<name>_`, as Trainer does."""
+        eval_dataset = _finite(eval_dataset)
+        if eval_dataset is None and self._eval_datasets is not None:
+            eval_dataset = self._eval_datasets
+        if isinstance(eval_dataset, dict):
+            out = {}
+            for key, ds in eval_dataset.items():
+                out.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{key}"))
+            return out
         start = time.time()
         raw = self._raw_of(eval_dataset) if eval_dataset is not None else None
         metrics = self.engine.evaluate(raw)
@@ -243,3 +265,15 @@ class FacadeTrainer(TrainerSurface):
 
     def end(self) -> None:
         """transformers >= 5.18's Trainer.end: finish the trackers (the engine closes its own after train())."""
+
+
+def _finite(ds):
+    """A (finite) IterableDataset, or a dict of them, as an in-memory datasets.Dataset: the engine reads its length."""
+    import datasets
+
+    if isinstance(ds, datasets.IterableDataset):
+        rows = list(ds)
+        return datasets.Dataset.from_list(rows)
+    if isinstance(ds, dict) and any(isinstance(v, datasets.IterableDataset) for v in ds.values()):
+        return {k: _finite(v) for k, v in ds.items()}
+    return ds

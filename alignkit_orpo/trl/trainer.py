@@ -18,6 +18,7 @@ from alignkit_orpo.trl.v0152 import V0152Methods
 class ORPOTrainer(V0152Methods, FacadeTrainer):
     """TRL's ORPOTrainer surface on alignkit's engine, ORPO formatter and ORPO loss."""
 
+    requires_train_dataset = False  # TRL v0.15.2 builds an ORPOTrainer without one (evaluate only)
     tokenized_column = "chosen_input_ids"  # a column only formatted (tokenized) preference rows have
 
     def __init__(self, model: PreTrainedModel | torch.nn.Module | str | None = None, args: ORPOConfig | None = None,

@@ -157,3 +157,21 @@ def test_a_data_field_of_the_methods_formatter_reaches_the_method(name, field, v
     """Fields of the formatter's data config (the method config as `alignkit run` resolves it) are method keys."""
     out = getattr(alignkit_trl, name)(output_dir="x", use_cpu=True, **{field: value}).to_alignkit()
     assert out[f"method.{field}"] == value
+
+
+def test_trl_trainer_conventions(tmp_path):
+    """As TRL 1.x: a train_dataset is required, the model is tagged, a finite IterableDataset trains, and a dict of
+    eval datasets is evaluated one by one (eval_<name>_loss)."""
+    from alignkit_trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", max_steps=1,
+                     per_device_train_batch_size=4, disable_tqdm=True)
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        SFTTrainer("builtin:tiny", args=args)
+    rows = sft_rows()
+    t = SFTTrainer("builtin:tiny", args=args, train_dataset=rows.to_iterable_dataset(),
+                   eval_dataset={"a": rows.select(range(4)), "b": rows.select(range(4, 8)).to_iterable_dataset()})
+    assert {"trl", "sft"} <= set(t.model.model_tags)
+    assert t.train().global_step == 1
+    metrics = t.evaluate()
+    assert {"eval_a_loss", "eval_b_loss"} <= set(metrics) and metrics["eval_a_loss"] != metrics["eval_b_loss"]

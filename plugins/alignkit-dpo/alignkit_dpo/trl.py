@@ -61,6 +61,8 @@ class DPOConfig(TrainingArgumentsBridge):
 class DPOTrainer(FacadeTrainer):
     """TRL 1.16's DPOTrainer on alignkit's engine, DPO formatter and DPO loss."""
 
+    _tag_names = ["trl", "dpo"]
+
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
                  callbacks=None, optimizers: tuple = (None, None), quantization_config=None, peft_config=None) -> None:

@@ -52,4 +52,5 @@ GRPOConfig = table_config(
 class GRPOTrainer(OnlineTrainer):
     """TRL 1.16's GRPOTrainer on alignkit's engine, rollout and GRPO loss."""
 
+    _tag_names = ["trl", "grpo"]
     method_name, method_plugin, config_class, suffix = "grpo", alignkit_grpo, GRPOConfig, "GRPO"

@@ -52,6 +52,8 @@ class KTOConfig(TrainingArgumentsBridge):
 class KTOTrainer(FacadeTrainer):
     """TRL 1.16's KTOTrainer on alignkit's engine, KTO formatter and KTO loss."""
 
+    _tag_names = ["trl", "kto"]
+
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
                  callbacks=None, optimizers: tuple = (None, None), quantization_config=None, peft_config=None) -> None:

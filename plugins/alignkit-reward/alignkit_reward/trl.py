@@ -33,6 +33,8 @@ RewardConfig = table_config(
 class RewardTrainer(FacadeTrainer):
     """TRL 1.16's RewardTrainer on alignkit's engine: a sequence classifier with one output, Bradley-Terry loss."""
 
+    _tag_names = ["trl", "reward-trainer"]
+
     def __init__(self, model, args=None, data_collator: Callable | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, compute_metrics: Callable | None = None, callbacks=None,
                  optimizers: tuple = (None, None), optimizer_cls_and_kwargs=None,

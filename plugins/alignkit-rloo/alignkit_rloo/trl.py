@@ -28,4 +28,5 @@ RLOOConfig = table_config(
 class RLOOTrainer(OnlineTrainer):
     """TRL 1.16's RLOOTrainer on alignkit's engine, rollout and RLOO loss."""
 
+    _tag_names = ["trl", "rloo"]
     method_name, method_plugin, config_class, suffix = "rloo", alignkit_rloo, RLOOConfig, "RLOO"

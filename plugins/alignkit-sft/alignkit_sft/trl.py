@@ -66,6 +66,8 @@ class SFTConfig(TrainingArgumentsBridge):
 class SFTTrainer(FacadeTrainer):
     """TRL 1.16's SFTTrainer on alignkit's engine, sequence formatter and SFT loss."""
 
+    _tag_names = ["trl", "sft"]
+
     def __init__(self, model, args: SFTConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None,
                  compute_loss_func: Callable | None = None,
