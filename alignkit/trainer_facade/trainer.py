@@ -133,7 +133,6 @@ class FacadeTrainer(TrainerSurface):
         self.loss, self.formatter = self.engine.loss, self.engine.formatter
         self._raw = {"train": train_dataset, "eval": eval_dataset}
         self._formatted: dict[int, tuple] = {}  # id(raw dataset) -> (raw, tokenized)
-        self.ref_model = getattr(self.engine, "reference", None)
 
     # ---- data -------------------------------------------------------------------------------------------
 
@@ -162,6 +161,11 @@ class FacadeTrainer(TrainerSurface):
     @property
     def eval_dataset(self):
         return self._tokenized(self._raw["eval"])
+
+    @property
+    def ref_model(self):
+        """The frozen reference model the engine loaded (None for a method without one, or once precomputed)."""
+        return getattr(self.engine.reference, "model", None)
 
     @property
     def checkpoint_root(self) -> Path:

@@ -10,6 +10,7 @@ import warnings
 
 import alignkit_trl
 import pytest
+import torch
 import trl
 from alignkit_trl import DatasetMixtureConfig, get_dataset
 
@@ -175,3 +176,15 @@ def test_trl_trainer_conventions(tmp_path):
     assert t.train().global_step == 1
     metrics = t.evaluate()
     assert {"eval_a_loss", "eval_b_loss"} <= set(metrics) and metrics["eval_a_loss"] != metrics["eval_b_loss"]
+
+
+def test_ref_model_is_the_frozen_reference_model(tmp_path):
+    from alignkit_trl import DPOConfig, DPOTrainer
+
+    rows = get_dataset(DatasetMixtureConfig(datasets=[{"path": "builtin:sort"}]))["train"].select(range(8))
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", max_steps=1,
+                     per_device_train_batch_size=4, disable_tqdm=True, learning_rate=1e-2)
+    t = DPOTrainer("builtin:tiny", args=args, train_dataset=rows)
+    t.train()
+    name, param = next(iter(t.model.named_parameters()))
+    assert not torch.equal(param, t.ref_model.get_parameter(name))  # the policy moved, the reference did not
