@@ -183,6 +183,29 @@ def availability_imports(text: str) -> str:
     return re.sub(r"^from trl\.import_utils import (\([^)]*\)|[^\n]*)", fix, text, flags=re.MULTILINE)
 
 
+def internal_imports(text: str) -> tuple[str, set[str]]:
+    """`from trl.<module> import (...)` (TRL's internals: collators, helpers) keeps the names the installed trl has;
+    each other name (the tests are from another TRL version) becomes None and is returned, so that the tests using
+    it are excluded with that reason."""
+    import importlib
+
+    missing: set[str] = set()
+
+    def fix(match: re.Match) -> str:
+        module = match.group(1)
+        names = [n.strip() for n in match.group(2).replace("(", "").replace(")", "").split(",") if n.strip()]
+        try:
+            have = [n for n in names if hasattr(importlib.import_module(module), n)]
+        except ImportError:
+            have = []
+        missing.update(n for n in names if n not in have)
+        lines = [f"from {module} import ({', '.join(have)})"] if have else []
+        return "\n".join(lines + [f"{n} = None  # not in the installed TRL" for n in names if n not in have])
+
+    text = re.sub(r"^from (trl\.[\w.]+) import (\([^)]*\)|[^\n]*)", fix, text, flags=re.MULTILINE)
+    return text, missing
+
+
 def test_sources(text: str) -> dict[str, tuple[str, str]]:
     """test function name -> (its class name, its source with decorators)."""
     tree, lines = ast.parse(text), text.splitlines()
@@ -200,9 +223,12 @@ def test_sources(text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def exclusion(nodeid: str, sources: dict[str, tuple[str, str]]) -> str | None:
+def exclusion(nodeid: str, sources: dict[str, tuple[str, str]], missing: set[str]) -> str | None:
     key = nodeid.split(".py::", 1)[1].split("[", 1)[0]
     cls, source = sources.get(key, ("", ""))
+    lacking = sorted(n for n in missing if re.search(rf"\b{re.escape(n)}\b", source))
+    if lacking:
+        return f"tests TRL internals the installed TRL lacks (the tests are from another TRL version): {lacking[0]}"
     subject = f"class:{cls}\n{nodeid}\n{source}"
     for pattern, reason in EXCLUSIONS:
         if re.search(pattern, subject):
@@ -225,7 +251,7 @@ def run_trainer(trainer: str, tests: Path, fixtures: dict[str, Path], work: Path
     if (tests / "data").is_dir():
         shutil.copytree(tests / "data", folder / "data")
     original = (tests / f"test_{trainer}_trainer.py").read_text()
-    text = rewrite(original, fixtures, imports=against == "alignkit")
+    text, missing = internal_imports(rewrite(original, fixtures, imports=against == "alignkit"))
     path = folder / f"test_{trainer}_trainer.py"
     path.write_text(text)
     sources = test_sources(text)
@@ -238,7 +264,7 @@ def run_trainer(trainer: str, tests: Path, fixtures: dict[str, Path], work: Path
     if not nodeids:
         raise SystemExit(f"collecting {path.name} found no tests:\n{collected.stdout[-3000:]}"
                          f"{collected.stderr[-3000:]}")
-    excluded = {n: r for n in nodeids if (r := exclusion(n, sources)) is not None}
+    excluded = {n: r for n in nodeids if (r := exclusion(n, sources, missing)) is not None}
     report = work / f"run-{trainer}" / "junit.xml"
     deselect = [arg for n in excluded for arg in ("--deselect", n)]
     args_file = work / f"run-{trainer}" / "args.txt"
