@@ -171,10 +171,11 @@ class TrainingArgumentsBridge(TrainingArguments):
 
 
 def table_config(name: str, rows: list[tuple[str, Any, Any]], plugin, module: str, doc: str,
-                 **class_vars) -> type:
+                 normalise: Any = None, **class_vars) -> type:
     """A TrainingArgumentsBridge dataclass `name` with a field per (field name, type, default) row (a list or dict
     default is copied per instance), its help from the method config's description; `class_vars` set
-    unsupported / ignored / method_keys."""
+    unsupported / ignored / method_keys; `normalise(config)` runs first in __post_init__ (TRL's own value
+    normalisation, e.g. a bool given for a string field)."""
     descriptions = {k: f.description for k, f in method_config(plugin).model_fields.items() if f.description}
     fields = []
     for fname, kind, default in rows:
@@ -182,7 +183,14 @@ def table_config(name: str, rows: list[tuple[str, Any, Any]], plugin, module: st
         spec = (field(default_factory=lambda d=default: type(d)(d), metadata=meta) if isinstance(default, list | dict)
                 else field(default=default, metadata=meta))
         fields.append((fname, kind, spec))
-    cls = dataclasses.make_dataclass(name, fields, bases=(TrainingArgumentsBridge,))
+    namespace = {}
+    if normalise is not None:
+        def __post_init__(self) -> None:
+            normalise(self)
+            TrainingArgumentsBridge.__post_init__(self)
+
+        namespace["__post_init__"] = __post_init__
+    cls = dataclasses.make_dataclass(name, fields, bases=(TrainingArgumentsBridge,), namespace=namespace)
     cls.__module__, cls.__doc__, cls.method_plugin = module, doc, plugin
     for key, value in class_vars.items():
         setattr(cls, key, value)

@@ -188,3 +188,11 @@ def test_ref_model_is_the_frozen_reference_model(tmp_path):
     t.train()
     name, param = next(iter(t.model.named_parameters()))
     assert not torch.equal(param, t.ref_model.get_parameter(name))  # the policy moved, the reference did not
+
+
+@pytest.mark.parametrize(("given", "expected"), [(True, "group"), (False, "none"), ("batch", "batch")])
+def test_grpo_scale_rewards_takes_trls_bools(given, expected):
+    from alignkit_trl import GRPOConfig
+
+    assert GRPOConfig(output_dir="x", use_cpu=True, scale_rewards=given).to_alignkit()["method.scale_rewards"] \
+        == expected == trl.GRPOConfig(output_dir="x", use_cpu=True, scale_rewards=given).scale_rewards

@@ -29,6 +29,11 @@ GRPO_ROWS: list[tuple[str, Any, Any]] = [
     ("vllm_importance_sampling_cap", float | None, None),
 ]
 
+def _normalise(config) -> None:
+    """TRL 1.16's GRPOConfig takes scale_rewards as a bool too: True is "group", False "none"."""
+    config.scale_rewards = {True: "group", False: "none"}.get(config.scale_rewards, config.scale_rewards)
+
+
 GRPOConfig = table_config(
     "GRPOConfig", ONLINE_ROWS + GRPO_ROWS, alignkit_grpo, __name__,
     "TRL 1.16's GRPOConfig: learning_rate 1e-6, num_generations 8, max_completion_length 512, loss_type dapo, ...",
@@ -45,7 +50,7 @@ GRPOConfig = table_config(
         "use_adaptive_entropy": "entropy_coef is fixed", "max_tool_calling_iterations": "tool calling is not supported",
         "vllm_importance_sampling_cap": "use vllm_importance_sampling_clip_max",
     },
-    ignored=ONLINE_IGNORED,
+    ignored=ONLINE_IGNORED, normalise=_normalise,
 )
 
 
