@@ -104,6 +104,26 @@ def reward_names(reward_funcs, known: set[str], owner: str = "GRPOTrainer") -> t
     return names, callables
 
 
+def as_conversation(fn):
+    """`fn` called as TRL calls it on conversational data: each completion as [{"role": "assistant", "content": ...}]
+    (alignkit's rollout passes the completion text)."""
+    import functools
+
+    @functools.wraps(fn)  # keeps the name and (through __wrapped__) the signature, which says the columns it reads
+    def wrapped(*args, completions, **kwargs):
+        turns = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
+        return fn(*args, completions=turns, **kwargs)
+
+    return wrapped
+
+
+def _conversational(ds) -> bool:
+    if ds is None or "prompt" not in (getattr(ds, "column_names", None) or []):
+        return False
+    first = next(iter(ds), None)
+    return first is not None and isinstance(first["prompt"], list)
+
+
 def registered_rewards() -> list[str]:
     from alignkit.online import RewardRegistry
 
@@ -134,6 +154,8 @@ class OnlineTrainer(FacadeTrainer):
         if reward_funcs is None or reward_funcs == []:
             raise ValueError(f"{cls.__name__} needs reward_funcs: functions, alignkit reward names or a reward model")
         names, callables = reward_names(reward_funcs, set(registered_rewards()), cls.__name__)
+        if _conversational(train_dataset):
+            callables = {name: as_conversation(fn) for name, fn in callables.items()}
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         self.reward_func_names = names
         self._start(cls.method_name, [cls.method_plugin, _Rewards(callables)], model, self.args, train_dataset,

@@ -129,3 +129,23 @@ def test_reward_trainer_trains_as_alignkit_run(tmp_path):
     facade = facade_rows(trainer)
     run = alignkit_run(tmp_path, "reward", "sort-reward", **{"train.learning_rate": 1e-4})  # TRL's RewardConfig
     assert_same(facade, run, COMPARED + ("accuracy",))
+
+
+def test_grpo_reward_functions_see_conversations_on_conversational_data(tmp_path):
+    """TRL passes each completion of conversational data as [{"role": "assistant", "content": ...}]."""
+    from alignkit_trl import GRPOConfig, GRPOTrainer
+
+    seen = []
+
+    def assistant_length(completions, **kwargs):
+        seen.extend(completions)
+        return [float(len(c[0]["content"])) for c in completions]
+
+    rows = builtin("sort-prompts").select(range(16)).map(
+        lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}]})
+    trainer = GRPOTrainer("builtin:tiny", reward_funcs=[assistant_length], train_dataset=rows,
+                          args=GRPOConfig(**common_args(tmp_path), **GRPO_ARGS))
+    trainer.args.max_steps = trainer.engine.config.train.max_steps = 1
+    facade = facade_rows(trainer)
+    assert seen and all(c[0]["role"] == "assistant" for c in seen)
+    assert facade[0]["rewards/assistant_length/mean"] > 0  # the lengths of what the tiny model sampled
