@@ -75,6 +75,7 @@ class FacadeTrainer(TrainerSurface):
             raise ValueError(f"{type(args).__name__}.metric_for_best_model must be set when save_strategy='best'")
         if train_dataset is None and self.requires_train_dataset:
             raise ValueError("`train_dataset` is required")
+        _refuse_streaming_precompute(args, train_dataset, eval_dataset)
         train_dataset, eval_dataset = _finite(train_dataset), _finite(eval_dataset)
         self._eval_datasets = None
         if isinstance(eval_dataset, dict):  # Trainer evaluates each, as eval_<name>_<metric>
@@ -160,6 +161,8 @@ class FacadeTrainer(TrainerSurface):
 
     @property
     def eval_dataset(self):
+        if self._eval_datasets is not None:  # a dict of them: each evaluated by evaluate()
+            return self._eval_datasets
         return self._tokenized(self._raw["eval"])
 
     @property
@@ -216,6 +219,7 @@ class FacadeTrainer(TrainerSurface):
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """The engine's eval metrics (plus compute_metrics), with Trainer's runtime fields; logged as a row. A dict
         of datasets: each evaluated, its metrics prefixed `eval_<name>_`, as Trainer does."""
+        _refuse_streaming_precompute(self.args, eval_dataset)
         eval_dataset = _finite(eval_dataset)
         if eval_dataset is None and self._eval_datasets is not None:
             eval_dataset = self._eval_datasets
@@ -269,6 +273,18 @@ class FacadeTrainer(TrainerSurface):
 
     def end(self) -> None:
         """transformers >= 5.18's Trainer.end: finish the trackers (the engine closes its own after train())."""
+
+
+def _refuse_streaming_precompute(args, *datasets_given) -> None:
+    """TRL refuses precompute_ref_log_probs on an IterableDataset (the reference is scored once, over all rows)."""
+    import datasets
+
+    found = [d for ds in datasets_given for d in (ds.values() if isinstance(ds, dict) else [ds])
+             if isinstance(d, datasets.IterableDataset)]
+    if found and getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError("precompute_ref_log_probs=True is not supported with IterableDataset: the reference "
+                         "log-probs are computed once over all rows; pass a datasets.Dataset or set "
+                         "precompute_ref_log_probs=False")
 
 
 def _finite(ds):

@@ -196,3 +196,13 @@ def test_grpo_scale_rewards_takes_trls_bools(given, expected):
 
     assert GRPOConfig(output_dir="x", use_cpu=True, scale_rewards=given).to_alignkit()["method.scale_rewards"] \
         == expected == trl.GRPOConfig(output_dir="x", use_cpu=True, scale_rewards=given).scale_rewards
+
+
+def test_precompute_ref_log_probs_refuses_a_stream(tmp_path):
+    from alignkit_trl import DPOConfig, DPOTrainer
+
+    rows = get_dataset(DatasetMixtureConfig(datasets=[{"path": "builtin:sort"}]))["train"].select(range(8))
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs.*not supported with IterableDataset"):
+        DPOTrainer("builtin:tiny", args=args, train_dataset=rows.to_iterable_dataset())
+    assert not (tmp_path / "out").exists()
