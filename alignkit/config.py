@@ -175,6 +175,8 @@ class TrainConfig(Section):
                                 description="Folder of the checkpoint-N folders, relative to output_dir; '.' puts them "
                                 "in output_dir itself, as transformers.Trainer does.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialisation, shuffling and dropout.")
+    shuffle: bool = Field(True, description="Shuffle the training rows each epoch (with seed); false: in dataset "
+                          "order, as TRL's train_sampling_strategy='sequential'.")
     group_by_length: bool = Field(
         False, description="Shuffle in groups of similar length so micro-batches pad little (still set by the seed).")
     bf16: bool = Field(False, description="bfloat16 mixed precision.")

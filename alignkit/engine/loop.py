@@ -200,7 +200,8 @@ class Engine:
 
     def _setup_training(self, train_ds, optimizer):
         """The model, optimizer and shuffled train loader, prepared by accelerate."""
-        train_dl = self.data.loader(train_ds, self.config.train.per_device_train_batch_size, shuffle=True)
+        train_dl = self.data.loader(train_ds, self.config.train.per_device_train_batch_size,
+                                    shuffle=self.config.train.shuffle)
         model, optimizer, train_dl = self.accelerator.prepare(self.model, optimizer, train_dl)
         self._attach_generator(model)
         return model, optimizer, train_dl

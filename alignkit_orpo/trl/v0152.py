@@ -2,7 +2,6 @@
 or loss, so the maths stays in one place; plus compute_loss, prediction_step and store_metrics."""
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -18,22 +17,6 @@ class V0152Methods:
     """Needs `self.formatter`, `self.loss`, `self.engine`, `self.args`, `self.beta`, `self.is_encoder_decoder`."""
 
     _stored_metrics: defaultdict
-
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None) -> None:
-        from alignkit import model_card
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = model_card(self.config, self.engine.method, self.state.log_history[-1] if self.state.log_history else {},
-                          tags)
-        if model_name:
-            card = card.replace(f"# {Path(self.config.train.output_dir).name}\n", f"# {model_name}\n", 1)
-        if dataset_name:
-            card = card.replace("library_name: transformers",
-                                f"library_name: transformers\ndatasets:\n- {dataset_name}", 1)
-        out = Path(self.args.output_dir or "trainer_output")
-        out.mkdir(parents=True, exist_ok=True)
-        self.engine.record(out / "README.md")  # in the folder's manifest: alignkit's to replace
-        (out / "README.md").write_text(card)
 
     def build_tokenized_answer(self, prompt: str, answer: str) -> dict[str, list[int]]:
         prompt_ids, answer_ids = self.formatter.tokenize_answer(prompt, answer)

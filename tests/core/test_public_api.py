@@ -11,7 +11,8 @@ import pytest
 import alignkit
 from helpers import ROOT
 
-PUBLIC = ("alignkit.plugin", "alignkit.blocks", "alignkit.formatters", "alignkit.online", "alignkit.testing")
+PUBLIC = ("alignkit.plugin", "alignkit.blocks", "alignkit.formatters", "alignkit.online", "alignkit.testing",
+          "alignkit.trainer_facade")
 PLUGIN_SOURCES = [ROOT / "alignkit_orpo", *sorted((ROOT / "plugins").glob("alignkit-*/alignkit_*"))]
 
 

@@ -1,5 +1,5 @@
-"""The transformers.Trainer methods TRL users call that are not about ORPO: logging, metrics files, state,
-callbacks, process checks, the Hub, dataloaders, optimizer and schedule creation."""
+"""The transformers.Trainer methods TRL users call that are not about one method: logging, metrics files, state,
+callbacks, process checks, the Hub, dataloaders, optimizer and schedule creation (shared by every TRL-style trainer)."""
 
 from pathlib import Path
 
@@ -24,14 +24,14 @@ class TrainerSurface:
         from transformers import Trainer
 
         if not name.startswith("_") and hasattr(Trainer, name):
-            raise AttributeError(f"ORPOTrainer.{name}: transformers.Trainer's {name} is not offered by alignkit's "
-                                 "ORPOTrainer (alignkit's engine runs the training loop; docs/orpo.md lists the "
-                                 "surface)")
+            cls = type(self).__name__
+            raise AttributeError(f"{cls}.{name}: transformers.Trainer's {name} is not offered by alignkit's {cls} "
+                                 "(alignkit's engine runs the training loop; docs/trl.md lists the surface)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Append a row to state.log_history (with the means of stored metrics, `epoch` and `step`) and tell
-        the callbacks, as TRL's ORPOTrainer.log does."""
+        the callbacks, as TRL's trainers' log does."""
         kind = "train" if "loss" in logs else "eval"
         for key, values in self._stored_metrics.pop(kind, {}).items():
             logs[key] = torch.tensor(values, dtype=torch.float64).mean().item()
@@ -72,7 +72,7 @@ class TrainerSurface:
     # ---- optimizer and schedule (the engine asks for them through these) ---------------------------
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """The optimizer ORPOConfig.optim names, built by transformers' own factory (alignkit.engine.optim)."""
+        """The optimizer the config's optim names, built by transformers' own factory (alignkit.engine.optim)."""
         if self.optimizer is None:
             self.optimizer = build_optimizer(model if model is not None else self.model, self.config.train)
         self.callback_handler.optimizer = self.optimizer
@@ -87,7 +87,7 @@ class TrainerSurface:
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         self.create_scheduler(num_training_steps, self.create_optimizer())
 
-    # ---- dataloaders: batches as the engine collates them (concatenated chosen + rejected rows) -----
+    # ---- dataloaders: batches as the engine collates them ---------------------------------------------
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
@@ -96,7 +96,8 @@ class TrainerSurface:
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         ds = self._tokenized(eval_dataset) if eval_dataset is not None else self.eval_dataset
         if ds is None:
-            raise ValueError("ORPOTrainer.get_eval_dataloader: no eval_dataset was given to the trainer or here")
+            raise ValueError(f"{type(self).__name__}.get_eval_dataloader: no eval_dataset was given to the trainer "
+                             "or here")
         return DataLoader(ds, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.engine.collate_fn)
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
@@ -144,5 +145,6 @@ class TrainerSurface:
         return str(getattr(info, "commit_url", info))
 
     def hyperparameter_search(self, *args, **kwargs):
-        raise NotImplementedError("ORPOTrainer.hyperparameter_search is not supported by alignkit: run one training "
-                                  "per setting (e.g. a loop over ORPOConfig values) and compare their eval metrics")
+        raise NotImplementedError(f"{type(self).__name__}.hyperparameter_search is not supported by alignkit: run one "
+                                  "training per setting (e.g. a loop over config values) and compare their eval "
+                                  "metrics")

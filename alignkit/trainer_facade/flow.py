@@ -1,4 +1,4 @@
-"""transformers.Trainer's training flow on alignkit's engine, for the TRL-style ORPOTrainer.
+"""transformers.Trainer's training flow on alignkit's engine, for the TRL-style trainers.
 
 `TrainerFlow` is both the engine's Schedule and a plugin on its lifecycle hooks. The hooks keep the
 trainer's live TrainerState (global_step, epoch, log_history, best metric) and call its callbacks in
@@ -134,7 +134,7 @@ class TrainerFlow(Schedule):
             return False
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
-            raise KeyError(f"ORPOConfig.metric_for_best_model={name!r}: no {key} in the eval metrics; "
+            raise KeyError(f"{type(self.args).__name__}.metric_for_best_model={name!r}: no {key} in the eval metrics; "
                            f"choose from {', '.join(sorted(metrics))}")
         state, value = self.trainer.state, metrics[key]
         better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)

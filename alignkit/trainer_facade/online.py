@@ -1,0 +1,164 @@
+"""The online (sampling) half of TRL 1.x's trainers, shared by every online method's TRL-style trainer: the config
+fields TRL's online trainers have in common (sampling, vLLM, completion logging) with how each maps to alignkit,
+and `OnlineTrainer`, which takes reward functions as TRL does: callables (called with prompts=, completions= and
+the dataset's other columns), names of rewards registered with alignkit (e.g. "exact-match"), or a reward model
+(its folder or hub name, or a model loaded with from_pretrained)."""
+
+from typing import Any
+
+import alignkit
+from alignkit.trainer_facade.trainer import FacadeTrainer
+
+#: (name, type, default) of TRL 1.16's fields common to its online trainers (GRPOConfig, RLOOConfig), its order
+ONLINE_ROWS: list[tuple[str, Any, Any]] = [
+    ("learning_rate", float, 1e-06), ("remove_unused_columns", bool | None, False),
+    ("model_init_kwargs", dict | str | None, None), ("trust_remote_code", bool, False),
+    ("router_aux_loss_coef", float | None, None), ("disable_dropout", bool, False),
+    ("num_generations_eval", int | None, None), ("max_completion_length", int | None, 512),
+    ("ds3_gather_for_generation", bool, True), ("shuffle_dataset", bool | None, True),
+    ("pad_to_multiple_of", int | str | None, "auto"), ("generation_batch_size", int | None, None),
+    ("steps_per_generation", int | None, None), ("temperature", float, 1.0), ("top_p", float, 1.0),
+    ("top_k", int, 0), ("min_p", float | None, None), ("generation_kwargs", dict | str | None, None),
+    ("chat_template_kwargs", dict | str | None, None), ("repetition_penalty", float, 1.0),
+    ("cache_implementation", str | None, None), ("use_vllm", bool, False), ("vllm_mode", str, "colocate"),
+    ("vllm_model_impl", str, "vllm"), ("vllm_enable_sleep_mode", bool, False),
+    ("vllm_structured_outputs_regex", str | None, None), ("vllm_server_base_url", str | None, None),
+    ("vllm_server_host", str, "0.0.0.0"), ("vllm_server_port", int, 8000), ("vllm_server_timeout", float, 240.0),
+    ("vllm_group_port", int, 51216), ("vllm_gpu_memory_utilization", float, 0.3),
+    ("vllm_max_model_length", int | None, None), ("vllm_tensor_parallel_size", int, 1),
+    ("num_iterations", int, 1), ("epsilon", float, 0.2), ("epsilon_high", float | None, None),
+    ("reward_weights", list[float] | None, None), ("mask_truncated_completions", bool, False),
+    ("sync_ref_model", bool, False), ("ref_model_mixup_alpha", float, 0.6), ("ref_model_sync_steps", int, 512),
+    ("log_completions", bool, False), ("log_multimodal", bool, True), ("num_completions_to_print", int | None, None),
+    ("log_unique_prompts", bool, False), ("use_transformers_continuous_batching", bool, False),
+    ("transformers_continuous_batching_config", dict | str | None, None), ("use_transformers_paged", bool, False),
+]
+
+_VLLM = "with use_vllm, alignkit's vLLM sampler is set by the generation.* keys (docs/online.md)"
+_FROZEN = "alignkit keeps the reference frozen"
+ONLINE_KEYS: dict[str, Any] = {
+    "use_vllm": lambda v: {"method.generation_backend": "vllm"} if v else {},
+    "shuffle_dataset": lambda v: {"train.shuffle": bool(v)},
+}
+ONLINE_UNSUPPORTED: dict[str, str] = {
+    "num_generations_eval": "evaluation samples num_generations completions per prompt",
+    "generation_batch_size": "one rollout per optimizer step (per_device_train_batch_size x "
+                             "gradient_accumulation_steps completions)",
+    "steps_per_generation": "one rollout per optimizer step (use gradient_accumulation_steps)",
+    "min_p": "not a sampling option of alignkit's rollout", "generation_kwargs": "set the method's sampling keys",
+    "chat_template_kwargs": "not supported", "repetition_penalty": "not a sampling option of alignkit's rollout",
+    "sync_ref_model": _FROZEN, "ref_model_mixup_alpha": _FROZEN, "ref_model_sync_steps": _FROZEN,
+    "use_transformers_continuous_batching": "alignkit generates with transformers' generate or vLLM",
+    "use_transformers_paged": "alignkit generates with transformers' generate or vLLM",
+    "router_aux_loss_coef": "MoE router auxiliary losses are not added",
+    **dict.fromkeys(("vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
+                     "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+                     "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length",
+                     "vllm_tensor_parallel_size"), _VLLM),
+}
+_LOGGED = "what is logged or printed only"
+ONLINE_IGNORED: dict[str, str] = {
+    **dict.fromkeys(("log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts",
+                     "log_completions_hub_repo"), _LOGGED),
+    "ds3_gather_for_generation": "a DeepSpeed ZeRO-3 memory setting",
+    "cache_implementation": "a generation cache layout only",
+}
+
+
+class _Rewards:
+    """The trainer's reward callables as a plugin: registered under their own names (TRL logs rewards/NAME)."""
+
+    def __init__(self, functions: dict) -> None:
+        self.functions = functions
+
+    @alignkit.hookimpl
+    def register_rewards(self, register):
+        for name, fn in self.functions.items():
+            register(name, fn)
+
+
+def reward_names(reward_funcs, known: set[str], owner: str = "GRPOTrainer") -> tuple[list[str], dict]:
+    """alignkit reward names for TRL's reward_funcs (`known`: the registered names), and the callables to register
+    under theirs (a function's __name__, numbered when taken)."""
+    funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    names, callables = [], {}
+    for fn in funcs:
+        if isinstance(fn, str):
+            names.append(fn if fn in known or fn.startswith("model:") else f"model:{fn}")
+        elif hasattr(fn, "config") and hasattr(fn, "forward"):  # a loaded reward model: alignkit loads its folder
+            path = getattr(fn.config, "_name_or_path", "")
+            if not path:
+                raise ValueError(f"{owner}(reward_funcs=...): pass a reward model loaded with from_pretrained (or its "
+                                 "folder or hub name); alignkit loads it itself")
+            names.append(f"model:{path}")
+        elif callable(fn):
+            base = getattr(fn, "__name__", type(fn).__name__)
+            name, i = base, 2
+            while name in known or name in callables:
+                name, i = f"{base}_{i}", i + 1
+            callables[name] = fn
+            names.append(name)
+        else:
+            raise ValueError(f"{owner}(reward_funcs=...): {fn!r} is neither a function, a reward name nor a reward "
+                             "model")
+    return names, callables
+
+
+def as_conversation(fn):
+    """`fn` called as TRL calls it on conversational data: each completion as [{"role": "assistant", "content": ...}]
+    (alignkit's rollout passes the completion text)."""
+    import functools
+
+    @functools.wraps(fn)  # keeps the name and (through __wrapped__) the signature, which says the columns it reads
+    def wrapped(*args, completions, **kwargs):
+        turns = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
+        return fn(*args, completions=turns, **kwargs)
+
+    return wrapped
+
+
+def _conversational(ds) -> bool:
+    if ds is None or "prompt" not in (getattr(ds, "column_names", None) or []):
+        return False
+    first = next(iter(ds), None)
+    return first is not None and isinstance(first["prompt"], list)
+
+
+def registered_rewards() -> list[str]:
+    from alignkit.online import RewardRegistry
+
+    return list(RewardRegistry.from_plugins(alignkit.get_plugin_manager()).functions)
+
+
+class OnlineTrainer(FacadeTrainer):
+    """TRL 1.16's online trainer constructor (GRPOTrainer's, RLOOTrainer's) on alignkit's engine and rollout.
+    A subclass names `method_name`, `method_plugin`, `config_class` and `suffix` (TRL's default output_dir)."""
+
+    method_name: str
+    method_plugin: Any
+    config_class: type
+    suffix: str
+
+    def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers: tuple = (None, None), quantization_config=None, peft_config=None, tools=None,
+                 rollout_func=None, environment_factory=None) -> None:
+        cls = type(self)
+        self.args = self._args(args, cls.config_class, f"{self._model_name(model).split('/')[-1]}-{cls.suffix}")
+        self._refuse(reward_processing_classes=(reward_processing_classes, "a reward model is read with its own "
+                                                                           "tokenizer (saved beside it)"),
+                     quantization_config=(quantization_config, "load the quantized model yourself and pass it"),
+                     tools=(tools, "tool calling is not supported"),
+                     rollout_func=(rollout_func, "alignkit's rollout samples with the policy"),
+                     environment_factory=(environment_factory, "environments are not supported"))
+        if reward_funcs is None or reward_funcs == []:
+            raise ValueError(f"{cls.__name__} needs reward_funcs: functions, alignkit reward names or a reward model")
+        names, callables = reward_names(reward_funcs, set(registered_rewards()), cls.__name__)
+        if _conversational(train_dataset):
+            callables = {name: as_conversation(fn) for name, fn in callables.items()}
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+        self.reward_func_names = names
+        self._start(cls.method_name, [cls.method_plugin, _Rewards(callables)], model, self.args, train_dataset,
+                    eval_dataset, processing_class, None, callbacks, optimizers, peft_config,
+                    overrides={"method.reward_funcs": names})
+        self.num_generations = self.args.num_generations

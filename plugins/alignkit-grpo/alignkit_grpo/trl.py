@@ -1,0 +1,61 @@
+"""GRPOConfig / GRPOTrainer: TRL 1.16's GRPO trainer surface on alignkit's engine (`from alignkit_trl import ...`).
+
+GRPOConfig has TRL 1.16's fields and defaults (transformers.TrainingArguments, TRL's online fields and the GRPO
+fields); each maps to alignkit (alignkit.trainer_facade), is ignored with a warning where that cannot change the
+weights, or is refused with the reason. GRPOTrainer takes reward functions as TRL does (alignkit.trainer_facade.
+online). Imported on first use only, never by `alignkit run`.
+"""
+
+from typing import Any
+
+import alignkit_grpo
+from alignkit.trainer_facade.args import table_config
+from alignkit.trainer_facade.online import ONLINE_IGNORED, ONLINE_KEYS, ONLINE_ROWS, ONLINE_UNSUPPORTED, OnlineTrainer
+
+#: TRL 1.16's GRPOConfig fields beyond the online ones
+GRPO_ROWS: list[tuple[str, Any, Any]] = [
+    ("cast_lm_head_to_fp32", bool, False), ("num_generations", int | None, 8), ("beta", float, 0.0),
+    ("delta", float | None, None), ("sapo_temperature_neg", float, 1.05), ("sapo_temperature_pos", float, 1.0),
+    ("vespo_k_pos", float, 2.0), ("vespo_lambda_pos", float, 3.0), ("vespo_k_neg", float, 3.0),
+    ("vespo_lambda_neg", float, 2.0), ("importance_sampling_level", str, "token"),
+    ("multi_objective_aggregation", str, "sum_then_normalize"), ("scale_rewards", str, "group"),
+    ("loss_type", str, "dapo"), ("top_entropy_quantile", float, 1.0), ("entropy_coef", float, 0.0),
+    ("use_adaptive_entropy", bool, False), ("entropy_coef_min", float, 0.0), ("entropy_coef_max", float, 1.0),
+    ("entropy_coef_delta", float, 0.005), ("entropy_target", float, 0.2),
+    ("max_tool_calling_iterations", int | None, None), ("vllm_importance_sampling_correction", bool, True),
+    ("vllm_importance_sampling_mode", str, "sequence_mask"), ("vllm_importance_sampling_clip_max", float | None, 3.0),
+    ("vllm_importance_sampling_clip_min", float | None, None), ("off_policy_mask_threshold", float | None, None),
+    ("use_bias_correction_kl", bool, True), ("log_completions_hub_repo", str | None, None),
+    ("vllm_importance_sampling_cap", float | None, None),
+]
+
+def _normalise(config) -> None:
+    """TRL 1.16's GRPOConfig takes scale_rewards as a bool too: True is "group", False "none"."""
+    config.scale_rewards = {True: "group", False: "none"}.get(config.scale_rewards, config.scale_rewards)
+
+
+GRPOConfig = table_config(
+    "GRPOConfig", ONLINE_ROWS + GRPO_ROWS, alignkit_grpo, __name__,
+    "TRL 1.16's GRPOConfig: learning_rate 1e-6, num_generations 8, max_completion_length 512, loss_type dapo, ...",
+    method_keys={
+        **ONLINE_KEYS,
+        "vllm_importance_sampling_correction": "method.importance_sampling_correction",
+        "vllm_importance_sampling_mode": "method.importance_sampling_mode",
+        "vllm_importance_sampling_clip_max": "method.importance_sampling_clip_max",
+        "vllm_importance_sampling_clip_min": "method.importance_sampling_clip_min",
+    },
+    unsupported={
+        **ONLINE_UNSUPPORTED,
+        "cast_lm_head_to_fp32": "the LM head runs in the model's precision",
+        "use_adaptive_entropy": "entropy_coef is fixed", "max_tool_calling_iterations": "tool calling is not supported",
+        "vllm_importance_sampling_cap": "use vllm_importance_sampling_clip_max",
+    },
+    ignored=ONLINE_IGNORED, normalise=_normalise,
+)
+
+
+class GRPOTrainer(OnlineTrainer):
+    """TRL 1.16's GRPOTrainer on alignkit's engine, rollout and GRPO loss."""
+
+    _tag_names = ["trl", "grpo"]
+    method_name, method_plugin, config_class, suffix = "grpo", alignkit_grpo, GRPOConfig, "GRPO"
