@@ -83,7 +83,7 @@ def count_weights(counts: dict[str, float], ctx=None) -> dict[str, float]:
     """The engine's factor for each summed term, up to a common scale: one over its unit's total for the step
     (`ctx.totals`, set by the engine in training), else over this batch's `counts`."""
     counts = getattr(ctx, "totals", None) or counts
-    return {unit: 1.0 / c for unit, c in counts.items() if c}
+    return {unit: 1.0 / max(c, 1) for unit, c in counts.items()}  # a unit counting 0 has a 0 term (TRL's clamp)
 
 
 def group_rows(groups: torch.Tensor, n: int, group_size: int) -> torch.Tensor:

@@ -35,8 +35,9 @@ class LossOutput:
     metrics: dict[str, Metric] = field(default_factory=dict)
 
     def normalized(self, totals: dict[str, float]) -> torch.Tensor:
-        """The loss: each term divided by its unit's total count."""
-        return sum(term / totals[unit] for unit, term in self.terms.items())
+        """The loss: each term divided by its unit's total count (at least 1, as TRL's clamp(min=1): a step whose
+        every token is masked, e.g. all completions truncated with mask_truncated_completions, has loss 0)."""
+        return sum(term / max(totals[unit], 1) for unit, term in self.terms.items())
 
 
 class Loss(ABC):
