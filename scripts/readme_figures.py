@@ -278,6 +278,7 @@ BLOCKS = {
     "plugins/alignkit-rloo/README.md": {"rloo": rloo},
     "plugins/alignkit-distill/README.md": {"distill": distill},
     "plugins/alignkit-reward/README.md": {"reward": reward},
+    "plugins/alignkit-trl/README.md": {},  # no method, no demo: listed so no figure is written there by hand
 }
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.S)
 

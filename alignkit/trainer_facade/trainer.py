@@ -25,7 +25,7 @@ from alignkit.trainer_facade.surface import TrainerSurface
 class FacadeTrainer(TrainerSurface):
     #: a column only rows this method's formatter produced have (rows that have it are not formatted again)
     tokenized_column: str | None = None
-    #: the model tags TRL's trainer adds (model.add_model_tags), e.g. ["trl", "sft"]
+    #: the model tags TRL's trainer adds (model.add_model_tags), e.g. ["trl", METHOD_NAME]
     _tag_names: list[str] = []
     #: TRL 1.x's trainers refuse to start without a train_dataset
     requires_train_dataset: bool = True
