@@ -7,6 +7,7 @@ the output folder (resume, config.yaml: the first write). `train()` is setup() a
 [rollout] -> counts -> reference -> loss -> backward per micro-batch.
 """
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -45,6 +46,24 @@ from alignkit.plugin.method import Method
 from alignkit.plugins import RunHooks
 
 log = logging.getLogger(__name__)
+_EXIT_HOOK = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear the process group down when the process exits (once per process): left to the interpreter's shutdown,
+    its communication threads are destroyed still running, and a process aborts ("terminate called without an
+    active exception") after a run that succeeded, now and then."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_destroy_process_group)
+        _EXIT_HOOK = True
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Engine:
@@ -130,6 +149,8 @@ class Engine:
             mixed_precision="bf16" if t.bf16 else "fp16" if t.fp16 else "no",
             log_with=t.report_to or None, project_dir=t.output_dir,
         )
+        if self.accelerator.num_processes > 1:
+            destroy_process_group_at_exit()
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and t.gradient_accumulation_steps > 1:
             # accelerate steps DeepSpeed's optimizer in every backward (the loop accumulates micro-batches itself)
             raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} under DeepSpeed: "
