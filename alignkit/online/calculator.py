@@ -49,9 +49,10 @@ class CalculatorEnvironment(ToolEnvironment):
     @staticmethod
     def demonstrations() -> list[list[dict]]:
         """Worked episodes on builtin:arithmetic for a demo's supervised warm-up (alignkit.blocks.demo), a curriculum
-        of two stages: the copy drills alone (`copy_drills()`: the answer copies the tool's result), then those with
-        the episodes of `demonstrations()` (when to call the tool)."""
-        return copy_drills(), demonstrations() + copy_drills()
+        of two stages: first every episode calls the tool (the call copies the prompt's numbers, the answer the
+        tool's result), then the episodes of `demonstrations()` (most guess: RL learns when to call the tool) with
+        the copy drills (`copy_drills()`), which keep the answer copying the result."""
+        return demonstrations(tool_share=1.0, seed=2), demonstrations() + copy_drills()
 
 
 # ---- the tools demo's data (builtin:arithmetic, registered by the core) and its worked episodes ----

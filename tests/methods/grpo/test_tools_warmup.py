@@ -47,15 +47,21 @@ def test_a_tuple_of_episode_lists_is_trained_stage_by_stage(monkeypatch, tok):
     assert seen == [("a", 5)]
 
 
-def test_the_calculators_warm_up_starts_with_drills_that_copy_the_tool_result(tok):
-    drills, mix = CalculatorEnvironment.demonstrations()
-    assert len(drills) == len(arithmetic_rows("train")) and all(d in mix for d in drills[:20])
-    assert len(mix) > len(drills)  # the drills and the episodes that decide when to call the tool
-    for user, call, result, answer in drills[:20]:
+def test_the_calculators_warm_up_first_calls_the_tool_every_time_then_keeps_drilling_the_copy(tok):
+    tool_first, mix = CalculatorEnvironment.demonstrations()
+    assert len(tool_first) == len(arithmetic_rows("train"))
+    for user, call, result, answer in tool_first[:20]:  # both turns trained: the call and the copied result
+        expression = user["content"].removeprefix("what is ").removesuffix("?")
+        assert f'"expression":"{expression}"' in call["content"] and answer["content"] == result["content"]
+        trained = f"{call['content']}<|end|>\n{answer['content']}<|end|>\n"
+        assert trained_text(tok, [user, call, result, answer]) == trained
+    drills = copy_drills()
+    assert all(d in mix for d in drills[:20]) and len(mix) == len(drills) + len(arithmetic_rows("train"))
+    for user, call, result, answer in drills[:20]:  # the answer alone is trained
         assert call["train"] is False and answer["content"] == result["content"]
         assert trained_text(tok, [user, call, result, answer]) == answer["content"] + "<|end|>\n"
     test_prompts = {r["prompt"] for r in arithmetic_rows("test")}
-    assert not {d[0]["content"] for d in copy_drills()} & test_prompts
+    assert not {e[0]["content"] for e in tool_first + mix} & test_prompts
 
 
 @pytest.mark.slow
