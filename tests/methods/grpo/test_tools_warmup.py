@@ -72,7 +72,7 @@ def test_after_the_warm_up_the_answer_copies_the_tool_result():
 
     tok, model = tiny_tokenizer(), tiny_model(0)
     with torch.random.fork_rng():
-        sft_warmup_conversations(model, tok, CalculatorEnvironment.demonstrations(), 600)
+        sft_warmup_conversations(model, tok, CalculatorEnvironment.demonstrations(), 900)
     model.eval()
     end, right = tok.convert_tokens_to_ids("<|end|>"), 0
     rows = arithmetic_rows("test")[:50]
