@@ -174,21 +174,42 @@ def sft_warmup(model, tokenizer, steps: int, lr: float = 3e-3, batch_size: int =
 
 
 
-def sft_warmup_conversations(model, tokenizer, conversations: list[list[dict]], steps: int, tools=None,
-                             lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> None:
+def conversation_labels(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of a worked episode rendered with the chat template: labels are the ids on the assistant
+    turns (the template's generation markers), -100 elsewhere and on an assistant message marked `"train": False`
+    (context the model reads, e.g. the tool call before the answer that copies its result)."""
+    def render(msgs, **kw):
+        return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=True, return_dict=True, **kw)["input_ids"]
+
+    r = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+    ids, trained = list(r["input_ids"]), list(r["assistant_masks"])
+    for i, message in enumerate(messages):
+        if message.get("role") == "assistant" and message.get("train") is False:
+            start, end = len(render(messages[:i], add_generation_prompt=True)), len(render(messages[:i + 1]))
+            trained[start:end] = [0] * (end - start)
+    return ids, [t if m else -100 for t, m in zip(ids, trained)]
+
+
+def sft_warmup_conversations(model, tokenizer, conversations: list[list[dict]] | tuple[list[list[dict]], ...],
+                             steps: int, tools=None, lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> None:
     """`steps` of next-token training on worked episodes (conversations rendered with the chat template and
-    `tools`, loss on the assistant turns only: the template's generation markers), in place, from its own seeded
-    generator: a multi-turn demo (e.g. the calculator's) starts RL from a model that knows the tool-call format."""
+    `tools`, loss on the assistant turns only: the template's generation markers, less the messages marked
+    `"train": False`), in place, from its own seeded generator: a multi-turn demo (e.g. the calculator's) starts RL
+    from a model that knows the tool-call format. A tuple of lists of episodes is a curriculum: its stages are
+    trained one after another, the steps shared equally (e.g. first a skill alone, then the mix that uses it)."""
+    stages = conversations if isinstance(conversations, tuple) else (conversations,)
+    for i, stage in enumerate(stages):
+        n = steps // len(stages) + (1 if i < steps % len(stages) else 0)
+        _sft_on_conversations(model, tokenizer, stage, n, tools, lr, batch_size, seed + i)
+
+
+def _sft_on_conversations(model, tokenizer, conversations, steps, tools, lr, batch_size, seed) -> None:
     import torch
 
     start = time.time()
     g = torch.Generator().manual_seed(seed)
-    encoded = []
-    for messages in conversations:
-        r = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
-                                          return_assistant_tokens_mask=True)
-        ids = list(r["input_ids"])
-        encoded.append((ids, [t if m else -100 for t, m in zip(ids, r["assistant_masks"])]))
+    encoded = [conversation_labels(tokenizer, messages, tools) for messages in conversations]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     was_training = model.training
     model.train()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignkit.online.calculator import CalculatorEnvironment, arithmetic_rows, calculate, demonstrations
 from alignkit.online.environments import ToolOptions
@@ -42,19 +43,18 @@ def test_without_tool_descriptions_the_prompt_is_only_the_conversation(tok):
 
 
 @pytest.mark.slow
-def test_the_tools_demo_learns_to_call_the_calculator(tmp_path):
-    """`alignkit run -c configs/grpo-tools-demo.yaml`: the share of held-out episodes with a well-formed tool call
-    rises from its warm-up level to above 0.5 and the held-out reward rises, within 10 minutes (warm-up included),
-    with plots of the reward and the turns per episode.
-
-    Not asserted: the issue's +0.3 held-out reward. Measured (docs/online.md): +0.28, all of it the tool-use part
-    (env/tool_call); the tiny model calls the tool but does not learn to copy its result (exact-match stays 0)."""
+def test_the_tools_demo_learns_to_call_the_calculator_and_use_its_result(tmp_path):
+    """`alignkit run -c configs/grpo-tools-demo.yaml` (issue 24 item 4): within 10 minutes (warm-up included) the
+    held-out reward rises by >= 0.3, the share of held-out episodes with a well-formed tool call rises from its
+    warm-up level to above 0.5, and part of the gain is right answers (exact-match: the answer uses the tool's
+    result), not only the tool-call bonus (0.5, not raised); with plots of the reward and the turns per episode."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "PYTHONPATH": ":".join([str(ROOT), *map(str, sorted((ROOT / "plugins").glob("*/")))]),
            "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo"}
+    config = ROOT / "configs" / "grpo-tools-demo.yaml"
+    assert yaml.safe_load(config.read_text())["method"]["environment_options"]["call_reward"] == 0.5
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "run", "-c", str(ROOT / "configs" /
-                                                                                   "grpo-tools-demo.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "run", "-c", str(config),
                            f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=1500)
     elapsed = time.time() - start
@@ -64,7 +64,10 @@ def test_the_tools_demo_learns_to_call_the_calculator(tmp_path):
     assert evals[0]["step"] == 0
     used = [e["eval_episodes/tool_used/mean"] for e in evals]
     assert used[0] < 0.5 < used[-1], used
-    assert evals[-1]["eval_reward"] > evals[0]["eval_reward"], [e["eval_reward"] for e in evals]
+    rewards = [e["eval_reward"] for e in evals]
+    assert rewards[-1] - rewards[0] >= 0.3, rewards
+    exact = [e["eval_rewards/exact-match/mean"] for e in evals]
+    assert exact[-1] - exact[0] >= 0.1, exact
     plots = Path(tmp_path / "out" / "plots")
     assert (plots / "reward.png").is_file() and (plots / "episodes_turns_mean.png").is_file()
     assert elapsed < 600 or os.getloadavg()[0] > 3, elapsed
