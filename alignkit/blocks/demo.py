@@ -145,33 +145,43 @@ def sft_warmup(model, tokenizer, steps: int, lr: float = 3e-3, batch_size: int =
     """`steps` of next-token training on the demo's prompt + answer + EOS (loss on the answer only), in place, from
     its own seeded generator (the same start in every process and after a resume): an online method's demo starts
     RL from a model that sometimes gets the task right."""
-    import torch
-
     start = time.time()
-    g = torch.Generator().manual_seed(seed)
-    data = prompt_answer_rows("train")
     encoded = []
-    for r in data:
+    for r in prompt_answer_rows("train"):
         p = tokenizer(r["prompt"])["input_ids"]
         a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         encoded.append((p + a, [-100] * len(p) + a))
+    loss = _supervised_steps(model, tokenizer, encoded, steps, lr, batch_size, seed, mask_by_length=False)
+    log.info("demo warm-up: %d supervised steps in %.1fs (last loss %.3f)", steps, time.time() - start, loss)
+
+
+def _supervised_steps(model, tokenizer, encoded, steps, lr, batch_size, seed, mask_by_length: bool) -> float:
+    """`steps` AdamW steps on random batches (its own seeded generator) of (ids, labels) rows, right-padded; the
+    attention mask covers each row's length, or (mask_by_length=False) every token that is not the pad id. The last
+    loss."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     was_training = model.training
     model.train()
+    loss = torch.zeros(())
     for _ in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
         width = max(len(encoded[i][0]) for i in idx)
         ids = torch.tensor([encoded[i][0] + [tokenizer.pad_token_id] * (width - len(encoded[i][0])) for i in idx])
         labels = torch.tensor([encoded[i][1] + [-100] * (width - len(encoded[i][1])) for i in idx])
-        mask = (ids != tokenizer.pad_token_id).long()
+        if mask_by_length:
+            mask = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in idx])
+        else:
+            mask = (ids != tokenizer.pad_token_id).long()
         loss = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                      labels=labels.to(model.device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
-    log.info("demo warm-up: %d supervised steps in %.1fs (last loss %.3f)", steps, time.time() - start, loss.item())
-
+    return loss.item()
 
 
 def conversation_labels(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[int]]:
@@ -205,26 +215,8 @@ def sft_warmup_conversations(model, tokenizer, conversations: list[list[dict]] |
 
 
 def _sft_on_conversations(model, tokenizer, conversations, steps, tools, lr, batch_size, seed) -> None:
-    import torch
-
     start = time.time()
-    g = torch.Generator().manual_seed(seed)
     encoded = [conversation_labels(tokenizer, messages, tools) for messages in conversations]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    was_training = model.training
-    model.train()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
-        width = max(len(encoded[i][0]) for i in idx)
-        ids = torch.tensor([encoded[i][0] + [tokenizer.pad_token_id] * (width - len(encoded[i][0])) for i in idx])
-        labels = torch.tensor([encoded[i][1] + [-100] * (width - len(encoded[i][1])) for i in idx])
-        mask = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in idx])
-        loss = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                     labels=labels.to(model.device)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.train(was_training)
+    loss = _supervised_steps(model, tokenizer, encoded, steps, lr, batch_size, seed, mask_by_length=True)
     log.info("demo warm-up: %d supervised steps on worked episodes in %.1fs (last loss %.3f)", steps,
-             time.time() - start, loss.item())
+             time.time() - start, loss)
