@@ -30,6 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
 METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill", "reward", "online-dpo")
+#: demos run from a shipped config rather than --method: name -> (config file, its train.output_dir); their figures
+#: are under docs/figures.json's "configs"
+CONFIG_DEMOS = {"grpo-tools": ("configs/grpo-tools-demo.yaml", "outputs/grpo-tools")}
 SUITE_COMMAND = "ruff check . && pytest -q"
 #: relative and absolute tolerance of a demo job's metrics against the file's (the same thread count and CPU give
 #: the same numbers; this leaves room for another CPU's instruction set, not for a change of the code)
@@ -37,7 +40,14 @@ TOLERANCE = 1e-3
 
 
 def demo_command(method: str) -> list[str]:
+    if method in CONFIG_DEMOS:
+        return ["alignkit", "-q", "run", "-c", CONFIG_DEMOS[method][0]]
     return ["alignkit", "-q", "run", "--method", method]
+
+
+def entry(figures: dict, name: str) -> dict:
+    """A demo's figures: a method's (`methods`) or a config demo's (`configs`)."""
+    return figures["configs"][name] if name in CONFIG_DEMOS else figures["methods"][name]
 
 
 def default_threads() -> int:
@@ -72,7 +82,7 @@ def eval_rows(metrics_file: Path) -> list[dict]:
 def assert_demo_matches(method: str, metrics_file: Path) -> None:
     """The held-out rows of a demo job's metrics.jsonl equal docs/figures.json's for `method`, each metric within
     TOLERANCE; the message says to re-run this script when the code changed them on purpose."""
-    expected = load()["methods"][method]["evals"]
+    expected = entry(load(), method)["evals"]
     got = eval_rows(metrics_file)
     hint = f"the {method} demo no longer gives the README's figures: run `python scripts/readme_figures.py`"
     assert [r["step"] for r in got] == [r["step"] for r in expected], hint
@@ -106,6 +116,8 @@ def run_demo(method: str, timed: bool) -> dict:
         # an empty cache: GRPO's demo warm-up is made here, with this thread count, not taken from another run
         env["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
         cmd = [exe, *demo_command(method)[1:]]
+        if method in CONFIG_DEMOS:  # the shipped config, read from the checkout
+            cmd[-1] = str(ROOT / CONFIG_DEMOS[method][0])
         if timed:
             cmd = ["/usr/bin/time", "-v", *cmd]
         start = time.time()
@@ -113,8 +125,8 @@ def run_demo(method: str, timed: bool) -> dict:
         if proc.returncode != 0:
             sys.exit(f"{method}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
         print(f"{method}: {time.time() - start:.0f} s", file=sys.stderr)
-        result = {"command": " ".join(demo_command(method)), "evals": eval_rows(Path(tmp) / "outputs" / method /
-                                                                                   "metrics.jsonl")}
+        out = CONFIG_DEMOS[method][1] if method in CONFIG_DEMOS else f"outputs/{method}"
+        result = {"command": " ".join(demo_command(method)), "evals": eval_rows(Path(tmp) / out / "metrics.jsonl")}
         if timed:
             result["timing"] = {"command": "/usr/bin/time -v " + result["command"], "machine": machine(),
                                 "note": "nothing cached", **parse_time_v(proc.stderr)}  # GRPO: warm-up included
@@ -133,18 +145,20 @@ def machine() -> str:
 
 def measure(methods, timings: bool) -> dict:
     old = load() if FIGURES.exists() else {"methods": {}}
-    figures = {**old, "machine": machine(), "threads": default_threads(), "methods": dict(old["methods"])}
-    if set(methods) != set(METHODS) and (old.get("threads"), old.get("machine")) != (figures["threads"],
-                                                                                      figures["machine"]):
+    figures = {**old, "machine": machine(), "threads": default_threads(), "methods": dict(old["methods"]),
+               "configs": dict(old.get("configs", {}))}
+    same_machine = (old.get("threads"), old.get("machine")) == (figures["threads"], figures["machine"])
+    if set(methods) != set(METHODS) | set(CONFIG_DEMOS) and not same_machine:
         sys.exit(f"another machine or thread count than docs/figures.json's: run every demo ({' '.join(METHODS)})")
     for method in methods:
         result = run_demo(method, timings)
         result["date"] = datetime.date.today().isoformat()
-        if not timings and "timing" in old["methods"].get(method, {}):
-            result["timing"] = old["methods"][method]["timing"]  # kept, with the date it was measured
+        kind = "configs" if method in CONFIG_DEMOS else "methods"
+        if not timings and "timing" in figures[kind].get(method, {}):
+            result["timing"] = figures[kind][method]["timing"]  # kept, with the date it was measured
         elif timings:
             result["timing"]["date"] = result["date"]
-        figures["methods"][method] = result
+        figures[kind][method] = result
         FIGURES.write_text(json.dumps(figures, indent=1) + "\n")  # after each job: a long run keeps what it made
     return figures
 
@@ -164,11 +178,11 @@ def time_suite() -> dict:
 # ---------------------------------------------------------------------------------------------------- rendering
 
 def at(figures: dict, method: str, step: int) -> dict:
-    return next(r for r in figures["methods"][method]["evals"] if r["step"] == step)
+    return next(r for r in entry(figures, method)["evals"] if r["step"] == step)
 
 
 def steps(figures: dict, method: str) -> list[int]:
-    return [r["step"] for r in figures["methods"][method]["evals"]]
+    return [r["step"] for r in entry(figures, method)["evals"]]
 
 
 def fmt(key: str, value: float) -> str:
@@ -185,12 +199,13 @@ def table(figures: dict, method: str, metrics: list[tuple[str, str]]) -> str:
 
 
 def made_by(figures: dict, method: str) -> str:
-    return (f"Made by `python scripts/readme_figures.py` ({figures['methods'][method]['date']}, {figures['machine']}, "
-            f"{figures['threads']} threads) from `{figures['methods'][method]['command']}`.")
+    e = entry(figures, method)
+    return (f"Made by `python scripts/readme_figures.py` ({e['date']}, {figures['machine']}, "
+            f"{figures['threads']} threads) from `{e['command']}`.")
 
 
 def timing(figures: dict, method: str) -> str:
-    t = figures["methods"][method].get("timing")
+    t = entry(figures, method).get("timing")
     if t is None:
         return "Not timed yet: `python scripts/readme_figures.py --timings` on an idle machine measures it."
     cpu = f"{t['cpu_s']:g} s of CPU time, " if "cpu_s" in t else ""
@@ -246,6 +261,14 @@ def online_dpo(f):
     return f"{table(f, 'online-dpo', metrics)}\n\n{made_by(f, 'online-dpo')} {timing(f, 'online-dpo')}"
 
 
+def grpo_tools(f):
+    metrics = [("eval_reward", "`eval_reward` (exact-match + 0.5 for a tool call that ran)"),
+               ("eval_rewards/exact-match/mean", "`eval_rewards/exact-match/mean` (the answer uses the result)"),
+               ("eval_episodes/tool_used/mean", "well-formed tool call (share of episodes)"),
+               ("eval_episodes/turns/mean", "turns per episode")]
+    return f"{table(f, 'grpo-tools', metrics)}\n\n{made_by(f, 'grpo-tools')} {timing(f, 'grpo-tools')}"
+
+
 def distill(f):
     metrics = [("eval_kl_teacher_student", "`eval_kl_teacher_student`"),
                ("eval_token_agreement", "`eval_token_agreement`")]
@@ -268,7 +291,8 @@ def suite(f):
 
 #: README file -> block name -> renderer
 BLOCKS = {
-    "README.md": {"orpo": pairwise("orpo"), "sft-line": sft_line, "grpo": grpo, "suite": suite},
+    "README.md": {"orpo": pairwise("orpo"), "sft-line": sft_line, "grpo": grpo, "grpo-tools": grpo_tools,
+                  "suite": suite},
     "plugins/alignkit-dpo/README.md": {"dpo": pairwise("dpo"), "online-dpo": online_dpo},
     "plugins/alignkit-cpo/README.md": {"cpo": pairwise("cpo")},
     "plugins/alignkit-simpo/README.md": {"simpo": pairwise("simpo")},
@@ -301,7 +325,8 @@ def rendered(figures: dict) -> dict[str, tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("methods", nargs="*", default=list(METHODS), help="demo jobs to run (default: all)")
+    parser.add_argument("methods", nargs="*", default=[*METHODS, *CONFIG_DEMOS],
+                        help=f"demo jobs to run: methods, or the config demos {', '.join(CONFIG_DEMOS)} (default: all)")
     parser.add_argument("--timings", action="store_true", help="time each job (only on an idle machine)")
     parser.add_argument("--suite", action="store_true", help="only time the README's test command (idle machine!)")
     mode = parser.add_mutually_exclusive_group()

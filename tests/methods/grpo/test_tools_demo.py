@@ -14,6 +14,9 @@ from alignkit.online.calculator import CalculatorEnvironment, arithmetic_rows, c
 from alignkit.online.environments import ToolOptions
 from helpers import ROOT, read_jsonl
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_figures  # noqa: E402
+
 
 def test_arithmetic_data_is_two_digit_products_with_disjoint_splits():
     train, test = arithmetic_rows("train"), arithmetic_rows("test")
@@ -48,9 +51,9 @@ def test_the_tools_demo_learns_to_call_the_calculator_and_use_its_result(tmp_pat
     held-out reward rises by >= 0.3, the share of held-out episodes with a well-formed tool call rises from its
     warm-up level to above 0.5, and part of the gain is right answers (exact-match: the answer uses the tool's
     result), not only the tool-call bonus (0.5, not raised); with plots of the reward and the turns per episode."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
-           "PYTHONPATH": ":".join([str(ROOT), *map(str, sorted((ROOT / "plugins").glob("*/")))]),
-           "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo"}
+    env = readme_figures.demo_env({  # the figures' thread count: the README's numbers exactly
+        **os.environ, "PYTHONPATH": ":".join([str(ROOT), *map(str, sorted((ROOT / "plugins").glob("*/")))]),
+        "ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-grpo"}, cache=tmp_path / "cache")
     config = ROOT / "configs" / "grpo-tools-demo.yaml"
     assert yaml.safe_load(config.read_text())["method"]["environment_options"]["call_reward"] == 0.5
     start = time.time()
@@ -68,6 +71,7 @@ def test_the_tools_demo_learns_to_call_the_calculator_and_use_its_result(tmp_pat
     assert rewards[-1] - rewards[0] >= 0.3, rewards
     exact = [e["eval_rewards/exact-match/mean"] for e in evals]
     assert exact[-1] - exact[0] >= 0.1, exact
+    readme_figures.assert_demo_matches("grpo-tools", tmp_path / "out" / "metrics.jsonl")
     plots = Path(tmp_path / "out" / "plots")
     assert (plots / "reward.png").is_file() and (plots / "episodes_turns_mean.png").is_file()
     assert elapsed < 600 or os.getloadavg()[0] > 3, elapsed
