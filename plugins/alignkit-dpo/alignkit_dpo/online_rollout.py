@@ -37,12 +37,14 @@ def pair_batch(out: dict, scores: torch.Tensor, order: torch.Tensor, max_length:
     """The rolled-out completions as DPO rows in `order`, cut from the left to `max_length` columns."""
     prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
     completion_ids, completion_mask = out["completion_ids"], out["completion_mask"]
+    # multi-turn episodes: environment tokens are read (attention) but not trained (labels)
+    completion_attention = out.get("completion_attention_mask", completion_mask)
     cut = max(prompt_ids.shape[1] + completion_ids.shape[1] - max_length, 0)
     prompt_ids, prompt_mask = prompt_ids[:, cut:], prompt_mask[:, cut:]
     labels = torch.cat([torch.full_like(prompt_ids, IGNORE), completion_ids.masked_fill(~completion_mask.bool(),
                                                                                         IGNORE)], 1)
     return {"input_ids": torch.cat([prompt_ids, completion_ids], 1)[order],
-            "attention_mask": torch.cat([prompt_mask, completion_mask], 1)[order], "labels": labels[order],
+            "attention_mask": torch.cat([prompt_mask, completion_attention], 1)[order], "labels": labels[order],
             "scores": scores[order], "rewards": out["rewards"][order], "contain_eos": ~out["is_truncated"][order],
             "completion_length": out["completion_length"][order], "rewards_per_func": out["rewards_per_func"][order],
             "reward_names": out["reward_names"]}

@@ -62,6 +62,21 @@ def test_pairs_are_chosen_rows_then_rejected_rows_labelled_on_the_completion_onl
     assert b["scores"].tolist() == [1.0, 1.0, 0.0, 1.0]
 
 
+def test_environment_tokens_of_an_episode_are_read_but_not_trained():
+    """Multi-turn rollouts (method.environment): the environment's tokens are in completion_attention_mask, not in
+    completion_mask; the pair's rows attend to them and label only the model's own tokens."""
+    out = _rolled_out()
+    attention = out["completion_mask"].clone()
+    out["completion_mask"] = out["completion_mask"].clone()
+    out["completion_mask"][0, 1] = 0  # row 0's second completion token came from the environment
+    out["completion_attention_mask"] = attention
+    scores, order = rank_pairs(out["rewards"], ~out["is_truncated"], None)
+    b = pair_batch(out, scores, order, max_length=512)
+    row = order.tolist().index(0)
+    assert b["attention_mask"][row].tolist() == [0, 1, 1, 1, 1, 0]  # the environment token is read
+    assert b["labels"][row].tolist() == [-100, -100, -100, 10, -100, -100]  # and not trained
+
+
 def test_max_length_cuts_the_first_prompt_columns():
     out = _rolled_out()
     scores, order = rank_pairs(out["rewards"], ~out["is_truncated"], None)
