@@ -189,7 +189,7 @@ def test_selection_by_name_in_cli(tmp_path, monkeypatch):
 def test_uninstalled_plugin_is_gone(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_LOAD_PLUGINS", "alignkit,alignkit-dpo,alignkit-cpo")
     proc = subprocess.run([sys.executable, "-m", "alignkit", "methods"], capture_output=True, text=True)
-    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["cpo", "dpo", "orpo"]
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["cpo", "dpo", "online-dpo", "orpo"]
     proc = subprocess.run([sys.executable, "-m", "alignkit", "run", "--method", "simpo"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "unknown method 'simpo'" in proc.stderr
