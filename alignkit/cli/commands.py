@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -379,4 +380,27 @@ def _parse_value(value: str):
 
 
 def main() -> None:
-    cli(prog_name="alignkit")
+    try:
+        cli(prog_name="alignkit")  # click ends with SystemExit(code)
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    exit_process(code)
+
+
+def exit_process(code) -> None:
+    """Exit with `code`. A process of a multi-process run first tears its process group down, flushes, and leaves
+    with os._exit: in the interpreter's own shutdown, the communication library's threads can be destroyed while
+    still running, and a process that finished its run aborts ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        raise SystemExit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
