@@ -14,34 +14,15 @@ while the current step trains (with OMP_NUM_THREADS=1, on a second core).
 """
 
 import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
 import sys
-import tempfile
-import time
-from datetime import date
-from pathlib import Path
 
-import torch
+import online_bench
+from online_bench import train_alignkit, train_trl
 
-HERE = Path(__file__).resolve().parent
 PROMPTS, GENERATIONS, MAX_NEW, LR = 16, 8, 14, 3e-4
 REWARDS = ["sort-order", "exact-match"]
 #: alignkit synchronous, alignkit with async rollouts (method.max_staleness=1), TRL
 SIDES = ("alignkit", "alignkit-async", "trl")
-
-
-def start_model(folder: Path) -> None:
-    from alignkit.blocks.demo import sft_warmup
-    from alignkit.testing import tiny_model, tiny_tokenizer
-
-    tok, model = tiny_tokenizer(), tiny_model()
-    sft_warmup(model, tok, 150)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
 
 
 def run_trl(model_dir: str, out: str, steps: int) -> None:
@@ -58,42 +39,11 @@ def run_trl(model_dir: str, out: str, steps: int) -> None:
     for f, name in zip(funcs, REWARDS):
         f.__name__ = name
     trainer = GRPOTrainer(model=model_dir, reward_funcs=funcs, args=args, train_dataset=load("train"))
-    times = []
-
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    trainer.save_model(out + "/final")
-    report(out, times)
+    train_trl(trainer, out)
 
 
 def run_alignkit(model_dir: str, out: str, steps: int, max_staleness: int = 0) -> None:
-    import alignkit
-
-    times = []
-
-    class Clock:
-        @alignkit.hookimpl
-        def on_step_end(self, run, step, metrics):
-            now = time.perf_counter()
-            times.append(now - self.t)
-            self.t = now
-
-        @alignkit.hookimpl
-        def on_train_start(self, run):
-            self.t = time.perf_counter()
-
-    clock = Clock()
-    clock.alignkit_all_runs = True
-    alignkit.run("grpo", {
+    train_alignkit("grpo", {
         "model": {"name_or_path": model_dir},
         "data": {"train": "builtin:sort-prompts"},
         "method": {"num_generations": GENERATIONS, "max_completion_length": MAX_NEW, "temperature": 1.0,
@@ -103,44 +53,13 @@ def run_alignkit(model_dir: str, out: str, steps: int, max_staleness: int = 0) -
                   "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "max_steps": steps, "logging_steps": 1,
                   "save_steps": None, "eval_steps": None, "eval_on_start": False, "disable_tqdm": True,
                   "plots": False, "seed": 0, "max_grad_norm": 1.0},
-    }, plugins=alignkit.get_plugin_manager([clock]))
-    # the step clock includes the first step's start-up; report as TRL's (mean over steps after the first)
-    report(out, times)
-
-
-def report(out: str, times: list[float]) -> None:
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out, "timing.json").write_text(json.dumps({"step_seconds": times, "peak_rss_mib": peak_mib}))
+    }, out)
 
 
 def held_out_reward(model_dir: str) -> float:
-    """Mean summed reward of 8 samples for each of 64 test prompts, one fixed seed (the same for both)."""
-    from alignkit_grpo.rewards import BUILTIN
-    from transformers import AutoModelForCausalLM
+    from alignkit_grpo.rewards import DEMO  # sort-order (exact-match is the core's)
 
-    from alignkit.blocks.demo import prompt_answer_rows as rows
-    from alignkit.config import ModelConfig
-    from alignkit.engine.modeling import load_tokenizer
-    from alignkit.online.generation import Generator
-    from alignkit.online.groups import combine
-    from alignkit.online.rewards import RewardRegistry, score
-
-    tok = load_tokenizer(ModelConfig(name_or_path=model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-
-    class Same:
-        unwrap_model = staticmethod(lambda m: m)
-
-    test = rows("test")[:64]
-    groups = Generator(model, Same(), tok, seed=1234).generate([tok(r["prompt"])["input_ids"] for r in test], n=8,
-                                                              max_new_tokens=MAX_NEW, temperature=1.0, seed=0)
-    registry = RewardRegistry()
-    for name, fn in BUILTIN.items():
-        registry.add(name, fn)
-    texts = tok.batch_decode([c for g in groups for c in g], skip_special_tokens=True)
-    prompts = [r["prompt"] for r in test for _ in range(8)]
-    answers = [r["answer"] for r in test for _ in range(8)]
-    return float(combine(score(registry.select(REWARDS), prompts, texts, {"answer": answers}), [1.0, 1.0]).mean())
+    return online_bench.held_out_reward(model_dir, REWARDS, MAX_NEW, DEMO)
 
 
 def main() -> int:
@@ -150,40 +69,15 @@ def main() -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side == "trl":
-        run_trl(args.model, args.out, args.steps)
-        return 0
     if args.side:
-        run_alignkit(args.model, args.out, args.steps, max_staleness=int(args.side == "alignkit-async"))
+        if args.side == "trl":
+            run_trl(args.model, args.out, args.steps)
+        else:
+            run_alignkit(args.model, args.out, args.steps, max_staleness=int(args.side == "alignkit-async"))
         return 0
-    load_before = os.getloadavg()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        start_model(Path(tmp, "start"))
-        start = held_out_reward(f"{tmp}/start")
-        for side in SIDES:
-            out = f"{tmp}/{side}"
-            t0 = time.time()
-            subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--model",
-                            f"{tmp}/start", "--out", out], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            timing = json.loads(Path(out, "timing.json").read_text())
-            steps = timing["step_seconds"][1:]
-            rows.append({"side": side, "s_per_step": sum(steps) / len(steps), "peak_rss_mib": timing["peak_rss_mib"],
-                         "reward_start": start, "reward_end": held_out_reward(f"{out}/final"),
-                         "wall_s": time.time() - t0})
-    header = f"| | s / step | peak RSS (MiB) | held-out reward at start | after {args.steps} steps | process wall (s) |"
-    lines = [header, "|---|---|---|---|---|---|"]
-    lines += [f"| {r['side']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['reward_start']:.3f} | "
-              f"{r['reward_end']:.3f} | {r['wall_s']:.0f} |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    cpu = platform.processor() or platform.machine()
-    (HERE / "grpo-vs-trl.md").write_text(
-        f"# GRPO: alignkit vs TRL {__import__('trl').__version__} GRPOTrainer on this CPU\n\n"
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --steps {args.steps}`\n\n"
-        f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}. Date: {date.today()}. Load average "
-        f"(1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after.\n\n"
-        + __doc__.split("\n\n")[1].replace("\n", " ") + "\n\n" + table + "\n")
+    online_bench.compare(__file__, SIDES, args.steps, held_out_reward, "grpo-vs-trl.md",
+                         f"GRPO: alignkit vs TRL {__import__('trl').__version__} GRPOTrainer",
+                         __doc__.split("\n\n")[1].replace("\n", " "))
     return 0
 
 
