@@ -73,7 +73,8 @@ def test_unreadable_data_files(tmp_path, name, content, message):
     ("train:\n  max_steps: 1\n  max_steps: 2\n",
      "c.yaml:3:3: not valid YAML: duplicate key max_steps (the mapping starts at line 2)"),
     ("train: {max_steps: 1\n", "c.yaml:2:1: not valid YAML: did not find expected ',' or '}'"),
-    ("just a string\n", "c.yaml: must hold a mapping of sections (model, data, train, generation, rewards, method), not a str"),
+    ("just a string\n",
+     "c.yaml: must hold a mapping of sections (model, data, train, generation, rewards, method), not a str"),
 ])
 def test_yaml_mistakes(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
