@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
+from alignkit.blocks.dropout import disable_dropout
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
 from alignkit.engine import checkpoint, hub, optim, preflight, resume, rundir
 from alignkit.engine.ahead import RolloutsAhead
@@ -178,6 +179,8 @@ class Engine:
             self.model.name_or_path = recorded(config).model.name_or_path
         if config.model.peft is not None:
             self.model = apply_peft(self.model, config.model.peft)
+        if getattr(config.method, "disable_dropout", False):  # TRL's trainers' setting: LoRA's dropout included
+            disable_dropout(self.model)
         preflight.check_model(config, self.model, self.tokenizer)
 
     def _setup_method(self) -> None:

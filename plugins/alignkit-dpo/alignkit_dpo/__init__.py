@@ -39,6 +39,7 @@ class DPOConfig(LogpsOptions):
     ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="TR-DPO: reference <- alpha * policy + "
                                          "(1 - alpha) * reference.")
     ref_model_sync_steps: int = Field(512, gt=0, description="TR-DPO: optimizer steps between reference syncs.")
+    disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module (LoRA's too), as TRL does.")
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -107,8 +108,7 @@ class DPOLoss(alignkit.Loss):
         return counts
 
     def _scored(self, batch):
-        """(batch, nll targets): with ld_alpha, labels cut to the shorter answer's length and NLL targets all
-        answer tokens, so that one forward gives both sums."""
+        """(batch, nll targets): with ld_alpha, labels cut to the shorter answer's length, NLL targets all tokens."""
         if self.config.ld_alpha is None:
             return batch, None
         labels = batch["labels"]

@@ -13,7 +13,6 @@ from pydantic import Field, model_validator
 
 import alignkit
 from alignkit.blocks.demo import online_demo_defaults, sft_warmup
-from alignkit.blocks.dropout import disable_dropout
 from alignkit.formatters import PromptOnlyFormatter
 from alignkit_dpo import DPOConfig, DPOLoss, full_weights_for_sync
 from alignkit_dpo.losses import LOSSES
@@ -32,8 +31,6 @@ class OnlineDPOConfig(DPOConfig):
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens when sampling (0: all).")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of a completion "
                                               "without EOS before ranking (null: none).")
-    disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the policy and the "
-                                  "reference (LoRA's included), so both score the same network.")
     # ---- rewards ----
     reward_funcs: list[str] = Field(default_factory=list, description="Reward functions by name (registered by "
                                     "plugins), or model:PATH for a sequence-classification reward model; required.")
@@ -95,16 +92,6 @@ class OnlineDPOLoss(DPOLoss):
     """The DPO loss on the rollout's pairs, with OnlineDPOTrainer's objective/* metrics as exact (sum, count)."""
 
     losses = {**LOSSES, "ipo": online_ipo}
-
-    def prepare_model(self, model):
-        if self.config.disable_dropout:
-            disable_dropout(model)
-        super().prepare_model(model)
-
-    def prepare_reference(self, ref, policy):
-        if self.config.disable_dropout:
-            disable_dropout(ref)
-        super().prepare_reference(ref, policy)
 
     def __call__(self, model, batch, ref, ctx=None):
         out = super().__call__(model, batch, ref, ctx)

@@ -43,15 +43,18 @@ def test_lora_trains_against_the_policy_with_its_adapters_off(tmp_path):
     assert rows[1]["objective/kl"] != pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dpo", "online-dpo"])
 @pytest.mark.parametrize("disable", [True, False])
-def test_disable_dropout_turns_off_every_dropout_lora_included(disable):
-    import peft
+def test_disable_dropout_turns_off_every_dropout_lora_included(tmp_path, method, disable):
+    """TRL's DPOTrainer and OnlineDPOTrainer set every dropout to 0 (disable_dropout=True), LoRA's included."""
     import torch
-    from alignkit_dpo.online import OnlineDPOConfig, OnlineDPOLoss
 
-    from alignkit.testing import tiny_model
+    from alignkit.engine.loop import Engine
 
-    model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_dropout=0.05, target_modules=["q_proj"]))
-    OnlineDPOLoss(OnlineDPOConfig(reward_funcs=["exact-match"], disable_dropout=disable)).prepare_model(model)
-    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    cfg, m = alignkit.load_config(method, None, {"model.peft": {"r": 4, "target_modules": ["q_proj"], "dropout": 0.05},
+                                                 "method.disable_dropout": disable,
+                                                 "train.output_dir": str(tmp_path / "out")},
+                                  plugins=plugin_manager(alignkit_dpo))
+    engine = Engine(cfg, m, plugin_manager(alignkit_dpo)).load()
+    rates = {d.p for d in engine.model.modules() if isinstance(d, torch.nn.Dropout)}
     assert rates == ({0.0} if disable else {0.05})
