@@ -18,6 +18,7 @@ from dataclasses import field, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.trainer_facade import args as facade_args
 from alignkit_orpo.trl.help import with_help
 
 log = logging.getLogger(__name__)
@@ -228,21 +229,9 @@ IGNORED.update({
 })
 for _name in BY_TRAINER:
     IGNORED.pop(_name, None)
-REJECTED: dict[str, str] = {
-    "neftune_noise_alpha": "NEFTune is not supported",
-    "dataloader_drop_last": "alignkit keeps the last partial batch",
-    "data_seed": "alignkit shuffles with seed",
-    "bf16_full_eval": "eval runs in the training precision",
-    "fp16_full_eval": "eval runs in the training precision",
-    "fsdp": "run under `accelerate launch --config_file` with an FSDP config",
-    "fsdp_config": "run under `accelerate launch --config_file` with an FSDP config",
-    "deepspeed": "run under `accelerate launch --config_file` with a DeepSpeed config",
-    "accelerator_config": "run under `accelerate launch --config_file`",
-    "auto_find_batch_size": "set per_device_train_batch_size",
-    "ignore_data_skip": "alignkit always resumes at the exact data position",
+REJECTED: dict[str, str] = {**facade_args.REJECTED,  # the shared refusals, and v0.15.2-era fields
     "split_batches": "set per_device_train_batch_size for each process",
     "dispatch_batches": "not supported",
-    "optim_target_modules": "not supported",
     "fsdp_min_num_params": "run under `accelerate launch --config_file` with an FSDP config",
     "fsdp_transformer_layer_cls_to_wrap": "run under `accelerate launch --config_file` with an FSDP config",
     "tp_size": "tensor parallelism is not supported",
