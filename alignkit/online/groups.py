@@ -144,13 +144,16 @@ class GroupRollout:
 class GroupLoss(Loss):
     """The common part of a group method's loss: dropout off, the policy's LM head split off for the fused head in
     training (`head`; None: checkpointed chunks), a token scorer at the sampling temperature (`scorer`), and a
-    reference model only when `beta` != 0."""
+    reference model only when `beta` != 0, mixed toward the policy every `ref_model_sync_steps` optimizer steps when
+    the config sets `sync_ref_model` (TRL's SyncRefModelCallback; Loss.reference_sync)."""
 
     head: LMHead | None = None
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self.scorer = TokenScorer.from_config(config, temperature=config.temperature)
+        if getattr(config, "sync_ref_model", False):
+            self.reference_sync = (config.ref_model_sync_steps, config.ref_model_mixup_alpha)
 
     @property
     def needs_reference_model(self) -> bool:  # beta == 0 loads no reference model

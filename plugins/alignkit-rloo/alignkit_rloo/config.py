@@ -30,6 +30,11 @@ class RLOOConfig(alignkit.MethodConfig):
                         "loaded).")
     epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the sequence importance ratio.")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (default: epsilon).")
+    sync_ref_model: bool = Field(False, description="Mix the policy into the reference every ref_model_sync_steps "
+                                 "optimizer steps (TR-DPO's trust region; needs beta != 0 and full fine-tuning).")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="reference <- alpha * policy + (1 - alpha) * "
+                                         "reference at each sync.")
+    ref_model_sync_steps: int = Field(512, gt=0, description="Optimizer steps between reference syncs.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes per rollout (old log-probs are stored).")
     mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length get no "
                                                                 "gradient (their tokens are masked).")
@@ -51,6 +56,9 @@ class RLOOConfig(alignkit.MethodConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"method.reward_weights has {len(self.reward_weights)} entries, method.reward_funcs "
                              f"{len(self.reward_funcs)}; give one weight per reward function")
+        if self.sync_ref_model and self.beta == 0.0:
+            raise ValueError("method.sync_ref_model with method.beta=0: no reference model is loaded, so there is "
+                             "nothing to sync; set method.beta != 0 or method.sync_ref_model=false")
         if self.reward_clip_range is not None and self.reward_clip_range[0] > self.reward_clip_range[1]:
             raise ValueError(f"method.reward_clip_range={list(self.reward_clip_range)}: give [min, max] with "
                              "min <= max")
