@@ -39,6 +39,8 @@ TOL = 1e-5
 OBJECTIVE = ("loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
              "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
              "top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef")
+#: adaptive entropy control's settings (alignkit's defaults are TRL's; always handed over)
+ADAPTIVE = ("use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
 #: TRL's metrics of the objective compared (where both sides log them)
 METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
            "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss", "entropy_coef")
@@ -80,7 +82,7 @@ def trl_trainer(path: str, tok, cfg: GRPOConfig, out: str):
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    knobs = {k: getattr(cfg, k) for k in OBJECTIVE}
+    knobs = {k: getattr(cfg, k) for k in OBJECTIVE + ADAPTIVE}
     args = TRLConfig(output_dir=out, **knobs, beta=cfg.beta, temperature=cfg.temperature, num_generations=N_GEN,
                      max_completion_length=MAX_NEW, num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards,
                      per_device_train_batch_size=N_GEN, report_to=[], use_cpu=True, logging_steps=1, bf16=False,
@@ -162,6 +164,50 @@ def compare(cfg: GRPOConfig, path: str, tok, tmp: str) -> dict:
             "kl_bias_correction": cfg.use_bias_correction_kl, "alignkit_loss": our_loss.item(),
             "trl_loss": trl_loss.item(), "loss_rel": rel, "grad_rel_max": worst,
             "metrics_rel_max": max([abs(a - b) / max(abs(b), 1e-12) for a, b in metrics.values()], default=0.0)}
+
+
+def compare_adaptive_entropy(path: str, tok, tmp: str, target: float, steps: int = 4) -> dict:
+    """TRL's adaptive entropy controller (updated inside its `_compute_loss` at each optimizer-step boundary) against
+    alignkit's (GRPOLoss.after_step, as the engine calls it) over `steps` steps on the same batch, both policies
+    moved identically before each step: the loss, gradients and coefficient of every step."""
+    from alignkit.plugin.context import StepContext
+
+    cfg = GRPOConfig(num_generations=N_GEN, max_completion_length=MAX_NEW, temperature=0.7, loss_type="dapo",
+                     use_adaptive_entropy=True, entropy_coef=0.05, entropy_coef_delta=0.03, entropy_coef_max=0.1,
+                     entropy_target=target)
+    x = inputs(tok)
+    batch = {k: x[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    batch["advantages"] = advantages(combine(x["rewards_NF"], [1.0, 0.5]), N_GEN, cfg.scale_rewards)[0]
+    trainer = trl_trainer(path, tok, cfg, tmp)
+    policy, ours = trainer.model, tiny_model()
+    ours.load_state_dict(policy.state_dict())
+    loss_fn = GRPOLoss(cfg)
+    loss_fn.prepare_model(ours)
+    trl_inputs = {**batch, "num_items_in_batch": batch["completion_mask"].sum()}
+    steps_out = []
+    for step in range(steps):
+        for m in (policy, ours):
+            perturb(m, 0.02, seed=10 + step)
+            m.train()
+            m.zero_grad(set_to_none=True)
+        trl_loss = trainer._compute_loss(policy, trl_inputs)
+        trl_loss.backward()
+        out = loss_fn(ours, batch)
+        our_loss = out.normalized({u: float(c) for u, c in loss_fn.counts(batch).items()})
+        our_loss.backward()
+        entropy = tuple(float(v) for v in out.metrics["entropy"])
+        loss_fn.after_step({"entropy": entropy}, StepContext(True, step, 0, 1))
+        theirs = dict(policy.named_parameters())
+        worst = max(float((p.grad - theirs[n].grad).abs().max() / theirs[n].grad.abs().max().clamp(min=1e-12))
+                    for n, p in ours.named_parameters() if p.grad is not None)
+        steps_out.append({"alignkit_loss": our_loss.item(), "trl_loss": trl_loss.item(),
+                          "alignkit_coef": loss_fn.entropy_coef, "trl_coef": trainer.entropy_coef,
+                          "entropy": entropy[0] / entropy[1], "grad_rel_max": worst})
+    return {"target": target, "steps": steps_out,
+            "loss_rel_max": max(abs(r["alignkit_loss"] - r["trl_loss"]) / max(abs(r["trl_loss"]), 1e-12)
+                                for r in steps_out),
+            "coef_abs_max": max(abs(r["alignkit_coef"] - r["trl_coef"]) for r in steps_out),
+            "grad_rel_max": max(r["grad_rel_max"] for r in steps_out)}
 
 
 def reward_a(prompts, completions, **kw):
@@ -260,6 +306,8 @@ def compare_scoring(path: str, tok, tmp: str, scale: str, aggregation: str = "su
 
 
 CLIP = {"epsilon": 0.2, "epsilon_high": 0.28}
+#: adaptive entropy control: the target above every step's entropy (the coefficient rises), below (falls), between
+ADAPTIVE_TARGETS = (100.0, 0.0, 5.8)
 SEQ = {"importance_sampling_level": "sequence"}
 #: grpo / dapo / dr_grpo, beta 0 and > 0, one and two passes, then a truncated row masked, the KL uncorrected
 CASES = [dict(loss_type=t, beta=b, num_iterations=i, **CLIP)
@@ -324,6 +372,8 @@ def main() -> int:
         scoring = [compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", scale)
                    for scale in ("group", "batch", "none")]
         scoring.append(compare_scoring(f"{tmp}/model", tok, f"{tmp}/trl-scoring", "group", "normalize_then_sum"))
+        adaptive = [compare_adaptive_entropy(f"{tmp}/model", tok, f"{tmp}/trl-adaptive", target)
+                    for target in ADAPTIVE_TARGETS]
     print(f"{'loss_type':9} {'beta':>5} {'iters':>5} {'mask_trunc':>10} {'kl_is':>5} {'alignkit loss':>14} "
           f"{'TRL loss':>14} "
           f"{'loss rel':>9} {'grad rel':>9} {'metric rel':>10}  knobs (|loss change| without them)")
@@ -344,13 +394,23 @@ def main() -> int:
               f"{r['alignkit_loss']:14.8f} "
               f"{r['trl_loss']:14.8f} {r['loss_abs']:9.1e} {r['grad_rel_max']:9.1e}")
     print("metrics compared:", ", ".join(sorted(scoring[0]["metrics"])))
+    print()
+    print("Adaptive entropy control (use_adaptive_entropy, dapo, entropy_coef 0.05, delta 0.03, max 0.1), 4 steps:")
+    print(f"{'entropy_target':>14} {'entropy per step':>30} {'coefficient per step (both)':>30} {'loss rel':>9} "
+          f"{'grad rel':>9} {'coef diff':>9}")
+    for r in adaptive:
+        entropies = " ".join(f"{s['entropy']:.3f}" for s in r["steps"])
+        coefs = " ".join(f"{s['trl_coef']:.2f}" for s in r["steps"])
+        print(f"{r['target']:14} {entropies:>30} {coefs:>30} {r['loss_rel_max']:9.1e} "
+              f"{r['grad_rel_max']:9.1e} {r['coef_abs_max']:9.1e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows + scoring, f, indent=1)
+            json.dump(rows + scoring + adaptive, f, indent=1)
     # on-policy (one pass) the scoring cases' loss is ~1e-8 (minus the mean advantage): compared absolutely
-    bad = [r for r in rows + scoring if max(r.get("loss_rel", 0.0), r.get("loss_abs", 0.0), r["grad_rel_max"],
-                                            r["metrics_rel_max"], r.get("advantage_abs_max", 0.0)) > TOL]
-    total = len(rows) + len(scoring)
+    bad = [r for r in rows + scoring + adaptive
+           if max(r.get("loss_rel", 0.0), r.get("loss_abs", 0.0), r["grad_rel_max"], r.get("metrics_rel_max", 0.0),
+                  r.get("advantage_abs_max", 0.0), r.get("loss_rel_max", 0.0), r.get("coef_abs_max", 0.0)) > TOL]
+    total = len(rows) + len(scoring) + len(adaptive)
     print(f"{total - len(bad)}/{total} cases within {TOL:g} (loss, every gradient, metrics relative; advantages and "
           "on-policy losses absolute)")
     return 1 if bad else 0

@@ -98,7 +98,7 @@ def state_problem(state) -> str | None:
             isinstance(window[k], int | float) and not isinstance(window[k], bool) for k in _WINDOW_NUMBERS
             if k in window):
         return f"its {STATE_FILE} has a damaged window (the sums since the last log)"
-    for key in ("seen", "environment"):
+    for key in ("seen", "environment", "loss_state"):
         if not isinstance(state.get(key, {}), dict):
             return f"its {STATE_FILE} has {key} {json.dumps(state[key])}, not an object"
     return None

@@ -257,6 +257,7 @@ class Engine:
             self.pm.register(self.hub)  # its on_train_end pushes the finished run folder
         if started.resumed is not None:
             started.resumed.apply(self.state)
+            self.loss.load_state_dict(started.resumed.loss_state)
             if self._ahead is not None:
                 self._ahead.restore(started.resumed.path)
             self.eval_redo_at = started.resumed.step if started.resumed.eval_pending else None
@@ -294,7 +295,10 @@ class Engine:
         self._stop_if_asked(done.window)  # asked during that evaluation: stop before the first step
         model.train()
         for micro_batches in self._windows(run):
+            skipped = state.skipped_steps
             loss, totals, grad_norm = self._optimizer_step(run, micro_batches)
+            if state.skipped_steps == skipped:  # a loss's controller moves with the weights (Loss.after_step)
+                totals.update(self.loss.after_step(totals, self._context(True, 0, 1)) or {})
             state.step += 1
             self.reference.after_step(model, state.step)  # a reference synced with the policy (Loss.reference_sync)
             done.window.add(loss, grad_norm, totals, len(micro_batches))
@@ -528,6 +532,7 @@ class Engine:
         s = self.state
         saved = {"step": s.step, "epoch_index": s.epoch_index, "batches_in_epoch": s.batches_in_epoch,
                  "max_steps": s.max_steps, "window": window.state(), "seen": dict(s.seen),
+                 "loss_state": self.loss.state_dict(),
                  "environment": environment_values(self.config), "eval_pending": self.eval_cut_at == s.step}
         self._check_finite_weights("a checkpoint")
         path = checkpoint.save(self.accelerator, self.checkpoint_root, s.step, saved,

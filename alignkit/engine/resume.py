@@ -8,7 +8,7 @@ the keys: the optimizer, scheduler and data position in the checkpoint belong to
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -179,6 +179,8 @@ class Resumed:
     window: Window
     #: a stop request cut the evaluation of this step short: the resumed run redoes it first
     eval_pending: bool
+    #: what the loss kept across steps (Loss.state_dict)
+    loss_state: dict = field(default_factory=dict)
 
     def apply(self, state) -> None:
         """Move the run's state (alignkit.engine.state.RunState) to where the checkpoint was made."""
@@ -272,7 +274,8 @@ def _resume(engine, scheduler) -> tuple[Resumed | None, list[str]]:
                           f"this run has {engine.state.max_steps}; keep the data and step settings of that run")
     log.info("resumed from %s at step %d", path, saved["step"])
     return Resumed(path, saved["step"], saved["epoch_index"], saved["batches_in_epoch"], dict(saved.get("seen", {})),
-                   Window.from_state(saved["window"]), bool(saved.get("eval_pending"))), changes
+                   Window.from_state(saved["window"]), bool(saved.get("eval_pending")),
+                   dict(saved.get("loss_state", {}))), changes
 
 
 def _take_folder(engine, folder: ownership.RunFolder, resumed: Resumed | None, changes: list[str]) -> list[str]:

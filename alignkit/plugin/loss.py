@@ -87,6 +87,22 @@ class Loss(ABC):
         """Run the model on the batch and return the summed terms and the metrics (`ref=` with a reference;
         `ctx=` when declared)."""
 
+    def after_step(self, totals: dict[str, tuple[float, float]], ctx) -> dict[str, tuple[float, float]] | None:
+        """Called on every process after each training optimizer step that changed the weights, with this process's
+        metric (sum, count) totals over the step's micro-batches and the step's context (`ctx.reduce` sums over the
+        processes; every process calls it). A loss with a controller that moves between steps (e.g. an adaptive
+        coefficient) updates it here, keeps it in `state_dict`, and may return extra (sum, count) metrics for
+        this step's log."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the loss keeps across steps (JSON values), saved in each checkpoint and given back to
+        `load_state_dict` on resume, so a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (called on resume, before the first step)."""
+
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the loss needs from the reference model, as per-example tensors [B] (called without grad;
         may take `ctx`)."""

@@ -82,6 +82,14 @@ class GRPOConfig(alignkit.MethodConfig):
                                                        description="Lower bound of the importance ratio (None: 0).")
     entropy_coef: float = Field(0.0, description="Entropy bonus (Skywork-OR1): the loss minus entropy_coef x the mean "
                                 "entropy of each micro-batch's counted tokens (0: off). Token-local objectives only.")
+    use_adaptive_entropy: bool = Field(False, description="Skywork-OR1's adaptive entropy control: entropy_coef is the "
+                                       "starting coefficient; after each optimizer step it rises by entropy_coef_delta "
+                                       "when the step's mean entropy (all processes) is <= entropy_target, else falls; "
+                                       "the bonus applies only while the last step's entropy is <= entropy_target.")
+    entropy_coef_min: float = Field(0.0, description="Adaptive entropy control: lowest coefficient.")
+    entropy_coef_max: float = Field(1.0, description="Adaptive entropy control: highest coefficient.")
+    entropy_coef_delta: float = Field(0.005, ge=0, description="Adaptive entropy control: the change per step.")
+    entropy_target: float = Field(0.2, description="Adaptive entropy control: the target mean token entropy (nats).")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes per rollout (old log-probs are stored).")
     mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length get no loss.")
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed).")
@@ -124,10 +132,13 @@ class GRPOConfig(alignkit.MethodConfig):
             raise ValueError(f"method.scale_rewards={self.scale_rewards} is ignored with multi_objective_aggregation "
                              "normalize_then_sum (it normalises per group, then over the step); leave it at group or "
                              "use sum_then_normalize")
-        if self.entropy_coef != 0.0 and not self.token_local:
-            raise ValueError("method.entropy_coef needs a token-local objective (its gradient is taken on the fused "
-                             "head): not with importance_sampling_level=sequence, loss_type luspo or vespo, "
-                             "top_entropy_quantile < 1 or off_policy_mask_threshold")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ValueError(f"method.entropy_coef_min={self.entropy_coef_min} is above method.entropy_coef_max="
+                             f"{self.entropy_coef_max}; give min <= max")
+        if self.entropy_bonus and not self.token_local:
+            raise ValueError("method.entropy_coef needs a token-local objective, as does use_adaptive_entropy (its "
+                             "gradient is taken on the fused head): not with importance_sampling_level=sequence, "
+                             "loss_type luspo or vespo, top_entropy_quantile < 1 or off_policy_mask_threshold")
         if self.loss_type == "cispo" and self.epsilon_high is None:
             raise ValueError("method.epsilon_high must be set with loss_type cispo: it caps the IS weight itself "
                              "(without it the cap would be epsilon, e.g. 0.2; ScaleRL recommends 5.0)")
@@ -146,6 +157,11 @@ class GRPOConfig(alignkit.MethodConfig):
         return (self.importance_sampling_level == "token" and self.loss_type != "vespo"
                 and self.top_entropy_quantile == 1.0 and self.off_policy_mask_threshold is None
                 and not (self.corrects_staleness and self.importance_sampling_mode.startswith("sequence")))
+
+    @property
+    def entropy_bonus(self) -> bool:
+        """The loss carries an entropy bonus: a fixed entropy_coef, or adaptive control (even from 0)."""
+        return self.entropy_coef != 0.0 or self.use_adaptive_entropy
 
     @property
     def corrects_staleness(self) -> bool:

@@ -46,9 +46,45 @@ class GRPOLoss(GroupLoss):
     def collective(self) -> bool:  # the entropy quantile spans the micro-batch's tokens on every process
         return self.config.top_entropy_quantile < 1.0
 
+    def __init__(self, config: GRPOConfig) -> None:
+        super().__init__(config)
+        self.entropy_coef, self.last_entropy = config.entropy_coef, float("inf")  # adaptive entropy control's state
+
     def counts(self, batch):
         counts = unit_counts(batch["completion_mask"], self.config)
-        return {**counts, "micro_batches": 1} if self.config.entropy_coef else counts
+        return {**counts, "micro_batches": 1} if self.config.entropy_bonus else counts
+
+    def applied_entropy_coef(self) -> float:
+        """The entropy bonus's coefficient this step: under adaptive control, only while the last step's entropy
+        was at or below the target (TRL's gating)."""
+        cfg = self.config
+        if cfg.use_adaptive_entropy and self.last_entropy > cfg.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def after_step(self, totals, ctx):
+        """Adaptive entropy control (use_adaptive_entropy): the step's mean token entropy over every process moves
+        the coefficient by entropy_coef_delta toward more bonus (entropy <= target) or less; the coefficient is
+        logged as entropy_coef once per step, after its update (TRL's log)."""
+        cfg = self.config
+        if not cfg.use_adaptive_entropy:
+            return None
+        summed, tokens = ctx.reduce(torch.tensor(totals.get("entropy", (0.0, 0.0)), dtype=torch.float64,
+                                                 device=ctx.device)).tolist()
+        self.last_entropy = summed / max(tokens, 1.0)
+        step = cfg.entropy_coef_delta if self.last_entropy <= cfg.entropy_target else -cfg.entropy_coef_delta
+        self.entropy_coef = min(max(self.entropy_coef + step, cfg.entropy_coef_min), cfg.entropy_coef_max)
+        return {"entropy_coef": (self.entropy_coef, 1)}
+
+    def state_dict(self):
+        last = None if self.last_entropy == float("inf") else self.last_entropy
+        return {"entropy_coef": self.entropy_coef, "last_entropy": last} if self.config.use_adaptive_entropy else {}
+
+    def load_state_dict(self, state):
+        if "entropy_coef" in state:
+            self.entropy_coef = float(state["entropy_coef"])
+            last = state.get("last_entropy")
+            self.last_entropy = float("inf") if last is None else float(last)
 
     def _logps(self, model, batch):
         return completion_logps(model, batch, self.config.temperature, self.config.logits_chunk_size, self.scorer)
@@ -60,7 +96,7 @@ class GRPOLoss(GroupLoss):
     def __call__(self, model, batch, ref=None, ctx=None):
         cfg = self.config
         mask = batch["completion_mask"].to(torch.float32)
-        if torch.is_grad_enabled() and cfg.token_local and (self.head is not None or cfg.entropy_coef):
+        if torch.is_grad_enabled() and cfg.token_local and (self.head is not None or cfg.entropy_bonus):
             return self._fused(model, batch, ref, mask, ctx)
         logps, entropy = self._logps(model, batch)
         old = batch.get("old_logps")
@@ -69,8 +105,8 @@ class GRPOLoss(GroupLoss):
         per_token, ratio, kl = per_token_objective(logps, old, batch["advantages"], cfg,
                                                    None if ref is None else ref["logps"], mask=mask, keep=keep)
         terms = reduce_terms(per_token, mask, cfg)
-        if cfg.entropy_coef:  # here without gradient (evaluation): entropy_coef needs a token-local objective
-            bonus = cfg.entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+        if cfg.entropy_bonus:  # here without gradient (evaluation): the bonus needs a token-local objective
+            bonus = self.applied_entropy_coef() * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
             terms["micro_batches"] = terms.get("micro_batches", 0.0) - bonus
         with torch.no_grad():
             metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
@@ -121,9 +157,9 @@ class GRPOLoss(GroupLoss):
         sampled = batch.get("sampling_logps") if cfg.corrects_staleness else None
         sampled_N = None if sampled is None else sampled[select]  # token-level weights only (token_local)
         bonus_N = None
-        if cfg.entropy_coef:
+        if cfg.entropy_bonus:
             totals = getattr(ctx, "totals", None) or self.counts(batch)
-            scale = cfg.entropy_coef * totals[unit] / totals["micro_batches"]
+            scale = self.applied_entropy_coef() * totals[unit] / totals["micro_batches"]
             bonus_N = (mask / mask.sum().clamp(min=1.0))[select] * scale
 
         def term(lp, positions, logprobs=None):
@@ -147,7 +183,8 @@ class GRPOLoss(GroupLoss):
                 metrics.update(self._correction_metrics(logps, sampled, mask))
             if bonus_N is not None:  # TRL's names: the objective without the bonus, and the coefficient
                 metrics["policy_loss"] = (reduce_terms(per_token, mask, cfg)[unit], unit_counts(mask, cfg)[unit])
-                metrics["entropy_coef"] = (cfg.entropy_coef, 1)
+                if not cfg.use_adaptive_entropy:  # (adaptive: the coefficient after the step, from after_step)
+                    metrics["entropy_coef"] = (self.entropy_coef, 1)
         return alignkit.LossOutput(terms={unit: s.total}, metrics=metrics)
 
     def _metrics(self, batch, mask, ratio, entropy, kl, logps, old) -> dict:

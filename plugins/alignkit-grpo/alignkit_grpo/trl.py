@@ -47,7 +47,7 @@ GRPOConfig = table_config(
     unsupported={
         **ONLINE_UNSUPPORTED,
         "cast_lm_head_to_fp32": "the LM head runs in the model's precision",
-        "use_adaptive_entropy": "entropy_coef is fixed", "max_tool_calling_iterations": "tool calling is not supported",
+        "max_tool_calling_iterations": "tool calling is not supported",
         "vllm_importance_sampling_cap": "use vllm_importance_sampling_clip_max",
     },
     ignored=ONLINE_IGNORED, normalise=_normalise,
