@@ -91,3 +91,37 @@ def test_the_engine_refuses_a_synced_reference_for_adapters(models):
     policy = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(alignkit.ConfigError, match="model.peft: this method mixes the policy's weights"):
         Reference(alignkit_dpo.DPOLoss(config.method), policy, config, tiny_tokenizer(), None)
+
+
+@pytest.mark.slow  # two torchrun processes and one run: about 40 s on 2 CPU cores
+def test_two_processes_sync_the_reference_as_one(tmp_path, models):
+    """Each process mixes its own replica of the reference: the checkpointed reference is the mix of step 2, and the
+    losses after it equal one process's with the same global batch (a rank that skipped the sync would move its
+    half of the mean)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import free_port
+
+    args = ["-q", "run", "--method", "dpo", f"model.name_or_path={models / 'policy'}",
+            f"model.ref_name_or_path={models / 'ref'}", "method.sync_ref_model=true", "method.ref_model_sync_steps=2",
+            "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1", "train.learning_rate=3e-3",
+            "data.max_train_samples=32", "data.max_eval_samples=8", "train.eval_steps=null",
+            "train.disable_tqdm=true", "train.plots=false"]
+    env = {"ALIGNKIT_LOAD_PLUGINS": "alignkit,alignkit-dpo", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": str(Path(sys.executable).parent), "PYTHONPATH": ":".join(sys.path)}
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
+    for name, launcher, batch in (("two", torchrun, 2), ("one", [sys.executable], 4)):
+        proc = subprocess.run([*launcher, "-m", "alignkit", *args,
+                               f"train.output_dir={tmp_path / name}", f"train.per_device_train_batch_size={batch}"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("one", "two"))
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (one, two)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    ref0 = load_file(models / "ref" / "model.safetensors")
+    policy, ref = (weights(tmp_path / "two" / "checkpoints" / "checkpoint-2", i) for i in (0, 1))
+    for k in ref0:  # rank 0 saved: the sync of step 2 on it; the losses after it show rank 1's
+        torch.testing.assert_close(ref[k], ref0[k] * 0.4 + 0.6 * policy[k], rtol=1e-6, atol=1e-7)
