@@ -10,6 +10,7 @@ the output folder (resume, config.yaml: the first write). `train()` is setup() a
 import atexit
 import contextlib
 import functools
+import gc
 import logging
 import math
 import os
@@ -51,8 +52,9 @@ _EXIT_HOOK = False
 
 
 def destroy_process_group_at_exit() -> None:
-    """Tear the process group down when the process exits (once per process): left to the interpreter's shutdown,
-    its communication threads are destroyed still running, and a process aborts ("terminate called without an
+    """Tear the process group down when the process exits (once per process), while the interpreter is whole: left
+    to its shutdown, the group (kept alive by reference cycles, e.g. the wrapped model's) is freed during
+    finalization, its communication threads still running, and a process aborts ("terminate called without an
     active exception") after a run that succeeded, now and then."""
     global _EXIT_HOOK
     if not _EXIT_HOOK:
@@ -64,7 +66,9 @@ def _destroy_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the cycles that still hold the group (its C++ side outlives destroy_process_group otherwise)
         dist.destroy_process_group()
+        gc.collect()  # the group itself: its worker threads are joined here, not in the interpreter's teardown
 
 
 class Engine:

@@ -123,6 +123,10 @@ def test_two_processes_reduce_through_the_context_and_match_one(tmp_path):
                           str(free_port()), str(worker), str(tmp_path / "two"), "4"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    # the process group is torn down (its gloo threads joined) before the interpreter's teardown: left to it, a
+    # process that finished its run aborted now and then ("terminate called without an active exception")
+    left = [line for line in two.stderr.splitlines() if line.startswith("threads at exit:")]
+    assert len(left) == 2 and not any("gloo" in line for line in left), left
     one = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), "8"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -2,9 +2,25 @@
 processes through ctx.reduce (Loss.collective), training and evaluating; argv[1] is the output folder,
 argv[2] the per-process batch size."""
 
+import atexit
 import os
 import sys
 
+
+def _threads_left() -> None:
+    """Registered first, so it runs after every exit hook alignkit registers: the native threads still running as
+    the interpreter tears down (the test asserts no process group's threads are among them)."""
+    names = []
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    print(f"threads at exit: {sorted(names)}", file=sys.stderr, flush=True)
+
+
+atexit.register(_threads_left)
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
