@@ -299,10 +299,7 @@ class Engine:
         self._stop_if_asked(done.window)  # asked during that evaluation: stop before the first step
         model.train()
         for micro_batches in self._windows(run):
-            skipped = state.skipped_steps
             loss, totals, grad_norm = self._optimizer_step(run, micro_batches)
-            if state.skipped_steps == skipped:  # a loss's controller moves with the weights (Loss.after_step)
-                totals.update(self.loss.after_step(totals, self._context(True, 0, 1)) or {})
             state.step += 1
             self.reference.after_step(model, state.step)  # a reference synced with the policy (Loss.reference_sync)
             done.window.add(loss, grad_norm, totals, len(micro_batches))
@@ -340,17 +337,23 @@ class Engine:
             micro_batches = self.rollout(micro_batches, ctxs)
         loss_sum, metrics = self.accumulate_gradients(model, micro_batches, ctxs)
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm or float("inf")))
-        loss = acc.reduce(loss_sum, "sum").item()
+        loss, totals = acc.reduce(loss_sum, "sum").item(), metrics.totals()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._refuse_nonfinite(loss, grad_norm)
         else:
             run.optimizer.step()
             preflight.check_update(model, acc, self.state.step + 1, loss, grad_norm)
             run.scheduler.step()
-            if self.rollout is not None:
-                self.rollout.after_step()
+            totals.update(self._after_update(totals))
         run.optimizer.zero_grad(set_to_none=True)
-        return loss, metrics.totals(), grad_norm
+        return loss, totals, grad_norm
+
+    def _after_update(self, totals: dict) -> dict:
+        """After the weights moved: the rollout's and the loss's own step ends (Loss.after_step may move a controller
+        the loss keeps and return metrics for the step)."""
+        if self.rollout is not None:
+            self.rollout.after_step()
+        return self.loss.after_step(totals, self._context(True, 0, 1)) or {}
 
     def accumulate_gradients(self, model, micro_batches: list, ctxs=None) -> tuple[torch.Tensor, MetricSums]:
         """Reference, loss and backward over each micro-batch (no optimizer step), every loss term divided by its
