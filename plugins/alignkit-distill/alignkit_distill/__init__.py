@@ -6,6 +6,7 @@ import alignkit
 from alignkit.blocks.demo import demo_defaults
 from alignkit_distill import demo
 from alignkit_distill.config import DistillConfig
+from alignkit_distill.formatter import DistillFormatter
 from alignkit_distill.loss import DistillLoss, generalized_jsd
 from alignkit_distill.rollout import DistillRollout
 
@@ -33,7 +34,7 @@ def validate(config) -> None:
 
 
 METHOD = alignkit.Method(
-    name="distill", config=DistillConfig, formatter="prompt-completion", loss=DistillLoss,
+    name="distill", config=DistillConfig, formatter=DistillFormatter, loss=DistillLoss,
     rollout=DistillRollout, validate=validate,
     description="Distillation from a teacher (GKD): generalized JSD on data, student (lmbda) or teacher (seq_kd) "
                 "completions.",
@@ -54,4 +55,5 @@ def register_datasets(register):
         register(name, loader)
 
 
-__all__ = ["DEMO_DEFAULTS", "METHOD", "DistillConfig", "DistillLoss", "DistillRollout", "generalized_jsd"]
+__all__ = ["DEMO_DEFAULTS", "METHOD", "DistillConfig", "DistillFormatter", "DistillLoss", "DistillRollout",
+           "generalized_jsd"]

@@ -20,9 +20,17 @@ class DistillConfig(SequenceDataConfig):
                          "samples (sequence-level KD) instead of the data's.")
     temperature: float = Field(0.9, gt=0.0, description="Sampling temperature of on-policy and seq_kd completions.")
     max_new_tokens: int = Field(128, gt=0, description="Longest completion sampled by the student or the teacher.")
+    temperature_in_loss: bool = Field(False, description="Take the divergence between both models' distributions at "
+                                      "`temperature` (TRL's DistillationTrainer) instead of at 1 (GKDTrainer).")
     disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the student.")
     loss_implementation: Literal["chunked", "plain"] = Field(
         "chunked", description="chunked: both models' LM heads run only at trained positions, a chunk of positions "
         "at a time, never holding [batch, seq, vocab] logits; plain: the models' full logits.")
     logits_chunk_size: int = Field(256, gt=0, description="Token positions per LM-head chunk of the chunked path (the "
                                    "divergence holds a few [chunk, vocab] tensors of both models at a time).")
+
+    @property
+    def samples_every_step(self) -> bool:
+        """Every training step trains on sampled completions (the student's, or the teacher's with seq_kd): rows
+        may then be prompts alone."""
+        return self.lmbda == 1.0 or self.seq_kd

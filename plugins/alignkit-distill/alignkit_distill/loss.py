@@ -5,7 +5,8 @@ GKD: `batchmean` over `labels != -100`).
 Neither model's [batch, seq, vocab] logits exist: the teacher's reference pass keeps only its final hidden states at
 the trained positions, and the student's TokenScorer (fused head in training) hands each chunk of positions'
 full-vocabulary log-probs to the term, which projects the same chunk of the teacher's hidden states through the
-teacher's own head. A model whose head cannot be split off (`loss_implementation: plain`) gives its full logits."""
+teacher's own head. A model whose head cannot be split off (`loss_implementation: plain`) gives its full logits.
+With `temperature_in_loss` both distributions are taken at `temperature` (TRL's DistillationTrainer), else at 1."""
 
 import math
 
@@ -42,7 +43,8 @@ class DistillLoss(Loss):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.scorer = TokenScorer.from_config(config)
+        self.t = config.temperature if config.temperature_in_loss else 1.0  # the divergence's temperature
+        self.scorer = TokenScorer.from_config(config, temperature=self.t)
         self.teacher_scorer = TokenScorer.from_config(config)
         self._checked: set[int] = set()
 
@@ -78,9 +80,9 @@ class DistillLoss(Loss):
         beta, sums = self.config.beta, []
 
         def teacher(positions) -> torch.Tensor:
-            if "logits" in ref:
-                return torch.log_softmax(ref["logits"][positions], -1)
-            return torch.log_softmax(at_least_fp32(ref["head"].logits(ref["hidden"][positions])), -1)
+            logits = ref["logits"][positions] if "logits" in ref else at_least_fp32(
+                ref["head"].logits(ref["hidden"][positions]))
+            return torch.log_softmax(logits / self.t if self.t != 1.0 else logits, -1)
 
         def term(logps, positions, student_nV):
             teacher_nV = teacher(positions).to(student_nV.dtype)

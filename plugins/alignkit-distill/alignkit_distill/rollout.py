@@ -1,6 +1,7 @@
 """Which completions a training step distils on (TRL's GKD training_step): with probability `lmbda` the student's
-own samples (on-policy), else, with `seq_kd`, the teacher's samples, else the data's completions. Evaluation always
-scores the data's completions, so the held-out divergence is measured on fixed rows.
+own samples (on-policy), else, with `seq_kd`, the teacher's samples, else the data's completions. Evaluation
+scores the data's completions, so the held-out divergence is measured on fixed rows; eval rows that are prompts alone
+are scored on the student's samples, as TRL's DistillationTrainer evaluates.
 
 The choice is drawn once per optimizer step from (the run's seed, the step), and sampling goes through the core's
 generation handle (each completion's randomness fixed by the prompt and the step), so a resumed run and a run on
@@ -27,12 +28,15 @@ class DistillRollout:
         self.config, self.tokenizer = config, tokenizer
 
     def __call__(self, batch: dict, ctx) -> dict:
-        if not ctx.training:
-            return batch
-        which = source(self.config, ctx.generator.seed, ctx.step)
+        ignore, tok = self.config.label_pad_token_id, self.tokenizer
+        if not ctx.training:  # the data's completions; prompts alone: the student's (TRL's DistillationTrainer)
+            if (batch["labels"][:, 1:] != ignore).any():
+                return batch
+            which = "student"
+        else:
+            which = source(self.config, ctx.generator.seed, ctx.step)
         if which == "data":
             return batch
-        ignore, tok = self.config.label_pad_token_id, self.tokenizer
         prompts = []
         for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
             trained = (labels[1:] != ignore).nonzero()
