@@ -211,3 +211,17 @@ def test_one_step_equals_trl_ktotrainer_on_the_tiny_vlm(tmp_path):
     assert abs(loss.item() - trl_loss.item()) <= 1e-5 * abs(trl_loss.item())
     assert set(grads) == set(trl_grads) and any(".vision_model." in k for k in grads)
     assert bench.gradient_difference(grads, trl_grads) <= 1e-5
+
+
+def test_a_kl_pair_whose_cut_would_drop_its_prompts_image_tokens_is_refused():
+    """Each example fits max_length, but example 0's KL pair (its long prompt, example 1's long completion) does not:
+    keep_end would cut its image tokens, so the images could not follow the prompt."""
+    long_prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "which colour is it?"}]}]
+    rows = [{**row("red", "red", True), "prompt": long_prompt}, row("blue", "a rather red one", False)]
+    _, formatter, _ = setup()
+    (first,), (second,) = formatter.format_batch(rows)
+    own = [len(e.features["completion_input_ids"]) for e in (first, second)]
+    assert len(first.features["KL_completion_input_ids"]) > max(own)
+    _, short, _ = setup(max_length=max(own), truncation_mode="keep_end")
+    with pytest.raises(alignkit.DataError, match="image tokens do not fit in method.max_length"):
+        short.format_batch(rows)
