@@ -121,3 +121,12 @@ def test_image_mistakes_are_one_line_exit_2(vlm_folder, text_folder, pictures, c
     assert f"--image {missing}: no such image file" in line
     line = refused(command, "--model", vlm_folder, "--image", pictures / "broken.png", *prompt)
     assert f"--image {pictures / 'broken.png'}" in line and "not an image Pillow can decode" in line
+
+
+def test_after_clear_the_images_go_with_the_new_first_turn(monkeypatch, vlm_folder, pictures):
+    turns = captured(monkeypatch, "chat", "--model", vlm_folder, "--image", pictures / "blue.png",
+                     stdin="colour?\n/clear\nwhat now?\n/exit\n")
+    again = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what now?"}]}]
+    want, pixels, _ = expected(vlm_folder, pictures, ["blue"], again)
+    assert len(turns) == 2 and turns[1][0] == want
+    torch.testing.assert_close(turns[1][1]["pixel_values"], pixels)
