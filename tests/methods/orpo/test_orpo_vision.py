@@ -146,7 +146,7 @@ def test_generate_during_eval_samples_each_prompt_with_its_images(tmp_path):
     config = fast(tmp_path, max_steps=1, per_device_train_batch_size=2, eval_on_start=True)
     config["data"] = {"train": "builtin:shapes-pairs", "max_train_samples": 2, "max_eval_samples": 2}
     config["model"] = {"name_or_path": VLM}
-    config["method"] = {"generate_during_eval": True}
+    config["method"] = {"generate_during_eval": True, "max_length": 48, "max_prompt_length": 40}  # short samples
     result = alignkit.run("orpo", config, model=model, tokenizer=tokenizer)
     assert calls and all(c["pixel_values"].shape[0] == c["input_ids"].shape[0] == 2 for c in calls)
     rows = read_jsonl(result.output_dir / "completions.jsonl")
