@@ -6,13 +6,16 @@ import logging
 import torch
 
 from alignkit import hookimpl
+from alignkit.formatters.vision import VisionRows, processor_of
 
 log = logging.getLogger(__name__)
 N_PROMPTS = 4
 
 
-def sample_completions(model, tokenizer, prompts: list[list[int]], max_length: int) -> list[str]:
-    """Sample one completion per prompt (left-padded batch), decoded without the prompt.
+def sample_completions(model, tokenizer, prompts: list[list[int]], max_length: int, images: dict | None = None
+                       ) -> list[str]:
+    """Sample one completion per prompt (left-padded batch), decoded without the prompt; `images`: the prompts'
+    image inputs (a vision-language model's pixel values, alignkit.formatters.vision).
 
     Runs under a forked RNG so that turning generation on does not change the training run.
     """
@@ -26,7 +29,8 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], max_length: i
     model.eval()
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                             max_length=max(max_length, width + 1), pad_token_id=pad)
+                             max_length=max(max_length, width + 1), pad_token_id=pad,
+                             **{k: v.to(device) for k, v in (images or {}).items()})
     model.train(was_training)
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
@@ -44,8 +48,11 @@ def on_evaluate(run, step, metrics):
         return
     if not run.is_main_process:
         return
-    rows = [list(run.eval_dataset[i]["prompt_input_ids"]) for i in range(min(N_PROMPTS, len(run.eval_dataset)))]
-    completions = sample_completions(run.model, run.tokenizer, rows, run.config.method.max_length)
+    features = [run.eval_dataset[i] for i in range(min(N_PROMPTS, len(run.eval_dataset)))]
+    rows = [list(f["prompt_input_ids"]) for f in features]
+    processor = processor_of(run.tokenizer)  # a vision-language model's: each prompt's images go with it
+    completions = sample_completions(run.model, run.tokenizer, rows, run.config.method.max_length,
+                                     VisionRows(processor).collate(features) if processor is not None else None)
     prompts = run.tokenizer.batch_decode(rows, skip_special_tokens=True)
     table = [[step, p, c] for p, c in zip(prompts, completions)]
     with (run.output_dir / "completions.jsonl").open("a") as f:

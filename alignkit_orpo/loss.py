@@ -9,6 +9,7 @@ from alignkit import Loss, LossOutput, log1mexp, shifted_token_logps
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.lmhead import LMHead
 from alignkit.blocks.logps import SequenceScorer, count_weights
+from alignkit.formatters.vision import vision_inputs
 from alignkit.plugin.loss import at_least_fp32
 
 
@@ -99,7 +100,8 @@ class ORPOLoss(Loss):
         extra = {"output_router_logits": True} if self.aux_loss_coef is not None else {}
         if seq2seq:
             extra["decoder_input_ids"] = batch["decoder_input_ids"]
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                        **vision_inputs(batch), **extra)
         logits_BTV = outputs.logits
         nll_logps_BT, nll_mask_BT = shifted_token_logps(logits_BTV[:n], self._nll_targets(batch), ignore,
                                                         shift=not seq2seq)

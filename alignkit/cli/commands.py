@@ -266,6 +266,9 @@ _sampling = [
                  help="Nucleus sampling with --temperature."),
     click.option("--seed", type=int, help="Seed for sampling."),
     click.option("--system", help="A system message (chat template only)."),
+    click.option("--image", "images", multiple=True, metavar="PATH",
+                 help="A picture for a vision-language model to read with the prompt (repeatable; through the chat "
+                      "template the images go into the first user turn)."),
 ]
 
 
@@ -287,7 +290,7 @@ def _echo(text: str) -> None:
               help="Feed the prompt as plain text, or as a user message through the chat template "
                    "  [default: as the model was trained: plain text if its training data was]")
 @_sampling_options
-def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, system):
+def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, system, images):
     """Complete PROMPT with a trained model, streaming the answer; its tokens are built as the run's formatter built
     prompts (plain text for a model trained on plain text, else through the chat template if it has one).
 
@@ -295,23 +298,26 @@ def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, s
     alignkit generate --model outputs/run1 "sort: 3 1 2 ="
     alignkit generate --model outputs/run1 --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
     alignkit generate --model outputs/run1 --raw "Once upon a time"
+    alignkit generate --model outputs/sft-vlm-demo --image pics/red.png "What colour are the shapes?"
     """
     from alignkit.cli.generate import Sampling, generate, load, trained
+    from alignkit.cli.images import ImagePrompt, read_images
 
     if not prompt.strip():
         raise AlignkitError('PROMPT is empty; give the text to complete, e.g. '
                             f'alignkit generate --model {model_dir} "sort: 3 1 2 ="')
+    pictures = read_images(images)
     model, tokenizer = load(model_dir)
+    how = trained(model_dir, tokenizer)
     generate(model, tokenizer, prompt, Sampling(max_new_tokens, temperature, top_p, seed), _echo, raw=raw,
-             system=system,
-             how=trained(model_dir, tokenizer))
+             system=system, how=how, images=ImagePrompt.of(pictures, tokenizer, model_dir, how.bos_first))
     click.echo()
 
 
 @cli.command()
 @_model
 @_sampling_options
-def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
+def chat(model_dir, max_new_tokens, temperature, top_p, seed, system, images):
     """Talk to a trained model: each turn goes through its chat template with the history, answers stream.
 
     In the chat: /clear starts over, /system TEXT sets the system message, /exit or Ctrl-D quits.
@@ -319,11 +325,15 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
     \b
     alignkit chat --model outputs/run1
     alignkit chat --model outputs/run1 --temperature 0 --system "Answer briefly."
+    alignkit chat --model outputs/sft-vlm-demo --image pics/red.png
     """
     from alignkit.cli.generate import Sampling, chat, load, trained
+    from alignkit.cli.images import ImagePrompt, read_images
 
+    pictures = read_images(images)
     model, tokenizer = load(model_dir)
     how = trained(model_dir, tokenizer)
+    pictures = ImagePrompt.of(pictures, tokenizer, model_dir, how.bos_first)
 
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, line by line
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -339,7 +349,8 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system):
             except (EOFError, click.Abort):
                 return
 
-    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system, how=how)
+    chat(model, tokenizer, turns(), Sampling(max_new_tokens, temperature, top_p, seed), _echo, system=system, how=how,
+         images=pictures)
 
 
 from alignkit.cli.merge import merge  # noqa: E402 (registered after the group exists)

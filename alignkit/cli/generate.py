@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from alignkit.blocks.text import is_conversation, prompt_token_ids
+from alignkit.cli.images import ImagePrompt
 from alignkit.config import ModelConfig, resolve_env
 from alignkit.engine.modeling import load_model, load_tokenizer
 from alignkit.errors import AlignkitError, ConfigError
@@ -128,6 +129,7 @@ class Trained:
     prompt_ids: Callable[[object], list[int]]
     on_chat: bool | None = None
     data: str | None = None
+    bos_first: bool = False  # the formatter puts BOS first (the preference formatters): prompts with images too
 
 
 def trained(model_dir: str, tokenizer) -> Trained:
@@ -146,7 +148,8 @@ def trained(model_dir: str, tokenizer) -> Trained:
     except AlignkitError as e:
         log.warning("%s: cannot tell how the model was trained (%s); prompts follow the tokenizer's own rules", path, e)
         return plain
-    return Trained(formatter.prompt_ids, _conversational(cfg.data.train, cfg.data.train_split, pm), cfg.data.train)
+    return Trained(formatter.prompt_ids, _conversational(cfg.data.train, cfg.data.train_split, pm), cfg.data.train,
+                   bool(getattr(formatter, "bos_first", False)))
 
 
 def _conversational(spec: str | None, split: str, pm) -> bool | None:
@@ -171,14 +174,21 @@ class Conversation:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     render: Callable[[object], list[int]] | None = None  # Trained.prompt_ids; the tokenizer's own rules if None
+    images: ImagePrompt | None = None  # --image: in the first user turn, for the whole conversation
 
     def prompt_ids(self, user: str) -> torch.Tensor:
+        return self.inputs(user)[0]
+
+    def inputs(self, user: str) -> tuple[torch.Tensor, dict]:
+        """(prompt ids [1, T], image inputs) of the conversation after the user's new turn."""
         if self.tokenizer.chat_template is None:
             raise ConfigError("the model's tokenizer has no chat template; use `alignkit generate --raw` instead")
         self.messages.append({"role": "user", "content": user})
         head = [{"role": "system", "content": self.system}] if self.system else []
+        if self.images is not None:
+            return self.images.messages(head + self.messages)
         render = self.render or (lambda prompt: prompt_token_ids(self.tokenizer, prompt))
-        return torch.tensor([render(head + self.messages)])
+        return torch.tensor([render(head + self.messages)]), {}
 
     def reply(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
@@ -187,8 +197,10 @@ class Conversation:
         self.messages.clear()
 
 
-def stream(model, tokenizer, input_ids: torch.Tensor, sampling: Sampling, emit: Callable[[str], None]) -> str:
-    """Generate after input_ids, calling emit() with each new piece of text; return the whole completion."""
+def stream(model, tokenizer, input_ids: torch.Tensor, sampling: Sampling, emit: Callable[[str], None],
+           images: dict | None = None) -> str:
+    """Generate after input_ids (with the prompt's image inputs), calling emit() with each new piece of text; return
+    the whole completion."""
     from transformers import TextStreamer
 
     class _Emit(TextStreamer):
@@ -199,8 +211,10 @@ def stream(model, tokenizer, input_ids: torch.Tensor, sampling: Sampling, emit: 
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     input_ids = input_ids.to(model.device)
+    extra = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+             for k, v in (images or {}).items()}
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **extra,
                              streamer=_Emit(tokenizer, skip_prompt=True, skip_special_tokens=True),
                              pad_token_id=tokenizer.pad_token_id,
                              **{**sampling.kwargs(), "max_new_tokens": _room(model, input_ids.shape[1], sampling)})
@@ -225,27 +239,31 @@ def _room(model, prompt_len: int, sampling: Sampling) -> int:
 
 
 def generate(model, tokenizer, prompt: str, sampling: Sampling, emit: Callable[[str], None], raw: bool | None = None,
-             system: str | None = None, how: Trained | None = None) -> str:
+             system: str | None = None, how: Trained | None = None, images: ImagePrompt | None = None) -> str:
     """One completion of `prompt`, its ids built as the model's training built them (`how`): as plain text with
     `raw`, through the chat template without; `raw=None` follows the training data (plain text for a model trained
-    on plain text, the chat template otherwise when the tokenizer has one)."""
+    on plain text, the chat template otherwise when the tokenizer has one). `images`: --image, with the prompt."""
     how = how or Trained(lambda p: prompt_token_ids(tokenizer, p))
     if raw is None:
         raw = how.on_chat is False
     if raw or tokenizer.chat_template is None:
-        ids = torch.tensor([how.prompt_ids(prompt)])
+        ids, extra = images.raw(prompt) if images is not None else (torch.tensor([how.prompt_ids(prompt)]), {})
     else:
-        ids = Conversation(tokenizer, system, render=how.prompt_ids).prompt_ids(prompt)
-    return stream(model, tokenizer, ids, sampling, emit)
+        ids, extra = Conversation(tokenizer, system, render=how.prompt_ids, images=images).inputs(prompt)
+    return _stream(model, tokenizer, ids, extra, sampling, emit)
+
+
+def _stream(model, tokenizer, ids: torch.Tensor, images: dict, sampling: Sampling, emit) -> str:
+    return stream(model, tokenizer, ids, sampling, emit, **({"images": images} if images else {}))
 
 
 CHAT_HELP = "/clear starts over, /system TEXT sets the system message, /exit (or Ctrl-D) quits"
 
 
 def chat(model, tokenizer, lines: Iterable[str], sampling: Sampling, emit: Callable[[str], None],
-         system: str | None = None, how: Trained | None = None) -> None:
-    """The interactive loop over `lines` (the user's turns)."""
-    conversation = Conversation(tokenizer, system, render=how.prompt_ids if how else None)
+         system: str | None = None, how: Trained | None = None, images: ImagePrompt | None = None) -> None:
+    """The interactive loop over `lines` (the user's turns); `images` (--image) stay in the first user turn."""
+    conversation = Conversation(tokenizer, system, render=how.prompt_ids if how else None, images=images)
     if tokenizer.chat_template is None:
         raise ConfigError("the model's tokenizer has no chat template; use `alignkit generate --raw` instead")
     if how is not None and how.on_chat is False:
@@ -271,5 +289,5 @@ def chat(model, tokenizer, lines: Iterable[str], sampling: Sampling, emit: Calla
             emit(f"unknown command {text.split()[0]}; {CHAT_HELP}\n")
             continue
         emit("assistant: ")
-        conversation.reply(stream(model, tokenizer, conversation.prompt_ids(text), sampling, emit))
+        conversation.reply(_stream(model, tokenizer, *conversation.inputs(text), sampling, emit))
         emit("\n")

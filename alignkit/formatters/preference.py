@@ -12,6 +12,7 @@ from alignkit.blocks.text import check_messages, column, extract_prompt, given_p
 from alignkit.blocks.tokens import Encoder, pad_right, truncate_pair, with_bos, with_eos
 from alignkit.errors import DataError
 from alignkit.formatters.config import PreferenceDataConfig
+from alignkit.formatters.vision import attach_vision, check_kept, has_images, pair_tokens
 from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 __all__ = ["PreferenceDataConfig", "PreferenceFormatter"]
@@ -21,6 +22,7 @@ class PreferenceFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt)."""
 
     config_class = PreferenceDataConfig
+    reads_images = True  # conversational rows with images, as DPO's (alignkit.formatters.vision.pair_tokens)
     #: the prompt ids start with BOS (TRL's pairwise preference trainers): `alignkit generate` feeds them the same way
     bos_first = True
 
@@ -37,6 +39,7 @@ class PreferenceFormatter(DataFormatter):
         self.is_encoder_decoder = bool(config.is_encoder_decoder)
         # a huge text is never encoded whole: only the ids that truncation can keep
         self._encoder = Encoder(tokenizer, keep=config.max_length + 2)
+        attach_vision(self, tokenizer)  # a vision-language model's processor: conversational rows with images
 
     def prepare_model(self, model) -> None:
         model_config = getattr(model, "config", None)
@@ -74,6 +77,8 @@ class PreferenceFormatter(DataFormatter):
         return self._encoder.pairs([(prompt, answer)])[0]
 
     def format(self, example: dict[str, Any]) -> Formatted:
+        if has_images(example):
+            return self._with_images(example)
         if self.is_encoder_decoder:
             return self._format_seq2seq(*self.texts(example))
         result = self.format_batch([example])[0]
@@ -88,8 +93,8 @@ class PreferenceFormatter(DataFormatter):
         results: list[Formatted | Exception | tuple] = []
         for example in examples:
             try:
-                results.append(self.texts(example))
-            except DataError as e:
+                results.append(self._with_images(example) if has_images(example) else self.texts(example))
+            except (DataError, DropExample) as e:
                 results.append(e)
         texts = [t for t in results if isinstance(t, tuple)]
         ids = iter(self._encoder.pairs([(p, a) for p, c, r in texts for a in (c, r)]))
@@ -99,10 +104,25 @@ class PreferenceFormatter(DataFormatter):
                 out.append(item)
                 continue
             try:
-                out.append(self._assemble(*next(ids), *next(ids)))
+                formatted = self._assemble(*next(ids), *next(ids))
+                out.append(Formatted({**formatted.features, **self._vision.features(None)}, formatted.truncated)
+                           if self._vision is not None else formatted)
             except (DataError, DropExample) as e:
                 out.append(e)
         return out
+
+    def _with_images(self, example: dict[str, Any]) -> Formatted:
+        """A conversational row with images: the prompt with its images through the processor, each answer after it
+        (as DPO's), then this formatter's BOS/EOS and truncation; truncation must keep the prompt's image tokens."""
+        if self.is_encoder_decoder:
+            raise DataError("rows with images need a decoder-only vision-language model")
+        prompt, chosen, rejected, images = pair_tokens(self, example)
+        formatted = self._assemble(prompt, chosen, prompt, rejected)
+        if formatted.truncated:
+            f = formatted.features
+            check_kept(self._vision, [f["chosen_input_ids"], f["rejected_input_ids"]], prompt,
+                       self.config.max_length)
+        return Formatted({**formatted.features, **images}, formatted.truncated)
 
     def output_features(self):
         import datasets
@@ -110,7 +130,7 @@ class PreferenceFormatter(DataFormatter):
         ids = datasets.Sequence(datasets.Value("int64"))
         columns = ("prompt_input_ids", "chosen_labels", "rejected_labels") if self.is_encoder_decoder else \
             ("prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-        vision = getattr(self, "_vision", None)  # an EncodingFormatter's, with a vision-language model's processor
+        vision = getattr(self, "_vision", None)  # with a vision-language model's processor (attach_vision)
         return datasets.Features({**{c: ids for c in columns}, **(vision.output_features() if vision else {})})
 
     def _assemble(self, prompt_c: list[int], answer_c: list[int], prompt_r: list[int],

@@ -25,7 +25,7 @@ from alignkit.errors import DataError
 from alignkit.formatters.assistant import assistant_tokens
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import pack
-from alignkit.formatters.vision import IMAGES, VisionRows, has_images, processor_of, sequence_tokens
+from alignkit.formatters.vision import IMAGES, attach_vision, has_images, sequence_tokens
 from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 LANGUAGE_MODELING, PROMPT_COMPLETION = "language-modeling", "prompt-completion"
@@ -75,9 +75,7 @@ class EncodingFormatter(DataFormatter):
         keep = None if config.max_length is None else config.max_length + 2
         self._standard = Encoder(tokenizer, keep, add_special_tokens=True)  # the tokenizer's own BOS/EOS rules
         self._rendered = Encoder(tokenizer, keep)  # chat-template text carries its own special tokens
-        processor = processor_of(tokenizer)  # a vision-language model's: rows with images (alignkit.formatters.vision)
-        self._vision = VisionRows(processor) if processor is not None else None
-        self.image_processor = processor.image_processor.to_json_string() if processor is not None else None
+        attach_vision(self, tokenizer)  # a vision-language model's processor: rows with images
 
 
 class SequenceFormatter(EncodingFormatter):

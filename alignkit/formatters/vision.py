@@ -232,25 +232,50 @@ def sequence_tokens(fmt, example: dict[str, Any]) -> tuple[list[int], list[int],
     return prompt_ids + completion_ids, trained, features
 
 
-def pair_tokens(fmt, example: dict[str, Any]) -> tuple[list[int], list[int], list[int], dict[str, list]]:
-    """(prompt ids, chosen ids, rejected ids, image features) of a conversational preference row with images for the
-    EncodingFormatter `fmt`: the prompt rendered with its images through the processor, each answer's rendered text
-    after it encoded on its own."""
-    from alignkit.blocks.text import check_messages, column, render_split
+def attach_vision(fmt, tokenizer) -> None:
+    """Give a formatter the processor side for rows with images: `_vision` (VisionRows, None for a text-only model)
+    and `image_processor` (the image processor's settings, public so they enter the formatter's fingerprint)."""
+    processor = processor_of(tokenizer)
+    fmt._vision = VisionRows(processor) if processor is not None else None
+    fmt.image_processor = processor.image_processor.to_json_string() if processor is not None else None
+
+
+def answers_tokens(fmt, example: dict[str, Any], prompt, answers: list, needs: str
+                   ) -> tuple[list[int], list[list[int]], dict[str, list]]:
+    """(prompt ids, each answer's ids, image features) of a conversational row with images, for a formatter with
+    `_vision` (attach_vision): the prompt rendered with a generation prompt and its images through the processor,
+    each answer's rendered text after it encoded on its own (TRL 1.x's vision collators). The images belong to the
+    prompt, whatever answer follows it."""
+    from alignkit.blocks.text import check_messages, render_split
 
     vision, tokenizer = fmt._vision, fmt.tokenizer
     if vision is None:
         raise text_only_model(len(example[IMAGES]))
-    needs = "preference rows with images need 'prompt', 'chosen' and 'rejected' conversations"
-    prompt, chosen, rejected = (column(example, k, needs) for k in ("prompt", "chosen", "rejected"))
-    if any(isinstance(v, str) for v in (prompt, chosen, rejected)):
-        raise DataError("preference rows with images need conversational 'prompt', 'chosen' and 'rejected' (lists "
-                        "of messages)")
+    if any(isinstance(v, str) for v in (prompt, *answers)):
+        raise DataError(f"{needs} (lists of messages)")
     check_messages("prompt", prompt)
     images = vision.images(example)
     prompt = with_image_parts(prompt, len(images))
-    vision.check_count([prompt, chosen, rejected], len(images))
-    prompt_text, answers = render_split(tokenizer, prompt, chosen, rejected)
+    vision.check_count([prompt, *answers], len(images))
+    prompt_text, texts = render_split(tokenizer, prompt, *answers)
     prompt_ids, features = vision.encode(prompt_text, images)
-    chosen_ids, rejected_ids = (tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers)
+    return prompt_ids, [tokenizer(a, add_special_tokens=False)["input_ids"] for a in texts], features
+
+
+def check_kept(vision, kept: list[list[int]], prompt_ids: list[int], max_length: int | None) -> None:
+    """Truncation must keep every image token of the prompt in each of the row's sequences (`kept`): the processor's
+    image features stay whole."""
+    n = vision.image_tokens(prompt_ids)
+    if any(vision.image_tokens(ids) != n for ids in kept):
+        raise DataError(f"the row's image tokens do not fit in method.max_length={max_length}; raise it")
+
+
+def pair_tokens(fmt, example: dict[str, Any]) -> tuple[list[int], list[int], list[int], dict[str, list]]:
+    """(prompt ids, chosen ids, rejected ids, image features) of a conversational preference row with images
+    (answers_tokens)."""
+    from alignkit.blocks.text import column
+
+    needs = "preference rows with images need conversational 'prompt', 'chosen' and 'rejected'"
+    prompt, chosen, rejected = (column(example, k, needs) for k in ("prompt", "chosen", "rejected"))
+    prompt_ids, (chosen_ids, rejected_ids), features = answers_tokens(fmt, example, prompt, [chosen, rejected], needs)
     return prompt_ids, chosen_ids, rejected_ids, features

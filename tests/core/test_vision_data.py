@@ -11,6 +11,7 @@ from PIL import Image
 import alignkit
 from alignkit.cli.commands import cli
 from alignkit.config import ModelConfig
+from alignkit.errors import DataError
 from alignkit.formatters import SequenceFormatter
 from alignkit.formatters.config import SequenceDataConfig
 from alignkit.formatters.packing import model_inputs
@@ -200,10 +201,28 @@ def test_relative_image_paths_resolve_when_the_first_row_has_no_image(tmp_path):
 
 
 def test_rows_with_images_for_a_formatter_that_does_not_read_them_are_refused(tmp_path):
-    """A method whose formatter reads no images (here KTO's unpaired rows) would train on the text alone."""
+    """A method whose formatter reads no images (here ORPO's with a formatter that says so) would train on the text
+    alone."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import alignkit_orpo
+    from alignkit.formatters import PreferenceFormatter
+    from alignkit.testing import plugin_manager
+
+    class TextPairs(PreferenceFormatter):
+        reads_images = False
+
+    text_only = SimpleNamespace(register_methods=alignkit.registers(
+        dataclasses.replace(alignkit_orpo.METHOD, name="text-pairs", formatter=TextPairs)))
+
     write_images(tmp_path / "pics", ["red"])
-    rows = [{"images": ["pics/red.png"], "prompt": question(), "completion": answer("red"), "label": True}]
+    rows = [{"images": ["pics/red.png"], "prompt": question(), "chosen": answer("red"), "rejected": answer("blue")}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    line = refused("run", "-m", "kto", f"data.train={data}", f"model.name_or_path={VLM}",
-                   f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1", written=tmp_path / "out")
-    assert "the rows have images, and the kto method's formatter" in line and "does not read them" in line
+    with pytest.raises(DataError) as e:
+        alignkit.run("text-pairs", {"data": {"train": data}, "model": {"name_or_path": VLM},
+                                    "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1}},
+                     plugins=plugin_manager(text_only))
+    assert not (tmp_path / "out").exists()
+    assert "the rows have images, and the text-pairs method's formatter" in str(e.value)
+    assert "does not read them" in str(e.value)

@@ -13,7 +13,7 @@ from alignkit.blocks.tokens import masked_labels, truncate
 from alignkit.formatters import PreferenceFormatter
 from alignkit.formatters.config import TokenDataConfig
 from alignkit.formatters.sequence import EncodingFormatter, prompt_completion_ids
-from alignkit.formatters.vision import has_images, pair_tokens
+from alignkit.formatters.vision import check_kept, has_images, pair_tokens
 
 
 class DPODataConfig(TokenDataConfig):
@@ -66,7 +66,6 @@ class DPOFormatter(EncodingFormatter):
             features[f"{side}_labels"] = truncate(masked_labels(n, full, c.label_pad_token_id), c.max_length,
                                                   c.truncation_mode)[0]
             cut |= cut_here
-        if cut and images and any(self._vision.image_tokens(features[f"{side}_input_ids"]) !=
-                                  self._vision.image_tokens(pc) for side in ("chosen", "rejected")):
-            raise DataError(f"the row's image tokens do not fit in method.max_length={c.max_length}; raise it")
+        if cut and images:
+            check_kept(self._vision, [features["chosen_input_ids"], features["rejected_input_ids"]], pc, c.max_length)
         return Formatted({**features, **images}, cut)

@@ -21,6 +21,7 @@ from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.fusedhead import fused_row_terms
 from alignkit.blocks.lmhead import LMHead, final_hidden_states, require_head
 from alignkit.blocks.logps import TokenScorer, entropy_of
+from alignkit.formatters.vision import vision_inputs
 from alignkit_kto.pairing import kl_pairs
 
 
@@ -90,21 +91,24 @@ class KTOLoss(Loss):
 
     def stats(self, model: torch.nn.Module, batch: dict, prefix: str, details: bool = False) -> CompletionStats:
         """Completion statistics of the `{prefix}input_ids` rows: the completions (prefix "") or the KL pairs ("KL_"),
-        through the shared TokenScorer (alignkit.blocks.logps)."""
-        inputs = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+        through the shared TokenScorer (alignkit.blocks.logps); a row's images (its prompt's) go with either."""
+        inputs = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"],
+                  **vision_inputs(batch)}
         s = self.scorer(model, inputs, batch[f"{prefix}labels"], stats=vocab_mean if details else None)
         stats = CompletionStats(s.per_row(), s.select.sum(-1))
         if details:
             stats.logits_sum, stats.entropy_sum = s.per_row(s.extra[0] if s.extra else s.entropy), s.per_row(s.entropy)
         return stats
 
-    def _check(self, model, head: LMHead, ids, mask) -> None:
+    def _check(self, model, head: LMHead, ids, mask, images: dict) -> None:
         """Once per head: the split-off head reproduces the model's own logits."""
         if id(head) in self._checked:
             return
+        if not images:  # one row is enough (a batch's image inputs may not split by row)
+            ids, mask = ids[:1], mask[:1]
         with torch.no_grad():
-            out = model(input_ids=ids[:1], attention_mask=mask[:1], output_hidden_states=True, logits_to_keep=1,
-                        use_cache=False)
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1,
+                        use_cache=False, **images)
         require_head(head, out, self._checked)
 
     def reference(self, ref_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,8 +161,9 @@ class KTOLoss(Loss):
         (alignkit.blocks.fusedhead.fused_row_terms): whole rows chunk by chunk, each chunk's head gradients computed in
         the forward."""
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        self._check(model, head, ids, mask)
-        _, hidden_BTH = final_hidden_states(model, ids, mask)
+        images = vision_inputs(batch)
+        self._check(model, head, ids, mask, images)
+        _, hidden_BTH = final_hidden_states(model, ids, mask, **images)
         targets_BT = labels[:, 1:]
         select_BT = targets_BT != self.ignore
         rows_N = torch.arange(len(ids), device=ids.device)[:, None].expand_as(select_BT)[select_BT]

@@ -13,6 +13,7 @@ precomputed reference log-probs could not match them: that combination is refuse
 import torch
 
 from alignkit import DataError, pad_right
+from alignkit.formatters.vision import vision_inputs
 
 
 def rotated_pairs(batch: dict[str, torch.Tensor], ignore: int, max_length: int | None,
@@ -43,9 +44,9 @@ def rotated_pairs(batch: dict[str, torch.Tensor], ignore: int, max_length: int |
 def kl_pairs(batch: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """The batch's KL pairs under `config.kl_pairing`."""
     ignore = getattr(config, "label_pad_token_id", -100)
-    if config.kl_pairing == "batch":
-        return rotated_pairs(batch, ignore, getattr(config, "max_length", None),
-                             getattr(config, "truncation_mode", "keep_start"))
+    if config.kl_pairing == "batch":  # row i's prompt, so row i's images
+        return {**vision_inputs(batch), **rotated_pairs(batch, ignore, getattr(config, "max_length", None),
+                                                         getattr(config, "truncation_mode", "keep_start"))}
     if "KL_input_ids" not in batch:
         raise DataError("loss_type kto needs the KL mismatch pairs (KL_input_ids) that the 'unpaired-preference' "
                         "formatter makes; this formatter made none: use that formatter, or set method.kl_pairing=batch")
