@@ -298,7 +298,7 @@ def generate(model_dir, prompt, raw, max_new_tokens, temperature, top_p, seed, s
     alignkit generate --model outputs/run1 "sort: 3 1 2 ="
     alignkit generate --model outputs/run1 --temperature 0 --max-new-tokens 32 "sort: 9 4 ="
     alignkit generate --model outputs/run1 --raw "Once upon a time"
-    alignkit generate --model outputs/sft-vlm-demo --image pics/red.png "What colour are the shapes?"
+    alignkit generate --model outputs/my-vlm --image pics/red.png "What colour are the shapes?"
     """
     from alignkit.cli.generate import Sampling, generate, load, trained
     from alignkit.cli.images import ImagePrompt, read_images
@@ -325,7 +325,7 @@ def chat(model_dir, max_new_tokens, temperature, top_p, seed, system, images):
     \b
     alignkit chat --model outputs/run1
     alignkit chat --model outputs/run1 --temperature 0 --system "Answer briefly."
-    alignkit chat --model outputs/sft-vlm-demo --image pics/red.png
+    alignkit chat --model outputs/my-vlm --image pics/red.png
     """
     from alignkit.cli.generate import Sampling, chat, load, trained
     from alignkit.cli.images import ImagePrompt, read_images

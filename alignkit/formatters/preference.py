@@ -22,7 +22,7 @@ class PreferenceFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt)."""
 
     config_class = PreferenceDataConfig
-    reads_images = True  # conversational rows with images, as DPO's (alignkit.formatters.vision.pair_tokens)
+    reads_images = True  # conversational rows with images (alignkit.formatters.vision.pair_tokens)
     #: the prompt ids start with BOS (TRL's pairwise preference trainers): `alignkit generate` feeds them the same way
     bos_first = True
 
@@ -113,7 +113,8 @@ class PreferenceFormatter(DataFormatter):
 
     def _with_images(self, example: dict[str, Any]) -> Formatted:
         """A conversational row with images: the prompt with its images through the processor, each answer after it
-        (as DPO's), then this formatter's BOS/EOS and truncation; truncation must keep the prompt's image tokens."""
+        (alignkit.formatters.vision.answers_tokens), then this formatter's BOS/EOS and truncation; truncation must
+        keep the prompt's image tokens."""
         if self.is_encoder_decoder:
             raise DataError("rows with images need a decoder-only vision-language model")
         prompt, chosen, rejected, images = pair_tokens(self, example)
