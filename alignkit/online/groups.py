@@ -7,6 +7,11 @@ It reads these fields of the method's config (TRL's names): `num_generations`, `
 `mask_truncated_completions`, `num_iterations` and `max_staleness`; and its own keys (`config_class`, added to the
 method's config): `environment` (multi-turn rollouts in a registered environment, alignkit.online.multiturn),
 `environment_options`, `max_turns`.
+
+Prompt rows with images (a vision-language policy): each row's image features (alignkit.formatters.prompt_only) go
+to the generation handle with its prompt, and the rolled-out batch carries them collated for its N rows (each
+prompt's images repeated for its completions: `pixel_values`, ... as `alignkit.formatters.vision.vision_inputs` picks
+them), so the policy's, the old policy's and the reference's log-prob forwards read them (`completion_inputs`).
 """
 
 import math
@@ -16,6 +21,7 @@ import torch
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.lmhead import LMHead
 from alignkit.blocks.logps import TokenScorer
+from alignkit.formatters.vision import VISION_INPUTS
 from alignkit.online.completions import pad_rows
 from alignkit.online.environments import EnvironmentConfig, EnvironmentRegistry
 from alignkit.online.generation import mix_seed
@@ -92,9 +98,11 @@ class GroupRollout:
         if self.environment is not None:
             out = self.episodes(batch, prompts, ctx, mix_seed(*self.seed_tag, *phase))
             return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        images = image_rows(batch)
         groups = ctx.generator.generate(prompts, n=n, max_new_tokens=cfg.max_completion_length,
                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed(*self.seed_tag, *phase))
+                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed(*self.seed_tag, *phase),
+                                        **({} if images is None else {"images": images}))
         completions = [c for group in groups for c in group]
         stop = {tok.eos_token_id, tok.pad_token_id}
         truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
@@ -106,6 +114,8 @@ class GroupRollout:
                "completion_ids": completion_ids, "completion_mask": completion_mask,
                "completion_length": torch.tensor([len(c) for c in completions]), "is_truncated": truncated,
                **self.score(batch, completions)}
+        if images is not None:  # each prompt's images for each of its completions
+            out.update(ctx.generator.vision().collate([f for f in images for _ in range(n)]))
         return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
     def episodes(self, batch: dict, prompts: list[list[int]], ctx, seed: int) -> dict:
@@ -133,12 +143,21 @@ class GroupRollout:
         """Each completion's rewards (per function, and their weighted sum), the prompt row's columns passed on."""
         n = self.config.num_generations
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
+        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt", *VISION_INPUTS}
         columns = {key: [v for v in values for _ in range(n)] for key, values in batch.items() if key not in skip}
         prompts = [p for p in batch["prompt"] for _ in range(n)]
         per_func = score(self.rewards, prompts, texts, columns)
         return {"rewards": combine(per_func, self.weights[:len(self.rewards)]), "rewards_per_func": per_func,
                 "reward_names": [name for name, _ in self.rewards]}
+
+
+def image_rows(batch: dict) -> list[dict] | None:
+    """Each prompt row's image features (the prompt-only formatter's, one list per row), or None when no row has
+    images."""
+    keys = [k for k in VISION_INPUTS if k in batch]
+    if not any(v for k in keys for v in batch[k]):
+        return None
+    return [{k: batch[k][i] for k in keys} for i in range(len(batch["prompt_input_ids"]))]
 
 
 class GroupLoss(Loss):
