@@ -179,3 +179,37 @@ def test_images_with_the_vllm_backend_are_refused(tmp_path):
         line = refused("run", "--method", "grpo", f"data.train={data}", f"model.name_or_path={VLM}", key,
                        f"train.output_dir={out}", "train.max_steps=1", written=out)
         assert key.split("=")[0] in line and "images" in line and "transformers" in line
+
+
+class Fixed:
+    """A generator that answers every prompt with the given token ids and records the stop tokens it was given."""
+
+    def __init__(self, completion):
+        self.completion, self.stops = completion, []
+
+    def generate(self, prompts, n, stop_token_ids, **kw):
+        self.stops.append(stop_token_ids)
+        return [[list(self.completion)] * n for _ in prompts]
+
+    def vision(self):
+        return Generator(None, NoWrap(), self.tokenizer, seed=0).vision()
+
+
+def test_a_conversational_prompt_s_completion_ends_at_the_chat_template_s_end_of_turn():
+    """The built-in template closes a turn with <|end|>, not EOS: sampling stops there, the completion is not
+    truncated, and the reward reads the answer without it (exact-match)."""
+    cfg, method, tokenizer = grpo(num_generations=2, max_completion_length=6, reward_funcs=["exact-match"])
+    formatter = method.formatter(cfg.method, tokenizer)
+    batch = formatter.collate([formatter.format(row((255, 0, 0))).features])
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    fixed = Fixed(tokenizer("red", add_special_tokens=False)["input_ids"] + [end])
+    fixed.tokenizer = tokenizer
+    rollout = method.rollout(cfg.method, tokenizer, rewards=alignkit.online.rewards.RewardRegistry.from_plugins(
+        plugin_manager(alignkit_grpo)))
+    out = rollout(batch, Ctx(fixed))
+    assert fixed.stops == [[tokenizer.eos_token_id, end]]
+    assert out["rewards"].tolist() == [1.0, 1.0] and not out["is_truncated"].any()
+    # a standard-text prompt keeps EOS alone as its stop
+    text = formatter.collate([formatter.format({**row((255, 0, 0)), "prompt": "<image>Which colour?"}).features])
+    rollout(text, Ctx(fixed))
+    assert fixed.stops[-1] == [tokenizer.eos_token_id]
