@@ -17,7 +17,8 @@ transformers' `generate` (the seeds, eval mode and parameter gathering as for th
 Prompts with images (a vision-language policy): `images=` one entry per prompt, the row's image features as the
 prompt-only formatter made them (`pixel_values`, ... as lists; empty for a prompt without images); the transformers
 backend collates them for each batch of rows it samples, each prompt's images repeated for its `n` completions, and
-passes them to `generate` with the ids. A backend without `accepts_images` (vLLM) refuses them.
+passes them to `generate` with the ids, never sampling the processor's image token (a completion holding one would
+ask for an image the row does not have). A backend without `accepts_images` (vLLM) refuses them.
 
 The default backend is transformers' `generate`. Another backend (e.g. vLLM, `pip install alignkit[vllm]`)
 implements `GenerationBackend`: `generate(...)` with the same arguments and result, and `sync_weights(model)`,
@@ -118,8 +119,9 @@ class TransformersBackend:
         pass
 
     def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed, images=None,
-                 collate=None) -> Completions:
-        """`images`: one entry of image features per prompt (or None), collated per batch of rows by `collate`."""
+                 collate=None, suppress=()) -> Completions:
+        """`images`: one entry of image features per prompt (or None), collated per batch of rows by `collate`;
+        `suppress`: token ids never sampled."""
         policy = self.unwrap(self.model)
         was_training = policy.training
         policy.eval()
@@ -140,7 +142,7 @@ class TransformersBackend:
                     extra = {} if pictures is None else {k: v.to(device) for k, v in
                                                          collate(pictures[start:stop]).items()}
                     flat += sample(policy, rows[start:stop], seeds[start:stop], max_new_tokens, temperature, top_p,
-                                   top_k, stop_token_ids, self.pad_token_id, **extra)
+                                   top_k, stop_token_ids, self.pad_token_id, suppress=suppress, **extra)
         finally:
             policy.train(was_training)
         return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
@@ -211,7 +213,10 @@ class Generator:
         if not getattr(backend, "accepts_images", False):
             raise ConfigError(f"generation: the {type(backend).__name__} backend does not sample prompts with images; "
                               "use generation.backend=transformers")
-        return backend.generate(*args, images=images, collate=self.vision().collate)
+        processor = self.vision().processor
+        suppress = [t for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+                    if isinstance(t, int)]
+        return backend.generate(*args, images=images, collate=self.vision().collate, suppress=suppress)
 
     def vision(self):
         """The image collation of the policy's processor (alignkit.formatters.vision.VisionRows)."""

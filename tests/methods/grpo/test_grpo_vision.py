@@ -213,3 +213,25 @@ def test_a_conversational_prompt_s_completion_ends_at_the_chat_template_s_end_of
     text = formatter.collate([formatter.format({**row((255, 0, 0)), "prompt": "<image>Which colour?"}).features])
     rollout(text, Ctx(fixed))
     assert fixed.stops[-1] == [tokenizer.eos_token_id]
+
+
+def test_prompts_with_images_never_sample_the_image_token():
+    """A sampled image token would need an image the row does not have (the scoring forward fails): generation with
+    images suppresses it, even when the model favours it."""
+    cfg, method, tokenizer = grpo()
+    model = alignkit.load_model(cfg.model, tokenizer, seed=0)
+    image_id = tokenizer.processor.image_token_id
+
+    def favour(module, inputs, logits):  # the image token is now the likeliest next token
+        logits[..., image_id] += 100.0
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(favour)
+    formatter = method.formatter(cfg.method, tokenizer)
+    features = formatter.format(row((255, 0, 0))).features
+    generator = Generator(model, NoWrap(), tokenizer, seed=0)
+    text_only = generator.generate([tokenizer("Which colour?")["input_ids"]], n=4, max_new_tokens=4)
+    assert any(image_id in c for c in text_only[0])  # the boost works: without images nothing stops it
+    images = {k: features[k] for k in ("pixel_values", "pixel_attention_mask")}
+    sampled = generator.generate([features["prompt_input_ids"]], n=4, max_new_tokens=4, images=[images])
+    assert all(c and image_id not in c for c in sampled[0])
