@@ -235,3 +235,21 @@ def test_prompts_with_images_never_sample_the_image_token():
     images = {k: features[k] for k in ("pixel_values", "pixel_attention_mask")}
     sampled = generator.generate([features["prompt_input_ids"]], n=4, max_new_tokens=4, images=[images])
     assert all(c and image_id not in c for c in sampled[0])
+
+
+def test_the_grpo_vlm_demo_configs_load_and_run_two_steps(tmp_path):
+    """configs/grpo-vlm-warmup.yaml, then configs/grpo-vlm-demo.yaml from its output (2 steps each, a few rows)."""
+    from helpers import ROOT
+
+    quick = {"train.max_steps": 2, "train.disable_tqdm": True, "train.plots": False, "train.save_steps": None,
+             "train.eval_steps": None, "train.eval_on_start": False, "data.max_train_samples": 8,
+             "data.max_eval_samples": 4, "train.per_device_train_batch_size": 2, "train.per_device_eval_batch_size": 4}
+    warm = alignkit.run(None, str(ROOT / "configs" / "grpo-vlm-warmup.yaml"),
+                        **{**quick, "train.output_dir": str(tmp_path / "warm")})
+    assert warm.config.method.name == "sft" and warm.global_step == 2
+    result = alignkit.run(None, str(ROOT / "configs" / "grpo-vlm-demo.yaml"),
+                          **{**quick, "model.name_or_path": str(warm.output_dir), "method.num_generations": 2,
+                             "train.output_dir": str(tmp_path / "g"), "method.max_completion_length": 3})
+    assert result.config.method.name == "grpo" and result.config.method.reward_funcs == ["exact-match"]
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+    assert result.config.data.train == "builtin:shapes-prompts"
