@@ -253,3 +253,17 @@ def test_the_grpo_vlm_demo_configs_load_and_run_two_steps(tmp_path):
     assert result.config.method.name == "grpo" and result.config.method.reward_funcs == ["exact-match"]
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["loss"]))
     assert result.config.data.train == "builtin:shapes-prompts"
+
+
+@pytest.mark.slow  # the warm-up, then 150 GRPO steps: minutes on 2 CPU cores (benchmarks/grpo-vlm-demo.md)
+def test_the_grpo_vlm_demo_raises_the_held_out_reward(tmp_path):
+    from helpers import ROOT, read_jsonl
+
+    quiet = {"train.disable_tqdm": True, "train.plots": False, "train.save_steps": None}
+    warm = alignkit.run(None, str(ROOT / "configs" / "grpo-vlm-warmup.yaml"),
+                        **{**quiet, "train.output_dir": str(tmp_path / "warm")})
+    result = alignkit.run(None, str(ROOT / "configs" / "grpo-vlm-demo.yaml"),
+                          **{**quiet, "model.name_or_path": str(warm.output_dir),
+                             "train.output_dir": str(tmp_path / "g")})
+    evals = [r["eval_reward"] for r in read_jsonl(result.output_dir / "metrics.jsonl") if "eval_reward" in r]
+    assert len(evals) == 7 and evals[-1] - evals[0] >= 0.2, evals
