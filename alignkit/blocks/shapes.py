@@ -4,7 +4,8 @@ questions about their colour, shape and count (answers of one word or digit).
 Each 32x32 picture holds 1 to 3 shapes of one kind and one colour, each in its own 16x16 quadrant (13x13 pixels,
 nearly filling it), on a white ground. Train and test pictures come from separate random streams. Plugins build
 their rows from `questions` (e.g. prompt-completion rows, or preference pairs of a right and a wrong answer) and
-register them with the `register_datasets` hook.
+register them with the `register_datasets` hook. The core registers `builtin:shapes-pairs` (preference) and
+`builtin:shapes-prompts` (prompt-only, for online methods).
 """
 
 import random
@@ -75,3 +76,16 @@ def load_shapes_pairs(split: str):
     return datasets.Dataset.from_list([{"images": [r["image"]], "prompt": user_turn(r["question"]),
                                         "chosen": assistant_turn(r["answer"]), "rejected": assistant_turn(r["wrong"])}
                                        for r in questions(split)])
+
+
+#: the prompt-only demo data the core registers: the question about the picture, and its answer for exact-match
+SHAPES_PROMPTS = "shapes-prompts"
+
+
+def load_shapes_prompts(split: str):
+    """`builtin:shapes-prompts`: conversational prompt-only rows with an `images` column and the `answer` column
+    (the `exact-match` reward reads it)."""
+    import datasets
+
+    return datasets.Dataset.from_list([{"images": [r["image"]], "prompt": user_turn(r["question"]),
+                                        "answer": r["answer"]} for r in questions(split)])

@@ -10,11 +10,11 @@ built-in plugin (this module) under neutral names any method may use:
 | `prompt-only` | `prompt` and any other columns | `prompt_input_ids` and the row's columns |
 
 It also registers the preference methods' demo data, `builtin:sort` and `builtin:sort-chat` (alignkit.blocks.demo), and
-the vision-language preference demo data `builtin:shapes-pairs` (alignkit.blocks.shapes).
+the vision-language demo data `builtin:shapes-pairs` and `builtin:shapes-prompts` (alignkit.blocks.shapes).
 """  # noqa: E501 (a markdown table: its rows cannot wrap)
 
 from alignkit.blocks.demo import SORT_DATASETS, SORT_PROMPTS, load_sort, load_sort_prompts
-from alignkit.blocks.shapes import SHAPES_PAIRS, load_shapes_pairs
+from alignkit.blocks.shapes import SHAPES_PAIRS, SHAPES_PROMPTS, load_shapes_pairs, load_shapes_prompts
 from alignkit.formatters.config import (
     PreferenceDataConfig,
     PromptOnlyDataConfig,
@@ -57,6 +57,7 @@ def register_datasets(register):
 
     register(ARITHMETIC, load_arithmetic)
     register(SHAPES_PAIRS, load_shapes_pairs)
+    register(SHAPES_PROMPTS, load_shapes_prompts)
 
 
 __all__ = [

@@ -6,6 +6,7 @@ completion and its head only at the counted completion tokens, in chunks, never 
 import torch
 
 from alignkit.blocks.logps import TokenScorer, TokenScores
+from alignkit.formatters.vision import vision_inputs
 
 
 def pad_rows(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,11 +22,12 @@ def completion_inputs(batch: dict, ignore: int = -100) -> tuple[dict, torch.Tens
     """(model inputs, labels) of left-padded prompts + right-padded completions (`prompt_ids`, `prompt_mask`,
     `completion_ids`, `completion_mask`): the labels are the counted completion tokens, `ignore` elsewhere. The model
     attends to `completion_attention_mask` where the batch has one (multi-turn rollouts: the environment's tokens are
-    read but not counted), else to the counted tokens."""
+    read but not counted), else to the counted tokens. A vision-language model's image inputs in the batch
+    (`pixel_values`, ..., one entry per row) go with them."""
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
     attended = batch.get("completion_attention_mask", batch["completion_mask"])  # multi-turn: env tokens too
     inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], 1),
-              "attention_mask": torch.cat([batch["prompt_mask"], attended], 1)}
+              "attention_mask": torch.cat([batch["prompt_mask"], attended], 1), **vision_inputs(batch)}
     counted = completion_ids.masked_fill(~batch["completion_mask"].bool(), ignore)
     return inputs, torch.cat([torch.full_like(prompt_ids, ignore), counted], 1)
 

@@ -14,6 +14,12 @@ the policy with its adapters disabled), or a model a rollout adds itself with `a
 `generator.for_model(name)` is the same handle bound to one of them. Other models are always sampled with
 transformers' `generate` (the seeds, eval mode and parameter gathering as for the policy).
 
+Prompts with images (a vision-language policy): `images=` one entry per prompt, the row's image features as the
+prompt-only formatter made them (`pixel_values`, ... as lists; empty for a prompt without images); the transformers
+backend collates them for each batch of rows it samples, each prompt's images repeated for its `n` completions, and
+passes them to `generate` with the ids, never sampling the processor's image token (a completion holding one would
+ask for an image the row does not have). A backend without `accepts_images` (vLLM) refuses them.
+
 The default backend is transformers' `generate`. Another backend (e.g. vLLM, `pip install alignkit[vllm]`)
 implements `GenerationBackend`: `generate(...)` with the same arguments and result, and `sync_weights(model)`,
 which the engine calls after every optimizer step so that the backend samples from the current policy.
@@ -88,8 +94,20 @@ def base_named_weights(model: torch.nn.Module):
         yield name.replace("modules_to_save.default.", ""), param.data
 
 
+def check_images_backend(name: str, settings, source: str) -> None:
+    """A ConfigError when prompt rows with images would be sampled by vLLM (`name`: the rollout's generation_backend,
+    `settings`: the run's `generation` block or None): only transformers' generate reads them here."""
+    if "vllm" in (name, getattr(settings, "backend", None)):
+        key = "method.generation_backend" if name == "vllm" else "generation.backend"
+        raise ConfigError(f"{key}=vllm: {source} has rows with images, and the vLLM backend does not sample prompts "
+                          "with images here; use transformers (the default) or drop the 'images' column")
+
+
 class TransformersBackend:
     """transformers' `generate` on the policy itself (no weights to sync)."""
+
+    #: prompts with images are sampled with their image features (`generate(..., images=, collate=)`)
+    accepts_images = True
 
     def __init__(self, model: torch.nn.Module, unwrap, pad_token_id: int, adapters_off: bool = False,
                  max_batch_rows: int = 256) -> None:
@@ -100,7 +118,10 @@ class TransformersBackend:
     def sync_weights(self, model: torch.nn.Module) -> None:
         pass
 
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed) -> Completions:
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed, images=None,
+                 collate=None, suppress=()) -> Completions:
+        """`images`: one entry of image features per prompt (or None), collated per batch of rows by `collate`;
+        `suppress`: token ids never sampled."""
         policy = self.unwrap(self.model)
         was_training = policy.training
         policy.eval()
@@ -110,14 +131,18 @@ class TransformersBackend:
             seen[key] = seen.get(key, -1) + 1  # a repeated prompt gets its own samples
             rows += [ids] * n
             seeds += [mix_seed(seed, key, seen[key], j) for j in range(n)]
+        pictures = None if images is None else [f for f in images for _ in range(n)]
+        device = next(policy.parameters()).device
         try:
             with full_parameters(self.model), torch.no_grad(), \
                     (policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()):
                 flat = []
                 for start in range(0, len(rows), self.max_batch_rows):
                     stop = start + self.max_batch_rows
+                    extra = {} if pictures is None else {k: v.to(device) for k, v in
+                                                         collate(pictures[start:stop]).items()}
                     flat += sample(policy, rows[start:stop], seeds[start:stop], max_new_tokens, temperature, top_p,
-                                   top_k, stop_token_ids, self.pad_token_id)
+                                   top_k, stop_token_ids, self.pad_token_id, suppress=suppress, **extra)
         finally:
             policy.train(was_training)
         return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
@@ -134,6 +159,7 @@ class Generator:
         self.model, self.accelerator, self.tokenizer, self.seed = model, accelerator, tokenizer, seed
         self.backend = backend or TransformersBackend(model, accelerator.unwrap_model, tokenizer.pad_token_id)
         self.backends: dict[str, GenerationBackend] = {POLICY: self.backend}
+        self._vision = None  # the processor's image collation, built when prompts with images first come
 
     @property
     def models(self) -> list[str]:
@@ -174,13 +200,34 @@ class Generator:
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
-                 seed: int = 0, model: str = POLICY) -> Completions:
+                 seed: int = 0, model: str = POLICY, images: list[dict] | None = None) -> Completions:
         """`n` completions of each prompt (token ids without padding), sampled reproducibly from `seed`, from the
-        policy or the loaded model named `model` (see `models`)."""
+        policy or the loaded model named `model` (see `models`); `images`: each prompt's image features (see the
+        module's docstring)."""
         backend = self._backend(model)
         stop = list(stop_token_ids) if stop_token_ids is not None else [self.tokenizer.eos_token_id]
-        return backend.generate([list(map(int, p)) for p in prompt_ids], n, max_new_tokens, temperature, top_p,
-                                top_k, stop, mix_seed(self.seed, seed))
+        args = ([list(map(int, p)) for p in prompt_ids], n, max_new_tokens, temperature, top_p, top_k, stop,
+                mix_seed(self.seed, seed))
+        if images is None or not any(v for f in images for v in f.values()):
+            return backend.generate(*args)
+        if not getattr(backend, "accepts_images", False):
+            raise ConfigError(f"generation: the {type(backend).__name__} backend does not sample prompts with images; "
+                              "use generation.backend=transformers")
+        processor = self.vision().processor
+        suppress = [t for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+                    if isinstance(t, int)]
+        return backend.generate(*args, images=images, collate=self.vision().collate, suppress=suppress)
+
+    def vision(self):
+        """The image collation of the policy's processor (alignkit.formatters.vision.VisionRows)."""
+        if self._vision is None:
+            from alignkit.formatters.vision import VisionRows, processor_of
+
+            processor = processor_of(self.tokenizer)
+            if processor is None:
+                raise ConfigError("generation: prompts with images need a vision-language model (its processor)")
+            self._vision = VisionRows(processor)
+        return self._vision
 
     def sync_weights(self) -> None:
         """After an optimizer step: the backend samples from the updated policy."""

@@ -7,6 +7,15 @@ It reads these fields of the method's config (TRL's names): `num_generations`, `
 `mask_truncated_completions`, `num_iterations` and `max_staleness`; and its own keys (`config_class`, added to the
 method's config): `environment` (multi-turn rollouts in a registered environment, alignkit.online.multiturn),
 `environment_options`, `max_turns`.
+
+Prompt rows with images (a vision-language policy): each row's image features (alignkit.formatters.prompt_only) go
+to the generation handle with its prompt, and the rolled-out batch carries them collated for its N rows (each
+prompt's images repeated for its completions: `pixel_values`, ... as `alignkit.formatters.vision.vision_inputs` picks
+them), so the policy's, the old policy's and the reference's log-prob forwards read them (`completion_inputs`).
+
+Completions of conversational prompts end at EOS or at the chat template's end-of-turn token where that is another
+added token (the built-in template's `<|end|>`; for most chat models EOS is that token), and the rewards read the
+completion's text without its stop token.
 """
 
 import math
@@ -16,6 +25,7 @@ import torch
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.blocks.lmhead import LMHead
 from alignkit.blocks.logps import TokenScorer
+from alignkit.formatters.vision import VISION_INPUTS
 from alignkit.online.completions import pad_rows
 from alignkit.online.environments import EnvironmentConfig, EnvironmentRegistry
 from alignkit.online.generation import mix_seed
@@ -92,11 +102,13 @@ class GroupRollout:
         if self.environment is not None:
             out = self.episodes(batch, prompts, ctx, mix_seed(*self.seed_tag, *phase))
             return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        images, stops = image_rows(batch), self.stop_ids(batch)
         groups = ctx.generator.generate(prompts, n=n, max_new_tokens=cfg.max_completion_length,
                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                        stop_token_ids=[tok.eos_token_id], seed=mix_seed(*self.seed_tag, *phase))
+                                        stop_token_ids=stops, seed=mix_seed(*self.seed_tag, *phase),
+                                        **({} if images is None else {"images": images}))
         completions = [c for group in groups for c in group]
-        stop = {tok.eos_token_id, tok.pad_token_id}
+        stop = {*stops, tok.pad_token_id}
         truncated = torch.tensor([not c or c[-1] not in stop for c in completions])
         prompt_ids, prompt_mask = pad_rows(prompts, tok.pad_token_id, left=True)
         completion_ids, completion_mask = pad_rows(completions, tok.pad_token_id, left=False)
@@ -106,7 +118,18 @@ class GroupRollout:
                "completion_ids": completion_ids, "completion_mask": completion_mask,
                "completion_length": torch.tensor([len(c) for c in completions]), "is_truncated": truncated,
                **self.score(batch, completions)}
+        if images is not None:  # each prompt's images for each of its completions
+            out.update(ctx.generator.vision().collate([f for f in images for _ in range(n)]))
         return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    def stop_ids(self, batch: dict) -> list[int]:
+        """EOS, and for conversational prompts the chat template's end-of-turn token when it is another added token."""
+        eos = self.tokenizer.eos_token_id
+        if not any(isinstance(p, list) for p in batch.get("prompt", [])):
+            return [eos]
+        if not hasattr(self, "_turn_end"):
+            self._turn_end = turn_end_token(self.tokenizer)
+        return [eos] if self._turn_end in (None, eos) else [eos, self._turn_end]
 
     def episodes(self, batch: dict, prompts: list[list[int]], ctx, seed: int) -> dict:
         """Multi-turn rollouts in the configured environment (alignkit.online.multiturn): the keys of
@@ -132,13 +155,40 @@ class GroupRollout:
     def score(self, batch: dict, completions: list[list[int]]) -> dict:
         """Each completion's rewards (per function, and their weighted sum), the prompt row's columns passed on."""
         n = self.config.num_generations
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt"}
+        end = getattr(self, "_turn_end", None)
+        texts = self.tokenizer.batch_decode([c[:-1] if end is not None and c and c[-1] == end else c
+                                             for c in completions], skip_special_tokens=True)
+        skip = {"prompt_input_ids", "prompt_attention_mask", "prompt", *VISION_INPUTS}
         columns = {key: [v for v in values for _ in range(n)] for key, values in batch.items() if key not in skip}
         prompts = [p for p in batch["prompt"] for _ in range(n)]
         per_func = score(self.rewards, prompts, texts, columns)
         return {"rewards": combine(per_func, self.weights[:len(self.rewards)]), "rewards_per_func": per_func,
                 "reward_names": [name for name, _ in self.rewards]}
+
+
+def turn_end_token(tokenizer) -> int | None:
+    """The first token the chat template writes after an assistant's text when it is an added token (a whole marker
+    such as `<|end|>` or `<|im_end|>`), else None (no template, or text that only ends a turn by convention)."""
+    from alignkit.online.multiturn import PROBE
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        turn = [{"role": "user", "content": "u"}, {"role": "assistant", "content": PROBE}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # a template that refuses this probe conversation: no end-of-turn token to stop at
+        return None
+    ids = tokenizer(text[text.rindex(PROBE) + len(PROBE):], add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and ids[0] in tokenizer.added_tokens_encoder.values() else None
+
+
+def image_rows(batch: dict) -> list[dict] | None:
+    """Each prompt row's image features (the prompt-only formatter's, one list per row), or None when no row has
+    images."""
+    keys = [k for k in VISION_INPUTS if k in batch]
+    if not any(v for k in keys for v in batch[k]):
+        return None
+    return [{k: batch[k][i] for k in keys} for i in range(len(batch["prompt_input_ids"]))]
 
 
 class GroupLoss(Loss):

@@ -13,6 +13,7 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -43,11 +44,13 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 def sample(model, rows: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float, top_p: float,
-           top_k: int, stop_token_ids: list[int], pad_token_id: int) -> list[list[int]]:
+           top_k: int, stop_token_ids: list[int], pad_token_id: int, suppress=(), **model_inputs) -> list[list[int]]:
     """One completion per row of `rows` (prompt token ids), row i sampled from `seeds[i]` alone (greedy when
-    temperature is 0); each completion ends at its first stop token, included."""
+    temperature is 0); each completion ends at its first stop token, included. `suppress`: token ids never sampled
+    (a vision-language model's image token); `model_inputs` (its `pixel_values`, ... for these rows) go to `generate`
+    with the ids."""
     ids, mask = left_pad(rows, pad_token_id, next(model.parameters()).device)
-    processors = LogitsProcessorList()
+    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(list(suppress), ids.device)] if suppress else [])
     if temperature > 0:
         processors.append(TemperatureLogitsWarper(temperature))
         if top_k:
@@ -58,7 +61,7 @@ def sample(model, rows: list[list[int]], seeds: list[int], max_new_tokens: int, 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids),
                               pad_token_id=pad_token_id, use_cache=True)
     sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                               logits_processor=processors)
+                               logits_processor=processors, **model_inputs)
     return [_until_stop(row[ids.shape[1]:].tolist(), stop_token_ids) for row in sequences]
 
 

@@ -52,8 +52,8 @@ def test_dataset_names_are_unique_across_plugins():
 def test_unknown_builtin_lists_the_registered_ones():
     builtins = build_registry(plugin_manager(alignkit_orpo, ToyPlugin())).datasets
     with pytest.raises(DataError, match="unknown built-in dataset 'builtin:nope' split 'train'; choose from "
-                                        "builtin:arithmetic, builtin:shapes-pairs, builtin:sort, builtin:sort-chat, "
-                                        "builtin:sort-prompts, builtin:toy-sort"):
+                                        "builtin:arithmetic, builtin:shapes-pairs, builtin:shapes-prompts, "
+                                        "builtin:sort, builtin:sort-chat, builtin:sort-prompts, builtin:toy-sort"):
         load_data("builtin:nope", "train", builtins)
     assert len(load_data("builtin:toy-sort", "test", builtins)) == 200
 

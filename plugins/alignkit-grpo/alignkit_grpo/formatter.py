@@ -48,13 +48,22 @@ def _fingerprint(model, steps: int, extra: str = "") -> str:
 
 
 class GRPOFormatter(PromptOnlyFormatter):
-    """`prompt` rows (standard or conversational) with every other column kept for the rewards."""
+    """`prompt` rows (standard or conversational) with every other column kept for the rewards; rows with `images`
+    for a vision-language model (their pixel values go through generation and every log-prob forward)."""
+
+    reads_images = True
 
     def check_data(self, dataset, source: str, pm=None, run=None) -> None:
         """The data has every column the configured rewards read, and each reward function returns what the
-        rollout accepts (alignkit.online.rewards.check_data): refused here, before anything is written."""
+        rollout accepts (alignkit.online.rewards.check_data); rows with images are not sampled by vLLM: refused
+        here, before anything is written."""
         from alignkit import get_plugin_manager
+        from alignkit.formatters.vision import holds_images
+        from alignkit.online.generation import check_images_backend
         from alignkit.online.rewards import MODEL_PREFIX, RewardRegistry, check_data
+
+        if holds_images(dataset):
+            check_images_backend(self.config.generation_backend, getattr(run, "generation", None), source)
 
         names = [n for n in self.config.reward_funcs if not n.startswith(MODEL_PREFIX)]
         check_data(RewardRegistry.from_plugins(pm or get_plugin_manager()).select(names), dataset, source)

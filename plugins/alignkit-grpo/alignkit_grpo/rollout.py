@@ -11,6 +11,8 @@ hands the batches to the reference and the loss:
   advantages [N]; old_logps [N, C] (num_iterations > 1: the policy's log-probs at sampling time)
   rewards [N], rewards_per_func [N, F], reward_names, reward_std [N], zero_std [N],
   completion_length [N], is_truncated [N]   (for the metrics)
+  pixel_values, ... [N, ...]        with a vision-language model's prompt rows with images: each prompt's image
+                                    features for each of its completions (every log-prob forward reads them)
 """
 
 import torch
