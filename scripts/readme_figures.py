@@ -30,9 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
 METHODS = ("orpo", "dpo", "cpo", "simpo", "sft", "kto", "grpo", "rloo", "distill", "reward", "online-dpo")
-#: demos run from a shipped config rather than --method: name -> (config file, its train.output_dir); their figures
-#: are under docs/figures.json's "configs"
-CONFIG_DEMOS = {"grpo-tools": ("configs/grpo-tools-demo.yaml", "outputs/grpo-tools")}
+#: demos run from a shipped config rather than --method: name -> (config file, its train.output_dir[, the configs run
+#: first in the same folder: the demo starts from their output]); their figures are under docs/figures.json's "configs"
+CONFIG_DEMOS = {
+    "grpo-tools": ("configs/grpo-tools-demo.yaml", "outputs/grpo-tools"),
+    "sft-vlm": ("configs/sft-vlm-demo.yaml", "outputs/sft-vlm-demo"),
+    "dpo-vlm": ("configs/dpo-vlm-demo.yaml", "outputs/dpo-vlm-demo", ("configs/sft-vlm-demo.yaml",)),
+    "grpo-vlm": ("configs/grpo-vlm-demo.yaml", "outputs/grpo-vlm-demo", ("configs/grpo-vlm-warmup.yaml",)),
+}
 SUITE_COMMAND = "ruff check . && pytest -q"
 #: relative and absolute tolerance of a demo job's metrics against the file's (the same thread count and CPU give
 #: the same numbers; this leaves room for another CPU's instruction set, not for a change of the code)
@@ -43,6 +48,16 @@ def demo_command(method: str) -> list[str]:
     if method in CONFIG_DEMOS:
         return ["alignkit", "-q", "run", "-c", CONFIG_DEMOS[method][0]]
     return ["alignkit", "-q", "run", "--method", method]
+
+
+def before(method: str) -> tuple[str, ...]:
+    """The shipped configs a config demo starts from (run first, in the same folder)."""
+    return CONFIG_DEMOS[method][2] if method in CONFIG_DEMOS and len(CONFIG_DEMOS[method]) > 2 else ()
+
+
+def demo_text(method: str) -> str:
+    """The demo's command line as a user types it (the configs it starts from first)."""
+    return " && ".join([*(f"alignkit -q run -c {c}" for c in before(method)), " ".join(demo_command(method))])
 
 
 def entry(figures: dict, name: str) -> dict:
@@ -121,12 +136,17 @@ def run_demo(method: str, timed: bool) -> dict:
         if timed:
             cmd = ["/usr/bin/time", "-v", *cmd]
         start = time.time()
+        for config in before(method):  # what the demo starts from, untimed
+            first = subprocess.run([exe, "-q", "run", "-c", str(ROOT / config)], cwd=tmp, env=env, capture_output=True,
+                                   text=True)
+            if first.returncode != 0:
+                sys.exit(f"{method}: {config}: exit {first.returncode}\n{first.stderr[-3000:]}")
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{method}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
         print(f"{method}: {time.time() - start:.0f} s", file=sys.stderr)
         out = CONFIG_DEMOS[method][1] if method in CONFIG_DEMOS else f"outputs/{method}"
-        result = {"command": " ".join(demo_command(method)), "evals": eval_rows(Path(tmp) / out / "metrics.jsonl")}
+        result = {"command": demo_text(method), "evals": eval_rows(Path(tmp) / out / "metrics.jsonl")}
         if timed:
             result["timing"] = {"command": "/usr/bin/time -v " + result["command"], "machine": machine(),
                                 "note": "nothing cached", **parse_time_v(proc.stderr)}  # GRPO: warm-up included
@@ -281,6 +301,24 @@ def reward(f):
     return f"{table(f, 'reward', metrics)}\n\n{made_by(f, 'reward')} {timing(f, 'reward')}"
 
 
+#: the vision-language demos: (demo, what it trains, its held-out metric, label)
+VLM = [("sft-vlm", "SFT, 6 epochs of the shapes questions", "eval_mean_token_accuracy", "`eval_mean_token_accuracy`"),
+       ("dpo-vlm", "DPO from the SFT demo's model, 1 epoch", "eval_rewards/accuracies", "`eval_rewards/accuracies`"),
+       ("grpo-vlm", "GRPO (exact-match) after a 60-step SFT warm-up", "eval_reward", "`eval_reward` (exact-match)")]
+
+
+def vlm(f):
+    """Each vision-language demo's held-out metric at its first and last evaluation, and how it was made."""
+    lines = ["| demo | held-out metric | first eval | last eval |", "|---|---|---|---|"]
+    for name, what, key, label in VLM:
+        first, last = entry(f, name)["evals"][0], entry(f, name)["evals"][-1]
+        lines.append(f"| {what} | {label} | {first[key]:.3f} (step {first['step']}) | "
+                     f"{last[key]:.3f} (step {last['step']}) |")
+    made = "; ".join(f"`{entry(f, name)['command']}` ({entry(f, name)['date']})" for name, *_ in VLM)
+    return "\n".join(lines) + (f"\n\nMade by `python scripts/readme_figures.py sft-vlm dpo-vlm grpo-vlm` on "
+                                f"{f['machine']}, {f['threads']} threads, from {made}.")
+
+
 def suite(f):
     s = f.get("suite")
     if s is None:
@@ -292,7 +330,7 @@ def suite(f):
 #: README file -> block name -> renderer
 BLOCKS = {
     "README.md": {"orpo": pairwise("orpo"), "sft-line": sft_line, "grpo": grpo, "grpo-tools": grpo_tools,
-                  "suite": suite},
+                  "vlm": vlm, "suite": suite},
     "plugins/alignkit-dpo/README.md": {"dpo": pairwise("dpo"), "online-dpo": online_dpo},
     "plugins/alignkit-cpo/README.md": {"cpo": pairwise("cpo")},
     "plugins/alignkit-simpo/README.md": {"simpo": pairwise("simpo")},
