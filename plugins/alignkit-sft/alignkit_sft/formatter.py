@@ -1,0 +1,49 @@
+"""SFT's formatter: the core sequence formatter, plus pre-tokenized rows as TRL 1.x's SFTTrainer takes them.
+
+A row with `input_ids` is already tokenized: its `labels` are used as given; without them the labels are the ids,
+with `label_pad_token_id` where `assistant_masks` is 0 and, only with `completion_only_loss: true`, where
+`completion_mask` is 0 (TRL: a pre-tokenized row is not a prompt-completion row, so the completion mask is off by
+default). Then, as every row: truncated to `max_length` (unless packing) and dropped when no trained token is left.
+"""
+
+from typing import Any
+
+from alignkit.blocks.tokens import truncate
+from alignkit.errors import DataError
+from alignkit.formatters import SequenceFormatter
+from alignkit.plugin.formatter import DropExample, Formatted
+
+
+class SFTFormatter(SequenceFormatter):
+    """Language-modeling, prompt-completion or pre-tokenized (`input_ids`) rows -> `input_ids`, `labels`."""
+
+    def format(self, example: dict[str, Any]) -> Formatted:
+        if example.get("input_ids") is None:
+            return super().format(example)
+        c = self.config
+        ids, labels = list(example["input_ids"]), pretokenized_labels(example, c)
+        truncated = False
+        if not c.packing:
+            ids, truncated = truncate(ids, c.max_length, c.truncation_mode)
+            labels, _ = truncate(labels, c.max_length, c.truncation_mode)
+        kept = labels[1:c.max_length] if c.packing else labels[1:]
+        if all(label == c.label_pad_token_id for label in kept):
+            raise DropExample("no trained token left")
+        images = self._vision.features(None) if self._vision is not None else {}
+        return Formatted({"input_ids": ids, "labels": labels, **images}, truncated)
+
+
+def pretokenized_labels(example: dict[str, Any], config) -> list[int]:
+    """The labels of a pre-tokenized row: its own, or its ids masked by its mask columns (TRL 1.x's rule)."""
+    ids = list(example["input_ids"])
+    if example.get("labels") is not None:
+        labels = list(example["labels"])
+        if len(labels) != len(ids):
+            raise DataError(f"'labels' has {len(labels)} entries and 'input_ids' {len(ids)}; give one label per id")
+        return labels
+    names = ["assistant_masks"] + (["completion_mask"] if config.completion_only_loss else [])
+    masks = [(name, list(example[name])) for name in names if example.get(name) is not None]
+    for name, mask in masks:
+        if len(mask) != len(ids):
+            raise DataError(f"'{name}' has {len(mask)} entries and 'input_ids' {len(ids)}; give one per id")
+    return [i if all(m[k] for _, m in masks) else config.label_pad_token_id for k, i in enumerate(ids)]

@@ -1,0 +1,72 @@
+"""SFTTrainer beyond alignkit's own row shapes, as TRL 1.16's SFTTrainer takes them: pre-tokenized rows (labels
+built from their mask columns, or taken as given), datasets TRL refuses with its own message, ..."""
+
+import datasets
+import pytest
+from alignkit_trl import SFTConfig, SFTTrainer
+
+
+def trainer(tmp_path, rows, **args):
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **args)
+    return SFTTrainer("builtin:tiny", args=config, train_dataset=rows)
+
+
+def test_pretokenized_rows_get_labels_from_their_assistant_mask(tmp_path):
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4], "assistant_masks": [0, 0, 1, 1]},
+                                       {"input_ids": [5, 6, 7], "assistant_masks": [0, 1, 1]}])
+    assert trainer(tmp_path, rows).train_dataset["labels"] == [[-100, -100, 3, 4], [-100, 6, 7]]
+
+
+def test_pretokenized_rows_keep_their_own_labels(tmp_path):
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [1, -100, 3, -100],
+                                        "assistant_masks": [1, 1, 1, 1]}])
+    assert trainer(tmp_path, rows).train_dataset["labels"] == [[1, -100, 3, -100]]
+
+
+def test_pretokenized_completion_mask_applies_only_with_completion_only_loss(tmp_path):
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]}])
+    assert trainer(tmp_path / "a", rows).train_dataset["labels"] == [[1, 2, 3, 4]]
+    masked = trainer(tmp_path / "b", rows, completion_only_loss=True).train_dataset["labels"]
+    assert masked == [[-100, -100, 3, 4]]
+
+
+def test_pretokenized_rows_are_truncated_and_dropped_when_nothing_trained_is_left(tmp_path):
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4, 5], "assistant_masks": [0, 0, 0, 1, 1]},
+                                       {"input_ids": [6, 7, 8, 9], "assistant_masks": [1, 1, 1, 1]}])
+    assert trainer(tmp_path, rows, max_length=3).train_dataset["labels"] == [[6, 7, 8]]
+
+
+def test_pretokenized_rows_train(tmp_path):
+    rows = datasets.Dataset.from_list([{"input_ids": [5 + i, 6, 7, 8 + i]} for i in range(8)])
+    t = trainer(tmp_path, rows, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3)
+    before = {n: p.clone() for n, p in t.model.named_parameters()}
+    t.train()
+    assert t.state.global_step == 2
+    assert any(not p.equal(t.model.get_parameter(n)) for n, p in before.items())
+
+
+def test_a_with_transform_dataset_is_refused_with_trls_message(tmp_path):
+    rows = datasets.Dataset.from_dict({"text": ["hello world"]}).with_transform(lambda batch: batch)
+    with pytest.raises(ValueError, match=r"Dataset\.with_transform\(\).*skip_prepare_dataset.*trainer-ready"):
+        trainer(tmp_path, rows)
+
+
+def test_skip_prepare_dataset_takes_trainer_ready_rows_and_refuses_masks_without_labels(tmp_path):
+    ready = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]}] * 2)
+    t = trainer(tmp_path / "a", ready, max_length=3, dataset_kwargs={"skip_prepare_dataset": True})
+    assert t.train_dataset["labels"] == [[-100, 2, 3, 4, 5]] * 2  # TRL: no truncation when preparation is skipped
+    masks = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4], "assistant_masks": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match="mask columns but no 'labels'.*Add a 'labels' column"):
+        trainer(tmp_path / "b", masks, dataset_kwargs={"skip_prepare_dataset": True})
+    with pytest.raises(ValueError, match="skip_prepare_dataset.*input_ids"):
+        trainer(tmp_path / "c", datasets.Dataset.from_dict({"text": ["hi"]}),
+                dataset_kwargs={"skip_prepare_dataset": True})
+    assert not (tmp_path / "b" / "out").exists() and not (tmp_path / "c" / "out").exists()
+
+
+def test_padding_free_without_packing_needs_max_length_none_as_trl(tmp_path):
+    rows = datasets.Dataset.from_dict({"text": ["one two three", "four five"]})
+    with pytest.raises(ValueError, match="`max_length` is not enforced"):
+        trainer(tmp_path / "a", rows, max_length=16, padding_free=True)
+    t = trainer(tmp_path / "b", rows, max_length=16, padding_free=True, packing=True)
+    assert "position_ids" in t.train_dataset.column_names
