@@ -35,6 +35,8 @@ class TrainerFlow(Schedule):
         self._epoch_ended_at = -1
         self._eval_start: float | None = None
         self._pending = Actions()  # what the loop is carrying out now (save_strategy="best" decides after eval)
+        self._named_due = False  # several named eval sets to evaluate after this step's log row
+        self._named_running = False
 
     @property
     def args(self):
@@ -47,14 +49,28 @@ class TrainerFlow(Schedule):
     # ---- the schedule ---------------------------------------------------------------------------
 
     def _actions(self) -> Actions:
+        self._evaluate_named()  # (one left due by a log request the engine did not carry out)
         c = self.trainer.control
         act = Actions(log=c.should_log, evaluate=c.should_evaluate, checkpoint=c.should_save,
                       stop=c.should_training_stop or c.should_epoch_stop)
         c.should_log = False  # the engine logs once per request; evaluate/save are reset by their events
         if act.evaluate:
             self._eval_start = time.time()
+        if act.evaluate and self.trainer._eval_datasets is not None:
+            act.evaluate, self._named_due = False, True  # the trainer evaluates each set itself,
+            if not act.log:  # after the step's log row (Trainer's order: log, evaluate, save)
+                self._evaluate_named()
         self._pending = act
         return act
+
+    def _evaluate_named(self) -> None:
+        """Trainer's evaluation of a dict of eval sets during training: each as eval_<name>_<metric>."""
+        if self._named_due:
+            self._named_due, self._named_running = False, True
+            try:
+                self.trainer.evaluate()
+            finally:
+                self._named_running = False
 
     def at_start(self, run) -> Actions:
         self._eval_start = time.time()
@@ -110,11 +126,12 @@ class TrainerFlow(Schedule):
     @hookimpl
     def on_log(self, run, step, logs):
         self.trainer.log(dict(logs))
+        self._evaluate_named()
 
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         t = self.trainer
-        if not t.is_in_train:  # trainer.evaluate() writes its own row, with its prefix
+        if not t.is_in_train or self._named_running:  # trainer.evaluate() writes its own row, with its prefix
             return
         n = len(run.eval_dataset) if run.eval_dataset is not None else 0
         start = self._eval_start or time.time()

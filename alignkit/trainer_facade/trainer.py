@@ -78,10 +78,7 @@ class FacadeTrainer(TrainerSurface):
         _refuse_streaming_precompute(args, train_dataset, eval_dataset)
         train_dataset, eval_dataset = _finite(train_dataset), _finite(eval_dataset)
         self._eval_datasets = None
-        if isinstance(eval_dataset, dict):  # Trainer evaluates each, as eval_<name>_<metric>
-            if args.eval_strategy != "no":
-                raise ValueError(f"{name}: alignkit evaluates one eval_dataset during training; pass a single "
-                                 "datasets.Dataset, or evaluate each with trainer.evaluate() after training")
+        if isinstance(eval_dataset, dict):  # Trainer evaluates each, as eval_<name>_<metric> (TrainerFlow)
             self._eval_datasets, eval_dataset = {k: _finite(v) for k, v in eval_dataset.items()}, None
         overrides = {**args.to_alignkit(), **(overrides or {}), "train.disable_tqdm": True, "train.plots": False,
                      "train.overwrite_output_dir": True, "train.checkpoint_dir": "."}  # Trainer's output_dir layout
@@ -133,20 +130,21 @@ class FacadeTrainer(TrainerSurface):
             self.model.add_model_tags(self._tag_names)
         self.loss, self.formatter = self.engine.loss, self.engine.formatter
         self._raw = {"train": train_dataset, "eval": eval_dataset}
-        self._formatted: dict[int, tuple] = {}  # id(raw dataset) -> (raw, tokenized)
+        self._formatted: dict[tuple, tuple] = {}  # (id(raw dataset), split) -> (raw, tokenized)
 
     # ---- data -------------------------------------------------------------------------------------------
 
-    def _tokenized(self, ds):
-        """The formatted (tokenized) rows of `ds`; rows already tokenized by this trainer come back as they are."""
+    def _tokenized(self, ds, split: str = "train"):
+        """The formatted (tokenized) rows of `ds` (by the formatter of `split`: "train" or "eval"); rows already
+        tokenized by this trainer come back as they are."""
         if ds is None or (self.tokenized_column and self.tokenized_column in ds.column_names):
             return ds
         if any(tokenized is ds for _, tokenized in self._formatted.values()):
             return ds
-        if id(ds) not in self._formatted:
+        if (id(ds), split) not in self._formatted:
             label = f"dataset passed to {type(self).__name__}"
-            self._formatted[id(ds)] = (ds, prepare_dataset(ds, self.formatter, label)[0])
-        return self._formatted[id(ds)][1]
+            self._formatted[id(ds), split] = (ds, prepare_dataset(ds, self.formatter.for_split(split), label)[0])
+        return self._formatted[id(ds), split][1]
 
     def _raw_of(self, ds):
         """The raw rows behind rows this trainer tokenized (the engine formats raw rows itself)."""
@@ -162,8 +160,8 @@ class FacadeTrainer(TrainerSurface):
     @property
     def eval_dataset(self):
         if self._eval_datasets is not None:  # a dict of them: each evaluated by evaluate()
-            return self._eval_datasets
-        return self._tokenized(self._raw["eval"])
+            return {k: self._tokenized(v, "eval") for k, v in self._eval_datasets.items()}
+        return self._tokenized(self._raw["eval"], "eval")
 
     @property
     def ref_model(self):
@@ -231,7 +229,7 @@ class FacadeTrainer(TrainerSurface):
         start = time.time()
         raw = self._raw_of(eval_dataset) if eval_dataset is not None else None
         metrics = self.engine.evaluate(raw)
-        n = len(self._tokenized(raw if raw is not None else self._raw["eval"] or self._raw["train"]))
+        n = len(self._tokenized(raw if raw is not None else self._raw["eval"] or self._raw["train"], "eval"))
         if getattr(self, "compute_metrics", None) is not None:
             loop = self.evaluation_loop(self.engine.eval_batches(), "Evaluation", metric_key_prefix="eval")
             metrics.update({k: v for k, v in loop.metrics.items() if k not in metrics})

@@ -70,3 +70,30 @@ def test_padding_free_without_packing_needs_max_length_none_as_trl(tmp_path):
         trainer(tmp_path / "a", rows, max_length=16, padding_free=True)
     t = trainer(tmp_path / "b", rows, max_length=16, padding_free=True, packing=True)
     assert "position_ids" in t.train_dataset.column_names
+
+
+def test_packed_rows_carry_seq_lengths_and_eval_packing_false_leaves_eval_rows_unpacked(tmp_path):
+    rows = datasets.Dataset.from_dict({"text": ["one two three four", "five six", "seven eight nine"]})
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", packing=True, max_length=64,
+                       eval_packing=False)
+    t = SFTTrainer("builtin:tiny", args=config, train_dataset=rows, eval_dataset=rows)
+    assert len(t.train_dataset) == 1
+    (lengths,) = t.train_dataset["seq_lengths"]
+    assert sorted(lengths) == sorted(len(ids) for ids in t.eval_dataset["input_ids"])
+    assert len(t.eval_dataset) == 3 and "seq_lengths" not in t.eval_dataset.column_names
+    assert t.evaluate()["eval_loss"] > 0
+
+
+def test_several_named_eval_sets_are_each_evaluated_during_training_after_the_log_row(tmp_path):
+    rows = datasets.Dataset.from_dict({"text": [f"{w} one two three" for w in "abcdefgh"]})
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=2,
+                       per_device_train_batch_size=4, eval_strategy="steps", eval_steps=2, logging_steps=2)
+    t = SFTTrainer("builtin:tiny", args=config, train_dataset=rows,
+                   eval_dataset={"a": rows.select(range(2)), "b": rows.select(range(2, 6))})
+    assert {k: len(v) for k, v in t.eval_dataset.items()} == {"a": 2, "b": 4}
+    assert "input_ids" in t.eval_dataset["a"].column_names
+    t.train()
+    rows_at_2 = [r for r in t.state.log_history if r["step"] == 2]
+    assert ["loss" in rows_at_2[0], "eval_a_loss" in rows_at_2[1], "eval_b_loss" in rows_at_2[2]] == [True] * 3
+    assert not any("eval_loss" in r for r in t.state.log_history)
+    assert rows_at_2[1]["eval_a_loss"] != rows_at_2[2]["eval_b_loss"]

@@ -4,8 +4,12 @@ A row with `input_ids` is already tokenized: its `labels` are used as given; wit
 with `label_pad_token_id` where `assistant_masks` is 0 and, only with `completion_only_loss: true`, where
 `completion_mask` is 0 (TRL: a pre-tokenized row is not a prompt-completion row, so the completion mask is off by
 default). Then, as every row: truncated to `max_length` (unless packing) and dropped when no trained token is left.
+
+Packed rows also carry `seq_lengths` (the length of each example in the row, as TRL's packed rows); eval rows are
+packed per `eval_packing` (null: as the training rows).
 """
 
+import copy
 from typing import Any
 
 from alignkit.blocks.tokens import truncate
@@ -31,6 +35,31 @@ class SFTFormatter(SequenceFormatter):
             raise DropExample("no trained token left")
         images = self._vision.features(None) if self._vision is not None else {}
         return Formatted({"input_ids": ids, "labels": labels, **images}, truncated)
+
+    def for_split(self, split: str) -> "SFTFormatter":
+        packing = getattr(self.config, "eval_packing", None)
+        if split != "eval" or packing is None or packing == self.config.packing:
+            return self
+        other = copy.copy(self)
+        other.config = self.config.model_copy(update={"packing": packing})
+        return other
+
+    def format_batch(self, examples: list[dict[str, Any]]) -> list:
+        results = super().format_batch(examples)
+        if self.config.packing:
+            for row in (r for rows in results if isinstance(rows, list) for r in rows):
+                starts = [i for i, p in enumerate(row.features["position_ids"]) if p == 0] + [
+                    len(row.features["position_ids"])]
+                row.features["seq_lengths"] = [b - a for a, b in zip(starts, starts[1:])]
+        return results
+
+    def output_features(self):
+        import datasets
+
+        features = super().output_features()
+        if self.config.packing:
+            features["seq_lengths"] = datasets.Sequence(datasets.Value("int64"))
+        return features
 
 
 def pretokenized_labels(example: dict[str, Any], config) -> list[int]:

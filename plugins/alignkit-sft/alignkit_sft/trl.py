@@ -25,7 +25,6 @@ class SFTConfig(TrainingArgumentsBridge):
         "pad_token": "set the tokenizer's pad_token before passing it",
         "shuffle_dataset": "alignkit shuffles the rows every epoch with seed",
         "packing_strategy": "alignkit packs with its own best-fit strategy (packing=True)",
-        "eval_packing": "eval data is packed exactly when the training data is",
         "loss_type": "alignkit's SFT loss is the token NLL ('nll')",
         "router_aux_loss_coef": "MoE router auxiliary losses are not added",
     }
@@ -47,7 +46,7 @@ class SFTConfig(TrainingArgumentsBridge):
     packing_strategy: str = field(default="bfd", metadata={"help": "Refused unless 'bfd'."})
     padding_free: bool = field(default=False, metadata={"help": "Refused when True."})
     pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": "Ignored (padding only)."})
-    eval_packing: bool | None = field(default=None, metadata={"help": "Refused when set."})
+    eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval rows (None: as packing)."})
     completion_only_loss: bool | None = field(default=None, metadata={
         "help": "Train on completions only (None: on for prompt-completion rows)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "Train on assistant turns only."})
