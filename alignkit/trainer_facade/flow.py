@@ -137,6 +137,9 @@ class TrainerFlow(Schedule):
         start = self._eval_start or time.time()
         speed = speed_metrics("eval", start, num_samples=n,
                               num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
+        if getattr(t, "compute_metrics", None) is not None:  # Trainer's compute_metrics at every evaluation
+            loop = t.evaluation_loop(t.engine.eval_batches(), "Evaluation", metric_key_prefix="eval")
+            metrics = {**metrics, **{k: v for k, v in loop.metrics.items() if k not in metrics}}
         metrics = {"eval_loss": metrics["eval_loss"], **speed, **metrics}
         if self._best_metric(metrics, run) and self.args.save_strategy == "best":
             self._pending.checkpoint = True  # Trainer saves when the evaluation found a new best (carried out next)

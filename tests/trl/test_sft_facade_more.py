@@ -97,3 +97,26 @@ def test_several_named_eval_sets_are_each_evaluated_during_training_after_the_lo
     assert ["loss" in rows_at_2[0], "eval_a_loss" in rows_at_2[1], "eval_b_loss" in rows_at_2[2]] == [True] * 3
     assert not any("eval_loss" in r for r in t.state.log_history)
     assert rows_at_2[1]["eval_a_loss"] != rows_at_2[2]["eval_b_loss"]
+
+
+def test_compute_metrics_gets_the_logits_and_labels_at_every_evaluation(tmp_path):
+    rows = datasets.Dataset.from_dict({"text": [f"{w} one two three" for w in "abcdefgh"]})
+    seen = []
+
+    def compute_metrics(pred):
+        seen.append((pred.predictions.shape, pred.label_ids.shape))
+        return {"labelled": float((pred.label_ids != -100).sum())}
+
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=2,
+                       per_device_train_batch_size=4, per_device_eval_batch_size=2, eval_strategy="steps",
+                       eval_steps=1)
+    t = SFTTrainer("builtin:tiny", args=config, train_dataset=rows, eval_dataset=rows.select(range(3)),
+                   compute_metrics=compute_metrics)
+    t.train()
+    evals = [r for r in t.state.log_history if "eval_loss" in r]
+    labelled = sum(len(ids) for ids in t.eval_dataset["input_ids"])  # every token of a text row is a label
+    assert [r["eval_labelled"] for r in evals] == [labelled, labelled]
+    width = max(len(ids) for ids in t.eval_dataset["input_ids"])
+    assert seen[0] == ((3, width, t.model.config.vocab_size), (3, width))
+    t.preprocess_logits_for_metrics = lambda logits, labels: logits.argmax(-1)
+    assert t.evaluate()["eval_labelled"] == labelled and seen[-1][0] == (3, width)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import alignkit_kto
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge
+from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation, TrainingArgumentsBridge
 
 
 @dataclass
@@ -49,8 +49,10 @@ class KTOConfig(TrainingArgumentsBridge):
     ref_model_sync_steps: int = field(default=512, metadata={"help": "Refused when changed."})
 
 
-class KTOTrainer(FacadeTrainer):
+class KTOTrainer(LogitsEvaluation, FacadeTrainer):
     """TRL 1.16's KTOTrainer on alignkit's engine, KTO formatter and KTO loss."""
+
+    metric_labels = "input_ids"  # TRL's KTO prediction_step: (loss, logits, input_ids)
 
     _tag_names = ["trl", "kto"]
 
@@ -59,9 +61,8 @@ class KTOTrainer(FacadeTrainer):
                  callbacks=None, optimizers: tuple = (None, None), quantization_config=None, peft_config=None) -> None:
         self.args = self._args(args, KTOConfig, f"{self._model_name(model).split('/')[-1]}-KTO")
         self._refuse(data_collator=(data_collator, "alignkit's formatter pads and collates the rows"),
-                     compute_metrics=(compute_metrics, "alignkit reports the KTO eval metrics"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
-        self.compute_metrics = None
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, None
         self._start("kto", [alignkit_kto], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config, overrides=self._ref_model_overrides(ref_model, model))
         self.data_collator = self.formatter.collate

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import alignkit_sft
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge
+from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation, TrainingArgumentsBridge
 
 
 @dataclass
@@ -86,7 +86,7 @@ class SFTConfig(TrainingArgumentsBridge):
         return out
 
 
-class SFTTrainer(FacadeTrainer):
+class SFTTrainer(LogitsEvaluation, FacadeTrainer):
     """TRL 1.16's SFTTrainer on alignkit's engine, sequence formatter and SFT loss."""
 
     _tag_names = ["trl", "sft"]
@@ -101,16 +101,15 @@ class SFTTrainer(FacadeTrainer):
         self.args = self._args(args, SFTConfig, f"{name.split('/')[-1]}-SFT")
         self._refuse(data_collator=(data_collator, "alignkit's formatter pads and collates the rows"),
                      compute_loss_func=(compute_loss_func, "alignkit trains with the SFT loss"),
-                     compute_metrics=(compute_metrics, "alignkit reports eval_loss and mean_token_accuracy"),
                      optimizer_cls_and_kwargs=(optimizer_cls_and_kwargs, "set optim and optim_args"),
-                     preprocess_logits_for_metrics=(preprocess_logits_for_metrics, "no compute_metrics"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
         for ds in _each(train_dataset) + _each(eval_dataset):
             _check_trainer_ready(ds, self.args.skip_prepare_dataset)
         if formatting_func is not None:  # TRL turns each row into its text with it
             train_dataset = _formatted(train_dataset, formatting_func, self.args.dataset_text_field)
             eval_dataset = _formatted(eval_dataset, formatting_func, self.args.dataset_text_field)
-        self.formatting_func, self.compute_metrics = formatting_func, None
+        self.formatting_func, self.compute_metrics = formatting_func, compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self._start("sft", [alignkit_sft], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config)
         self.data_collator = self.formatter.collate

@@ -1,0 +1,29 @@
+"""KTOTrainer as TRL 1.16's KTOTrainer behaves beyond alignkit's own surface: compute_metrics, ..."""
+
+import datasets
+from alignkit_trl import KTOConfig, KTOTrainer
+
+
+def unpaired(n=8):
+    return datasets.Dataset.from_list([{"prompt": f"say {w}", "completion": f" {w} {w}", "label": i % 2 == 0}
+                                       for i, w in enumerate("abcdefghijkl"[:n])])
+
+
+def config(tmp_path, **args):
+    return KTOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **args)
+
+
+def test_compute_metrics_gets_the_logits_and_input_ids_at_every_evaluation(tmp_path):
+    seen = []
+
+    def compute_metrics(pred):
+        seen.append((pred.predictions.shape, pred.label_ids.shape))
+        return {"test": 0.5}
+
+    args = config(tmp_path, max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                  eval_strategy="steps", eval_steps=1)
+    t = KTOTrainer("builtin:tiny", args=args, train_dataset=unpaired(), eval_dataset=unpaired(4),
+                   compute_metrics=compute_metrics)
+    t.train()
+    assert [r["eval_test"] for r in t.state.log_history if "eval_loss" in r] == [0.5, 0.5]
+    assert seen[0][0][:2] == seen[0][1] and seen[0][1][0] == 4
