@@ -120,3 +120,11 @@ def test_compute_metrics_gets_the_logits_and_labels_at_every_evaluation(tmp_path
     assert seen[0] == ((3, width, t.model.config.vocab_size), (3, width))
     t.preprocess_logits_for_metrics = lambda logits, labels: logits.argmax(-1)
     assert t.evaluate()["eval_labelled"] == labelled and seen[-1][0] == (3, width)
+
+
+def test_from_value_conversations_are_read_as_chatml_messages(tmp_path):
+    chat = [{"role": "user", "content": "sort: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
+    sharegpt = [{"from": m["role"], "value": m["content"]} for m in chat]
+    t = trainer(tmp_path / "a", datasets.Dataset.from_list([{"conversations": sharegpt}] * 2))
+    expected = trainer(tmp_path / "b", datasets.Dataset.from_list([{"messages": chat}] * 2)).train_dataset
+    assert t.train_dataset["input_ids"] == expected["input_ids"] and t.train_dataset["labels"] == expected["labels"]

@@ -5,6 +5,9 @@ with `label_pad_token_id` where `assistant_masks` is 0 and, only with `completio
 `completion_mask` is 0 (TRL: a pre-tokenized row is not a prompt-completion row, so the completion mask is off by
 default). Then, as every row: truncated to `max_length` (unless packing) and dropped when no trained token is left.
 
+Conversations in the `from`/`value` style (a `conversations` column, or messages with those keys) are read as
+ChatML `messages` (`role`/`content`), as TRL's maybe_convert_to_chatml does.
+
 Packed rows also carry `seq_lengths` (the length of each example in the row, as TRL's packed rows); eval rows are
 packed per `eval_packing` (null: as the training rows).
 """
@@ -23,7 +26,7 @@ class SFTFormatter(SequenceFormatter):
 
     def format(self, example: dict[str, Any]) -> Formatted:
         if example.get("input_ids") is None:
-            return super().format(example)
+            return super().format(chatml(example))
         c = self.config
         ids, labels = list(example["input_ids"]), pretokenized_labels(example, c)
         truncated = False
@@ -76,3 +79,20 @@ def pretokenized_labels(example: dict[str, Any], config) -> list[int]:
         if len(mask) != len(ids):
             raise DataError(f"'{name}' has {len(mask)} entries and 'input_ids' {len(ids)}; give one per id")
     return [i if all(m[k] for _, m in masks) else config.label_pad_token_id for k, i in enumerate(ids)]
+
+
+def chatml(example: dict[str, Any]) -> dict[str, Any]:
+    """The row with `from`/`value` messages as `role`/`content` and a `conversations` column as `messages`."""
+    def converted(value):
+        if not isinstance(value, list) or not any(isinstance(m, dict) and ("from" in m or "value" in m)
+                                                  for m in value):
+            return value
+        return [{("role" if k == "from" else "content" if k == "value" else k): v for k, v in m.items()}
+                if isinstance(m, dict) else m for m in value]
+
+    out = {k: converted(v) if k in ("prompt", "completion", "messages", "conversations") else v
+           for k, v in example.items()}
+    if out.get("conversations") is not None:  # (TRL's rename)
+        out["messages"] = out["conversations"]
+    out.pop("conversations", None)
+    return out
