@@ -31,6 +31,7 @@ class TrainerFlow(Schedule):
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.total_loss = 0.0  # summed step losses since train() began (Trainer's train_loss numerator)
+        self._unlogged: dict[str, list[float]] = {}  # the step metrics since the last log row
         self._epoch_begun = -1
         self._epoch_ended_at = -1
         self._eval_start: float | None = None
@@ -107,6 +108,7 @@ class TrainerFlow(Schedule):
         state.is_local_process_zero = t.is_local_process_zero()
         state.is_world_process_zero = t.is_world_process_zero()
         t.state, self.total_loss, self._epoch_begun, self._epoch_ended_at = state, 0.0, -1, -1
+        self._unlogged = {}
         self._call("on_train_begin")
 
     @hookimpl
@@ -121,10 +123,14 @@ class TrainerFlow(Schedule):
         self._call("on_optimizer_step")
         state.global_step, state.epoch = step, run.epoch
         self.total_loss += metrics["loss"]
+        for key, value in metrics.items():
+            if key != "loss":
+                self._unlogged.setdefault(key, []).append(float(value))
         self._call("on_step_end")
 
     @hookimpl
     def on_log(self, run, step, logs):
+        self._unlogged = {}
         self.trainer.log(dict(logs))
         self._evaluate_named()
 
@@ -183,3 +189,9 @@ class TrainerFlow(Schedule):
         metrics["total_flos"] = float(state.total_flos)
         metrics["train_loss"] = train_loss
         return metrics
+
+    def unlogged_means(self) -> dict[str, float]:
+        """The means of the step metrics since the last log row (TRL's trainers add them to every train log row,
+        the summary row after training too); then none are left."""
+        out, self._unlogged = {k: sum(v) / len(v) for k, v in self._unlogged.items() if v}, {}
+        return out

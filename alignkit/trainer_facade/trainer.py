@@ -196,7 +196,7 @@ class FacadeTrainer(TrainerSurface):
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         metrics = self._flow.end_of_training(start, self._num_train_samples())
-        self.log(metrics)
+        self.log({**metrics, **self._flow.unlogged_means()})
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 

@@ -128,3 +128,20 @@ def test_from_value_conversations_are_read_as_chatml_messages(tmp_path):
     t = trainer(tmp_path / "a", datasets.Dataset.from_list([{"conversations": sharegpt}] * 2))
     expected = trainer(tmp_path / "b", datasets.Dataset.from_list([{"messages": chat}] * 2)).train_dataset
     assert t.train_dataset["input_ids"] == expected["input_ids"] and t.train_dataset["labels"] == expected["labels"]
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prompt_encoder"])
+def test_peft_prompt_learning_trains_its_virtual_tokens_only(tmp_path, kind):
+    from peft import PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    peft = (PromptTuningConfig if kind == "prompt_tuning" else PromptEncoderConfig)(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    rows = datasets.Dataset.from_dict({"text": [f"{w} one two three" for w in "abcdefgh"]})
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=2,
+                       per_device_train_batch_size=4, learning_rate=1e-2)
+    t = SFTTrainer("builtin:tiny", args=config, train_dataset=rows, peft_config=peft)
+    before = {n: p.clone() for n, p in t.model.named_parameters()}
+    t.train()
+    changed = {n for n, p in before.items() if not p.equal(t.model.get_parameter(n))}
+    assert changed and all("prompt_encoder" in n for n in changed)
+    assert t.state.log_history[-1]["mean_token_accuracy"] is not None
