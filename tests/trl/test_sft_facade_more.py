@@ -145,3 +145,20 @@ def test_peft_prompt_learning_trains_its_virtual_tokens_only(tmp_path, kind):
     changed = {n for n, p in before.items() if not p.equal(t.model.get_parameter(n))}
     assert changed and all("prompt_encoder" in n for n in changed)
     assert t.state.log_history[-1]["mean_token_accuracy"] is not None
+
+
+def test_dft_loss_is_the_token_nll_weighted_by_the_detached_token_probability(tmp_path):
+    import torch
+
+    rows = datasets.Dataset.from_dict({"text": ["one two three four", "five six"]})
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", loss_type="dft",
+                       per_device_eval_batch_size=2)
+    t = SFTTrainer("builtin:tiny", args=config, train_dataset=rows, eval_dataset=rows)
+    batch = t.data_collator([t.eval_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        logits = t.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None].clamp(min=0))[..., 0]
+    mask = batch["labels"][:, 1:] != -100
+    expected = (-(logps * logps.exp())[mask]).sum() / mask.sum()
+    assert t.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-3)  # (bf16 autocast)
+    assert expected.item() != pytest.approx((-logps[mask]).mean().item(), rel=1e-2)  # not the NLL

@@ -15,6 +15,9 @@ class SFTConfig(SequenceDataConfig):
         "chunked", description="chunked: the LM head runs only at trained positions, in checkpointed chunks, never "
         "holding all logits; plain: the model's full logits (for models whose head cannot be split off).")
     logits_chunk_size: int = Field(1024, gt=0, description="Token positions per LM-head chunk of the chunked path.")
+    loss_type: Literal["nll", "dft"] = Field(
+        "nll", description="nll: the token negative log-likelihood; dft: each token's NLL weighted by its (detached) "
+        "probability (Dynamic Fine-Tuning, arXiv 2508.05629), as TRL 1.x.")
     eval_packing: bool | None = Field(
         None, description="Pack the eval rows (null: as the training rows); false evaluates them unpacked.")
 

@@ -25,7 +25,6 @@ class SFTConfig(TrainingArgumentsBridge):
         "pad_token": "set the tokenizer's pad_token before passing it",
         "shuffle_dataset": "alignkit shuffles the rows every epoch with seed",
         "packing_strategy": "alignkit packs with its own best-fit strategy (packing=True)",
-        "loss_type": "alignkit's SFT loss is the token NLL ('nll')",
         "router_aux_loss_coef": "MoE router auxiliary losses are not added",
     }
 
@@ -50,7 +49,7 @@ class SFTConfig(TrainingArgumentsBridge):
     completion_only_loss: bool | None = field(default=None, metadata={
         "help": "Train on completions only (None: on for prompt-completion rows)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "Train on assistant turns only."})
-    loss_type: str = field(default="nll", metadata={"help": "Refused unless 'nll'."})
+    loss_type: str = field(default="nll", metadata={"help": "nll or dft (each token's NLL times its probability)."})
     activation_offloading: bool = field(default=False, metadata={"help": "Ignored (memory only)."})
     pad_token: str | None = field(default=None, metadata={"help": "Refused: set the tokenizer's pad_token."})
 
