@@ -196,7 +196,9 @@ class FacadeTrainer(TrainerSurface):
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         metrics = self._flow.end_of_training(start, self._num_train_samples())
-        self.log({**metrics, **self._flow.unlogged_means()})
+        unlogged = self._flow.unlogged_means()  # in the log row only, as TRL's log adds them
+        self.log(metrics := {**metrics, **unlogged})  # (log adds `epoch`, which Trainer's metrics keep)
+        metrics = {k: v for k, v in metrics.items() if k not in unlogged}
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
