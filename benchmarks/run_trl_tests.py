@@ -64,6 +64,10 @@ EXCLUSIONS: list[tuple[str, str]] = [
     (r"::test_eval_packing\b|::test_only_train_packing\b",
      "asserts the packed row count of the hub zen data with the hub tokenizer (3 rows); the offline stand-ins "
      "pack into 5 rows, with TRL's own pack_dataset too (the other assertions pass)"),
+    (r"test_(sft|kto)_trainer\.py::\w+::test_train_model_dtype\b",
+     "trains float16 weights at learning_rate 0.1, which diverges: under TRL too the gradient norm turns inf/nan by "
+     "step 6 and the weights end NaN (the test checks only that they changed); alignkit refuses a non-finite step "
+     "rather than write it into the weights (train.skip_nonfinite_steps skips such steps)"),
 ]
 NO_STANDIN = "uses a hub model or dataset without an offline stand-in here: "
 HUB_ID = re.compile(r"\"((?:trl-internal-testing|Qwen|google|meta-llama|HuggingFaceTB|kernels-community)/[\w.-]+)\"")
