@@ -29,6 +29,9 @@ class FacadeTrainer(TrainerSurface):
     _tag_names: list[str] = []
     #: TRL 1.x's trainers refuse to start without a train_dataset
     requires_train_dataset: bool = True
+    #: the summary row after training gets the means of the step metrics not logged yet (TRL 1.16's SFT and KTO
+    #: trainers' log adds them to every train row)
+    summary_has_step_metrics: bool = False
 
     def _args(self, args, config_cls: type, default_output_dir: str):
         """`args` as `config_cls` (TRL converts a plain TrainingArguments the same way); a default one when None."""
@@ -196,7 +199,7 @@ class FacadeTrainer(TrainerSurface):
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         metrics = self._flow.end_of_training(start, self._num_train_samples())
-        unlogged = self._flow.unlogged_means()  # in the log row only, as TRL's log adds them
+        unlogged = self._flow.unlogged_means() if self.summary_has_step_metrics else {}  # in the log row only
         self.log(metrics := {**metrics, **unlogged})  # (log adds `epoch`, which Trainer's metrics keep)
         metrics = {k: v for k, v in metrics.items() if k not in unlogged}
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)

@@ -55,6 +55,7 @@ class KTOTrainer(LogitsEvaluation, FacadeTrainer):
     metric_labels = "input_ids"  # TRL's KTO prediction_step: (loss, logits, input_ids)
 
     _tag_names = ["trl", "kto"]
+    summary_has_step_metrics = True
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,

@@ -89,6 +89,7 @@ class SFTTrainer(LogitsEvaluation, FacadeTrainer):
     """TRL 1.16's SFTTrainer on alignkit's engine, sequence formatter and SFT loss."""
 
     _tag_names = ["trl", "sft"]
+    summary_has_step_metrics = True
 
     def __init__(self, model, args: SFTConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None,
