@@ -162,3 +162,12 @@ def test_dft_loss_is_the_token_nll_weighted_by_the_detached_token_probability(tm
     expected = (-(logps * logps.exp())[mask]).sum() / mask.sum()
     assert t.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-3)  # (bf16 autocast)
     assert expected.item() != pytest.approx((-logps[mask]).mean().item(), rel=1e-2)  # not the NLL
+
+
+def test_wrapped_packing_concatenates_the_examples_and_cuts_every_max_length_tokens(tmp_path):
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5, 6, 7]}, {"input_ids": [8, 9]}])
+    t = trainer(tmp_path, rows, packing=True, packing_strategy="wrapped", max_length=4)
+    assert t.train_dataset["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert t.train_dataset["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3], [0]]
+    bfd = trainer(tmp_path / "b", rows, packing=True, max_length=4).train_dataset["input_ids"]
+    assert sorted(bfd) == [[1, 2, 3], [4, 5, 6, 7], [8, 9]]  # bfd keeps each example whole

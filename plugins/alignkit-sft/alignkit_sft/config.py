@@ -15,6 +15,10 @@ class SFTConfig(SequenceDataConfig):
         "chunked", description="chunked: the LM head runs only at trained positions, in checkpointed chunks, never "
         "holding all logits; plain: the model's full logits (for models whose head cannot be split off).")
     logits_chunk_size: int = Field(1024, gt=0, description="Token positions per LM-head chunk of the chunked path.")
+    packing_strategy: Literal["bfd", "wrapped"] = Field(
+        "bfd", description="bfd: whole examples packed best-fit decreasing (each cut to max_length), attention within "
+        "each; wrapped: the examples of each preprocessing batch concatenated and cut every max_length tokens, "
+        "attention across the whole row (TRL's wrapped).")
     loss_type: Literal["nll", "dft"] = Field(
         "nll", description="nll: the token negative log-likelihood; dft: each token's NLL weighted by its (detached) "
         "probability (Dynamic Fine-Tuning, arXiv 2508.05629), as TRL 1.x.")

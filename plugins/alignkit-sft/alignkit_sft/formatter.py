@@ -9,7 +9,8 @@ Conversations in the `from`/`value` style (a `conversations` column, or messages
 ChatML `messages` (`role`/`content`), as TRL's maybe_convert_to_chatml does.
 
 Packed rows also carry `seq_lengths` (the length of each example in the row, as TRL's packed rows); eval rows are
-packed per `eval_packing` (null: as the training rows).
+packed per `eval_packing` (null: as the training rows). With `packing_strategy: wrapped` the examples of each
+preprocessing batch are concatenated and cut every `max_length` tokens (one sequence per row, TRL's "wrapped").
 """
 
 import copy
@@ -18,7 +19,7 @@ from typing import Any
 from alignkit.blocks.tokens import truncate
 from alignkit.errors import DataError
 from alignkit.formatters import SequenceFormatter
-from alignkit.plugin.formatter import DropExample, Formatted
+from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 
 class SFTFormatter(SequenceFormatter):
@@ -48,7 +49,10 @@ class SFTFormatter(SequenceFormatter):
         return other
 
     def format_batch(self, examples: list[dict[str, Any]]) -> list:
-        results = super().format_batch(examples)
+        if self.config.packing and getattr(self.config, "packing_strategy", "bfd") == "wrapped":
+            results = wrapped(DataFormatter.format_batch(self, examples), self.config.max_length)
+        else:
+            results = super().format_batch(examples)
         if self.config.packing:
             for row in (r for rows in results if isinstance(rows, list) for r in rows):
                 starts = [i for i, p in enumerate(row.features["position_ids"]) if p == 0] + [
@@ -95,4 +99,20 @@ def chatml(example: dict[str, Any]) -> dict[str, Any]:
     if out.get("conversations") is not None:  # (TRL's rename)
         out["messages"] = out["conversations"]
     out.pop("conversations", None)
+    return out
+
+
+def wrapped(results: list, max_length: int) -> list:
+    """TRL's wrapped packing: the formatted examples' ids and labels concatenated in order and cut every
+    `max_length` tokens, each row one sequence (position ids 0..n-1); held by the first formatted row's slot."""
+    formatted = [(i, r) for i, r in enumerate(results) if isinstance(r, Formatted)]
+    if not formatted:
+        return results
+    ids = [t for _, r in formatted for t in r.features["input_ids"]]
+    labels = [t for _, r in formatted for t in r.features["labels"]]
+    cuts = [slice(k, k + max_length) for k in range(0, len(ids), max_length)]
+    rows = [Formatted({"input_ids": ids[c], "labels": labels[c], "position_ids": list(range(len(ids[c])))})
+            for c in cuts]
+    out = [r if not isinstance(r, Formatted) else [] for r in results]
+    out[formatted[0][0]] = rows
     return out

@@ -24,7 +24,6 @@ class SFTConfig(TrainingArgumentsBridge):
         "eos_token": "set the tokenizer's eos_token before passing it",
         "pad_token": "set the tokenizer's pad_token before passing it",
         "shuffle_dataset": "alignkit shuffles the rows every epoch with seed",
-        "packing_strategy": "alignkit packs with its own best-fit strategy (packing=True)",
         "router_aux_loss_coef": "MoE router auxiliary losses are not added",
     }
 
@@ -42,7 +41,7 @@ class SFTConfig(TrainingArgumentsBridge):
     truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end."})
     shuffle_dataset: bool = field(default=False, metadata={"help": "Refused when True."})
     packing: bool = field(default=False, metadata={"help": "Pack rows into max_length sequences."})
-    packing_strategy: str = field(default="bfd", metadata={"help": "Refused unless 'bfd'."})
+    packing_strategy: str = field(default="bfd", metadata={"help": "bfd or wrapped (bfd_split refused)."})
     padding_free: bool = field(default=False, metadata={"help": "Refused when True."})
     pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": "Ignored (padding only)."})
     eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval rows (None: as packing)."})
@@ -53,7 +52,8 @@ class SFTConfig(TrainingArgumentsBridge):
     activation_offloading: bool = field(default=False, metadata={"help": "Ignored (memory only)."})
     pad_token: str | None = field(default=None, metadata={"help": "Refused: set the tokenizer's pad_token."})
 
-    method_keys: ClassVar[dict[str, Any]] = {"dataset_kwargs": lambda v: {}, "padding_free": lambda v: {}}
+    method_keys: ClassVar[dict[str, Any]] = {"dataset_kwargs": lambda v: {}, "padding_free": lambda v: {},
+                                             "packing_strategy": lambda v: _packing_strategy(v)}
 
     def __post_init__(self) -> None:
         if self.loss_type == "chunked_nll":  # TRL's deprecated spelling of the same loss
@@ -117,6 +117,15 @@ class SFTTrainer(LogitsEvaluation, FacadeTrainer):
 
 def _formatted(ds, fn: Callable, column: str):
     return None if ds is None else ds.map(lambda row: {column: fn(row)})
+
+
+def _packing_strategy(value: str) -> dict[str, Any]:
+    if value == "bfd-requeue":  # TRL's deprecated name of bfd_split
+        value = "bfd_split"
+    if value not in ("bfd", "wrapped"):
+        raise ValueError(f"SFTConfig.packing_strategy={value!r} is not supported by alignkit and would change the "
+                         "result: alignkit packs with 'bfd' (an over-long example is cut) or 'wrapped'")
+    return {"method.packing_strategy": value}
 
 
 def _each(ds) -> list:
