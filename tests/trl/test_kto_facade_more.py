@@ -27,3 +27,17 @@ def test_compute_metrics_gets_the_logits_and_input_ids_at_every_evaluation(tmp_p
     t.train()
     assert [r["eval_test"] for r in t.state.log_history if "eval_loss" in r] == [0.5, 0.5]
     assert seen[0][0][:2] == seen[0][1] and seen[0][1][0] == 4
+
+
+def test_sync_ref_model_mixes_the_policy_into_the_reference_every_k_steps(tmp_path):
+    import torch
+
+    args = config(tmp_path, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, sync_ref_model=True,
+                  ref_model_sync_steps=2, ref_model_mixup_alpha=0.25)
+    t = KTOTrainer("builtin:tiny", args=args, train_dataset=unpaired())
+    start = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    ref = dict(t.ref_model.named_parameters())
+    for name, p in t.model.named_parameters():
+        torch.testing.assert_close(ref[name], 0.25 * p.detach() + 0.75 * start[name])
+    assert any(not p.equal(start[n]) for n, p in t.model.named_parameters())

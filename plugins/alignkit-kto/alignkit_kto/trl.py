@@ -21,9 +21,6 @@ class KTOConfig(TrainingArgumentsBridge):
     unsupported: ClassVar[dict[str, str]] = {
         "precompute_ref_batch_size": "the reference is precomputed with per_device_eval_batch_size",
         "router_aux_loss_coef": "MoE router auxiliary losses are not added",
-        "sync_ref_model": "alignkit's KTO keeps the reference frozen",
-        "ref_model_mixup_alpha": "alignkit's KTO keeps the reference frozen",
-        "ref_model_sync_steps": "alignkit's KTO keeps the reference frozen",
     }
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
@@ -44,9 +41,9 @@ class KTOConfig(TrainingArgumentsBridge):
     desirable_weight: float = field(default=1.0, metadata={"help": "Weight of the desirable examples' losses."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of the undesirable examples' losses."})
     activation_offloading: bool = field(default=False, metadata={"help": "Ignored (memory only)."})
-    sync_ref_model: bool = field(default=False, metadata={"help": "Refused when True."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "Refused when changed."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "Refused when changed."})
+    sync_ref_model: bool = field(default=False, metadata={"help": "Mix the policy into the reference (TR-KTO)."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "Mixing weight of the policy."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference syncs."})
 
 
 class KTOTrainer(LogitsEvaluation, FacadeTrainer):
