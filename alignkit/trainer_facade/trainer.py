@@ -223,6 +223,9 @@ class FacadeTrainer(TrainerSurface):
         """The engine's eval metrics (plus compute_metrics), with Trainer's runtime fields; logged as a row. A dict
         of datasets: each evaluated, its metrics prefixed `eval_<name>_`, as Trainer does."""
         _refuse_streaming_precompute(self.args, eval_dataset)
+        given = [self._raw["eval"], *(self._eval_datasets or {}).values()]  # (their reference: computed up front)
+        if eval_dataset is not None and not any(eval_dataset is ds for ds in given):
+            self._refuse_late_precompute()
         eval_dataset = _finite(eval_dataset)
         if eval_dataset is None and self._eval_datasets is not None:
             eval_dataset = self._eval_datasets
@@ -246,6 +249,18 @@ class FacadeTrainer(TrainerSurface):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
+
+    def _refuse_late_precompute(self) -> None:
+        """TRL: with precompute_ref_log_probs and no ref_model (full fine-tuning) the reference is the model before
+        training; once a step has run, a new dataset's reference log-probs cannot be computed."""
+        if (getattr(self.args, "precompute_ref_log_probs", False) and not self.config.model.ref_name_or_path
+                and not hasattr(self.model, "disable_adapter") and self.state.global_step > 0):
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started, "
+                "because `precompute_ref_log_probs=True` and no `ref_model` was provided (full fine-tuning). In this "
+                "setup the reference model is not kept in memory, so it is only available before training. Provide "
+                "this dataset as `eval_dataset` at initialization, pass an explicit `ref_model`, or set "
+                "`precompute_ref_log_probs=False`.")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Model (or adapter), tokenizer, model card and training_args.bin in output_dir; pushed when push_to_hub."""

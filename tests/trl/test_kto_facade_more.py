@@ -41,3 +41,14 @@ def test_sync_ref_model_mixes_the_policy_into_the_reference_every_k_steps(tmp_pa
     for name, p in t.model.named_parameters():
         torch.testing.assert_close(ref[name], 0.25 * p.detach() + 0.75 * start[name])
     assert any(not p.equal(start[n]) for n, p in t.model.named_parameters())
+
+
+def test_evaluating_a_new_dataset_after_training_with_a_precomputed_reference_is_refused_as_trl(tmp_path):
+    import pytest
+
+    args = config(tmp_path, max_steps=1, per_device_train_batch_size=4, precompute_ref_log_probs=True)
+    t = KTOTrainer("builtin:tiny", args=args, train_dataset=unpaired())
+    assert t.evaluate(eval_dataset=unpaired(4))["eval_loss"] is not None  # before training: the model is the reference
+    t.train()
+    with pytest.raises(ValueError, match="Cannot compute reference log-probs for a dataset passed to `evaluate"):
+        t.evaluate(eval_dataset=unpaired(4))
