@@ -146,8 +146,14 @@ class FacadeTrainer(TrainerSurface):
             return ds
         if (id(ds), split) not in self._formatted:
             label = f"dataset passed to {type(self).__name__}"
-            self._formatted[id(ds), split] = (ds, prepare_dataset(ds, self.formatter.for_split(split), label)[0])
+            formatted = prepare_dataset(ds, self.formatter.for_split(split), label)[0]
+            self._formatted[id(ds), split] = (ds, self._trl_view(formatted))
         return self._formatted[id(ds), split][1]
+
+    def _trl_view(self, formatted):
+        """The formatted rows as the trainer's train_dataset / eval_dataset show them: as they are by default; a
+        trainer may add the columns TRL's own prepared rows have (the engine formats the raw rows itself)."""
+        return formatted
 
     def _raw_of(self, ds):
         """The raw rows behind rows this trainer tokenized (the engine formats raw rows itself)."""

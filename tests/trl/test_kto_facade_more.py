@@ -52,3 +52,19 @@ def test_evaluating_a_new_dataset_after_training_with_a_precomputed_reference_is
     t.train()
     with pytest.raises(ValueError, match="Cannot compute reference log-probs for a dataset passed to `evaluate"):
         t.evaluate(eval_dataset=unpaired(4))
+
+
+def test_tokenized_rows_show_trls_prompt_and_completion_ids_and_the_collator_trls_masks(tmp_path):
+    rows = datasets.Dataset.from_dict({"prompt": ["Hi", "a very long prompt that fills the whole budget alone"],
+                                       "completion": [" there", " yes"], "label": [True, False]})
+    t = KTOTrainer("builtin:tiny", args=config(tmp_path, max_length=6), train_dataset=rows, eval_dataset={"a": rows})
+    tok = t.processing_class
+    assert len(t.train_dataset) == 1  # the long prompt leaves no completion token: dropped
+    row = t.train_dataset[0]
+    assert row["prompt_ids"] == tok("Hi")["input_ids"]
+    assert tok.decode(row["completion_ids"]) == " there" + tok.eos_token
+    assert "prompt_ids" in t.eval_dataset["a"].column_names
+    batch = t.data_collator([row])
+    assert batch["input_ids"][0].tolist() == row["prompt_ids"] + row["completion_ids"]
+    assert batch["completion_mask"][0].tolist() == [0] * len(row["prompt_ids"]) + [1] * len(row["completion_ids"])
+    assert "KL_completion_mask" in batch

@@ -63,4 +63,24 @@ class KTOTrainer(LogitsEvaluation, FacadeTrainer):
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, None
         self._start("kto", [alignkit_kto], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config, overrides=self._ref_model_overrides(ref_model, model))
-        self.data_collator = self.formatter.collate
+        self.data_collator = self._collate
+
+    def _trl_view(self, formatted):
+        """TRL 1.16's prepared KTO rows have `prompt_ids` and `completion_ids`: the prompt's ids and the completion's
+        (the trained positions; alignkit's completion ends with the EOS token)."""
+        ignore = self.config.method.label_pad_token_id
+
+        def ids(row):
+            return {"prompt_ids": row["prompt_input_ids"],
+                    "completion_ids": [i for i, t in zip(row["completion_input_ids"], row["completion_labels"])
+                                       if t != ignore]}
+
+        return formatted.map(ids, desc="TRL's prompt_ids / completion_ids")
+
+    def _collate(self, features: list[dict]) -> dict:
+        """The formatter's batch plus TRL's `completion_mask` / `KL_completion_mask` (1 on the completion)."""
+        batch = self.formatter.collate(features)
+        for prefix in ("", "KL_"):
+            batch[f"{prefix}completion_mask"] = (batch[f"{prefix}labels"] != self.config.method.label_pad_token_id
+                                                 ).long()
+        return batch
