@@ -13,6 +13,7 @@ LOCATIONS = {
     **dict.fromkeys(("GRPOConfig", "GRPOTrainer"), "alignkit_grpo.trl"),
     **dict.fromkeys(("RLOOConfig", "RLOOTrainer"), "alignkit_rloo.trl"),
     **dict.fromkeys(("RewardConfig", "RewardTrainer"), "alignkit_reward.trl"),
+    **dict.fromkeys(("GKDConfig", "GKDTrainer"), "alignkit_distill.trl"),
     **dict.fromkeys(("ORPOConfig", "ORPOTrainer"), "alignkit_orpo"),
     **dict.fromkeys(("ScriptArguments", "ModelConfig", "DatasetConfig", "DatasetMixtureConfig", "TrlParser",
                      "get_dataset", "get_peft_config", "get_quantization_config", "get_kbit_device_map"),
