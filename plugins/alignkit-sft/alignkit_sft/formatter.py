@@ -16,10 +16,9 @@ preprocessing batch are concatenated and cut every `max_length` tokens (one sequ
 import copy
 from typing import Any
 
+from alignkit import DataError, DataFormatter, DropExample, Formatted
 from alignkit.blocks.tokens import truncate
-from alignkit.errors import DataError
 from alignkit.formatters import SequenceFormatter
-from alignkit.plugin.formatter import DataFormatter, DropExample, Formatted
 
 
 class SFTFormatter(SequenceFormatter):
