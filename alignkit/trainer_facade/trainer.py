@@ -97,6 +97,7 @@ class FacadeTrainer(TrainerSurface):
                                           plugins=get_plugin_manager(load_entrypoints=False, plugins=list(plugins)))
         if processing_class is None:
             processing_class = load_tokenizer(self.config.model)
+        _refuse_images_for_a_text_model(train_dataset, processing_class)
         if isinstance(model, str):  # loaded as alignkit loads it (the method's model kind, model_init_kwargs)
             model = load_model(self.config.model, processing_class, self.config.train.seed,
                                kind=method.model_kind, num_labels=method.num_labels)
@@ -297,6 +298,21 @@ class FacadeTrainer(TrainerSurface):
 
     def end(self) -> None:
         """transformers >= 5.18's Trainer.end: finish the trackers (the engine closes its own after train())."""
+
+
+def _refuse_images_for_a_text_model(train_dataset, processing_class) -> None:
+    """TRL's refusal, before any work: rows with images (`image` / `images`) need a vision-language model (whose
+    processing class is a processor)."""
+    from alignkit.formatters.vision import processor_of
+
+    if train_dataset is None or processor_of(processing_class) is not None or hasattr(processing_class,
+                                                                                     "image_processor"):
+        return
+    first = next(iter(train_dataset), {})
+    if first.get("image") is not None or first.get("images") is not None:
+        raise ValueError("The dataset appears to be vision-related (contains 'image' or 'images' keys), but the "
+                         "provided model does not seem to be a vision-language model. Please check your model and "
+                         "dataset.")
 
 
 def _refuse_streaming_precompute(args, *datasets_given) -> None:

@@ -171,3 +171,14 @@ def test_wrapped_packing_concatenates_the_examples_and_cuts_every_max_length_tok
     assert t.train_dataset["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3], [0]]
     bfd = trainer(tmp_path / "b", rows, packing=True, max_length=4).train_dataset["input_ids"]
     assert sorted(bfd) == [[1, 2, 3], [4, 5, 6, 7], [8, 9]]  # bfd keeps each example whole
+
+
+def test_rows_with_images_for_a_text_model_are_refused_with_trls_message_before_anything_is_written(tmp_path):
+    from PIL import Image
+
+    rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "what is it?"},
+                                                     {"role": "assistant", "content": "blue"}],
+                                        "images": [Image.new("RGB", (8, 8), (0, 0, 255))]}])
+    with pytest.raises(ValueError, match="vision-related.*vision-language model"):
+        trainer(tmp_path, rows)
+    assert not (tmp_path / "out").exists()
