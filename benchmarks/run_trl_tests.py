@@ -238,15 +238,17 @@ def internal_imports(text: str) -> tuple[str, set[str]]:
 
 
 def test_sources(text: str) -> dict[str, tuple[str, str]]:
-    """test function name -> (its class name, its source with decorators)."""
+    """test function name -> (its class name, its source with decorators, its class's decorators first)."""
     tree, lines = ast.parse(text), text.splitlines()
     out = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):
+            markers = [lines[d.lineno - 1] for d in node.decorator_list]  # the class's (e.g. require_torch_accelerator)
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name.startswith("test"):
                     start = min([d.lineno for d in item.decorator_list] + [item.lineno])
-                    out[f"{node.name}::{item.name}"] = (node.name, "\n".join(lines[start - 1:item.end_lineno]))
+                    body = lines[start - 1:item.end_lineno]
+                    out[f"{node.name}::{item.name}"] = (node.name, "\n".join(markers + body))
         elif isinstance(node, ast.Module):
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name.startswith("test"):
