@@ -314,13 +314,13 @@ class TokenScorer:
         labels_BT = labels[:, 1:]
         select_BT = labels_BT != self.ignore
         targets_N = labels_BT[select_BT]
-        head = self.head_of(model)
-        if head is None:
-            return self._plain(model(**inputs, use_cache=False).logits[:, :-1], select_BT, targets_N, term, stats,
+        head, T = self.head_of(model), labels.shape[1]
+        if head is None:  # (the last T positions: a PEFT prompt-learning model puts its virtual tokens first)
+            return self._plain(model(**inputs, use_cache=False).logits[:, -T:-1], select_BT, targets_N, term, stats,
                                distribution)
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         require_head(head, outputs, self._checked)
-        hidden_NH = outputs.hidden_states[-1][:, :-1][select_BT]
+        hidden_NH = outputs.hidden_states[-1][:, -T:-1][select_BT]
         entropy_stats = _with_entropy(stats)
         if term is not None or not (torch.is_grad_enabled() and hidden_NH.requires_grad):
             total, logps_N, extra = fused_token_terms(head, hidden_NH, targets_N, self.chunk_size, term, entropy_stats,

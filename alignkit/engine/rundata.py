@@ -54,7 +54,7 @@ class RunData:
             raw = ds
             ds = ds.select(range(min(limit, len(ds)))) if limit else ds
             with self.accelerator.main_process_first():
-                out[split], report = prepare(ds, self.formatter, f"{split} data ({source})", self.pm,
+                out[split], report = prepare(ds, self.formatter.for_split(split), f"{split} data ({source})", self.pm,
                                              self.config)
             self._formatted[split] = (raw, out[split])
             self.reports[split] = report

@@ -91,6 +91,12 @@ class DataFormatter(ABC):
         plugins' parts (e.g. the columns a reward reads) or other sections (the batch size); raise a DataError
         naming `source` or a ConfigError naming the key. Default: nothing."""
 
+    def for_split(self, split: str) -> "DataFormatter":
+        """The formatter that formats the `split` ("train" or "eval") rows: this one by default; a formatter whose
+        config formats eval rows otherwise (e.g. unpacked) returns a copy set up for them. Its collate must take
+        both splits' examples."""
+        return self
+
     def format_batch(self, examples: list[dict[str, Any]]) -> list["Formatted | list[Formatted] | Exception"]:
         """`format` over many rows, in order: one result per row, a Formatted, a list of them, or the
         DropExample/DataError it raised. An empty list means the row's content is carried by another row's

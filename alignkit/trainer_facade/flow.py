@@ -31,10 +31,13 @@ class TrainerFlow(Schedule):
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.total_loss = 0.0  # summed step losses since train() began (Trainer's train_loss numerator)
+        self._unlogged: dict[str, list[float]] = {}  # the step metrics since the last log row
         self._epoch_begun = -1
         self._epoch_ended_at = -1
         self._eval_start: float | None = None
         self._pending = Actions()  # what the loop is carrying out now (save_strategy="best" decides after eval)
+        self._named_due = False  # several named eval sets to evaluate after this step's log row
+        self._named_running = False
 
     @property
     def args(self):
@@ -47,14 +50,28 @@ class TrainerFlow(Schedule):
     # ---- the schedule ---------------------------------------------------------------------------
 
     def _actions(self) -> Actions:
+        self._evaluate_named()  # (one left due by a log request the engine did not carry out)
         c = self.trainer.control
         act = Actions(log=c.should_log, evaluate=c.should_evaluate, checkpoint=c.should_save,
                       stop=c.should_training_stop or c.should_epoch_stop)
         c.should_log = False  # the engine logs once per request; evaluate/save are reset by their events
         if act.evaluate:
             self._eval_start = time.time()
+        if act.evaluate and self.trainer._eval_datasets is not None:
+            act.evaluate, self._named_due = False, True  # the trainer evaluates each set itself,
+            if not act.log:  # after the step's log row (Trainer's order: log, evaluate, save)
+                self._evaluate_named()
         self._pending = act
         return act
+
+    def _evaluate_named(self) -> None:
+        """Trainer's evaluation of a dict of eval sets during training: each as eval_<name>_<metric>."""
+        if self._named_due:
+            self._named_due, self._named_running = False, True
+            try:
+                self.trainer.evaluate()
+            finally:
+                self._named_running = False
 
     def at_start(self, run) -> Actions:
         self._eval_start = time.time()
@@ -91,6 +108,7 @@ class TrainerFlow(Schedule):
         state.is_local_process_zero = t.is_local_process_zero()
         state.is_world_process_zero = t.is_world_process_zero()
         t.state, self.total_loss, self._epoch_begun, self._epoch_ended_at = state, 0.0, -1, -1
+        self._unlogged = {}
         self._call("on_train_begin")
 
     @hookimpl
@@ -105,21 +123,29 @@ class TrainerFlow(Schedule):
         self._call("on_optimizer_step")
         state.global_step, state.epoch = step, run.epoch
         self.total_loss += metrics["loss"]
+        for key, value in metrics.items():
+            if key != "loss":
+                self._unlogged.setdefault(key, []).append(float(value))
         self._call("on_step_end")
 
     @hookimpl
     def on_log(self, run, step, logs):
+        self._unlogged = {}
         self.trainer.log(dict(logs))
+        self._evaluate_named()
 
     @hookimpl
     def on_evaluate(self, run, step, metrics):
         t = self.trainer
-        if not t.is_in_train:  # trainer.evaluate() writes its own row, with its prefix
+        if not t.is_in_train or self._named_running:  # trainer.evaluate() writes its own row, with its prefix
             return
         n = len(run.eval_dataset) if run.eval_dataset is not None else 0
         start = self._eval_start or time.time()
         speed = speed_metrics("eval", start, num_samples=n,
                               num_steps=math.ceil(n / self.args.per_device_eval_batch_size))
+        if getattr(t, "compute_metrics", None) is not None:  # Trainer's compute_metrics at every evaluation
+            loop = t.evaluation_loop(t.engine.eval_batches(), "Evaluation", metric_key_prefix="eval")
+            metrics = {**metrics, **{k: v for k, v in loop.metrics.items() if k not in metrics}}
         metrics = {"eval_loss": metrics["eval_loss"], **speed, **metrics}
         if self._best_metric(metrics, run) and self.args.save_strategy == "best":
             self._pending.checkpoint = True  # Trainer saves when the evaluation found a new best (carried out next)
@@ -163,3 +189,9 @@ class TrainerFlow(Schedule):
         metrics["total_flos"] = float(state.total_flos)
         metrics["train_loss"] = train_loss
         return metrics
+
+    def unlogged_means(self) -> dict[str, float]:
+        """The means of the step metrics since the last log row (TRL's trainers add them to every train log row,
+        the summary row after training too); then none are left."""
+        out, self._unlogged = {k: sum(v) / len(v) for k, v in self._unlogged.items() if v}, {}
+        return out

@@ -94,7 +94,7 @@ class TrainerSurface:
                           collate_fn=self.engine.collate_fn, generator=torch.Generator().manual_seed(self.args.seed))
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        ds = self._tokenized(eval_dataset) if eval_dataset is not None else self.eval_dataset
+        ds = self._tokenized(eval_dataset, "eval") if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError(f"{type(self).__name__}.get_eval_dataloader: no eval_dataset was given to the trainer "
                              "or here")

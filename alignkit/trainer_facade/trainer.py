@@ -29,6 +29,9 @@ class FacadeTrainer(TrainerSurface):
     _tag_names: list[str] = []
     #: TRL 1.x's trainers refuse to start without a train_dataset
     requires_train_dataset: bool = True
+    #: the summary row after training gets the means of the step metrics not logged yet (TRL 1.16's SFT and KTO
+    #: trainers' log adds them to every train row)
+    summary_has_step_metrics: bool = False
 
     def _args(self, args, config_cls: type, default_output_dir: str):
         """`args` as `config_cls` (TRL converts a plain TrainingArguments the same way); a default one when None."""
@@ -78,10 +81,7 @@ class FacadeTrainer(TrainerSurface):
         _refuse_streaming_precompute(args, train_dataset, eval_dataset)
         train_dataset, eval_dataset = _finite(train_dataset), _finite(eval_dataset)
         self._eval_datasets = None
-        if isinstance(eval_dataset, dict):  # Trainer evaluates each, as eval_<name>_<metric>
-            if args.eval_strategy != "no":
-                raise ValueError(f"{name}: alignkit evaluates one eval_dataset during training; pass a single "
-                                 "datasets.Dataset, or evaluate each with trainer.evaluate() after training")
+        if isinstance(eval_dataset, dict):  # Trainer evaluates each, as eval_<name>_<metric> (TrainerFlow)
             self._eval_datasets, eval_dataset = {k: _finite(v) for k, v in eval_dataset.items()}, None
         overrides = {**args.to_alignkit(), **(overrides or {}), "train.disable_tqdm": True, "train.plots": False,
                      "train.overwrite_output_dir": True, "train.checkpoint_dir": "."}  # Trainer's output_dir layout
@@ -97,6 +97,7 @@ class FacadeTrainer(TrainerSurface):
                                           plugins=get_plugin_manager(load_entrypoints=False, plugins=list(plugins)))
         if processing_class is None:
             processing_class = load_tokenizer(self.config.model)
+        _refuse_images_for_a_text_model(train_dataset, processing_class)
         if isinstance(model, str):  # loaded as alignkit loads it (the method's model kind, model_init_kwargs)
             model = load_model(self.config.model, processing_class, self.config.train.seed,
                                kind=method.model_kind, num_labels=method.num_labels)
@@ -133,20 +134,27 @@ class FacadeTrainer(TrainerSurface):
             self.model.add_model_tags(self._tag_names)
         self.loss, self.formatter = self.engine.loss, self.engine.formatter
         self._raw = {"train": train_dataset, "eval": eval_dataset}
-        self._formatted: dict[int, tuple] = {}  # id(raw dataset) -> (raw, tokenized)
+        self._formatted: dict[tuple, tuple] = {}  # (id(raw dataset), split) -> (raw, tokenized)
 
     # ---- data -------------------------------------------------------------------------------------------
 
-    def _tokenized(self, ds):
-        """The formatted (tokenized) rows of `ds`; rows already tokenized by this trainer come back as they are."""
+    def _tokenized(self, ds, split: str = "train"):
+        """The formatted (tokenized) rows of `ds` (by the formatter of `split`: "train" or "eval"); rows already
+        tokenized by this trainer come back as they are."""
         if ds is None or (self.tokenized_column and self.tokenized_column in ds.column_names):
             return ds
         if any(tokenized is ds for _, tokenized in self._formatted.values()):
             return ds
-        if id(ds) not in self._formatted:
+        if (id(ds), split) not in self._formatted:
             label = f"dataset passed to {type(self).__name__}"
-            self._formatted[id(ds)] = (ds, prepare_dataset(ds, self.formatter, label)[0])
-        return self._formatted[id(ds)][1]
+            formatted = prepare_dataset(ds, self.formatter.for_split(split), label)[0]
+            self._formatted[id(ds), split] = (ds, self._trl_view(formatted))
+        return self._formatted[id(ds), split][1]
+
+    def _trl_view(self, formatted):
+        """The formatted rows as the trainer's train_dataset / eval_dataset show them: as they are by default; a
+        trainer may add the columns TRL's own prepared rows have (the engine formats the raw rows itself)."""
+        return formatted
 
     def _raw_of(self, ds):
         """The raw rows behind rows this trainer tokenized (the engine formats raw rows itself)."""
@@ -162,8 +170,8 @@ class FacadeTrainer(TrainerSurface):
     @property
     def eval_dataset(self):
         if self._eval_datasets is not None:  # a dict of them: each evaluated by evaluate()
-            return self._eval_datasets
-        return self._tokenized(self._raw["eval"])
+            return {k: self._tokenized(v, "eval") for k, v in self._eval_datasets.items()}
+        return self._tokenized(self._raw["eval"], "eval")
 
     @property
     def ref_model(self):
@@ -198,7 +206,9 @@ class FacadeTrainer(TrainerSurface):
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         metrics = self._flow.end_of_training(start, self._num_train_samples())
-        self.log(metrics)
+        unlogged = self._flow.unlogged_means() if self.summary_has_step_metrics else {}  # in the log row only
+        self.log(metrics := {**metrics, **unlogged})  # (log adds `epoch`, which Trainer's metrics keep)
+        metrics = {k: v for k, v in metrics.items() if k not in unlogged}
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
@@ -220,6 +230,9 @@ class FacadeTrainer(TrainerSurface):
         """The engine's eval metrics (plus compute_metrics), with Trainer's runtime fields; logged as a row. A dict
         of datasets: each evaluated, its metrics prefixed `eval_<name>_`, as Trainer does."""
         _refuse_streaming_precompute(self.args, eval_dataset)
+        given = [self._raw["eval"], *(self._eval_datasets or {}).values()]  # (their reference: computed up front)
+        if eval_dataset is not None and not any(eval_dataset is ds for ds in given):
+            self._refuse_late_precompute()
         eval_dataset = _finite(eval_dataset)
         if eval_dataset is None and self._eval_datasets is not None:
             eval_dataset = self._eval_datasets
@@ -231,7 +244,7 @@ class FacadeTrainer(TrainerSurface):
         start = time.time()
         raw = self._raw_of(eval_dataset) if eval_dataset is not None else None
         metrics = self.engine.evaluate(raw)
-        n = len(self._tokenized(raw if raw is not None else self._raw["eval"] or self._raw["train"]))
+        n = len(self._tokenized(raw if raw is not None else self._raw["eval"] or self._raw["train"], "eval"))
         if getattr(self, "compute_metrics", None) is not None:
             loop = self.evaluation_loop(self.engine.eval_batches(), "Evaluation", metric_key_prefix="eval")
             metrics.update({k: v for k, v in loop.metrics.items() if k not in metrics})
@@ -243,6 +256,18 @@ class FacadeTrainer(TrainerSurface):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
+
+    def _refuse_late_precompute(self) -> None:
+        """TRL: with precompute_ref_log_probs and no ref_model (full fine-tuning) the reference is the model before
+        training; once a step has run, a new dataset's reference log-probs cannot be computed."""
+        if (getattr(self.args, "precompute_ref_log_probs", False) and not self.config.model.ref_name_or_path
+                and not hasattr(self.model, "disable_adapter") and self.state.global_step > 0):
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started, "
+                "because `precompute_ref_log_probs=True` and no `ref_model` was provided (full fine-tuning). In this "
+                "setup the reference model is not kept in memory, so it is only available before training. Provide "
+                "this dataset as `eval_dataset` at initialization, pass an explicit `ref_model`, or set "
+                "`precompute_ref_log_probs=False`.")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Model (or adapter), tokenizer, model card and training_args.bin in output_dir; pushed when push_to_hub."""
@@ -273,6 +298,21 @@ class FacadeTrainer(TrainerSurface):
 
     def end(self) -> None:
         """transformers >= 5.18's Trainer.end: finish the trackers (the engine closes its own after train())."""
+
+
+def _refuse_images_for_a_text_model(train_dataset, processing_class) -> None:
+    """TRL's refusal, before any work: rows with images (`image` / `images`) need a vision-language model (whose
+    processing class is a processor)."""
+    from alignkit.formatters.vision import processor_of
+
+    if train_dataset is None or processor_of(processing_class) is not None or hasattr(processing_class,
+                                                                                     "image_processor"):
+        return
+    first = next(iter(train_dataset), {})
+    if first.get("image") is not None or first.get("images") is not None:
+        raise ValueError("The dataset appears to be vision-related (contains 'image' or 'images' keys), but the "
+                         "provided model does not seem to be a vision-language model. Please check your model and "
+                         "dataset.")
 
 
 def _refuse_streaming_precompute(args, *datasets_given) -> None:

@@ -46,7 +46,7 @@ def sft_rows():
 
 @pytest.mark.parametrize(("field", "value", "reason"), [
     ("neftune_noise_alpha", 5.0, "NEFTune is not supported"),
-    ("packing_strategy", "wrapped", "best-fit"),
+    ("packing_strategy", "bfd_split", "bfd.*wrapped"),
     ("data_seed", 3, "alignkit shuffles with seed"),
 ])
 def test_a_field_alignkit_cannot_honour_is_refused_before_anything_is_written(tmp_path, field, value, reason):

@@ -1,97 +1,69 @@
-"""TRL 1.16's distillation trainers on alignkit's engine and its `distill` method (`from alignkit_trl import ...`):
-GKDConfig / GKDTrainer (trl.experimental.gkd) and DistillationConfig / DistillationTrainer (trl's stable one:
-on-policy from prompts, the divergence at the sampling temperature).
+"""TRL 1.16's distillation trainers on alignkit's distill method (`from alignkit_trl import ...`): GKDConfig /
+GKDTrainer (trl.experimental.gkd) and DistillationConfig / DistillationTrainer (trl's stable one: on-policy from
+prompts, the divergence at the sampling temperature).
 
-GKDConfig has TRL 1.16's fields and defaults: transformers.TrainingArguments, the SFTConfig fields GKDConfig
-inherits, and GKD's own (temperature, lmbda, beta, max_new_tokens, seq_kd, teacher_model_name_or_path, ...). Each maps
-to alignkit's `distill` method (the same names), is ignored with a warning where that cannot change the weights, or
-is refused with the reason. The teacher is the reference model (`model.ref_name_or_path`). Imported on first use
-only (alignkit_trl's lazy names), never by `alignkit run`.
+GKDConfig is TRL's: SFTConfig plus temperature, lmbda, beta, max_new_tokens, teacher_model_name_or_path,
+teacher_model_init_kwargs, disable_dropout and seq_kd, with TRL's defaults; the teacher is alignkit's
+`model.ref_name_or_path`. TRL's GKD reads conversations (`messages`): the last message is the completion, the ones
+before it the prompt; prompt-completion rows are taken as they are. Imported on first use only.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from alignkit_sft.trl import SFTConfig
+
 import alignkit_distill
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge
+from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation
 from alignkit.trainer_facade.args import table_config
 from alignkit.trainer_facade.online import ONLINE_IGNORED, ONLINE_ROWS, ONLINE_UNSUPPORTED
 
-_PADDING = "Ignored (padding only)."
+
+def _sft_default_only(name: str, default: Any) -> Callable:
+    def check(value):
+        if value != default:
+            raise ValueError(f"GKDConfig.{name}={value!r} is not supported by alignkit and would change the result: "
+                             "the distill method has no such setting")
+        return {}
+    return check
 
 
 @dataclass
-class GKDConfig(TrainingArgumentsBridge):
-    """TRL 1.16's GKDConfig: learning_rate 2e-5 (SFTConfig's), temperature 0.9, lmbda 0.5, beta 0.5, max_new_tokens
-    128, max_length 1024, seq_kd off, ..."""
+class GKDConfig(SFTConfig):
+    """TRL 1.16's GKDConfig (trl.experimental.gkd): SFTConfig's fields and defaults plus GKD's."""
 
     method_plugin: ClassVar = alignkit_distill
-    unsupported: ClassVar[dict[str, str]] = {
-        "chat_template_path": "set the tokenizer's chat template (tokenizer.chat_template) before passing it",
-        "dataset_kwargs": "alignkit formats the rows itself; pass the rows in the shape you want",
-        "eos_token": "set the tokenizer's eos_token before passing it",
-        "pad_token": "set the tokenizer's pad_token before passing it",
-        "shuffle_dataset": "alignkit shuffles the rows every epoch with seed",
-        "packing": "distillation samples per prompt and cannot pack rows",
-        "packing_strategy": "distillation does not pack rows",
-        "padding_free": "alignkit pads each batch",
-        "eval_packing": "distillation does not pack rows",
-        "loss_type": "distillation's loss is the generalized JSD (beta)",
-        "router_aux_loss_coef": "MoE router auxiliary losses are not added",
-        "completion_only_loss": "distillation trains the completion only (the prompt is what both models sample "
-                                "from)",
-        "teacher_model_init_kwargs": "load the teacher yourself and pass it as teacher_model",
-    }
-    #: the teacher named in the config is the reference model (GKDTrainer's teacher_model takes precedence)
     method_keys: ClassVar[dict[str, Any]] = {
+        **SFTConfig.method_keys, "packing_strategy": _sft_default_only("packing_strategy", "bfd"),
         "teacher_model_name_or_path": lambda v: {"model.ref_name_or_path": v} if v else {}}
+    unsupported: ClassVar[dict[str, str]] = {
+        **SFTConfig.unsupported,
+        "teacher_model_init_kwargs": "the teacher is loaded as the student is (model_init_kwargs); pass a loaded "
+                                     "teacher_model to load it otherwise"}
 
-    learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
-    model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Model loading kwargs."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model repository."})
-    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "Refused (MoE auxiliary loss)."})
-    chat_template_path: str | None = field(default=None, metadata={"help": "Refused: set the tokenizer's template."})
-    dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of LM rows."})
-    dataset_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Refused."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
-    eos_token: str | None = field(default=None, metadata={"help": "Refused: set the tokenizer's eos_token."})
-    max_length: int | None = field(default=1024, metadata={"help": "Maximum tokens per row (truncated beyond)."})
-    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end."})
-    shuffle_dataset: bool = field(default=False, metadata={"help": "Refused when True."})
-    packing: bool = field(default=False, metadata={"help": "Refused when True."})
-    packing_strategy: str = field(default="bfd", metadata={"help": "Refused when changed."})
-    padding_free: bool = field(default=False, metadata={"help": "Refused when True."})
-    pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": _PADDING})
-    eval_packing: bool | None = field(default=None, metadata={"help": "Refused when set."})
-    completion_only_loss: bool | None = field(default=None, metadata={"help": "Refused when False."})
-    assistant_only_loss: bool = field(default=False, metadata={"help": "Train on assistant turns only."})
-    loss_type: str = field(default="nll", metadata={"help": "Refused when changed."})
-    activation_offloading: bool = field(default=False, metadata={"help": "Ignored (memory only)."})
-    pad_token: str | None = field(default=None, metadata={"help": "Refused: set the tokenizer's pad_token."})
-    # ---- GKD's own fields ----
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of generated completions."})
     lmbda: float = field(default=0.5, metadata={"help": "Fraction of steps on the student's own samples."})
-    beta: float = field(default=0.5, metadata={"help": "Generalized JSD interpolation: 0 forward KL, 1 reverse KL."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Longest generated completion."})
-    teacher_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "The teacher's name or folder, when GKDTrainer is given no teacher_model."})
+    beta: float = field(default=0.5, metadata={"help": "Generalized JSD interpolation (0: KL, 1: reverse KL)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled completion."})
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher's name or folder."})
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Refused."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the student to 0."})
-    seq_kd: bool = field(default=False, metadata={"help": "Off-policy steps train on the teacher's samples."})
+    seq_kd: bool = field(default=False, metadata={"help": "Off-policy steps on the teacher's samples."})
 
     def __post_init__(self) -> None:
-        for name in ("lmbda", "beta"):  # TRL's own checks, in its words
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in the range [0.0, 1.0].")
         super().__post_init__()
+        if self.lmbda < 0.0 or self.lmbda > 1.0:
+            raise ValueError("lmbda must be in the range [0.0, 1.0].")
+        if self.beta < 0.0 or self.beta > 1.0:
+            raise ValueError("beta must be in the range [0.0, 1.0].")
 
 
-class GKDTrainer(FacadeTrainer):
-    """TRL 1.16's GKDTrainer on alignkit's engine and its `distill` method: the teacher (`teacher_model`, a model
-    loaded with from_pretrained or a name) is the reference model."""
+class GKDTrainer(LogitsEvaluation, FacadeTrainer):
+    """TRL 1.16's GKDTrainer on alignkit's engine and its distill method (the teacher is the reference model)."""
 
     _tag_names = ["trl", "gkd"]
+    summary_has_step_metrics = True
 
     def __init__(self, model=None, teacher_model=None, args: GKDConfig | None = None,
                  data_collator: Callable | None = None, train_dataset=None, eval_dataset=None, processing_class=None,
@@ -100,19 +72,30 @@ class GKDTrainer(FacadeTrainer):
                  formatting_func: Callable | None = None) -> None:
         self.args = self._args(args, GKDConfig, f"{self._model_name(model).split('/')[-1]}-GKD")
         self._refuse(data_collator=(data_collator, "alignkit's formatter pads and collates the rows"),
-                     compute_metrics=(compute_metrics, "alignkit reports the distillation eval metrics"),
-                     preprocess_logits_for_metrics=(preprocess_logits_for_metrics, "alignkit reports the "
-                                                    "distillation eval metrics"),
-                     formatting_func=(formatting_func, "pass rows with prompt/completion or messages columns"))
-        teacher_model = teacher_model if teacher_model is not None else self.args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError("GKDTrainer needs `teacher_model` (a model loaded with from_pretrained, or its name) or "
-                             "GKDConfig.teacher_model_name_or_path")
-        self.compute_metrics = None
-        self._start("distill", [alignkit_distill], model, self.args, train_dataset, eval_dataset, processing_class,
-                    None, callbacks, optimizers, peft_config,
-                    overrides=_teacher("GKDTrainer", teacher_model, model))
+                     formatting_func=(formatting_func, "pass conversations ('messages') or prompt-completion rows"))
+        if teacher_model is None and not self.args.teacher_model_name_or_path:
+            raise ValueError("GKDTrainer needs a teacher: pass teacher_model (a model loaded with from_pretrained, "
+                             "or its name or folder) or set GKDConfig.teacher_model_name_or_path")
+        overrides = self._ref_model_overrides(teacher_model, model) if teacher_model is not None else {}
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
+        self._start("distill", [alignkit_distill], model, self.args, _prompt_completion(train_dataset),
+                    _prompt_completion(eval_dataset), processing_class, None, callbacks, optimizers, peft_config,
+                    overrides=overrides)
         self.data_collator = self.formatter.collate
+
+    @property
+    def teacher_model(self):
+        return self.ref_model
+
+
+def _prompt_completion(ds):
+    """TRL's GKD rows (`messages`: the last message is the completion) as prompt-completion rows."""
+    if isinstance(ds, dict):
+        return {k: _prompt_completion(v) for k, v in ds.items()}
+    if ds is None or "messages" not in (ds.column_names or []):
+        return ds
+    return ds.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+                  remove_columns=["messages"])
 
 
 # ---- TRL 1.16's stable DistillationTrainer: on-policy distillation from prompts ---------------------------------

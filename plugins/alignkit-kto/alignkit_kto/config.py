@@ -25,6 +25,11 @@ class KTOConfig(MethodConfig):
         "fixed", description="KL mismatch pairs: fixed at preprocessing by the formatter (each prompt with another "
         "example's completion); batch: each row's prompt with the previous row's completion in the same micro-batch "
         "(the batch's own completions; cannot be precomputed).")
+    sync_ref_model: bool = Field(False, description="TR-KTO (as TRL's sync_ref_model): mix the policy into the "
+                                 "reference every ref_model_sync_steps steps.")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="reference <- alpha * policy + (1 - alpha) * "
+                                         "reference at each sync.")
+    ref_model_sync_steps: int = Field(512, gt=0, description="Optimizer steps between reference syncs.")
     disable_dropout: bool = Field(True, description="Set p=0 on every Dropout module of the model.")
     loss_implementation: Literal["chunked", "plain"] = Field(
         "chunked", description="chunked: the LM head runs only at completion positions, in checkpointed chunks, never "
@@ -43,4 +48,7 @@ class KTOConfig(MethodConfig):
                 "method.precompute_ref_log_probs=true needs method.kl_pairing=fixed: with kl_pairing=batch the KL "
                 "pairs "
                 "depend on how examples are batched, so reference log-probs computed before training cannot match them")
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ValueError("method.sync_ref_model updates the reference during training: it cannot be "
+                             "precomputed; set method.precompute_ref_log_probs=false")
         return self

@@ -67,6 +67,8 @@ class KTOLoss(Loss):
         super().__init__(config)
         self.scorer = TokenScorer.from_config(config)  # completion log-probs of any model (its head found once)
         self._checked: set[int] = set()
+        if config.sync_ref_model:  # the engine mixes the policy into the reference every k steps
+            self.reference_sync = (config.ref_model_sync_steps, config.ref_model_mixup_alpha)
 
     @property
     def precompute_reference(self) -> bool:

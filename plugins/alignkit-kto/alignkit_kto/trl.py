@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import alignkit_kto
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge
+from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation, TrainingArgumentsBridge
 
 
 @dataclass
@@ -21,9 +21,6 @@ class KTOConfig(TrainingArgumentsBridge):
     unsupported: ClassVar[dict[str, str]] = {
         "precompute_ref_batch_size": "the reference is precomputed with per_device_eval_batch_size",
         "router_aux_loss_coef": "MoE router auxiliary losses are not added",
-        "sync_ref_model": "alignkit's KTO keeps the reference frozen",
-        "ref_model_mixup_alpha": "alignkit's KTO keeps the reference frozen",
-        "ref_model_sync_steps": "alignkit's KTO keeps the reference frozen",
     }
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
@@ -44,24 +41,46 @@ class KTOConfig(TrainingArgumentsBridge):
     desirable_weight: float = field(default=1.0, metadata={"help": "Weight of the desirable examples' losses."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of the undesirable examples' losses."})
     activation_offloading: bool = field(default=False, metadata={"help": "Ignored (memory only)."})
-    sync_ref_model: bool = field(default=False, metadata={"help": "Refused when True."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "Refused when changed."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "Refused when changed."})
+    sync_ref_model: bool = field(default=False, metadata={"help": "Mix the policy into the reference (TR-KTO)."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "Mixing weight of the policy."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference syncs."})
 
 
-class KTOTrainer(FacadeTrainer):
+class KTOTrainer(LogitsEvaluation, FacadeTrainer):
     """TRL 1.16's KTOTrainer on alignkit's engine, KTO formatter and KTO loss."""
 
+    metric_labels = "input_ids"  # TRL's KTO prediction_step: (loss, logits, input_ids)
+
     _tag_names = ["trl", "kto"]
+    summary_has_step_metrics = True
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
                  callbacks=None, optimizers: tuple = (None, None), quantization_config=None, peft_config=None) -> None:
         self.args = self._args(args, KTOConfig, f"{self._model_name(model).split('/')[-1]}-KTO")
         self._refuse(data_collator=(data_collator, "alignkit's formatter pads and collates the rows"),
-                     compute_metrics=(compute_metrics, "alignkit reports the KTO eval metrics"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
-        self.compute_metrics = None
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, None
         self._start("kto", [alignkit_kto], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config, overrides=self._ref_model_overrides(ref_model, model))
-        self.data_collator = self.formatter.collate
+        self.data_collator = self._collate
+
+    def _trl_view(self, formatted):
+        """TRL 1.16's prepared KTO rows have `prompt_ids` and `completion_ids`: the prompt's ids and the completion's
+        (the trained positions; alignkit's completion ends with the EOS token)."""
+        ignore = self.config.method.label_pad_token_id
+
+        def ids(row):
+            return {"prompt_ids": row["prompt_input_ids"],
+                    "completion_ids": [i for i, t in zip(row["completion_input_ids"], row["completion_labels"])
+                                       if t != ignore]}
+
+        return formatted.map(ids, desc="TRL's prompt_ids / completion_ids")
+
+    def _collate(self, features: list[dict]) -> dict:
+        """The formatter's batch plus TRL's `completion_mask` / `KL_completion_mask` (1 on the completion)."""
+        batch = self.formatter.collate(features)
+        for prefix in ("", "KL_"):
+            batch[f"{prefix}completion_mask"] = (batch[f"{prefix}labels"] != self.config.method.label_pad_token_id
+                                                 ).long()
+        return batch

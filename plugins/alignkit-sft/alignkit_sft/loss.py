@@ -1,11 +1,15 @@
-"""SFT: token-level NLL of the labelled tokens, normalised by their count over the optimizer step (unit "tokens"),
-with exact accuracy and entropy, through the shared TokenScorer (alignkit.blocks.logps; fused head in training)."""
+"""SFT: token-level NLL (or DFT: the NLL weighted by the token's detached probability) of the labelled tokens,
+normalised by their count over the optimizer step (unit "tokens"), with exact accuracy and entropy, through the
+shared TokenScorer (alignkit.blocks.logps; fused head in training)."""
 
 import torch
 
 from alignkit import Loss, LossOutput
 from alignkit.blocks.logps import TokenScorer
 from alignkit.formatters.packing import input_tokens, model_inputs, trained_labels, trained_tokens
+
+#: loss_type -> the summed token term of the selected log-probs (DFT: each NLL weighted by its detached probability)
+TERMS = {"nll": lambda logps, _: -logps.sum(), "dft": lambda logps, _: -(logps * logps.detach().exp()).sum()}
 
 
 class SFTLoss(Loss):
@@ -23,7 +27,7 @@ class SFTLoss(Loss):
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> LossOutput:
         s = self.scorer(model, model_inputs(batch), trained_labels(batch, self.config.label_pad_token_id),
-                        term=lambda logps, _: -logps.sum(), stats=lambda logits, t: (logits.argmax(-1) == t,))
+                        term=TERMS[self.config.loss_type], stats=lambda logits, t: (logits.argmax(-1) == t,))
         correct = s.extra[0] if s.extra else torch.zeros(0, dtype=torch.bool)
         n = torch.tensor(float(correct.numel()), device=s.total.device)
         metrics = {"mean_token_accuracy": (correct.sum().to(n.dtype), n), "entropy": (s.entropy.sum(), n)}
