@@ -63,6 +63,15 @@ class DPOTrainer(FacadeTrainer):
 
     _tag_names = ["trl", "dpo"]
 
+    @staticmethod
+    def trl_columns(row: dict) -> dict:
+        """TRL's names: prompt_ids, and each answer's ids after the prompt (the tokens it trains on)."""
+        out = {"prompt_ids": row["prompt_input_ids"]}
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            out[f"{side}_ids"] = [t for t, label in zip(ids, labels) if label != -100]
+        return out
+
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
                  callbacks=None, optimizers: tuple = (None, None), quantization_config=None, peft_config=None) -> None:
@@ -71,6 +80,20 @@ class DPOTrainer(FacadeTrainer):
                      compute_metrics=(compute_metrics, "alignkit reports the DPO eval metrics (rewards/...)"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
         self.compute_metrics = None
+        self._own_ref = ref_model is not None or peft_config is not None  # else the untrained policy is the reference
         self._start("dpo", [alignkit_dpo], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config, overrides=self._ref_model_overrides(ref_model, model))
         self.data_collator = self.formatter.collate
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """As TRL: with precompute_ref_log_probs and the policy as its own reference (full fine-tuning, no
+        ref_model), a dataset first seen here after training started has no correct reference: refused."""
+        if (eval_dataset is not None and self.args.precompute_ref_log_probs and not self._own_ref
+                and self.state.global_step > 0):
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started, "
+                "because `precompute_ref_log_probs=True` and no `ref_model` was provided (full fine-tuning): the "
+                "reference is only available before training. Provide this dataset as `eval_dataset` at "
+                "initialization, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`.")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
