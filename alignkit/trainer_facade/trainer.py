@@ -29,8 +29,6 @@ class FacadeTrainer(TrainerSurface):
     _tag_names: list[str] = []
     #: TRL 1.x's trainers refuse to start without a train_dataset
     requires_train_dataset: bool = True
-    #: row -> the columns TRL's trainer names its tokenized rows with (added to the formatted rows' view), or None
-    trl_columns: Callable[[dict], dict] | None = None
 
     def _args(self, args, config_cls: type, default_output_dir: str):
         """`args` as `config_cls` (TRL converts a plain TrainingArguments the same way); a default one when None."""
@@ -147,10 +145,7 @@ class FacadeTrainer(TrainerSurface):
             return ds
         if id(ds) not in self._formatted:
             label = f"dataset passed to {type(self).__name__}"
-            tokenized = prepare_dataset(ds, self.formatter, label)[0]
-            if self.trl_columns is not None and len(tokenized):
-                tokenized = tokenized.map(self.trl_columns)
-            self._formatted[id(ds)] = (ds, tokenized)
+            self._formatted[id(ds)] = (ds, prepare_dataset(ds, self.formatter, label)[0])
         return self._formatted[id(ds)][1]
 
     def _raw_of(self, ds):
@@ -167,7 +162,7 @@ class FacadeTrainer(TrainerSurface):
     @property
     def eval_dataset(self):
         if self._eval_datasets is not None:  # a dict of them: each evaluated by evaluate()
-            return {name: self._tokenized(ds) for name, ds in self._eval_datasets.items()}
+            return self._eval_datasets
         return self._tokenized(self._raw["eval"])
 
     @property

@@ -41,3 +41,12 @@ def test_evaluating_a_new_dataset_after_training_with_a_precomputed_policy_refer
     t.train()
     with pytest.raises(ValueError, match="Cannot compute reference log-probs for a dataset passed to `evaluate"):
         t.evaluate(eval_dataset=rows(4))
+
+
+def test_eval_datasets_given_at_init_are_still_evaluated_after_training_with_a_precomputed_reference(tmp_path):
+    config = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=1, bf16=False,
+                       precompute_ref_log_probs=True, per_device_train_batch_size=4)
+    t = DPOTrainer("builtin:tiny", args=config, train_dataset=rows(), eval_dataset={"a": rows(2), "b": rows(3)})
+    t.train()
+    metrics = t.evaluate()
+    assert metrics["eval_a_loss"] > 0 and metrics["eval_b_loss"] > 0

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import alignkit_dpo
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge
+from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge, TRLColumns
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DPOConfig(TrainingArgumentsBridge):
         super().__post_init__()
 
 
-class DPOTrainer(FacadeTrainer):
+class DPOTrainer(TRLColumns, FacadeTrainer):
     """TRL 1.16's DPOTrainer on alignkit's engine, DPO formatter and DPO loss."""
 
     _tag_names = ["trl", "dpo"]
@@ -87,10 +87,12 @@ class DPOTrainer(FacadeTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        """As TRL: with precompute_ref_log_probs and the policy as its own reference (full fine-tuning, no
-        ref_model), a dataset first seen here after training started has no correct reference: refused."""
+        """As TRL's: with precompute_ref_log_probs and no ref_model under full fine-tuning, a dataset first given
+        here once training has started is refused (TRL keeps no reference then; alignkit refuses alike, so a TRL
+        script behaves the same). The eval datasets given at init are evaluated."""
+        given = [self._raw["eval"], *(self._eval_datasets or {}).values()]
         if (eval_dataset is not None and self.args.precompute_ref_log_probs and not self._own_ref
-                and self.state.global_step > 0):
+                and self.state.global_step > 0 and not any(self._raw_of(eval_dataset) is ds for ds in given)):
             raise ValueError(
                 "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started, "
                 "because `precompute_ref_log_probs=True` and no `ref_model` was provided (full fine-tuning): the "
