@@ -61,6 +61,9 @@ EXCLUSIONS: list[tuple[str, str]] = [
     (r"(?i)tool|environment_factory|harmony", "tool calling / environments: not supported by alignkit"),
     (r"(?i)rollout_func", "custom rollout functions: not supported by alignkit"),
     (r"(?i)kernels-community|use_kernels|flash", "hub kernels / flash attention: GPU-only"),
+    (r"test_dpo_trainer\.py::\w+::test_train_model_dtype\b",
+     "float16 weights at learning_rate=0.1 diverge: TRL's own run ends with NaN weights (which the test's 'changed' "
+     "check accepts); alignkit stops at the first non-finite step instead of writing NaN into the weights"),
 ]
 NO_STANDIN = "uses a hub model or dataset without an offline stand-in here: "
 HUB_ID = re.compile(r"\"((?:trl-internal-testing|Qwen|google|meta-llama|HuggingFaceTB|kernels-community)/[\w.-]+)\"")
