@@ -8,9 +8,12 @@ online). Imported on first use only, never by `alignkit run`.
 
 from typing import Any
 
+import torch
+
 import alignkit_grpo
 from alignkit.trainer_facade.args import table_config
 from alignkit.trainer_facade.online import ONLINE_IGNORED, ONLINE_KEYS, ONLINE_ROWS, ONLINE_UNSUPPORTED, OnlineTrainer
+from alignkit_grpo.objective import high_entropy_mask, off_policy_keep
 
 #: TRL 1.16's GRPOConfig fields beyond the online ones
 GRPO_ROWS: list[tuple[str, Any, Any]] = [
@@ -59,3 +62,24 @@ class GRPOTrainer(OnlineTrainer):
 
     _tag_names = ["trl", "grpo"]
     method_name, method_plugin, config_class, suffix = "grpo", alignkit_grpo, GRPOConfig, "GRPO"
+
+    # ---- TRL 1.16's GRPOTrainer helpers, computed by alignkit's GRPO objective ----------------------------------
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Counted tokens whose entropy is at least the `threshold` quantile of every process's counted tokens."""
+        acc = self.accelerator
+
+        def gather(values: torch.Tensor) -> torch.Tensor:
+            if acc.num_processes == 1:
+                return values
+            values = acc.gather(acc.pad_across_processes(values, dim=0, pad_index=-1e9))
+            return values[values != -1e9]  # entropies are >= 0: the padding cannot be a value
+
+        return high_entropy_mask(entropies, mask, 1 - threshold, gather)
+
+    @staticmethod
+    def get_off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor,
+                            sampling_per_token_logps: torch.Tensor, mask: torch.Tensor,
+                            off_policy_threshold: float) -> torch.Tensor:
+        """[B, 1]: 0 for a negative-advantage completion whose mean KL(sampler || policy) exceeds the threshold."""
+        return off_policy_keep(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
