@@ -3,6 +3,7 @@ get_off_policy_mask), computed by alignkit's GRPO objective."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from alignkit_trl import GRPOTrainer
 
@@ -26,3 +27,39 @@ def test_off_policy_mask_drops_only_negative_advantages_far_from_the_sampler():
     advantages = torch.tensor([[-1.0], [1.0], [-1.0]])
     got = GRPOTrainer.get_off_policy_mask(advantages, logps, torch.zeros_like(logps), mask, 1.0)
     assert got.tolist() == [[0.0], [1.0], [1.0]]  # mean KL 2 (padding ignored) with a negative advantage: dropped
+
+
+def prompts(n=6):
+    import datasets
+
+    return datasets.Dataset.from_list([{"prompt": f"Count to {i}:"} for i in range(n)])
+
+
+def grpo(tmp_path, reward_funcs, **args):
+    from alignkit_trl import GRPOConfig
+
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                        per_device_train_batch_size=3, num_generations=3, max_completion_length=6, max_steps=1,
+                        logging_steps=1, **args)
+    return GRPOTrainer("builtin:tiny", reward_funcs=reward_funcs, args=config, train_dataset=prompts())
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_each_reward_function_logs_its_mean_and_std(tmp_path, aggregation):
+    calls: dict[str, list[list[float]]] = {"length": [], "letters": []}  # what each function returned, per call
+
+    def length(completions, **kwargs):
+        calls["length"].append([float(len(c)) for c in completions])
+        return calls["length"][-1]
+
+    def letters(completions, **kwargs):
+        calls["letters"].append([float(len(set(c))) for c in completions])
+        return calls["letters"][-1]
+
+    t = grpo(tmp_path, [length, letters], multi_objective_aggregation=aggregation)
+    t.train()
+    row = t.state.log_history[0]
+    for name, returned in calls.items():
+        values = torch.tensor(returned[-1])  # the step's one rollout (the calls before it check the functions)
+        assert row[f"rewards/{name}/mean"] == pytest.approx(values.mean().item())
+        assert row[f"rewards/{name}/std"] == pytest.approx(values.std().item())  # Bessel's, as TRL's nanstd

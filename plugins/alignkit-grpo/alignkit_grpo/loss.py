@@ -175,6 +175,8 @@ def rollout_metrics(batch: dict) -> dict:
         column = batch["rewards_per_func"][:, i]
         applied = ~torch.isnan(column)
         out[f"rewards/{name}/mean"] = (column.nan_to_num(0.0).sum(), applied.sum())
+        if "reward_std_per_func" in batch:  # the step's std, repeated on every row
+            out[f"rewards/{name}/std"] = (batch["reward_std_per_func"][:, i].sum(), n)
     for name, values in batch.get("episode_stats", {}).items():  # multi-turn rollouts: turns, tool calls
         out[f"episodes/{name}/mean"] = (values.float().sum(), n)
     out["reward_std"] = (batch["reward_std"].sum(), n)  # the step's std, repeated on every row
