@@ -63,3 +63,16 @@ def test_each_reward_function_logs_its_mean_and_std(tmp_path, aggregation):
         values = torch.tensor(returned[-1])  # the step's one rollout (the calls before it check the functions)
         assert row[f"rewards/{name}/mean"] == pytest.approx(values.mean().item())
         assert row[f"rewards/{name}/std"] == pytest.approx(values.std().item())  # Bessel's, as TRL's nanstd
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo"])
+def test_sequence_level_ratios_with_a_token_summed_loss_warn_as_trl(tmp_path, caplog, loss_type):
+    with caplog.at_level("WARNING"):
+        grpo(tmp_path, lambda completions, **kw: [0.0] * len(completions), importance_sampling_level="sequence",
+             loss_type=loss_type)
+    assert ("weights each sequence by its completion length" in caplog.text) == (loss_type != "grpo")
+
+
+def test_cispo_without_epsilon_high_caps_at_epsilon_as_trl(tmp_path):
+    t = grpo(tmp_path, lambda completions, **kw: [0.0] * len(completions), loss_type="cispo", epsilon=0.3)
+    assert t.config.method.epsilon_high == 0.3  # TRL: epsilon_high defaults to epsilon

@@ -6,6 +6,7 @@ weights, or is refused with the reason. GRPOTrainer takes reward functions as TR
 online). Imported on first use only, never by `alignkit run`.
 """
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ import torch
 import alignkit_grpo
 from alignkit.trainer_facade.args import table_config
 from alignkit.trainer_facade.online import ONLINE_IGNORED, ONLINE_KEYS, ONLINE_ROWS, ONLINE_UNSUPPORTED, OnlineTrainer
+from alignkit_grpo.config import GRPOConfig as MethodConfig
 from alignkit_grpo.objective import high_entropy_mask, off_policy_keep
 
 #: TRL 1.16's GRPOConfig fields beyond the online ones
@@ -57,11 +59,27 @@ GRPOConfig = table_config(
 )
 
 
+log = logging.getLogger(__name__)
+
+
 class GRPOTrainer(OnlineTrainer):
     """TRL 1.16's GRPOTrainer on alignkit's engine, rollout and GRPO loss."""
 
     _tag_names = ["trl", "grpo"]
     method_name, method_plugin, config_class, suffix = "grpo", alignkit_grpo, GRPOConfig, "GRPO"
+
+    def _start(self, *args, overrides: dict | None = None, **kwargs) -> None:
+        """TRL's defaults and warnings where they differ from alignkit's: cispo without epsilon_high caps the IS
+        weight at epsilon (alignkit asks for it); sequence-level ratios with a token-summed loss warn."""
+        a, overrides = self.args, dict(overrides or {})
+        if a.loss_type == "cispo":  # TRL reads epsilon there only as epsilon_high's default
+            overrides["method.epsilon_high"] = a.epsilon if a.epsilon_high is None else a.epsilon_high
+            overrides["method.epsilon"] = MethodConfig.model_fields["epsilon"].default
+        if a.importance_sampling_level == "sequence" and a.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            log.warning(f"With importance_sampling_level='sequence', the {a.loss_type!r} loss sums per-token "
+                        "contributions, which effectively weights each sequence by its completion length instead of "
+                        "optimizing the per-sequence objective; loss_type='grpo' follows the GSPO paper's setup.")
+        super()._start(*args, overrides=overrides, **kwargs)
 
     # ---- TRL 1.16's GRPOTrainer helpers, computed by alignkit's GRPO objective ----------------------------------
 
