@@ -4,6 +4,7 @@ and `OnlineTrainer`, which takes reward functions as TRL does: callables (called
 the dataset's other columns), names of rewards registered with alignkit (e.g. "exact-match"), or a reward model
 (its folder or hub name, or a model loaded with from_pretrained)."""
 
+from collections import defaultdict, deque
 from typing import Any
 
 import alignkit
@@ -117,6 +118,34 @@ def as_conversation(fn):
     return wrapped
 
 
+TRAINER_KWARGS = ("trainer_state", "log_metric", "log_extra")
+
+
+def with_trainer_kwargs(fn, trainer):
+    """`fn` called with TRL's extra keywords where it takes them: trainer_state (the live TrainerState),
+    log_metric(name, value) (its mean joins the next log row) and log_extra(column, values) (kept in
+    trainer._logs["extra"]). Its signature, less those, still says the columns it reads."""
+    import functools
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    wanted = [k for k in TRAINER_KWARGS if takes_all or k in sig.parameters]
+    if not wanted:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        extra = {"trainer_state": trainer.state, "log_metric": trainer._log_metric, "log_extra": trainer._log_extra}
+        return fn(*args, **kwargs, **{k: extra[k] for k in wanted})
+
+    wrapped.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name not in wanted])
+    return wrapped
+
+
 def _conversational(ds) -> bool:
     if ds is None or "prompt" not in (getattr(ds, "column_names", None) or []):
         return False
@@ -156,9 +185,20 @@ class OnlineTrainer(FacadeTrainer):
         names, callables = reward_names(reward_funcs, set(registered_rewards()), cls.__name__)
         if _conversational(train_dataset):
             callables = {name: as_conversation(fn) for name, fn in callables.items()}
+        callables = {name: with_trainer_kwargs(fn, self) for name, fn in callables.items()}
+        a = self.args  # TRL keeps the last generation batch's log_extra values
+        self._logs = {"extra": defaultdict(lambda: deque(maxlen=a.per_device_train_batch_size *
+                                                         a.gradient_accumulation_steps * a.world_size))}
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         self.reward_func_names = names
         self._start(cls.method_name, [cls.method_plugin, _Rewards(callables)], model, self.args, train_dataset,
                     eval_dataset, processing_class, None, callbacks, optimizers, peft_config,
                     overrides={"method.reward_funcs": names})
         self.num_generations = self.args.num_generations
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """A reward function's metric: its mean over the calls since the last row joins the next log row."""
+        self._stored_metrics["train" if self.is_in_train else "eval"][name].append(float(value))
+
+    def _log_extra(self, column: str, values: list) -> None:
+        self._logs["extra"][column].extend(values)

@@ -76,3 +76,19 @@ def test_sequence_level_ratios_with_a_token_summed_loss_warn_as_trl(tmp_path, ca
 def test_cispo_without_epsilon_high_caps_at_epsilon_as_trl(tmp_path):
     t = grpo(tmp_path, lambda completions, **kw: [0.0] * len(completions), loss_type="cispo", epsilon=0.3)
     assert t.config.method.epsilon_high == 0.3  # TRL: epsilon_high defaults to epsilon
+
+
+def test_reward_functions_get_trls_trainer_state_log_metric_and_log_extra(tmp_path):
+    seen = []
+
+    def reward(completions, trainer_state, log_metric, log_extra, **kwargs):
+        seen.append(trainer_state.global_step)
+        log_metric("custom_accuracy", 0.75)
+        log_extra("first_letters", [c[:1] for c in completions])
+        return [float(len(c)) for c in completions]
+
+    t = grpo(tmp_path, reward)
+    t.train()
+    assert seen[-1] == 0  # the rollout of step 1 runs before it ends
+    assert t.state.log_history[0]["custom_accuracy"] == 0.75
+    assert len(t._logs["extra"]["first_letters"]) > 0
