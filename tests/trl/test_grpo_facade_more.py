@@ -92,3 +92,10 @@ def test_reward_functions_get_trls_trainer_state_log_metric_and_log_extra(tmp_pa
     assert seen[-1] == 0  # the rollout of step 1 runs before it ends
     assert t.state.log_history[0]["custom_accuracy"] == 0.75
     assert len(t._logs["extra"]["first_letters"]) > 0
+
+
+def test_a_row_no_reward_function_scores_is_warned_about_as_trl(tmp_path, caplog):
+    t = grpo(tmp_path, lambda completions, **kw: [None] * len(completions))
+    with caplog.at_level("WARNING"):
+        t.train()
+    assert "All reward functions returned None for the following kwargs:" in caplog.text
