@@ -153,6 +153,26 @@ def _conversational(ds) -> bool:
     return first is not None and isinstance(first["prompt"], list)
 
 
+def _streamed_train_set(args, train_dataset, eval_dataset) -> bool:
+    """TRL's rules for streamed (IterableDataset) data: dispatch_batches must not be set; a streamed train set is read
+    by one dataloader worker (its groups stay together). True when the data streams."""
+    import datasets
+
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    streams = [d for d in (train_dataset, *evals) if isinstance(d, datasets.IterableDataset)]
+    if streams and args.accelerator_config.dispatch_batches:
+        raise ValueError("Iterable datasets require `dispatch_batches=False`, but it is set to `True` in "
+                         "`accelerator_config`. Please set it to `False`.")
+    if isinstance(train_dataset, datasets.IterableDataset) and args.dataloader_num_workers != 0:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "Iterable datasets require `dataloader_num_workers=0` to preserve prompt grouping; overriding the "
+            f"provided value ({args.dataloader_num_workers}).")
+        args.dataloader_num_workers = 0
+    return bool(streams)
+
+
 def registered_rewards() -> list[str]:
     from alignkit.online import RewardRegistry
 
@@ -180,6 +200,7 @@ class OnlineTrainer(FacadeTrainer):
                      tools=(tools, "tool calling is not supported"),
                      rollout_func=(rollout_func, "alignkit's rollout samples with the policy"),
                      environment_factory=(environment_factory, "environments are not supported"))
+        streamed = _streamed_train_set(self.args, train_dataset, eval_dataset)
         if reward_funcs is None or reward_funcs == []:
             raise ValueError(f"{cls.__name__} needs reward_funcs: functions, alignkit reward names or a reward model")
         names, callables = reward_names(reward_funcs, set(registered_rewards()), cls.__name__)
@@ -195,6 +216,37 @@ class OnlineTrainer(FacadeTrainer):
                     eval_dataset, processing_class, None, callbacks, optimizers, peft_config,
                     overrides={"method.reward_funcs": names})
         self.num_generations = self.args.num_generations
+        self._given = {"train": train_dataset, "eval": eval_dataset}
+        if streamed:  # (after the engine read the arguments: alignkit runs under accelerate launch's own config)
+            self.args.accelerator_config.dispatch_batches = False
+
+    # ---- the datasets as given: TRL's online trainers keep the prompt rows (no tokenized copy) -----------------
+
+    @property
+    def train_dataset(self):
+        return self._given["train"]
+
+    @property
+    def eval_dataset(self):
+        return self._given["eval"]
+
+    def _loader(self, ds, batch_size: int):
+        import datasets
+        from torch.utils.data import DataLoader
+
+        workers = 0 if isinstance(ds, datasets.IterableDataset) else self.args.dataloader_num_workers
+        return DataLoader(ds, batch_size=batch_size, collate_fn=list, num_workers=workers)
+
+    def get_train_dataloader(self):
+        """The prompt rows in batches of rows (a stream read by one worker, as TRL keeps its groups)."""
+        return self._loader(self.train_dataset, self.args.per_device_train_batch_size)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError(f"{type(self).__name__}.get_eval_dataloader: no eval_dataset was given to the trainer "
+                             "or here")
+        return self._loader(ds, self.args.per_device_eval_batch_size)
 
     def _log_metric(self, name: str, value: float) -> None:
         """A reward function's metric: its mean over the calls since the last row joins the next log row."""

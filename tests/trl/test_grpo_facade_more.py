@@ -99,3 +99,33 @@ def test_a_row_no_reward_function_scores_is_warned_about_as_trl(tmp_path, caplog
     with caplog.at_level("WARNING"):
         t.train()
     assert "All reward functions returned None for the following kwargs:" in caplog.text
+
+
+def test_datasets_are_kept_as_given_as_trl_keeps_a_prompt_dataset(tmp_path):
+    from alignkit_trl import GRPOConfig
+
+    train, evals = prompts(), prompts(3).to_iterable_dataset()
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", num_generations=3,
+                        per_device_train_batch_size=3, per_device_eval_batch_size=3, dataloader_num_workers=2)
+    t = GRPOTrainer("builtin:tiny", reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
+                    train_dataset=train, eval_dataset=evals)
+    assert t.train_dataset is train and t.eval_dataset is evals
+    assert t.get_train_dataloader().num_workers == 2
+    assert t.get_eval_dataloader().num_workers == 0  # a stream is read by one worker (TRL: keeps its groups)
+    assert next(iter(t.get_eval_dataloader()))[0]["prompt"] == "Count to 0:"
+
+
+def test_a_streamed_train_set_is_read_by_one_worker_without_dispatching_batches(tmp_path):
+    from alignkit_trl import GRPOConfig
+
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", num_generations=3,
+                        per_device_train_batch_size=3, dataloader_num_workers=2, max_steps=1)
+    t = GRPOTrainer("builtin:tiny", reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
+                    train_dataset=prompts().to_iterable_dataset())
+    assert t.args.dataloader_num_workers == 0 and t.args.accelerator_config.dispatch_batches is False
+    config = GRPOConfig(output_dir=str(tmp_path / "out2"), use_cpu=True, report_to="none",
+                        accelerator_config={"dispatch_batches": True})
+    with pytest.raises(ValueError, match="Iterable datasets require `dispatch_batches=False`"):
+        GRPOTrainer("builtin:tiny", reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
+                    train_dataset=prompts().to_iterable_dataset())
+    assert not (tmp_path / "out2").exists()
