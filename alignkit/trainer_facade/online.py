@@ -153,6 +153,19 @@ def _conversational(ds) -> bool:
     return first is not None and isinstance(first["prompt"], list)
 
 
+def prompt_batches(args) -> dict[str, int]:
+    """TRL's online trainers count completions in per_device_*_batch_size (a step samples per_device x
+    gradient_accumulation_steps of them, in whole groups of num_generations); alignkit's count prompt rows, each
+    sampled num_generations times. The same completions per step: per_device / num_generations rows per micro-batch,
+    or, when a group spans micro-batches, the step's rows in one (the same completions, one accumulation step)."""
+    g, per, steps = args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    if per * steps % g:
+        raise ValueError(f"generation_batch_size ({per * steps}) must be divisible by num_generations ({g}).")
+    train = ({"train.per_device_train_batch_size": per // g} if per % g == 0 else
+             {"train.per_device_train_batch_size": per * steps // g, "train.gradient_accumulation_steps": 1})
+    return {**train, "train.per_device_eval_batch_size": max(1, args.per_device_eval_batch_size // g)}
+
+
 def _streamed_train_set(args, train_dataset, eval_dataset) -> bool:
     """TRL's rules for streamed (IterableDataset) data: dispatch_batches must not be set; a streamed train set is read
     by one dataloader worker (its groups stay together). True when the data streams."""
@@ -214,7 +227,7 @@ class OnlineTrainer(FacadeTrainer):
         self.reward_func_names = names
         self._start(cls.method_name, [cls.method_plugin, _Rewards(callables)], model, self.args, train_dataset,
                     eval_dataset, processing_class, None, callbacks, optimizers, peft_config,
-                    overrides={"method.reward_funcs": names})
+                    overrides={"method.reward_funcs": names, **prompt_batches(self.args)})
         self.num_generations = self.args.num_generations
         self._given = {"train": train_dataset, "eval": eval_dataset}
         if streamed:  # (after the engine read the arguments: alignkit runs under accelerate launch's own config)

@@ -129,3 +129,32 @@ def test_a_streamed_train_set_is_read_by_one_worker_without_dispatching_batches(
         GRPOTrainer("builtin:tiny", reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
                     train_dataset=prompts().to_iterable_dataset())
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(("per_device", "generations", "accumulation"), [(3, 3, 1), (6, 3, 1), (3, 6, 2)])
+def test_the_batch_size_counts_completions_as_trls(tmp_path, per_device, generations, accumulation):
+    """TRL's per_device_train_batch_size counts completions (per_device x accumulation per step, in whole groups)."""
+    from alignkit_trl import GRPOConfig
+
+    calls = []
+
+    def reward(completions, **kwargs):
+        calls.append(len(completions))
+        return [0.0] * len(completions)
+
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                        per_device_train_batch_size=per_device, num_generations=generations,
+                        gradient_accumulation_steps=accumulation, max_completion_length=4, max_steps=1)
+    GRPOTrainer("builtin:tiny", reward_funcs=reward, args=config, train_dataset=prompts()).train()
+    assert sum(calls[1:]) == per_device * accumulation  # (the first call checks the function before training)
+
+
+def test_a_batch_of_partial_groups_is_refused_as_trl(tmp_path):
+    from alignkit_trl import GRPOConfig
+
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
+                        per_device_train_batch_size=4, num_generations=3)
+    with pytest.raises(ValueError, match=r"generation_batch_size \(4\) must be divisible by num_generations \(3\)"):
+        GRPOTrainer("builtin:tiny", reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
+                    train_dataset=prompts())
+    assert not (tmp_path / "out").exists()
