@@ -158,3 +158,20 @@ def test_a_batch_of_partial_groups_is_refused_as_trl(tmp_path):
         GRPOTrainer("builtin:tiny", reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
                     train_dataset=prompts())
     assert not (tmp_path / "out").exists()
+
+
+def test_sync_ref_model_mixes_the_policy_into_the_reference(tmp_path):
+    t = grpo(tmp_path, lambda completions, **kw: [float(len(c)) for c in completions], beta=0.1, sync_ref_model=True,
+             ref_model_sync_steps=1, ref_model_mixup_alpha=0.5, learning_rate=1e-2)
+    before = {n: p.detach().clone() for n, p in t.ref_model.named_parameters()}
+    t.train()
+    name = "model.embed_tokens.weight"
+    policy, ref = t.model.get_parameter(name), t.ref_model.get_parameter(name)
+    assert not torch.equal(policy, before[name])
+    assert torch.allclose(ref, 0.5 * policy + 0.5 * before[name])  # TRL's mixup: alpha * policy + (1 - alpha) * ref
+
+
+def test_sync_ref_model_without_a_reference_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sync_ref_model.*beta"):
+        grpo(tmp_path, lambda completions, **kw: [0.0] * len(completions), sync_ref_model=True)
+    assert not (tmp_path / "out").exists()
