@@ -153,6 +153,27 @@ def _conversational(ds) -> bool:
     return first is not None and isinstance(first["prompt"], list)
 
 
+def reward_tokenizers(given, names: list[str], owner: str) -> list:
+    """TRL's reward_processing_classes (one per reward function; None where none is given): alignkit reads a reward
+    model with the tokenizer saved beside it, so a given one must be that one (loaded from the model's folder)."""
+    import os
+
+    if given is None:
+        return [None] * len(names)
+    given = list(given) if isinstance(given, list | tuple) else [given]
+    if len(given) != len(names):
+        raise ValueError("The number of reward processing classes must match the number of reward functions.")
+    for tokenizer, name in zip(given, names):
+        if tokenizer is None or not name.startswith("model:"):
+            continue  # TRL ignores it for a reward function
+        source, model = getattr(tokenizer, "name_or_path", ""), name.removeprefix("model:")
+        if source != model and os.path.abspath(source) != os.path.abspath(model):
+            raise ValueError(f"{owner}(reward_processing_classes=...): alignkit reads a reward model with the "
+                             f"tokenizer saved beside it ({model}); this one was loaded from {source!r}: save it with "
+                             "the reward model, or pass reward_processing_classes=None")
+    return given
+
+
 def prompt_batches(args) -> dict[str, int]:
     """TRL's online trainers count completions in per_device_*_batch_size (a step samples per_device x
     gradient_accumulation_steps of them, in whole groups of num_generations); alignkit's count prompt rows, each
@@ -207,9 +228,7 @@ class OnlineTrainer(FacadeTrainer):
                  rollout_func=None, environment_factory=None) -> None:
         cls = type(self)
         self.args = self._args(args, cls.config_class, f"{self._model_name(model).split('/')[-1]}-{cls.suffix}")
-        self._refuse(reward_processing_classes=(reward_processing_classes, "a reward model is read with its own "
-                                                                           "tokenizer (saved beside it)"),
-                     quantization_config=(quantization_config, "load the quantized model yourself and pass it"),
+        self._refuse(quantization_config=(quantization_config, "load the quantized model yourself and pass it"),
                      tools=(tools, "tool calling is not supported"),
                      rollout_func=(rollout_func, "alignkit's rollout samples with the policy"),
                      environment_factory=(environment_factory, "environments are not supported"))
@@ -225,6 +244,7 @@ class OnlineTrainer(FacadeTrainer):
                                                          a.gradient_accumulation_steps * a.world_size))}
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         self.reward_func_names = names
+        self.reward_processing_classes = reward_tokenizers(reward_processing_classes, names, cls.__name__)
         self._start(cls.method_name, [cls.method_plugin, _Rewards(callables)], model, self.args, train_dataset,
                     eval_dataset, processing_class, None, callbacks, optimizers, peft_config,
                     overrides={"method.reward_funcs": names, **prompt_batches(self.args)})

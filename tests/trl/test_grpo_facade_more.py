@@ -175,3 +175,35 @@ def test_sync_ref_model_without_a_reference_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sync_ref_model.*beta"):
         grpo(tmp_path, lambda completions, **kw: [0.0] * len(completions), sync_ref_model=True)
     assert not (tmp_path / "out").exists()
+
+
+
+def saved_reward_model(path):
+    from transformers import LlamaForSequenceClassification
+
+    from alignkit import load_tokenizer
+    from alignkit.engine.modeling import tiny_llama_config
+
+    tok = load_tokenizer(SimpleNamespace(name_or_path="builtin:tiny", tokenizer_name_or_path=None,
+                                         trust_remote_code=False, chat_template=None))
+    rm = LlamaForSequenceClassification(tiny_llama_config(len(tok), num_labels=1))
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_a_reward_models_own_tokenizer_is_taken_as_its_processing_class(tmp_path):
+    from alignkit_trl import GRPOConfig
+    from transformers import AutoTokenizer
+
+    rm = saved_reward_model(tmp_path / "rm")
+    own, other = AutoTokenizer.from_pretrained(rm), AutoTokenizer.from_pretrained(saved_reward_model(tmp_path / "o"))
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", num_generations=3,
+                        per_device_train_batch_size=3)
+    t = GRPOTrainer("builtin:tiny", reward_funcs=rm, reward_processing_classes=own, args=config,
+                    train_dataset=prompts())
+    assert t.reward_processing_classes == [own]
+    with pytest.raises(ValueError, match="reads a reward model with the tokenizer saved beside it"):
+        GRPOTrainer("builtin:tiny", reward_funcs=rm, reward_processing_classes=other, args=config,
+                    train_dataset=prompts())
