@@ -207,3 +207,19 @@ def test_a_reward_models_own_tokenizer_is_taken_as_its_processing_class(tmp_path
     with pytest.raises(ValueError, match="reads a reward model with the tokenizer saved beside it"):
         GRPOTrainer("builtin:tiny", reward_funcs=rm, reward_processing_classes=other, args=config,
                     train_dataset=prompts())
+
+
+def test_a_trainers_method_config_unpickles_in_a_fresh_process(tmp_path):
+    """What a spawned DataLoader worker does (TRL's test_train_multiple_dataloader_workers): the method config,
+    combined at run time with its data config's fields, is rebuilt there."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    t = grpo(tmp_path, lambda completions, **kw: [0.0] * len(completions))
+    (tmp_path / "config.pkl").write_bytes(pickle.dumps(t.config.method))
+    code = f"import pickle; print(pickle.loads(open({str(tmp_path / 'config.pkl')!r}, 'rb').read()).num_generations)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "3", out.stderr[-500:]
