@@ -42,7 +42,6 @@ ONLINE_KEYS: dict[str, Any] = {
     "shuffle_dataset": lambda v: {"train.shuffle": bool(v)},
 }
 ONLINE_UNSUPPORTED: dict[str, str] = {
-    "num_generations_eval": "evaluation samples num_generations completions per prompt",
     "generation_batch_size": "one rollout per optimizer step (per_device_train_batch_size x "
                              "gradient_accumulation_steps completions)",
     "steps_per_generation": "one rollout per optimizer step (use gradient_accumulation_steps)",
@@ -62,6 +61,7 @@ ONLINE_IGNORED: dict[str, str] = {
     **dict.fromkeys(("log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts",
                      "log_completions_hub_repo"), _LOGGED),
     "ds3_gather_for_generation": "a DeepSpeed ZeRO-3 memory setting",
+    "num_generations_eval": "evaluation samples num_generations completions per prompt; the eval metrics only",
     "cache_implementation": "a generation cache layout only",
 }
 

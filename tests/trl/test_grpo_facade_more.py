@@ -223,3 +223,11 @@ def test_a_trainers_method_config_unpickles_in_a_fresh_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "3", out.stderr[-500:]
+
+
+def test_num_generations_eval_is_ignored_with_a_warning_as_it_changes_evaluation_only():
+    from alignkit_trl import GRPOConfig
+
+    with pytest.warns(UserWarning, match=r"GRPOConfig.num_generations_eval=1 is ignored by alignkit \(evaluation"):
+        keys = GRPOConfig(output_dir="x", use_cpu=True, num_generations_eval=1).to_alignkit()
+    assert not any("num_generations_eval" in k for k in keys)
