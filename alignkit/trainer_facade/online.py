@@ -69,13 +69,18 @@ ONLINE_IGNORED: dict[str, str] = {
 class _Rewards:
     """The trainer's reward callables as a plugin: registered under their own names (TRL logs rewards/NAME)."""
 
-    def __init__(self, functions: dict) -> None:
-        self.functions = functions
+    def __init__(self, functions: dict, on_start=None) -> None:
+        self.functions, self.on_start = functions, on_start
 
     @alignkit.hookimpl
     def register_rewards(self, register):
         for name, fn in self.functions.items():
             register(name, fn)
+
+    @alignkit.hookimpl
+    def on_train_start(self, run):
+        if self.on_start is not None:
+            self.on_start()
 
 
 def reward_names(reward_funcs, known: set[str], owner: str = "GRPOTrainer") -> tuple[list[str], dict]:
@@ -245,8 +250,9 @@ class OnlineTrainer(FacadeTrainer):
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         self.reward_func_names = names
         self.reward_processing_classes = reward_tokenizers(reward_processing_classes, names, cls.__name__)
-        self._start(cls.method_name, [cls.method_plugin, _Rewards(callables)], model, self.args, train_dataset,
-                    eval_dataset, processing_class, None, callbacks, optimizers, peft_config,
+        rewards = _Rewards(callables, self._forget_checks)
+        self._start(cls.method_name, [cls.method_plugin, rewards], model, self.args, train_dataset, eval_dataset,
+                    processing_class, None, callbacks, optimizers, peft_config,
                     overrides={"method.reward_funcs": names, **prompt_batches(self.args)})
         self.num_generations = self.args.num_generations
         self._given = {"train": train_dataset, "eval": eval_dataset}
@@ -287,3 +293,9 @@ class OnlineTrainer(FacadeTrainer):
 
     def _log_extra(self, column: str, values: list) -> None:
         self._logs["extra"][column].extend(values)
+
+    def _forget_checks(self) -> None:
+        """At the start of training: what rewards logged while alignkit checked them on empty completions goes."""
+        self._stored_metrics.clear()
+        for values in self._logs["extra"].values():
+            values.clear()

@@ -231,3 +231,14 @@ def test_num_generations_eval_is_ignored_with_a_warning_as_it_changes_evaluation
     with pytest.warns(UserWarning, match=r"GRPOConfig.num_generations_eval=1 is ignored by alignkit \(evaluation"):
         keys = GRPOConfig(output_dir="x", use_cpu=True, num_generations_eval=1).to_alignkit()
     assert not any("num_generations_eval" in k for k in keys)
+
+
+def test_what_rewards_log_while_alignkit_checks_them_before_training_is_not_logged(tmp_path):
+    def reward(completions, log_metric, log_extra, **kwargs):
+        log_metric("completions_scored", len(completions))  # the check before training scores 4 empty ones
+        log_extra("seen", list(completions))
+        return [0.0] * len(completions)
+
+    t = grpo(tmp_path, reward)
+    t.train()
+    assert t.state.log_history[0]["completions_scored"] == 3  # the step's one group of 3
