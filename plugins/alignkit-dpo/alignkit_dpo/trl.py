@@ -62,6 +62,7 @@ class DPOTrainer(TRLColumns, FacadeTrainer):
     """TRL 1.16's DPOTrainer on alignkit's engine, DPO formatter and DPO loss."""
 
     _tag_names = ["trl", "dpo"]
+    summary_has_step_metrics = True  # TRL's DPO log adds the unlogged step metrics to the summary row too
 
     @staticmethod
     def trl_columns(row: dict) -> dict:
