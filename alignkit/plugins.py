@@ -109,11 +109,34 @@ def _with_fields(config: type, needed: type) -> type:
     if issubclass(config, needed):
         return config
     name = f"{config.__name__}With{needed.__name__}"
-    combined = type(name, (config, needed), {"__module__": config.__module__, "__doc__": config.__doc__})
+    combined = type(name, (config, needed), {"__module__": config.__module__, "__doc__": config.__doc__,
+                                             "__reduce__": _reduce_combined})
     module = sys.modules.get(config.__module__)
     if module is not None:  # a config defined outside any module (a notebook cell) still works, uncached
         setattr(module, name, combined)
     return combined
+
+
+def _parts(cls):
+    """A class as the importable classes it was combined from (nested pairs), or itself."""
+    return tuple(_parts(b) for b in cls.__bases__) if cls.__dict__.get("__reduce__") is _reduce_combined else cls
+
+
+def _built(parts):
+    return _with_fields(_built(parts[0]), _built(parts[1])) if isinstance(parts, tuple) else parts
+
+
+def _reduce_combined(self):
+    """Pickled as the classes it was combined from and its state: a fresh process (a spawned DataLoader worker)
+    combines them again."""
+    return _rebuild_combined, (_parts(type(self)), self.__getstate__())
+
+
+def _rebuild_combined(parts, state: dict):
+    cls = _built(parts)
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
 
 
 def _allowed(dist_name: str) -> bool:

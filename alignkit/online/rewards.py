@@ -14,6 +14,7 @@ reward, checked: one finite number or None per completion, the reward named in a
 
 import asyncio
 import inspect
+import logging
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from alignkit.blocks.tokens import pad_right, with_bos, with_eos
 from alignkit.errors import AlignkitError, ConfigError, DataError, PluginError, did_you_mean
 from alignkit.online.judge import JUDGE_PREFIX, JudgeReward
 from alignkit.online.remote_rewards import URL_PREFIX, RemoteReward
+
+log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list]
 MODEL_PREFIX = "model:"
@@ -201,6 +204,13 @@ def score(functions: list[tuple[str, RewardFn]], prompts: list[str], completions
         for i, v in enumerate(_checked(name, values[j], prompts, completions)):
             if v is not None:
                 out[i, j] = v
+    unscored = torch.isnan(out).all(1).nonzero().flatten().tolist() if functions else []
+    if unscored:  # as TRL warns: such a completion has no reward (NaN), so no advantage
+        i = unscored[0]
+        row = {"prompt": prompts[i], "completion": completions[i], **{k: v[i] for k, v in columns.items()}}
+        log.warning(f"All reward functions returned None for the following kwargs: {row} ({len(unscored)} of "
+                    f"{len(completions)} completions here). Please ensure that at least one reward function returns "
+                    "a valid reward.")
     return out
 
 

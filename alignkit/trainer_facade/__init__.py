@@ -8,14 +8,16 @@ core or by `alignkit run`.
 - `TrainerFlow`: the engine's Schedule and lifecycle plugin that runs transformers' callbacks and control flags.
 - `LogitsEvaluation`: compute_metrics on the model's logits (Trainer's evaluation_loop), for the trainers whose
   predictions are logits.
+- `TRLColumns`: mixin showing a trainer's tokenized rows under TRL's column names too (e.g. DPO's prompt_ids).
 - `TrainingArgumentsBridge`: base of a TRL 1.x config class (transformers.TrainingArguments plus the
   method's fields) that maps itself to alignkit keys, refusing what alignkit cannot honour.
 """
 
 from alignkit.trainer_facade.args import TrainingArgumentsBridge
+from alignkit.trainer_facade.columns import TRLColumns
 from alignkit.trainer_facade.flow import TrainerFlow
 from alignkit.trainer_facade.predict import LogitsEvaluation
 from alignkit.trainer_facade.surface import TrainerSurface
 from alignkit.trainer_facade.trainer import FacadeTrainer
 
-__all__ = ["FacadeTrainer", "LogitsEvaluation", "TrainerFlow", "TrainerSurface", "TrainingArgumentsBridge"]
+__all__ = ["FacadeTrainer", "LogitsEvaluation", "TrainerFlow", "TrainerSurface", "TrainingArgumentsBridge", "TRLColumns"]

@@ -102,7 +102,8 @@ def test_grpo_trainer_trains_as_alignkit_run(tmp_path, as_callable):
     facade = facade_rows(trainer)
     run = alignkit_run(tmp_path, "grpo", "sort-prompts", **{
         "method.reward_funcs": ["sort-order", "exact-match"], "method.num_generations": 4,
-        "method.max_completion_length": 8, "method.sft_warmup_steps": 0, "train.learning_rate": 1e-4})
+        "method.max_completion_length": 8, "method.sft_warmup_steps": 0, "train.learning_rate": 1e-4,
+        "train.per_device_train_batch_size": 1})  # TRL's batch of 4 counts completions: one prompt x 4
     assert_same(facade, run, COMPARED + ("reward", "reward_std"))
     names = ("sort_order", "exact_match") if as_callable else ("sort-order", "exact-match")
     for mine, theirs in zip(names, ("sort-order", "exact-match")):  # TRL logs rewards/<function name>/mean
@@ -117,7 +118,8 @@ def test_rloo_trainer_trains_as_alignkit_run(tmp_path):
     facade = facade_rows(trainer)
     run = alignkit_run(tmp_path, "rloo", "sort-prompts", **{  # TRL's RLOO: beta 0.05, max_completion_length 512
         "method.reward_funcs": ["sort-order"], "method.num_generations": 4, "method.max_completion_length": 8,
-        "method.beta": 0.05, "method.sft_warmup_steps": 0, "train.learning_rate": 1e-4})
+        "method.beta": 0.05, "method.sft_warmup_steps": 0, "train.learning_rate": 1e-4,
+        "train.per_device_train_batch_size": 1})  # TRL's batch of 4 counts completions: one prompt x 4
     assert_same(facade, run, COMPARED + ("reward",))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import alignkit_dpo
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge
+from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge, TRLColumns
 
 
 @dataclass
@@ -58,10 +58,20 @@ class DPOConfig(TrainingArgumentsBridge):
         super().__post_init__()
 
 
-class DPOTrainer(FacadeTrainer):
+class DPOTrainer(TRLColumns, FacadeTrainer):
     """TRL 1.16's DPOTrainer on alignkit's engine, DPO formatter and DPO loss."""
 
     _tag_names = ["trl", "dpo"]
+    summary_has_step_metrics = True  # TRL's DPO log adds the unlogged step metrics to the summary row too
+
+    @staticmethod
+    def trl_columns(row: dict) -> dict:
+        """TRL's names: prompt_ids, and each answer's ids after the prompt (the tokens it trains on)."""
+        out = {"prompt_ids": row["prompt_input_ids"]}
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            out[f"{side}_ids"] = [t for t, label in zip(ids, labels) if label != -100]
+        return out
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator: Callable | None = None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
@@ -71,6 +81,22 @@ class DPOTrainer(FacadeTrainer):
                      compute_metrics=(compute_metrics, "alignkit reports the DPO eval metrics (rewards/...)"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
         self.compute_metrics = None
+        self._own_ref = ref_model is not None or peft_config is not None  # else the untrained policy is the reference
         self._start("dpo", [alignkit_dpo], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config, overrides=self._ref_model_overrides(ref_model, model))
         self.data_collator = self.formatter.collate
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """As TRL's: with precompute_ref_log_probs and no ref_model under full fine-tuning, a dataset first given
+        here once training has started is refused (TRL keeps no reference then; alignkit refuses alike, so a TRL
+        script behaves the same). The eval datasets given at init are evaluated."""
+        given = [self._raw["eval"], *(self._eval_datasets or {}).values()]
+        if (eval_dataset is not None and self.args.precompute_ref_log_probs and not self._own_ref
+                and self.state.global_step > 0 and not any(self._raw_of(eval_dataset) is ds for ds in given)):
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started, "
+                "because `precompute_ref_log_probs=True` and no `ref_model` was provided (full fine-tuning): the "
+                "reference is only available before training. Provide this dataset as `eval_dataset` at "
+                "initialization, pass an explicit `ref_model`, or set `precompute_ref_log_probs=False`.")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

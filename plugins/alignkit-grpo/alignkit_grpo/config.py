@@ -50,6 +50,11 @@ class GRPOConfig(alignkit.MethodConfig):
         "token", description="Importance ratio per token, or one per completion from its mean log-ratio (GSPO).")
     beta: float = Field(0.0, ge=0,
                         description="Weight of the k3 KL penalty to a frozen reference (0: no reference loaded).")
+    sync_ref_model: bool = Field(False, description="Mix the policy into the reference every ref_model_sync_steps "
+                                 "steps (TR-DPO's reference update, as TRL's; needs beta > 0).")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="sync_ref_model: reference <- alpha * policy + "
+                                         "(1 - alpha) * reference.")
+    ref_model_sync_steps: int = Field(512, gt=0, description="sync_ref_model: optimizer steps between syncs.")
     use_bias_correction_kl: bool = Field(True, description="Multiply the KL term by the importance ratio (unbiased "
                                                            "reverse-KL gradient, DeepSeek-V3.2; TRL 1.x default).")
     epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the importance ratio.")
@@ -118,6 +123,13 @@ class GRPOConfig(alignkit.MethodConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"method.reward_weights has {len(self.reward_weights)} entries, method.reward_funcs "
                              f"{len(self.reward_funcs)}; give one weight per reward function")
+        return self
+
+    @model_validator(mode="after")
+    def _sync_needs_a_reference(self):
+        if self.sync_ref_model and self.beta == 0.0:
+            raise ValueError("method.sync_ref_model=true with beta=0: no reference model is loaded, so there is "
+                             "nothing to synchronize; set beta > 0 or sync_ref_model=false")
         return self
 
     @model_validator(mode="after")

@@ -42,6 +42,11 @@ class GRPOLoss(GroupLoss):
 
     config: GRPOConfig
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if config.sync_ref_model:  # the engine mixes the policy into the reference (Loss.reference_sync)
+            self.reference_sync = (config.ref_model_sync_steps, config.ref_model_mixup_alpha)
+
     @property
     def collective(self) -> bool:  # the entropy quantile spans the micro-batch's tokens on every process
         return self.config.top_entropy_quantile < 1.0
@@ -212,6 +217,8 @@ def rollout_metrics(batch: dict) -> dict:
         column = batch["rewards_per_func"][:, i]
         applied = ~torch.isnan(column)
         out[f"rewards/{name}/mean"] = (column.nan_to_num(0.0).sum(), applied.sum())
+        if "reward_std_per_func" in batch:  # the step's std, repeated on every row
+            out[f"rewards/{name}/std"] = (batch["reward_std_per_func"][:, i].sum(), n)
     for name, values in batch.get("episode_stats", {}).items():  # multi-turn rollouts: turns, tool calls
         out[f"episodes/{name}/mean"] = (values.float().sum(), n)
     out["reward_std"] = (batch["reward_std"].sum(), n)  # the step's std, repeated on every row

@@ -10,7 +10,8 @@ hands the batches to the reference and the loss:
                                     mask_truncated_completions)
   advantages [N]; old_logps [N, C] (num_iterations > 1: the policy's log-probs at sampling time)
   rewards [N], rewards_per_func [N, F], reward_names, reward_std [N], zero_std [N],
-  completion_length [N], is_truncated [N]   (for the metrics)
+  reward_std_per_func [N, F] (each function's std over the step), completion_length [N], is_truncated [N]
+                                    (for the metrics)
   pixel_values, ... [N, ...]        with a vision-language model's prompt rows with images: each prompt's image
                                     features for each of its completions (every log-prob forward reads them)
 """
@@ -53,21 +54,27 @@ class GRPORollout(GroupRollout):
             for b in batches:
                 b["aggregated"] = normalize_then_sum(b["rewards_per_func"], cfg.num_generations, self.weights)
         keys = ("rewards", "aggregated") if gdpo else ("rewards",)
-        totals = torch.zeros(3 * len(keys), dtype=torch.float64, device=ctx.device)
+        n_funcs = batches[0]["rewards_per_func"].shape[1] if batches and "rewards_per_func" in batches[0] else 0
+        totals = torch.zeros(3 * (len(keys) + n_funcs), dtype=torch.float64, device=ctx.device)
         for b in batches:
-            totals += torch.cat([sums(b[k]) for k in keys])
+            per_func = [sums(column) for column in b["rewards_per_func"].unbind(1)] if n_funcs else []
+            totals += torch.cat([sums(b[k]) for k in keys] + per_func)
         if ctx.training:
             totals = ctx.reduce(totals, "sum")
         batch_std = std_from_sums(*totals[:3].tolist())
+        func_stds = [std_from_sums(*totals[3 * i:3 * i + 3].tolist()) for i in range(len(keys), len(keys) + n_funcs)]
         if gdpo:
-            total, _, count = totals[3:].tolist()
-            mean, std = total / count if count else float("nan"), std_from_sums(*totals[3:].tolist())
+            total, _, count = totals[3:6].tolist()
+            mean, std = total / count if count else float("nan"), std_from_sums(*totals[3:6].tolist())
         for b in batches:
             if gdpo:
                 adv = ((b.pop("aggregated") - mean) / (std + EPS)).nan_to_num(0.0)
                 zero = torch.full_like(b["rewards"], std)
             else:
                 adv, zero = advantages(b["rewards"], cfg.num_generations, cfg.scale_rewards, batch_std)
+            if n_funcs:
+                b["reward_std_per_func"] = torch.tensor(func_stds, dtype=b["rewards"].dtype,
+                                                        device=b["rewards"].device).expand_as(b["rewards_per_func"]).clone()
             b.update(advantages=adv.float(), reward_std=torch.full_like(b["rewards"], batch_std),
                      zero_std=torch.isclose(zero, torch.zeros_like(zero)))
         return batches

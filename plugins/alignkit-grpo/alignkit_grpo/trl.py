@@ -6,11 +6,16 @@ weights, or is refused with the reason. GRPOTrainer takes reward functions as TR
 online). Imported on first use only, never by `alignkit run`.
 """
 
+import logging
 from typing import Any
+
+import torch
 
 import alignkit_grpo
 from alignkit.trainer_facade.args import table_config
 from alignkit.trainer_facade.online import ONLINE_IGNORED, ONLINE_KEYS, ONLINE_ROWS, ONLINE_UNSUPPORTED, OnlineTrainer
+from alignkit_grpo.config import GRPOConfig as MethodConfig
+from alignkit_grpo.objective import high_entropy_mask, off_policy_keep
 
 #: TRL 1.16's GRPOConfig fields beyond the online ones
 GRPO_ROWS: list[tuple[str, Any, Any]] = [
@@ -44,8 +49,9 @@ GRPOConfig = table_config(
         "vllm_importance_sampling_clip_max": "method.importance_sampling_clip_max",
         "vllm_importance_sampling_clip_min": "method.importance_sampling_clip_min",
     },
-    unsupported={
-        **ONLINE_UNSUPPORTED,
+    unsupported={  # (TRL's sync_ref_model: the GRPO method's own)
+        **{k: v for k, v in ONLINE_UNSUPPORTED.items()
+           if k not in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")},
         "cast_lm_head_to_fp32": "the LM head runs in the model's precision",
         "max_tool_calling_iterations": "tool calling is not supported",
         "vllm_importance_sampling_cap": "use vllm_importance_sampling_clip_max",
@@ -54,8 +60,45 @@ GRPOConfig = table_config(
 )
 
 
+log = logging.getLogger(__name__)
+
+
 class GRPOTrainer(OnlineTrainer):
     """TRL 1.16's GRPOTrainer on alignkit's engine, rollout and GRPO loss."""
 
     _tag_names = ["trl", "grpo"]
     method_name, method_plugin, config_class, suffix = "grpo", alignkit_grpo, GRPOConfig, "GRPO"
+
+    def _start(self, *args, overrides: dict | None = None, **kwargs) -> None:
+        """TRL's defaults and warnings where they differ from alignkit's: cispo without epsilon_high caps the IS
+        weight at epsilon (alignkit asks for it); sequence-level ratios with a token-summed loss warn."""
+        a, overrides = self.args, dict(overrides or {})
+        if a.loss_type == "cispo":  # TRL reads epsilon there only as epsilon_high's default
+            overrides["method.epsilon_high"] = a.epsilon if a.epsilon_high is None else a.epsilon_high
+            overrides["method.epsilon"] = MethodConfig.model_fields["epsilon"].default
+        if a.importance_sampling_level == "sequence" and a.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            log.warning(f"With importance_sampling_level='sequence', the {a.loss_type!r} loss sums per-token "
+                        "contributions, which effectively weights each sequence by its completion length instead of "
+                        "optimizing the per-sequence objective; loss_type='grpo' follows the GSPO paper's setup.")
+        super()._start(*args, overrides=overrides, **kwargs)
+
+    # ---- TRL 1.16's GRPOTrainer helpers, computed by alignkit's GRPO objective ----------------------------------
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Counted tokens whose entropy is at least the `threshold` quantile of every process's counted tokens."""
+        acc = self.accelerator
+
+        def gather(values: torch.Tensor) -> torch.Tensor:
+            if acc.num_processes == 1:
+                return values
+            values = acc.gather(acc.pad_across_processes(values, dim=0, pad_index=-1e9))
+            return values[values != -1e9]  # entropies are >= 0: the padding cannot be a value
+
+        return high_entropy_mask(entropies, mask, 1 - threshold, gather)
+
+    @staticmethod
+    def get_off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor,
+                            sampling_per_token_logps: torch.Tensor, mask: torch.Tensor,
+                            off_policy_threshold: float) -> torch.Tensor:
+        """[B, 1]: 0 for a negative-advantage completion whose mean KL(sampler || policy) exceeds the threshold."""
+        return off_policy_keep(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
