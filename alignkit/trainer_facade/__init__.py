@@ -20,4 +20,5 @@ from alignkit.trainer_facade.predict import LogitsEvaluation
 from alignkit.trainer_facade.surface import TrainerSurface
 from alignkit.trainer_facade.trainer import FacadeTrainer
 
-__all__ = ["FacadeTrainer", "LogitsEvaluation", "TrainerFlow", "TrainerSurface", "TrainingArgumentsBridge", "TRLColumns"]
+__all__ = ["FacadeTrainer", "LogitsEvaluation", "TrainerFlow", "TrainerSurface", "TrainingArgumentsBridge",
+           "TRLColumns"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import alignkit_dpo
-from alignkit.trainer_facade import FacadeTrainer, TrainingArgumentsBridge, TRLColumns
+from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation, TrainingArgumentsBridge, TRLColumns
 
 
 @dataclass
@@ -58,10 +58,11 @@ class DPOConfig(TrainingArgumentsBridge):
         super().__post_init__()
 
 
-class DPOTrainer(TRLColumns, FacadeTrainer):
+class DPOTrainer(LogitsEvaluation, TRLColumns, FacadeTrainer):
     """TRL 1.16's DPOTrainer on alignkit's engine, DPO formatter and DPO loss."""
 
     _tag_names = ["trl", "dpo"]
+    metric_labels = "input_ids"  # TRL's DPO prediction_step: (loss, logits of [chosen; rejected], input_ids)
     summary_has_step_metrics = True  # TRL's DPO log adds the unlogged step metrics to the summary row too
 
     @staticmethod
@@ -78,9 +79,8 @@ class DPOTrainer(TRLColumns, FacadeTrainer):
                  callbacks=None, optimizers: tuple = (None, None), quantization_config=None, peft_config=None) -> None:
         self.args = self._args(args, DPOConfig, f"{self._model_name(model).split('/')[-1]}-DPO")
         self._refuse(data_collator=(data_collator, "alignkit's formatter pads and collates the pairs"),
-                     compute_metrics=(compute_metrics, "alignkit reports the DPO eval metrics (rewards/...)"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
-        self.compute_metrics = None
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, None
         self._own_ref = ref_model is not None or peft_config is not None  # else the untrained policy is the reference
         self._start("dpo", [alignkit_dpo], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config, overrides=self._ref_model_overrides(ref_model, model))

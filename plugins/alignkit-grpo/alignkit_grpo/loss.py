@@ -42,17 +42,12 @@ class GRPOLoss(GroupLoss):
 
     config: GRPOConfig
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        if config.sync_ref_model:  # the engine mixes the policy into the reference (Loss.reference_sync)
-            self.reference_sync = (config.ref_model_sync_steps, config.ref_model_mixup_alpha)
-
     @property
     def collective(self) -> bool:  # the entropy quantile spans the micro-batch's tokens on every process
         return self.config.top_entropy_quantile < 1.0
 
     def __init__(self, config: GRPOConfig) -> None:
-        super().__init__(config)
+        super().__init__(config)  # (GroupLoss: sync_ref_model becomes Loss.reference_sync)
         self.entropy_coef, self.last_entropy = config.entropy_coef, float("inf")  # adaptive entropy control's state
 
     def counts(self, batch):
