@@ -36,7 +36,6 @@ ONLINE_ROWS: list[tuple[str, Any, Any]] = [
 ]
 
 _VLLM = "with use_vllm, alignkit's vLLM sampler is set by the generation.* keys (docs/online.md)"
-_FROZEN = "alignkit keeps the reference frozen"
 ONLINE_KEYS: dict[str, Any] = {
     "use_vllm": lambda v: {"method.generation_backend": "vllm"} if v else {},
     "shuffle_dataset": lambda v: {"train.shuffle": bool(v)},
@@ -47,7 +46,6 @@ ONLINE_UNSUPPORTED: dict[str, str] = {
     "steps_per_generation": "one rollout per optimizer step (use gradient_accumulation_steps)",
     "min_p": "not a sampling option of alignkit's rollout", "generation_kwargs": "set the method's sampling keys",
     "chat_template_kwargs": "not supported", "repetition_penalty": "not a sampling option of alignkit's rollout",
-    "sync_ref_model": _FROZEN, "ref_model_mixup_alpha": _FROZEN, "ref_model_sync_steps": _FROZEN,
     "use_transformers_continuous_batching": "alignkit generates with transformers' generate or vLLM",
     "use_transformers_paged": "alignkit generates with transformers' generate or vLLM",
     "router_aux_loss_coef": "MoE router auxiliary losses are not added",

@@ -49,9 +49,8 @@ GRPOConfig = table_config(
         "vllm_importance_sampling_clip_max": "method.importance_sampling_clip_max",
         "vllm_importance_sampling_clip_min": "method.importance_sampling_clip_min",
     },
-    unsupported={  # (TRL's sync_ref_model: the GRPO method's own)
-        **{k: v for k, v in ONLINE_UNSUPPORTED.items()
-           if k not in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")},
+    unsupported={
+        **ONLINE_UNSUPPORTED,
         "cast_lm_head_to_fp32": "the LM head runs in the model's precision",
         "max_tool_calling_iterations": "tool calling is not supported",
         "vllm_importance_sampling_cap": "use vllm_importance_sampling_clip_max",

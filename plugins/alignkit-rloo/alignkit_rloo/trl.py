@@ -21,9 +21,7 @@ RLOO_ROWS: list[tuple[str, Any, Any]] = [
 RLOOConfig = table_config(
     "RLOOConfig", ONLINE_ROWS + RLOO_ROWS, alignkit_rloo, __name__,
     "TRL 1.16's RLOOConfig: learning_rate 1e-6, num_generations 2, beta 0.05, max_completion_length 512, ...",
-    method_keys=ONLINE_KEYS, ignored=ONLINE_IGNORED,
-    # the reference sync (TRL's SyncRefModelCallback) is method.sync_ref_model & co.: same names, mapped as they are
-    unsupported={k: v for k, v in ONLINE_UNSUPPORTED.items() if not k.startswith(("sync_ref", "ref_model_"))},
+    method_keys=ONLINE_KEYS, unsupported=ONLINE_UNSUPPORTED, ignored=ONLINE_IGNORED,
 )
 
 
