@@ -8,7 +8,7 @@ core or by `alignkit run`.
 - `TrainerFlow`: the engine's Schedule and lifecycle plugin that runs transformers' callbacks and control flags.
 - `LogitsEvaluation`: compute_metrics on the model's logits (Trainer's evaluation_loop), for the trainers whose
   predictions are logits.
-- `TRLColumns`: mixin showing a trainer's tokenized rows under TRL's column names too (e.g. DPO's prompt_ids).
+- `TRLColumns`: mixin showing a trainer's tokenized rows under TRL's column names too (e.g. prompt_ids).
 - `TrainingArgumentsBridge`: base of a TRL 1.x config class (transformers.TrainingArguments plus the
   method's fields) that maps itself to alignkit keys, refusing what alignkit cannot honour.
 """

@@ -1,6 +1,6 @@
 """TRLColumns: a TRL-style trainer's tokenized rows shown under TRL's own column names too.
 
-TRL's trainers tokenize into their own columns (DPO: prompt_ids / chosen_ids / rejected_ids) and TRL users and
+TRL's trainers tokenize into their own columns (e.g. prompt_ids / chosen_ids / rejected_ids) and TRL users and
 tests read them from `trainer.train_dataset` / `trainer.eval_dataset`. A trainer mixes this in before
 FacadeTrainer and defines `trl_columns(row) -> dict`; the rows it shows gain those columns (the engine still trains
 on the raw rows behind them), and each dataset of a dict of eval datasets is shown tokenized.

@@ -224,8 +224,8 @@ class OnlineTrainer(FacadeTrainer):
     method_plugin: Any
     config_class: type
     suffix: str
-    #: TRL's online trainers' log adds the step metrics not yet logged to the summary row after training too (read by
-    #: the shared facade's summary row on the SFT/KTO branch, which adds this switch)
+    #: TRL's online trainers' log adds the step metrics not yet logged to the summary row after training too
+    #: (FacadeTrainer.summary_has_step_metrics)
     summary_has_step_metrics = True
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,

@@ -1,4 +1,4 @@
-"""compute_metrics for the TRL-style trainers whose predictions are the model's logits (TRL's SFT and KTO trainers:
+"""compute_metrics for the TRL-style trainers whose predictions are the model's logits (several of TRL's trainers:
 Trainer's prediction_step returns the logits and the batch's labels, or its input ids).
 
 `LogitsEvaluation.evaluation_loop` runs the model over eval batches, hands `preprocess_logits_for_metrics(logits,
@@ -16,7 +16,7 @@ from alignkit.formatters.packing import model_inputs
 class LogitsEvaluation:
     """Mixed into a FacadeTrainer subclass (needs `compute_metrics`, `preprocess_logits_for_metrics`, `engine`)."""
 
-    #: the batch key Trainer's prediction_step returns as the labels (TRL's KTO: "input_ids")
+    #: the batch key Trainer's prediction_step returns as the labels (e.g. "input_ids")
     metric_labels: str = "labels"
 
     def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,

@@ -29,8 +29,8 @@ class FacadeTrainer(TrainerSurface):
     _tag_names: list[str] = []
     #: TRL 1.x's trainers refuse to start without a train_dataset
     requires_train_dataset: bool = True
-    #: the summary row after training gets the means of the step metrics not logged yet (TRL 1.16's SFT and KTO
-    #: trainers' log adds them to every train row)
+    #: the summary row after training gets the means of the step metrics not logged yet (several of TRL 1.16's
+    #: trainers' logs add them to every train row)
     summary_has_step_metrics: bool = False
 
     def _args(self, args, config_cls: type, default_output_dir: str):
