@@ -68,6 +68,12 @@ class GRPOTrainer(OnlineTrainer):
     _tag_names = ["trl", "grpo"]
     method_name, method_plugin, config_class, suffix = "grpo", alignkit_grpo, GRPOConfig, "GRPO"
 
+    @property
+    def entropy_coef(self) -> float:
+        """The entropy bonus's coefficient now (use_adaptive_entropy moves it after each step), as TRL's trainer
+        keeps it."""
+        return self.engine.loss.entropy_coef
+
     def _start(self, *args, overrides: dict | None = None, **kwargs) -> None:
         """TRL's defaults and warnings where they differ from alignkit's: cispo without epsilon_high caps the IS
         weight at epsilon (alignkit asks for it); sequence-level ratios with a token-summed loss warn."""

@@ -139,3 +139,18 @@ def test_the_controller_loss_and_gradients_equal_trls_over_four_steps(target, tm
     assert r["loss_rel_max"] <= 1e-5 and r["grad_rel_max"] <= 1e-5 and r["coef_abs_max"] <= 1e-12, r
     coefs = [s["trl_coef"] for s in r["steps"]]
     assert len(set(coefs)) > 1 or target == 100.0  # the controller moved (100: it rose, then sat at the max)
+
+
+def test_the_facade_shows_the_moving_coefficient_as_trls_trainer_does(tmp_path):
+    """TRL's tests read trainer.entropy_coef after training: under adaptive control it rose by delta per step."""
+    from alignkit_grpo.rewards import sort_order
+    from alignkit_trl import DatasetMixtureConfig, GRPOConfig, GRPOTrainer, get_dataset
+
+    prompts = get_dataset(DatasetMixtureConfig(datasets=[{"path": "builtin:sort-prompts"}]))["train"]
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, use_adaptive_entropy=True, entropy_coef=0.01, entropy_coef_delta=0.005,
+                      entropy_target=100.0, report_to="none", bf16=False, use_cpu=True, save_strategy="no")
+    trainer = GRPOTrainer("builtin:tiny", reward_funcs=sort_order, args=args, train_dataset=prompts)
+    assert trainer.entropy_coef == 0.01
+    trainer.train()
+    assert trainer.entropy_coef == pytest.approx(0.01 + 0.005 * trainer.state.global_step)
