@@ -54,13 +54,14 @@ def test_orpo_takes_the_cores_formatter():
 def test_method_size_targets():
     """Methods are config + loss on the core's blocks: the DPO plugin, TRL 1.16's whole DPO loss family with its
     tokenization, fits in 400 lines (TRL's dpo_trainer.py + dpo_config.py: 2,118), its online variant (sampling,
-    ranking, TRL's metrics; TRL's online_dpo_trainer.py + config: over 1,000) in 250 more, SFT's loss in 30. (The
-    TRL-style facade, trl.py, is not the method.)"""
+    ranking, TRL's metrics; TRL's online_dpo_trainer.py + config: over 1,000) in 250 more, SFT's loss (two loss
+    types) in 31. (The TRL-style facade, trl.py, is not the method.)"""
     files = [p for p in (ROOT / "plugins/alignkit-dpo/alignkit_dpo").glob("*.py") if p.name != "trl.py"]
     lines = {p.name: len(p.read_text().splitlines()) for p in files}
     online = sum(n for name, n in lines.items() if name.startswith("online"))
     assert sum(lines.values()) - online <= 400 and 0 < online <= 250
-    assert len((ROOT / "plugins/alignkit-sft/alignkit_sft/loss.py").read_text().splitlines()) <= 30
+    # SFT's loss: 30 lines for the NLL, one more for TRL's second SFT loss (dft), a term of the same scorer
+    assert len((ROOT / "plugins/alignkit-sft/alignkit_sft/loss.py").read_text().splitlines()) <= 31
 
 
 def test_pair_metrics_are_trls_pairwise_means():

@@ -1,6 +1,4 @@
-"""SFT: token-level NLL (or DFT: the NLL weighted by the token's detached probability) of the labelled tokens,
-normalised by their count over the optimizer step (unit "tokens"), with exact accuracy and entropy, through the
-shared TokenScorer (alignkit.blocks.logps; fused head in training)."""
+"""SFT: token NLL (DFT: weighted by its detached probability) per trained token, with accuracy and entropy."""
 
 import torch
 
@@ -8,8 +6,7 @@ from alignkit import Loss, LossOutput
 from alignkit.blocks.logps import TokenScorer
 from alignkit.formatters.packing import input_tokens, model_inputs, trained_labels, trained_tokens
 
-#: loss_type -> the summed token term of the selected log-probs (DFT: each NLL weighted by its detached probability)
-TERMS = {"nll": lambda logps, _: -logps.sum(), "dft": lambda logps, _: -(logps * logps.detach().exp()).sum()}
+TERMS = {"nll": lambda lp, _: -lp.sum(), "dft": lambda lp, _: -(lp * lp.detach().exp()).sum()}  # per loss_type
 
 
 class SFTLoss(Loss):
@@ -30,5 +27,5 @@ class SFTLoss(Loss):
                         term=TERMS[self.config.loss_type], stats=lambda logits, t: (logits.argmax(-1) == t,))
         correct = s.extra[0] if s.extra else torch.zeros(0, dtype=torch.bool)
         n = torch.tensor(float(correct.numel()), device=s.total.device)
-        metrics = {"mean_token_accuracy": (correct.sum().to(n.dtype), n), "entropy": (s.entropy.sum(), n)}
-        return LossOutput(terms={"tokens": s.total}, metrics=metrics)
+        return LossOutput(terms={"tokens": s.total}, metrics={"mean_token_accuracy": (correct.sum().to(n.dtype), n),
+                                                              "entropy": (s.entropy.sum(), n)})
