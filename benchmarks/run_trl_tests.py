@@ -69,16 +69,16 @@ EXCLUSIONS: list[tuple[str, str]] = [
      "trains float16 weights at learning_rate 0.1, which diverges: under TRL too the gradient norm turns inf/nan by "
      "step 6 and the weights end NaN (the test checks only that they changed); alignkit refuses a non-finite step "
      "rather than write it into the weights (train.skip_nonfinite_steps skips such steps)"),
-    (r"test_grpo_trainer\.py::\w+::test_train_with_mask_truncated_completions\b",
+    (r"test_(grpo|rloo)_trainer\.py::\w+::test_train_with_mask_truncated_completions\b",
      "its fake generate returns the hub Qwen2 tokenizer's ids (EOS 151645, pad 151643), outside the offline "
      "stand-in's vocabulary (fails on TRL itself here)"),
-    (r"test_grpo_trainer\.py::\w+::test_train_with_mask_truncated_completions_all_masked",
+    (r"test_(grpo|rloo)_trainer\.py::\w+::test_train_with_mask_truncated_completions_all_masked",
      "relies on the hub model's 151k-token vocabulary never sampling EOS in 8 tokens; the offline stand-in's small "
      "vocabulary does (fails on TRL itself here)"),
-    (r"test_grpo_trainer\.py::\w+::test_train_with_(additional_)?generation_kwargs",
+    (r"test_(grpo|rloo)_trainer\.py::\w+::test_train_with_(additional_)?generation_kwargs",
      "sampling options alignkit's rollout lacks (min_p, generation_kwargs such as beam search): they change the "
      "completions trained on"),
-    (r"test_grpo_trainer\.py::\w+::test_prepare_input_called_with_correct_data",
+    (r"test_(grpo|rloo)_trainer\.py::\w+::test_prepare_input_called_with_correct_data",
      "steps_per_generation (one generation batch reused over several optimizer steps): not supported by alignkit "
      "(one rollout per optimizer step); it changes the trained weights"),
     (r"test_grpo_trainer\.py::\w+::test_entropy_bonus_scale\[luspo\]",
@@ -350,6 +350,34 @@ def print_result(r: dict) -> None:
         print(f"   FAILED {test}: {message}")
 
 
+RESULTS = re.compile(r"(<!-- results -->\n).*?(<!-- /results -->)", re.S)
+
+
+def markdown(results: list[dict]) -> str:
+    """The results table and, per trainer, its exclusions by reason and its failures (benchmarks/trl-tests.md)."""
+    lines = ["| trainer | TRL's tests | excluded (reason below) | run | passed | failed |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['trainer']} | {r['tests']} | {r['excluded']} | {r['run']} | {r['passed']} | {r['failed']} |"
+              for r in results]
+    for r in results:
+        lines += ["", f"### {r['trainer']}", "", "Excluded:", ""]
+        lines += [f"- {n}: {reason}" for reason, n in Counter(r["exclusions"]).most_common()]
+        if r["failures"]:
+            lines += ["", "Failing (what is still missing):", ""]
+            lines += [f"- `{test.split('::')[-1]}`: {message}" for test, message in sorted(r["failures"].items())]
+        else:
+            lines += ["", f"Failing: none ({r['passed']} of {r['run']} run pass)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, results: list[dict]) -> None:
+    """Replace the part of `path` between `<!-- results -->` and `<!-- /results -->` with `markdown(results)`."""
+    text = path.read_text()
+    if not RESULTS.search(text):
+        raise SystemExit(f"{path}: no <!-- results --> ... <!-- /results --> markers")
+    path.write_text(RESULTS.sub(lambda m: m[1] + markdown(results) + m[2], text))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trainer", action="append", choices=TRAINERS, help="repeatable; default: all")
@@ -357,8 +385,17 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--against", choices=["alignkit", "trl"], default="alignkit")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the results into this file's <!-- results --> part")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="no run: the results of earlier --json files")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
+    if args.from_json:
+        results = [r for f in args.from_json for r in json.loads(f.read_text())]
+        order = {t: i for i, t in enumerate(TRAINERS)}
+        results = sorted({r["trainer"]: r for r in results}.values(), key=lambda r: order[r["trainer"]])
+        if args.markdown:
+            write_markdown(args.markdown, results)
+        return 0
     try:
         import parameterized  # noqa: F401  (TRL's test files import it)
     except ImportError:
@@ -375,6 +412,8 @@ def main() -> int:
             print_result(results[-1])
         if args.json:
             args.json.write_text(json.dumps([{**r, "exclusions": dict(r["exclusions"])} for r in results], indent=1))
+        if args.markdown:
+            write_markdown(args.markdown, results)
     return 0 if all(r["failed"] == 0 for r in results) else 1
 
 
