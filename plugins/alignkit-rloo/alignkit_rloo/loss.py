@@ -103,6 +103,8 @@ def rollout_metrics(batch: dict) -> dict:
     for i, name in enumerate(batch["reward_names"]):
         column = batch["rewards_per_func"][:, i]
         out[f"rewards/{name}/mean"] = (column.nan_to_num(0.0).sum(), (~torch.isnan(column)).sum())
+        if "reward_std_per_func" in batch:  # the step's std of the function, repeated on every row
+            out[f"rewards/{name}/std"] = (batch["reward_std_per_func"][:, i].sum(), n)
     out["reward_std"] = (batch["reward_std"].sum(), n)  # the step's std, repeated on every row
     out["frac_reward_zero_std"] = (batch["zero_std"].float().sum(), n)
     return out

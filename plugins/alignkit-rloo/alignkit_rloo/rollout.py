@@ -61,11 +61,15 @@ class RLOORollout(GroupRollout):
                 r = r.clamp(*cfg.reward_clip_range)
             penalised.append(r - cfg.beta * b["kl_sum"] if "kl_sum" in b else r)
         advantages = [leave_one_out(r, k) for r in penalised]
+        n_funcs = batches[0]["rewards_per_func"].shape[1] if batches and "rewards_per_func" in batches[0] else 0
         totals = torch.stack([torch.cat([sums(b["rewards"]) for b in batches]).view(-1, 3).sum(0),
-                              torch.cat([sums(a) for a in advantages]).view(-1, 3).sum(0)])
+                              torch.cat([sums(a) for a in advantages]).view(-1, 3).sum(0),
+                              *(torch.cat([sums(b["rewards_per_func"][:, i]) for b in batches]).view(-1, 3).sum(0)
+                                for i in range(n_funcs))])
         if ctx.training:
             totals = ctx.reduce(totals, "sum")
         reward_std = std_from_sums(*totals[0].tolist())
+        func_stds = [std_from_sums(*totals[2 + i].tolist()) for i in range(n_funcs)]  # TRL's rewards/<name>/std
         adv_mean, adv_std = totals[1, 0].item() / max(totals[1, 2].item(), 1.0), std_from_sums(*totals[1].tolist())
         for b, adv, r in zip(batches, advantages, penalised):
             if cfg.normalize_advantages:
@@ -75,6 +79,8 @@ class RLOORollout(GroupRollout):
             mean = torch.nanmean(groups, 1, keepdim=True)
             var = torch.nansum((groups - mean) ** 2, 1, keepdim=True) / (count - 1).clamp(min=1)
             group_std = torch.where(count > 1, var, torch.full_like(var, float("nan"))).sqrt()
+            if n_funcs:
+                b["reward_std_per_func"] = torch.tensor(func_stds, dtype=r.dtype, device=r.device).expand(len(r), -1)
             b.update(advantages=adv.nan_to_num(0.0).float(), reward_std=torch.full_like(b["rewards"], reward_std),
                      zero_std=torch.isclose(group_std, torch.zeros_like(group_std)).expand_as(groups).reshape(-1))
         return batches

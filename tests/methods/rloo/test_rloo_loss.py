@@ -210,3 +210,23 @@ def test_a_reward_model_path_that_is_not_a_classifier_is_one_line_exit_2_and_wri
                    f"train.output_dir={tmp_path / 'out'}", written=tmp_path / "out")
     assert line.startswith(f"alignkit: error: method.reward_funcs: model:{tmp_path / 'causal'} is a LlamaForCausalLM, "
                            "not a sequence classifier"), line
+
+
+def test_each_reward_functions_std_over_the_step_is_logged_as_trl_does():
+    """TRL's rewards/<name>/std: each function's (unbiased) std over the step's completions, every micro-batch."""
+    from alignkit_rloo.loss import rollout_metrics
+
+    cfg = RLOOConfig(num_generations=2)
+    rollout = RLOORollout(cfg, tiny_tokenizer(), rewards=registry())
+    per_func = [torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 4.0], [1.0, 0.5]])]
+    batches = [{"rewards": p.sum(1), "rewards_per_func": p, "reward_names": ["a", "b"],
+                "completion_length": torch.tensor([3, 4]), "is_truncated": torch.tensor([False, False])}
+               for p in per_func]
+    ctx = SimpleNamespace(training=True, reduce=lambda t, op="sum": t)
+    out = rollout.finish(batches, ctx=ctx)
+    column = torch.cat(per_func)
+    for b in out:
+        metrics = rollout_metrics(b)
+        for i, name in enumerate(["a", "b"]):
+            total, n = metrics[f"rewards/{name}/std"]
+            assert float(total) / n == pytest.approx(column[:, i].std().item(), rel=1e-6)
