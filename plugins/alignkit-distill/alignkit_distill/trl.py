@@ -185,20 +185,8 @@ class DistillationTrainer(FacadeTrainer):
             raise ValueError("DistillationTrainer needs `teacher_model` (a model loaded with from_pretrained, or its "
                              "name) or DistillationConfig.teacher_model_name_or_path")
         self.compute_metrics = None
-        overrides = {**_teacher("DistillationTrainer", teacher_model, model), "method.lmbda": 1.0,
+        overrides = {**self._ref_model_overrides(teacher_model, model), "method.lmbda": 1.0,
                      "method.temperature_in_loss": True}
         self._start("distill", [alignkit_distill], model, self.args, train_dataset, eval_dataset, processing_class,
                     None, callbacks, optimizers, peft_config, overrides=overrides)
         self.data_collator = self.formatter.collate
-
-
-def _teacher(owner: str, teacher_model, model) -> dict:
-    """The teacher as alignkit's model.ref_name_or_path: its name or the folder it was loaded from."""
-    if teacher_model is model:
-        raise ValueError(f"{owner}: `model` and `teacher_model` cannot be the same object; load the teacher "
-                         "separately (or pass its name)")
-    path = teacher_model if isinstance(teacher_model, str) else getattr(teacher_model.config, "_name_or_path", "")
-    if not path:
-        raise ValueError(f"{owner}(teacher_model=...): alignkit loads the teacher itself; pass a model loaded with "
-                         "from_pretrained (its name or folder) or a name")
-    return {"model.ref_name_or_path": path}
