@@ -152,32 +152,11 @@ def zen_configs() -> dict[str, list[dict]]:
     }
 
 
-def build_zen(out: Path) -> Path:
-    import datasets
-
+def write_configs(out: Path, configs: dict) -> Path:
+    """A hub-style dataset folder: each config (name -> datasets.Dataset) split into train and the last 2 rows as
+    test, written as parquet, and the README's `configs:` block that `load_dataset(out, name)` reads."""
     readme = ["---", "configs:"]
-    for name, rows in zen_configs().items():
-        split = datasets.Dataset.from_list(rows).train_test_split(test_size=2, seed=0, shuffle=False)
-        readme += [f"- config_name: {name}", "  data_files:"]
-        for part in ("train", "test"):
-            (out / name).mkdir(parents=True, exist_ok=True)
-            split[part].to_parquet(str(out / name / f"{part}.parquet"))
-            readme += [f"  - split: {part}", f"    path: {name}/{part}.parquet"]
-    (out / "README.md").write_text("\n".join(readme + ["---", ""]))
-    return out
-
-
-def build_zen_image(out: Path) -> Path:
-    """The zen-image configs TRL's tests read: the zen conversational rows, each with one small picture (`images`)."""
-    import datasets
-    from PIL import Image
-
-    readme = ["---", "configs:"]
-    for name, rows in zen_configs().items():
-        if not name.startswith("conversational_"):
-            continue
-        ds = datasets.Dataset.from_list([{**row, "images": [Image.new("RGB", (16, 16), (17 * (i % 15), 40, 200))]}
-                                         for i, row in enumerate(rows)])
+    for name, ds in configs.items():
         split = ds.train_test_split(test_size=2, seed=0, shuffle=False)
         readme += [f"- config_name: {name}", "  data_files:"]
         for part in ("train", "test"):
@@ -186,6 +165,25 @@ def build_zen_image(out: Path) -> Path:
             readme += [f"  - split: {part}", f"    path: {name}/{part}.parquet"]
     (out / "README.md").write_text("\n".join(readme + ["---", ""]))
     return out
+
+
+def build_zen(out: Path) -> Path:
+    import datasets
+
+    return write_configs(out, {name: datasets.Dataset.from_list(rows) for name, rows in zen_configs().items()})
+
+
+def build_zen_image(out: Path) -> Path:
+    """The zen-image configs TRL's tests read: the zen conversational rows, each with one small picture (`images`)."""
+    import datasets
+    from PIL import Image
+
+    def pictured(rows):
+        return datasets.Dataset.from_list([{**row, "images": [Image.new("RGB", (16, 16), (17 * (i % 15), 40, 200))]}
+                                           for i, row in enumerate(rows)])
+
+    return write_configs(out, {name: pictured(rows) for name, rows in zen_configs().items()
+                               if name.startswith("conversational_")})
 
 
 def build_fixtures(out: Path) -> dict[str, Path]:

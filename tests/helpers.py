@@ -96,3 +96,12 @@ def kill_at_checkpoint_then_resume(tmp_path, cli, args, after_kill=None) -> dict
     full, run = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert full[-1] == run[-1]
     return full[-1]
+
+
+def record_forwards(model) -> list:
+    """A list that fills with (batch rows, pixel_values or None) at each forward of `model` (a forward pre-hook)."""
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["input_ids"].shape[0], kwargs.get("pixel_values"))),
+        with_kwargs=True)
+    return seen

@@ -13,7 +13,7 @@ from alignkit_kto.pairing import kl_pairs
 from PIL import Image
 
 import alignkit
-from helpers import fast, read_jsonl
+from helpers import fast, read_jsonl, record_forwards
 
 VLM = "builtin:tiny-vlm"
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 160, 0)}
@@ -140,10 +140,7 @@ def test_the_fused_head_gives_the_plain_heads_loss_and_gradients_with_images():
 def test_kto_trains_on_shapes_pairs_unpaired_with_the_pixel_values_in_every_forward(tmp_path, precompute):
     cfg, _, tokenizer = setup()
     model = alignkit.load_model(cfg.model, tokenizer, seed=0)
-    seen = []
-    model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((kwargs["input_ids"].shape[0], kwargs.get("pixel_values"))),
-        with_kwargs=True)
+    seen = record_forwards(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     config = fast(tmp_path, max_steps=2, learning_rate=1e-3, per_device_train_batch_size=2)
     config["data"] = {"train": "builtin:shapes-pairs", "max_train_samples": 4, "max_eval_samples": 4}
