@@ -2,6 +2,8 @@
 the call's seed, its prompt, its index), not on how many rows share a generate call, which other prompts are in it,
 or their lengths; and the Gumbel-max sampler draws from softmax(logits / T) restricted by top-k / top-p."""
 
+import functools
+
 import pytest
 import torch
 
@@ -82,3 +84,66 @@ def test_temperature_zero_is_greedy():
         want = MODEL.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                               eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)[0, ids.shape[1]:]
     assert greedy == want.tolist()[:len(greedy)] and len(greedy) >= 1
+
+
+def generate_path(model, rows, seeds, max_new_tokens, temperature, top_p, top_k, stop, suppress=()):
+    """What `sample` did before its own decode loop: transformers' generate over the same processors."""
+    from transformers import GenerationConfig, LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    from alignkit.online.sampling import (
+        GumbelNoise,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        _until_stop,
+        left_pad,
+    )
+
+    ids, mask = left_pad(rows, TOK.pad_token_id, "cpu")
+    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(list(suppress), "cpu")] if suppress else [])
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        processors += [TopKLogitsWarper(top_k)] if top_k else []
+        processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        processors.append(GumbelNoise(seeds))
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                              pad_token_id=TOK.pad_token_id, use_cache=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+    return [_until_stop(r[ids.shape[1]:].tolist(), stop) for r in out]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,suppress", [(1.0, 0, 1.0, ()), (0.7, 5, 0.9, ()),
+                                                               (0.0, 0, 1.0, ()), (1.0, 0, 1.0, (5, 6))])
+def test_the_decode_loop_picks_what_generate_picks(temperature, top_k, top_p, suppress):
+    """Repeated prompts prefilled once, finished rows dropped from the batch: the same tokens as transformers'
+    generate over the same processors and noise, rows stopping at different steps (some at the length cap)."""
+    rows = [PROMPTS[i % 5] for i in range(5) for _ in range(3)] + [PROMPTS[7]]
+    seeds = list(range(100, 100 + len(rows)))
+    stop = [TOK.eos_token_id] + list(range(0, len(TOK), 9))  # a ninth of the vocabulary ends a completion
+    lengths = set()
+    for model in (MODEL, PEAKED):
+        with torch.no_grad():
+            ours = sample(model, rows, seeds, 10, temperature, top_p, top_k, stop, TOK.pad_token_id, suppress=suppress)
+        assert ours == generate_path(model, rows, seeds, 10, temperature, top_p, top_k, stop, suppress)
+        lengths |= {len(c) for c in ours}
+    if temperature > 0:  # rows stopped at different steps, some ran to the cap
+        assert len(lengths) >= 3 and 10 in lengths, lengths
+
+
+def test_the_decode_loop_prefills_each_distinct_prompt_once(monkeypatch):
+    """8 samples of each of 2 prompts: the first forward sees 2 rows, not 16."""
+    widths = []
+    forward = type(MODEL).forward
+
+    @functools.wraps(forward)
+    def spy(self, input_ids=None, **kw):
+        widths.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(MODEL), "forward", spy)
+    rows = [PROMPTS[0]] * 8 + [PROMPTS[3]] * 8
+    with torch.no_grad():
+        sample(MODEL, rows, list(range(16)), 6, 1.0, 1.0, 0, [TOK.eos_token_id], TOK.pad_token_id)
+    assert widths[0][0] == 2 and all(w[1] == 1 for w in widths[1:])  # prefill 2 prompts, then one token a step
+    assert widths[-1][0] <= 16
