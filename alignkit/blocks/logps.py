@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alignkit.blocks.fusedhead import fused_terms, fused_token_terms
 from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, final_hidden_states, require_head, selected_token_logps
-from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, share_rows
+from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, prefix_groups, share_groups, share_rows
 from alignkit.errors import ConfigError
 from alignkit.formatters.vision import vision_inputs
 from alignkit.plugin.loss import at_least_fp32
@@ -282,18 +282,19 @@ class TokenScorer:
     """
 
     def __init__(self, chunk_size: int = 1024, implementation: str = "chunked", temperature: float = 1.0,
-                 label_pad_token_id: int = -100) -> None:
+                 label_pad_token_id: int = -100, share_prefix: bool = False) -> None:
         if temperature <= 0:
             raise ConfigError(f"the scorer's temperature must be positive, got {temperature}")
         self.chunk_size, self.implementation, self.temperature = chunk_size, implementation, temperature
+        self.share_prefix = share_prefix  # consecutive rows with a common prefix run it once (alignkit.blocks.sharing)
         self.ignore = label_pad_token_id
         self._heads: dict[int, LMHead | None] = {}
         self._checked: set[int] = set()
 
     @classmethod
-    def from_config(cls, config, temperature: float = 1.0) -> "TokenScorer":
+    def from_config(cls, config, temperature: float = 1.0, share_prefix: bool = False) -> "TokenScorer":
         return cls(getattr(config, "logits_chunk_size", 1024), getattr(config, "loss_implementation", "chunked"),
-                   temperature, getattr(config, "label_pad_token_id", -100))
+                   temperature, getattr(config, "label_pad_token_id", -100), share_prefix)
 
     def head_of(self, model: torch.nn.Module) -> LMHead | None:
         """The split-off head of `model` (found once per model; a warning where it cannot be), or None (plain)."""
@@ -318,9 +319,9 @@ class TokenScorer:
         if head is None:  # (the last T positions: a PEFT prompt-learning model puts its virtual tokens first)
             return self._plain(model(**inputs, use_cache=False).logits[:, -T:-1], select_BT, targets_N, term, stats,
                                distribution)
-        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        outputs, hidden_BTH = self._hidden(model, inputs)
         require_head(head, outputs, self._checked)
-        hidden_NH = outputs.hidden_states[-1][:, -T:-1][select_BT]
+        hidden_NH = hidden_BTH[:, -T:-1][select_BT]
         entropy_stats = _with_entropy(stats)
         if term is not None or not (torch.is_grad_enabled() and hidden_NH.requires_grad):
             total, logps_N, extra = fused_token_terms(head, hidden_NH, targets_N, self.chunk_size, term, entropy_stats,
@@ -336,6 +337,25 @@ class TokenScorer:
         logps_N, entropy_N = (torch.cat(x) for x in zip(*parts)) if parts else (empty + hidden_NH.sum() * 0, empty)
         return TokenScores(logps_N, entropy_N.detach(), select_BT)
 
+    def _hidden(self, model, inputs):
+        """(outputs, final hidden states [B, T, H]); with share_prefix, runs of consecutive rows that share at least
+        a quarter of their width as a prefix (a prompt's samples) run it once, where that saves a fifth of the
+        positions and the [groups, L, L] mask stays under 64M entries."""
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if self.share_prefix and set(inputs) == {"input_ids", "attention_mask"} and _takes_4d_mask(model):
+            rows, width = ids.shape
+            groups = prefix_groups(ids, mask, max(1, width // 4))
+            total = max(width + (n - 1) * (width - p) for _, n, p in groups)
+            if len(groups) * total <= 0.8 * rows * width and len(groups) * total ** 2 <= 2 ** 26:
+                dtype = next(model.parameters()).dtype
+                shared = share_groups(ids, mask, groups, dtype if dtype.is_floating_point else torch.float32)
+                outputs = model(input_ids=shared.input_ids, attention_mask=shared.attention_mask,
+                                position_ids=shared.position_ids, output_hidden_states=True, logits_to_keep=1,
+                                use_cache=False)
+                return outputs, shared.unshare(outputs.hidden_states[-1])
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return outputs, outputs.hidden_states[-1]
+
     def _plain(self, logits_BTV, select_BT, targets_N, term, stats, distribution) -> TokenScores:
         logits_NV = at_least_fp32(logits_BTV[select_BT])
         if self.temperature != 1.0:
@@ -350,6 +370,20 @@ class TokenScorer:
             args = (logps_N, slice(0, len(logps_N))) + ((logits_NV - log_z_N[:, None],) if distribution else ())
             total = term(*args)
         return TokenScores(logps_N, entropy_N, select_BT, tuple(extra), total)
+
+
+def _takes_4d_mask(model: torch.nn.Module) -> bool:
+    """A causal LM whose attention reads a custom 4D mask (SHARING_ATTENTION), with no tokens of its own put before
+    the inputs (a PEFT prompt-learning model's virtual tokens)."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
+        inner = inner.module
+    peft_config = getattr(inner, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    config = getattr(inner, "config", None)
+    return getattr(config, "_attn_implementation", None) in SHARING_ATTENTION and not getattr(
+        config, "is_encoder_decoder", False)
 
 
 def entropy_of(logits_NV: torch.Tensor) -> torch.Tensor:

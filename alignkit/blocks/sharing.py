@@ -13,6 +13,10 @@ Needs an attention implementation that takes a custom 4D mask (sdpa, eager).
 
 A sequence classifier (e.g. a reward model) reads one position per row: `shared_scores` runs its pairs shared
 and applies its score head to the hidden state of each original row's pooled token only.
+
+Groups (`share_groups`): consecutive rows that start with the same tokens (an online method's samples of one
+prompt: the prompt left-padded, each completion after it) run as one row per group, the same way: the group's first
+row whole, then each other row from the end of the group's common prefix, seeing the prefix and its own tokens.
 """
 
 from dataclasses import dataclass
@@ -109,3 +113,68 @@ def shared_scores(model: torch.nn.Module, classifier: torch.nn.Module, input_ids
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pooled = hidden_PLH.reshape(-1, hidden_PLH.shape[-1])[shared.index[rows, last]]  # [2n, H]
     return classifier.score(pooled)
+
+
+@dataclass
+class SharedGroups:
+    input_ids: torch.Tensor  # [groups, L]
+    position_ids: torch.Tensor  # [groups, L]
+    attention_mask: torch.Tensor  # [groups, 1, L, L] additive
+    index: torch.Tensor  # [rows, T]: position of each original (row, t) in the flattened shared rows
+
+    def unshare(self, hidden_GLH: torch.Tensor) -> torch.Tensor:
+        """The hidden states [rows, T, H] of the original rows (differentiable gather)."""
+        return hidden_GLH.reshape(-1, hidden_GLH.shape[-1])[self.index]
+
+
+def prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, min_prefix: int) -> list[tuple[int, int, int]]:
+    """(first row, rows, common prefix) of each run of consecutive rows that share at least `min_prefix` leading
+    positions (the same ids under the same mask, padding included) with the run's first row."""
+    def common(a: int, b: int) -> int:
+        same = (input_ids[a] == input_ids[b]) & (attention_mask[a] == attention_mask[b])
+        return int(same.long().cumprod(-1).sum())
+
+    groups, start, prefix = [], 0, input_ids.shape[1]
+    for row in range(1, input_ids.shape[0] + 1):
+        p = common(start, row) if row < input_ids.shape[0] else -1
+        if p < min_prefix:
+            groups.append((start, row - start, prefix if row - start > 1 else input_ids.shape[1]))
+            start, prefix = row, input_ids.shape[1]
+        else:
+            prefix = min(prefix, p)
+    return groups
+
+
+def share_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list[tuple[int, int, int]],
+                 dtype: torch.dtype) -> SharedGroups:
+    """The shared layout of `groups` (prefix_groups) of a [rows, T] batch (see the module docstring)."""
+    rows, width = input_ids.shape
+    device = input_ids.device
+    lengths = [width + (n - 1) * (width - p) for _, n, p in groups]
+    total = max(lengths)
+    src_row = torch.zeros(len(groups), total, dtype=torch.long)
+    pos = torch.zeros(len(groups), total, dtype=torch.long)
+    part = torch.full((len(groups), total), -1, dtype=torch.long)  # -1: an empty slot
+    prefix = torch.tensor([p for _, _, p in groups])
+    index = torch.zeros(rows, width, dtype=torch.long)
+    t = torch.arange(width)
+    for g, (first, n, p) in enumerate(groups):
+        src_row[g, :width], pos[g, :width], part[g, :width] = first, t, 0
+        index[first] = g * total + t
+        for m in range(1, n):
+            start = width + (m - 1) * (width - p)
+            src_row[g, start:start + width - p], pos[g, start:start + width - p] = first + m, t[p:]
+            part[g, start:start + width - p] = m
+            index[first + m] = g * total + torch.where(t < p, t, start + t - p)
+    src_row, pos, part, prefix, index = (x.to(device) for x in (src_row, pos, part, prefix, index))
+    used = part >= 0
+    ids = torch.where(used, input_ids[src_row, pos], input_ids[0, 0])
+    real = used & attention_mask[src_row, pos].bool()
+    # query i may see key j: j real, pos[j] <= pos[i], and j in i's part, or j a prefix slot of the first row
+    q_part, k_part = part[:, :, None], part[:, None, :]
+    prefix_key = (k_part == 0) & (pos[:, None, :] < prefix[:, None, None])
+    allowed = real[:, None, :] & (pos[:, None, :] <= pos[:, :, None]) & ((q_part == k_part) | prefix_key)
+    lonely = ~allowed.any(-1)  # a padding query with no real key before it (or an empty slot): itself
+    allowed |= torch.eye(total, dtype=torch.bool, device=device)[None] & lonely[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return SharedGroups(ids, pos, mask[:, None], index)

@@ -40,5 +40,6 @@ def per_completion_token(scores: TokenScores, values_N: torch.Tensor, batch: dic
 def completion_logps(model: torch.nn.Module, batch: dict, temperature: float, chunk_size: int,
                      scorer: TokenScorer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(completion token) [B, C] (float32, differentiable) and entropy [B, C] (no grad); 0 where masked."""
-    s = (scorer or TokenScorer(chunk_size, temperature=temperature))(model, *completion_inputs(batch))
+    scorer = scorer or TokenScorer(chunk_size, temperature=temperature, share_prefix=True)
+    s = scorer(model, *completion_inputs(batch))
     return per_completion_token(s, s.logps, batch), per_completion_token(s, s.entropy, batch)

@@ -201,7 +201,8 @@ class GroupLoss(Loss):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.scorer = TokenScorer.from_config(config, temperature=config.temperature)
+        self.scorer = TokenScorer.from_config(config, temperature=config.temperature,
+                                              share_prefix=getattr(config, "share_prompt", True))
         if getattr(config, "sync_ref_model", False):
             self.reference_sync = (config.ref_model_sync_steps, config.ref_model_mixup_alpha)
 

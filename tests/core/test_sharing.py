@@ -91,3 +91,78 @@ def test_moe_router_loss_runs_unshared():
     """The router's load-balancing loss counts tokens, so a MoE model with it keeps the unshared rows."""
     model, b = tiny_qwen2_moe(), ragged_batch()
     assert_same(run(model, [b], share_prompt=True), run(model, [b], loss_implementation="plain"))
+
+
+# ---- groups: an online method's samples of one prompt ------------------------------------------------------
+
+def test_group_layout_by_hand():
+    """Two samples of a left-padded prompt (0 3 4 | 7 8 and 0 3 4 | 9 0): one row, the second sample after the
+    first row, at its own positions, seeing the prompt and itself; a lone third row keeps its own group."""
+    from alignkit.blocks.sharing import prefix_groups, share_groups
+
+    ids = torch.tensor([[0, 3, 4, 7, 8], [0, 3, 4, 9, 0], [5, 6, 1, 1, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    groups = prefix_groups(ids, mask, min_prefix=2)
+    assert groups == [(0, 2, 3), (2, 1, 5)]
+    s = share_groups(ids, mask, groups, torch.float32)
+    assert s.input_ids[0].tolist() == [0, 3, 4, 7, 8, 9, 0]
+    assert s.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4]
+    allowed = (s.attention_mask[0, 0] == 0).int()
+    assert allowed[5].tolist() == [0, 1, 1, 0, 0, 1, 0]  # 9: the prompt's real tokens and itself
+    assert allowed[4].tolist() == [0, 1, 1, 1, 1, 0, 0]  # 8: its own row
+    assert allowed[0].tolist() == [1, 0, 0, 0, 0, 0, 0]  # a padding query with no real key: itself
+    assert s.index[:2].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 5, 6]]
+    assert s.index[2].tolist() == [7, 8, 9, 10, 11]
+
+
+def _grouped_batch(seed: int):
+    """Prompts of unequal length (left-padded), 3 or 4 samples each (right-padded, some sharing first tokens), a
+    prompt with a single sample; a GRPO-shaped batch."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (29, 25, 32, 27)]
+    samples = [3, 4, 1, 3]
+    rows_p, rows_c = [], []
+    for p, k in zip(prompts, samples):
+        for j in range(k):
+            c = torch.randint(3, 60, (int(torch.randint(1, 8, (), generator=g)),), generator=g).tolist()
+            rows_p.append(p)
+            rows_c.append([p[-1] + 1, 4] + c if j < 2 else c)  # the first two samples share two tokens
+    from alignkit.online.completions import pad_rows
+
+    prompt_ids, prompt_mask = pad_rows(rows_p, 0, left=True)
+    completion_ids, completion_mask = pad_rows(rows_c, 0, left=False)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_grouped_completion_logps_and_gradients_equal_unshared(attention):
+    """Each prompt run once for its samples: the same per-token log-probs, entropies and gradients of a summed
+    term (the fused head) as every row run whole."""
+    from alignkit.blocks.logps import TokenScorer
+    from alignkit.online.completions import completion_inputs
+
+    model = tiny_model(seed=2)
+    model.config._attn_implementation = attention
+    batch = _grouped_batch(seed=4)
+    results = []
+    for share in (True, False):
+        scorer = TokenScorer(chunk_size=7, temperature=0.9, share_prefix=share)
+        model.zero_grad()
+        calls = []
+        handle = model.register_forward_pre_hook(lambda m, a, kw, calls=calls: calls.append(kw["input_ids"].shape),
+                                                 with_kwargs=True)
+        s = scorer(model, *completion_inputs(batch), term=lambda lp, pos: (lp + 0.1 * lp.square()).sum())
+        handle.remove()
+        s.total.backward()
+        results.append((s.logps.detach(), s.entropy, {n: p.grad.clone() for n, p in model.named_parameters()},
+                        calls[0]))
+        with torch.no_grad():  # the no-grad path (a rollout's old or reference log-probs)
+            results[-1] += (scorer(model, *completion_inputs(batch)).logps,)
+    shared, whole = results
+    assert shared[3][0] == 4 and whole[3][0] == 11  # one row per prompt against one per sample
+    torch.testing.assert_close(shared[0], whole[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared[1], whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared[4], whole[4], rtol=1e-5, atol=1e-6)
+    for name in whole[2]:
+        torch.testing.assert_close(shared[2][name], whole[2][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -98,6 +98,8 @@ class GRPOConfig(alignkit.MethodConfig):
     num_iterations: int = Field(1, ge=1, description="Optimisation passes per rollout (old log-probs are stored).")
     mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length get no loss.")
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed).")
+    share_prompt: bool = Field(True, description="A prompt's completions run its tokens once in the log-prob "
+                               "forwards (one row per group, a 4D mask; sdpa or eager attention, else off).")
     # ---- the built-in demo ----
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised steps on the demo task before RL (the demo sets it; "
                                   "the result is cached under $XDG_CACHE_HOME/alignkit/grpo-warmup, by default "

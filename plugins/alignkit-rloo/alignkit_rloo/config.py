@@ -39,6 +39,8 @@ class RLOOConfig(alignkit.MethodConfig):
     mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length get no "
                                                                 "gradient (their tokens are masked).")
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed).")
+    share_prompt: bool = Field(True, description="A prompt's completions run its tokens once in the log-prob "
+                               "forwards (one row per group, a 4D mask; sdpa or eager attention, else off).")
     # ---- the built-in demo ----
     sft_warmup_steps: int = Field(0, ge=0, description="Supervised steps on the demo task before RL (the demo sets "
                                   "it; a few seconds, seeded, at every start, before any checkpoint is loaded).")
