@@ -13,7 +13,6 @@ while the current step trains (with OMP_NUM_THREADS=1, on a second core).
     OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py --steps 30          # writes benchmarks/grpo-vs-trl.md
 """
 
-import argparse
 import sys
 
 import online_bench
@@ -25,7 +24,7 @@ REWARDS = ["sort-order", "exact-match"]
 SIDES = ("alignkit", "alignkit-async", "trl")
 
 
-def run_trl(model_dir: str, out: str, steps: int) -> None:
+def run_trl(model_dir: str, out: str, steps: int, seed: int = 0) -> None:
     from alignkit_grpo.rewards import BUILTIN
     from trl import GRPOConfig, GRPOTrainer
 
@@ -34,7 +33,8 @@ def run_trl(model_dir: str, out: str, steps: int) -> None:
     args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
                       max_completion_length=MAX_NEW, temperature=1.0, learning_rate=LR, lr_scheduler_type="linear",
                       max_steps=steps, loss_type="dapo", beta=0.0, bf16=False, use_cpu=True, report_to=[],
-                      save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+                      save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed,
+                      gradient_checkpointing=False, disable_dropout=True)  # TRL's default is checkpointing on
     funcs = [BUILTIN[name] for name in REWARDS]
     for f, name in zip(funcs, REWARDS):
         f.__name__ = name
@@ -42,7 +42,7 @@ def run_trl(model_dir: str, out: str, steps: int) -> None:
     train_trl(trainer, out)
 
 
-def run_alignkit(model_dir: str, out: str, steps: int, max_staleness: int = 0) -> None:
+def run_alignkit(model_dir: str, out: str, steps: int, seed: int = 0, max_staleness: int = 0) -> None:
     train_alignkit("grpo", {
         "model": {"name_or_path": model_dir},
         "data": {"train": "builtin:sort-prompts"},
@@ -52,7 +52,7 @@ def run_alignkit(model_dir: str, out: str, steps: int, max_staleness: int = 0) -
         "train": {"output_dir": out + "/final", "per_device_train_batch_size": PROMPTS, "learning_rate": LR,
                   "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "max_steps": steps, "logging_steps": 1,
                   "save_steps": None, "eval_steps": None, "eval_on_start": False, "disable_tqdm": True,
-                  "plots": False, "seed": 0, "max_grad_norm": 1.0},
+                  "plots": False, "seed": seed, "max_grad_norm": 1.0},
     }, out)
 
 
@@ -62,23 +62,17 @@ def held_out_reward(model_dir: str) -> float:
     return online_bench.held_out_reward(model_dir, REWARDS, MAX_NEW, DEMO)
 
 
+def run_side(side: str, model_dir: str, out: str, steps: int, seed: int) -> None:
+    if side == "trl":
+        run_trl(model_dir, out, steps, seed)
+    else:
+        run_alignkit(model_dir, out, steps, seed, max_staleness=int(side == "alignkit-async"))
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:
-        if args.side == "trl":
-            run_trl(args.model, args.out, args.steps)
-        else:
-            run_alignkit(args.model, args.out, args.steps, max_staleness=int(args.side == "alignkit-async"))
-        return 0
-    online_bench.compare(__file__, SIDES, args.steps, held_out_reward, "grpo-vs-trl.md",
-                         f"GRPO: alignkit vs TRL {__import__('trl').__version__} GRPOTrainer",
-                         __doc__.split("\n\n")[1].replace("\n", " "))
-    return 0
+    return online_bench.main(__file__, SIDES, run_side, held_out_reward, "grpo-vs-trl.md",
+                             f"GRPO: alignkit vs TRL {__import__('trl').__version__} GRPOTrainer",
+                             __doc__.split("\n\n")[1].replace("\n", " "))
 
 
 if __name__ == "__main__":

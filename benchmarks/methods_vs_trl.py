@@ -30,7 +30,8 @@ from orpo_speed import SIZES, build, machine, summary, versions
 from orpo_speed import run_worker as _run
 
 HERE = Path(__file__).parent
-METHODS = ("sft", "dpo", "kto", "reward", "distill")
+METHODS = ("sft", "dpo", "kto", "reward", "distill", "grpo", "rloo")
+ONLINE = ("grpo", "rloo")  # fixed completions: each pair's chosen and rejected answers are its prompt's 2 samples
 LR = 1e-4
 
 
@@ -44,6 +45,8 @@ def method_rows(method: str, case: dict) -> list[dict]:
     pairs = dialogue_rows(case["pairs"], case["seq"], tiny_tokenizer(), seed=0)
     if method in ("dpo", "reward"):
         return pairs
+    if method in ONLINE:
+        return [{"prompt": r["prompt"]} for r in pairs]
     if method == "kto":
         return [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
                 for r in pairs for side in ("chosen", "rejected")]
@@ -70,6 +73,38 @@ def save_models(case: dict, folder: Path) -> None:
         teacher.save_pretrained(folder / "teacher")
 
 
+# ---- the online methods' loss side: fixed completions on both sides ---------------------------------------
+
+def fixed_completions(case: dict, tok) -> dict[tuple, list[list[int]]]:
+    """The chat-templated prompt's ids -> its 2 completions' ids (the pair's chosen and rejected answers + EOS):
+    both libraries' sampling is replaced by these, so the step is the rest (scoring, log-probs, loss, backward)."""
+    from bench_data import dialogue_rows
+
+    out = {}
+    for r in dialogue_rows(case["pairs"], case["seq"], tok, seed=0):
+        ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        out[tuple(ids)] = [tok(r[side][0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                           for side in ("chosen", "rejected")]
+    return out
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """Characters / 100: the longer answer of each pair wins, so both samples of a prompt get an advantage."""
+    return [len(c if isinstance(c, str) else c[-1]["content"]) / 100 for c in completions]
+
+
+def _lookup(table: dict, ids) -> list[list[int]]:
+    key = tuple(int(t) for t in ids)
+    if key not in table:
+        raise KeyError(f"a prompt of {len(key)} tokens that the fixed completions do not know")
+    return table[key]
+
+
+def online_config(case: dict) -> dict:
+    common = {"num_generations": 2, "max_completion_length": case["seq"], "temperature": 1.0}
+    return {**common, "loss_type": "dapo", "beta": 0.0} if case["method"] == "grpo" else {**common, "beta": 0.05}
+
+
 # ---- the workers --------------------------------------------------------------------------------------------
 
 def alignkit_worker(case: dict) -> dict:
@@ -94,8 +129,25 @@ def alignkit_worker(case: dict) -> dict:
 
     folder, method = Path(case["folder"]), case["method"]
     method_cfg = {"max_length": case["seq"]}
+    plugins = [Timer()]
     if method == "distill":
         method_cfg.update(lmbda=0.0, seq_kd=False, beta=0.5)
+    if method in ONLINE:
+        from transformers import AutoTokenizer
+
+        from alignkit.online import generation
+
+        table = fixed_completions(case, AutoTokenizer.from_pretrained(folder / "model"))
+        generation.TransformersBackend.generate = lambda self, prompt_ids, n, *a, **k: [
+            _lookup(table, p)[:n] for p in prompt_ids]
+
+        class Reward:
+            @hookimpl
+            def register_rewards(self, register):
+                register("bench-length", length_reward)
+
+        plugins.append(Reward())
+        method_cfg = {**online_config(case), "reward_funcs": ["bench-length"], "sft_warmup_steps": 0}
     method_cfg.update(case.get("method_options") or {})
     model_cfg = {"name_or_path": str(folder / "model")}
     if method == "distill":
@@ -109,7 +161,11 @@ def alignkit_worker(case: dict) -> dict:
                       "disable_tqdm": True, "gradient_checkpointing": case["gc"], "plots": False, "seed": 0},
         }
         ds = datasets.Dataset.from_list(method_rows(method, case))
-        alignkit.run(method, config, plugins=alignkit.get_plugin_manager([Timer()]), train_dataset=ds)
+        config["train"]["per_device_train_batch_size"] = case["pairs"] if method in ONLINE else case["batch"]
+        # the online methods evaluate on the same prompts (the default eval set, the demo's, has prompts the fixed
+        # completions do not know)
+        extra = {"eval_dataset": ds} if method in ONLINE else {}
+        alignkit.run(method, config, plugins=alignkit.get_plugin_manager(plugins), train_dataset=ds, **extra)
     return summary(case, ends, losses)
 
 
@@ -147,7 +203,25 @@ def trl_worker(case: dict) -> dict:
         else:
             model = AutoModelForCausalLM.from_pretrained(folder / "model")
         kwargs = dict(model=model, processing_class=tok, train_dataset=ds, callbacks=[Timer()])
-        if method == "distill":
+        if method in ONLINE:
+            name = {"grpo": "GRPO", "rloo": "RLOO"}[method]
+            trainer_cls = getattr(trl, f"{name}Trainer")
+            table = fixed_completions(case, tok)
+
+            def fixed(self, prompt_ids, *a, **k):  # each prompt comes num_generations times in a row
+                seen, out = {}, []
+                for p in prompt_ids:
+                    i = seen[tuple(p)] = seen.get(tuple(p), -1) + 1
+                    out.append(_lookup(table, p)[i])
+                return (out, None) if method == "grpo" else out
+
+            trainer_cls._generate_single_turn = fixed
+            length_reward.__name__ = "bench-length"
+            common.pop("max_length")
+            args = getattr(trl, f"{name}Config")(output_dir=out, **common, **online_config(case),
+                                                 disable_dropout=True)
+            trainer = trainer_cls(reward_funcs=[length_reward], args=args, **kwargs)
+        elif method == "distill":
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
             args = GKDConfig(output_dir=out, lmbda=0.0, seq_kd=False, beta=0.5, **common)
@@ -232,6 +306,7 @@ def main() -> None:
                     case = dict(method=method, vocab=vocab, seq=seq, pairs=args.pairs, gc=args.gc, steps=args.steps,
                                 warmup=1, size="small", device="cpu", folder=str(folder), method_options=options,
                                 batch=args.pairs if method in ("dpo", "reward") else 2 * args.pairs)
+                    # grpo, rloo: TRL's batch counts completions (2 per prompt), alignkit's prompts
                     save_models(case, folder)
                     row = {"case": case}
                     for lib in ("alignkit", "trl"):

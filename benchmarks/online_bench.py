@@ -3,6 +3,7 @@ online_dpo_vs_trl.py): the shared start model, step clocks for both libraries, t
 held-out evaluator both sides are scored by, and the driver that runs each side in its own process and writes the
 results file."""
 
+import argparse
 import json
 import os
 import platform
@@ -17,12 +18,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def start_model(folder: Path) -> None:
-    """The tiny built-in model after the online demos' 150 supervised warm-up steps, saved once for every side."""
+def start_model(folder: Path, vocab: int | None = None) -> None:
+    """The tiny built-in model after the online demos' 150 supervised warm-up steps, saved once for every side.
+    `vocab`: its embedding (tied to the LM head) first grown to that many rows, e.g. Qwen's 151,936, so the head and
+    its [tokens, vocab] logits weigh as they do on a real model; the warm-up teaches it not to sample the new ids."""
     from alignkit.blocks.demo import sft_warmup
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     tok, model = tiny_tokenizer(), tiny_model()
+    if vocab:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
     sft_warmup(model, tok, 150)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -107,37 +112,73 @@ def held_out_reward(model_dir: str, reward_names: list[str], max_new: int, funct
     return float(combine(per_func, [1.0] * len(reward_names)).mean())
 
 
-def compare(script: str, sides: tuple[str, ...], steps: int, evaluate, results: str, title: str,
-            description: str) -> None:
-    """Each side (`script --side NAME`) trains in its own process from the same start model; the table of seconds
-    per step, peak RSS and held-out reward (`evaluate(model_dir)`) goes to `results` with the machine and its load."""
+def main(script: str, sides: tuple[str, ...], run_side, evaluate, results: str, title: str, description: str) -> int:
+    """The command line every side-by-side script shares: with --side, `run_side(side, model, out, steps, seed)` in
+    this process; without, `compare` of every side."""
+    parser = argparse.ArgumentParser(description=title)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=1, help="runs of each side (seeds 0..N-1): mean and range")
+    parser.add_argument("--vocab", type=int, help="grow the model's vocabulary to this size (e.g. 151936)")
+    parser.add_argument("--side", choices=sides, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        run_side(args.side, args.model, args.out, args.steps, args.seed)
+        return 0
+    if args.vocab:
+        results = results.replace(".md", f"-vocab{args.vocab}.md")
+    compare(script, sides, args.steps, evaluate, results, title, description, args.seeds, args.vocab)
+    return 0
+
+
+def compare(script: str, sides: tuple[str, ...], steps: int, evaluate, results: str, title: str, description: str,
+            seeds: int = 1, vocab: int | None = None) -> None:
+    """Each side (`script --side NAME --seed S`) trains in its own process from the same start model, once per seed;
+    the table of seconds per step (mean over the steps after the first, and over seeds), peak RSS (the highest) and
+    held-out reward (`evaluate(model_dir)`: mean and range over seeds) goes to `results` with the machine and its
+    load."""
     import torch
 
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        start_model(Path(tmp, "start"))
+        start_model(Path(tmp, "start"), vocab)
         start = evaluate(f"{tmp}/start")
         for side in sides:
-            out = f"{tmp}/{side}"
-            t0 = time.time()
-            subprocess.run([sys.executable, script, "--side", side, "--steps", str(steps), "--model", f"{tmp}/start",
-                            "--out", out], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            timing = json.loads(Path(out, "timing.json").read_text())
-            after_first = timing["step_seconds"][1:]
-            rows.append({"side": side, "s_per_step": sum(after_first) / len(after_first),
-                         "peak_rss_mib": timing["peak_rss_mib"], "reward_start": start,
-                         "reward_end": evaluate(f"{out}/final"), "wall_s": time.time() - t0})
-    header = f"| | s / step | peak RSS (MiB) | held-out reward at start | after {steps} steps | process wall (s) |"
+            runs = []
+            for seed in range(seeds):
+                out = f"{tmp}/{side}-{seed}"
+                t0 = time.time()
+                subprocess.run([sys.executable, script, "--side", side, "--steps", str(steps), "--seed", str(seed),
+                                "--model", f"{tmp}/start", "--out", out], check=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                timing = json.loads(Path(out, "timing.json").read_text())
+                after_first = timing["step_seconds"][1:]
+                runs.append({"s": sum(after_first) / len(after_first), "rss": timing["peak_rss_mib"],
+                             "reward": evaluate(f"{out}/final"), "wall": time.time() - t0})
+            rewards = [r["reward"] for r in runs]
+            rows.append({"side": side, "s_per_step": sum(r["s"] for r in runs) / seeds,
+                         "peak_rss_mib": max(r["rss"] for r in runs), "reward_start": start,
+                         "reward_end": sum(rewards) / seeds, "reward_range": (min(rewards), max(rewards)),
+                         "wall_s": sum(r["wall"] for r in runs) / seeds})
+    after = f"after {steps} steps" + (f" (mean of {seeds} seeds, range)" if seeds > 1 else "")
+    header = f"| | s / step | peak RSS (MiB) | held-out reward at start | {after} | process wall (s) |"
     lines = [header, "|---|---|---|---|---|---|"]
-    lines += [f"| {r['side']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['reward_start']:.3f} | "
-              f"{r['reward_end']:.3f} | {r['wall_s']:.0f} |" for r in rows]
+    for r in rows:
+        spread = f" ({r['reward_range'][0]:.3f}-{r['reward_range'][1]:.3f})" if seeds > 1 else ""
+        lines.append(f"| {r['side']} | {r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {r['reward_start']:.3f} | "
+                     f"{r['reward_end']:.3f}{spread} | {r['wall_s']:.0f} |")
     table = "\n".join(lines)
     print(table)
     cpu = platform.processor() or platform.machine()
+    flags = f" --steps {steps}" + (f" --seeds {seeds}" if seeds > 1 else "") + (f" --vocab {vocab}" if vocab else "")
+    model = (f" The model's vocabulary is grown to {vocab:,} rows (embedding tied to the LM head) before the "
+             "warm-up, so the head weighs as on a real model." if vocab else "")
     Path(HERE, results).write_text(
         f"# {title} on this CPU\n\n"
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/{Path(script).name} --steps {steps}`\n\n"
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/{Path(script).name}{flags}`\n\n"
         f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}. Date: {date.today()}. Load average "
         f"(1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after.\n\n"
-        + description + "\n\n" + table + "\n")
+        + description + model + "\n\n" + table + "\n")

@@ -12,7 +12,6 @@ one shared evaluator (64 test prompts x 8 samples, fixed seed) so both are measu
     OMP_NUM_THREADS=1 python benchmarks/online_dpo_vs_trl.py --steps 30    # writes benchmarks/online-dpo-vs-trl.md
 """
 
-import argparse
 import sys
 
 import online_bench
@@ -23,7 +22,7 @@ REWARDS = ["exact-match"]
 BETA = 0.1
 
 
-def run_trl(model_dir: str, out: str, steps: int) -> None:
+def run_trl(model_dir: str, out: str, steps: int, seed: int = 0) -> None:
     import warnings
 
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -35,13 +34,13 @@ def run_trl(model_dir: str, out: str, steps: int) -> None:
     args = OnlineDPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS, max_new_tokens=MAX_NEW,
                            temperature=1.0, learning_rate=LR, lr_scheduler_type="linear", max_steps=steps,
                            beta=[BETA], bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-                           disable_tqdm=True, seed=0, disable_dropout=True, gradient_checkpointing=False)
+                           disable_tqdm=True, seed=seed, disable_dropout=True, gradient_checkpointing=False)
     trainer = OnlineDPOTrainer(model=model_dir, reward_funcs=[exact_match], args=args, train_dataset=load("train"),
                                processing_class=__import__("transformers").AutoTokenizer.from_pretrained(model_dir))
     train_trl(trainer, out)
 
 
-def run_alignkit(model_dir: str, out: str, steps: int) -> None:
+def run_alignkit(model_dir: str, out: str, steps: int, seed: int = 0) -> None:
     train_alignkit("online-dpo", {
         "model": {"name_or_path": model_dir},
         "data": {"train": "builtin:sort-prompts"},
@@ -50,7 +49,7 @@ def run_alignkit(model_dir: str, out: str, steps: int) -> None:
         "train": {"output_dir": out + "/final", "per_device_train_batch_size": PROMPTS, "learning_rate": LR,
                   "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "max_steps": steps, "logging_steps": 1,
                   "save_steps": None, "eval_steps": None, "eval_on_start": False, "disable_tqdm": True,
-                  "plots": False, "seed": 0, "max_grad_norm": 1.0},
+                  "plots": False, "seed": seed, "max_grad_norm": 1.0},
     }, out)
 
 
@@ -58,20 +57,14 @@ def held_out_reward(model_dir: str) -> float:
     return online_bench.held_out_reward(model_dir, REWARDS, MAX_NEW, None)
 
 
+def run_side(side: str, model_dir: str, out: str, steps: int, seed: int) -> None:
+    (run_trl if side == "trl" else run_alignkit)(model_dir, out, steps, seed)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:
-        (run_trl if args.side == "trl" else run_alignkit)(args.model, args.out, args.steps)
-        return 0
-    online_bench.compare(__file__, ("alignkit", "trl"), args.steps, held_out_reward, "online-dpo-vs-trl.md",
-                         f"Online DPO: alignkit vs TRL {__import__('trl').__version__} OnlineDPOTrainer",
-                         __doc__.split("\n\n")[1].replace("\n", " "))
-    return 0
+    return online_bench.main(__file__, ("alignkit", "trl"), run_side, held_out_reward, "online-dpo-vs-trl.md",
+                             f"Online DPO: alignkit vs TRL {__import__('trl').__version__} OnlineDPOTrainer",
+                             __doc__.split("\n\n")[1].replace("\n", " "))
 
 
 if __name__ == "__main__":
