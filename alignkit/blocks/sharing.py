@@ -40,11 +40,12 @@ class SharedRows:
 
 
 def common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per pair [n]: how many leading real tokens row g and row g + n share."""
-    n = input_ids.shape[0] // 2
-    lengths = attention_mask.sum(-1)
-    same = (input_ids[:n] == input_ids[n:]) & attention_mask[:n].bool() & attention_mask[n:].bool()
-    return same.long().cumprod(-1).sum(-1).clamp(max=torch.minimum(lengths[:n], lengths[n:]))
+    """Per pair [n]: how many leading positions row g and row g + n share (the same ids under the same mask: a
+    left-padded prompt's padding counts), up to the end of the shorter row's real tokens."""
+    n, width = input_ids.shape[0] // 2, input_ids.shape[1]
+    ends = (torch.arange(1, width + 1, device=input_ids.device) * attention_mask.bool()).amax(-1)  # past the last
+    same = (input_ids[:n] == input_ids[n:]) & (attention_mask[:n] == attention_mask[n:])
+    return same.long().cumprod(-1).sum(-1).clamp(max=torch.minimum(ends[:n], ends[n:]))
 
 
 def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> SharedRows:
