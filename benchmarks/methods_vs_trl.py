@@ -76,21 +76,29 @@ def save_models(case: dict, folder: Path) -> None:
 # ---- the online methods' loss side: fixed completions on both sides ---------------------------------------
 
 def fixed_completions(case: dict, tok) -> dict[tuple, list[list[int]]]:
-    """The chat-templated prompt's ids -> its 2 completions' ids (the pair's chosen and rejected answers + EOS):
-    both libraries' sampling is replaced by these, so the step is the rest (scoring, log-probs, loss, backward)."""
-    from bench_data import dialogue_rows
+    """The chat-templated prompt's ids -> its completions' ids: the pair's chosen and rejected answers + EOS, or
+    (`completion_tokens`) `generations` answers of that many tokens. Both libraries' sampling is replaced by these,
+    so the step is the rest (scoring, log-probs, loss, backward)."""
+    import random
 
-    out = {}
+    from bench_data import dialogue_rows, text_of
+
+    out, rng = {}, random.Random(1)
+    n, length = case.get("generations", 2), case.get("completion_tokens")
     for r in dialogue_rows(case["pairs"], case["seq"], tok, seed=0):
         ids = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-        out[tuple(ids)] = [tok(r[side][0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                           for side in ("chosen", "rejected")]
+        if length:  # n answers of exactly `length` tokens, cut there (no EOS)
+            out[tuple(ids)] = [tok(text_of(rng, tok, length), add_special_tokens=False)["input_ids"][:length]
+                               for _ in range(n)]
+        else:
+            out[tuple(ids)] = [tok(r[side][0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                               for side in ("chosen", "rejected")]
     return out
 
 
-def length_reward(prompts, completions, **kwargs) -> list[float]:
-    """Characters / 100: the longer answer of each pair wins, so both samples of a prompt get an advantage."""
-    return [len(c if isinstance(c, str) else c[-1]["content"]) / 100 for c in completions]
+def vowel_reward(prompts, completions, **kwargs) -> list[float]:
+    """Vowels / 100: samples of one prompt score differently, so each gets an advantage."""
+    return [sum(ch in "aeiou" for ch in (c if isinstance(c, str) else c[-1]["content"])) / 100 for c in completions]
 
 
 def _lookup(table: dict, ids) -> list[list[int]]:
@@ -101,7 +109,8 @@ def _lookup(table: dict, ids) -> list[list[int]]:
 
 
 def online_config(case: dict) -> dict:
-    common = {"num_generations": 2, "max_completion_length": case["seq"], "temperature": 1.0}
+    common = {"num_generations": case.get("generations", 2), "temperature": 1.0,
+              "max_completion_length": case.get("completion_tokens") or case["seq"]}
     return {**common, "loss_type": "dapo", "beta": 0.0} if case["method"] == "grpo" else {**common, "beta": 0.05}
 
 
@@ -144,10 +153,10 @@ def alignkit_worker(case: dict) -> dict:
         class Reward:
             @hookimpl
             def register_rewards(self, register):
-                register("bench-length", length_reward)
+                register("bench-vowels", vowel_reward)
 
         plugins.append(Reward())
-        method_cfg = {**online_config(case), "reward_funcs": ["bench-length"], "sft_warmup_steps": 0}
+        method_cfg = {**online_config(case), "reward_funcs": ["bench-vowels"], "sft_warmup_steps": 0}
     method_cfg.update(case.get("method_options") or {})
     model_cfg = {"name_or_path": str(folder / "model")}
     if method == "distill":
@@ -161,7 +170,10 @@ def alignkit_worker(case: dict) -> dict:
                       "disable_tqdm": True, "gradient_checkpointing": case["gc"], "plots": False, "seed": 0},
         }
         ds = datasets.Dataset.from_list(method_rows(method, case))
-        config["train"]["per_device_train_batch_size"] = case["pairs"] if method in ONLINE else case["batch"]
+        accumulate = case.get("accumulate", 1)
+        config["train"]["per_device_train_batch_size"] = (case["pairs"] // accumulate if method in ONLINE
+                                                          else case["batch"])
+        config["train"]["gradient_accumulation_steps"] = accumulate
         # the online methods evaluate on the same prompts (the default eval set, the demo's, has prompts the fixed
         # completions do not know)
         extra = {"eval_dataset": ds} if method in ONLINE else {}
@@ -188,7 +200,10 @@ def trl_worker(case: dict) -> dict:
                 losses.append(logs["loss"])
 
     folder, method = Path(case["folder"]), case["method"]
-    common = dict(max_steps=case["steps"], per_device_train_batch_size=case["batch"], learning_rate=LR,
+    accumulate = case.get("accumulate", 1)
+    batch = case["pairs"] * case.get("generations", 2) // accumulate if method in ONLINE else case["batch"]
+    common = dict(max_steps=case["steps"], per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                  learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
                   logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                   gradient_checkpointing=case["gc"], bf16=False, use_cpu=True, seed=0, max_length=case["seq"])
@@ -216,11 +231,11 @@ def trl_worker(case: dict) -> dict:
                 return (out, None) if method == "grpo" else out
 
             trainer_cls._generate_single_turn = fixed
-            length_reward.__name__ = "bench-length"
+            vowel_reward.__name__ = "bench-vowels"
             common.pop("max_length")
             args = getattr(trl, f"{name}Config")(output_dir=out, **common, **online_config(case),
                                                  disable_dropout=True)
-            trainer = trainer_cls(reward_funcs=[length_reward], args=args, **kwargs)
+            trainer = trainer_cls(reward_funcs=[vowel_reward], args=args, **kwargs)
         elif method == "distill":
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -281,6 +296,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2x as many single rows)")
+    p.add_argument("--size", choices=SIZES, default="small", help="model shape (orpo_speed.SIZES)")
+    p.add_argument("--layers", type=int, help="that shape with this many layers")
+    p.add_argument("--generations", type=int, default=2, help="grpo, rloo: samples per prompt")
+    p.add_argument("--completion-tokens", type=int, help="grpo, rloo: every sample this long (else the pair's answers)")
+    p.add_argument("--accumulate", type=int, default=1, help="grpo, rloo: micro-batches per step (of the prompts)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -304,7 +324,9 @@ def main() -> None:
                 for seq in args.seq:
                     folder = Path(tmp, f"{method}-{vocab}-{seq}")
                     case = dict(method=method, vocab=vocab, seq=seq, pairs=args.pairs, gc=args.gc, steps=args.steps,
-                                warmup=1, size="small", device="cpu", folder=str(folder), method_options=options,
+                                warmup=1, size=args.size, layers=args.layers, generations=args.generations,
+                                completion_tokens=args.completion_tokens, accumulate=args.accumulate,
+                                device="cpu", folder=str(folder), method_options=options,
                                 batch=args.pairs if method in ("dpo", "reward") else 2 * args.pairs)
                     # grpo, rloo: TRL's batch counts completions (2 per prompt), alignkit's prompts
                     save_models(case, folder)
@@ -319,7 +341,8 @@ def main() -> None:
              f"- machine: {machine('cpu')}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
              + (f"; {args.note}" if args.note else ""),
              f"- versions: {versions()}",
-             f"- model: random Qwen2, shape `small` {SIZES['small']}, tied embeddings, float32; gradient "
+             f"- model: random Qwen2, shape `{args.size}` {SIZES[args.size]}"
+             + (f" with {args.layers} layers" if args.layers else "") + ", tied embeddings, float32; gradient "
              f"checkpointing {'on' if args.gc else 'off'} on both sides; AdamW, constant lr {LR:g}",
              f"- {args.steps} steps per run, the first not timed; one batch = the whole dataset ({args.pairs} "
              "multi-turn pairs), so step-1 losses must agree; ratios are alignkit / TRL (lower is better)", "",

@@ -51,10 +51,11 @@ def build(case: dict):
     from alignkit.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
+    layers = {"num_hidden_layers": case["layers"]} if case.get("layers") else {}  # the shape with fewer layers
     config = Qwen2Config(vocab_size=case["vocab"], max_position_embeddings=max(4096, case["seq"]),
                          tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         **SIZES[case["size"]])
+                         **{**SIZES[case["size"]], **layers})
     torch.manual_seed(0)
     dtype = torch.bfloat16 if case["device"] == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
