@@ -3,7 +3,9 @@ by a copy of the policy, while the current step trains (a rollout's `max_stalene
 synchronous stage).
 
 The rollout of step j + depth is requested when step j starts training, with the policy's weights of that moment
-(W_j), and trained at step j + depth: it is at most `depth` optimizer steps old (the first steps: fewer). Its
+(W_j), and trained at step j + depth: it is at most `depth` optimizer steps old (the first steps: fewer). With
+`iterations = k` passes per rollout, depth counts rollouts: the rollout first trained at step j + depth * k is
+requested as step j (a first pass) starts, and trained k times from there. Its
 completions depend on (W_j, the seeds), never on timing, so a run is reproducible for a given depth. The rollouts
 requested but not yet trained at a checkpoint are saved in it (one file per process) and taken back on resume:
 a resumed run trains on exactly what the uninterrupted one did.
@@ -57,9 +59,6 @@ class RolloutsAhead:
         if not hasattr(stage.generator.backend, "max_batch_rows"):  # the transformers backend
             raise ConfigError(f"method.max_staleness={depth}: async rollouts sample a copy of the policy with "
                               "transformers' generate; use generation_backend=transformers or max_staleness=0")
-        if stage.iterations > 1:
-            raise ConfigError(f"method.max_staleness={depth}: async rollouts train each rollout once; with "
-                              f"{stage.iterations} optimisation passes per rollout use max_staleness=0")
         self.stage, self.depth, self.accelerator = stage, depth, accelerator
         unwrapped = accelerator.unwrap_model(policy)
         self.trained = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
@@ -85,7 +84,7 @@ class RolloutsAhead:
             window = next(source, None)
             if window is not None:
                 queue.append((shadow.step, window, shadow.epoch_index, shadow.batches_in_epoch))
-                shadow.step += 1
+                shadow.step += self.stage.iterations  # the optimizer step of the window's first pass
 
         for _ in range(self.depth):
             pull()

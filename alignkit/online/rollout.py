@@ -108,11 +108,12 @@ class RolloutStage:
         if self._kept is not None and self._kept[0] is batches and self._passes_left > 0:
             self._passes_left -= 1
             return self._kept[1]
-        if self.ahead is not None:  # sampled ahead in a worker thread; its step-wide stage runs here
-            with torch.no_grad():
-                return self._finish(self.ahead.take(ctxs[0].step), ctxs[0])
         with torch.no_grad():
-            rolled = self._finish([call(self.rollout, batch, ctx=ctx) for batch, ctx in zip(batches, ctxs)], ctxs[0])
+            if self.ahead is not None:  # sampled ahead in a worker thread; its step-wide stage runs here
+                rolled = self._finish(self.ahead.take(ctxs[0].step), ctxs[0])
+            else:
+                rolled = self._finish([call(self.rollout, batch, ctx=ctx) for batch, ctx in zip(batches, ctxs)],
+                                      ctxs[0])
         self._kept, self._passes_left = (batches, rolled), self.iterations - 1
         return rolled
 

@@ -108,9 +108,6 @@ class GRPOConfig(alignkit.MethodConfig):
 
     @model_validator(mode="after")
     def _async_settings(self):
-        if self.max_staleness and self.num_iterations > 1:
-            raise ValueError(f"method.max_staleness={self.max_staleness} trains each rollout once; it cannot be "
-                             f"combined with method.num_iterations={self.num_iterations} (set one of them back)")
         if self.max_staleness and self.importance_sampling_correction and self.loss_type == "vespo":
             raise ValueError("method.importance_sampling_correction with max_staleness > 0 is not built for loss_type "
                              "vespo (TRL folds it into vespo's own weight); set importance_sampling_correction=false "

@@ -111,7 +111,7 @@ class GRPOLoss(GroupLoss):
         with torch.no_grad():
             metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
             if cfg.corrects_staleness and "sampling_logps" in batch:
-                metrics.update(self._correction_metrics(logps, batch["sampling_logps"], mask))
+                metrics.update(self._correction_metrics(old, batch["sampling_logps"], mask))
         return alignkit.LossOutput(terms=terms, metrics=metrics)
 
     def _correction_metrics(self, logps, sampled, mask) -> dict:
@@ -136,8 +136,8 @@ class GRPOLoss(GroupLoss):
             opm = off_policy_keep(batch["advantages"], logps, old if sampled is None else sampled, mask,
                                   cfg.off_policy_mask_threshold)
             keep = opm if keep is None else keep * opm
-        if cfg.corrects_staleness and sampled is not None:
-            weights = sampling_correction(logps, sampled, mask, cfg)
+        if cfg.corrects_staleness and sampled is not None:  # old: the policy at the rollout's first pass
+            weights = sampling_correction(old, sampled, mask, cfg)
             keep = weights if keep is None else keep * weights
         return keep
 
@@ -164,7 +164,7 @@ class GRPOLoss(GroupLoss):
 
         def term(lp, positions, logprobs=None):
             o = lp.detach() if old_N is None else old_N[positions]
-            keep = None if sampled_N is None else sampling_correction(lp, sampled_N[positions], 1.0, cfg)
+            keep = None if sampled_N is None else sampling_correction(o, sampled_N[positions], 1.0, cfg)
             per_token, _, _ = per_token_objective(lp, o, adv_N[positions], cfg,
                                                   None if ref_N is None else ref_N[positions], keep=keep)
             value = (w_N[positions] * per_token).sum()
@@ -180,7 +180,7 @@ class GRPOLoss(GroupLoss):
                                                        None if ref is None else ref["logps"])
             metrics = self._metrics(batch, mask, ratio, entropy, kl, logps, old)
             if sampled is not None:
-                metrics.update(self._correction_metrics(logps, sampled, mask))
+                metrics.update(self._correction_metrics(old, sampled, mask))
             if bonus_N is not None:  # TRL's names: the objective without the bonus, and the coefficient
                 metrics["policy_loss"] = (reduce_terms(per_token, mask, cfg)[unit], unit_counts(mask, cfg)[unit])
                 if not cfg.use_adaptive_entropy:  # (adaptive: the coefficient after the step, from after_step)

@@ -8,7 +8,8 @@ hands the batches to the reference and the loss:
   prompt_ids / prompt_mask          [N, P] left-padded, N = rows x num_generations (each prompt repeated)
   completion_ids / completion_mask  [N, C] right-padded (mask zero on truncated rows with
                                     mask_truncated_completions)
-  advantages [N]; old_logps [N, C] (num_iterations > 1: the policy's log-probs at sampling time)
+  advantages [N]; old_logps [N, C] (num_iterations > 1: the policy's log-probs at sampling time, or sampled
+                                    ahead: as the rollout's first pass starts)
   rewards [N], rewards_per_func [N, F], reward_names, reward_std [N], zero_std [N],
   reward_std_per_func [N, F] (each function's std over the step), completion_length [N], is_truncated [N]
                                     (for the metrics)
@@ -35,9 +36,9 @@ class GRPORollout(GroupRollout):
     def __call__(self, batch: dict, ctx) -> dict:
         cfg = self.config
         out = self.sample_and_score(batch, ctx)
-        if self.iterations > 1 and ctx.training:
+        if self.iterations > 1 and ctx.training and not cfg.max_staleness:
             out["old_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature, cfg.logits_chunk_size)[0]
-        if cfg.max_staleness and ctx.training:  # the sampling policy's log-probs, for the importance weights
+        if cfg.max_staleness and ctx.training:  # the sampling copy's log-probs, for the importance weights
             out["sampling_logps"] = completion_logps(ctx.generator.model, out, cfg.temperature,
                                                      cfg.logits_chunk_size)[0]
         return out
@@ -49,6 +50,9 @@ class GRPORollout(GroupRollout):
         normalize_then_sum normalises each function's rewards within groups, then their weighted sum over the
         step (mean and std over the same span)."""
         cfg = self.config
+        if self.iterations > 1 and cfg.max_staleness and ctx.training:  # sampled ahead: the old log-probs are the
+            for b in batches:  # policy's as its first pass starts (here, in the training thread), as TRL's
+                b["old_logps"] = completion_logps(ctx.generator.model, b, cfg.temperature, cfg.logits_chunk_size)[0]
         gdpo = cfg.multi_objective_aggregation == "normalize_then_sum"
         if gdpo:
             for b in batches:

@@ -63,9 +63,40 @@ def test_two_processes_with_rollouts_ahead_match_one(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+def test_with_two_passes_per_rollout_the_old_log_probs_are_the_policys_at_the_first_pass(tmp_path):
+    """max_staleness=1 with num_iterations=2: each rollout, sampled ahead, trains two steps; the old log-probs are
+    the policy's as its first pass starts (so the first pass's ratio is 1 and the second's moves), the importance
+    weights take the copy that sampled to them. With frozen weights it all equals the synchronous run."""
+    args = ["train.max_steps=6", "train.save_steps=null", "train.per_device_train_batch_size=4",
+            "method.num_iterations=2"]
+    cli(tmp_path / "frozen_sync", *args, "train.learning_rate=1e-30")
+    cli(tmp_path / "frozen_one", *args, "train.learning_rate=1e-30", "method.max_staleness=1")
+    frozen_one, frozen_sync = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("frozen_one", "frozen_sync"))
+    assert [{k: v for k, v in r.items() if not k.startswith("sampling/")} for r in frozen_one] == \
+        [pytest.approx(r, rel=1e-5, abs=1e-7) for r in frozen_sync]
+    cli(tmp_path / "one", *args, "method.max_staleness=1")
+    rows = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    firsts, seconds = rows[0::2], rows[1::2]  # steps 1, 3, 5 start a rollout; 2, 4, 6 are its second pass
+    assert all(r["clip_ratio/region_mean"] == 0.0 for r in firsts)  # ratio 1 to the old log-probs: nothing clipped
+    ratios = [r["sampling/importance_sampling_ratio/mean"] for r in rows]
+    assert ratios[0] == pytest.approx(1.0, abs=1e-4)  # step 1: sampled by the very weights that train
+    assert any(abs(r["sampling/importance_sampling_ratio/mean"] - 1.0) > 1e-4 for r in firsts[1:])  # stale copies
+    assert [r["sampling/importance_sampling_ratio/mean"] for r in seconds] == \
+        pytest.approx([r["sampling/importance_sampling_ratio/mean"] for r in firsts], rel=1e-6)  # fixed per rollout
+    sync = losses(tmp_path / "frozen_sync")
+    assert len(sync) == 6 and (tmp_path / "one" / "model.safetensors").is_file()
+
+
+def test_sigkill_then_resume_with_rollouts_ahead_and_two_passes_gives_bit_identical_weights(tmp_path):
+    args = ["train.max_steps=8", "train.save_steps=2", "train.per_device_train_batch_size=4",
+            "method.max_staleness=1", "method.num_iterations=2"]
+    kill_at_checkpoint_then_resume(tmp_path, cli, args,
+                                   after_kill=lambda ckpt: (ckpt / "rollouts-ahead-0.pt").is_file() or pytest.fail(
+                                       f"{ckpt} keeps no rollouts requested ahead"))
+
+
 @pytest.mark.parametrize(("extra", "said"), [
-    (["method.num_iterations=2"], "method.max_staleness=1 trains each rollout once; it cannot be combined with "
-                                  "method.num_iterations=2"),
     (["method.generation_backend=vllm"], "method.max_staleness=1 samples with transformers' generate"),
 ])
 def test_settings_async_rollouts_cannot_run_with_are_refused_in_one_line_before_any_write(tmp_path, extra, said):
