@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 #: attention implementations whose masks transformers builds per packed sequence from position ids
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+#: the most logits (float32 entries) one chunk of the token scorer's head may hold: a chunk's logits, their softmax
+#: and their gradient live at once, so the head's transient memory is about 3 x 256 MB whatever the vocabulary
+CHUNK_LOGITS = 2 ** 26
 
 
 @dataclass
@@ -47,6 +50,16 @@ class LMHead:
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return None, f"{type(base).__name__}.forward takes no logits_to_keep"
         return cls(head, getattr(config, "logit_scale", None), getattr(config, "final_logit_softcapping", None)), ""
+
+    @property
+    def vocab_size(self) -> int:
+        out = getattr(self.module, "out_features", None)
+        return int(out) if out is not None else int(self.module.weight.shape[0])
+
+    def chunk_positions(self, chunk_size: int) -> int:
+        """Positions per chunk: `chunk_size`, or fewer where the vocabulary is large, so that a chunk's float32
+        logits stay within CHUNK_LOGITS entries (256 MB: 441 positions at Qwen's 151,936 tokens; never below 64)."""
+        return min(chunk_size, max(64, CHUNK_LOGITS // self.vocab_size))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.module(hidden)

@@ -324,15 +324,16 @@ class TokenScorer:
         hidden_NH = hidden_BTH[:, -T:-1][select_BT]
         entropy_stats = _with_entropy(stats)
         if term is not None or not (torch.is_grad_enabled() and hidden_NH.requires_grad):
-            total, logps_N, extra = fused_token_terms(head, hidden_NH, targets_N, self.chunk_size, term, entropy_stats,
-                                                      self.temperature, distribution)
+            total, logps_N, extra = fused_token_terms(head, hidden_NH, targets_N, head.chunk_positions(self.chunk_size),
+                                                      term, entropy_stats, self.temperature, distribution)
             entropy_N = extra[0] if extra else logps_N.new_zeros(0)
             return TokenScores(logps_N, entropy_N, select_BT, extra[1:], total if term is not None else None)
         if stats is not None:
             raise ValueError("TokenScorer: stats are computed without gradient; run the scorer under torch.no_grad() "
                              "or give a term")
+        chunk = head.chunk_positions(self.chunk_size)
         parts = [checkpoint(_scored_chunk, head, h, t, self.temperature, use_reentrant=False)
-                 for h, t in zip(hidden_NH.split(self.chunk_size), targets_N.split(self.chunk_size))]
+                 for h, t in zip(hidden_NH.split(chunk), targets_N.split(chunk))]
         empty = hidden_NH.new_zeros(0, dtype=torch.float32)
         logps_N, entropy_N = (torch.cat(x) for x in zip(*parts)) if parts else (empty + hidden_NH.sum() * 0, empty)
         return TokenScores(logps_N, entropy_N.detach(), select_BT)
