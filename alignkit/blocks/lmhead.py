@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 #: attention implementations whose masks transformers builds per packed sequence from position ids
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 #: the most logits (float32 entries) one chunk of the token scorer's head may hold: a chunk's logits, their softmax
-#: and their gradient live at once, so the head's transient memory is about 3 x 256 MB whatever the vocabulary
-CHUNK_LOGITS = 2 ** 26
+#: and their gradient live at once, so the head's transient memory is about 3 x 64 MB whatever the vocabulary
+CHUNK_LOGITS = 2 ** 24
 
 
 @dataclass
@@ -58,7 +58,8 @@ class LMHead:
 
     def chunk_positions(self, chunk_size: int) -> int:
         """Positions per chunk: `chunk_size`, or fewer where the vocabulary is large, so that a chunk's float32
-        logits stay within CHUNK_LOGITS entries (256 MB: 441 positions at Qwen's 151,936 tokens; never below 64)."""
+        logits stay within CHUNK_LOGITS entries (64 MB: 524 positions at 32,000 tokens, 110 at Qwen's 151,936;
+        never below 64)."""
         return min(chunk_size, max(64, CHUNK_LOGITS // self.vocab_size))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

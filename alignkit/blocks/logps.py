@@ -319,7 +319,7 @@ class TokenScorer:
         if head is None:  # (the last T positions: a PEFT prompt-learning model puts its virtual tokens first)
             return self._plain(model(**inputs, use_cache=False).logits[:, -T:-1], select_BT, targets_N, term, stats,
                                distribution)
-        outputs, hidden_BTH = self._hidden(model, inputs)
+        outputs, hidden_BTH = self.hidden_states(model, inputs)
         require_head(head, outputs, self._checked)
         hidden_NH = hidden_BTH[:, -T:-1][select_BT]
         entropy_stats = _with_entropy(stats)
@@ -338,8 +338,9 @@ class TokenScorer:
         logps_N, entropy_N = (torch.cat(x) for x in zip(*parts)) if parts else (empty + hidden_NH.sum() * 0, empty)
         return TokenScores(logps_N, entropy_N.detach(), select_BT)
 
-    def _hidden(self, model, inputs):
-        """(outputs, final hidden states [B, T, H]); with share_prefix, runs of consecutive rows that share at least
+    def hidden_states(self, model, inputs):
+        """(outputs, final hidden states [B, T, H]) of `model(**inputs)` scoring one position (a loss that runs its
+        own head on them, e.g. per-row terms); with share_prefix, runs of consecutive rows that share at least
         a quarter of their width as a prefix (a prompt's samples) run it once, where that saves a fifth of the
         positions and the [groups, L, L] mask stays under 64M entries."""
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")

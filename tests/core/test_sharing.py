@@ -169,14 +169,15 @@ def test_grouped_completion_logps_and_gradients_equal_unshared(attention):
 
 
 def test_the_head_chunk_shrinks_with_a_large_vocabulary():
-    """The token scorer's head chunks hold at most 2**26 float32 logits: 1024 positions at 32,000 tokens, 335 at
+    """The token scorer's head chunks hold at most 2**24 float32 logits: 524 positions at 32,000 tokens, 83 at
     200,000; an explicit smaller chunk stays as set. The same log-probs and gradients either way."""
     from alignkit.blocks.lmhead import LMHead
     from alignkit.blocks.logps import TokenScorer
     from alignkit.online.completions import completion_inputs
 
-    assert LMHead(torch.nn.Linear(8, 32000, bias=False)).chunk_positions(1024) == 1024
-    assert LMHead(torch.nn.Linear(8, 200000, bias=False)).chunk_positions(1024) == 335
+    assert LMHead(torch.nn.Linear(8, 32000, bias=False)).chunk_positions(1024) == 524
+    assert LMHead(torch.nn.Linear(8, 200000, bias=False)).chunk_positions(1024) == 83
+    assert LMHead(torch.nn.Linear(8, 300, bias=False)).chunk_positions(4096) == 4096
     assert LMHead(torch.nn.Linear(8, 200000, bias=False)).chunk_positions(16) == 16
     model = tiny_model(seed=1)
     model.resize_token_embeddings(200000, mean_resizing=False)
@@ -186,7 +187,7 @@ def test_the_head_chunk_shrinks_with_a_large_vocabulary():
     seen = []
     hook = model.lm_head.register_forward_hook(  # the chunks' [n, H] inputs (not the body's [B, 1, H] one)
         lambda m, a, out: seen.append(a[0].shape[0]) if a[0].dim() == 2 else None)
-    for chunk in (1024, 100):  # capped at 335, and chunks of 100
+    for chunk in (1024, 70):  # capped at 83, and chunks of 70
         model.zero_grad()
         seen.clear()
         s = TokenScorer(chunk_size=chunk)(model, *completion_inputs(batch), term=lambda lp, pos: lp.sum())
@@ -195,6 +196,6 @@ def test_the_head_chunk_shrinks_with_a_large_vocabulary():
     hook.remove()
     capped, whole = rows
     n = int(batch["completion_mask"].sum())
-    assert n > 335 and capped[2][0] == 335 and sum(capped[2]) == n and max(whole[2]) == 100
+    assert n > 83 and capped[2][0] == 83 and sum(capped[2]) == n and max(whole[2]) == 70
     torch.testing.assert_close(capped[0], whole[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(capped[1], whole[1], rtol=1e-4, atol=2e-5)  # summed in another order

@@ -39,7 +39,7 @@ class RLOOConfig(alignkit.MethodConfig):
     mask_truncated_completions: bool = Field(False, description="Completions cut at max_completion_length get no "
                                                                 "gradient (their tokens are masked).")
     logits_chunk_size: int = Field(1024, gt=0, description="Positions per LM-head chunk (memory against speed; at "
-                                   "most 2**26 / vocabulary positions, e.g. 441 at 151,936 tokens).")
+                                   "most 2**24 / vocabulary positions, e.g. 110 at 151,936 tokens).")
     share_prompt: bool = Field(True, description="A prompt's completions run its tokens once in the log-prob "
                                "forwards (one row per group, a 4D mask; sdpa or eager attention, else off).")
     # ---- the built-in demo ----

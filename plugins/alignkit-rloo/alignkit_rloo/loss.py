@@ -9,7 +9,7 @@ import torch
 
 import alignkit
 from alignkit.blocks.fusedhead import fused_row_terms
-from alignkit.blocks.lmhead import final_hidden_states, require_head
+from alignkit.blocks.lmhead import require_head
 from alignkit.blocks.logps import entropy_of
 from alignkit.online.completions import completion_inputs
 from alignkit.online.groups import GroupLoss
@@ -60,7 +60,7 @@ class RLOOLoss(GroupLoss):
     def _fused(self, model, batch, old):
         """(the summed loss, each completion's log-prob sum [B] and the summed entropy, both without gradient)."""
         inputs, labels = completion_inputs(batch)
-        outputs, hidden_BTH = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+        outputs, hidden_BTH = self.scorer.hidden_states(model, inputs)  # each prompt once for its group
         require_head(self.head, outputs, self._checked)
         targets_BT = labels[:, 1:]
         select_BT = targets_BT != -100
@@ -73,7 +73,8 @@ class RLOOLoss(GroupLoss):
             return per_sequence_loss(sums, o, adv[index], self.config)[0].sum()
 
         total, logps, extra = fused_row_terms(self.head, hidden_BTH[:, :-1][select_BT], targets_BT[select_BT],
-                                              rows_N, rows, self.config.logits_chunk_size, term,
+                                              rows_N, rows, self.head.chunk_positions(self.config.logits_chunk_size),
+                                              term,
                                               stats=lambda logits, targets: (entropy_of(logits),),
                                               temperature=self.config.temperature)
         entropy = extra[0].sum() if extra else logps.new_zeros(())
