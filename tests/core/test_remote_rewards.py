@@ -49,9 +49,17 @@ class Server:
                     mode = server.plan.pop(0) if server.plan else server.mode
                     server.in_flight += 1
                     server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                self.counted = True
                 try:
                     self.answer(mode, body)
                 finally:
+                    self.done()
+
+            def done(self):
+                """Out of flight once the answer is ready, before it is sent: the client may send its next request
+                as soon as it reads this one (counting after the send saw 4 of 3 now and then)."""
+                if self.counted:
+                    self.counted = False
                     with server.lock:
                         server.in_flight -= 1
 
@@ -68,6 +76,7 @@ class Server:
                            "nan": {"rewards": [float("nan")] * len(rewards)}}.get(mode)
                 status = {"500": 500, "404": 404, "notjson": 200}.get(mode, 200)
                 data = b"<html>oops</html>" if payload is None else json.dumps(payload).encode()
+                self.done()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
