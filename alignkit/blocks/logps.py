@@ -23,7 +23,14 @@ from torch.utils.checkpoint import checkpoint
 
 from alignkit.blocks.fusedhead import fused_terms, fused_token_terms
 from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, final_hidden_states, require_head, selected_token_logps
-from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, prefix_groups, share_groups, share_rows
+from alignkit.blocks.sharing import (
+    SHARING_ATTENTION,
+    common_prefix,
+    prefix_groups,
+    share_groups,
+    share_rows,
+    without_wrappers,
+)
 from alignkit.errors import ConfigError
 from alignkit.formatters.vision import vision_inputs
 from alignkit.plugin.loss import at_least_fp32
@@ -141,9 +148,7 @@ class SequenceScorer:
         """The head of `model`: the policy's, or (for another model, e.g. a reference) its own, found once."""
         if self.implementation != "chunked" or self.head is None:
             return None
-        inner = model
-        while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
-            inner = inner.module
+        inner = without_wrappers(model)
         if id(model) not in self._heads and id(inner) not in self._heads:
             self._heads[id(inner)] = LMHead.of(inner)[0]
         return self._heads.get(id(model), self._heads.get(id(inner)))
@@ -298,9 +303,7 @@ class TokenScorer:
 
     def head_of(self, model: torch.nn.Module) -> LMHead | None:
         """The split-off head of `model` (found once per model; a warning where it cannot be), or None (plain)."""
-        inner = model
-        while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
-            inner = inner.module
+        inner = without_wrappers(model)
         if id(inner) not in self._heads:
             head, why = LMHead.of(inner) if self.implementation == "chunked" else (None, "")
             if why:
@@ -377,9 +380,7 @@ class TokenScorer:
 def _takes_4d_mask(model: torch.nn.Module) -> bool:
     """A causal LM whose attention reads a custom 4D mask (SHARING_ATTENTION), with no tokens of its own put before
     the inputs (a PEFT prompt-learning model's virtual tokens)."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
-        inner = inner.module
+    inner = without_wrappers(model)
     peft_config = getattr(inner, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False

@@ -79,15 +79,20 @@ def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: tor
     return SharedRows(ids, pos, mask[:, None], torch.cat([first_index, second_index]))
 
 
+def without_wrappers(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` out of its DDP / accelerate wrappers (their `.module`); a PEFT model stays a PEFT model."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def sequence_classifier(model: torch.nn.Module) -> torch.nn.Module | None:
     """The transformers sequence classifier inside `model` (DDP / accelerate / PEFT wrappers) that `shared_scores`
     can serve: a generic one (its `score` head read at each row's rightmost non-pad token, a pad token set) with an
     attention implementation in SHARING_ATTENTION; else None."""
     from transformers.modeling_layers import GenericForSequenceClassification
 
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
-        inner = inner.module
+    inner = without_wrappers(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if not isinstance(inner, GenericForSequenceClassification):
         return None
