@@ -56,7 +56,7 @@ def show_examples(config: RunConfig, method: Method, count: int, color: bool = F
         for key, labels_key in fields:
             labels = features.get(labels_key) if labels_key else None
             trained = sum(1 for x in (labels or []) if x != ignore)
-            name = key.removesuffix("input_ids").removesuffix("_") or "input"
+            name = key.removesuffix("input_ids").removesuffix("ids").removesuffix("_") or "input"
             if _images(tokenizer, features[key]):
                 n = _images(tokenizer, features[key])
                 lines.append(f"{name}: {n} image{'s' * (n != 1)}")

@@ -32,7 +32,7 @@ from alignkit.engine.ahead import RolloutsAhead
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
 from alignkit.engine.modelcard import model_card
-from alignkit.engine.modeling import apply_peft, kind_of, load_model, load_tokenizer
+from alignkit.engine.modeling import apply_peft, check_labels_of, kind_of, load_model, load_tokenizer
 from alignkit.engine.ownership import files_in
 from alignkit.engine.reference import Reference
 from alignkit.engine.reporting import check_trackers, observers
@@ -181,6 +181,8 @@ class Engine:
             self.model = load_model(config.model, self.tokenizer, seed, self.method.model_kind,
                                         self.method.num_labels)
             self.model.name_or_path = recorded(config).model.name_or_path
+        else:
+            check_labels_of(self.model, self.method.model_kind, self.method.name, self.method.num_labels)
         if config.model.peft is not None:
             self.model = apply_peft(self.model, config.model.peft)
         if getattr(config.method, "disable_dropout", False):  # TRL's trainers' setting: LoRA's dropout included

@@ -175,6 +175,19 @@ def _check_labels(name_or_path: str, config, num_labels: int) -> None:
                           "from a base or causal language model, which gets a fresh head)")
 
 
+def check_labels_of(model, kind: str, method_name: str, num_labels: int) -> None:
+    """A classifier passed in (not loaded by alignkit) must have the method's number of labels: a reward model needs
+    one score per sequence (TRL's RewardTrainer refuses the same model with the same words)."""
+    if not KINDS[kind].labels:
+        return
+    config = getattr(getattr(model, "base_model", model), "config", None) or getattr(model, "config", None)
+    have = getattr(config, "num_labels", None)
+    if have != num_labels:
+        raise ConfigError(f"The model has `num_labels={have}`, but {method_name} models require "
+                          f"`num_labels={num_labels}` ({type(model).__name__}); instantiate it with "
+                          f"num_labels={num_labels}, or give its name or path to have it built so")
+
+
 def _attach_value_head(model: PreTrainedModel, name_or_path: str) -> None:
     """A ValueHead in the model's dtype under model.v_head: the one saved in the folder's safetensors (the keys
     v_head.summary.*, as alignkit and TRL save it), else a fresh one from the current random state."""

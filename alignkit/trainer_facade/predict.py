@@ -16,8 +16,9 @@ from alignkit.formatters.packing import model_inputs
 class LogitsEvaluation:
     """Mixed into a FacadeTrainer subclass (needs `compute_metrics`, `preprocess_logits_for_metrics`, `engine`)."""
 
-    #: the batch key Trainer's prediction_step returns as the labels (e.g. "input_ids")
-    metric_labels: str = "labels"
+    #: the batch key Trainer's prediction_step returns as the labels (e.g. "input_ids"); None: the trainer has no
+    #: label names (TRL's RewardTrainer), and Trainer then hands compute_metrics an empty tuple as the labels
+    metric_labels: str | None = "labels"
 
     def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
                         ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
@@ -28,17 +29,19 @@ class LogitsEvaluation:
         with torch.no_grad():
             for batch in dataloader:
                 logits = model(**model_inputs(batch), use_cache=False).logits
-                label = batch[self.metric_labels]
+                label = batch[self.metric_labels] if self.metric_labels is not None else ()
                 preds.append((preprocess(logits, label) if preprocess is not None else logits).float().cpu())
-                labels.append(label.cpu())
+                if self.metric_labels is not None:
+                    labels.append(label.cpu())
         model.train(was_training)
-        predictions, label_ids = _concat(preds), _concat(labels)
+        predictions = _concat(preds)
+        label_ids = _concat(labels) if self.metric_labels is not None else ()
         metrics = {}
         if self.compute_metrics is not None and predictions is not None:
             extra = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids))
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in extra.items()}
         return EvalLoopOutput(predictions=predictions, label_ids=label_ids, metrics=metrics,
-                              num_samples=0 if label_ids is None else len(label_ids))
+                              num_samples=0 if predictions is None else len(predictions))
 
 
 def _concat(tensors: list[torch.Tensor]) -> np.ndarray | None:

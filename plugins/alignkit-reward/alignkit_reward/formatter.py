@@ -6,6 +6,9 @@ tokenizer's own special tokens, e.g. BOS, as it adds them), a conversational row
 prompt messages followed by the answer's (`tools` and `chat_template_kwargs` columns passed on), with nothing
 appended. An implicit prompt (no `prompt` column) is simply part of each answer. A pair with a side longer than
 `max_length` is dropped, not truncated. An optional `margin` column (a number per pair) goes into the batch.
+
+A row with `chosen_ids` and `rejected_ids` (TRL 1.16's names; or the older `chosen_input_ids` and
+`rejected_input_ids`) is already tokenized: its ids are used as given, with the same `max_length` rule.
 """
 
 import json
@@ -23,8 +26,8 @@ NEEDS = "reward rows need 'chosen' and 'rejected' (and optionally 'prompt' and '
 
 class RewardFormatter(DataFormatter):
     """`prompt`/`chosen`/`rejected` rows (standard or conversational, explicit or implicit prompt) and an optional
-    `margin` -> `chosen_input_ids`, `rejected_input_ids` (and `margin`); batches of the B chosen rows then the B
-    rejected rows (`input_ids`, `attention_mask`, `margin` [B])."""
+    `margin`, or pre-tokenized `chosen_ids`/`rejected_ids` -> `chosen_ids`, `rejected_ids` (and `margin`); batches
+    of the B chosen rows then the B rejected rows (`input_ids`, `attention_mask`, `margin` [B])."""
 
     def __init__(self, config, tokenizer) -> None:
         super().__init__(config, tokenizer)
@@ -65,6 +68,9 @@ class RewardFormatter(DataFormatter):
         return self._bound.is_long(text)
 
     def format(self, example: dict[str, Any]) -> Formatted:
+        given = pretokenized(example)
+        if given is not None:
+            return self._checked(given, example)
         chosen, rejected = column(example, "chosen", NEEDS), column(example, "rejected", NEEDS)
         same_format(("chosen", chosen), ("rejected", rejected))
         prompt = given_prompt(example, "chosen", chosen)
@@ -74,7 +80,12 @@ class RewardFormatter(DataFormatter):
         sources = [self._source(prompt, answer, example) for answer in (chosen, rejected)]
         if any(self._too_long(*source) for source in sources):  # a huge text is never encoded whole
             raise DropExample(f"a sequence longer than method.max_length={limit}")
-        features = {f"{side}_input_ids": self._encode(*source) for side, source in zip(("chosen", "rejected"), sources)}
+        return self._checked({f"{side}_ids": self._encode(*source)
+                              for side, source in zip(("chosen", "rejected"), sources)}, example)
+
+    def _checked(self, features: dict[str, Any], example: dict[str, Any]) -> Formatted:
+        """The pair's ids, dropped when a side is longer than max_length; the row's margin added."""
+        limit = self.config.max_length
         if limit is not None and max(len(ids) for ids in features.values()) > limit:
             raise DropExample(f"a sequence longer than method.max_length={limit}")
         if "margin" in example:
@@ -82,7 +93,7 @@ class RewardFormatter(DataFormatter):
         return Formatted(features)
 
     def token_fields(self) -> list[tuple[str, str | None]]:
-        return [("chosen_input_ids", None), ("rejected_input_ids", None)]
+        return [("chosen_ids", None), ("rejected_ids", None)]
 
     def describe(self, features: dict[str, Any]) -> list[str]:
         lines = super().describe(features)
@@ -90,12 +101,37 @@ class RewardFormatter(DataFormatter):
                         "token is that sequence's reward"]
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        rows = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
         batch = {"input_ids": pad_right(rows, self.pad_id),
                  "attention_mask": pad_right([[1] * len(r) for r in rows], 0)}
         if "margin" in features[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
         return batch
+
+
+#: the pre-tokenized column pairs, TRL 1.16's names first (the second pair is the older name TRL still reads)
+TOKENIZED = (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids"))
+
+
+def pretokenized(example: dict[str, Any]) -> dict[str, list[int]] | None:
+    """A pre-tokenized row's ids as {"chosen_ids", "rejected_ids"}, checked: two non-empty lists of token ids. None
+    for a text row."""
+    for names in TOKENIZED:
+        if all(example.get(name) is not None for name in names):
+            out = {}
+            for name, key in zip(names, ("chosen_ids", "rejected_ids")):
+                ids = example[name]
+                if (not isinstance(ids, (list, tuple)) or not ids
+                        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+                    raise DataError(f"'{name}' must be a non-empty list of token ids (non-negative integers), got "
+                                    f"{type(ids).__name__} {str(ids)[:40]!r}")
+                out[key] = list(ids)
+            return out
+        if any(example.get(name) is not None for name in names):
+            missing = [name for name in names if example.get(name) is None]
+            raise DataError(f"a pre-tokenized reward row needs both {names[0]!r} and {names[1]!r}; "
+                            f"{missing[0]!r} is missing")
+    return None
 
 
 def _margin(value) -> float:

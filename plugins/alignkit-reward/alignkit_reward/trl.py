@@ -6,11 +6,12 @@ alignkit (alignkit.trainer_facade), is ignored with a warning where that cannot 
 with the reason. Imported on first use only, never by `alignkit run`.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import alignkit_reward
-from alignkit.trainer_facade import FacadeTrainer
+from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation
 from alignkit.trainer_facade.args import table_config
 
 ROWS: list[tuple[str, Any, Any]] = [
@@ -30,10 +31,13 @@ RewardConfig = table_config(
 )
 
 
-class RewardTrainer(FacadeTrainer):
-    """TRL 1.16's RewardTrainer on alignkit's engine: a sequence classifier with one output, Bradley-Terry loss."""
+class RewardTrainer(LogitsEvaluation, FacadeTrainer):
+    """TRL 1.16's RewardTrainer on alignkit's engine: a sequence classifier with one output, Bradley-Terry loss.
+    compute_metrics gets what TRL's gives it: the scores [2B, 1] of each eval batch's B chosen then B rejected
+    sequences, concatenated over batches, and an empty tuple as the labels (TRL's trainer has no label names)."""
 
     _tag_names = ["trl", "reward-trainer"]
+    metric_labels = None
 
     def __init__(self, model, args=None, data_collator: Callable | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, compute_metrics: Callable | None = None, callbacks=None,
@@ -42,11 +46,20 @@ class RewardTrainer(FacadeTrainer):
                  peft_config=None) -> None:
         self.args = self._args(args, RewardConfig, f"{self._model_name(model).split('/')[-1]}-Reward")
         self._refuse(data_collator=(data_collator, "alignkit's formatter pads and collates the pairs"),
-                     compute_metrics=(compute_metrics, "alignkit reports the reward eval metrics (accuracy, margin)"),
                      optimizer_cls_and_kwargs=(optimizer_cls_and_kwargs, "set optim and optim_args"),
-                     preprocess_logits_for_metrics=(preprocess_logits_for_metrics, "no compute_metrics"),
                      quantization_config=(quantization_config, "load the quantized model yourself and pass it"))
-        self.compute_metrics = None
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
+        for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
+            _warn_legacy_columns(dataset)
         self._start("reward", [alignkit_reward], model, self.args, train_dataset, eval_dataset, processing_class, None,
                     callbacks, optimizers, peft_config)
         self.data_collator = self.formatter.collate
+
+
+def _warn_legacy_columns(dataset) -> None:
+    """TRL 1.16's FutureWarning for pre-tokenized rows under the older column names (read all the same)."""
+    names = getattr(dataset, "column_names", None) or []
+    if "chosen_input_ids" in names and "rejected_input_ids" in names and "chosen_ids" not in names:
+        warnings.warn("`chosen_input_ids`/`rejected_input_ids` are TRL's older names for pre-tokenized pairs and will "
+                      "not be supported in v1 of TRL's API; rename them to `chosen_ids`/`rejected_ids` (read the "
+                      "same for now)", FutureWarning, stacklevel=3)

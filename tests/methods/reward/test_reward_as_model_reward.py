@@ -37,8 +37,8 @@ def test_a_model_reward_scores_text_as_the_reward_model_was_trained(tmp_path, da
     got_chosen = torch.tensor(reward(prompts, list(rows["chosen"])))
     got_rejected = torch.tensor(reward(prompts, list(rows["rejected"])))
     model = AutoModelForSequenceClassification.from_pretrained(result.output_dir).eval()
-    torch.testing.assert_close(got_chosen, scores(model, [f["chosen_input_ids"] for f in features]))
-    torch.testing.assert_close(got_rejected, scores(model, [f["rejected_input_ids"] for f in features]))
+    torch.testing.assert_close(got_chosen, scores(model, [f["chosen_ids"] for f in features]))
+    torch.testing.assert_close(got_rejected, scores(model, [f["rejected_ids"] for f in features]))
     assert (got_chosen > got_rejected).float().mean().item() == pytest.approx(result.metrics["eval_accuracy"])
     assert (got_chosen - got_rejected).mean().item() == pytest.approx(result.metrics["eval_margin"], rel=1e-4)
 

@@ -59,12 +59,12 @@ def test_loss_metrics_and_gradient_by_hand(margin, coef):
 def test_standard_rows_are_one_text_with_eos_as_trl_tokenizes_them(tok):
     f = RewardFormatter(config(), tok)
     explicit = f.format({"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}).features
-    assert explicit["chosen_input_ids"] == tok("sort: 3 1 = 1 3</s>")["input_ids"]
-    assert explicit["rejected_input_ids"] == tok("sort: 3 1 = 3 1</s>")["input_ids"]
-    assert explicit["chosen_input_ids"][-1] == tok.eos_token_id
+    assert explicit["chosen_ids"] == tok("sort: 3 1 = 1 3</s>")["input_ids"]
+    assert explicit["rejected_ids"] == tok("sort: 3 1 = 3 1</s>")["input_ids"]
+    assert explicit["chosen_ids"][-1] == tok.eos_token_id
     implicit = f.format({"chosen": "sort: 3 1 = 1 3", "rejected": "sort: 3 1 = 3 1</s>"}).features
-    assert implicit["chosen_input_ids"] == explicit["chosen_input_ids"]
-    assert implicit["rejected_input_ids"] == explicit["rejected_input_ids"]  # an answer ending in EOS keeps one
+    assert implicit["chosen_ids"] == explicit["chosen_ids"]
+    assert implicit["rejected_ids"] == explicit["rejected_ids"]  # an answer ending in EOS keeps one
 
 
 def test_conversational_rows_are_the_chat_template_with_nothing_appended(tok):
@@ -73,11 +73,11 @@ def test_conversational_rows_are_the_chat_template_with_nothing_appended(tok):
     row = {"prompt": prompt, "chosen": [chat("assistant", "1 3")], "rejected": [chat("assistant", "3 1")]}
     got = f.format(row).features
     want = tok.apply_chat_template(prompt + [chat("assistant", "1 3")], tokenize=True, return_dict=True)["input_ids"]
-    assert got["chosen_input_ids"] == list(want)
+    assert got["chosen_ids"] == list(want)
     implicit = f.format({"chosen": prompt + [chat("assistant", "1 3")],
                          "rejected": prompt + [chat("assistant", "3 1")]}).features
     assert implicit == got
-    assert f.sequence_ids(prompt, "1 3") == got["chosen_input_ids"]  # how a model:PATH reward reads a completion
+    assert f.sequence_ids(prompt, "1 3") == got["chosen_ids"]  # how a model:PATH reward reads a completion
 
 
 def test_a_pair_longer_than_max_length_is_dropped_not_truncated(tok):
@@ -96,8 +96,8 @@ def test_a_batch_is_the_chosen_rows_then_the_rejected_rows_with_the_margins(tok)
     features = [f.format(r).features for r in rows]
     b = f.collate(features)
     assert b["input_ids"].shape[0] == 4 and b["margin"].tolist() == [0.5, 2.0]
-    for i, ids in enumerate([features[0]["chosen_input_ids"], features[1]["chosen_input_ids"],
-                             features[0]["rejected_input_ids"], features[1]["rejected_input_ids"]]):
+    for i, ids in enumerate([features[0]["chosen_ids"], features[1]["chosen_ids"],
+                             features[0]["rejected_ids"], features[1]["rejected_ids"]]):
         assert b["input_ids"][i, : len(ids)].tolist() == ids and int(b["attention_mask"][i].sum()) == len(ids)
         assert (b["input_ids"][i, len(ids):] == tok.pad_token_id).all()
     assert "margin" not in f.collate([{k: v for k, v in x.items() if k != "margin"} for x in features])

@@ -34,6 +34,11 @@ def test_a_bad_setting_is_one_line(tmp_path, override, message):
     ({"prompt": [{"role": "user", "content": "a"}], "chosen": " b", "rejected": " c"},
      "row 0: 'prompt' is a conversation but 'chosen' a string; a row's columns must all be strings or all be "
      "conversations"),
+    ({"chosen_ids": [5, 6]},
+     "row 0: a pre-tokenized reward row needs both 'chosen_ids' and 'rejected_ids'; 'rejected_ids' is missing"),
+    ({"chosen_input_ids": [5, 6], "rejected_input_ids": [5, "x"]},
+     "row 0: 'rejected_input_ids' must be a non-empty list of token ids (non-negative integers), got list "
+     "\"[5, 'x']\""),
 ])
 def test_a_bad_row_is_one_line_naming_the_file_and_row(tmp_path, row, message):
     data = write_jsonl(tmp_path / "pairs.jsonl", [row] * 4)

@@ -31,8 +31,8 @@ def test_the_saved_reward_model_reproduces_its_eval(tmp_path, peft):
     else:
         model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     _, features = eval_rows(pm, result)
-    chosen = scores(model, [f["chosen_input_ids"] for f in features])
-    rejected = scores(model, [f["rejected_input_ids"] for f in features])
+    chosen = scores(model, [f["chosen_ids"] for f in features])
+    rejected = scores(model, [f["rejected_ids"] for f in features])
     assert (chosen > rejected).float().mean().item() == pytest.approx(result.metrics["eval_accuracy"])
     assert (chosen - rejected).mean().item() == pytest.approx(result.metrics["eval_margin"], rel=1e-4)
     assert torch.cat([chosen, rejected]).mean().item() == pytest.approx(result.metrics["eval_mean_reward"], rel=1e-4,
