@@ -139,9 +139,10 @@ class TrainConfig(Section):
     skip_nonfinite_steps: bool = Field(False, description="Skip an optimizer step whose loss or gradient is NaN/inf "
                                        "instead of stopping.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    optim: str = Field("adamw_torch",
-                       description="Optimizer, by its transformers.Trainer name (adamw_torch, sgd, rmsprop, adafactor, "
-                       "...).")
+    optim: str = Field("adamw_torch_fused",
+                       description="Optimizer, by its transformers.Trainer name (adamw_torch_fused, the default as in "
+                       "transformers 5: AdamW in one fused kernel per parameter group; adamw_torch, sgd, rmsprop, "
+                       "adafactor, ...).")
     optim_args: str | None = Field(None, description="Extra optimizer arguments as transformers takes them, e.g. "
                                    "'momentum=0.9,centered=true'.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per micro-batch on each process.")

@@ -167,7 +167,8 @@ def alignkit_worker(case: dict) -> dict:
             "train": {"output_dir": out, "max_steps": case["steps"], "per_device_train_batch_size": case["batch"],
                       "learning_rate": LR, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
                       "logging_steps": 1, "save_steps": None, "eval_steps": None, "eval_on_start": False,
-                      "disable_tqdm": True, "gradient_checkpointing": case["gc"], "plots": False, "seed": 0},
+                      "disable_tqdm": True, "gradient_checkpointing": case["gc"], "plots": False, "seed": 0,
+                      "optim": case.get("optim", "adamw_torch")},
         }
         ds = datasets.Dataset.from_list(method_rows(method, case))
         accumulate = case.get("accumulate", 1)
@@ -203,8 +204,8 @@ def trl_worker(case: dict) -> dict:
     accumulate = case.get("accumulate", 1)
     batch = case["pairs"] * case.get("generations", 2) // accumulate if method in ONLINE else case["batch"]
     common = dict(max_steps=case["steps"], per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
-                  learning_rate=LR,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+                  learning_rate=LR, optim=case.get("optim", "adamw_torch"),
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                   logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                   gradient_checkpointing=case["gc"], bf16=False, use_cpu=True, seed=0, max_length=case["seq"])
     tok = AutoTokenizer.from_pretrained(folder / "model")
@@ -303,6 +304,8 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=1, help="grpo, rloo: micro-batches per step (of the prompts)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    p.add_argument("--optim", default="adamw_torch_fused",
+                   help="train.optim / TrainingArguments.optim on both sides (default: both libraries' default)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="alignkit method options (YAML values), e.g. share_prompt=false to profile a path")
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
@@ -324,7 +327,8 @@ def main() -> None:
                 for seq in args.seq:
                     folder = Path(tmp, f"{method}-{vocab}-{seq}")
                     case = dict(method=method, vocab=vocab, seq=seq, pairs=args.pairs, gc=args.gc, steps=args.steps,
-                                warmup=1, size=args.size, layers=args.layers, generations=args.generations,
+                                optim=args.optim, warmup=1, size=args.size, layers=args.layers,
+                                generations=args.generations,
                                 completion_tokens=args.completion_tokens, accumulate=args.accumulate,
                                 device="cpu", folder=str(folder), method_options=options,
                                 batch=args.pairs if method in ("dpo", "reward") else 2 * args.pairs)
@@ -343,7 +347,8 @@ def main() -> None:
              f"- versions: {versions()}",
              f"- model: random Qwen2, shape `{args.size}` {SIZES[args.size]}"
              + (f" with {args.layers} layers" if args.layers else "") + ", tied embeddings, float32; gradient "
-             f"checkpointing {'on' if args.gc else 'off'} on both sides; AdamW, constant lr {LR:g}",
+             f"checkpointing {'on' if args.gc else 'off'} on both sides; optimizer {args.optim} on both sides, "
+             f"constant lr {LR:g}",
              f"- {args.steps} steps per run, the first not timed; one batch = the whole dataset ({args.pairs} "
              "multi-turn pairs), so step-1 losses must agree; ratios are alignkit / TRL (lower is better)", "",
              *table(rows), ""]

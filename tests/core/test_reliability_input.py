@@ -43,7 +43,7 @@ PAIR = {"prompt": "sort: 2 1 =", "chosen": " 1 2", "rejected": " 2 1"}
     (["train.fp16=true", "train.use_cpu=true"], "train.fp16: float16 mixed precision needs a GPU"),
     (["model.ref_name_or_path=builtin:tiny"], "model.ref_name_or_path: method orpo uses no reference model"),
     (["model.dtype=float16"], "model.dtype: model.embed_tokens.weight and 19 other trained weights are float16, which "
-                              "train.optim=adamw_torch cannot update"),
+                              "train.optim=adamw_torch_fused cannot update"),
     (["model.attn_implementation=nonsense"],
      "model.attn_implementation=nonsense: Specified `attn_implementation=\"nonsense\"`"),
     (["model.attn_implementation=flash_attention_2"], "model.attn_implementation=flash_attention_2 needs a CUDA GPU"),
