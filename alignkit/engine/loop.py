@@ -29,7 +29,6 @@ from alignkit.blocks.dropout import disable_dropout
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
 from alignkit.engine import checkpoint, hub, optim, preflight, resume, rundir
 from alignkit.engine.ahead import RolloutsAhead
-from alignkit.engine.embedding_grads import RowGrads
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
 from alignkit.engine.modelcard import model_card
@@ -105,7 +104,6 @@ class Engine:
         self.eval_redo_at: int | None = None
         self.prepared: Prepared | None = None  # what setup() made for the loop
         self.hub: hub.HubPush | None = None  # train.push_to_hub: the pushes' worker (alignkit.engine.hub)
-        self.row_grads: RowGrads | None = None  # a large untied input embedding's sparse backward, made dense
 
     # ---- setup: every check that can refuse comes before the first write (resume.start) --------------
 
@@ -129,8 +127,6 @@ class Engine:
             optimizer = self._setup_optimizer()
             data = self._precompute_reference(data)
             model, optimizer, train_dl = self._setup_training(data["train"], optimizer)
-            if self.accelerator.distributed_type == DistributedType.NO:  # (alignkit.engine.embedding_grads)
-                self.row_grads = RowGrads.maybe(model, self.accelerator.num_processes)
             eval_dl = self._eval_loader(data["eval"]) if "eval" in data else None
             self.state.eval_dataset = data.get("eval")
             scheduler = self._setup_schedule(optimizer, train_dl)
@@ -376,8 +372,6 @@ class Engine:
                 acc.backward(loss * acc.num_processes)  # DDP averages over processes; the totals span them already
             loss_sum += loss.detach()
             metrics.add(out.metrics)
-        if self.row_grads is not None:
-            self.row_grads.densify()
         return loss_sum, metrics
 
     def _report_skipped_steps(self) -> None:
@@ -398,9 +392,6 @@ class Engine:
         """The end of train(), however it ends: the rollout worker stopped, the output folder's lock released."""
         if self._ahead is not None:
             self._ahead.close()
-        if self.row_grads is not None:
-            self.row_grads.close()
-            self.row_grads = None
         if self.hub is not None:
             self.pm.unregister(self.hub)
             self.hub.close()
