@@ -180,8 +180,7 @@ def check_labels_of(model, kind: str, method_name: str, num_labels: int) -> None
     one score per sequence (TRL's RewardTrainer refuses the same model with the same words)."""
     if not KINDS[kind].labels:
         return
-    config = getattr(getattr(model, "base_model", model), "config", None) or getattr(model, "config", None)
-    have = getattr(config, "num_labels", None)
+    have = getattr(getattr(model, "config", None), "num_labels", None)
     if have != num_labels:
         raise ConfigError(f"The model has `num_labels={have}`, but {method_name} models require "
                           f"`num_labels={num_labels}` ({type(model).__name__}); instantiate it with "
