@@ -175,6 +175,9 @@ def alignkit_worker(case: dict) -> dict:
         config["train"]["per_device_train_batch_size"] = (case["pairs"] // accumulate if method in ONLINE
                                                           else case["batch"])
         config["train"]["gradient_accumulation_steps"] = accumulate
+        # the evaluation alignkit always runs at the end (outside the timed steps; TRL's side runs none) in batches
+        # of the training micro-batch, so its forward is no larger than a training one and the peak is training's
+        config["train"]["per_device_eval_batch_size"] = config["train"]["per_device_train_batch_size"]
         # the online methods evaluate on the same prompts (the default eval set, the demo's, has prompts the fixed
         # completions do not know)
         extra = {"eval_dataset": ds} if method in ONLINE else {}
