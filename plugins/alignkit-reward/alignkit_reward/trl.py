@@ -13,6 +13,7 @@ from typing import Any
 import alignkit_reward
 from alignkit.trainer_facade import FacadeTrainer, LogitsEvaluation
 from alignkit.trainer_facade.args import table_config
+from alignkit_reward.formatter import TOKENIZED
 
 ROWS: list[tuple[str, Any, Any]] = [
     ("learning_rate", float, 1e-4), ("model_init_kwargs", dict | str | None, None), ("trust_remote_code", bool, False),
@@ -58,8 +59,9 @@ class RewardTrainer(LogitsEvaluation, FacadeTrainer):
 
 def _warn_legacy_columns(dataset) -> None:
     """TRL 1.16's FutureWarning for pre-tokenized rows under the older column names (read all the same)."""
-    names = getattr(dataset, "column_names", None) or []
-    if "chosen_input_ids" in names and "rejected_input_ids" in names and "chosen_ids" not in names:
+    names = set(getattr(dataset, "column_names", None) or [])
+    current, older = TOKENIZED
+    if set(older) <= names and current[0] not in names:
         warnings.warn("`chosen_input_ids`/`rejected_input_ids` are TRL's older names for pre-tokenized pairs and will "
                       "not be supported in v1 of TRL's API; rename them to `chosen_ids`/`rejected_ids` (read the "
                       "same for now)", FutureWarning, stacklevel=3)
