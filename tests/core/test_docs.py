@@ -159,9 +159,10 @@ def test_the_offline_trl_style_route_trains(tmp_path, monkeypatch):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
 
 
-def test_a_demo_whose_figures_moved_fails_its_check(tmp_path):
+def test_a_demo_whose_figures_moved_fails_its_check(tmp_path, monkeypatch):
     """What the demo-job tests call: a run equal to docs/figures.json passes; one whose held-out loss moved in the
     third decimal (a code change) fails, saying to re-run the script; so does a missing eval row."""
+    monkeypatch.setattr(readme_figures, "machine", lambda: readme_figures.load()["machine"])  # the README's CPU
     evals = readme_figures.load()["methods"]["sft"]["evals"]
     metrics = tmp_path / "metrics.jsonl"
 
@@ -178,6 +179,62 @@ def test_a_demo_whose_figures_moved_fails_its_check(tmp_path):
     write(evals[:-1])
     with pytest.raises(AssertionError, match="readme_figures"):
         readme_figures.assert_demo_matches("sft", metrics)
+
+
+def test_each_cpu_is_checked_against_its_own_figures(tmp_path, monkeypatch):
+    """Another CPU rounds differently, so a demo run is checked against the figures made on its own CPU (an
+    `elsewhere` record); a CPU with none gets its eval steps checked and a warning, never the README CPU's decimals."""
+    readme = {"step": 0, "eval_loss": 1.0}, {"step": 50, "eval_loss": 0.5}
+    other = {"step": 0, "eval_loss": 1.0}, {"step": 50, "eval_loss": 0.6}
+    figures = {"machine": "cpu A", "threads": 2, "methods": {"sft": {"evals": list(readme)}}, "configs": {},
+               "elsewhere": {"cpu B": {"sft": list(other)}}}
+    monkeypatch.setattr(readme_figures, "load", lambda: figures)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def check(cpu, rows):
+        monkeypatch.setattr(readme_figures, "machine", lambda: cpu)
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        readme_figures.assert_demo_matches("sft", metrics)
+
+    check("cpu A", readme)
+    check("cpu B", other)
+    with pytest.raises(AssertionError, match="step 50 eval_loss: 0.5 vs 0.6"):
+        check("cpu B", readme)
+    with pytest.raises(AssertionError, match="step 50 eval_loss: 0.6 vs 0.5"):
+        check("cpu A", other)
+    with pytest.warns(UserWarning, match="no sft demo figures were made on cpu C: only its eval steps"):
+        check("cpu C", other)
+    with pytest.raises(AssertionError, match="eval steps"), pytest.warns(UserWarning):
+        check("cpu C", other[:1])
+
+
+def test_a_full_run_on_another_cpu_keeps_the_old_cpus_figures_and_a_moved_demo_drops_them(tmp_path, monkeypatch):
+    figures_file = tmp_path / "figures.json"
+    demos = [*readme_figures.METHODS, *readme_figures.CONFIG_DEMOS]
+    old = {"machine": "cpu A", "threads": 2, "elsewhere": {"cpu B": {"sft": [{"step": 0, "eval_loss": 7.0}]}},
+           "methods": {m: {"evals": [{"step": 0, "eval_loss": 1.0}]} for m in readme_figures.METHODS},
+           "configs": {m: {"evals": [{"step": 0, "eval_loss": 1.0}]} for m in readme_figures.CONFIG_DEMOS}}
+    figures_file.write_text(json.dumps(old))
+    monkeypatch.setattr(readme_figures, "FIGURES", figures_file)
+    monkeypatch.setattr(readme_figures, "default_threads", lambda: 2)
+    loss = {"value": 2.0}
+    monkeypatch.setattr(readme_figures, "run_demo", lambda method, timed: {
+        "command": method, "evals": [{"step": 0, "eval_loss": loss["value"]}]})
+    monkeypatch.setattr(readme_figures, "machine", lambda: "cpu B")
+    with pytest.raises(SystemExit, match="--elsewhere"):
+        readme_figures.measure(["sft"], False)  # a partial run on another CPU would mix two CPUs' figures
+    figures = readme_figures.measure(demos, False)
+    assert figures["machine"] == "cpu B" and "cpu B" not in figures["elsewhere"]
+    assert figures["elsewhere"]["cpu A"]["sft"] == [{"step": 0, "eval_loss": 1.0}]
+    assert figures["methods"]["sft"]["evals"] == [{"step": 0, "eval_loss": 2.0}]
+    figures_file.write_text(json.dumps(figures))
+    loss["value"] = 2.0
+    again = readme_figures.measure(["sft", "dpo"], False)  # the same figures: the other CPU's records stay
+    assert set(again["elsewhere"]["cpu A"]) == set(demos)
+    figures_file.write_text(json.dumps(again))
+    loss["value"] = 3.0  # a code change moved them: what cpu A recorded was the old code's
+    moved = readme_figures.measure(["sft"], False)
+    assert "sft" not in moved["elsewhere"]["cpu A"] and "dpo" in moved["elsewhere"]["cpu A"]
 
 
 def test_benchmark_figures_in_the_readmes_are_in_the_results_files():
