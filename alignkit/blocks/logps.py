@@ -25,10 +25,12 @@ from alignkit.blocks.fusedhead import fused_terms, fused_token_terms
 from alignkit.blocks.lmhead import PACKING_ATTENTION, LMHead, final_hidden_states, require_head, selected_token_logps
 from alignkit.blocks.sharing import (
     SHARING_ATTENTION,
+    attention_of,
     common_prefix,
     prefix_groups,
     share_groups,
     share_rows,
+    takes_4d_mask,
     without_wrappers,
 )
 from alignkit.errors import ConfigError
@@ -129,14 +131,17 @@ class SequenceScorer:
             if self.head is None:
                 log.warning("method.loss_implementation=chunked is not available for %s; using the plain path", why)
             self._heads[id(model)] = self.head
-        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        config = getattr(model, "config", None)
+        attention = getattr(config, "_attn_implementation", None)
+        takes_mask = config is not None and takes_4d_mask(config)
         if self.share_prompt:
-            if self.head is None or self.padding_free or attention not in SHARING_ATTENTION:
+            if self.head is None or self.padding_free or not takes_mask:
                 raise ConfigError(
                     f"method.share_prompt needs the chunked loss path, no padding_free and an attention implementation "
-                    f"in {', '.join(SHARING_ATTENTION)} (this model: {attention}); set method.share_prompt=false")
+                    f"in {', '.join(SHARING_ATTENTION)} with full attention in every layer (this model: "
+                    f"{attention_of(config) if config is not None else None}); set method.share_prompt=false")
         elif self.share_prompt is None:
-            self.share_prompt = self.head is not None and not self.padding_free and attention in SHARING_ATTENTION
+            self.share_prompt = self.head is not None and not self.padding_free and takes_mask
         if self.padding_free:
             if self.head is None or attention not in PACKING_ATTENTION:
                 raise ConfigError(
@@ -385,8 +390,7 @@ def _takes_4d_mask(model: torch.nn.Module) -> bool:
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False
     config = getattr(inner, "config", None)
-    return getattr(config, "_attn_implementation", None) in SHARING_ATTENTION and not getattr(
-        config, "is_encoder_decoder", False)
+    return config is not None and takes_4d_mask(config) and not getattr(config, "is_encoder_decoder", False)
 
 
 def entropy_of(logits_NV: torch.Tensor) -> torch.Tensor:

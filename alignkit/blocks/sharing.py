@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.blocks.prefix_attention import PREFIX_ATTENTION, full_attention_only
+
 #: attention implementations that take an additive 4D mask as given
 SHARING_ATTENTION = ("sdpa", "eager")
 
@@ -48,13 +50,16 @@ def common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torc
     return same.long().cumprod(-1).sum(-1).clamp(max=torch.minimum(ends[:n], ends[n:]))
 
 
-def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> SharedRows:
-    """The shared layout of a right-padded [first; second] batch (see the module docstring)."""
+def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype,
+               split: bool = False) -> SharedRows:
+    """The shared layout of a right-padded [first; second] batch (see the module docstring). `split`: the mask only
+    for the second part's queries, [pairs, 1, L - T, L] (prefix_attention's split layout: the first part causal)."""
     rows, width = input_ids.shape
     n, device = rows // 2, input_ids.device
     prefix = common_prefix(input_ids, attention_mask)  # [n]
     lengths = attention_mask.sum(-1)
     total = 2 * width - int(prefix.min())
+    split = split and total > width
     t = torch.arange(total, device=device)
     second = t[None] >= width  # [1, L]: the second part
     # original position of each shared slot: first part t, second part P + (t - T)
@@ -64,11 +69,13 @@ def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: tor
     ids = torch.where(used, input_ids[source, pos.clamp(max=width - 1)], input_ids[0, 0])
     real = used & attention_mask[source, pos.clamp(max=width - 1)].bool()  # [n, L]: a real token of its row
     # query i may see key j: j real, pos[j] <= pos[i], and j in i's part, or j a prefix slot of the first part
-    q_second, k_second = second[..., :, None], second[..., None, :]
+    q = slice(width if split else 0, None)  # the queries the mask covers
+    q_second, k_second = second[..., q, None], second[..., None, :]
     same_part = q_second == k_second
     prefix_key = ~k_second & (pos[:, None, :] < prefix[:, None, None])
-    allowed = real[:, None, :] & (pos[:, None, :] <= pos[:, :, None]) & (same_part | (q_second & prefix_key))
-    allowed |= torch.eye(total, dtype=torch.bool, device=device)[None] & ~used[:, :, None]  # empty slots: themselves
+    allowed = real[:, None, :] & (pos[:, None, :] <= pos[:, q, None]) & (same_part | (q_second & prefix_key))
+    itself = t[q, None] == t[None]
+    allowed |= itself[None] & ~used[:, q, None]  # empty slots: themselves
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     # back to [2n, T]: first rows read slot t; second rows read t below their prefix, else T + t - P
     tt = torch.arange(width, device=device)[None]
@@ -77,6 +84,21 @@ def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: tor
     second_index = g * total + torch.where(tt < prefix[:, None], tt, width + tt - prefix[:, None])
     del lengths
     return SharedRows(ids, pos, mask[:, None], torch.cat([first_index, second_index]))
+
+
+def takes_4d_mask(config) -> bool:
+    """A model `config` whose attention reads a 4D mask as given: an implementation in SHARING_ATTENTION (or
+    prefix_attention's) and full attention in every layer (a given 4D mask replaces the sliding windows)."""
+    attention = getattr(config, "_attn_implementation", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return (attention in SHARING_ATTENTION or attention == PREFIX_ATTENTION) and full_attention_only(text)
+
+
+def attention_of(config) -> str:
+    """`config`'s attention implementation, and `sliding windows` where a layer has one (for messages)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attention = str(getattr(config, "_attn_implementation", None))
+    return attention if full_attention_only(text) else f"{attention} with sliding windows"
 
 
 def without_wrappers(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,7 +111,7 @@ def without_wrappers(model: torch.nn.Module) -> torch.nn.Module:
 def sequence_classifier(model: torch.nn.Module) -> torch.nn.Module | None:
     """The transformers sequence classifier inside `model` (DDP / accelerate / PEFT wrappers) that `shared_scores`
     can serve: a generic one (its `score` head read at each row's rightmost non-pad token, a pad token set) with an
-    attention implementation in SHARING_ATTENTION; else None."""
+    attention implementation in SHARING_ATTENTION and full attention in every layer; else None."""
     from transformers.modeling_layers import GenericForSequenceClassification
 
     inner = without_wrappers(model)
@@ -97,8 +119,7 @@ def sequence_classifier(model: torch.nn.Module) -> torch.nn.Module | None:
     if not isinstance(inner, GenericForSequenceClassification):
         return None
     config = inner.config.get_text_config()
-    ok = config.pad_token_id is not None and inner.config._attn_implementation in SHARING_ATTENTION
-    return inner if ok else None
+    return inner if config.pad_token_id is not None and takes_4d_mask(inner.config) else None
 
 
 def shared_scores(model: torch.nn.Module, classifier: torch.nn.Module, input_ids: torch.Tensor,
@@ -112,11 +133,17 @@ def shared_scores(model: torch.nn.Module, classifier: torch.nn.Module, input_ids
     width = input_ids.shape[1]
     last = (torch.arange(width, device=input_ids.device) * (input_ids != pad)).argmax(-1)  # [2n]
     dtype = next(classifier.parameters()).dtype
-    shared = share_rows(input_ids, attention_mask, dtype if dtype.is_floating_point else torch.float32)
+    n = input_ids.shape[0] // 2
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    # the split attention (the first rows causal) where it serves: a first row right-padded (its real tokens see only
+    # the real tokens before them) and every pooled token a real one
+    split = (classifier.config._attn_implementation == PREFIX_ATTENTION
+             and bool((attention_mask[:n].cumprod(-1) == attention_mask[:n]).all())
+             and bool(attention_mask[rows, last].bool().all()))
+    shared = share_rows(input_ids, attention_mask, dtype if dtype.is_floating_point else torch.float32, split=split)
     outputs = model(input_ids=shared.input_ids, attention_mask=shared.attention_mask,
                     position_ids=shared.position_ids, output_hidden_states=True, use_cache=False)
     hidden_PLH = outputs.hidden_states[-1]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pooled = hidden_PLH.reshape(-1, hidden_PLH.shape[-1])[shared.index[rows, last]]  # [2n, H]
     return classifier.score(pooled)
 

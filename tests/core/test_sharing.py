@@ -87,6 +87,25 @@ def test_on_by_default_where_supported_and_refused_where_not():
         ORPOLoss(ORPOMethodConfig(share_prompt=True, loss_implementation="plain")).prepare_model(tiny_model())
 
 
+def test_sliding_window_models_run_unshared_and_share_prompt_true_is_refused():
+    """A 4D mask given to the model replaces the sliding windows it builds, so a model with a sliding-window layer
+    keeps the padded rows (the plain path's losses) and refuses share_prompt=true in one line."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+                         max_window_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    loss = ORPOLoss(ORPOMethodConfig())
+    loss.prepare_model(model)
+    assert loss.scorer.share_prompt is False
+    b = ragged_batch()
+    assert_same(run(model, [b]), run(model, [b], loss_implementation="plain"))
+    with pytest.raises(ConfigError, match=r"full attention in every layer \(this model: sdpa with sliding windows\)"):
+        ORPOLoss(ORPOMethodConfig(share_prompt=True)).prepare_model(model)
+
+
 def test_moe_router_loss_runs_unshared():
     """The router's load-balancing loss counts tokens, so a MoE model with it keeps the unshared rows."""
     model, b = tiny_qwen2_moe(), ragged_batch()

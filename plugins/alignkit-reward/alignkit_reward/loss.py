@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from alignkit import ConfigError, Loss, LossOutput
 from alignkit.blocks.dropout import disable_dropout
-from alignkit.blocks.sharing import SHARING_ATTENTION, common_prefix, sequence_classifier, shared_scores
+from alignkit.blocks.prefix_attention import enable_prefix_attention
+from alignkit.blocks.sharing import SHARING_ATTENTION, attention_of, common_prefix, sequence_classifier, shared_scores
 from alignkit.plugin.loss import at_least_fp32
 
 
@@ -40,11 +41,15 @@ class RewardLoss(Loss):
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
-        if getattr(self.config, "share_prompt", None) and sequence_classifier(model) is None:
+        share = getattr(self.config, "share_prompt", None)
+        if share is not False and (classifier := sequence_classifier(model)) is not None:
+            enable_prefix_attention(classifier)  # sdpa, with the shared rows' first part causal (no full mask)
+        if share and sequence_classifier(model) is None:
+            config = getattr(model, "config", None)
             raise ConfigError(
                 f"method.share_prompt needs a transformers sequence classifier with a pad token and an attention "
-                f"implementation in {', '.join(SHARING_ATTENTION)} (this model: {type(model).__name__}, "
-                f"{getattr(getattr(model, 'config', None), '_attn_implementation', None)}); set "
+                f"implementation in {', '.join(SHARING_ATTENTION)} with full attention in every layer (this model: "
+                f"{type(model).__name__}, {attention_of(config) if config is not None else None}); set "
                 f"method.share_prompt=false")
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -125,5 +125,6 @@ def test_share_prompt_true_with_an_attention_that_cannot_share_is_one_line_befor
     line = refused("run", "--method", "reward", "method.share_prompt=true", "model.attn_implementation=flex_attention",
                    f"train.output_dir={out}", written=out)
     assert line == ("alignkit: error: method.share_prompt needs a transformers sequence classifier with a pad token "
-                    "and an attention implementation in sdpa, eager (this model: LlamaForSequenceClassification, "
+                    "and an attention implementation in sdpa, eager with full attention in every layer (this model: "
+                    "LlamaForSequenceClassification, "
                     "flex_attention); set method.share_prompt=false")
