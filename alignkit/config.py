@@ -191,6 +191,10 @@ class TrainConfig(Section):
     plots: bool = Field(True, description="At the end, draw metrics.jsonl as PNG charts in output_dir/plots (needs "
                         "matplotlib).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
+    release_host_memory: bool = Field(
+        True, description="On Linux with glibc, CPU tensors of 1 MiB and more come from mmap, so memory a step frees "
+        "goes back to the OS at once instead of staying in the process (a lower peak RSS on CPU, a few percent "
+        "slower there; process-wide); false: leave the allocator as it is.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
     # the hub, as transformers.Trainer pushes (alignkit.engine.hub): in a worker thread, never stopping training
     push_to_hub: bool = Field(False, description="Push the model to the Hugging Face Hub (train.hub_model_id) in the "

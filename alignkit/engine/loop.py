@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from alignkit.blocks.dropout import disable_dropout
 from alignkit.config import RunConfig, environment_values, recorded, to_yaml
-from alignkit.engine import checkpoint, hub, optim, preflight, resume, rundir
+from alignkit.engine import checkpoint, hostmemory, hub, optim, preflight, resume, rundir
 from alignkit.engine.ahead import RolloutsAhead
 from alignkit.engine.evaluation import EvalStopped, evaluate_batches
 from alignkit.engine.metrics import MetricSums, means, reduce_totals
@@ -139,6 +139,8 @@ class Engine:
         check_trackers(t.report_to)
         hub.check(t)
         preflight.check_settings(self.config, self.method, eval_given=self._given_data[1] is not None)
+        if t.release_host_memory:  # before the model loads: its tensors too (alignkit.engine.hostmemory)
+            hostmemory.mmap_large_tensors()
         # accelerate keeps precision settings process-wide; each run (a notebook may start several) sets
         # its own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
