@@ -192,7 +192,7 @@ class TrainConfig(Section):
                         "matplotlib).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes of the dataloaders.")
     release_host_memory: bool = Field(
-        True, description="On Linux with glibc, CPU tensors of 1 MiB and more come from mmap, so memory a step frees "
+        True, description="On Linux with glibc, CPU tensors of 4 MiB and more come from mmap, so memory a step frees "
         "goes back to the OS at once instead of staying in the process (a lower peak RSS on CPU, a few percent "
         "slower there; process-wide); false: leave the allocator as it is.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")

@@ -1,13 +1,13 @@
-"""Host (CPU) memory: tensors of 1 MiB and more from mmap, so that what a step frees goes back to the OS at once.
+"""Host (CPU) memory: tensors of 4 MiB and more from mmap, so that what a step frees goes back to the OS at once.
 
 glibc serves an allocation below its mmap threshold (which rises with the blocks freed, up to 32 MiB) from a heap,
 and a heap gives memory back only above its highest live block. A training step frees its activations layer by
 layer while the tensors it keeps (each layer's checkpointed input, the gradients as backward makes them) sit above
 them, so the freed memory stays resident and the next allocations land above it: at Qwen2-0.5B's width with
 gradient checkpointing, about 90 MB a layer in the first step's forward, most of a GB at 24 layers, never used
-again. With a fixed threshold of 1 MiB (`mallopt(M_MMAP_THRESHOLD)`, which also stops the threshold rising), such
+again. With a fixed threshold of 4 MiB (`mallopt(M_MMAP_THRESHOLD)`, which also stops the threshold rising), such
 tensors are mapped and unmapped on their own and the resident peak follows the live tensors; the price is the page
-faults of fresh mappings (about 4% of a CPU step measured, benchmarks/host-memory.md).
+faults of fresh mappings (a few percent of a CPU step, benchmarks/host-memory.md).
 
 Process-wide and kept after the run (the allocator has no undo for it); `train.release_host_memory=false` leaves
 the allocator as it is. Linux with glibc only; elsewhere nothing changes.
@@ -21,7 +21,7 @@ import platform
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
-THRESHOLD = 1 << 20
+THRESHOLD = 4 << 20
 
 
 def mmap_large_tensors(threshold: int = THRESHOLD) -> bool:

@@ -1,4 +1,4 @@
-"""train.release_host_memory: CPU tensors of 1 MiB and more from mmap, so memory a step frees leaves the process
+"""train.release_host_memory: CPU tensors of 4 MiB and more from mmap, so memory a step frees leaves the process
 (glibc's heaps otherwise keep what is freed below a live block). benchmarks/host-memory.md has the training figures."""
 
 import platform
