@@ -4,7 +4,7 @@ glibc serves an allocation below its mmap threshold (which rises with the blocks
 and a heap gives memory back only above its highest live block. A training step frees its activations layer by
 layer while the tensors it keeps (each layer's checkpointed input, the gradients as backward makes them) sit above
 them, so the freed memory stays resident and the next allocations land above it: at Qwen2-0.5B's width with
-gradient checkpointing, about 90 MB a layer in the first step's forward, most of a GB at 24 layers, never used
+gradient checkpointing, about 90 MB a layer in the first step's forward, over 2 GB at 24 layers, never used
 again. With a fixed threshold of 4 MiB (`mallopt(M_MMAP_THRESHOLD)`, which also stops the threshold rising), such
 tensors are mapped and unmapped on their own and the resident peak follows the live tensors; the price is the page
 faults of fresh mappings (a few percent of a CPU step, benchmarks/host-memory.md).
