@@ -3,21 +3,11 @@ second part under a mask; scores and gradients equal the full mask's and the pad
 
 import pytest
 import torch
+from test_reward_speed_paths import PAD, classifier  # the reward tests' classifier and rows
+from test_reward_speed_paths import pair_batch as reward_pairs
 
 from alignkit.blocks.prefix_attention import PREFIX_ATTENTION, enable_prefix_attention, prefix_attention_forward
 from alignkit.blocks.sharing import sequence_classifier, share_rows, shared_scores
-
-PAD, BOS, EOS = 0, 1, 2
-
-
-def classifier(seed=0, **overrides):
-    from transformers import AutoModelForSequenceClassification
-
-    from alignkit.engine.modeling import tiny_llama_config
-
-    torch.manual_seed(seed)
-    config = tiny_llama_config(384, num_labels=1, **overrides)
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
 
 
 def qwen2_classifier(**overrides):
@@ -30,18 +20,9 @@ def qwen2_classifier(**overrides):
 
 
 def pair_batch(lengths, seed=0):
-    """Right-padded [chosen; rejected] rows; lengths: (prompt, chosen answer, rejected answer) per pair."""
-    g = torch.Generator().manual_seed(seed)
-    chosen, rejected = [], []
-    for p, a, b in lengths:
-        prompt = [BOS] + torch.randint(3, 384, (p - 1,), generator=g).tolist()
-        chosen.append(prompt + torch.randint(3, 384, (a - 1,), generator=g).tolist() + [EOS])
-        rejected.append(prompt + torch.randint(3, 384, (b - 1,), generator=g).tolist() + [EOS])
-    rows = chosen + rejected
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, mask
+    """Right-padded [chosen; rejected] ids and mask; lengths: (prompt, chosen answer, rejected answer) per pair."""
+    batch = reward_pairs(lengths, seed)
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def mask_shapes(model):
@@ -153,12 +134,7 @@ def test_sliding_window_models_are_not_shared_a_given_4d_mask_would_drop_their_w
 
 
 def test_eager_models_are_left_alone():
-    from transformers import AutoModelForSequenceClassification
-
-    from alignkit.engine.modeling import tiny_llama_config
-
-    model = AutoModelForSequenceClassification.from_config(tiny_llama_config(384, num_labels=1),
-                                                           attn_implementation="eager")
+    model = classifier("eager")
     assert not enable_prefix_attention(model) and model.config._attn_implementation == "eager"
 
 
