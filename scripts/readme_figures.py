@@ -71,9 +71,14 @@ def demo_text(method: str) -> str:
     return " && ".join([*(f"alignkit -q run -c {c}" for c in before(method)), " ".join(demo_command(method))])
 
 
+def kind_of(name: str) -> str:
+    """Where docs/figures.json keeps a demo: `configs` (a config demo) or `methods`."""
+    return "configs" if name in CONFIG_DEMOS else "methods"
+
+
 def entry(figures: dict, name: str) -> dict:
     """A demo's figures: a method's (`methods`) or a config demo's (`configs`)."""
-    return figures["configs"][name] if name in CONFIG_DEMOS else figures["methods"][name]
+    return figures[kind_of(name)][name]
 
 
 def default_threads() -> int:
@@ -218,14 +223,13 @@ def measure(methods, timings: bool) -> dict:
         sys.exit(f"another machine or thread count than docs/figures.json's: run every demo ({' '.join(METHODS)}), "
                  f"or record this CPU's figures beside the README's with --elsewhere")
     if not same_machine and "machine" in old:  # the previous README machine's figures stay checkable there
-        kept = {m: entry(old, m)["evals"] for m in (*METHODS, *CONFIG_DEMOS)
-                if m in old.get("configs" if m in CONFIG_DEMOS else "methods", {})}
+        kept = {m: entry(old, m)["evals"] for m in (*METHODS, *CONFIG_DEMOS) if m in old.get(kind_of(m), {})}
         figures["elsewhere"][old["machine"]] = {**figures["elsewhere"].get(old["machine"], {}), **kept}
         figures["elsewhere"].pop(figures["machine"], None)  # this machine's figures are the README's now
     for method in methods:
         result = run_demo(method, timings)
         result["date"] = datetime.date.today().isoformat()
-        kind = "configs" if method in CONFIG_DEMOS else "methods"
+        kind = kind_of(method)
         before = old.get(kind, {}).get(method)
         if same_machine and before and differences(before["evals"], result["evals"]):
             for record in figures["elsewhere"].values():  # made by the code that gave the old figures

@@ -86,19 +86,21 @@ def share_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: tor
     return SharedRows(ids, pos, mask[:, None], torch.cat([first_index, second_index]))
 
 
+def _full_attention(config) -> bool:
+    return full_attention_only(config.get_text_config() if hasattr(config, "get_text_config") else config)
+
+
 def takes_4d_mask(config) -> bool:
     """A model `config` whose attention reads a 4D mask as given: an implementation in SHARING_ATTENTION (or
     prefix_attention's) and full attention in every layer (a given 4D mask replaces the sliding windows)."""
     attention = getattr(config, "_attn_implementation", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return (attention in SHARING_ATTENTION or attention == PREFIX_ATTENTION) and full_attention_only(text)
+    return (attention in SHARING_ATTENTION or attention == PREFIX_ATTENTION) and _full_attention(config)
 
 
 def attention_of(config) -> str:
     """`config`'s attention implementation, and `sliding windows` where a layer has one (for messages)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     attention = str(getattr(config, "_attn_implementation", None))
-    return attention if full_attention_only(text) else f"{attention} with sliding windows"
+    return attention if _full_attention(config) else f"{attention} with sliding windows"
 
 
 def without_wrappers(model: torch.nn.Module) -> torch.nn.Module:

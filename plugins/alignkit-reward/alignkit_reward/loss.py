@@ -41,10 +41,10 @@ class RewardLoss(Loss):
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
-        share = getattr(self.config, "share_prompt", None)
-        if share is not False and (classifier := sequence_classifier(model)) is not None:
+        share, classifier = getattr(self.config, "share_prompt", None), sequence_classifier(model)
+        if share is not False and classifier is not None:
             enable_prefix_attention(classifier)  # sdpa, with the shared rows' first part causal (no full mask)
-        if share and sequence_classifier(model) is None:
+        if share and classifier is None:
             config = getattr(model, "config", None)
             raise ConfigError(
                 f"method.share_prompt needs a transformers sequence classifier with a pad token and an attention "
